@@ -1,0 +1,42 @@
+//! The block-device contract.
+
+use std::io;
+
+/// Errors a block device reports. Each names what failed so a caller can turn it into a
+/// virtio status or a user-facing message without guessing.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("write to a read-only device")]
+    ReadOnly,
+    #[error("request at offset {offset} length {len} is past the end of the device ({size} bytes)")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("operation not supported by this device: {0}")]
+    Unsupported(&'static str),
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+    #[error("corrupt image: {0}")]
+    Corrupt(String),
+}
+
+pub type BlockResult<T> = Result<T, BlockError>;
+
+/// A disk as a flat array of bytes.
+///
+/// Methods take `&self` so several requests can be in flight at once from different
+/// threads (virtio-blk queues, a parallel converter); implementations do their own locking.
+pub trait BlockDevice: Send + Sync {
+    /// Virtual size in bytes.
+    fn size(&self) -> u64;
+    /// Whether writes are refused.
+    fn read_only(&self) -> bool;
+    /// Fill `buf` from `offset`. Unallocated ranges read as zeroes.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> BlockResult<()>;
+    /// Write `buf` at `offset`.
+    fn write_at(&self, buf: &[u8], offset: u64) -> BlockResult<()>;
+    /// Make every completed write durable.
+    fn flush(&self) -> BlockResult<()>;
+    /// Drop the data in a range; later reads may return zeroes or the old data.
+    fn discard(&self, offset: u64, len: u64) -> BlockResult<()>;
+    /// Make a range read as zeroes.
+    fn write_zeroes(&self, offset: u64, len: u64) -> BlockResult<()>;
+}

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# kiln's main job on a fresh machine: install what is needed, build kiln, build
+# examples/hello.yaml and show the module it made.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(dirname "$here")
+cd "$root"
+
+bash "$here/setup.sh"
+kiln="$root/target/release/kiln"
+"$kiln" build examples/hello.yaml --output modules
+"$kiln" ls --modules modules

@@ -1,0 +1,5 @@
+//! The virtio devices kiln offers its guests.
+
+pub mod block;
+pub mod net;
+pub mod vsock;
