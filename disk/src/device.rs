@@ -8,7 +8,9 @@ use std::io;
 pub enum BlockError {
     #[error("write to a read-only device")]
     ReadOnly,
-    #[error("request at offset {offset} length {len} is past the end of the device ({size} bytes)")]
+    #[error(
+        "request at offset {offset} length {len} is past the end of the device ({size} bytes)"
+    )]
     OutOfRange { offset: u64, len: u64, size: u64 },
     #[error("operation not supported by this device: {0}")]
     Unsupported(&'static str),
@@ -39,4 +41,29 @@ pub trait BlockDevice: Send + Sync {
     fn discard(&self, offset: u64, len: u64) -> BlockResult<()>;
     /// Make a range read as zeroes.
     fn write_zeroes(&self, offset: u64, len: u64) -> BlockResult<()>;
+
+    /// What the range starting at `offset` holds, and for how many bytes (at least 1, at most
+    /// `len`) that answer holds. Lets a converter skip holes without reading them; the default
+    /// says "data" for the whole range, which is always correct, only slower.
+    fn block_status(&self, offset: u64, len: u64) -> BlockResult<(BlockStatus, u64)> {
+        check_range(self.size(), offset, len)?;
+        Ok((BlockStatus::Data, len))
+    }
+}
+
+/// The answer of [`BlockDevice::block_status`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockStatus {
+    /// Known to read as zeroes (a hole, an unallocated cluster with no backing data).
+    Zero,
+    /// May hold data.
+    Data,
+}
+
+/// Refuse requests that do not fit the device.
+pub fn check_range(size: u64, offset: u64, len: u64) -> BlockResult<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(BlockError::OutOfRange { offset, len, size }),
+    }
 }
