@@ -1,1 +1,88 @@
-//! Shared helpers for kiln's end-to-end tests: find the `kiln` binary the workspace built.
+//! kiln-e2e: the shared kit for kiln's real-guest and end-to-end tests.
+//!
+//! - [`kernel::guest_kernel`]: the Debian cloud kernel, fetched with `apt-get download` and
+//!   unpacked into a cache, never installed on the host.
+//! - [`initramfs::Initramfs`]: a newc initramfs with static busybox, chosen kernel modules (in
+//!   dependency order) and an `/init` script.
+//! - [`qemu::Qemu`]: `qemu-system-x86_64 -accel tcg` with serial to a file, waiting for marker
+//!   lines with a timeout, killed on drop.
+//!
+//! Tests that cannot get what they need (no qemu, no package download) call [`skip`] and
+//! return: they print `SKIP: <reason>` and never pass silently.
+
+pub mod initramfs;
+pub mod kernel;
+pub mod qemu;
+
+use std::path::PathBuf;
+
+/// What went wrong while preparing or running a guest.
+#[derive(Debug, thiserror::Error)]
+pub enum KitError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("command `{cmd}` failed: {detail}")]
+    Command { cmd: String, detail: String },
+    #[error("kernel module {0} not found in the kernel package")]
+    ModuleMissing(String),
+    #[error("kernel module {path}: {why}")]
+    BadModule { path: PathBuf, why: String },
+    #[error("timed out after {secs} s waiting for `{marker}`; serial output so far:\n{output}")]
+    Timeout {
+        marker: String,
+        secs: u64,
+        output: String,
+    },
+    #[error("guest exited before printing `{marker}`; serial output:\n{output}")]
+    GuestExited { marker: String, output: String },
+    #[error("{0}")]
+    Other(String),
+}
+
+impl KitError {
+    pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> KitError {
+        let what = what.into();
+        move |source| KitError::Io { what, source }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, KitError>;
+
+/// Print the loud skip line a test emits when something it needs is absent.
+pub fn skip(reason: impl std::fmt::Display) {
+    eprintln!("SKIP: {reason}");
+}
+
+/// kiln's cache directory: `$KILN_CACHE`, else `~/.cache/kiln`, else a temp-dir fallback.
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("KILN_CACHE") {
+        return PathBuf::from(d);
+    }
+    if let Some(h) = std::env::var_os("HOME") {
+        return PathBuf::from(h).join(".cache").join("kiln");
+    }
+    std::env::temp_dir().join("kiln-cache")
+}
+
+/// Run a command, returning its stdout or a [`KitError::Command`] with its stderr.
+pub(crate) fn run(cmd: &mut std::process::Command) -> Result<String> {
+    let shown = format!("{cmd:?}");
+    let out = cmd.output().map_err(|e| KitError::Command {
+        cmd: shown.clone(),
+        detail: e.to_string(),
+    })?;
+    if !out.status.success() {
+        return Err(KitError::Command {
+            cmd: shown,
+            detail: format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

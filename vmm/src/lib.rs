@@ -4,4 +4,18 @@
 //! space, `inorder_handler.rs` the request logic on a virtio queue, `queue_handler.rs` the
 //! event plumbing, and `vhost_user.rs` serves the same logic to QEMU over vhost-user.
 
+pub mod arch;
+pub mod boot;
+pub mod bus;
 pub mod devices;
+pub mod doctor;
+pub mod exit;
+pub mod machine;
+pub mod memory;
+pub mod power;
+pub mod process;
+pub mod serial;
+pub mod transport;
+pub mod vcpu;
+pub mod vhost_user;
+pub mod vm;

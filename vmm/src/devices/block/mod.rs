@@ -1,1 +1,19 @@
-//! virtio-block.
+//! virtio-blk over a [`kiln_disk::BlockDevice`].
+//!
+//! - [`device`]: features, configuration space, [`BlockOptions`].
+//! - [`inorder_handler`]: the request logic on a `virtio_queue::Queue` (shared by every
+//!   transport).
+//! - [`queue_handler`]: kick/call plumbing for the in-process transport.
+//! - [`vhost_user`]: the same logic served to QEMU as a vhost-user-blk backend.
+
+pub mod chain;
+pub mod device;
+mod fuzz;
+pub mod inorder_handler;
+pub mod queue_handler;
+pub mod vhost_user;
+
+pub use device::{BlockDeviceConfig, BlockOptions};
+#[doc(hidden)]
+pub use fuzz::fuzz_entry;
+pub use inorder_handler::{BlockHandler, Completion, QueueError};

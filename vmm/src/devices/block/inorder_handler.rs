@@ -1,0 +1,350 @@
+//! The virtio-blk request logic: take chains off a queue, do the I/O on the disk, write the
+//! status, put the chain on the used ring. Transport-independent: it sees only a
+//! `virtio_queue::Queue` and a `GuestMemory`, so the kiln-vmm transport and the vhost-user
+//! backend run the very same code.
+//!
+//! Requests complete in the order they were made available ("in order"): a guest may put
+//! many requests in flight and the device works through all of them on each kick.
+
+use std::sync::Arc;
+
+use kiln_disk::{BlockDevice, BlockError};
+use tracing::{debug, warn};
+use virtio_bindings::bindings::virtio_blk::{
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestMemory};
+
+use super::chain::{read_stream, write_stream, ChainLayout};
+use super::device::{
+    BlockDeviceConfig, ID_BYTES, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SECTOR_SIZE,
+};
+
+/// Size of the request header (type, reserved, sector).
+const HEADER_LEN: u64 = 16;
+/// Size of one discard / write-zeroes range.
+const RANGE_LEN: u64 = 16;
+/// Data moves between the disk and guest memory through a buffer of at most this many
+/// bytes, so a request of any length costs bounded host memory.
+const CHUNK: usize = 1 << 20;
+
+/// Why a queue could not be processed at all. The transport logs it and stops serving that
+/// queue until the driver resets the device.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("virtio queue: {0}")]
+    Queue(#[from] virtio_queue::Error),
+}
+
+/// The status a request ends with, and how many bytes the device wrote into the chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    pub status: u8,
+    pub written: u32,
+}
+
+/// The request logic for one queue of a virtio-blk device.
+pub struct BlockHandler {
+    disk: Arc<dyn BlockDevice>,
+    config: BlockDeviceConfig,
+    /// Whether the driver acked VIRTIO_BLK_F_FLUSH; without it the device is write-through.
+    flush_acked: bool,
+    buf: Vec<u8>,
+}
+
+impl BlockHandler {
+    pub fn new(disk: Arc<dyn BlockDevice>, config: BlockDeviceConfig) -> Self {
+        BlockHandler {
+            disk,
+            config,
+            flush_acked: true,
+            buf: Vec::new(),
+        }
+    }
+
+    /// The driver's accepted feature bits.
+    pub fn set_acked_features(&mut self, features: u64) {
+        self.flush_acked = features & (1u64 << VIRTIO_BLK_F_FLUSH) != 0;
+    }
+
+    pub fn config(&self) -> &BlockDeviceConfig {
+        &self.config
+    }
+
+    /// Serve every request the driver made available. Returns whether the driver must be
+    /// notified (honouring VIRTIO_RING_F_EVENT_IDX).
+    pub fn process_queue<M: GuestMemory>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+    ) -> Result<bool, QueueError> {
+        let mut used_any = false;
+        loop {
+            if queue.event_idx_enabled() {
+                queue.disable_notification(mem)?;
+            }
+            let mut served = 0usize;
+            // `iter` re-reads the avail index each time, and refuses an index that claims more
+            // chains than the queue holds, so a lying driver cannot make this loop forever.
+            while let Some(chain) = queue.iter(mem)?.next() {
+                let head = chain.head_index();
+                let done = self.process_chain(chain, mem);
+                queue.add_used(mem, head, done.written)?;
+                served += 1;
+            }
+            used_any |= served > 0;
+            if !queue.event_idx_enabled() || !queue.enable_notification(mem)? || served == 0 {
+                break;
+            }
+        }
+        Ok(used_any && queue.needs_notification(mem)?)
+    }
+
+    /// Serve one request. Never fails: a bad request gets an error status and a logged
+    /// reason (a chain with no usable status byte gets nothing written).
+    pub fn process_chain<M: GuestMemory>(
+        &mut self,
+        chain: virtio_queue::DescriptorChain<&M>,
+        mem: &M,
+    ) -> Completion {
+        let head = chain.head_index();
+        let layout = match ChainLayout::parse(chain) {
+            Ok(l) => l,
+            Err(r) => {
+                warn!(head, "virtio-blk: refused request chain: {}", r.error);
+                // Tell the driver the request failed when the chain ends in a usable status
+                // byte; otherwise complete it with nothing written.
+                let written = match r.status_addr {
+                    Some(a) if mem.write_obj(VIRTIO_BLK_S_IOERR as u8, a).is_ok() => 1,
+                    _ => 0,
+                };
+                return Completion {
+                    status: VIRTIO_BLK_S_IOERR as u8,
+                    written,
+                };
+            }
+        };
+        // The status byte is the last writable byte; the parse guaranteed there is one.
+        let status_off = layout.writable_len() - 1;
+        let (status, data_written) = self.execute(&layout, status_off, mem);
+        if !write_stream(mem, &layout.writable, status_off, &[status]) {
+            warn!(head, "virtio-blk: cannot write the status byte");
+            return Completion { status, written: 0 };
+        }
+        Completion {
+            status,
+            written: data_written.saturating_add(1),
+        }
+    }
+
+    /// Do the request; returns (status, data bytes written into the chain before the status).
+    fn execute<M: GuestMemory>(&mut self, l: &ChainLayout, status_off: u64, mem: &M) -> (u8, u32) {
+        let mut hdr = [0u8; HEADER_LEN as usize];
+        if l.readable_len() < HEADER_LEN || !read_stream(mem, &l.readable, 0, &mut hdr) {
+            warn!("virtio-blk: request shorter than its 16-byte header");
+            return (VIRTIO_BLK_S_IOERR as u8, 0);
+        }
+        let rtype = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+        let sector = u64::from_le_bytes([
+            hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15],
+        ]);
+        let out_len = l.readable_len() - HEADER_LEN;
+        let result = match rtype {
+            VIRTIO_BLK_T_IN => self.read(l, sector, status_off, mem),
+            VIRTIO_BLK_T_OUT => self.write(l, sector, out_len, mem).map(|()| 0),
+            VIRTIO_BLK_T_FLUSH => self.disk.flush().map_err(Status::from).map(|()| 0),
+            VIRTIO_BLK_T_GET_ID => self.get_id(l, status_off, mem),
+            VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+                self.ranges(l, rtype, out_len, mem).map(|()| 0)
+            }
+            other => {
+                debug!("virtio-blk: unsupported request type {other}");
+                Err(Status::Unsupported)
+            }
+        };
+        match result {
+            Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
+            Err(s) => (s.code(), 0),
+        }
+    }
+
+    /// Byte range of a data request, checked against the disk.
+    fn data_range(&self, sector: u64, len: u64) -> Result<u64, Status> {
+        if !len.is_multiple_of(SECTOR_SIZE) {
+            warn!(
+                len,
+                "virtio-blk: data length is not a whole number of sectors"
+            );
+            return Err(Status::IoErr);
+        }
+        let offset = sector.checked_mul(SECTOR_SIZE).ok_or(Status::IoErr)?;
+        let end = offset.checked_add(len).ok_or(Status::IoErr)?;
+        if end > self.config.capacity_sectors() * SECTOR_SIZE {
+            warn!(sector, len, "virtio-blk: request past the end of the disk");
+            return Err(Status::IoErr);
+        }
+        Ok(offset)
+    }
+
+    fn read<M: GuestMemory>(
+        &mut self,
+        l: &ChainLayout,
+        sector: u64,
+        data_len: u64,
+        mem: &M,
+    ) -> Result<u32, Status> {
+        let offset = self.data_range(sector, data_len)?;
+        let mut done = 0u64;
+        while done < data_len {
+            let n = (data_len - done).min(CHUNK as u64) as usize;
+            let buf = chunk(&mut self.buf, n);
+            self.disk.read_at(buf, offset + done)?;
+            if !write_stream(mem, &l.writable, done, buf) {
+                return Err(Status::IoErr);
+            }
+            done += n as u64;
+        }
+        // The chain is under 4 GiB (the chain iterator stops past that), so this fits.
+        Ok(u32::try_from(data_len).unwrap_or(u32::MAX))
+    }
+
+    fn write<M: GuestMemory>(
+        &mut self,
+        l: &ChainLayout,
+        sector: u64,
+        data_len: u64,
+        mem: &M,
+    ) -> Result<(), Status> {
+        if self.config.read_only {
+            warn!("virtio-blk: write to a read-only disk");
+            return Err(Status::IoErr);
+        }
+        let offset = self.data_range(sector, data_len)?;
+        let mut done = 0u64;
+        while done < data_len {
+            let n = (data_len - done).min(CHUNK as u64) as usize;
+            let buf = chunk(&mut self.buf, n);
+            if !read_stream(mem, &l.readable, HEADER_LEN + done, buf) {
+                return Err(Status::IoErr);
+            }
+            self.disk.write_at(buf, offset + done)?;
+            done += n as u64;
+        }
+        if !self.flush_acked {
+            // Without VIRTIO_BLK_F_FLUSH the driver cannot ask for durability: write-through.
+            self.disk.flush()?;
+        }
+        Ok(())
+    }
+
+    fn get_id<M: GuestMemory>(
+        &mut self,
+        l: &ChainLayout,
+        data_len: u64,
+        mem: &M,
+    ) -> Result<u32, Status> {
+        let n = (data_len as usize).min(ID_BYTES);
+        if !write_stream(mem, &l.writable, 0, &self.config.serial[..n]) {
+            return Err(Status::IoErr);
+        }
+        Ok(n as u32)
+    }
+
+    fn ranges<M: GuestMemory>(
+        &mut self,
+        l: &ChainLayout,
+        rtype: u32,
+        data_len: u64,
+        mem: &M,
+    ) -> Result<(), Status> {
+        if self.config.read_only {
+            // Not offered on a read-only disk, so a driver asking anyway gets "unsupported".
+            return Err(Status::Unsupported);
+        }
+        if data_len == 0
+            || !data_len.is_multiple_of(RANGE_LEN)
+            || data_len / RANGE_LEN > u64::from(MAX_DISCARD_SEG)
+        {
+            warn!(data_len, "virtio-blk: bad discard/write-zeroes range list");
+            return Err(Status::IoErr);
+        }
+        let count = data_len / RANGE_LEN;
+        let mut ranges = Vec::with_capacity(count as usize);
+        for i in 0..count {
+            let mut r = [0u8; RANGE_LEN as usize];
+            if !read_stream(mem, &l.readable, HEADER_LEN + i * RANGE_LEN, &mut r) {
+                return Err(Status::IoErr);
+            }
+            let sector = u64::from_le_bytes([r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]]);
+            let sectors = u32::from_le_bytes([r[8], r[9], r[10], r[11]]);
+            let flags = u32::from_le_bytes([r[12], r[13], r[14], r[15]]);
+            let allowed = if rtype == VIRTIO_BLK_T_WRITE_ZEROES {
+                VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+            } else {
+                0
+            };
+            if flags & !allowed != 0 {
+                warn!(flags, "virtio-blk: unsupported range flags");
+                return Err(Status::Unsupported);
+            }
+            if sectors > MAX_DISCARD_SECTORS {
+                warn!(sectors, "virtio-blk: range larger than max_discard_sectors");
+                return Err(Status::IoErr);
+            }
+            let len = u64::from(sectors) * SECTOR_SIZE;
+            let offset = self.data_range(sector, len)?;
+            ranges.push((offset, len));
+        }
+        // All ranges are checked before any is applied, so a bad list changes nothing.
+        for (offset, len) in ranges {
+            if rtype == VIRTIO_BLK_T_DISCARD {
+                self.disk.discard(offset, len)?;
+            } else {
+                self.disk.write_zeroes(offset, len)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The first `n` bytes of the reusable bounce buffer, grown on demand (at most [`CHUNK`]).
+fn chunk(buf: &mut Vec<u8>, n: usize) -> &mut [u8] {
+    if buf.len() < n {
+        buf.resize(n, 0);
+    }
+    &mut buf[..n]
+}
+
+/// A failed request's status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    IoErr,
+    Unsupported,
+}
+
+impl Status {
+    fn code(self) -> u8 {
+        match self {
+            Status::IoErr => VIRTIO_BLK_S_IOERR as u8,
+            Status::Unsupported => VIRTIO_BLK_S_UNSUPP as u8,
+        }
+    }
+}
+
+impl From<BlockError> for Status {
+    fn from(e: BlockError) -> Self {
+        match e {
+            BlockError::Unsupported(what) => {
+                debug!("virtio-blk: disk does not support {what}");
+                Status::Unsupported
+            }
+            other => {
+                warn!("virtio-blk: disk error: {other}");
+                Status::IoErr
+            }
+        }
+    }
+}

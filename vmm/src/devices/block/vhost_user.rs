@@ -1,0 +1,196 @@
+//! virtio-blk served to QEMU as a vhost-user-blk backend, on the same request logic as the
+//! in-process device ([`super::inorder_handler`]).
+//!
+//! ```text
+//! -object memory-backend-memfd,id=mem,size=1G,share=on -machine memory-backend=mem
+//! -chardev socket,id=blk0,path=<socket>
+//! -device vhost-user-blk-pci,chardev=blk0,num-queues=<N>     (N <= BlockOptions::num_queues)
+//! ```
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+
+use kiln_disk::BlockDevice;
+use tracing::{error, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use super::device::{BlockDeviceConfig, BlockOptions, QUEUE_SIZE};
+use super::inorder_handler::BlockHandler;
+use crate::vhost_user::{serve, BackendHandle, GuestMem, ServeError};
+
+/// The vhost-user-blk backend for one frontend connection.
+pub struct BlockBackend {
+    config: BlockDeviceConfig,
+    /// One handler per queue; each queue is served by its own worker thread.
+    queues: Vec<Mutex<BlockHandler>>,
+    mem: RwLock<Option<GuestMem>>,
+    /// Queues whose ring turned out broken: left alone until the device is reset.
+    broken: Mutex<Vec<bool>>,
+}
+
+impl BlockBackend {
+    pub fn new(disk: Arc<dyn BlockDevice>, opts: &BlockOptions) -> Self {
+        let config = BlockDeviceConfig::new(disk.size(), disk.read_only(), opts);
+        let n = usize::from(config.num_queues);
+        BlockBackend {
+            queues: (0..n)
+                .map(|_| Mutex::new(BlockHandler::new(disk.clone(), config.clone())))
+                .collect(),
+            config,
+            mem: RwLock::new(None),
+            broken: Mutex::new(vec![false; n]),
+        }
+    }
+
+    fn serve_queue(&self, index: usize, vring: &VringRwLock) -> std::io::Result<()> {
+        if self.broken.lock().map(|b| b[index]).unwrap_or(true) {
+            return Ok(());
+        }
+        let Some(mem) = self.mem.read().ok().and_then(|m| m.clone()) else {
+            warn!("vhost-user-blk: kick before the memory table");
+            return Ok(());
+        };
+        let guard = mem.memory();
+        let mut handler = self.queues[index]
+            .lock()
+            .map_err(|_| std::io::Error::other("queue handler lock poisoned"))?;
+        let notify = {
+            let mut state = vring.get_mut();
+            handler.process_queue(state.get_queue_mut(), &*guard)
+        };
+        match notify {
+            Ok(true) => vring.signal_used_queue(),
+            Ok(false) => Ok(()),
+            Err(e) => {
+                error!(
+                    queue = index,
+                    "vhost-user-blk: queue stopped until reset: {e}"
+                );
+                if let Ok(mut b) = self.broken.lock() {
+                    b[index] = true;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl VhostUserBackend for BlockBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.config.num_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(QUEUE_SIZE)
+    }
+
+    fn features(&self) -> u64 {
+        self.config.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn acked_features(&self, features: u64) {
+        // SET_FEATURES starts every (re)initialisation of the device, e.g. after the guest
+        // rebooted inside the same QEMU: a queue stopped as broken gets another chance.
+        if let Ok(mut b) = self.broken.lock() {
+            b.iter_mut().for_each(|x| *x = false);
+        }
+        for q in &self.queues {
+            if let Ok(mut h) = q.lock() {
+                h.set_acked_features(features);
+            }
+        }
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn reset_device(&self) {
+        if let Ok(mut b) = self.broken.lock() {
+            b.iter_mut().for_each(|x| *x = false);
+        }
+    }
+
+    fn set_event_idx(&self, _enabled: bool) {
+        // The queues carry the flag themselves (the daemon sets it on each vring).
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        // An empty answer tells the frontend the request failed.
+        self.config.read_config(offset, size).unwrap_or_default()
+    }
+
+    fn set_config(&self, _offset: u32, _buf: &[u8]) -> std::io::Result<()> {
+        // Nothing in the blk config is writable here (no CONFIG_WCE).
+        Ok(())
+    }
+
+    fn update_memory(
+        &self,
+        mem: GuestMemoryAtomic<vm_memory::GuestMemoryMmap<()>>,
+    ) -> std::io::Result<()> {
+        let mut m = self
+            .mem
+            .write()
+            .map_err(|_| std::io::Error::other("memory lock poisoned"))?;
+        *m = Some(mem);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        // One worker per queue, so a multi-queue guest gets parallel I/O.
+        (0..self.config.num_queues).map(|i| 1u64 << i).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> std::io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(std::io::Error::other(format!(
+                "unexpected event set {evset:?}"
+            )));
+        }
+        // Each thread owns exactly one queue: `thread_id` is the queue index and
+        // `device_event` the index inside this thread's vrings (always 0).
+        let Some(vring) = vrings.get(usize::from(device_event)) else {
+            return Err(std::io::Error::other(format!(
+                "unknown vring event {device_event}"
+            )));
+        };
+        if thread_id >= self.queues.len() {
+            return Err(std::io::Error::other(format!("unknown worker {thread_id}")));
+        }
+        self.serve_queue(thread_id, vring)
+    }
+}
+
+/// Serve `disk` as vhost-user-blk on `socket_path` until the handle is stopped. Each
+/// frontend connection (QEMU restarting the guest included) gets a fresh backend.
+pub fn spawn(
+    socket_path: &Path,
+    disk: Arc<dyn BlockDevice>,
+    opts: BlockOptions,
+) -> Result<BackendHandle, ServeError> {
+    serve("blk", socket_path, move || {
+        Arc::new(BlockBackend::new(disk.clone(), &opts))
+    })
+}
