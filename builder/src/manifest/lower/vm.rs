@@ -1,0 +1,459 @@
+//! One VM: source, resources, disks, communicator, cloud-init, NICs, boot command, ISOs,
+//! floppy and its provisioners.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::super::boot;
+use super::super::diag::{Pos, Span};
+use super::super::plan::{
+    CloudInit, Communicator, CommunicatorKind, Disk, DiskBus, Efi, Iso, Secret, Shell, Source, Vm,
+};
+use super::super::schema::SOURCE_KINDS;
+use super::super::units::format_bytes;
+use super::super::yaml::{Kind, Node, Style};
+use super::network::{self, Declared, Lowered};
+use super::{read, steps, Cx};
+
+const SUITES: &[&str] = &[
+    "bullseye", "bookworm", "trixie", "forky", "sid", "stable", "testing", "unstable",
+];
+
+pub fn vm(cx: &mut Cx, n: &Node, net: &Declared) -> Option<Lowered> {
+    let name_node = n.get("name")?;
+    cx.label(name_node, "VM name");
+    let name = name_node.as_str()?.to_string();
+    let source = source(cx, n.get("source"), n);
+    let cpus = read::node(n, "resources").and_then(|r| read::cpus(r, "cpu"));
+    let memory = read::node(n, "resources").and_then(|r| read::bytes(r, "memory"));
+    let disks = disks(cx, n);
+    let communicator = communicator(cx, n.get("communicator"));
+    let cloud_init = n.get("cloudInit").map(|c| CloudInit {
+        user_data: read::string(c, "userData"),
+        user_data_from: read::node(c, "userDataFrom").and_then(|r| cx.config_ref(r)),
+        network_data: read::string(c, "networkData"),
+    });
+    if let (Some(Source::Url { .. }), None) = (&source, &cloud_init) {
+        if let Some(s) = n.key("source") {
+            cx.sink
+                .warn(s.span, format!("VM `{name}` boots a downloaded image without `cloudInit`: kiln cannot install its agent, so SSH must answer"))
+                .hint("add `cloudInit: {}` to let kiln install its agent");
+        }
+    }
+    let (nics, nic_at) = if n.get("nics").is_some() {
+        network::nics(cx, &name, read::list(n, "nics"), net, &[])
+    } else {
+        let nic = network::default_nic(cx, &name, net);
+        let at = network::NicAt {
+            name: name_node.span,
+            ip: None,
+            mac: None,
+        };
+        nic.map(|x| (vec![x], vec![at])).unwrap_or_default()
+    };
+    let boot_command = boot_command(cx, read::list(n, "bootCommand"));
+    let efi = n.get("efiFirmware").map(|e| {
+        let secure_boot = read::boolean(e, "secureBoot").unwrap_or(false);
+        if secure_boot {
+            if let Some(at) = e.get("secureBoot") {
+                cx.sink
+                    .error(at.span, "Secure Boot is not supported by kiln yet")
+                    .hint("set `secureBoot: false` (plain UEFI boot works)");
+            }
+        }
+        Efi { secure_boot }
+    });
+    let isos = isos(cx, read::list(n, "isos"));
+    let floppy_files = super::name_refs(cx, n.get("floppy"), "floppy");
+    let floppy_bytes: usize = floppy_files
+        .iter()
+        .filter_map(|f| cx.files.iter().find(|e| &e.name == f))
+        .map(|e| match &e.content {
+            super::super::plan::FileContent::Inline(s) => s.len(),
+            _ => 0,
+        })
+        .sum();
+    if floppy_bytes > 1_400_000 {
+        if let Some(f) = n.key("floppy") {
+            cx.sink
+                .error(f.span, format!("the floppy's inline files hold {floppy_bytes} bytes: a 1.44 MB floppy fits about 1,400,000"))
+                .hint("serve large files with httpDirectory instead");
+        }
+    }
+    let provisioners = steps::provisioners(cx, read::list(n, "provisioners"), communicator.shell);
+    let vm = Vm {
+        name,
+        source: source?,
+        cpus: cpus?,
+        memory: memory?,
+        disks,
+        communicator,
+        cloud_init,
+        nics,
+        provisioners,
+        boot_command,
+        isos,
+        floppy_files,
+        efi,
+        invisible: read::boolean(n, "invisible").unwrap_or(false),
+    };
+    if let Some(r) = read::node(n, "resources") {
+        check_resources(cx, r, &vm);
+    }
+    Some(Lowered { vm, nic_at })
+}
+
+pub fn check_resources(cx: &mut Cx, r: &Node, vm: &Vm) {
+    let l = cx.limits;
+    if let Some(at) = r.get("cpu").filter(|_| read::cpus(r, "cpu").is_some()) {
+        if vm.cpus > l.max_cpus {
+            cx.sink
+                .error(
+                    at.span,
+                    format!("{} vCPUs is more than the limit of {}", vm.cpus, l.max_cpus),
+                )
+                .hint("lower `cpu`");
+        }
+    }
+    if let Some(at) = r
+        .get("memory")
+        .filter(|_| read::bytes(r, "memory").is_some())
+    {
+        if vm.memory < l.min_memory {
+            cx.sink
+                .error(
+                    at.span,
+                    format!(
+                        "{} of memory is too little: at least {} is needed",
+                        format_bytes(vm.memory),
+                        format_bytes(l.min_memory)
+                    ),
+                )
+                .hint("memory takes a unit: 512Mi, 1Gi");
+        } else if vm.memory > l.max_memory {
+            cx.sink
+                .error(
+                    at.span,
+                    format!(
+                        "{} of memory is more than the limit of {}",
+                        format_bytes(vm.memory),
+                        format_bytes(l.max_memory)
+                    ),
+                )
+                .hint("lower `memory`");
+        }
+    }
+}
+
+fn source(cx: &mut Cx, s: Option<&Node>, vm: &Node) -> Option<Source> {
+    let s = s?;
+    if !matches!(s.kind, Kind::Map(_)) {
+        return None;
+    }
+    let kinds: Vec<&Node> = SOURCE_KINDS.iter().filter_map(|k| s.key(k)).collect();
+    match kinds.len() {
+        0 => {
+            let at = vm.key("source").map_or(s.span, |k| k.span);
+            cx.sink
+                .error(at, "source has no kind")
+                .hint(format!("give exactly one of: {}", SOURCE_KINDS.join(", ")));
+            return None;
+        }
+        1 => {}
+        _ => {
+            let names: Vec<&str> = kinds.iter().filter_map(|k| k.as_str()).collect();
+            cx.sink
+                .error(
+                    kinds[1].span,
+                    format!(
+                        "source has {} kinds (`{}`): give exactly one",
+                        names.len(),
+                        names.join("`, `")
+                    ),
+                )
+                .hint("a source is one of url, blank, buildRef, containerDisk, file, bootstrap");
+            return None;
+        }
+    }
+    let kind = kinds[0].as_str()?;
+    if kind != "url" {
+        if let Some(c) = s.key("checksum") {
+            cx.sink
+                .error(c.span, "`checksum` belongs to a `url` source")
+                .hint("remove it, or use `url:`");
+        }
+    }
+    let v = s.get(kind)?;
+    match kind {
+        "url" => {
+            let url = v.as_str()?.to_string();
+            if !read::is_http_url(&url) {
+                cx.sink
+                    .error(v.span, format!("`{url}` is not an http:// or https:// URL"))
+                    .hint("for a local image use `file:` with a path relative to the manifest");
+                return None;
+            }
+            let sha256 = match s.get("checksum") {
+                Some(c) => match read::sha256(c.as_str().unwrap_or_default()) {
+                    Ok(h) => Some(h),
+                    Err(e) => {
+                        cx.sink.error(c.span, e);
+                        return None;
+                    }
+                },
+                None => None,
+            };
+            Some(Source::Url { url, sha256 })
+        }
+        "blank" => Some(Source::Blank),
+        "containerDisk" => {
+            cx.sink
+                .error(
+                    v.span,
+                    "`containerDisk` sources are not supported by kiln yet",
+                )
+                .hint("use `url:` with a qcow2 or raw image, or `bootstrap:`");
+            None
+        }
+        "file" => {
+            let rel = PathBuf::from(v.as_str()?);
+            let path = cx.existing_file(v.span, &rel)?;
+            Some(Source::File { path })
+        }
+        "buildRef" => {
+            let name_node = v.get("name")?;
+            if !cx.label(name_node, "module name") {
+                return None;
+            }
+            let vm_name = match v.get("vmName") {
+                Some(x) => {
+                    if !cx.label(x, "VM name") {
+                        return None;
+                    }
+                    x.as_str().map(str::to_string)
+                }
+                None => None,
+            };
+            Some(Source::BuildRef {
+                name: name_node.as_str()?.to_string(),
+                namespace: read::string(v, "namespace"),
+                vm_name,
+            })
+        }
+        "bootstrap" => {
+            let suite_node = v.get("suite")?;
+            let suite = suite_node.as_str()?.to_string();
+            if !SUITES.contains(&suite.as_str()) {
+                let b = cx
+                    .sink
+                    .error(suite_node.span, format!("unknown Debian suite `{suite}`"));
+                match super::super::suggest::closest(&suite, SUITES.iter().copied()) {
+                    Some(c) => b.hint(format!("did you mean `{c}`?")),
+                    None => b.hint(format!("known suites: {}", SUITES.join(", "))),
+                };
+            }
+            let mut packages = Vec::new();
+            for p in read::list(v, "packages") {
+                let Some(name) = p.as_str() else { continue };
+                let ok = name.len() >= 2
+                    && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                    && name
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c));
+                if !ok {
+                    cx.sink
+                        .error(p.span, format!("`{name}` is not a Debian package name"))
+                        .hint("package names are lowercase letters, digits and + - .");
+                } else if packages.iter().any(|x| x == name) {
+                    cx.sink
+                        .warn(p.span, format!("package `{name}` is listed twice"));
+                } else {
+                    packages.push(name.to_string());
+                }
+            }
+            let mirror = read::string(v, "mirror");
+            if let (Some(m), Some(at)) = (&mirror, v.get("mirror")) {
+                if !read::is_http_url(m) {
+                    cx.sink.error(
+                        at.span,
+                        format!("mirror `{m}` is not an http:// or https:// URL"),
+                    );
+                }
+            }
+            Some(Source::Bootstrap {
+                distro: read::string(v, "distro")?,
+                suite,
+                packages,
+                mirror,
+            })
+        }
+        _ => None,
+    }
+}
+
+fn disks(cx: &mut Cx, n: &Node) -> Vec<Disk> {
+    let Some(list) = n.get("disks") else {
+        return vec![Disk {
+            name: "root".into(),
+            size: 20 << 30,
+            bus: DiskBus::Virtio,
+        }];
+    };
+    let items = list.as_seq().unwrap_or(&[]);
+    if items.is_empty() {
+        cx.sink
+            .error(list.span, "`disks` is empty: a VM needs a boot disk")
+            .hint("remove `disks` for the default 20Gi disk");
+    }
+    let max = cx.limits.max_disks;
+    if items.len() > max {
+        cx.sink.error(
+            items[max].span,
+            format!("a VM has at most {max} disks, this one has {}", items.len()),
+        );
+    }
+    cx.unique_names(items, "name", "disk");
+    let mut out = Vec::new();
+    for d in items {
+        let Some(name_node) = d.get("name") else {
+            continue;
+        };
+        cx.label(name_node, "disk name");
+        let size = read::bytes(d, "size");
+        if let (Some(size), Some(at)) = (size, d.get("size")) {
+            if size < (1 << 20) {
+                cx.sink
+                    .error(
+                        at.span,
+                        format!("disk size {} is too small", format_bytes(size)),
+                    )
+                    .hint("sizes take a unit: 20Gi");
+            } else if size > cx.limits.max_disk_bytes {
+                cx.sink
+                    .error(
+                        at.span,
+                        format!(
+                            "disk size {} is more than the limit of {}",
+                            format_bytes(size),
+                            format_bytes(cx.limits.max_disk_bytes)
+                        ),
+                    )
+                    .hint("the host configuration can raise it with KILN_MAX_DISK_SIZE");
+            }
+        }
+        let bus = match read::string(d, "bus").as_deref() {
+            Some("scsi") => DiskBus::Scsi,
+            Some("sata") => DiskBus::Sata,
+            Some("usb") => DiskBus::Usb,
+            _ => DiskBus::Virtio,
+        };
+        out.push(Disk {
+            name: name_node.as_str().unwrap_or_default().to_string(),
+            size: size.unwrap_or(0),
+            bus,
+        });
+    }
+    out
+}
+
+fn communicator(cx: &mut Cx, c: Option<&Node>) -> Communicator {
+    let empty = Node {
+        span: Span::default(),
+        kind: Kind::Null,
+    };
+    let c = c.unwrap_or(&empty);
+    let kind = match read::string(c, "type").as_deref() {
+        Some("ssh") => CommunicatorKind::Ssh,
+        _ => CommunicatorKind::Agent,
+    };
+    let shell = match read::string(c, "shell").as_deref() {
+        Some("powershell") => Shell::Powershell,
+        _ => Shell::Bash,
+    };
+    Communicator {
+        kind,
+        shell,
+        ssh_username: read::string(c, "sshUsername").unwrap_or_else(|| "root".into()),
+        ssh_port: read::int(c, "sshPort")
+            .and_then(|p| u16::try_from(p).ok())
+            .unwrap_or(22),
+        ssh_password: read::string(c, "sshPassword").map(Secret::new),
+        ssh_timeout: read::duration(c, "sshTimeout").unwrap_or(Duration::from_secs(300)),
+        ssh_private_key: read::node(c, "sshPrivateKeySecret").and_then(|r| cx.local_path(r)),
+    }
+}
+
+fn boot_command(cx: &mut Cx, items: &[Node]) -> Vec<boot::BootEvent> {
+    let mut out = Vec::new();
+    for item in items {
+        let Some(s) = item.as_str() else { continue };
+        match boot::parse(s) {
+            Ok(ev) => out.extend(ev),
+            Err(e) => {
+                let span = token_span(item, s, e.col, e.len);
+                let b = cx.sink.error(span, e.message);
+                if let Some(h) = e.hint {
+                    b.hint(h);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The source columns of a token inside a one-line scalar (plain or quoted without escapes
+/// before it); for other scalars, the scalar itself.
+fn token_span(item: &Node, s: &str, col: usize, len: usize) -> Span {
+    let single_line = item.span.start.line == item.span.end.line;
+    let offset = match &item.kind {
+        Kind::Scalar(_, Style::Plain) if single_line => Some(0),
+        Kind::Scalar(_, Style::Quoted) if single_line && !s.contains(['\\', '\'', '"']) => Some(1),
+        _ => None,
+    };
+    match offset {
+        Some(o) => {
+            let start = item.span.start.col + o + col;
+            Span {
+                start: Pos {
+                    line: item.span.start.line,
+                    col: start,
+                },
+                end: Pos {
+                    line: item.span.start.line,
+                    col: start + len,
+                },
+            }
+        }
+        None => item.span,
+    }
+}
+
+fn isos(cx: &mut Cx, items: &[Node]) -> Vec<Iso> {
+    let mut out = Vec::new();
+    for i in items {
+        let Some(u) = i.get("url") else { continue };
+        let Some(url) = u.as_str() else { continue };
+        if !read::is_http_url(url) {
+            cx.sink
+                .error(u.span, format!("`{url}` is not an http:// or https:// URL"));
+            continue;
+        }
+        let sha256 = match i.get("checksum").and_then(Node::as_str) {
+            Some(c) => match read::sha256(c) {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    if let Some(at) = i.get("checksum") {
+                        cx.sink.error(at.span, e);
+                    }
+                    continue;
+                }
+            },
+            None => None,
+        };
+        out.push(Iso {
+            url: url.to_string(),
+            sha256,
+        });
+    }
+    out
+}

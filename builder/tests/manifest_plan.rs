@@ -1,0 +1,202 @@
+//! The Plan other parts of kiln consume: defaults, resolved references and the build/base
+//! views, checked through the public API.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::time::Duration;
+
+use kiln_builder::manifest::{
+    load, load_str, BootEvent, CommunicatorKind, DiskBus, FileContent, Limits, NicModel, Plan,
+    ScriptSource, Shell, Source, Step,
+};
+
+fn plan(text: &str) -> Plan {
+    let l = load_str(text, Path::new("dir/mod-one.yaml"), Limits::default());
+    match l.plan {
+        Some(p) => p,
+        None => panic!("invalid: {:#?}", l.diagnostics),
+    }
+}
+
+#[test]
+fn defaults_are_applied() {
+    let p = plan("vms:\n  - name: a\n    source: {bootstrap: {distro: debian, suite: bookworm}}\n    resources: {cpu: \"1500m\", memory: 1Gi}\n    provisioners:\n      - type: reboot\n      - type: shell\n        shell: {inline: \"true\"}\n");
+    assert_eq!(p.module, "mod-one");
+    assert_eq!(p.timeout, Duration::from_secs(1800));
+    assert_eq!(p.retries, 0);
+    assert_eq!(p.iso_cache_ttl, Duration::from_secs(86400));
+    let vm = &p.build.vms[0];
+    assert_eq!(vm.cpus, 2);
+    assert_eq!(vm.memory, 1 << 30);
+    assert_eq!(vm.disks.len(), 1);
+    assert_eq!(
+        (vm.disks[0].size, vm.disks[0].bus),
+        (20 << 30, DiskBus::Virtio)
+    );
+    assert_eq!(vm.communicator.kind, CommunicatorKind::Agent);
+    assert_eq!(vm.communicator.shell, Shell::Bash);
+    assert_eq!(vm.communicator.ssh_username, "root");
+    assert_eq!(vm.communicator.ssh_port, 22);
+    assert_eq!(vm.communicator.ssh_timeout, Duration::from_secs(300));
+    assert!(vm.cloud_init.is_none() && vm.efi.is_none() && !vm.invisible);
+    assert_eq!(vm.provisioners[0].name, "reboot-1");
+    assert_eq!(
+        vm.provisioners[0].step,
+        Step::Reboot {
+            command: "reboot".into()
+        }
+    );
+    assert_eq!(vm.provisioners[1].step_timeout, Duration::from_secs(1800));
+    // The implicit network: VPC `default` with internet, subnet `default`, one NIC on it.
+    let net = &p.build.network;
+    assert_eq!(net.vpcs.len(), 1);
+    assert!(net.vpcs[0].internet);
+    assert_eq!(net.subnets[0].cidr.to_string(), "10.0.2.0/24");
+    assert_eq!(net.subnets[0].gateway, Ipv4Addr::new(10, 0, 2, 1));
+    assert_eq!(vm.nics.len(), 1);
+    assert_eq!(
+        (vm.nics[0].slot, vm.nics[0].subnet.as_str()),
+        (1, "default")
+    );
+    assert!(vm.nics[0].mac.starts_with("02:6b:6c:"));
+    assert_eq!(p.build, p.base);
+}
+
+#[test]
+fn overrides_change_the_build_and_keep_the_base() {
+    let text = r#"
+network:
+  vpcs: [{name: lab}]
+  subnets:
+    - {name: lan, vpc: lab, cidr: 10.1.0.0/24}
+    - {name: wan, vpc: lab, cidr: 10.2.0.0/24}
+buildOverrides:
+  vpcs: [{name: lab, internet: true}]
+  subnets: [{name: wan, unmanaged: true}]
+  vms:
+    - name: a
+      resources: {cpu: 4}
+      nics:
+        - {name: eth0, subnet: lan, ip: 10.1.0.9}
+        - {name: up, subnet: wan}
+files:
+  - {name: f.cfg, inline: "x\n"}
+vms:
+  - name: a
+    source: {blank: true}
+    resources: {cpu: 1, memory: 1Gi}
+    isos: [{url: "https://m.example.org/i.iso"}]
+    floppy: {files: [{name: f.cfg}]}
+    nics:
+      - {name: eth0, subnet: lan, slot: 4, mac: "52:54:00:00:00:01", model: e1000}
+"#;
+    let p = plan(text);
+    let (b, c) = (&p.build.vms[0], &p.base.vms[0]);
+    assert_eq!((b.cpus, c.cpus), (4, 1));
+    assert_eq!(b.memory, c.memory);
+    // Same-named override NIC keeps mac, slot and model; the new NIC takes the lowest free slot.
+    assert_eq!(b.nics[0].mac, "52:54:00:00:00:01");
+    assert_eq!(b.nics[0].slot, 4);
+    assert_eq!(b.nics[0].model, NicModel::E1000);
+    assert_eq!(b.nics[0].ip, Some(Ipv4Addr::new(10, 1, 0, 9)));
+    assert_eq!(b.nics[1].slot, 1);
+    assert_eq!(c.nics.len(), 1);
+    assert_eq!(c.nics[0].ip, None);
+    assert!(p.build.network.vpc("lab").is_some_and(|v| v.internet));
+    assert!(p.base.network.vpc("lab").is_some_and(|v| !v.internet));
+    let (bw, cw) = (
+        p.build.network.subnet("wan").unwrap(),
+        p.base.network.subnet("wan").unwrap(),
+    );
+    assert!(bw.unmanaged && !bw.dhcp && bw.gateway == Ipv4Addr::new(10, 2, 0, 253));
+    assert!(!cw.unmanaged && cw.dhcp && cw.gateway == Ipv4Addr::new(10, 2, 0, 1));
+    // The floppy is build-only.
+    assert_eq!(b.floppy_files, vec!["f.cfg".to_string()]);
+    assert!(c.floppy_files.is_empty());
+    assert_eq!(b.source, Source::Blank);
+}
+
+#[test]
+fn references_resolve_to_contents_and_paths() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/manifests");
+    let p = load(&dir.join("valid-all-fields.yaml"))
+        .expect("readable")
+        .into_plan()
+        .expect("valid");
+    let vm = p.build.vm("server").expect("server");
+    match &vm.provisioners[0].step {
+        Step::File {
+            content,
+            destination,
+        } => {
+            assert_eq!(content, &FileContent::Inline("lab image\n".into()));
+            assert_eq!(destination, "/etc/motd");
+        }
+        other => panic!("{other:?}"),
+    }
+    match &vm.provisioners[1].step {
+        Step::File {
+            content: FileContent::Path(p),
+            ..
+        } => assert!(p.ends_with("assets/configs/motd")),
+        other => panic!("{other:?}"),
+    }
+    match &vm.provisioners[2].step {
+        Step::Shell {
+            script: ScriptSource::Path(p),
+            env,
+            execute_command,
+        } => {
+            assert!(p.ends_with("assets/setup.sh"));
+            assert_eq!(env.get("LEVEL").map(String::as_str), Some("3"));
+            assert!(execute_command
+                .as_deref()
+                .is_some_and(|e| e.contains("{{ .Command }}")));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        vm.communicator.ssh_password.as_ref().map(|s| s.expose()),
+        Some("changeme")
+    );
+    assert!(!format!("{:?}", vm.communicator).contains("changeme"));
+    assert_eq!(
+        vm.disks.iter().map(|d| d.bus).collect::<Vec<_>>(),
+        [DiskBus::Virtio, DiskBus::Scsi, DiskBus::Sata]
+    );
+    assert!(matches!(&vm.source, Source::Url { sha256: Some(h), .. } if h.len() == 64));
+    assert!(vm.boot_command.contains(&BootEvent::HttpIp));
+    assert_eq!(p.http_directory, vec!["preseed.cfg".to_string()]);
+    let client = p.build.vm("client").expect("client");
+    assert_eq!(
+        client.source,
+        Source::BuildRef {
+            name: "lab-base".into(),
+            namespace: None,
+            vm_name: Some("router".into())
+        }
+    );
+    assert!(client
+        .cloud_init
+        .as_ref()
+        .is_some_and(|c| c.user_data_from.is_some()));
+}
+
+#[test]
+fn examples_validate() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    for name in ["hello", "layered", "pair"] {
+        let l = load(&root.join(format!("{name}.yaml"))).expect("readable");
+        assert!(l.diagnostics.is_empty(), "{name}: {:#?}", l.diagnostics);
+        assert_eq!(l.plan.expect("valid").module, name);
+    }
+    let pair = load(&root.join("pair.yaml"))
+        .expect("read")
+        .into_plan()
+        .expect("valid");
+    let names: Vec<&str> = pair.vms().iter().map(|v| v.name.as_str()).collect();
+    assert_eq!(names, ["web", "client"]);
+    assert!(
+        matches!(&pair.vms()[0].source, Source::Bootstrap { packages, .. } if packages == &["busybox"])
+    );
+}
