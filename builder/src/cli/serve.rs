@@ -1,0 +1,41 @@
+//! `kiln serve`: the local web editor for a folder of manifests.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Args;
+
+use crate::serve::{Config, Serve};
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The folder of manifests to edit.
+    #[arg(default_value = ".")]
+    pub dir: PathBuf,
+    /// Address to listen on. Loopback by default; another address serves other hosts.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub listen: SocketAddr,
+}
+
+pub fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
+    let s = Serve::bind(Config {
+        dir: a.dir.clone(),
+        listen: a.listen,
+    })
+    .with_context(|| format!("cannot serve {}", a.dir.display()))?;
+    if !a.listen.ip().is_loopback() {
+        eprintln!(
+            "warning: listening on {}: other hosts can reach this editor (the token still guards it)",
+            a.listen
+        );
+    }
+    // One line on stdout, flushed, so scripts and tests can read the URL.
+    let mut out = std::io::stdout();
+    writeln!(out, "kiln serve: {}", s.url())?;
+    out.flush()?;
+    s.run();
+    Ok(ExitCode::SUCCESS)
+}

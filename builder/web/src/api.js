@@ -1,0 +1,22 @@
+// The kiln serve API. The token comes from the page URL and goes in a header on every call.
+const token = new URLSearchParams(window.location.search).get('token') || '';
+
+async function call(method, path, body) {
+  const r = await fetch(path, {
+    method,
+    headers: { 'X-Kiln-Token': token },
+    body,
+  });
+  const v = await r.json();
+  if (!r.ok) throw new Error(v.error || `HTTP ${r.status}`);
+  return v;
+}
+
+const q = (name) => `?name=${encodeURIComponent(name)}`;
+
+export const listManifests = () => call('GET', '/api/manifests');
+export const readManifest = (name) => call('GET', '/api/manifest' + q(name));
+export const saveManifest = (name, text) => call('PUT', '/api/manifest' + q(name), text);
+export const check = (name, text) => call('POST', '/api/check' + q(name || 'manifest.yaml'), text);
+export const toYaml = (doc, original) =>
+  call('POST', '/api/yaml', JSON.stringify({ doc, original })).then((v) => v.text);

@@ -1,0 +1,218 @@
+// Browser tests for `kiln serve`, in headless Chromium driven by playwright-core.
+// Usage: node builder/web/tests/run.mjs <path to kiln binary>
+// Set KILN_SCREENSHOTS=<dir> to save screenshots of the form and the YAML tab.
+// Ends with a line `N passed, N failed`; skips loudly when chromium or playwright-core is absent.
+import { spawn, spawnSync } from 'node:child_process';
+import { existsSync, mkdtempSync, readdirSync, copyFileSync, readFileSync, rmSync, cpSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve, dirname } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const here = dirname(fileURLToPath(import.meta.url));
+const repo = resolve(here, '../../..');
+const kiln = resolve(process.argv[2] || join(repo, 'target/release/kiln'));
+const CHROMIUM = '/usr/bin/chromium';
+
+function skip(why) {
+  console.error(`SKIP: ${why}`);
+  console.log('0 passed, 0 failed');
+  process.exit(0);
+}
+if (!existsSync(CHROMIUM)) skip(`${CHROMIUM} is absent (Debian package chromium)`);
+if (!existsSync(kiln)) skip(`no kiln binary at ${kiln}`);
+let chromium;
+try {
+  ({ chromium } = await import('playwright-core'));
+} catch {
+  skip('playwright-core is not installed: run `npm ci` in builder/web');
+}
+
+// A folder with the validation corpus and the examples.
+const corpusDir = join(repo, 'builder/tests/manifests');
+const work = mkdtempSync(join(tmpdir(), 'kiln-serve-web-'));
+const corpus = readdirSync(corpusDir).filter((n) => /\.ya?ml$/.test(n)).sort();
+for (const n of corpus) copyFileSync(join(corpusDir, n), join(work, n));
+if (existsSync(join(corpusDir, 'assets'))) {
+  cpSync(join(corpusDir, 'assets'), join(work, 'assets'), { recursive: true });
+}
+for (const n of readdirSync(join(repo, 'examples')).filter((n) => n.endsWith('.yaml'))) {
+  copyFileSync(join(repo, 'examples', n), join(work, `example-${n}`));
+}
+
+const server = spawn(kiln, ['serve', work, '--listen', '127.0.0.1:0'], { stdio: ['ignore', 'pipe', 'inherit'] });
+const url = await new Promise((ok, fail) => {
+  let buf = '';
+  const t = setTimeout(() => fail(new Error('kiln serve printed no URL in 10 s')), 10000);
+  server.stdout.on('data', (d) => {
+    buf += d;
+    const m = buf.match(/kiln serve: (http:\/\/\S+)/);
+    if (m) { clearTimeout(t); ok(m[1]); }
+  });
+  server.on('exit', (c) => fail(new Error(`kiln serve exited with ${c}`)));
+});
+const token = new URL(url).searchParams.get('token');
+const base = new URL(url).origin;
+
+async function api(method, path, body) {
+  const r = await fetch(base + path, { method, headers: { 'X-Kiln-Token': token }, body });
+  const v = await r.json();
+  if (!r.ok) throw new Error(`${method} ${path}: ${v.error}`);
+  return v;
+}
+// The canonical text of a manifest's meaning (what `kiln fmt` writes), or null if it does not parse.
+async function meaning(name, text) {
+  const v = await api('POST', `/api/check?name=${encodeURIComponent(name)}`, text);
+  // The form edits mappings only: YAML that does not parse, or is not a mapping, blocks it.
+  if (v.doc == null || typeof v.doc !== 'object' || Array.isArray(v.doc)) return null;
+  return (await api('POST', '/api/yaml', JSON.stringify({ doc: v.doc }))).text;
+}
+
+const browser = await chromium.launch({
+  executablePath: CHROMIUM,
+  headless: true,
+  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
+    '--disable-component-update', '--disable-sync'],
+});
+const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+page.setDefaultTimeout(10000);
+const pageErrors = [];
+page.on('pageerror', (e) => pageErrors.push(String(e)));
+page.on('console', (m) => { if (m.type() === 'error') pageErrors.push(m.text()); });
+
+async function idle() {
+  // Let pending requests start, then wait until none is in flight.
+  await page.waitForTimeout(50);
+  await page.waitForSelector('[data-testid="diag-count"][data-busy="0"]');
+}
+async function open(name) {
+  await page.goto(url);
+  await page.selectOption('[data-testid="manifest-picker"]', name);
+  await page.waitForFunction((n) => document.querySelector('[data-testid="status"]')?.textContent === `opened ${n}`, name);
+  await idle();
+}
+const yamlText = () => page.inputValue('[data-testid="yaml"]');
+async function tab(t) {
+  await page.click(`[data-testid="tab-${t}"]`);
+  await page.waitForSelector(t === 'yaml' ? '[data-testid="yaml"]' : '[data-testid="form"], [data-testid="form-blocked"]');
+  await idle();
+}
+function assert(c, msg) { if (!c) throw new Error(msg); }
+
+const results = [];
+async function test(name, fn) {
+  const before = pageErrors.length;
+  try {
+    await fn();
+    assert(pageErrors.length === before, `page errors: ${pageErrors.slice(before).join('; ')}`);
+    results.push([name, null]);
+    console.log(`ok   ${name}`);
+  } catch (e) {
+    results.push([name, e]);
+    console.log(`FAIL ${name}: ${e.message}`);
+  }
+}
+
+// Every corpus manifest: Visual -> YAML -> Visual -> YAML, with a no-op form edit, keeps its meaning.
+for (const n of process.env.KILN_ONLY ? [] : [...corpus, "example-hello.yaml"]) {
+  await test(`roundtrip ${n}`, async () => {
+    const original = readFileSync(join(work, n), 'utf8');
+    const want = await meaning(n, original);
+    await open(n);
+    if (want == null) {
+      await page.waitForSelector('[data-testid="form-blocked"]');
+      return;
+    }
+    await page.waitForSelector('[data-testid="form"]');
+    // Edit the first VM's name in the form and put it back: the form rewrites the document.
+    const nameInput = page.locator('input[data-path$="vms.0.name"]');
+    if (await nameInput.count()) {
+      const v = await nameInput.inputValue();
+      await nameInput.fill(v + 'x');
+      await idle();
+      await nameInput.fill(v);
+      await idle();
+    }
+    await tab('yaml');
+    const first = await yamlText();
+    assert((await meaning(n, first)) === want, `meaning changed after Visual -> YAML:\n${first}`);
+    await tab('visual');
+    await tab('yaml');
+    const second = await yamlText();
+    assert(second === first, 'a second Visual -> YAML changed the text');
+  });
+}
+
+await test('two-VM manifest built in the form alone passes kiln validate', async () => {
+  await page.goto(url);
+  await page.fill('[data-testid="new-name"]', 'pair-form');
+  await page.click('[data-testid="new"]');
+  await page.waitForSelector('[data-testid="form"]');
+  await idle();
+  await page.click('[data-testid="files-add"]');
+  await idle();
+  await page.fill('input[data-path="files.0.name"]', 'motd');
+  await page.fill('textarea[data-path="files.0.inline"]', 'built by kiln\n');
+  await page.click('[data-testid="subnets-add"]');
+  await idle();
+  await page.click('[data-testid="vms-add"]');
+  await idle();
+  await page.fill('input[data-path="vms.0.name"]', 'web');
+  await page.fill('input[data-path="vms.1.name"]', 'db');
+  await page.fill('input[data-path="vms.1.resources.memory"]', '2Gi');
+  for (const i of [0, 1]) {
+    await page.click(`[data-testid="nics-${i}-add"]`);
+    await idle();
+  }
+  await page.click('[data-testid="steps-0-add"]');
+  await idle();
+  await page.selectOption('select[data-path="vms.0.provisioners.0.type"]', 'file');
+  await idle();
+  if (process.env.KILN_DEBUG) { await tab('yaml'); console.log(await yamlText()); await tab('visual'); }
+  await page.fill('input[data-path="vms.0.provisioners.0.file.destination"]', '/etc/motd');
+  await page.click('[data-testid="steps-1-add"]');
+  await idle();
+  await page.fill('textarea[data-path="vms.1.provisioners.0.shell.inline"]', 'echo hello\n');
+  await idle();
+  await page.waitForSelector('[data-testid="diag-count"][data-errors="0"]');
+  if (process.env.KILN_SCREENSHOTS) await page.screenshot({ path: join(process.env.KILN_SCREENSHOTS, 'form.png'), fullPage: true });
+  await tab('yaml');
+  if (process.env.KILN_SCREENSHOTS) await page.screenshot({ path: join(process.env.KILN_SCREENSHOTS, 'yaml.png'), fullPage: true });
+  await page.click('[data-testid="save"]');
+  await page.waitForFunction(() => document.querySelector('[data-testid="status"]')?.textContent === 'saved pair-form.yaml');
+  const text = readFileSync(join(work, 'pair-form.yaml'), 'utf8');
+  assert(text === await yamlText(), 'the saved file differs from the YAML tab');
+  const v = spawnSync(kiln, ['validate', join(work, 'pair-form.yaml')], { encoding: 'utf8' });
+  assert(v.status === 0, `kiln validate failed (${v.status}):\n${v.stdout}${v.stderr}\n${text}`);
+  assert(/name: web/.test(text) && /name: db/.test(text) && /slot: 1/.test(text), `unexpected YAML:\n${text}`);
+});
+
+await test('an edit in the YAML tab shows in the form', async () => {
+  await open('example-hello.yaml');
+  await tab('yaml');
+  const text = await yamlText();
+  const m = text.match(/memory: (\S+)/);
+  assert(m, 'example has a memory field');
+  await page.fill('[data-testid="yaml"]', text.replace(/memory: \S+/, 'memory: 3Gi'));
+  await idle();
+  await tab('visual');
+  const v = await page.inputValue('input[data-path="vms.0.resources.memory"]');
+  assert(v === '3Gi', `the form shows memory ${v}`);
+});
+
+await test('an error appears on its field and on its YAML line', async () => {
+  await open('example-hello.yaml');
+  await page.fill('input[data-path="vms.0.resources.memory"]', 'lots');
+  await page.waitForSelector('[data-testid="error-vms.0.resources.memory"]');
+  assert(await page.locator('input[data-path="vms.0.resources.memory"].invalid').count() === 1, 'the input is not marked invalid');
+  await tab('yaml');
+  const text = await yamlText();
+  const line = text.split('\n').findIndex((l) => l.includes('lots')) + 1;
+  await page.waitForSelector(`[data-testid="gutter-err"][data-line="${line}"]`);
+});
+
+await browser.close();
+server.kill();
+rmSync(work, { recursive: true, force: true });
+const failed = results.filter(([, e]) => e).length;
+console.log(`${results.length - failed} passed, ${failed} failed`);
+process.exit(failed ? 1 : 0);
