@@ -7,6 +7,6 @@ root=$(dirname "$here")
 cd "$root"
 
 bash "$here/setup.sh"
-kiln="$root/target/release/kiln"
+kiln="${CARGO_TARGET_DIR:-$root/target}/release/kiln"
 "$kiln" build examples/hello.yaml --output modules
 "$kiln" ls --modules modules

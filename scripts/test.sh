@@ -15,9 +15,23 @@ cargo fmt --all -- --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 
+step "examples are valid and canonical"
+kiln="${CARGO_TARGET_DIR:-$root/target}/release/kiln"
+"$kiln" validate examples/*.yaml
+for f in examples/*.yaml; do "$kiln" fmt --check "$f"; done
+
 step "tests"
 if command -v cargo-nextest >/dev/null; then
   cargo nextest run --workspace --release --no-fail-fast
 else
   cargo test --workspace --release --no-fail-fast
+fi
+
+step "browser tests (kiln serve, headless Chromium)"
+if command -v npm >/dev/null && command -v node >/dev/null; then
+  # playwright-core only drives the Debian chromium from scripts/packages.txt; no browser download.
+  (cd builder/web && npm ci --no-audit --no-fund --loglevel=error)
+  node builder/web/tests/run.mjs "$kiln"
+else
+  echo "SKIP: node/npm not found; the browser tests of kiln serve did not run" >&2
 fi

@@ -1,3 +1,20 @@
 //! kiln-builder: from a manifest to a captured module, and the `kiln` command line.
 
+pub mod backends;
+pub mod bootimage;
+pub mod cache;
+pub mod capture;
 pub mod cli;
+pub mod clone;
+pub mod diskops;
+pub mod engine;
+pub mod events;
+pub mod guest;
+pub mod job;
+pub mod manifest;
+pub mod module;
+pub mod pipeline;
+pub mod plan_adapter;
+pub mod provision;
+pub mod serve;
+pub mod sources;

@@ -1,16 +1,144 @@
-//! `kiln build` and the commands that use built modules.
+//! `kiln build` and `kiln resume`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
+use anyhow::Context;
 use clap::Args;
+
+use crate::cache::Cache;
+use crate::engine::EngineChoice;
+use crate::events::{EventSink, FileSink, HumanSink, JsonSink, Tee};
+use crate::pipeline::{self, BuildContext, BuildError, BuildOptions, OnError, VmRegistry};
 
 #[derive(Debug, Args)]
 pub struct BuildArgs {
     /// The module manifest.
     pub file: PathBuf,
+    /// Folder the module is written to (`<output>/<name>/`); buildRef parents are read here.
+    #[arg(long, short = 'o', env = "KILN_MODULES", default_value = "modules")]
+    pub output: PathBuf,
+    /// Which engine runs the VMs: auto picks kvm with hardware virtualization, else qemu.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub engine: EngineChoice,
+    /// On a failure: abort (stop every VM, leave no module) or keep the failed VM running.
+    #[arg(long, value_enum, default_value = "abort")]
+    pub on_error: OnError,
+    /// Capture buildRef children as a layer over their parent's disk.
+    #[arg(long)]
+    pub thin: bool,
+    /// Machine-readable events on stdout, one JSON object per line.
+    #[arg(long)]
+    pub json: bool,
 }
 
-pub fn build(_a: BuildArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`kiln build` is not implemented yet")
+pub fn build(a: BuildArgs) -> anyhow::Result<ExitCode> {
+    let loaded = crate::manifest::load(&a.file)?;
+    for w in loaded.warnings() {
+        eprintln!("{}", w.render());
+    }
+    let text = std::fs::read_to_string(&a.file)
+        .with_context(|| format!("reading {}", a.file.display()))?;
+    let plan = loaded.into_plan()?;
+    let job = crate::plan_adapter::job_from_plan(&plan, &a.file, &text)?;
+    if a.thin {
+        anyhow::bail!("--thin captures are not implemented yet");
+    }
+    let cache = Cache::from_env()?;
+    let display: Arc<dyn EventSink> = if a.json {
+        Arc::new(JsonSink::new())
+    } else {
+        Arc::new(HumanSink::new())
+    };
+    // Events also go to a log beside the output, copied into the module's logs at the end.
+    std::fs::create_dir_all(&a.output)
+        .with_context(|| format!("creating {}", a.output.display()))?;
+    let events_path = a
+        .output
+        .join(format!(".{}.events-{}.jsonl", job.name, std::process::id()));
+    let file_sink: Arc<dyn EventSink> = Arc::new(FileSink::create(&events_path)?);
+    let events: Arc<dyn EventSink> = Arc::new(Tee(vec![display, file_sink]));
+
+    let cancel = Arc::new(AtomicBool::new(false));
+    let registry = VmRegistry::default();
+    {
+        let cancel = cancel.clone();
+        let registry = registry.clone();
+        let interrupted = Arc::new(AtomicBool::new(false));
+        ctrlc::set_handler(move || {
+            if interrupted.swap(true, Ordering::SeqCst) {
+                eprintln!("kiln: interrupted again; stopping now");
+            } else {
+                eprintln!("kiln: interrupted; stopping every VM and removing the partial module");
+            }
+            cancel.store(true, Ordering::SeqCst);
+            registry.kill_all();
+        })
+        .context("installing the Ctrl-C handler")?;
+    }
+    let ctx = BuildContext {
+        events,
+        cancel: cancel.clone(),
+        registry,
+    };
+    let opts = BuildOptions {
+        output: a.output.clone(),
+        engine: a.engine,
+        on_error: a.on_error,
+        thin: a.thin,
+        cache,
+    };
+    let result = pipeline::run(&job, &opts, &ctx);
+    match result {
+        Ok(dir) => {
+            let _ = std::fs::rename(&events_path, dir.join("logs").join("events.jsonl"));
+            if !a.json {
+                eprintln!("module `{}` built: {}", job.name, dir.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&events_path);
+            if cancel.load(Ordering::SeqCst) && matches!(e, BuildError::Cancelled) {
+                eprintln!("error: the build was cancelled; no module was written");
+                return Ok(ExitCode::from(130));
+            }
+            Err(anyhow::Error::new(e).context(format!(
+                "building module `{}` failed; no module was written",
+                job.name
+            )))
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ResumeArgs {
+    /// The VM whose handbuild step waits.
+    pub vm: String,
+}
+
+/// `kiln resume <vm>`: ends the handbuild pause of a running build's VM.
+pub fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
+    let root = pipeline::runtime_root();
+    let mut hits = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(&root) {
+        for build in rd.flatten() {
+            let d = build.path().join(&a.vm);
+            if d.is_dir() {
+                hits.push(d);
+            }
+        }
+    }
+    match hits.as_slice() {
+        [] => anyhow::bail!("no running build has a VM named `{}`", a.vm),
+        [d] => {
+            std::fs::write(d.join("resume"), b"")
+                .with_context(|| format!("writing {}", d.display()))?;
+            eprintln!("resumed `{}`", a.vm);
+            Ok(ExitCode::SUCCESS)
+        }
+        _ => anyhow::bail!("several running builds have a VM named `{}`", a.vm),
+    }
 }

@@ -7,11 +7,18 @@ use clap::{Parser, Subcommand};
 
 mod build;
 mod disk;
+mod instance;
 mod manifest;
+mod modules;
+mod serve;
 mod vm;
 
 #[derive(Debug, Parser)]
-#[command(name = "kiln", version, about = "Build VM image modules from a YAML manifest")]
+#[command(
+    name = "kiln",
+    version,
+    about = "Build VM image modules from a YAML manifest"
+)]
 pub struct Cli {
     /// More log output (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
@@ -32,6 +39,18 @@ enum Command {
     Schema(manifest::SchemaArgs),
     /// Build a module from a manifest.
     Build(build::BuildArgs),
+    /// Continue a build paused at a handbuild step.
+    Resume(build::ResumeArgs),
+    /// List built modules and clones.
+    Ls(modules::LsArgs),
+    /// Make copy-on-write instances of a module.
+    Clone(modules::CloneArgs),
+    /// Boot a clone's VMs (in the foreground; Ctrl-C stops them).
+    Run(instance::RunArgs),
+    /// Run a command in a running VM through its agent.
+    Exec(instance::ExecArgs),
+    /// An interactive shell in a running VM through its agent.
+    Shell(instance::ShellArgs),
     /// Inspect and convert disk images.
     #[command(subcommand)]
     Disk(disk::DiskCommand),
@@ -40,6 +59,11 @@ enum Command {
     Vm(vm::VmCommand),
     /// Probe this host: KVM, its vendor, and the engine `auto` would pick.
     Doctor(vm::DoctorArgs),
+    /// The local web editor: a form and YAML view of a folder of manifests.
+    Serve(serve::ServeArgs),
+    /// The VMM child process `kiln vm run` and the kvm engine start (one per VM).
+    #[command(name = "__vmm", hide = true)]
+    Vmm(vm::VmmChildArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -51,9 +75,17 @@ pub fn main() -> ExitCode {
         Command::Plan(a) => manifest::plan(a),
         Command::Schema(a) => manifest::schema(a),
         Command::Build(a) => build::build(a),
+        Command::Resume(a) => build::resume(a),
+        Command::Ls(a) => modules::ls(a),
+        Command::Clone(a) => modules::clone(a),
+        Command::Run(a) => instance::run(a),
+        Command::Exec(a) => instance::exec(a),
+        Command::Shell(a) => instance::shell(a),
         Command::Disk(c) => disk::run(c),
         Command::Vm(c) => vm::run(c),
         Command::Doctor(a) => vm::doctor(a),
+        Command::Serve(a) => serve::serve(a),
+        Command::Vmm(a) => vm::vmm_child(a),
     };
     match result {
         Ok(code) => code,
@@ -67,7 +99,8 @@ pub fn main() -> ExitCode {
 fn init_logging(verbose: u8) {
     use tracing_subscriber::EnvFilter;
     let default = match verbose {
-        0 => "warn",
+        // A guest powering off closes its vhost-user connections: expected, not a warning.
+        0 => "warn,kiln_vmm::vhost_user=error",
         1 => "info",
         2 => "debug",
         _ => "trace",

@@ -1,0 +1,99 @@
+//! kiln's device backends for one VM (block, vsock), started in this process before the
+//! engine starts the guest, and stopped with it. Both engines use the same backends: the
+//! block device is kiln-disk's qcow2 (with its backing chain) served by kiln-vmm's virtio-blk
+//! logic, and vsock is kiln-vmm's device with its host side on a Unix socket.
+
+use std::path::{Path, PathBuf};
+
+use kiln_vmm::devices::block::BlockOptions;
+use kiln_vmm::vhost_user::BackendHandle;
+
+use crate::engine::qemu::{block_socket, BlockMode};
+use crate::engine::{EngineError, VmLaunch};
+
+/// Which block path the qemu engine uses: always kiln's own backend over vhost-user.
+/// `KILN_QEMU_BLOCK=qemu` switches to QEMU's own virtio-blk, for comparing the two when
+/// debugging a guest; builds never need it.
+pub fn block_mode() -> BlockMode {
+    match std::env::var("KILN_QEMU_BLOCK").as_deref() {
+        Ok("qemu") => BlockMode::QemuDrive,
+        _ => BlockMode::VhostUser,
+    }
+}
+
+/// The backends serving one VM.
+pub struct Backends {
+    vsock_vhost: PathBuf,
+    vsock: Option<kiln_vmm::devices::vsock::VsockHandle>,
+    blocks: Vec<BackendHandle>,
+}
+
+impl Backends {
+    /// The vsock device's vhost-user socket for QEMU.
+    pub fn vsock_socket(&self) -> Option<&Path> {
+        self.vsock.as_ref().map(|_| self.vsock_vhost.as_path())
+    }
+
+    /// Stops every backend thread and waits for them.
+    pub fn stop(&mut self) {
+        for b in self.blocks.drain(..) {
+            b.stop();
+            let _ = b.join();
+        }
+        if let Some(v) = self.vsock.take() {
+            v.stop();
+            let _ = v.join();
+        }
+    }
+}
+
+impl Drop for Backends {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Where the host side of a VM's vsock device listens (`CONNECT <port>`).
+pub fn vsock_uds(workdir: &Path) -> PathBuf {
+    workdir.join("vsock.sock")
+}
+
+/// Starts the backends a VM needs. The sockets are bound when this returns.
+pub fn start(vm: &VmLaunch, block: BlockMode) -> Result<Backends, EngineError> {
+    let mut b = Backends {
+        vsock_vhost: vm.workdir.join("vsock.vhost"),
+        vsock: None,
+        blocks: Vec::new(),
+    };
+    if block == BlockMode::VhostUser {
+        for (i, d) in vm.disks.iter().enumerate() {
+            let opts = if d.read_only {
+                kiln_disk::OpenOptions::read_only()
+            } else {
+                kiln_disk::OpenOptions::read_write()
+            };
+            let dev = kiln_disk::open(&d.path, opts)
+                .map_err(|e| EngineError::Backend(format!("opening {}: {e}", d.path.display())))?;
+            let sock = block_socket(&vm.workdir, i);
+            let _ = std::fs::remove_file(&sock);
+            let handle = kiln_vmm::devices::block::vhost_user::spawn(
+                &sock,
+                dev,
+                BlockOptions {
+                    read_only: d.read_only,
+                    serial: d.name.chars().take(20).collect(),
+                    num_queues: 1,
+                },
+            )
+            .map_err(|e| EngineError::Backend(format!("block backend for {}: {e}", d.name)))?;
+            b.blocks.push(handle);
+        }
+    }
+    let uds = vsock_uds(&vm.workdir);
+    let _ = std::fs::remove_file(&uds);
+    let _ = std::fs::remove_file(&b.vsock_vhost);
+    let v = kiln_vmm::devices::vsock::spawn(&b.vsock_vhost, &uds, u64::from(vm.cid))
+        .map_err(|e| EngineError::Backend(format!("vsock backend: {e}")))?;
+    b.vsock = Some(v);
+    Ok(b)
+}

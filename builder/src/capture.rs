@@ -1,0 +1,189 @@
+//! Capture: make the guest a template (unless the manifest opts out), power it off through
+//! the agent, wait for the engine to end, then write each disk as a standalone compressed
+//! qcow2.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::engine::RunningVm;
+use crate::guest::{Guest, GuestCommand, GuestError};
+
+/// What must not be in a template: identity (machine-id, SSH host keys), cloud-init's
+/// per-instance state, logs, and kiln's own traces. Free blocks are trimmed so the capture
+/// compresses well. SSH host keys are regenerated at first boot by a small unit.
+pub const TEMPLATE_CLEANUP: &str = r#"set +e
+truncate -s 0 /etc/machine-id
+rm -f /var/lib/dbus/machine-id
+if [ -d /etc/ssh ]; then
+  rm -f /etc/ssh/ssh_host_*
+  cat > /etc/systemd/system/kiln-ssh-hostkeys.service <<'EOF'
+[Unit]
+Description=kiln: generate SSH host keys on first boot
+ConditionPathExistsGlob=!/etc/ssh/ssh_host_*_key
+Before=ssh.service
+
+[Service]
+Type=oneshot
+ExecStart=/usr/bin/ssh-keygen -A
+
+[Install]
+WantedBy=multi-user.target
+EOF
+  mkdir -p /etc/systemd/system/multi-user.target.wants
+  ln -sf /etc/systemd/system/kiln-ssh-hostkeys.service /etc/systemd/system/multi-user.target.wants/
+fi
+rm -rf /var/lib/cloud/instances /var/lib/cloud/instance /var/lib/cloud/data /var/lib/cloud/sem
+rm -rf /var/log/journal/*
+find /var/log -type f -exec truncate -s 0 {} + 2>/dev/null
+rm -f /root/.bash_history
+rm -rf /tmp/kiln-* /var/tmp/kiln-* /var/log/kiln-agent* /var/lib/kiln-agent
+command -v apt-get >/dev/null && apt-get clean
+sync
+command -v fstrim >/dev/null && fstrim -a 2>/dev/null
+exit 0
+"#;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("template cleanup: {0}")]
+    Cleanup(GuestError),
+    #[error("power-off: {0}")]
+    Poweroff(GuestError),
+    #[error(
+        "the VM did not power off within {0:?}; it was stopped and its disks are not captured"
+    )]
+    NoPoweroff(Duration),
+    #[error("waiting for the VM: {0}")]
+    Wait(std::io::Error),
+    #[error("writing {disk}: {reason}")]
+    Write { disk: String, reason: String },
+}
+
+/// Runs the cleanup (unless `clean` is false) and powers the guest off; returns once the
+/// engine has ended.
+pub fn shutdown(
+    mut guest: Box<dyn Guest>,
+    vm: &std::sync::Mutex<Box<dyn RunningVm>>,
+    clean: bool,
+    timeout: Duration,
+) -> Result<(), CaptureError> {
+    if clean {
+        let st = guest
+            .exec(
+                &GuestCommand::Bash(TEMPLATE_CLEANUP.into()),
+                &BTreeMap::new(),
+                Some(Duration::from_secs(300)),
+                &mut |_, _| {},
+            )
+            .map_err(CaptureError::Cleanup)?;
+        if !st.success() {
+            return Err(CaptureError::Cleanup(GuestError::Agent(format!(
+                "cleanup script: {st}"
+            ))));
+        }
+    }
+    guest.poweroff().map_err(CaptureError::Poweroff)?;
+    drop(guest);
+    // Wait in short slices so a cancel (which locks the VM to kill it) is never held up.
+    let start = std::time::Instant::now();
+    loop {
+        let mut v = vm.lock().unwrap_or_else(|p| p.into_inner());
+        if v.wait_exit(Duration::from_millis(200))
+            .map_err(CaptureError::Wait)?
+            .is_some()
+        {
+            return Ok(());
+        }
+        if start.elapsed() >= timeout {
+            v.kill();
+            return Err(CaptureError::NoPoweroff(timeout));
+        }
+        drop(v);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Writes the chain under `overlay` as a standalone compressed qcow2 at `out`; returns its
+/// SHA-256.
+pub fn capture_disk(overlay: &Path, out: &Path) -> Result<String, CaptureError> {
+    let e = |reason: String| CaptureError::Write {
+        disk: out.display().to_string(),
+        reason,
+    };
+    crate::diskops::capture_compressed(overlay, out).map_err(|x| e(x.to_string()))?;
+    crate::cache::sha256_file(out).map_err(|x| e(x.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::provision::tests::{FakeGuest, FakeState};
+    use std::process::ExitStatus;
+    use std::sync::{Arc, Mutex};
+
+    struct FakeVm {
+        state: Arc<Mutex<FakeState>>,
+        killed: bool,
+    }
+
+    impl RunningVm for FakeVm {
+        fn vsock_socket(&self) -> &Path {
+            Path::new("/nonexistent")
+        }
+        fn wait_exit(&mut self, _t: Duration) -> std::io::Result<Option<ExitStatus>> {
+            use std::os::unix::process::ExitStatusExt;
+            Ok(self
+                .state
+                .lock()
+                .unwrap()
+                .powered_off
+                .then(|| ExitStatus::from_raw(0)))
+        }
+        fn is_running(&mut self) -> bool {
+            !self.state.lock().unwrap().powered_off
+        }
+        fn kill(&mut self) {
+            self.killed = true;
+        }
+        fn pids(&self) -> Vec<u32> {
+            vec![]
+        }
+    }
+
+    #[test]
+    fn cleanup_then_poweroff() {
+        let state = Arc::new(Mutex::new(FakeState::default()));
+        let vm: std::sync::Mutex<Box<dyn RunningVm>> = std::sync::Mutex::new(Box::new(FakeVm {
+            state: state.clone(),
+            killed: false,
+        }));
+        shutdown(
+            Box::new(FakeGuest(state.clone())),
+            &vm,
+            true,
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        let s = state.lock().unwrap();
+        assert!(s.powered_off);
+        assert!(matches!(&s.commands[0].0, GuestCommand::Bash(b) if b.contains("machine-id")));
+    }
+
+    #[test]
+    fn opt_out_skips_cleanup() {
+        let state = Arc::new(Mutex::new(FakeState::default()));
+        let vm: std::sync::Mutex<Box<dyn RunningVm>> = std::sync::Mutex::new(Box::new(FakeVm {
+            state: state.clone(),
+            killed: false,
+        }));
+        shutdown(
+            Box::new(FakeGuest(state.clone())),
+            &vm,
+            false,
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        assert!(state.lock().unwrap().commands.is_empty());
+    }
+}

@@ -1,0 +1,227 @@
+//! `kiln run`, `kiln exec`, `kiln shell`: boot a clone and reach its VMs through the agent.
+//!
+//! `kiln run <clone>` keeps the clone's VMs (and their device backends, which live in the
+//! kiln process) running in the foreground until they power off or Ctrl-C. Their sockets are
+//! under the runtime folder (`$KILN_RUN_DIR`, else `/tmp/kiln-run`) at
+//! `clones/<clone>/<vm>/`, where `kiln exec` and `kiln shell` find them.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+
+use crate::clone;
+use crate::engine::{self, DiskAttach, EngineChoice, VmLaunch};
+use crate::module;
+use crate::pipeline::runtime_root;
+use crate::sources::BootFiles;
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The clone to boot (a name in --clones).
+    pub clone: String,
+    #[arg(long, env = "KILN_CLONES", default_value = "clones")]
+    pub clones: PathBuf,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub engine: EngineChoice,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// `<clone>/<vm>`, or a VM name when only one running clone has it.
+    pub vm: String,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+    /// How long to wait for the VM's agent to answer (it may still be booting).
+    #[arg(long, default_value = "300")]
+    pub wait_secs: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct ShellArgs {
+    /// `<clone>/<vm>`, or a VM name when only one running clone has it.
+    pub vm: String,
+    #[arg(long, default_value = "300")]
+    pub wait_secs: u64,
+}
+
+fn clone_run_dir(clone: &str) -> PathBuf {
+    runtime_root().join("clones").join(clone)
+}
+
+pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
+    let dir = a.clones.join(&a.clone);
+    let c = clone::load(&dir)?;
+    let rec = module::load(&c.module_path)
+        .with_context(|| format!("the module of clone `{}`", c.name))?;
+    let probe = kiln_vmm::doctor::probe();
+    let pick = engine::pick(a.engine, &probe);
+    eprintln!("engine: {}", pick.why);
+    let eng = engine::make(pick.engine)?;
+    let run_dir = clone_run_dir(&c.name);
+    if run_dir.join("running").exists() {
+        bail!(
+            "clone `{}` looks already running ({} exists)",
+            c.name,
+            run_dir.display()
+        );
+    }
+    std::fs::create_dir_all(&run_dir)?;
+    let cancel = Arc::new(AtomicBool::new(false));
+    {
+        let cancel = cancel.clone();
+        ctrlc::set_handler(move || cancel.store(true, Ordering::SeqCst))
+            .context("installing the Ctrl-C handler")?;
+    }
+    let mut vms = Vec::new();
+    for (i, v) in c.vms.iter().enumerate() {
+        let mv = module::pick_vm(&rec, Some(&v.name))?;
+        let boot = mv
+            .boot
+            .as_ref()
+            .with_context(|| format!("module VM `{}` has no kernel recorded", v.name))?;
+        let workdir = run_dir.join(&v.name);
+        std::fs::create_dir_all(&workdir)?;
+        let launch = VmLaunch {
+            name: v.name.clone(),
+            cpus: mv.cpus,
+            memory_mib: mv.memory_mib,
+            boot: BootFiles {
+                kernel: c.module_path.join(&boot.kernel),
+                initrd: boot.initrd.as_ref().map(|i| c.module_path.join(i)),
+                root: boot.root.clone(),
+            },
+            cmdline_extra: vec![],
+            disks: v
+                .disks
+                .iter()
+                .zip(&mv.disks)
+                .map(|(rel, d)| DiskAttach {
+                    name: d.name.clone(),
+                    path: dir.join(rel),
+                    read_only: false,
+                })
+                .collect(),
+            workdir: workdir.clone(),
+            serial_log: dir.join(format!("{}-serial.log", v.name)),
+            cid: 3 + i as u32,
+            mac: None,
+        };
+        let vm = eng
+            .launch(&launch)
+            .with_context(|| format!("starting VM `{}`", v.name))?;
+        eprintln!(
+            "{}/{}: running (kiln exec {}/{} -- CMD; serial log {})",
+            c.name,
+            v.name,
+            c.name,
+            v.name,
+            launch.serial_log.display()
+        );
+        vms.push((v.name.clone(), vm));
+    }
+    std::fs::write(run_dir.join("running"), std::process::id().to_string())?;
+    // Until every VM has powered off, or Ctrl-C.
+    while !cancel.load(Ordering::SeqCst) {
+        let mut all_done = true;
+        for (_, vm) in vms.iter_mut() {
+            if vm.is_running() {
+                all_done = false;
+            }
+        }
+        if all_done {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for (name, mut vm) in vms {
+        vm.kill();
+        eprintln!("{}/{name}: stopped", c.name);
+    }
+    let _ = std::fs::remove_dir_all(&run_dir);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Finds a running VM's vsock socket: `clone/vm`, or a VM name unique among running clones.
+fn find_vm(addr: &str) -> anyhow::Result<PathBuf> {
+    let root = runtime_root().join("clones");
+    if let Some((c, v)) = addr.split_once('/') {
+        let s = crate::backends::vsock_uds(&root.join(c).join(v));
+        if !s.exists() {
+            bail!("`{addr}` is not running (no {})", s.display());
+        }
+        return Ok(s);
+    }
+    let mut hits = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(&root) {
+        for e in rd.flatten() {
+            let s = crate::backends::vsock_uds(&e.path().join(addr));
+            if s.exists() {
+                hits.push(s);
+            }
+        }
+    }
+    match hits.len() {
+        0 => bail!("no running clone has a VM named `{addr}` (start one with `kiln run`)"),
+        1 => Ok(hits.remove(0)),
+        _ => bail!("several running clones have a VM named `{addr}`: use <clone>/{addr}"),
+    }
+}
+
+fn connect(sock: &Path, wait: Duration) -> anyhow::Result<kiln_agent::Client> {
+    let port = kiln_agent::VSOCK_PORT;
+    kiln_agent::Client::connect_when_ready(
+        || kiln_agent::Client::connect_vsock_uds(sock, port, Duration::from_secs(5)),
+        wait,
+    )
+    .with_context(|| format!("reaching the agent at {}", sock.display()))
+}
+
+fn exit_code(st: &kiln_agent::ExitStatus) -> ExitCode {
+    match (st.code, st.signal) {
+        (Some(c), _) => ExitCode::from(u8::try_from(c).unwrap_or(1)),
+        (None, Some(s)) => ExitCode::from(u8::try_from(128 + s).unwrap_or(1)),
+        _ => ExitCode::FAILURE,
+    }
+}
+
+pub fn exec(a: ExecArgs) -> anyhow::Result<ExitCode> {
+    let sock = find_vm(&a.vm)?;
+    let mut c = connect(&sock, Duration::from_secs(a.wait_secs))?;
+    let req = kiln_agent::ExecRequest::argv(a.command.clone());
+    let st = c.exec(&req, None, |s, d| match s {
+        kiln_agent::OutputStream::Stdout => {
+            let mut o = std::io::stdout();
+            let _ = o.write_all(d);
+            let _ = o.flush();
+        }
+        kiln_agent::OutputStream::Stderr => {
+            let _ = std::io::stderr().write_all(d);
+        }
+    })?;
+    Ok(exit_code(&st))
+}
+
+pub fn shell(a: ShellArgs) -> anyhow::Result<ExitCode> {
+    let sock = find_vm(&a.vm)?;
+    let mut c = connect(&sock, Duration::from_secs(a.wait_secs))?;
+    eprintln!(
+        "kiln shell: connected to {} (no terminal: line mode; exit or Ctrl-D ends it)",
+        a.vm
+    );
+    let req = kiln_agent::ExecRequest::argv(["/bin/bash", "-i"]).merge_stderr(true);
+    let mut stdin = std::io::stdin();
+    let input: &mut (dyn std::io::Read + Send) = &mut stdin;
+    let st = c.exec(&req, Some(input), |_, d| {
+        let mut o = std::io::stdout();
+        let _ = o.write_all(d);
+        let _ = o.flush();
+    })?;
+    Ok(exit_code(&st))
+}

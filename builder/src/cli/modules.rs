@@ -1,0 +1,109 @@
+//! `kiln ls` and `kiln clone`: the modules a build wrote, and copy-on-write instances of them.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Args;
+
+use crate::clone;
+use crate::module;
+
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    /// The modules folder.
+    #[arg(long, env = "KILN_MODULES", default_value = "modules")]
+    pub modules: PathBuf,
+    /// The clones folder.
+    #[arg(long, env = "KILN_CLONES", default_value = "clones")]
+    pub clones: PathBuf,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn ls(a: LsArgs) -> anyhow::Result<ExitCode> {
+    let mods = module::list(&a.modules)?;
+    let clones = clone::list(&a.clones)?;
+    if a.json {
+        let v = serde_json::json!({
+            "modules": mods.iter().map(|(p, r)| serde_json::json!({
+                "name": r.name,
+                "path": p,
+                "engine": r.engine,
+                "builtAt": r.built_at,
+                "vms": r.vms.iter().map(|v| serde_json::json!({
+                    "name": v.name,
+                    "disks": v.disks.iter().map(|d| serde_json::json!({
+                        "name": d.name, "file": d.file, "sha256": d.sha256,
+                        "virtualSize": d.virtual_size, "fileSize": d.file_size,
+                    })).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+            "clones": clones.iter().map(|(p, c)| serde_json::json!({
+                "name": c.name, "module": c.module, "path": p,
+            })).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if mods.is_empty() {
+        println!("no modules in {}", a.modules.display());
+    } else {
+        println!(
+            "{:<24} {:<8} {:<24} {:>10}",
+            "MODULE", "ENGINE", "VMS", "SIZE"
+        );
+        for (_, r) in &mods {
+            let vms: Vec<&str> = r.vms.iter().map(|v| v.name.as_str()).collect();
+            let bytes: u64 = r
+                .vms
+                .iter()
+                .flat_map(|v| &v.disks)
+                .map(|d| d.file_size)
+                .sum();
+            println!(
+                "{:<24} {:<8} {:<24} {:>7} MiB",
+                r.name,
+                r.engine,
+                vms.join(","),
+                bytes >> 20
+            );
+        }
+    }
+    if !clones.is_empty() {
+        println!();
+        println!("{:<24} {:<24}", "CLONE", "MODULE");
+        for (_, c) in &clones {
+            println!("{:<24} {:<24}", c.name, c.module);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, Args)]
+pub struct CloneArgs {
+    /// The module to clone (a name in --modules, or a module folder).
+    pub module: String,
+    /// How many clones.
+    #[arg(long, default_value_t = 1)]
+    pub count: u32,
+    /// Clone name prefix (default: the module's name); clones are `<prefix>-<n>`.
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long, env = "KILN_MODULES", default_value = "modules")]
+    pub modules: PathBuf,
+    #[arg(long, env = "KILN_CLONES", default_value = "clones")]
+    pub clones: PathBuf,
+}
+
+pub fn clone(a: CloneArgs) -> anyhow::Result<ExitCode> {
+    let (dir, rec) = module::find(&a.modules, &a.module)?;
+    let prefix = a.name.clone().unwrap_or_else(|| rec.name.clone());
+    let made = clone::create(&dir, &rec, &a.clones, &prefix, a.count)
+        .with_context(|| format!("cloning `{}`", rec.name))?;
+    for m in made {
+        println!("{}", m.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,172 @@
+//! Engines: what runs a VM's CPU. Both engines get the same [`VmLaunch`] and serve the same
+//! kiln device backends (block, vsock, net); they differ only in who executes the guest:
+//! - `kvm`: kiln's own VMM on /dev/kvm, one process per VM.
+//! - `qemu`: `qemu-system-x86_64 -accel tcg` with kiln's backends over vhost-user.
+//!
+//! [`pick`] implements `--engine auto`.
+
+pub mod qemu;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use crate::sources::BootFiles;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("`{program}` is not installed ({hint})")]
+    Missing { program: String, hint: String },
+    #[error("starting {what}: {source}")]
+    Spawn {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Backend(String),
+    #[error("the {0} engine is not implemented yet")]
+    NotImplemented(&'static str),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One disk given to a VM.
+#[derive(Debug, Clone)]
+pub struct DiskAttach {
+    pub name: String,
+    /// A qcow2 overlay (or a raw seed image).
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+/// Everything an engine needs to start one VM.
+#[derive(Debug, Clone)]
+pub struct VmLaunch {
+    pub name: String,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub boot: BootFiles,
+    /// Added to kiln's kernel command line.
+    pub cmdline_extra: Vec<String>,
+    /// The first is the boot disk.
+    pub disks: Vec<DiskAttach>,
+    /// Sockets, pid files and the serial log go here.
+    pub workdir: PathBuf,
+    /// The guest's serial console is appended to this file.
+    pub serial_log: PathBuf,
+    /// The guest's vsock context id.
+    pub cid: u32,
+    /// MAC of the VM's NIC on the module network, if it has one.
+    pub mac: Option<[u8; 6]>,
+}
+
+impl VmLaunch {
+    /// kiln's kernel command line: root device, serial console, the VM's hostname.
+    pub fn cmdline(&self) -> String {
+        let mut parts = vec![
+            format!("root={}", self.boot.root),
+            "rw".to_string(),
+            "console=ttyS0".to_string(),
+            format!("systemd.hostname={}", self.name),
+            // Debian's cloud kernel reboots on panic only when told; a build should fail fast.
+            "panic=-1".to_string(),
+        ];
+        parts.extend(self.cmdline_extra.iter().cloned());
+        parts.join(" ")
+    }
+}
+
+/// A running VM.
+pub trait RunningVm: Send {
+    /// The Unix socket of the VM's vsock device (host side, `CONNECT <port>` handshake).
+    fn vsock_socket(&self) -> &Path;
+    /// Waits up to `timeout` for the VM to end by itself; `None` if it is still running.
+    fn wait_exit(&mut self, timeout: Duration) -> std::io::Result<Option<ExitStatus>>;
+    /// Whether the VM process is still there.
+    fn is_running(&mut self) -> bool;
+    /// Stops the VM at once (no guest shutdown) and its backends.
+    fn kill(&mut self);
+    /// OS process ids this VM owns (for reports and tests).
+    fn pids(&self) -> Vec<u32>;
+}
+
+/// An engine.
+pub trait Engine: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn launch(&self, vm: &VmLaunch) -> Result<Box<dyn RunningVm>, EngineError>;
+}
+
+/// Which engine a build uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EngineChoice {
+    Auto,
+    Kvm,
+    Qemu,
+}
+
+/// What `--engine auto` found.
+#[derive(Debug, Clone)]
+pub struct Pick {
+    pub engine: EngineChoice,
+    pub why: String,
+}
+
+/// `--engine auto`: what `kiln doctor`'s probe recommends (kvm where /dev/kvm runs a stock
+/// kernel, else qemu with TCG), with its one-line reason.
+pub fn pick(choice: EngineChoice, probe: &kiln_vmm::doctor::Probe) -> Pick {
+    match choice {
+        EngineChoice::Kvm => Pick {
+            engine: EngineChoice::Kvm,
+            why: "asked for with --engine kvm".into(),
+        },
+        EngineChoice::Qemu => Pick {
+            engine: EngineChoice::Qemu,
+            why: "asked for with --engine qemu".into(),
+        },
+        EngineChoice::Auto => {
+            let engine = match probe.recommended_engine {
+                kiln_vmm::doctor::Engine::Kvm => EngineChoice::Kvm,
+                kiln_vmm::doctor::Engine::Qemu => EngineChoice::Qemu,
+            };
+            let mut why = probe.reason.clone();
+            if engine == EngineChoice::Qemu && qemu::find_qemu().is_none() {
+                why.push_str(" (but qemu-system-x86_64 is not installed)");
+            }
+            Pick { engine, why }
+        }
+    }
+}
+
+/// The engine object for a choice (after `pick`).
+pub fn make(choice: EngineChoice) -> Result<Box<dyn Engine>, EngineError> {
+    match choice {
+        EngineChoice::Qemu | EngineChoice::Auto => Ok(Box::new(qemu::QemuEngine::new()?)),
+        EngineChoice::Kvm => Err(EngineError::NotImplemented("kvm")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_vmm::doctor::{probe_with, HostFacts};
+
+    #[test]
+    fn auto_follows_the_doctor_probe() {
+        // No /dev/kvm at this path: the probe recommends qemu, and auto follows it.
+        let p = probe_with(
+            &HostFacts::default(),
+            std::path::Path::new("/nonexistent/kvm"),
+        );
+        let pick = pick(EngineChoice::Auto, &p);
+        assert_eq!(pick.engine, EngineChoice::Qemu);
+        assert!(!pick.why.is_empty());
+        assert_eq!(pick.why.split(" (but").next(), Some(p.reason.as_str()));
+        assert_eq!(super::pick(EngineChoice::Kvm, &p).engine, EngineChoice::Kvm);
+    }
+}

@@ -1,0 +1,131 @@
+//! The build job: what the builder needs from a manifest, resolved and typed.
+//!
+//! The manifest module parses and validates YAML into its `Plan`; this module is the narrow
+//! interface the rest of the builder works against (sources, engines, provisioning, capture),
+//! so those parts can be tested without YAML and do not change when the schema grows.
+//! [`crate::plan_adapter`] turns a `Plan` into a [`BuildJob`].
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// A whole build.
+#[derive(Debug, Clone)]
+pub struct BuildJob {
+    /// The module's name (directory under the output folder).
+    pub name: String,
+    /// The manifest file, for the module's record and relative paths.
+    pub manifest_path: PathBuf,
+    /// The manifest's text as built.
+    pub manifest_text: String,
+    pub vms: Vec<VmJob>,
+    /// `files[]`, by name.
+    pub files: BTreeMap<String, FileContent>,
+    /// Bounds the whole build.
+    pub timeout: Duration,
+    /// Automatic retries of a failed build.
+    pub retries: u32,
+}
+
+/// One VM of the module.
+#[derive(Debug, Clone)]
+pub struct VmJob {
+    pub name: String,
+    pub source: SourceSpec,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    /// The first disk receives the source; the others are blank.
+    pub disks: Vec<DiskJob>,
+    /// A NoCloud seed is attached when present (user-data to merge with kiln's).
+    pub cloud_init: Option<CloudInit>,
+    pub steps: Vec<Step>,
+    /// Whether the template cleanup before capture runs (machine-id, host keys, logs...).
+    pub clean_for_template: bool,
+    /// Whether the build network gives this VM internet access.
+    pub internet: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskJob {
+    pub name: String,
+    pub size_bytes: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct CloudInit {
+    pub user_data: Option<String>,
+    pub network_data: Option<String>,
+}
+
+/// Where a VM's boot disk comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum SourceSpec {
+    /// A disk image downloaded once into the cache.
+    Url { url: String, sha256: Option<String> },
+    /// A local disk image (absolute, or already resolved against the manifest's folder).
+    File { path: PathBuf },
+    /// A Debian root built with mmdebstrap.
+    Bootstrap(BootstrapSpec),
+    /// A previous module's captured disk.
+    BuildRef { module: String, vm: Option<String> },
+    /// An empty disk.
+    Blank,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BootstrapSpec {
+    pub distro: String,
+    pub suite: String,
+    pub packages: Vec<String>,
+    pub mirror: Option<String>,
+}
+
+/// Content of a `files[]` entry.
+#[derive(Debug, Clone)]
+pub enum FileContent {
+    Inline(String),
+    Url(String),
+}
+
+/// A provisioning step.
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub name: String,
+    pub timeout: Option<Duration>,
+    pub kind: StepKind,
+}
+
+#[derive(Debug, Clone)]
+pub enum StepKind {
+    Shell {
+        inline: String,
+        env: BTreeMap<String, String>,
+        /// Wraps the script; `{{ .Command }}` is replaced by the command that runs it.
+        execute_command: Option<String>,
+    },
+    File {
+        /// The name of a `files[]` entry.
+        file: String,
+        destination: String,
+    },
+    Reboot {
+        command: Option<String>,
+    },
+    Handbuild {
+        instructions: String,
+    },
+}
+
+impl StepKind {
+    pub fn label(&self) -> &'static str {
+        match self {
+            StepKind::Shell { .. } => "shell",
+            StepKind::File { .. } => "file",
+            StepKind::Reboot { .. } => "reboot",
+            StepKind::Handbuild { .. } => "handbuild",
+        }
+    }
+}

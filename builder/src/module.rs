@@ -1,0 +1,402 @@
+//! The module store: `<modules>/<name>/` holds `module.yaml` (the manifest as built, resolved
+//! inputs, engine, kiln version, each disk's digest), `disks/<vm>-<disk>.qcow2`,
+//! `boot/<vm>/` (kernel and initrd for the direct boot) and `logs/`.
+//!
+//! A module is built under `.<name>.partial-<pid>` next to its final place and renamed when
+//! complete; a build that fails or is interrupted removes the partial folder, so a module
+//! folder is always whole.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::sources::{BaseImage, BootFiles, ResolvedSource};
+
+pub const MODULE_FILE: &str = "module.yaml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModuleError {
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("module `{name}` not found in {dir}")]
+    NotFound { name: String, dir: PathBuf },
+    #[error("{path}: {reason}")]
+    Bad { path: PathBuf, reason: String },
+    #[error("module `{module}` has VMs {vms:?}: name one with vmName")]
+    WhichVm { module: String, vms: Vec<String> },
+    #[error("module `{module}` has no VM `{vm}` (it has {vms:?})")]
+    NoVm {
+        module: String,
+        vm: String,
+        vms: Vec<String>,
+    },
+    #[error("`{0}` is not a valid module name (a DNS label)")]
+    Name(String),
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> ModuleError + 'a {
+    move |source| ModuleError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// `module.yaml`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModuleRecord {
+    pub api_version: String,
+    pub kind: String,
+    pub name: String,
+    pub kiln_version: String,
+    pub engine: String,
+    /// Unix seconds.
+    pub built_at: u64,
+    pub build_seconds: f64,
+    pub vms: Vec<VmRecord>,
+    /// The manifest as built, verbatim.
+    pub manifest: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmRecord {
+    pub name: String,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    /// The resolved source (URL with digest, bootstrap package versions, parent module...).
+    pub source: serde_json::Value,
+    pub agent_in_image: bool,
+    pub boot: Option<BootRecord>,
+    pub disks: Vec<DiskRecord>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BootRecord {
+    /// Paths relative to the module folder.
+    pub kernel: String,
+    pub initrd: Option<String>,
+    pub root: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DiskRecord {
+    pub name: String,
+    /// Relative to the module folder.
+    pub file: String,
+    pub sha256: String,
+    pub virtual_size: u64,
+    pub file_size: u64,
+    /// For `--thin` captures: the parent module's disk this one is a layer over.
+    pub backing: Option<String>,
+}
+
+pub fn check_name(name: &str) -> Result<(), ModuleError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ModuleError::Name(name.into()))
+    }
+}
+
+/// A module being written.
+pub struct PendingModule {
+    name: String,
+    tmp: PathBuf,
+    dst: PathBuf,
+    committed: bool,
+}
+
+impl PendingModule {
+    /// Starts `<modules>/<name>` under a temporary name.
+    pub fn begin(modules: &Path, name: &str) -> Result<Self, ModuleError> {
+        check_name(name)?;
+        fs::create_dir_all(modules).map_err(io("creating", modules))?;
+        let tmp = modules.join(format!(".{name}.partial-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&tmp);
+        for sub in ["disks", "boot", "logs", "work"] {
+            let p = tmp.join(sub);
+            fs::create_dir_all(&p).map_err(io("creating", &p))?;
+        }
+        Ok(Self {
+            name: name.into(),
+            tmp,
+            dst: modules.join(name),
+            committed: false,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.tmp
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn final_dir(&self) -> &Path {
+        &self.dst
+    }
+
+    /// Writes module.yaml and renames the folder into place (replacing an older module of
+    /// the same name only once the new one is complete).
+    pub fn commit(mut self, record: &ModuleRecord) -> Result<PathBuf, ModuleError> {
+        let _ = fs::remove_dir_all(self.tmp.join("work"));
+        let yaml = serde_saphyr::to_string(record).map_err(|e| ModuleError::Bad {
+            path: self.tmp.join(MODULE_FILE),
+            reason: e.to_string(),
+        })?;
+        let y = self.tmp.join(MODULE_FILE);
+        fs::write(&y, yaml).map_err(io("writing", &y))?;
+        let old = self
+            .dst
+            .with_file_name(format!(".{}.old-{}", self.name, std::process::id()));
+        let had_old = self.dst.exists();
+        if had_old {
+            fs::rename(&self.dst, &old).map_err(io("moving aside", &self.dst))?;
+        }
+        if let Err(e) = fs::rename(&self.tmp, &self.dst) {
+            if had_old {
+                let _ = fs::rename(&old, &self.dst);
+            }
+            return Err(io("renaming into", &self.dst)(e));
+        }
+        if had_old {
+            let _ = fs::remove_dir_all(&old);
+        }
+        self.committed = true;
+        Ok(self.dst.clone())
+    }
+}
+
+impl Drop for PendingModule {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+/// Reads `<dir>/module.yaml`.
+pub fn load(dir: &Path) -> Result<ModuleRecord, ModuleError> {
+    let p = dir.join(MODULE_FILE);
+    let text = fs::read_to_string(&p).map_err(io("reading", &p))?;
+    serde_saphyr::from_str(&text).map_err(|e| ModuleError::Bad {
+        path: p,
+        reason: e.to_string(),
+    })
+}
+
+/// Finds a module by name (or path) in `modules`.
+pub fn find(modules: &Path, name: &str) -> Result<(PathBuf, ModuleRecord), ModuleError> {
+    let as_path = Path::new(name);
+    let dir = if as_path.join(MODULE_FILE).is_file() {
+        as_path.to_path_buf()
+    } else {
+        modules.join(name)
+    };
+    if !dir.join(MODULE_FILE).is_file() {
+        return Err(ModuleError::NotFound {
+            name: name.into(),
+            dir: modules.to_path_buf(),
+        });
+    }
+    let r = load(&dir)?;
+    Ok((dir, r))
+}
+
+/// Every complete module in `modules`, by name.
+pub fn list(modules: &Path) -> Result<Vec<(PathBuf, ModuleRecord)>, ModuleError> {
+    let mut out = Vec::new();
+    let rd = match fs::read_dir(modules) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(io("reading", modules)(e)),
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        let hidden = e.file_name().to_string_lossy().starts_with('.');
+        if !hidden && p.join(MODULE_FILE).is_file() {
+            match load(&p) {
+                Ok(r) => out.push((p, r)),
+                Err(err) => tracing::warn!("skipping {}: {err}", p.display()),
+            }
+        }
+    }
+    out.sort_by(|a, b| a.1.name.cmp(&b.1.name));
+    Ok(out)
+}
+
+/// Picks a VM of a module (the only one, or by name).
+pub fn pick_vm<'a>(rec: &'a ModuleRecord, vm: Option<&str>) -> Result<&'a VmRecord, ModuleError> {
+    let names = || rec.vms.iter().map(|v| v.name.clone()).collect::<Vec<_>>();
+    match vm {
+        Some(n) => rec
+            .vms
+            .iter()
+            .find(|v| v.name == n)
+            .ok_or_else(|| ModuleError::NoVm {
+                module: rec.name.clone(),
+                vm: n.into(),
+                vms: names(),
+            }),
+        None if rec.vms.len() == 1 => Ok(&rec.vms[0]),
+        None => Err(ModuleError::WhichVm {
+            module: rec.name.clone(),
+            vms: names(),
+        }),
+    }
+}
+
+/// A `buildRef` source: the parent module's captured boot disk as the base of the child's
+/// overlay, with the parent's kernel.
+pub fn resolve_build_ref(
+    modules: &Path,
+    module: &str,
+    vm: Option<&str>,
+) -> Result<ResolvedSource, ModuleError> {
+    let (dir, rec) = find(modules, module)?;
+    let v = pick_vm(&rec, vm)?;
+    let disk = v.disks.first().ok_or_else(|| ModuleError::Bad {
+        path: dir.join(MODULE_FILE),
+        reason: format!("VM `{}` has no disks", v.name),
+    })?;
+    let path = dir.join(&disk.file);
+    let base = crate::sources::base_image(&path).map_err(|e| ModuleError::Bad {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    let boot = v.boot.as_ref().map(|b| BootFiles {
+        kernel: dir.join(&b.kernel),
+        initrd: b.initrd.as_ref().map(|i| dir.join(i)),
+        root: b.root.clone(),
+    });
+    Ok(ResolvedSource {
+        base: Some(BaseImage { ..base }),
+        boot,
+        agent_in_image: v.agent_in_image,
+        record: serde_json::json!({
+            "buildRef": { "module": rec.name, "vm": v.name, "diskSha256": disk.sha256, "path": path }
+        }),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(name: &str) -> ModuleRecord {
+        ModuleRecord {
+            api_version: "kiln/v1".into(),
+            kind: "Module".into(),
+            name: name.into(),
+            kiln_version: "0.1.0".into(),
+            engine: "qemu".into(),
+            built_at: 1,
+            build_seconds: 2.5,
+            vms: vec![VmRecord {
+                name: "web".into(),
+                cpus: 1,
+                memory_mib: 1024,
+                source: serde_json::json!({"bootstrap": {"suite": "bookworm", "packageVersions": {"bash": "5.2"}}}),
+                agent_in_image: true,
+                boot: Some(BootRecord {
+                    kernel: "boot/web/vmlinuz".into(),
+                    initrd: Some("boot/web/initrd.img".into()),
+                    root: "/dev/vda".into(),
+                }),
+                disks: vec![DiskRecord {
+                    name: "root".into(),
+                    file: "disks/web-root.qcow2".into(),
+                    sha256: "ab".repeat(32),
+                    virtual_size: 4 << 30,
+                    file_size: 12345,
+                    backing: None,
+                }],
+            }],
+            manifest: "vms:\n  - name: web\n".into(),
+        }
+    }
+
+    #[test]
+    fn commit_renames_and_round_trips() {
+        let d = tempfile::tempdir().unwrap();
+        let p = PendingModule::begin(d.path(), "hello").unwrap();
+        fs::write(p.dir().join("disks/x"), b"x").unwrap();
+        assert!(!d.path().join("hello").exists());
+        let dst = p.commit(&record("hello")).unwrap();
+        assert!(dst.join("disks/x").is_file());
+        assert!(!dst.join("work").exists());
+        let (_, r) = find(d.path(), "hello").unwrap();
+        assert_eq!(r.name, "hello");
+        assert_eq!(r.vms[0].disks[0].virtual_size, 4 << 30);
+        assert_eq!(
+            r.vms[0].source["bootstrap"]["packageVersions"]["bash"],
+            "5.2"
+        );
+        assert_eq!(r.manifest, "vms:\n  - name: web\n");
+        assert_eq!(list(d.path()).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn dropped_build_leaves_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let p = PendingModule::begin(d.path(), "half").unwrap();
+            fs::write(p.dir().join("disks/x"), b"x").unwrap();
+        }
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 0);
+        assert!(list(d.path()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn rebuild_replaces_the_old_module_whole() {
+        let d = tempfile::tempdir().unwrap();
+        let p = PendingModule::begin(d.path(), "m").unwrap();
+        fs::write(p.dir().join("disks/old"), b"1").unwrap();
+        p.commit(&record("m")).unwrap();
+        let p = PendingModule::begin(d.path(), "m").unwrap();
+        fs::write(p.dir().join("disks/new"), b"2").unwrap();
+        p.commit(&record("m")).unwrap();
+        assert!(d.path().join("m/disks/new").is_file());
+        assert!(!d.path().join("m/disks/old").exists());
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn vm_picking() {
+        let mut r = record("m");
+        assert_eq!(pick_vm(&r, None).unwrap().name, "web");
+        r.vms.push(VmRecord {
+            name: "db".into(),
+            ..r.vms[0].clone()
+        });
+        assert!(matches!(
+            pick_vm(&r, None),
+            Err(ModuleError::WhichVm { .. })
+        ));
+        assert_eq!(pick_vm(&r, Some("db")).unwrap().name, "db");
+        assert!(matches!(
+            pick_vm(&r, Some("x")),
+            Err(ModuleError::NoVm { .. })
+        ));
+        assert!(check_name("Bad_Name").is_err());
+        assert!(check_name("good-name-2").is_ok());
+    }
+}

@@ -1,0 +1,579 @@
+//! `kiln build` from a [`BuildJob`] to a committed module: sources, overlays, boot, steps,
+//! capture, module, with the build's timeout, retries, `--on-error` and cancellation.
+//!
+//! Every VM runs on its own thread. Running VMs are kept in a shared [`VmRegistry`] so that a
+//! timeout, Ctrl-C or another VM's failure can stop all of them at once; a VM thread blocked
+//! on its guest then sees the connection drop and ends.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::cache::Cache;
+use crate::capture;
+use crate::diskops;
+use crate::engine::{self, DiskAttach, Engine, EngineChoice, RunningVm, VmLaunch};
+use crate::events::{ms, BuildPhase, Event, EventSink, VmPhase};
+use crate::guest::{Connector, VsockConnector};
+use crate::job::{BuildJob, FileContent, VmJob};
+use crate::module::{BootRecord, DiskRecord, ModuleRecord, PendingModule, VmRecord};
+use crate::provision::{Provisioner, BOOT_TIMEOUT};
+use crate::sources::{self, bootstrap::AGENT_VSOCK_PORT, ResolvedSource};
+
+/// What to do with a failed build's VMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnError {
+    /// Stop every VM and remove the partial module.
+    Abort,
+    /// Leave the failed VMs running for inspection until Ctrl-C.
+    Keep,
+}
+
+/// Options of a build.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// The folder modules are written to (and `buildRef` parents read from).
+    pub output: PathBuf,
+    pub engine: EngineChoice,
+    pub on_error: OnError,
+    /// Capture `buildRef` children as a layer over the parent's disk.
+    pub thin: bool,
+    pub cache: Cache,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("VM `{vm}`: {message}")]
+    Vm { vm: String, message: String },
+    #[error("the build was cancelled")]
+    Cancelled,
+    #[error("the build passed its timeout of {0:?}")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Setup(String),
+    #[error(transparent)]
+    Module(#[from] crate::module::ModuleError),
+}
+
+/// A running VM shared between its build thread and whoever must stop it.
+pub type SharedVm = Arc<Mutex<Box<dyn RunningVm>>>;
+
+/// The VMs running now, so a cancel can stop all of them.
+#[derive(Default, Clone)]
+pub struct VmRegistry(Arc<Mutex<BTreeMap<String, SharedVm>>>);
+
+impl VmRegistry {
+    fn add(&self, name: &str, vm: SharedVm) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.into(), vm);
+    }
+    fn remove(&self, name: &str) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+    }
+    /// Stops every VM at once.
+    pub fn kill_all(&self) {
+        let vms: Vec<_> = self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for vm in vms {
+            vm.lock().unwrap_or_else(|p| p.into_inner()).kill();
+        }
+    }
+    pub fn pids(&self) -> Vec<u32> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .flat_map(|v| v.lock().unwrap_or_else(|p| p.into_inner()).pids())
+            .collect()
+    }
+}
+
+/// Shared state of one build.
+pub struct BuildContext {
+    pub events: Arc<dyn EventSink>,
+    pub cancel: Arc<AtomicBool>,
+    pub registry: VmRegistry,
+}
+
+/// A short runtime folder for sockets (Unix socket paths are limited to 108 bytes).
+pub fn runtime_root() -> PathBuf {
+    if let Some(p) = std::env::var_os("KILN_RUN_DIR").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    std::env::temp_dir().join("kiln-run")
+}
+
+/// Runs a build, with its retries. Returns the committed module's folder.
+pub fn run(job: &BuildJob, opts: &BuildOptions, ctx: &BuildContext) -> Result<PathBuf, BuildError> {
+    let mut attempt = 0;
+    loop {
+        match run_once(job, opts, ctx) {
+            Ok(p) => return Ok(p),
+            Err(e @ BuildError::Cancelled) => return Err(e),
+            Err(e) if attempt < job.retries && !ctx.cancel.load(Ordering::SeqCst) => {
+                attempt += 1;
+                ctx.events.emit(&Event::Note {
+                    vm: None,
+                    message: format!("build failed ({e}); retry {attempt} of {}", job.retries),
+                });
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn run_once(
+    job: &BuildJob,
+    opts: &BuildOptions,
+    ctx: &BuildContext,
+) -> Result<PathBuf, BuildError> {
+    let start = Instant::now();
+    let ev = ctx.events.as_ref();
+    let build_phase = |phase, message: Option<String>| {
+        ev.emit(&Event::Build {
+            phase,
+            elapsed_ms: ms(start.elapsed()),
+            message,
+        })
+    };
+    build_phase(BuildPhase::Pending, Some(format!("module `{}`", job.name)));
+    let probe = kiln_vmm::doctor::probe();
+    let pick = engine::pick(opts.engine, &probe);
+    ev.emit(&Event::Note {
+        vm: None,
+        message: format!(
+            "engine: {} ({})",
+            match pick.engine {
+                EngineChoice::Kvm => "kvm",
+                _ => "qemu",
+            },
+            pick.why
+        ),
+    });
+    let engine: Arc<dyn Engine> =
+        Arc::from(engine::make(pick.engine).map_err(|e| BuildError::Setup(e.to_string()))?);
+
+    let pending = PendingModule::begin(&opts.output, &job.name)?;
+    let run_dir = runtime_root().join(std::process::id().to_string());
+    fs::create_dir_all(&run_dir)
+        .map_err(|e| BuildError::Setup(format!("creating {}: {e}", run_dir.display())))?;
+    let _run_guard = RemoveOnDrop(run_dir.clone());
+
+    build_phase(BuildPhase::Networking, None);
+    // kiln-net's module network is not wired in yet: VMs get no NIC (the steps of the
+    // examples need none). See the README's Build section.
+    build_phase(BuildPhase::Building, None);
+
+    // Watchdog: the build's timeout stops everything.
+    let timed_out = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicBool::new(false));
+    let watchdog = {
+        let (cancel, registry, timed_out, done) = (
+            ctx.cancel.clone(),
+            ctx.registry.clone(),
+            timed_out.clone(),
+            done.clone(),
+        );
+        let limit = job.timeout;
+        std::thread::spawn(move || {
+            while !done.load(Ordering::SeqCst) {
+                if start.elapsed() > limit {
+                    timed_out.store(true, Ordering::SeqCst);
+                    cancel.store(true, Ordering::SeqCst);
+                }
+                if cancel.load(Ordering::SeqCst) {
+                    registry.kill_all();
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    };
+
+    let failed = Arc::new(AtomicBool::new(false));
+    let capturing_once = AtomicBool::new(false);
+    let results: Vec<Result<VmRecord, BuildError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = job
+            .vms
+            .iter()
+            .enumerate()
+            .map(|(i, vm)| {
+                let engine = engine.clone();
+                let failed = failed.clone();
+                let pending = &pending;
+                let run_dir = &run_dir;
+                let capturing_once = &capturing_once;
+                let build_phase = &build_phase;
+                s.spawn(move || {
+                    let r = build_vm(
+                        job,
+                        vm,
+                        i,
+                        opts,
+                        ctx,
+                        engine.as_ref(),
+                        pending,
+                        run_dir,
+                        &|| {
+                            if !capturing_once.swap(true, Ordering::SeqCst) {
+                                build_phase(BuildPhase::CapturingDisks, None);
+                            }
+                        },
+                    );
+                    if r.is_err() {
+                        failed.store(true, Ordering::SeqCst);
+                        if opts.on_error == OnError::Abort {
+                            // One failed VM fails the build: stop the others now.
+                            ctx.cancel.store(true, Ordering::SeqCst);
+                        }
+                    }
+                    r
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(BuildError::Setup("a VM thread panicked".into())))
+            })
+            .collect()
+    });
+    done.store(true, Ordering::SeqCst);
+    let _ = watchdog.join();
+
+    let mut vms = Vec::new();
+    let mut first_err = None;
+    for r in results {
+        match r {
+            Ok(v) => vms.push(v),
+            // The VM that failed first names the failure; the others were stopped for it.
+            Err(e) => {
+                let better = matches!(first_err, None | Some(BuildError::Cancelled));
+                if better {
+                    first_err = Some(e);
+                }
+            }
+        }
+    }
+    if let Some(e) = first_err {
+        build_phase(BuildPhase::Failed, Some(e.to_string()));
+        if timed_out.load(Ordering::SeqCst) {
+            return Err(BuildError::Timeout(job.timeout));
+        }
+        return Err(e);
+    }
+    let record = ModuleRecord {
+        api_version: "kiln/v1".into(),
+        kind: "Module".into(),
+        name: job.name.clone(),
+        kiln_version: env!("CARGO_PKG_VERSION").into(),
+        engine: engine.name().into(),
+        built_at: SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        build_seconds: start.elapsed().as_secs_f64(),
+        vms,
+        manifest: job.manifest_text.clone(),
+    };
+    let dir = pending.commit(&record)?;
+    build_phase(
+        BuildPhase::Succeeded,
+        Some(format!("module at {}", dir.display())),
+    );
+    Ok(dir)
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build_vm(
+    job: &BuildJob,
+    vm: &VmJob,
+    index: usize,
+    opts: &BuildOptions,
+    ctx: &BuildContext,
+    engine: &dyn Engine,
+    pending: &PendingModule,
+    run_dir: &Path,
+    capturing: &dyn Fn(),
+) -> Result<VmRecord, BuildError> {
+    let start = Instant::now();
+    let ev = ctx.events.as_ref();
+    let phase = |p: VmPhase, msg: Option<String>| {
+        ev.emit(&Event::Vm {
+            vm: vm.name.clone(),
+            phase: p,
+            elapsed_ms: ms(start.elapsed()),
+            message: msg,
+        })
+    };
+    let fail = |message: String| {
+        phase(VmPhase::Failed, Some(message.clone()));
+        BuildError::Vm {
+            vm: vm.name.clone(),
+            message,
+        }
+    };
+    let cancelled = || ctx.cancel.load(Ordering::SeqCst);
+    phase(VmPhase::Pending, None);
+
+    // Source.
+    phase(VmPhase::SourceImporting, None);
+    let manifest_dir = job
+        .manifest_path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let src: ResolvedSource = sources::resolve(
+        &opts.cache,
+        &vm.source,
+        &vm.name,
+        &manifest_dir,
+        &opts.output,
+        ev,
+    )
+    .map_err(|e| fail(e.to_string()))?;
+    if cancelled() {
+        return Err(BuildError::Cancelled);
+    }
+    let boot = src.boot.clone().ok_or_else(|| {
+        fail("this source has no kernel to boot (blank disks need an ISO install, which kiln does not do yet)".into())
+    })?;
+    if !src.agent_in_image && vm.cloud_init.is_none() {
+        return Err(fail(
+            "the agent is not in this image and there is no cloudInit key to install it".into(),
+        ));
+    }
+    if !src.agent_in_image {
+        return Err(fail(
+            "installing the agent through a cloud-init NoCloud seed is not implemented yet".into(),
+        ));
+    }
+
+    // Overlays.
+    let work = pending.dir().join("work");
+    let mut attaches = Vec::new();
+    for (i, d) in vm.disks.iter().enumerate() {
+        let path = work.join(format!("{}-{}.qcow2", vm.name, d.name));
+        let base = if i == 0 { src.base.as_ref() } else { None };
+        if let Some(b) = base {
+            if d.size_bytes < b.virtual_size {
+                return Err(fail(format!(
+                    "disk `{}` is {} bytes, smaller than its source ({} bytes)",
+                    d.name, d.size_bytes, b.virtual_size
+                )));
+            }
+        }
+        diskops::create_overlay(
+            base.map(|b| (b.path.as_path(), b.format)),
+            &path,
+            d.size_bytes,
+        )
+        .map_err(|e| fail(e.to_string()))?;
+        attaches.push(DiskAttach {
+            name: d.name.clone(),
+            path,
+            read_only: false,
+        });
+    }
+
+    // Boot.
+    phase(VmPhase::Booting, Some(engine.name().into()));
+    let vm_run = run_dir.join(&vm.name);
+    let serial_log = pending
+        .dir()
+        .join("logs")
+        .join(format!("{}-serial.log", vm.name));
+    let launch = VmLaunch {
+        name: vm.name.clone(),
+        cpus: vm.cpus,
+        memory_mib: vm.memory_mib,
+        boot: boot.clone(),
+        cmdline_extra: vec![],
+        disks: attaches.clone(),
+        workdir: vm_run.clone(),
+        serial_log: serial_log.clone(),
+        cid: 3 + index as u32,
+        mac: None,
+    };
+    let running = engine.launch(&launch).map_err(|e| fail(e.to_string()))?;
+    let socket = running.vsock_socket().to_path_buf();
+    let running = Arc::new(Mutex::new(running));
+    ctx.registry.add(&vm.name, running.clone());
+    let _unregister = Unregister(&ctx.registry, &vm.name);
+
+    let log_path = pending.dir().join("logs").join(format!("{}.log", vm.name));
+    let log = fs::File::create(&log_path)
+        .map(Mutex::new)
+        .map_err(|e| fail(format!("creating {}: {e}", log_path.display())))?;
+
+    let result = (|| -> Result<Vec<DiskRecord>, String> {
+        let connector = VsockConnector::new(&socket, AGENT_VSOCK_PORT);
+        let guest = connector
+            .connect(BOOT_TIMEOUT)
+            .map_err(|e| format!("{e}{}", serial_tail(&serial_log)))?;
+        phase(VmPhase::Provisioning, None);
+        let cache = opts.cache.clone();
+        let fetch = move |url: &str| -> Result<Vec<u8>, String> {
+            let f = sources::url::fetch(
+                &cache,
+                url,
+                None,
+                None,
+                &crate::events::MemorySink::default(),
+            )
+            .map_err(|e| e.to_string())?;
+            fs::read(&f.path).map_err(|e| e.to_string())
+        };
+        let prov = Provisioner {
+            vm: &vm.name,
+            steps: &vm.steps,
+            files: &job.files,
+            connector: &connector,
+            events: ev,
+            log: Some(&log),
+            cancel: ctx.cancel.clone(),
+            resume_flag: vm_run.join("resume"),
+            fetch_url: &fetch,
+        };
+        let guest = prov.run(guest).map_err(|e| e.to_string())?;
+        if cancelled() {
+            return Err("cancelled".into());
+        }
+        phase(VmPhase::ShuttingDown, None);
+        capture::shutdown(
+            guest,
+            &running,
+            vm.clean_for_template,
+            Duration::from_secs(180),
+        )
+        .map_err(|e| e.to_string())?;
+        capturing();
+        let mut disks = Vec::new();
+        for a in &attaches {
+            let rel = format!("disks/{}-{}.qcow2", vm.name, a.name);
+            let out = pending.dir().join(&rel);
+            let sha = capture::capture_disk(&a.path, &out).map_err(|e| e.to_string())?;
+            let (_, virtual_size) = diskops::probe(&out).map_err(|e| e.to_string())?;
+            let file_size = fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+            let _ = fs::remove_file(&a.path);
+            disks.push(DiskRecord {
+                name: a.name.clone(),
+                file: rel,
+                sha256: sha,
+                virtual_size,
+                file_size,
+                backing: None,
+            });
+        }
+        Ok(disks)
+    })();
+
+    let disks = match result {
+        Ok(d) => d,
+        Err(message) => {
+            let message = if cancelled() && !message.contains("failed") {
+                return Err(BuildError::Cancelled);
+            } else {
+                message
+            };
+            if opts.on_error == OnError::Keep {
+                ev.emit(&Event::Note {
+                    vm: Some(vm.name.clone()),
+                    message: format!(
+                        "--on-error keep: the VM stays up (serial log {}); Ctrl-C ends the build",
+                        serial_log.display()
+                    ),
+                });
+                while !cancelled() {
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+            }
+            running.lock().unwrap_or_else(|p| p.into_inner()).kill();
+            return Err(fail(message));
+        }
+    };
+    phase(VmPhase::DiskCaptured, None);
+
+    // Kernel and initrd travel with the module: clones boot them directly.
+    let boot_dir = pending.dir().join("boot").join(&vm.name);
+    fs::create_dir_all(&boot_dir).map_err(|e| fail(e.to_string()))?;
+    let kernel_rel = format!("boot/{}/vmlinuz", vm.name);
+    fs::copy(&boot.kernel, pending.dir().join(&kernel_rel)).map_err(|e| fail(e.to_string()))?;
+    let initrd_rel = match &boot.initrd {
+        Some(i) => {
+            let rel = format!("boot/{}/initrd.img", vm.name);
+            fs::copy(i, pending.dir().join(&rel)).map_err(|e| fail(e.to_string()))?;
+            Some(rel)
+        }
+        None => None,
+    };
+    {
+        let mut f = log.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = writeln!(f, "captured in {:.1}s", start.elapsed().as_secs_f64());
+    }
+    phase(VmPhase::Succeeded, None);
+    Ok(VmRecord {
+        name: vm.name.clone(),
+        cpus: vm.cpus,
+        memory_mib: vm.memory_mib,
+        source: src.record.clone(),
+        agent_in_image: src.agent_in_image,
+        boot: Some(BootRecord {
+            kernel: kernel_rel,
+            initrd: initrd_rel,
+            root: boot.root.clone(),
+        }),
+        disks,
+    })
+}
+
+struct Unregister<'a>(&'a VmRegistry, &'a str);
+
+impl Drop for Unregister<'_> {
+    fn drop(&mut self) {
+        self.0.remove(self.1);
+    }
+}
+
+fn serial_tail(path: &Path) -> String {
+    let t = fs::read(path).unwrap_or_default();
+    let t = String::from_utf8_lossy(&t);
+    let lines: Vec<&str> = t.lines().collect();
+    if lines.is_empty() {
+        return String::new();
+    }
+    format!(
+        "\nlast serial console lines:\n  {}",
+        lines[lines.len().saturating_sub(10)..].join("\n  ")
+    )
+}
+
+/// Files of the job, for tests that build jobs by hand.
+pub fn inline_files(pairs: &[(&str, &str)]) -> BTreeMap<String, FileContent> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), FileContent::Inline(v.to_string())))
+        .collect()
+}

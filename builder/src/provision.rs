@@ -1,0 +1,633 @@
+//! Runs a VM's provisioning steps, in order, through the guest agent: `shell`, `file`,
+//! `reboot`, `handbuild`. Output is streamed to the events (terminal, `--json`) and the VM's
+//! log; the first failing step stops the VM with its name, exit status and last output lines.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::events::{ms, Event, EventSink, Stream};
+use crate::guest::{Connector, ExecOutcome, Guest, GuestCommand, GuestError};
+use crate::job::{FileContent, Step, StepKind};
+
+/// How many output lines a failure message carries.
+pub const TAIL_LINES: usize = 20;
+/// How long a VM may take to (re)boot until its agent answers.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long the guest may take to go down after a reboot request.
+pub const DOWN_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error("step {index} '{name}' failed: {status}{}", tail_block(.tail))]
+    Failed {
+        index: usize,
+        name: String,
+        status: String,
+        tail: Vec<String>,
+    },
+    #[error("step {index} '{name}' ({kind}): {source}")]
+    Guest {
+        index: usize,
+        name: String,
+        kind: &'static str,
+        #[source]
+        source: GuestError,
+    },
+    #[error("step {index} '{name}': file `{file}` is not in the manifest's files")]
+    NoFile {
+        index: usize,
+        name: String,
+        file: String,
+    },
+    #[error("step {index} '{name}': fetching file `{file}`: {reason}")]
+    FileFetch {
+        index: usize,
+        name: String,
+        file: String,
+        reason: String,
+    },
+    #[error("cancelled")]
+    Cancelled,
+}
+
+fn tail_block(tail: &[String]) -> String {
+    if tail.is_empty() {
+        String::new()
+    } else {
+        format!("; last output:\n  {}", tail.join("\n  "))
+    }
+}
+
+/// Inputs of a provisioning run.
+pub struct Provisioner<'a> {
+    pub vm: &'a str,
+    pub steps: &'a [Step],
+    pub files: &'a BTreeMap<String, FileContent>,
+    pub connector: &'a dyn Connector,
+    pub events: &'a dyn EventSink,
+    /// The VM's log file (guest output and step records).
+    pub log: Option<&'a std::sync::Mutex<std::fs::File>>,
+    pub cancel: Arc<AtomicBool>,
+    /// Where a `handbuild` step waits for `kiln resume`: this file appearing resumes it.
+    pub resume_flag: PathBuf,
+    /// Fetches a `files[]` URL (the build's cache).
+    pub fetch_url: &'a (dyn Fn(&str) -> Result<Vec<u8>, String> + Sync),
+}
+
+impl Provisioner<'_> {
+    fn log_line(&self, line: &str) {
+        if let Some(l) = self.log {
+            let mut f = l.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = writeln!(f, "{line}");
+        }
+    }
+
+    /// Runs every step on an already connected guest. Returns the session for the steps
+    /// that follow (capture), which may be a new one after a reboot.
+    pub fn run(&self, mut guest: Box<dyn Guest>) -> Result<Box<dyn Guest>, StepError> {
+        for (index, step) in self.steps.iter().enumerate() {
+            if self.cancel.load(Ordering::SeqCst) {
+                return Err(StepError::Cancelled);
+            }
+            let kind = step.kind.label();
+            self.events.emit(&Event::StepStarted {
+                vm: self.vm.into(),
+                index,
+                step: step.name.clone(),
+                kind: kind.into(),
+            });
+            self.log_line(&format!("==> step {} '{}' ({kind})", index + 1, step.name));
+            let start = Instant::now();
+            let result = self.step(index, step, guest);
+            let (ok, message) = match &result {
+                Ok(_) => (true, None),
+                Err(e) => (false, Some(e.to_string())),
+            };
+            self.events.emit(&Event::StepFinished {
+                vm: self.vm.into(),
+                index,
+                step: step.name.clone(),
+                ok,
+                duration_ms: ms(start.elapsed()),
+                message: message.clone(),
+            });
+            self.log_line(&format!(
+                "<== step '{}' {} in {:.1}s{}",
+                step.name,
+                if ok { "ok" } else { "FAILED" },
+                start.elapsed().as_secs_f64(),
+                message.map(|m| format!(": {m}")).unwrap_or_default()
+            ));
+            guest = result?;
+        }
+        Ok(guest)
+    }
+
+    fn step(
+        &self,
+        index: usize,
+        step: &Step,
+        mut guest: Box<dyn Guest>,
+    ) -> Result<Box<dyn Guest>, StepError> {
+        let gerr = |source| StepError::Guest {
+            index: index + 1,
+            name: step.name.clone(),
+            kind: step.kind.label(),
+            source,
+        };
+        match &step.kind {
+            StepKind::Shell {
+                inline,
+                env,
+                execute_command,
+            } => {
+                let cmd = shell_command(index, inline, execute_command.as_deref(), &mut *guest)
+                    .map_err(gerr)?;
+                let (outcome, tail) = self.exec_streamed(&mut *guest, &cmd, env, step)?;
+                if !outcome.success() {
+                    return Err(StepError::Failed {
+                        index: index + 1,
+                        name: step.name.clone(),
+                        status: outcome.to_string(),
+                        tail,
+                    });
+                }
+                Ok(guest)
+            }
+            StepKind::File { file, destination } => {
+                let data = match self.files.get(file) {
+                    None => {
+                        return Err(StepError::NoFile {
+                            index: index + 1,
+                            name: step.name.clone(),
+                            file: file.clone(),
+                        })
+                    }
+                    Some(FileContent::Inline(s)) => s.clone().into_bytes(),
+                    Some(FileContent::Url(u)) => {
+                        (self.fetch_url)(u).map_err(|reason| StepError::FileFetch {
+                            index: index + 1,
+                            name: step.name.clone(),
+                            file: file.clone(),
+                            reason,
+                        })?
+                    }
+                };
+                guest.put_file(destination, &data, 0o644).map_err(gerr)?;
+                Ok(guest)
+            }
+            StepKind::Reboot { command } => {
+                self.reboot(guest, command.as_deref(), step).map_err(gerr)
+            }
+            StepKind::Handbuild { instructions } => {
+                self.handbuild(instructions, step);
+                if self.cancel.load(Ordering::SeqCst) {
+                    return Err(StepError::Cancelled);
+                }
+                Ok(guest)
+            }
+        }
+    }
+
+    /// Runs a command, streaming its lines; returns the outcome and the last lines.
+    fn exec_streamed(
+        &self,
+        guest: &mut dyn Guest,
+        cmd: &GuestCommand,
+        env: &BTreeMap<String, String>,
+        step: &Step,
+    ) -> Result<(ExecOutcome, Vec<String>), StepError> {
+        let mut tail: VecDeque<String> = VecDeque::new();
+        let mut partial: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
+        let emit_line = |stream: Stream, line: &[u8], tail: &mut VecDeque<String>| {
+            let text = String::from_utf8_lossy(line)
+                .trim_end_matches('\r')
+                .to_string();
+            self.log_line(&format!("{}| {text}", self.vm));
+            self.events.emit(&Event::StepOutput {
+                vm: self.vm.into(),
+                step: step.name.clone(),
+                stream,
+                line: text.clone(),
+            });
+            if tail.len() == TAIL_LINES {
+                tail.pop_front();
+            }
+            tail.push_back(text);
+        };
+        let res = guest.exec(cmd, env, step.timeout, &mut |stream, data| {
+            let i = usize::from(stream == Stream::Stderr);
+            partial[i].extend_from_slice(data);
+            while let Some(pos) = partial[i].iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = partial[i].drain(..=pos).collect();
+                emit_line(stream, &line[..line.len() - 1], &mut tail);
+            }
+            // Bound memory on output without newlines.
+            if partial[i].len() > 64 << 10 {
+                let line = std::mem::take(&mut partial[i]);
+                emit_line(stream, &line, &mut tail);
+            }
+        });
+        for (i, stream) in [Stream::Stdout, Stream::Stderr].into_iter().enumerate() {
+            if !partial[i].is_empty() {
+                let line = std::mem::take(&mut partial[i]);
+                emit_line(stream, &line, &mut tail);
+            }
+        }
+        let outcome = res.map_err(|source| StepError::Guest {
+            index: 0,
+            name: step.name.clone(),
+            kind: step.kind.label(),
+            source,
+        })?;
+        Ok((outcome, tail.into_iter().collect()))
+    }
+
+    /// Reboot: record the boot id, ask for the reboot, then reconnect until an agent answers
+    /// from a different boot.
+    fn reboot(
+        &self,
+        mut guest: Box<dyn Guest>,
+        command: Option<&str>,
+        step: &Step,
+    ) -> Result<Box<dyn Guest>, GuestError> {
+        let before = boot_id(&mut *guest)?;
+        match command {
+            None => guest.reboot()?,
+            Some(c) => {
+                // The session may drop while the command runs: that is the reboot happening.
+                let env = BTreeMap::new();
+                let _ = guest.exec(
+                    &GuestCommand::Bash(format!("({c}) &")),
+                    &env,
+                    Some(Duration::from_secs(30)),
+                    &mut |_, _| {},
+                );
+            }
+        }
+        drop(guest);
+        let limit = step.timeout.unwrap_or(BOOT_TIMEOUT + DOWN_TIMEOUT);
+        let start = Instant::now();
+        let mut last = String::from("no answer yet");
+        while start.elapsed() < limit {
+            if self.cancel.load(Ordering::SeqCst) {
+                return Err(GuestError::Lost("cancelled".into()));
+            }
+            let left = limit.saturating_sub(start.elapsed());
+            match self.connector.connect(left.min(Duration::from_secs(30))) {
+                Ok(mut g) => match boot_id(&mut *g) {
+                    Ok(id) if id != before => return Ok(g),
+                    Ok(_) => last = "the guest has not gone down yet".into(),
+                    Err(e) => last = e.to_string(),
+                },
+                Err(e) => last = e.to_string(),
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        Err(GuestError::NotReady {
+            waited: start.elapsed(),
+            last: format!("after the reboot: {last}"),
+        })
+    }
+
+    fn handbuild(&self, instructions: &str, step: &Step) {
+        let _ = std::fs::remove_file(&self.resume_flag);
+        self.events.emit(&Event::Note {
+            vm: Some(self.vm.into()),
+            message: format!(
+                "handbuild '{}': {}\n  Do the work on the console (`kiln shell {}`), then run \
+                 `kiln resume {}` or press Enter here.",
+                step.name,
+                instructions.trim(),
+                self.vm,
+                self.vm
+            ),
+        });
+        let enter = Arc::new(AtomicBool::new(false));
+        if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+            let e = enter.clone();
+            std::thread::spawn(move || {
+                let mut s = String::new();
+                if std::io::stdin().read_line(&mut s).is_ok() {
+                    e.store(true, Ordering::SeqCst);
+                }
+            });
+        }
+        let start = Instant::now();
+        while !self.resume_flag.exists() && !enter.load(Ordering::SeqCst) {
+            if self.cancel.load(Ordering::SeqCst) {
+                return;
+            }
+            if step.timeout.is_some_and(|t| start.elapsed() > t) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let _ = std::fs::remove_file(&self.resume_flag);
+    }
+}
+
+/// The guest's boot id (changes on every boot).
+pub fn boot_id(guest: &mut dyn Guest) -> Result<String, GuestError> {
+    let mut out = Vec::new();
+    let st = guest.exec(
+        &GuestCommand::Argv(vec!["cat".into(), "/proc/sys/kernel/random/boot_id".into()]),
+        &BTreeMap::new(),
+        Some(Duration::from_secs(30)),
+        &mut |s, d| {
+            if s == Stream::Stdout {
+                out.extend_from_slice(d)
+            }
+        },
+    )?;
+    if !st.success() {
+        return Err(GuestError::Agent(format!("reading the boot id: {st}")));
+    }
+    Ok(String::from_utf8_lossy(&out).trim().to_string())
+}
+
+/// The command a shell step runs. Without `executeCommand` the script runs with bash. With
+/// it, the script is uploaded to a file and `{{ .Command }}` is replaced by the command that
+/// runs that file, so wrappers like `sudo -S sh -c '{{ .Command }}'` work unchanged.
+pub fn shell_command(
+    index: usize,
+    inline: &str,
+    execute_command: Option<&str>,
+    guest: &mut dyn Guest,
+) -> Result<GuestCommand, GuestError> {
+    match execute_command {
+        None => Ok(GuestCommand::Bash(inline.to_string())),
+        Some(wrapper) => {
+            let path = format!("/tmp/kiln-step-{}.sh", index + 1);
+            guest.put_file(&path, inline.as_bytes(), 0o700)?;
+            let run = format!("/bin/bash {path}");
+            Ok(GuestCommand::Bash(substitute_command(wrapper, &run)))
+        }
+    }
+}
+
+/// Replaces `{{ .Command }}` (spacing inside the braces is free, as in Go templates).
+pub fn substitute_command(wrapper: &str, command: &str) -> String {
+    let mut out = String::new();
+    let mut rest = wrapper;
+    while let Some(start) = rest.find("{{") {
+        let Some(end_rel) = rest[start..].find("}}") else {
+            break;
+        };
+        let inner = rest[start + 2..start + end_rel].trim();
+        out.push_str(&rest[..start]);
+        if inner == ".Command" {
+            out.push_str(command);
+        } else {
+            out.push_str(&rest[start..start + end_rel + 2]);
+        }
+        rest = &rest[start + end_rel + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::events::MemorySink;
+    use std::sync::Mutex;
+
+    /// A fake guest: a file system map and a script interpreter that understands a few
+    /// commands, enough to check what provisioning sends.
+    #[derive(Default)]
+    pub struct FakeState {
+        pub files: BTreeMap<String, Vec<u8>>,
+        pub commands: Vec<(GuestCommand, BTreeMap<String, String>)>,
+        pub boot: u32,
+        pub powered_off: bool,
+    }
+
+    pub struct FakeGuest(pub Arc<Mutex<FakeState>>);
+
+    impl Guest for FakeGuest {
+        fn exec(
+            &mut self,
+            cmd: &GuestCommand,
+            env: &BTreeMap<String, String>,
+            timeout: Option<Duration>,
+            out: &mut dyn FnMut(Stream, &[u8]),
+        ) -> Result<ExecOutcome, GuestError> {
+            let mut s = self.0.lock().unwrap();
+            s.commands.push((cmd.clone(), env.clone()));
+            let ok = ExecOutcome {
+                code: Some(0),
+                signal: None,
+                timed_out: false,
+            };
+            match cmd {
+                GuestCommand::Argv(a)
+                    if a.get(1).map(String::as_str) == Some("/proc/sys/kernel/random/boot_id") =>
+                {
+                    out(Stream::Stdout, format!("boot-{}\n", s.boot).as_bytes());
+                    Ok(ok)
+                }
+                GuestCommand::Bash(b) if b.contains("sleep-forever") => Ok(ExecOutcome {
+                    code: None,
+                    signal: Some(9),
+                    timed_out: timeout.is_some(),
+                }),
+                GuestCommand::Bash(b) if b.contains("exit 3") => {
+                    out(Stream::Stdout, b"line one\nline two\n");
+                    out(Stream::Stderr, b"oops");
+                    Ok(ExecOutcome {
+                        code: Some(3),
+                        signal: None,
+                        timed_out: false,
+                    })
+                }
+                GuestCommand::Bash(b) => {
+                    out(
+                        Stream::Stdout,
+                        format!("ran {} bytes\n", b.len()).as_bytes(),
+                    );
+                    Ok(ok)
+                }
+                GuestCommand::Argv(_) => Ok(ok),
+            }
+        }
+        fn put_file(&mut self, path: &str, data: &[u8], _mode: u32) -> Result<(), GuestError> {
+            self.0
+                .lock()
+                .unwrap()
+                .files
+                .insert(path.into(), data.to_vec());
+            Ok(())
+        }
+        fn reboot(&mut self) -> Result<(), GuestError> {
+            self.0.lock().unwrap().boot += 1;
+            Ok(())
+        }
+        fn poweroff(&mut self) -> Result<(), GuestError> {
+            self.0.lock().unwrap().powered_off = true;
+            Ok(())
+        }
+    }
+
+    pub struct FakeConnector(pub Arc<Mutex<FakeState>>);
+
+    impl Connector for FakeConnector {
+        fn connect(&self, _t: Duration) -> Result<Box<dyn Guest>, GuestError> {
+            Ok(Box::new(FakeGuest(self.0.clone())))
+        }
+    }
+
+    fn step(name: &str, kind: StepKind) -> Step {
+        Step {
+            name: name.into(),
+            timeout: None,
+            kind,
+        }
+    }
+
+    fn shell(s: &str) -> StepKind {
+        StepKind::Shell {
+            inline: s.into(),
+            env: BTreeMap::new(),
+            execute_command: None,
+        }
+    }
+
+    fn run(steps: &[Step]) -> (Result<(), StepError>, Arc<Mutex<FakeState>>, MemorySink) {
+        let state = Arc::new(Mutex::new(FakeState::default()));
+        let conn = FakeConnector(state.clone());
+        let mut files = BTreeMap::new();
+        files.insert("motd".to_string(), FileContent::Inline("hi\n".into()));
+        let events = MemorySink::default();
+        let dir = tempfile::tempdir().unwrap();
+        let fetch = |_: &str| -> Result<Vec<u8>, String> { Err("no network in tests".into()) };
+        let p = Provisioner {
+            vm: "hello",
+            steps,
+            files: &files,
+            connector: &conn,
+            events: &events,
+            log: None,
+            cancel: Arc::new(AtomicBool::new(false)),
+            resume_flag: dir.path().join("resume"),
+            fetch_url: &fetch,
+        };
+        let r = p
+            .run(conn.connect(Duration::from_secs(1)).unwrap())
+            .map(|_| ());
+        (r, state, events)
+    }
+
+    #[test]
+    fn steps_run_in_order_with_files_and_reboot() {
+        let steps = vec![
+            step(
+                "motd",
+                StepKind::File {
+                    file: "motd".into(),
+                    destination: "/etc/motd".into(),
+                },
+            ),
+            step("greet", shell("echo hi > /etc/kiln-hello\n")),
+            step("restart", StepKind::Reboot { command: None }),
+            step("check", shell("cat /etc/kiln-hello\n")),
+        ];
+        let (r, state, events) = run(&steps);
+        r.unwrap();
+        let s = state.lock().unwrap();
+        assert_eq!(s.files["/etc/motd"], b"hi\n");
+        assert_eq!(s.boot, 1);
+        let scripts: Vec<&GuestCommand> = s
+            .commands
+            .iter()
+            .map(|c| &c.0)
+            .filter(|c| matches!(c, GuestCommand::Bash(_)))
+            .collect();
+        assert_eq!(scripts.len(), 2);
+        let ev = events.events.lock().unwrap();
+        let finished: Vec<_> = ev
+            .iter()
+            .filter_map(|e| match e {
+                Event::StepFinished { step, ok, .. } => Some((step.clone(), *ok)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(finished.len(), 4);
+        assert!(finished.iter().all(|(_, ok)| *ok));
+    }
+
+    #[test]
+    fn failing_step_names_step_status_and_output() {
+        let steps = vec![
+            step("first", shell("true\n")),
+            step("breaks", shell("echo x; exit 3\n")),
+            step("never", shell("echo never\n")),
+        ];
+        let (r, state, _) = run(&steps);
+        let err = r.unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("step 2 'breaks'"), "{msg}");
+        assert!(msg.contains("exit code 3"), "{msg}");
+        assert!(msg.contains("line two") && msg.contains("oops"), "{msg}");
+        // The third step never ran.
+        assert_eq!(state.lock().unwrap().commands.len(), 2);
+    }
+
+    #[test]
+    fn timed_out_step_fails() {
+        let mut s = step("slow", shell("sleep-forever\n"));
+        s.timeout = Some(Duration::from_secs(1));
+        let (r, _, _) = run(&[s]);
+        let msg = r.unwrap_err().to_string();
+        assert!(msg.contains("killed after its timeout"), "{msg}");
+    }
+
+    #[test]
+    fn missing_file_is_named() {
+        let s = step(
+            "put",
+            StepKind::File {
+                file: "nope".into(),
+                destination: "/x".into(),
+            },
+        );
+        let (r, _, _) = run(&[s]);
+        assert!(matches!(r, Err(StepError::NoFile { .. })));
+    }
+
+    #[test]
+    fn execute_command_wraps_an_uploaded_script() {
+        let steps = vec![step(
+            "wrapped",
+            StepKind::Shell {
+                inline: "id\n".into(),
+                env: [("A".to_string(), "1".to_string())].into_iter().collect(),
+                execute_command: Some("echo pw | sudo -S sh -c '{{ .Command }}'".into()),
+            },
+        )];
+        let (r, state, _) = run(&steps);
+        r.unwrap();
+        let s = state.lock().unwrap();
+        assert_eq!(s.files["/tmp/kiln-step-1.sh"], b"id\n");
+        let (cmd, env) = s.commands.last().unwrap();
+        assert_eq!(
+            cmd,
+            &GuestCommand::Bash("echo pw | sudo -S sh -c '/bin/bash /tmp/kiln-step-1.sh'".into())
+        );
+        assert_eq!(env["A"], "1");
+    }
+
+    #[test]
+    fn substitution_forms() {
+        assert_eq!(substitute_command("{{.Command}}", "X"), "X");
+        assert_eq!(substitute_command("a {{ .Command }} b", "X"), "a X b");
+        assert_eq!(
+            substitute_command("{{ .Other }} {{", "X"),
+            "{{ .Other }} {{"
+        );
+    }
+}

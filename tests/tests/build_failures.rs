@@ -1,0 +1,211 @@
+//! `kiln build` failures: each fails the build with a clear message and leaves no module.
+
+mod build_common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use build_common::*;
+
+fn write_manifest(dir: &Path, name: &str, body: &str) -> String {
+    let p = dir.join(format!("{name}.yaml"));
+    std::fs::write(&p, body).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+fn bootstrap_vm(name: &str, steps: &str) -> String {
+    format!(
+        "vms:\n  - name: {name}\n    source:\n      bootstrap: {{ distro: debian, suite: bookworm, packages: [] }}\n    resources: {{ cpu: 1, memory: 1Gi }}\n    disks:\n      - name: root\n        size: 4Gi\n    provisioners:\n{steps}"
+    )
+}
+
+#[test]
+fn bad_checksum_stops_before_boot() {
+    let Some(kiln) = kiln_bin() else {
+        eprintln!("SKIP: the kiln binary is not built next to this test");
+        return;
+    };
+    // A loopback server with an "image" whose digest is not the one the manifest states.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let mut s = s;
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut line = String::new();
+            while r.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
+                line.clear();
+            }
+            let body = b"this is not a disk image";
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = s.write_all(body);
+        }
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let want = "0".repeat(64);
+    let m = write_manifest(
+        tmp.path(),
+        "badsum",
+        &format!(
+            "vms:\n  - name: web\n    source:\n      url: http://127.0.0.1:{port}/disk.qcow2\n      checksum: sha256:{want}\n    cloudInit: {{}}\n    resources: {{ cpu: 1, memory: 512Mi }}\n"
+        ),
+    );
+    let modules = tmp.path().join("modules");
+    let cache = tmp.path().join("cache");
+    let out = Command::new(&kiln)
+        .args(["build", &m, "--output", modules.to_str().unwrap()])
+        .env("KILN_CACHE", &cache)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{err}");
+    assert!(!out.status.success());
+    assert!(err.contains("checksum mismatch"), "{err}");
+    assert!(err.contains(&want), "{err}");
+    assert!(!err.contains("Booting"), "nothing may boot: {err}");
+    assert!(!modules.join("badsum").exists());
+    assert!(
+        hidden_entries(&modules).is_empty(),
+        "{:?}",
+        hidden_entries(&modules)
+    );
+}
+
+#[test]
+fn failing_step_fails_the_build_with_name_code_and_output() {
+    let kiln = match boot_prereqs() {
+        Ok(k) => k,
+        Err(r) => {
+            eprintln!("SKIP: {r}");
+            return;
+        }
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let steps = "      - name: fine\n        type: shell\n        shell:\n          inline: \"echo all good\\n\"\n      - name: breaks\n        type: shell\n        shell:\n          inline: \"echo about to fail; echo details >&2; exit 7\\n\"\n      - name: never\n        type: shell\n        shell:\n          inline: \"touch /never\\n\"\n";
+    let m = write_manifest(tmp.path(), "failing", &bootstrap_vm("box", steps));
+    let modules = tmp.path().join("modules");
+    let out = run_kiln(&kiln, &["build", &m, "--output", modules.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("'breaks'"), "{err}");
+    assert!(err.contains("exit code 7"), "{err}");
+    assert!(
+        err.contains("about to fail") && err.contains("details"),
+        "{err}"
+    );
+    assert!(!modules.join("failing").exists());
+    assert!(
+        hidden_entries(&modules).is_empty(),
+        "{:?}",
+        hidden_entries(&modules)
+    );
+}
+
+#[test]
+fn step_past_its_timeout_is_killed() {
+    let kiln = match boot_prereqs() {
+        Ok(k) => k,
+        Err(r) => {
+            eprintln!("SKIP: {r}");
+            return;
+        }
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let steps = "      - name: slow\n        type: shell\n        stepTimeout: 5s\n        shell:\n          inline: \"sleep 600\\n\"\n";
+    let m = write_manifest(tmp.path(), "slow", &bootstrap_vm("box", steps));
+    let modules = tmp.path().join("modules");
+    let start = Instant::now();
+    let out = run_kiln(&kiln, &["build", &m, "--output", modules.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("'slow'") && err.contains("timeout"), "{err}");
+    assert!(start.elapsed() < Duration::from_secs(400));
+    assert!(!modules.join("slow").exists());
+}
+
+#[test]
+fn ctrl_c_mid_build_leaves_no_vm_and_no_module() {
+    let kiln = match boot_prereqs() {
+        Ok(k) => k,
+        Err(r) => {
+            eprintln!("SKIP: {r}");
+            return;
+        }
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let steps = "      - name: long\n        type: shell\n        shell:\n          inline: \"echo started-long-step; sleep 600\\n\"\n";
+    let m = write_manifest(tmp.path(), "interrupted", &bootstrap_vm("box", steps));
+    let modules = tmp.path().join("modules");
+    let mut child = Command::new(&kiln)
+        .args(["build", &m, "--output", modules.to_str().unwrap(), "--json"])
+        .current_dir(repo_root())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut seen = false;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        if line.contains("started-long-step") {
+            seen = true;
+            break;
+        }
+    }
+    assert!(seen, "the long step never started");
+    let qemu_before = qemu_children(child.id());
+    assert!(!qemu_before.is_empty(), "no QEMU process found under kiln");
+    // Ctrl-C.
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let st = child.wait().unwrap();
+    assert!(!st.success());
+    for pid in qemu_before {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .map(|s| s.contains(") Z "))
+                    .unwrap_or(true),
+            "QEMU {pid} survived the interrupt"
+        );
+    }
+    assert!(!modules.join("interrupted").exists());
+    assert!(
+        hidden_entries(&modules).is_empty(),
+        "{:?}",
+        hidden_entries(&modules)
+    );
+}
+
+/// Pids of qemu-system processes whose parent is `parent`.
+fn qemu_children(parent: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // comm is in parentheses; ppid is the 2nd field after it.
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
+        let rest: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        if rest.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(parent)
+            && stat.contains("(qemu-system-x86")
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
