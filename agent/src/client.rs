@@ -206,11 +206,20 @@ impl Client {
 
     /// Send hello again (readiness changes as the guest boots).
     pub fn refresh_hello(&mut self) -> Result<HelloReply> {
-        self.send(&Message::Hello(Hello {
+        let hello = Message::Hello(Hello {
             min_version: PROTOCOL_VERSION,
             max_version: PROTOCOL_VERSION,
             client: format!("kiln-agent client {}", env!("CARGO_PKG_VERSION")),
-        }))?;
+        });
+        if let Err(send_err) = self.send(&hello) {
+            // An agent that refuses the session (too many sessions, no common version) may
+            // answer and close before our hello arrives; its reason is still waiting to be
+            // read and says more than the broken pipe.
+            if let Ok(Message::Error(e)) = self.reader.read() {
+                return Err(e.into());
+            }
+            return Err(send_err);
+        }
         match self.recv()? {
             Message::HelloReply(r) => {
                 self.hello = r.clone();
