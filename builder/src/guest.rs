@@ -20,30 +20,8 @@ pub enum GuestError {
     NotAvailable(String),
 }
 
-/// How a command ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ExecOutcome {
-    pub code: Option<i32>,
-    pub signal: Option<i32>,
-    pub timed_out: bool,
-}
-
-impl ExecOutcome {
-    pub fn success(&self) -> bool {
-        self.code == Some(0) && !self.timed_out
-    }
-}
-
-impl std::fmt::Display for ExecOutcome {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match (self.code, self.signal) {
-            _ if self.timed_out => write!(f, "killed after its timeout"),
-            (Some(c), _) => write!(f, "exit code {c}"),
-            (None, Some(s)) => write!(f, "killed by signal {s}"),
-            (None, None) => write!(f, "unknown exit status"),
-        }
-    }
-}
+/// How a command ended: kiln-agent's own exit status (code, signal, timeout, duration).
+pub use kiln_agent::ExitStatus as ExecOutcome;
 
 /// What to run in the guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,11 +131,7 @@ impl Guest for AgentGuest {
                 out(s, d)
             })
             .map_err(agent_err)?;
-        Ok(ExecOutcome {
-            code: st.code,
-            signal: st.signal,
-            timed_out: st.timed_out,
-        })
+        Ok(st)
     }
 
     fn put_file(&mut self, path: &str, data: &[u8], mode: u32) -> Result<(), GuestError> {

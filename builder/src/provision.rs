@@ -423,6 +423,7 @@ pub(crate) mod tests {
                 code: Some(0),
                 signal: None,
                 timed_out: false,
+                duration_ms: 0,
             };
             match cmd {
                 GuestCommand::Argv(a)
@@ -435,6 +436,7 @@ pub(crate) mod tests {
                     code: None,
                     signal: Some(9),
                     timed_out: timeout.is_some(),
+                    duration_ms: 0,
                 }),
                 GuestCommand::Bash(b) if b.contains("exit 3") => {
                     out(Stream::Stdout, b"line one\nline two\n");
@@ -443,6 +445,7 @@ pub(crate) mod tests {
                         code: Some(3),
                         signal: None,
                         timed_out: false,
+                        duration_ms: 0,
                     })
                 }
                 GuestCommand::Bash(b) => {
