@@ -6,7 +6,7 @@
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -90,7 +90,16 @@ fn main() {
             }
             "--mib" => mib = args.next().and_then(|v| v.parse().ok()).expect("--mib N"),
             "--dir" => dir = Some(PathBuf::from(args.next().expect("--dir DIR"))),
-            "--agent" => agent = PathBuf::from(args.next().expect("--agent PATH")),
+            "--agent" => {
+                // cargo runs benches in the crate folder; a relative path is meant from
+                // the workspace root, where the README's command is typed.
+                let p = PathBuf::from(args.next().expect("--agent PATH"));
+                agent = if p.is_relative() && !p.exists() {
+                    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(p)
+                } else {
+                    p
+                };
+            }
             _ => {} // cargo bench passes --bench
         }
     }
