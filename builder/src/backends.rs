@@ -1,14 +1,15 @@
-//! kiln's device backends for one VM (block, vsock), started in this process before the
+//! kiln's device backends for one VM (block, vsock, net), started in this process before the
 //! engine starts the guest, and stopped with it. Both engines use the same backends: the
 //! block device is kiln-disk's qcow2 (with its backing chain) served by kiln-vmm's virtio-blk
-//! logic, and vsock is kiln-vmm's device with its host side on a Unix socket.
+//! logic, vsock is kiln-vmm's device with its host side on a Unix socket, and each NIC is
+//! kiln-vmm's virtio-net over the VM's port on the module network (kiln-net).
 
 use std::path::{Path, PathBuf};
 
 use kiln_vmm::devices::block::BlockOptions;
 use kiln_vmm::vhost_user::BackendHandle;
 
-use crate::engine::qemu::{block_socket, BlockMode};
+use crate::engine::qemu::{block_socket, net_socket, BlockMode};
 use crate::engine::{EngineError, VmLaunch};
 
 /// Which block path the qemu engine uses: always kiln's own backend over vhost-user.
@@ -26,6 +27,7 @@ pub struct Backends {
     vsock_vhost: PathBuf,
     vsock: Option<kiln_vmm::devices::vsock::VsockHandle>,
     blocks: Vec<BackendHandle>,
+    nets: Vec<kiln_vmm::devices::net::vhost_user::NetHandle>,
 }
 
 impl Backends {
@@ -36,6 +38,10 @@ impl Backends {
 
     /// Stops every backend thread and waits for them.
     pub fn stop(&mut self) {
+        for n in self.nets.drain(..) {
+            n.stop();
+            let _ = n.join();
+        }
         for b in self.blocks.drain(..) {
             b.stop();
             let _ = b.join();
@@ -64,6 +70,7 @@ pub fn start(vm: &VmLaunch, block: BlockMode) -> Result<Backends, EngineError> {
         vsock_vhost: vm.workdir.join("vsock.vhost"),
         vsock: None,
         blocks: Vec::new(),
+        nets: Vec::new(),
     };
     if block == BlockMode::VhostUser {
         for (i, d) in vm.disks.iter().enumerate() {
@@ -95,5 +102,11 @@ pub fn start(vm: &VmLaunch, block: BlockMode) -> Result<Backends, EngineError> {
     let v = kiln_vmm::devices::vsock::spawn(&b.vsock_vhost, &uds, u64::from(vm.cid))
         .map_err(|e| EngineError::Backend(format!("vsock backend: {e}")))?;
     b.vsock = Some(v);
+    for (i, nic) in vm.nics.iter().enumerate() {
+        let sock = net_socket(&vm.workdir, i);
+        let h = kiln_vmm::devices::net::vhost_user::spawn(&sock, nic.port.clone(), nic.mac)
+            .map_err(|e| EngineError::Backend(format!("net backend for NIC {}: {e}", nic.name)))?;
+        b.nets.push(h);
+    }
     Ok(b)
 }

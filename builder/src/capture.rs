@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use crate::engine::RunningVm;
 use crate::guest::{Guest, GuestCommand, GuestError};
+use crate::module::DiskRecord;
+use crate::sources::ParentDisk;
 
 /// What must not be in a template: identity (machine-id, SSH host keys), cloud-init's
 /// per-instance state, logs, and kiln's own traces. Free blocks are trimmed so the capture
@@ -41,6 +43,17 @@ rm -rf /tmp/kiln-* /var/tmp/kiln-* /var/log/kiln-agent* /var/lib/kiln-agent
 command -v apt-get >/dev/null && apt-get clean
 sync
 command -v fstrim >/dev/null && fstrim -a 2>/dev/null
+exit 0
+"#;
+
+/// Runs before every power-off, template or not. An agent installed through a cloud-init
+/// seed waits for cloud-init's `boot-finished` before it reports ready; clones boot without
+/// a seed, so cloud-init never finishes there and the agent would never answer. The captured
+/// disk's agent therefore reports ready as soon as it runs, like a bootstrapped one.
+pub const AGENT_FOR_CLONES: &str = r#"f=/etc/default/kiln-agent
+if [ -f "$f" ] && grep -q -- '--ready-when /var/lib/cloud/instance/boot-finished' "$f"; then
+  sed -i 's# *--ready-when /var/lib/cloud/instance/boot-finished##' "$f"
+fi
 exit 0
 "#;
 
@@ -83,6 +96,19 @@ pub fn shutdown(
             ))));
         }
     }
+    let st = guest
+        .exec(
+            &GuestCommand::Bash(AGENT_FOR_CLONES.into()),
+            &BTreeMap::new(),
+            Some(Duration::from_secs(60)),
+            &mut |_, _| {},
+        )
+        .map_err(CaptureError::Cleanup)?;
+    if !st.success() {
+        return Err(CaptureError::Cleanup(GuestError::Agent(format!(
+            "agent settings for clones: {st}"
+        ))));
+    }
     guest.poweroff().map_err(CaptureError::Poweroff)?;
     drop(guest);
     // Wait in short slices so a cancel (which locks the VM to kill it) is never held up.
@@ -102,6 +128,76 @@ pub fn shutdown(
         drop(v);
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Captures one of a VM's disks into the module being written at `module_dir` (which becomes
+/// `final_dir`), as `disks/<vm>-<disk>.qcow2`: a standalone compressed qcow2, or with
+/// `thin_over` a compressed layer holding only what the VM changed over that parent disk,
+/// whose backing name is relative (from `final_dir/disks` to the parent), so a folder of
+/// modules can move as a whole.
+pub fn capture_to_module(
+    module_dir: &Path,
+    final_dir: &Path,
+    vm: &str,
+    disk: &str,
+    overlay: &Path,
+    thin_over: Option<&ParentDisk>,
+) -> Result<DiskRecord, CaptureError> {
+    let rel = format!("disks/{vm}-{disk}.qcow2");
+    let out = module_dir.join(&rel);
+    let e = |reason: String| CaptureError::Write {
+        disk: out.display().to_string(),
+        reason,
+    };
+    let (_, virtual_size) = crate::diskops::probe(overlay).map_err(|x| e(x.to_string()))?;
+    let (sha256, backing) = match thin_over {
+        None => (capture_disk(overlay, &out)?, None),
+        Some(p) => {
+            let parent = std::fs::canonicalize(&p.path).map_err(|x| {
+                e(format!(
+                    "resolving the parent disk {}: {x}",
+                    p.path.display()
+                ))
+            })?;
+            let modules = final_dir.parent().filter(|d| !d.as_os_str().is_empty());
+            let modules = std::fs::canonicalize(modules.unwrap_or(Path::new(".")))
+                .map_err(|x| e(format!("resolving the modules folder: {x}")))?;
+            let name = final_dir
+                .file_name()
+                .ok_or_else(|| e("the module folder has no name".into()))?;
+            let from = modules.join(name).join("disks");
+            let backing = crate::diskops::relative_path(&from, &parent);
+            let backing = backing
+                .to_str()
+                .ok_or_else(|| e(format!("{} is not UTF-8", backing.display())))?
+                .to_string();
+            let st = crate::diskops::capture_thin(overlay, &parent, &backing, &out)
+                .map_err(|x| e(x.to_string()))?;
+            tracing::info!(
+                vm,
+                disk,
+                changed = st.changed_clusters,
+                unchanged = st.same_clusters,
+                "thin capture over {}",
+                parent.display()
+            );
+            let sha = crate::cache::sha256_file(&out).map_err(|x| e(x.to_string()))?;
+            (sha, Some((backing, p)))
+        }
+    };
+    let file_size = std::fs::metadata(&out)
+        .map(|m| m.len())
+        .map_err(|x| e(x.to_string()))?;
+    Ok(DiskRecord {
+        name: disk.to_string(),
+        file: rel,
+        sha256,
+        virtual_size,
+        file_size,
+        backing_sha256: backing.as_ref().map(|(_, p)| p.sha256.clone()),
+        backing_module: backing.as_ref().map(|(_, p)| p.module.clone()),
+        backing: backing.map(|(b, _)| b),
+    })
 }
 
 /// Writes the chain under `overlay` as a standalone compressed qcow2 at `out`; returns its
@@ -152,6 +248,33 @@ mod tests {
     }
 
     #[test]
+    fn agent_settings_for_clones_drop_the_cloud_init_wait() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("kiln-agent");
+        let run = |content: &str| -> String {
+            std::fs::write(&f, content).unwrap();
+            let script = AGENT_FOR_CLONES.replace("/etc/default/kiln-agent", f.to_str().unwrap());
+            let st = std::process::Command::new("sh")
+                .args(["-c", &script])
+                .status()
+                .unwrap();
+            assert!(st.success());
+            std::fs::read_to_string(&f).unwrap()
+        };
+        // What kiln-agent's seed fragment writes.
+        assert_eq!(
+            run("KILN_AGENT_ARGS='--ready-when /var/lib/cloud/instance/boot-finished'\n"),
+            "KILN_AGENT_ARGS=''\n"
+        );
+        assert_eq!(
+            run("KILN_AGENT_ARGS='--ready-when /var/lib/cloud/instance/boot-finished --linger-ms 5'\n"),
+            "KILN_AGENT_ARGS=' --linger-ms 5'\n"
+        );
+        // A bootstrapped image's settings are left alone.
+        assert_eq!(run("KILN_AGENT_ARGS=''\n"), "KILN_AGENT_ARGS=''\n");
+    }
+
+    #[test]
     fn cleanup_then_poweroff() {
         let state = Arc::new(Mutex::new(FakeState::default()));
         let vm: std::sync::Mutex<Box<dyn RunningVm>> = std::sync::Mutex::new(Box::new(FakeVm {
@@ -184,6 +307,10 @@ mod tests {
             Duration::from_secs(1),
         )
         .unwrap();
-        assert!(state.lock().unwrap().commands.is_empty());
+        // Only the agent's settings for clones; no template cleanup.
+        let s = state.lock().unwrap();
+        assert_eq!(s.commands.len(), 1);
+        assert!(matches!(&s.commands[0].0, GuestCommand::Bash(b) if b == AGENT_FOR_CLONES));
+        assert!(s.powered_off);
     }
 }

@@ -8,9 +8,13 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::diskops;
+use crate::job::BaseView;
 use crate::module::{self, ModuleError, ModuleRecord};
+use crate::pipeline::BASE_FILE;
 
 pub const CLONE_FILE: &str = "clone.yaml";
+/// The module file [`load_base`] reads.
+pub const BASE_FILE_NAME: &str = BASE_FILE;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -137,6 +141,30 @@ pub fn load(dir: &Path) -> Result<CloneRecord, CloneError> {
         path: p,
         reason: e.to_string(),
     })
+}
+
+/// What clones of the module at `module_dir` inherit: the base network, NICs and resources
+/// (`base.yaml`, written by the build). `None` for a module built before kiln recorded it:
+/// its clones get no network.
+pub fn load_base(module_dir: &Path) -> Result<Option<BaseView>, CloneError> {
+    let p = module_dir.join(BASE_FILE);
+    let text = match fs::read_to_string(&p) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(CloneError::Io {
+                what: "reading",
+                path: p,
+                source,
+            })
+        }
+    };
+    serde_saphyr::from_str(&text)
+        .map(Some)
+        .map_err(|e| CloneError::Bad {
+            path: p,
+            reason: e.to_string(),
+        })
 }
 
 /// Every clone in `clones`.

@@ -6,10 +6,11 @@
 //! [`crate::plan_adapter`] turns a `Plan` into a [`BuildJob`].
 
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A whole build.
 #[derive(Debug, Clone)]
@@ -27,6 +28,106 @@ pub struct BuildJob {
     pub timeout: Duration,
     /// Automatic retries of a failed build.
     pub retries: u32,
+    /// The build's network: `buildOverrides` applied (build-only internet, override NICs).
+    pub network: NetJob,
+    /// What clones inherit: the base network, NICs and resources, without `buildOverrides`.
+    pub base: BaseView,
+}
+
+/// The module network: VPCs and subnets. Serialized into the module (`base.yaml`) so clones
+/// get the same network.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetJob {
+    pub vpcs: Vec<VpcJob>,
+    pub subnets: Vec<SubnetJob>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VpcJob {
+    pub name: String,
+    /// Guest flows to outside addresses go out through the host's sockets (NAT).
+    pub internet: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SubnetJob {
+    pub name: String,
+    pub vpc: String,
+    /// `a.b.c.d/n`.
+    pub cidr: String,
+    pub dhcp: bool,
+    pub unmanaged: bool,
+    /// Upstream resolvers for names that are not VM names (VPCs with internet only).
+    #[serde(default)]
+    pub dns: Vec<Ipv4Addr>,
+}
+
+/// One NIC of a VM, in slot order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NicJob {
+    pub name: String,
+    pub subnet: String,
+    /// `xx:xx:xx:xx:xx:xx`, unicast (checked by the manifest; [`NicJob::mac_bytes`] checks again
+    /// because `base.yaml` is read back from disk).
+    pub mac: String,
+    /// A fixed address (a fixed DHCP lease on managed subnets).
+    #[serde(default)]
+    pub ip: Option<Ipv4Addr>,
+}
+
+/// What a clone of the module runs: the base values of the manifest.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BaseView {
+    pub network: NetJob,
+    pub vms: Vec<BaseVm>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BaseVm {
+    pub name: String,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    #[serde(default)]
+    pub nics: Vec<NicJob>,
+}
+
+impl NicJob {
+    /// The MAC as bytes; an error names the NIC and the text.
+    pub fn mac_bytes(&self) -> Result<[u8; 6], String> {
+        let bad = || {
+            format!(
+                "NIC `{}`: `{}` is not a unicast MAC address",
+                self.name, self.mac
+            )
+        };
+        let parts: Vec<&str> = self.mac.split(':').collect();
+        if parts.len() != 6 {
+            return Err(bad());
+        }
+        let mut b = [0u8; 6];
+        for (o, p) in b.iter_mut().zip(&parts) {
+            if p.len() != 2 {
+                return Err(bad());
+            }
+            *o = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+        }
+        if b[0] & 1 == 1 || b == [0; 6] {
+            return Err(bad());
+        }
+        Ok(b)
+    }
+}
+
+impl BaseView {
+    pub fn vm(&self, name: &str) -> Option<&BaseVm> {
+        self.vms.iter().find(|v| v.name == name)
+    }
 }
 
 /// One VM of the module.
@@ -45,6 +146,8 @@ pub struct VmJob {
     pub clean_for_template: bool,
     /// Whether the build network gives this VM internet access.
     pub internet: bool,
+    /// The VM's NICs on the build network, in slot order.
+    pub nics: Vec<NicJob>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

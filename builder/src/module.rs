@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::sources::{BaseImage, BootFiles, ResolvedSource};
+use crate::sources::{BaseImage, BootFiles, ParentDisk, ResolvedSource};
 
 pub const MODULE_FILE: &str = "module.yaml";
 
@@ -96,8 +96,17 @@ pub struct DiskRecord {
     pub sha256: String,
     pub virtual_size: u64,
     pub file_size: u64,
-    /// For `--thin` captures: the parent module's disk this one is a layer over.
+    /// For `--thin` captures: the parent module's disk this one is a layer over, as written
+    /// in the layer's header (relative to this disk's folder).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backing: Option<String>,
+    /// The parent disk's SHA-256 when this layer was captured: a parent rebuilt since is
+    /// refused instead of silently changing this module's contents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing_sha256: Option<String>,
+    /// The parent module's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing_module: Option<String>,
 }
 
 pub fn check_name(name: &str) -> Result<(), ModuleError> {
@@ -287,14 +296,59 @@ pub fn resolve_build_ref(
         initrd: b.initrd.as_ref().map(|i| dir.join(i)),
         root: b.root.clone(),
     });
+    verify_layers(&dir, &rec)?;
     Ok(ResolvedSource {
         base: Some(BaseImage { ..base }),
         boot,
         agent_in_image: v.agent_in_image,
+        parent_disk: Some(ParentDisk {
+            module: rec.name.clone(),
+            path: path.clone(),
+            sha256: disk.sha256.clone(),
+        }),
         record: serde_json::json!({
             "buildRef": { "module": rec.name, "vm": v.name, "diskSha256": disk.sha256, "path": path }
         }),
     })
+}
+
+/// Checks that every thin disk of a module still sits on the parent disk it was captured
+/// over: the backing file exists and has the recorded SHA-256. Standalone disks pass at once.
+/// Clones and runs of a thin module call this first (a rebuilt or deleted parent would
+/// otherwise change or break the module silently).
+pub fn verify_layers(dir: &Path, rec: &ModuleRecord) -> Result<(), ModuleError> {
+    for vm in &rec.vms {
+        for d in &vm.disks {
+            let Some(backing) = &d.backing else { continue };
+            let disk = dir.join(&d.file);
+            let parent = kiln_disk::resolve_backing(&disk, backing);
+            let bad = |reason: String| ModuleError::Bad {
+                path: disk.clone(),
+                reason,
+            };
+            let got = crate::cache::sha256_file(&parent).map_err(|e| {
+                bad(format!(
+                    "this thin disk is a layer over {} (module `{}`), which cannot be read: {e}",
+                    parent.display(),
+                    d.backing_module.as_deref().unwrap_or("?")
+                ))
+            })?;
+            if let Some(want) = &d.backing_sha256 {
+                if &got != want {
+                    return Err(bad(format!(
+                        "this thin disk is a layer over {} (module `{}`), which changed since \
+                         it was captured (sha256 {} now, {} then); rebuild the parent as it \
+                         was, or rebuild this module",
+                        parent.display(),
+                        d.backing_module.as_deref().unwrap_or("?"),
+                        &got[..12],
+                        &want[..want.len().min(12)]
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -328,6 +382,8 @@ mod tests {
                     virtual_size: 4 << 30,
                     file_size: 12345,
                     backing: None,
+                    backing_sha256: None,
+                    backing_module: None,
                 }],
             }],
             manifest: "vms:\n  - name: web\n".into(),

@@ -10,15 +10,16 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::cache::Cache;
 use crate::capture;
 use crate::diskops;
+use crate::engine::network::{self as modnet, Internet};
 use crate::engine::{self, DiskAttach, Engine, EngineChoice, RunningVm, VmLaunch};
 use crate::events::{ms, BuildPhase, Event, EventSink, VmPhase};
-use crate::guest::{Connector, VsockConnector};
+use crate::guest::VsockConnector;
 use crate::job::{BuildJob, FileContent, VmJob};
 use crate::module::{BootRecord, DiskRecord, ModuleRecord, PendingModule, VmRecord};
 use crate::provision::{Provisioner, BOOT_TIMEOUT};
@@ -43,7 +44,13 @@ pub struct BuildOptions {
     /// Capture `buildRef` children as a layer over the parent's disk.
     pub thin: bool,
     pub cache: Cache,
+    /// `Internet::Off` (`--no-internet`): no VPC gets NAT to the host, whatever the manifest
+    /// says (hermetic builds, tests).
+    pub internet: Internet,
 }
+
+/// The file in a module that records what clones inherit (base network, NICs, resources).
+pub const BASE_FILE: &str = "base.yaml";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -174,8 +181,44 @@ fn run_once(
     let _run_guard = RemoveOnDrop(run_dir.clone());
 
     build_phase(BuildPhase::Networking, None);
-    // kiln-net's module network is not wired in yet: VMs get no NIC (the steps of the
-    // examples need none). See the README's Build section.
+    // One isolated network per build, with `buildOverrides` applied; its thread stops when
+    // `net` drops at the end of this attempt.
+    let net = modnet::start(&job.network, opts.internet).map_err(|e| {
+        let e = BuildError::Setup(e.to_string());
+        build_phase(BuildPhase::Failed, Some(e.to_string()));
+        e
+    })?;
+    for s in &job.network.subnets {
+        let internet = job
+            .network
+            .vpcs
+            .iter()
+            .any(|v| v.name == s.vpc && v.internet)
+            && opts.internet == Internet::AsDeclared;
+        ev.emit(&Event::Note {
+            vm: None,
+            message: format!(
+                "network: subnet {} {} in VPC {}, gateway {}{}, internet {}",
+                s.name,
+                s.cidr,
+                s.vpc,
+                net.gateway(&s.name)
+                    .map(|g| g.to_string())
+                    .unwrap_or_default(),
+                if s.dhcp && !s.unmanaged {
+                    " (DHCP, DNS)"
+                } else {
+                    ""
+                },
+                if internet { "on" } else { "off" }
+            ),
+        });
+    }
+    let base = serde_saphyr::to_string(&job.base)
+        .map_err(|e| BuildError::Setup(format!("writing {BASE_FILE}: {e}")))?;
+    let base_path = pending.dir().join(BASE_FILE);
+    fs::write(&base_path, base)
+        .map_err(|e| BuildError::Setup(format!("writing {}: {e}", base_path.display())))?;
     build_phase(BuildPhase::Building, None);
 
     // Watchdog: the build's timeout stops everything.
@@ -205,6 +248,7 @@ fn run_once(
 
     let failed = Arc::new(AtomicBool::new(false));
     let capturing_once = AtomicBool::new(false);
+    let barrier = StepsBarrier::new(job.vms.len());
     let results: Vec<Result<VmRecord, BuildError>> = std::thread::scope(|s| {
         let handles: Vec<_> = job
             .vms
@@ -213,6 +257,9 @@ fn run_once(
             .map(|(i, vm)| {
                 let engine = engine.clone();
                 let failed = failed.clone();
+                let net = &net;
+                let barrier = &barrier;
+                let failed_flag = failed.clone();
                 let pending = &pending;
                 let run_dir = &run_dir;
                 let capturing_once = &capturing_once;
@@ -225,8 +272,15 @@ fn run_once(
                         opts,
                         ctx,
                         engine.as_ref(),
+                        net,
                         pending,
                         run_dir,
+                        &|| {
+                            barrier.arrive_and_wait(&|| {
+                                failed_flag.load(Ordering::SeqCst)
+                                    || ctx.cancel.load(Ordering::SeqCst)
+                            })
+                        },
                         &|| {
                             if !capturing_once.swap(true, Ordering::SeqCst) {
                                 build_phase(BuildPhase::CapturingDisks, None);
@@ -298,6 +352,45 @@ fn run_once(
     Ok(dir)
 }
 
+/// VMs shut down for capture only once every VM of the module has finished its steps: the
+/// module's VMs are built together, so one may serve the others during their steps (a web
+/// server for a client that fetches from it) and none is captured half-way through such an
+/// exchange.
+struct StepsBarrier {
+    done: Mutex<usize>,
+    cv: Condvar,
+    total: usize,
+}
+
+impl StepsBarrier {
+    fn new(total: usize) -> Self {
+        StepsBarrier {
+            done: Mutex::new(0),
+            cv: Condvar::new(),
+            total,
+        }
+    }
+
+    /// Marks one VM done and waits for the others; `false` when `stop()` says the build is
+    /// failing or cancelled instead.
+    fn arrive_and_wait(&self, stop: &dyn Fn() -> bool) -> bool {
+        let mut n = self.done.lock().unwrap_or_else(|p| p.into_inner());
+        *n += 1;
+        self.cv.notify_all();
+        while *n < self.total {
+            if stop() {
+                return false;
+            }
+            n = self
+                .cv
+                .wait_timeout(n, Duration::from_millis(200))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+}
+
 struct RemoveOnDrop(PathBuf);
 
 impl Drop for RemoveOnDrop {
@@ -314,8 +407,10 @@ fn build_vm(
     opts: &BuildOptions,
     ctx: &BuildContext,
     engine: &dyn Engine,
+    net: &kiln_net::Network,
     pending: &PendingModule,
     run_dir: &Path,
+    steps_done: &dyn Fn() -> bool,
     capturing: &dyn Fn(),
 ) -> Result<VmRecord, BuildError> {
     let start = Instant::now();
@@ -360,19 +455,13 @@ fn build_vm(
     let boot = src.boot.clone().ok_or_else(|| {
         fail("this source has no kernel to boot (blank disks need an ISO install, which kiln does not do yet)".into())
     })?;
-    if !src.agent_in_image && vm.cloud_init.is_none() {
-        return Err(fail(
-            "the agent is not in this image and there is no cloudInit key to install it".into(),
-        ));
-    }
-    if !src.agent_in_image {
-        return Err(fail(
-            "installing the agent through a cloud-init NoCloud seed is not implemented yet".into(),
-        ));
-    }
+    // Images without kiln's agent get it through a cloud-init NoCloud seed, attached
+    // read-only after the VM's disks and never captured.
+    let work = pending.dir().join("work");
+    let seed =
+        sources::seed::prepare(vm, src.agent_in_image, &work).map_err(|e| fail(e.to_string()))?;
 
     // Overlays.
-    let work = pending.dir().join("work");
     let mut attaches = Vec::new();
     for (i, d) in vm.disks.iter().enumerate() {
         let path = work.join(format!("{}-{}.qcow2", vm.name, d.name));
@@ -405,17 +494,26 @@ fn build_vm(
         .dir()
         .join("logs")
         .join(format!("{}-serial.log", vm.name));
+    let nics = modnet::attach(net, &vm.name, &vm.nics).map_err(|e| fail(e.to_string()))?;
     let launch = VmLaunch {
         name: vm.name.clone(),
         cpus: vm.cpus,
         memory_mib: vm.memory_mib,
         boot: boot.clone(),
         cmdline_extra: vec![],
-        disks: attaches.clone(),
+        disks: attaches
+            .iter()
+            .cloned()
+            .chain(seed.iter().map(|path| DiskAttach {
+                name: sources::seed::LABEL.into(),
+                path: path.clone(),
+                read_only: true,
+            }))
+            .collect(),
         workdir: vm_run.clone(),
         serial_log: serial_log.clone(),
         cid: 3 + index as u32,
-        mac: None,
+        nics,
     };
     let running = engine.launch(&launch).map_err(|e| fail(e.to_string()))?;
     let socket = running.vsock_socket().to_path_buf();
@@ -430,8 +528,7 @@ fn build_vm(
 
     let result = (|| -> Result<Vec<DiskRecord>, String> {
         let connector = VsockConnector::new(&socket, AGENT_VSOCK_PORT);
-        let guest = connector
-            .connect(BOOT_TIMEOUT)
+        let guest = connect_or_cancel(&connector, BOOT_TIMEOUT, &ctx.cancel)
             .map_err(|e| format!("{e}{}", serial_tail(&serial_log)))?;
         phase(VmPhase::Provisioning, None);
         let cache = opts.cache.clone();
@@ -461,6 +558,19 @@ fn build_vm(
         if cancelled() {
             return Err("cancelled".into());
         }
+        if job.vms.len() > 1 {
+            ev.emit(&Event::Note {
+                vm: Some(vm.name.clone()),
+                message: "steps done; waiting for the other VMs before shutting down".into(),
+            });
+        }
+        if !steps_done() {
+            return Err(if cancelled() {
+                "cancelled".into()
+            } else {
+                "stopped before capture: another VM of the module failed".into()
+            });
+        }
         phase(VmPhase::ShuttingDown, None);
         capture::shutdown(
             guest,
@@ -471,21 +581,20 @@ fn build_vm(
         .map_err(|e| e.to_string())?;
         capturing();
         let mut disks = Vec::new();
-        for a in &attaches {
-            let rel = format!("disks/{}-{}.qcow2", vm.name, a.name);
-            let out = pending.dir().join(&rel);
-            let sha = capture::capture_disk(&a.path, &out).map_err(|e| e.to_string())?;
-            let (_, virtual_size) = diskops::probe(&out).map_err(|e| e.to_string())?;
-            let file_size = fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+        for (i, a) in attaches.iter().enumerate() {
+            // --thin: a buildRef child's boot disk becomes a layer over its parent's disk.
+            let thin_over = src.parent_disk.as_ref().filter(|_| opts.thin && i == 0);
+            let rec = capture::capture_to_module(
+                pending.dir(),
+                pending.final_dir(),
+                &vm.name,
+                &a.name,
+                &a.path,
+                thin_over,
+            )
+            .map_err(|e| e.to_string())?;
             let _ = fs::remove_file(&a.path);
-            disks.push(DiskRecord {
-                name: a.name.clone(),
-                file: rel,
-                sha256: sha,
-                virtual_size,
-                file_size,
-                backing: None,
-            });
+            disks.push(rec);
         }
         Ok(disks)
     })();
@@ -539,7 +648,8 @@ fn build_vm(
         cpus: vm.cpus,
         memory_mib: vm.memory_mib,
         source: src.record.clone(),
-        agent_in_image: src.agent_in_image,
+        // The seed installed the agent into the captured disk.
+        agent_in_image: src.agent_in_image || seed.is_some(),
         boot: Some(BootRecord {
             kernel: kernel_rel,
             initrd: initrd_rel,
@@ -576,4 +686,57 @@ pub fn inline_files(pairs: &[(&str, &str)]) -> BTreeMap<String, FileContent> {
         .iter()
         .map(|(k, v)| (k.to_string(), FileContent::Inline(v.to_string())))
         .collect()
+}
+
+/// Wait for the agent up to `limit`, in short tries, so a cancel (Ctrl-C, the build timeout,
+/// another VM's failure) ends the wait at once instead of after the whole boot timeout.
+fn connect_or_cancel(
+    connector: &dyn crate::guest::Connector,
+    limit: Duration,
+    cancel: &AtomicBool,
+) -> Result<Box<dyn crate::guest::Guest>, crate::guest::GuestError> {
+    let start = std::time::Instant::now();
+    loop {
+        if cancel.load(Ordering::SeqCst) {
+            return Err(crate::guest::GuestError::Lost("cancelled".into()));
+        }
+        let left = limit.saturating_sub(start.elapsed());
+        match connector.connect(left.min(Duration::from_secs(1))) {
+            Ok(g) => return Ok(g),
+            Err(e) if start.elapsed() >= limit => return Err(e),
+            // A try that fails fast (no socket yet) must not spin.
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod barrier_tests {
+    use super::*;
+
+    #[test]
+    fn steps_barrier_waits_for_every_vm_and_a_stop_releases_it() {
+        let b = StepsBarrier::new(2);
+        let never = || false;
+        std::thread::scope(|s| {
+            let first = s.spawn(|| {
+                let t = Instant::now();
+                (b.arrive_and_wait(&never), t.elapsed())
+            });
+            std::thread::sleep(Duration::from_millis(300));
+            assert!(b.arrive_and_wait(&never));
+            let (ok, waited) = first.join().unwrap();
+            assert!(ok);
+            assert!(waited >= Duration::from_millis(250), "{waited:?}");
+        });
+        // One VM of two arrives, then the build fails: the wait ends with `false`.
+        let b = StepsBarrier::new(2);
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| b.arrive_and_wait(&|| stop.load(Ordering::SeqCst)));
+            std::thread::sleep(Duration::from_millis(100));
+            stop.store(true, Ordering::SeqCst);
+            assert!(!waiter.join().unwrap());
+        });
+    }
 }

@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::job::{
-    self, BootstrapSpec, BuildJob, DiskJob, FileContent, SourceSpec, StepKind, VmJob,
+    self, BaseView, BaseVm, BootstrapSpec, BuildJob, DiskJob, FileContent, NetJob, NicJob,
+    SourceSpec, StepKind, SubnetJob, VmJob, VpcJob,
 };
 use crate::manifest::{self, Plan};
 
@@ -172,6 +173,7 @@ pub fn job_from_plan(
                 .nics
                 .iter()
                 .any(|n| plan.build.network.vpc(&n.vpc).is_some_and(|v| v.internet)),
+            nics: nics(vm),
         });
     }
     Ok(BuildJob {
@@ -182,5 +184,115 @@ pub fn job_from_plan(
         files,
         timeout: plan.timeout,
         retries: plan.retries,
+        network: net(&plan.build.network),
+        base: BaseView {
+            network: net(&plan.base.network),
+            vms: plan
+                .base
+                .vms
+                .iter()
+                .map(|v| BaseVm {
+                    name: v.name.clone(),
+                    cpus: v.cpus,
+                    memory_mib: v.memory.div_ceil(1 << 20),
+                    nics: nics(v),
+                })
+                .collect(),
+        },
     })
+}
+
+/// A view's network as the builder's [`NetJob`].
+fn net(n: &manifest::Network) -> NetJob {
+    NetJob {
+        vpcs: n
+            .vpcs
+            .iter()
+            .map(|v| VpcJob {
+                name: v.name.clone(),
+                internet: v.internet,
+            })
+            .collect(),
+        subnets: n
+            .subnets
+            .iter()
+            .map(|s| SubnetJob {
+                name: s.name.clone(),
+                vpc: s.vpc.clone(),
+                cidr: s.cidr.to_string(),
+                dhcp: s.dhcp,
+                unmanaged: s.unmanaged,
+                dns: s.dns.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// A VM's NICs in slot order (the order the guest enumerates them).
+fn nics(vm: &manifest::Vm) -> Vec<NicJob> {
+    let mut v: Vec<_> = vm.nics.iter().collect();
+    v.sort_by_key(|n| n.slot);
+    v.into_iter()
+        .map(|n| NicJob {
+            name: n.name.clone(),
+            subnet: n.subnet.clone(),
+            mac: n.mac.clone(),
+            ip: n.ip,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    const MANIFEST: &str = "vms:
+  - name: a
+    source: { bootstrap: { distro: debian, suite: bookworm, packages: [] } }
+    resources: { cpu: 1, memory: 512Mi }
+    nics:
+      - { name: eth1, subnet: lab, slot: 2 }
+      - { name: eth0, subnet: lab, slot: 1, ip: 10.9.0.10 }
+network:
+  vpcs: [{ name: lab, internet: false }]
+  subnets: [{ name: lab, vpc: lab, cidr: 10.9.0.0/24 }]
+buildOverrides:
+  vpcs: [{ name: lab, internet: true }]
+  vms:
+    - name: a
+      resources: { cpu: 2, memory: 1Gi }
+      nics: [{ name: eth0, subnet: lab }]
+";
+
+    #[test]
+    fn build_network_has_overrides_and_base_view_does_not() {
+        let plan = manifest::load_str(MANIFEST, Path::new("m.yaml"), Default::default())
+            .into_plan()
+            .unwrap();
+        let job = job_from_plan(&plan, Path::new("m.yaml"), MANIFEST).unwrap();
+        // The build: internet on (override), one override NIC keeping the base NIC's MAC.
+        assert!(job.network.vpcs[0].internet);
+        assert_eq!(job.network.subnets[0].cidr, "10.9.0.0/24");
+        let vm = &job.vms[0];
+        assert_eq!((vm.cpus, vm.memory_mib), (2, 1024));
+        assert_eq!(vm.nics.len(), 1);
+        assert!(vm.internet);
+        // Clones: no internet, both NICs in slot order, base resources.
+        assert!(!job.base.network.vpcs[0].internet);
+        let b = job.base.vm("a").unwrap();
+        assert_eq!((b.cpus, b.memory_mib), (1, 512));
+        let names: Vec<_> = b.nics.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["eth0", "eth1"]);
+        assert_eq!(b.nics[0].ip, Some("10.9.0.10".parse().unwrap()));
+        assert_eq!(
+            vm.nics[0].mac, b.nics[0].mac,
+            "the override NIC keeps its MAC"
+        );
+        assert!(b.nics[0].mac_bytes().is_ok());
+        // base.yaml round-trips.
+        let y = serde_saphyr::to_string(&job.base).unwrap();
+        let back: crate::job::BaseView = serde_saphyr::from_str(&y).unwrap();
+        assert_eq!(back, job.base);
+    }
 }

@@ -1,14 +1,31 @@
 //! `kiln serve`'s HTTP API on loopback: the token guard, listing, atomic saves, validation with
-//! field paths, and YAML <-> JSON conversion.
+//! field paths, and YAML <-> JSON conversion; builds started from the page, run by a stand-in
+//! `kiln` program (a real build boots a VM: the browser test does that), streamed as
+//! Server-Sent Events, paused by a handbuild step and resumed, cancelled.
 
-use std::path::Path;
+use std::io::BufRead as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use kiln_builder::serve::{Config, Serve};
+use kiln_builder::serve::{BuildConfig, Config, Serve};
 
 fn start(dir: &Path) -> (String, String) {
+    start_with(dir, fake_build_config(dir))
+}
+
+fn fake_build_config(dir: &Path) -> BuildConfig {
+    BuildConfig {
+        program: PathBuf::from(env!("CARGO_BIN_EXE_kiln")),
+        output: dir.join("modules"),
+        run_root: dir.join("run"),
+    }
+}
+
+fn start_with(dir: &Path, build: BuildConfig) -> (String, String) {
     let s = Serve::bind(Config {
         dir: dir.to_path_buf(),
         listen: "127.0.0.1:0".parse().expect("addr"),
+        build,
     })
     .expect("bind");
     let url = s.url();
@@ -125,4 +142,294 @@ fn save_list_read_and_check() {
         out.contains("futureField:") && out.contains("x: \"2\""),
         "{out}"
     );
+}
+
+/// A stand-in for `kiln build --json --output OUT FILE`: prints the events a real build
+/// prints. A manifest naming `hang` runs until SIGINT, as a build stopped by Ctrl-C; one with
+/// a handbuild step waits for the resume flag `kiln resume` writes, then writes a module.
+const FAKE_KILN: &str = r#"#!/bin/sh
+set -eu
+out=$4; file=$5; name=$(basename "$file" .yaml)
+ev() { printf '%s\n' "$1"; }
+ev '{"event":"build","phase":"Pending","elapsedMs":0,"message":null}'
+ev '{"event":"build","phase":"Building","elapsedMs":1,"message":null}'
+ev '{"event":"vm","vm":"a","phase":"Provisioning","elapsedMs":2,"message":null}'
+if grep -q hang "$file"; then
+  trap 'echo "error: the build was cancelled; no module was written" >&2; exit 130' INT
+  while :; do sleep 0.1; done
+fi
+ev '{"event":"stepStarted","vm":"a","index":0,"step":"wait","kind":"handbuild"}'
+flag="$KILN_RUN_DIR/$$/a/resume"
+mkdir -p "$(dirname "$flag")"; rm -f "$flag"
+ev '{"event":"note","vm":"a","message":"handbuild wait: do it"}'
+i=0
+while [ ! -e "$flag" ]; do sleep 0.05; i=$((i+1)); [ $i -lt 400 ] || exit 3; done
+ev '{"event":"stepFinished","vm":"a","index":0,"step":"wait","ok":true,"durationMs":5,"message":null}'
+ev '{"event":"stepStarted","vm":"a","index":1,"step":"say","kind":"shell"}'
+ev '{"event":"stepOutput","vm":"a","step":"say","stream":"stdout","line":"hello from the guest"}'
+ev '{"event":"stepFinished","vm":"a","index":1,"step":"say","ok":true,"durationMs":5,"message":null}'
+ev '{"event":"vm","vm":"a","phase":"Succeeded","elapsedMs":9,"message":null}'
+mkdir -p "$out/$name"
+printf '{"apiVersion":"kiln/v1","kind":"Module","name":"%s","kilnVersion":"0","engine":"fake","builtAt":0,"buildSeconds":1.0,"vms":[],"manifest":""}\n' "$name" > "$out/$name/module.yaml"
+ev '{"event":"build","phase":"Succeeded","elapsedMs":10,"message":null}'
+"#;
+
+const PAUSING: &str = "vms:
+  - name: a
+    source: { bootstrap: { distro: debian, suite: bookworm, packages: [] } }
+    resources: { cpu: 1, memory: 1Gi }
+    provisioners:
+      - name: wait
+        type: handbuild
+        handbuild: { instructions: \"Install the thing by hand.\" }
+      - name: say
+        type: shell
+        shell: { inline: \"echo hello\" }
+";
+
+fn fake_kiln(dir: &Path) -> BuildConfig {
+    use std::os::unix::fs::PermissionsExt as _;
+    let program = dir.join("fake-kiln");
+    std::fs::write(&program, FAKE_KILN).expect("write the stand-in");
+    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    BuildConfig {
+        program,
+        ..fake_build_config(dir)
+    }
+}
+
+fn call(
+    a: &ureq::Agent,
+    method: &str,
+    url: &str,
+    token: &str,
+    body: &str,
+) -> (u16, serde_json::Value) {
+    let mut r = match method {
+        "GET" => a.get(url).header("X-Kiln-Token", token).call(),
+        _ => a.post(url).header("X-Kiln-Token", token).send(body),
+    }
+    .expect("request");
+    (r.status().as_u16(), json(&mut r))
+}
+
+fn wait_state(
+    a: &ureq::Agent,
+    base: &str,
+    token: &str,
+    what: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        let (_, v) = call(a, "GET", &format!("{base}/api/builds/1"), token, "");
+        if ok(&v) {
+            return v;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "timed out waiting for {what}: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Reads an event stream until `event: end`: `(event, id, data)` per message.
+fn read_stream(url: String) -> Vec<(String, Option<u64>, String)> {
+    let a = agent();
+    let mut r = a.get(&url).call().expect("events");
+    assert_eq!(r.status(), 200);
+    let ct = r
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    assert!(ct.starts_with("text/event-stream"), "{ct}");
+    let reader = std::io::BufReader::new(r.body_mut().as_reader());
+    let mut out = Vec::new();
+    let (mut event, mut id, mut data) = (String::new(), None, String::new());
+    for line in reader.lines() {
+        let line = line.expect("line");
+        if line.is_empty() {
+            if !event.is_empty() {
+                out.push((event.clone(), id, data.clone()));
+                if event == "end" {
+                    break;
+                }
+            }
+            (event, id, data) = (String::new(), None, String::new());
+        } else if let Some(v) = line.strip_prefix("event: ") {
+            event = v.into();
+        } else if let Some(v) = line.strip_prefix("id: ") {
+            id = v.parse().ok();
+        } else if let Some(v) = line.strip_prefix("data: ") {
+            data = v.into();
+        }
+    }
+    out
+}
+
+#[test]
+fn a_build_streams_pauses_at_handbuild_resumes_and_succeeds() {
+    let d = tempfile::tempdir().expect("tempdir");
+    std::fs::write(d.path().join("m.yaml"), PAUSING).expect("manifest");
+    let (base, token) = start_with(d.path(), fake_kiln(d.path()));
+    let a = agent();
+    let (st, v) = call(
+        &a,
+        "POST",
+        &format!("{base}/api/builds?name=m.yaml"),
+        &token,
+        "",
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["status"], "running");
+    assert_eq!(v["module"], "m");
+    assert_eq!(v["vms"][0]["steps"][0]["kind"], "handbuild");
+    assert_eq!(v["vms"][0]["steps"][1]["status"], "pending");
+    // One build at a time.
+    let (st, _) = call(
+        &a,
+        "POST",
+        &format!("{base}/api/builds?name=m.yaml"),
+        &token,
+        "",
+    );
+    assert_eq!(st, 409);
+
+    // The stream is open while the other requests below are served.
+    let events = std::thread::spawn({
+        let url = format!("{base}/api/builds/1/events?token={token}");
+        move || read_stream(url)
+    });
+    let v = wait_state(&a, &base, &token, "the pause", |v| {
+        !v["vms"][0]["paused"].is_null()
+    });
+    assert_eq!(
+        v["vms"][0]["paused"]["instructions"],
+        "Install the thing by hand."
+    );
+    assert_eq!(v["vms"][0]["phase"], "Provisioning");
+    let (st, _) = call(&a, "GET", &format!("{base}/api/manifests"), &token, "");
+    assert_eq!(st, 200, "other requests are served during a stream");
+    let (st, _) = call(
+        &a,
+        "POST",
+        &format!("{base}/api/builds/1/resume?vm=zz"),
+        &token,
+        "",
+    );
+    assert_eq!(st, 409);
+    let (st, v) = call(
+        &a,
+        "POST",
+        &format!("{base}/api/builds/1/resume?vm=a"),
+        &token,
+        "",
+    );
+    assert_eq!(st, 200, "{v}");
+
+    let v = wait_state(&a, &base, &token, "the end", |v| v["status"] != "running");
+    assert_eq!(v["status"], "succeeded", "{v}");
+    assert_eq!(v["phase"], "Succeeded");
+    assert_eq!(v["result"]["record"]["name"], "m");
+    assert_eq!(v["vms"][0]["steps"][1]["status"], "ok");
+    assert!(v["vms"][0]["paused"].is_null());
+
+    let got = events.join().expect("stream thread");
+    assert_eq!(got.last().map(|e| e.0.as_str()), Some("end"));
+    assert_eq!(got[0].0, "state");
+    let logs: Vec<_> = got.iter().filter(|e| e.0 == "log").collect();
+    assert!(
+        logs.iter().any(|e| e.2.contains("hello from the guest")),
+        "{logs:?}"
+    );
+    let ids: Vec<u64> = logs.iter().filter_map(|e| e.1).collect();
+    assert_eq!(ids, (0..ids.len() as u64).collect::<Vec<_>>());
+    let last_state: serde_json::Value = serde_json::from_str(
+        &got.iter()
+            .rev()
+            .find(|e| e.0 == "state")
+            .expect("a state")
+            .2,
+    )
+    .expect("state json");
+    assert_eq!(last_state["status"], "succeeded");
+
+    // A stream opened later from an id replays only what follows it.
+    let again = read_stream(format!("{base}/api/builds/1/events?token={token}&from=3"));
+    let first = again.iter().find(|e| e.0 == "log").and_then(|e| e.1);
+    assert_eq!(first, Some(3));
+    // Streams need the token too.
+    let r = agent()
+        .get(format!("{base}/api/builds/1/events"))
+        .call()
+        .expect("call");
+    assert_eq!(r.status(), 403);
+}
+
+#[test]
+fn a_build_is_cancelled_and_bad_manifests_do_not_start() {
+    let d = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        d.path().join("hang.yaml"),
+        PAUSING.replace("name: say", "name: hang"),
+    )
+    .expect("manifest");
+    std::fs::write(d.path().join("bad.yaml"), "vms: 3\n").expect("manifest");
+    let (base, token) = start_with(d.path(), fake_kiln(d.path()));
+    let a = agent();
+    let (st, v) = call(
+        &a,
+        "POST",
+        &format!("{base}/api/builds?name=bad.yaml"),
+        &token,
+        "",
+    );
+    assert_eq!(st, 422, "{v}");
+    let (st, _) = call(
+        &a,
+        "POST",
+        &format!("{base}/api/builds?name=none.yaml"),
+        &token,
+        "",
+    );
+    assert_eq!(st, 404);
+    let (st, v) = call(
+        &a,
+        "POST",
+        &format!("{base}/api/builds?name=hang.yaml"),
+        &token,
+        "",
+    );
+    assert_eq!(st, 200, "{v}");
+    wait_state(&a, &base, &token, "provisioning", |v| {
+        v["vms"][0]["phase"] == "Provisioning"
+    });
+    let (st, v) = call(
+        &a,
+        "POST",
+        &format!("{base}/api/builds/1/cancel"),
+        &token,
+        "",
+    );
+    assert_eq!(st, 200, "{v}");
+    let v = wait_state(&a, &base, &token, "the end", |v| v["status"] != "running");
+    assert_eq!(v["status"], "cancelled", "{v}");
+    assert_eq!(v["phase"], "Failed");
+    assert!(
+        v["error"].as_str().unwrap_or("").contains("cancelled"),
+        "{v}"
+    );
+    let (st, _) = call(
+        &a,
+        "POST",
+        &format!("{base}/api/builds/1/cancel"),
+        &token,
+        "",
+    );
+    assert_eq!(st, 409, "an ended build cannot be cancelled");
+    let (_, v) = call(&a, "GET", &format!("{base}/api/builds"), &token, "");
+    assert_eq!(v["builds"].as_array().map(Vec::len), Some(1));
 }

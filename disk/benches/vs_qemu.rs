@@ -9,6 +9,11 @@
 //!     through the block layer, against `qemu-img bench` with the same offsets.
 //!
 //! If mmdebstrap fails, the image is synthetic and every line says so.
+//!
+//! Conversions are timed as processes on both sides: kiln's is this binary re-run as
+//! `--kiln-convert SRC DST FORMAT COMPRESSION`, so start-up and opening the source count, as
+//! they do for qemu-img. Each case prints the best and the median round, and the load
+//! average, since the build machine is shared.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -112,14 +117,49 @@ fn synthetic_image() -> PathBuf {
     img
 }
 
-fn ratio(name: &str, label: &str, kiln: Duration, qemu: Duration) {
+/// Timings of one side: every round's time for one operation.
+struct Times(Vec<Duration>);
+
+impl Times {
+    fn min(&self) -> f64 {
+        self.0.iter().min().map_or(f64::NAN, Duration::as_secs_f64)
+    }
+    fn median(&self) -> f64 {
+        let mut v: Vec<f64> = self.0.iter().map(Duration::as_secs_f64).collect();
+        v.sort_by(f64::total_cmp);
+        match v.len() {
+            0 => f64::NAN,
+            n if n % 2 == 1 => v[n / 2],
+            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        }
+    }
+}
+
+fn ratio(name: &str, label: &str, kiln: &Times, qemu: &Times) {
     println!(
-        "{name:<44} kiln {:>7.2} s   qemu {:>7.2} s   kiln/qemu = {:.2}  (speedup {:.2}x){label}",
-        kiln.as_secs_f64(),
-        qemu.as_secs_f64(),
-        kiln.as_secs_f64() / qemu.as_secs_f64(),
-        qemu.as_secs_f64() / kiln.as_secs_f64()
+        "{name:<44} kiln {:>7.3} s   qemu {:>7.3} s   kiln/qemu = {:.2}  (speedup {:.2}x){label}",
+        kiln.min(),
+        qemu.min(),
+        kiln.min() / qemu.min(),
+        qemu.min() / kiln.min()
     );
+    println!(
+        "{:<44} median: kiln {:>7.3} s   qemu {:>7.3} s   kiln/qemu = {:.2}  (speedup {:.2}x)  [{} rounds, load {}]",
+        "",
+        kiln.median(),
+        qemu.median(),
+        kiln.median() / qemu.median(),
+        qemu.median() / kiln.median(),
+        kiln.0.len(),
+        load_average(),
+    );
+}
+
+/// The 1, 5 and 15 minute load averages, as the kernel reports them.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 /// qemu-img convert does not fsync its output (cache=unsafe by default), so kiln is timed
@@ -141,27 +181,50 @@ fn settle() {
 }
 
 /// Time kiln and qemu-img `rounds` times each, alternating which goes first, after a `sync`
-/// each time; keep the best of each (the machine is shared and noisy).
+/// each time; every time is kept (min and median are reported: the machine is shared).
 fn pair(
     rounds: usize,
     mut kiln: impl FnMut() -> Duration,
     mut qemu: impl FnMut() -> Duration,
-) -> (Duration, Duration) {
-    let (mut k, mut q) = (Duration::MAX, Duration::MAX);
+) -> (Times, Times) {
+    let (mut k, mut q) = (Vec::new(), Vec::new());
     for r in 0..rounds {
         if r % 2 == 0 {
             settle();
-            q = q.min(qemu());
+            q.push(qemu());
             settle();
-            k = k.min(kiln());
+            k.push(kiln());
         } else {
             settle();
-            k = k.min(kiln());
+            k.push(kiln());
             settle();
-            q = q.min(qemu());
+            q.push(qemu());
         }
     }
-    (k, q)
+    (Times(k), Times(q))
+}
+
+/// The child-process side of a kiln conversion: `BENCH --kiln-convert SRC DST FORMAT COMPRESS`.
+/// kiln is timed as a process, like qemu-img: start-up and opening the source count too.
+fn convert_child(args: &[String]) {
+    let [src, dst, format, compress] = args else {
+        panic!("--kiln-convert SRC DST raw|qcow2 none|deflate|zstd");
+    };
+    let opts = ConvertOptions {
+        format: if format == "raw" {
+            Format::Raw
+        } else {
+            Format::Qcow2
+        },
+        compress: match compress.as_str() {
+            "deflate" => Some(Compression::DEFLATE),
+            "zstd" => Some(Compression::ZSTD),
+            _ => None,
+        },
+        ..no_sync()
+    };
+    let dev = open(src, OpenOptions::read_only()).expect("open");
+    convert(dev.as_ref(), Path::new(dst), &opts).expect("convert");
 }
 
 fn timed(f: impl FnOnce()) -> Duration {
@@ -171,12 +234,20 @@ fn timed(f: impl FnOnce()) -> Duration {
 }
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--kiln-convert") {
+        convert_child(&args[2..]);
+        return;
+    }
     // `cargo bench` passes `--bench`; ignore unknown flags.
     let synthetic_only = std::env::args().any(|a| a == "--synthetic");
     let rounds: usize = std::env::var("KILN_BENCH_ROUNDS")
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(3);
+    // The uncompressed converts take a few tenths of a second: more rounds, and several
+    // conversions per timing (below), so a timing is not one scheduler hiccup.
+    let short_rounds = rounds.max(7);
     let (src, label) = match (!synthetic_only).then(debian_image).flatten() {
         Some(p) => (p, ""),
         None => (synthetic_image(), "  [SYNTHETIC image]"),
@@ -201,36 +272,36 @@ fn main() {
         .expect("qemu-img")
         .stdout;
     println!(
-        "machine: {threads} cores; {}; best of {rounds} alternating runs each",
+        "machine: {threads} cores; {}; {rounds} alternating rounds each \
+         ({short_rounds} for the uncompressed converts); load average {}",
         String::from_utf8_lossy(&version)
             .lines()
             .next()
-            .unwrap_or("")
+            .unwrap_or(""),
+        load_average(),
     );
+    println!("first line per case: best round; second: median round");
 
     // Warm the page cache so both sides read from memory.
     let _ = run(Command::new("cat")
         .arg(&src)
         .stdout(std::process::Stdio::null()));
-    let dev = open(&src, OpenOptions::read_only()).expect("open");
+    let me = std::env::current_exe().expect("own path");
 
-    let conversions: [(&str, &str, ConvertOptions, &[&str]); 4] = [
+    // (name, output, kiln's format and compression, qemu-img's arguments, short case)
+    type Case<'a> = (&'a str, &'a str, [&'a str; 2], &'a [&'a str], bool);
+    let conversions: [Case; 4] = [
         (
             "compressed convert (deflate)",
             "c.qcow2",
-            ConvertOptions {
-                compress: Some(Compression::DEFLATE),
-                ..no_sync()
-            },
+            ["qcow2", "deflate"],
             &["convert", "-c", "-O", "qcow2"],
+            false,
         ),
         (
             "compressed convert (zstd)",
             "z.qcow2",
-            ConvertOptions {
-                compress: Some(Compression::ZSTD),
-                ..no_sync()
-            },
+            ["qcow2", "zstd"],
             &[
                 "convert",
                 "-c",
@@ -239,46 +310,98 @@ fn main() {
                 "-O",
                 "qcow2",
             ],
+            false,
         ),
         (
             "uncompressed convert (qcow2)",
             "u.qcow2",
-            no_sync(),
+            ["qcow2", "none"],
             &["convert", "-O", "qcow2"],
+            true,
         ),
         (
             "uncompressed convert (raw)",
             "u.raw",
-            ConvertOptions {
-                format: Format::Raw,
-                ..no_sync()
-            },
+            ["raw", "none"],
             &["convert", "-O", "raw"],
+            true,
         ),
     ];
-    for (name, out, opts, qargs) in conversions {
-        let (kout, qout) = (w(&format!("k-{out}")), w(&format!("q-{out}")));
+    // KILN_BENCH_ONLY=text runs only the conversions whose name contains it.
+    let only = std::env::var("KILN_BENCH_ONLY").ok();
+    for (name, out, [kfmt, kcomp], qargs, short) in conversions {
+        if only.as_ref().is_some_and(|o| !name.contains(o.as_str())) {
+            continue;
+        }
+        let outs = |side: &str, n: usize| -> Vec<PathBuf> {
+            (0..n).map(|i| w(&format!("{side}{i}-{out}"))).collect()
+        };
+        let kiln_cmd = |dst: &Path| {
+            let mut c = Command::new(&me);
+            c.arg("--kiln-convert")
+                .arg(&src)
+                .arg(dst)
+                .args([kfmt, kcomp]);
+            c
+        };
+        let qemu_cmd = |dst: &Path| {
+            let mut c = Command::new("qemu-img");
+            c.args(qargs).arg(&src).arg(dst);
+            c
+        };
+        // Short cases: enough conversions per timing that a timing lasts about a second
+        // (calibrated on qemu-img), each to its own new file; both sides do the same number.
+        // Outputs are deleted before each timing, outside it, so neither side pays for
+        // freeing the previous round's file.
+        let reps = if short {
+            let t = run(&mut qemu_cmd(&w("calibrate"))).as_secs_f64();
+            let _ = std::fs::remove_file(w("calibrate"));
+            ((1.0 / t.max(0.01)).ceil() as usize).clamp(1, 8)
+        } else {
+            1
+        };
+        let timing = |side: &str, cmd: &dyn Fn(&Path) -> Command| {
+            let files = outs(side, reps);
+            for f in &files {
+                let _ = std::fs::remove_file(f);
+            }
+            settle();
+            let t = Instant::now();
+            for f in &files {
+                run(&mut cmd(f));
+            }
+            t.elapsed() / reps as u32
+        };
         let (k, q) = pair(
-            rounds,
-            || {
-                timed(|| {
-                    convert(dev.as_ref(), &kout, &opts).expect("convert");
-                })
-            },
-            || run(Command::new("qemu-img").args(qargs).arg(&src).arg(&qout)),
+            if short { short_rounds } else { rounds },
+            || timing("k", &kiln_cmd),
+            || timing("q", &qemu_cmd),
         );
-        ratio(name, label, k, q);
+        ratio(name, label, &k, &q);
+        let (kout, qout) = (&outs("k", 1)[0], &outs("q", 1)[0]);
         println!(
-            "    output sizes: kiln {} bytes, qemu-img {} bytes",
-            size_of(&kout),
-            size_of(&qout)
+            "    output sizes: kiln {} bytes, qemu-img {} bytes{}",
+            size_of(kout),
+            size_of(qout),
+            if reps > 1 {
+                format!("; {reps} conversions per timing, time per conversion shown")
+            } else {
+                String::new()
+            }
         );
-        run(Command::new("qemu-img").arg("compare").arg(&src).arg(&kout));
+        run(Command::new("qemu-img").arg("compare").arg(&src).arg(kout));
         if !out.ends_with(".raw") {
-            run(Command::new("qemu-img").arg("check").arg(&kout));
+            run(Command::new("qemu-img").arg("check").arg(kout));
+        }
+        for f in outs("k", reps).iter().chain(&outs("q", reps)) {
+            let _ = std::fs::remove_file(f);
         }
     }
-    drop(dev);
+
+    if only.is_some() {
+        println!("load average at the end: {}", load_average());
+        return;
+    }
 
     // 4 KiB writes at scattered offsets, then a sequential read, on fresh 2 GiB qcow2 images.
     let count: u64 = 50_000;
@@ -347,8 +470,8 @@ fn main() {
     ratio(
         &format!("{count} x 4 KiB scattered writes + flush"),
         "",
-        k,
-        q,
+        &k,
+        &q,
     );
     run(Command::new("qemu-img").arg("check").arg(&kimg));
     run(Command::new("qemu-img")
@@ -384,5 +507,6 @@ fn main() {
                 .arg(&qimg))
         },
     );
-    ratio("sequential read of 2 GiB, 1 MiB requests", "", k, q);
+    ratio("sequential read of 2 GiB, 1 MiB requests", "", &k, &q);
+    println!("load average at the end: {}", load_average());
 }

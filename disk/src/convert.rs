@@ -5,6 +5,7 @@
 //! all-zero clusters, compress, and hand the result to the calling thread, which writes
 //! chunks strictly in order through the [`StreamWriter`]. A window bounds how far workers may
 //! run ahead, so memory stays at about `threads * 2 * chunk` whatever the disk size.
+//! Uncompressed conversions take a leaner path without the hand-off ([`plain`]).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -18,6 +19,8 @@ use crate::error::{io_err, DiskError, Result};
 use crate::qcow2::header::CompressionType;
 use crate::qcow2::writer::StreamWriter;
 use crate::{BlockDevice, BlockError, BlockStatus, Format};
+
+mod plain;
 
 /// Compression for a qcow2 output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,6 +137,9 @@ impl Compressor {
 
     /// Compress one cluster; `None` when it does not shrink enough to be worth it.
     fn compress(&mut self, data: &[u8]) -> Option<Vec<u8>> {
+        if matches!(self, Compressor::None) {
+            return None;
+        }
         // Must be strictly shorter than a cluster; require saving at least a sector.
         let limit = data.len().checked_sub(512)?;
         let mut out = vec![0u8; limit];
@@ -219,6 +225,9 @@ fn run(
     file: File,
     opts: &ConvertOptions,
 ) -> std::result::Result<ConvertStats, RunError> {
+    if opts.compress.is_none() {
+        return plain::run(src, file, opts);
+    }
     let cs = opts.cluster_size;
     let size = src.size();
     let total_clusters = size.div_ceil(cs);
@@ -250,7 +259,6 @@ fn run(
                 .map_or(CompressionType::Deflate, Compression::kind),
         )?),
         Format::Raw => {
-            file.set_len(0)?;
             file.set_len(size)?;
             Sink::Raw(file)
         }
@@ -275,6 +283,7 @@ fn run(
                     }
                 };
                 let mut buf = vec![0u8; (per_chunk * cs) as usize];
+                let mut status = StatusCache::default();
                 loop {
                     let idx = next.fetch_add(1, Ordering::SeqCst);
                     if idx >= n_chunks || stop.load(Ordering::SeqCst) {
@@ -287,7 +296,7 @@ fn run(
                             w = written.1.wait(w).unwrap_or_else(|e| e.into_inner());
                         }
                     }
-                    let r = read_chunk(src, idx, per_chunk, cs, size, &mut buf, &mut comp);
+                    let r = read_chunk(src, idx, per_chunk, cs, &mut buf, &mut comp, &mut status);
                     let failed = r.is_err();
                     if tx.send(r.map(|c| (idx, c))).is_err() || failed {
                         return;
@@ -394,41 +403,17 @@ fn read_chunk(
     idx: u64,
     per_chunk: u64,
     cs: u64,
-    size: u64,
     buf: &mut [u8],
     comp: &mut Compressor,
+    status: &mut StatusCache,
 ) -> std::result::Result<Chunk, RunError> {
     let first_cluster = idx * per_chunk;
     let start = first_cluster * cs;
-    let end = (start + per_chunk * cs).min(size);
+    let end = (start + per_chunk * cs).min(src.size());
     let len = (end - start) as usize;
     let buf = &mut buf[..len];
-    // Block status first: holes are neither read, scanned nor even zero-filled; clusters
-    // wholly inside a hole are known zero.
-    let ncl = len.div_ceil(cs as usize);
     let csz = cs as usize;
-    let mut known_zero = vec![false; ncl];
-    let mut pos = start;
-    while pos < end {
-        let (st, n) = src.block_status(pos, end - pos).map_err(RunError::Src)?;
-        let n = n.clamp(1, end - pos);
-        let (a, b) = ((pos - start) as usize, (pos - start + n) as usize);
-        match st {
-            BlockStatus::Zero => {
-                let first_full = a.div_ceil(csz);
-                let last_full = if b == len { ncl } else { b / csz };
-                if first_full < last_full {
-                    known_zero[first_full..last_full].fill(true);
-                    buf[a..first_full * csz].fill(0);
-                    buf[(last_full * csz).min(b)..b].fill(0);
-                } else {
-                    buf[a..b].fill(0);
-                }
-            }
-            BlockStatus::Data => src.read_at(&mut buf[a..b], pos).map_err(RunError::Src)?,
-        }
-        pos += n;
-    }
+    let known_zero = load(src, status, start, end, cs, buf)?;
     let clusters = buf
         .chunks(csz)
         .zip(known_zero)
@@ -453,6 +438,79 @@ fn read_chunk(
         first_cluster,
         clusters,
     })
+}
+
+/// A worker's last block-status answer. The device is asked about everything up to its end,
+/// not just the current chunk, and the answer is kept: a raw file answers with two `lseek`s
+/// per extent instead of two per chunk, and those scan the page cache of long holes.
+#[derive(Default)]
+struct StatusCache {
+    from: u64,
+    to: u64,
+    status: Option<BlockStatus>,
+}
+
+impl StatusCache {
+    /// The status at `pos` and how many bytes from `pos` it holds for.
+    fn get(
+        &mut self,
+        src: &dyn BlockDevice,
+        pos: u64,
+    ) -> std::result::Result<(BlockStatus, u64), RunError> {
+        if let Some(st) = self.status {
+            if (self.from..self.to).contains(&pos) {
+                return Ok((st, self.to - pos));
+            }
+        }
+        let rest = src.size() - pos;
+        let (st, n) = src.block_status(pos, rest).map_err(RunError::Src)?;
+        let n = n.clamp(1, rest);
+        *self = StatusCache {
+            from: pos,
+            to: pos + n,
+            status: Some(st),
+        };
+        Ok((st, n))
+    }
+}
+
+/// Read `start..end` of `src` into `buf` (exactly that long) and say which clusters of it are
+/// known to be zero. Block status comes first: holes are neither read, scanned nor even
+/// zero-filled; clusters wholly inside a hole are known zero (their bytes in `buf` are stale).
+fn load(
+    src: &dyn BlockDevice,
+    status: &mut StatusCache,
+    start: u64,
+    end: u64,
+    cs: u64,
+    buf: &mut [u8],
+) -> std::result::Result<Vec<bool>, RunError> {
+    let len = buf.len();
+    let csz = cs as usize;
+    let ncl = len.div_ceil(csz);
+    let mut known_zero = vec![false; ncl];
+    let mut pos = start;
+    while pos < end {
+        let (st, n) = status.get(src, pos)?;
+        let n = n.clamp(1, end - pos);
+        let (a, b) = ((pos - start) as usize, (pos - start + n) as usize);
+        match st {
+            BlockStatus::Zero => {
+                let first_full = a.div_ceil(csz);
+                let last_full = if b == len { ncl } else { b / csz };
+                if first_full < last_full {
+                    known_zero[first_full..last_full].fill(true);
+                    buf[a..first_full * csz].fill(0);
+                    buf[(last_full * csz).min(b)..b].fill(0);
+                } else {
+                    buf[a..b].fill(0);
+                }
+            }
+            BlockStatus::Data => src.read_at(&mut buf[a..b], pos).map_err(RunError::Src)?,
+        }
+        pos += n;
+    }
+    Ok(known_zero)
 }
 
 fn is_zero(b: &[u8]) -> bool {

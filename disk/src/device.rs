@@ -1,6 +1,6 @@
 //! The block-device contract.
 
-use std::io;
+use std::io::{self, IoSlice, IoSliceMut};
 
 /// Errors a block device reports. Each names what failed so a caller can turn it into a
 /// virtio status or a user-facing message without guessing.
@@ -41,6 +41,37 @@ pub trait BlockDevice: Send + Sync {
     fn discard(&self, offset: u64, len: u64) -> BlockResult<()>;
     /// Make a range read as zeroes.
     fn write_zeroes(&self, offset: u64, len: u64) -> BlockResult<()>;
+
+    /// Fill `bufs` in order from `offset`, as one read: a virtio request's data is scattered
+    /// over guest pages, and a device that can read into all of them at once saves a copy.
+    /// The default reads through one buffer and scatters it.
+    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> BlockResult<()> {
+        if let [one] = bufs {
+            return self.read_at(one, offset);
+        }
+        let mut tmp = vec![0u8; bufs.iter().map(|b| b.len()).sum()];
+        self.read_at(&mut tmp, offset)?;
+        let mut at = 0;
+        for b in bufs.iter_mut() {
+            let n = b.len();
+            b.copy_from_slice(&tmp[at..at + n]);
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// Write `bufs`, concatenated, at `offset`, as one write. The default gathers them into
+    /// one buffer.
+    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> BlockResult<()> {
+        if let [one] = bufs {
+            return self.write_at(one, offset);
+        }
+        let mut tmp = Vec::with_capacity(bufs.iter().map(|b| b.len()).sum());
+        for b in bufs {
+            tmp.extend_from_slice(b);
+        }
+        self.write_at(&tmp, offset)
+    }
 
     /// What the range starting at `offset` holds, and for how many bytes (at least 1, at most
     /// `len`) that answer holds. Lets a converter skip holes without reading them; the default

@@ -87,6 +87,10 @@ pub fn build_fat(size: u64, label: &str, files: &[FatFile], floppy: bool) -> Res
         if floppy {
             opts = opts.sectors_per_cluster(1).media_type(MediaType::Removable);
             opts.root_entry_count = 224;
+        } else {
+            // 4 KiB clusters keep FAT12 under its 4084-cluster limit up to ~16 MiB (a seed
+            // carrying the agent binary is a few MiB; 512-byte clusters stop at ~2 MiB).
+            opts = opts.sectors_per_cluster(8);
         }
         let fs = FatVolumeFormatter::format(Cursor::new(&mut image[..]), opts)
             .map_err(fat_err("format"))?;

@@ -68,10 +68,12 @@ pub fn on_path(prog: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Runs kiln with args in the repository root; output captured.
+/// Runs kiln with args in the repository root; output captured. `KILN_NO_INTERNET`: no VPC of
+/// a test build gets NAT to the host, so no guest frame leaves kiln's user-space network.
 pub fn run_kiln(bin: &Path, args: &[&str]) -> Output {
     let out = Command::new(bin)
         .args(args)
+        .env("KILN_NO_INTERNET", "true")
         .current_dir(repo_root())
         .output()
         .expect("running kiln");

@@ -145,6 +145,7 @@ fn ctrl_c_mid_build_leaves_no_vm_and_no_module() {
     let modules = tmp.path().join("modules");
     let mut child = Command::new(&kiln)
         .args(["build", &m, "--output", modules.to_str().unwrap(), "--json"])
+        .env("KILN_NO_INTERNET", "true")
         .current_dir(repo_root())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

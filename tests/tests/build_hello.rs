@@ -72,6 +72,7 @@ fn hello_builds_and_its_disk_has_every_step() {
     let mut run = std::process::Command::new(&kiln)
         .args(["run", "hello-1", "--clones", c])
         .env("KILN_RUN_DIR", &run_dir)
+        .env("KILN_NO_INTERNET", "true")
         .current_dir(repo_root())
         .spawn()
         .unwrap();

@@ -1,12 +1,14 @@
 //! kiln-vmm benchmark: prints
 //! 1. time from VMM process start to the guest's first instruction (one VMM process per
-//!    VM, as the kvm engine runs it: spawn, control socket, VM and vCPU setup, first exit);
+//!    VM, as the kvm engine runs it: spawn, control socket, VM and vCPU setup, first exit),
+//!    with a breakdown of the median run; the process is this example's own binary, and
+//!    also the `kiln` binary when `--kiln PATH` is given;
 //! 2. the VMM process's resident memory with 1 vCPU and 256 MiB of guest memory;
 //! 3. the MMIO-exit round trip (guest read of a virtio-mmio register, served by the bus
 //!    and transport in user space), and the PIO-exit round trip for comparison.
 //!
 //! ```text
-//! cargo run --release -p kiln-vmm --example bench [-- ITERATIONS]
+//! cargo run --release -p kiln-vmm --example bench [-- RUNS] [--kiln target/release/kiln]
 //! ```
 
 use std::path::Path;
@@ -60,11 +62,76 @@ fn rss_kib(pid: u32) -> Option<(u64, u64, u64)> {
     Some((field("VmRSS:")?, field("RssAnon:")?, field("RssFile:")?))
 }
 
-fn process_metrics(runs: usize) {
+/// One start-up: the child's marks relative to `t0` (the parent's clock just before
+/// spawning), ending with the first guest exit.
+struct Startup {
+    total_ms: f64,
+    marks: Vec<(String, f64)>,
+}
+
+fn one_startup(exe: &Path, spec: &VmSpec, socket: &Path) -> (Startup, VmProcess) {
+    let t0 = monotonic_ns();
+    let mut p = VmProcess::spawn(exe, spec, socket).expect("spawn VMM");
+    p.start().expect("start");
+    // Wait for the first exit to be recorded.
+    let (first, phases) = loop {
+        match p.status().expect("status") {
+            Response::Status {
+                first_exit_monotonic_ns: Some(ns),
+                phases,
+                ..
+            } => break (ns, phases),
+            Response::Exited { exit } => panic!("guest ended early: {exit}"),
+            _ => std::thread::sleep(Duration::from_millis(1)),
+        }
+    };
+    let ms = |ns: u64| ns.saturating_sub(t0) as f64 / 1e6;
+    let marks = phases.into_iter().map(|p| (p.name, ms(p.at_ns))).collect();
+    (
+        Startup {
+            total_ms: ms(first),
+            marks,
+        },
+        p,
+    )
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Spawn `exe __vmm --nop` (the process does nothing and exits) and wait: what process
+/// creation, the dynamic loader and the runtime cost before any VM work.
+fn bare_process_ms(exe: &Path, runs: usize) -> f64 {
+    let mut v: Vec<f64> = (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            let s = std::process::Command::new(exe)
+                .args([CHILD_ARG, "--nop"])
+                .status()
+                .expect("run --nop");
+            assert!(s.success(), "{} __vmm --nop failed: {s}", exe.display());
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    median(&mut v)
+}
+
+fn process_metrics(exe: &Path, label: &str, runs: usize) {
     let dir = std::env::temp_dir().join(format!("kiln-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let kernel = spin_kernel(&dir);
-    let exe = std::env::current_exe().unwrap();
+    let size = std::fs::metadata(exe).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "VMM process: {label} ({}, {:.1} MiB)",
+        exe.display(),
+        size as f64 / (1 << 20) as f64
+    );
+    println!(
+        "  bare process (`__vmm --nop`: spawn, exec, loader, exit; waited): median {:.2} ms",
+        bare_process_ms(exe, runs)
+    );
     let mut startup = Vec::new();
     let mut rss = Vec::new();
     for i in 0..runs {
@@ -78,22 +145,8 @@ fn process_metrics(runs: usize) {
             console_log: Some(dir.join("console.log")),
             console_terminal: false,
         };
-        let socket = dir.join(format!("s{i}"));
-        let t0 = monotonic_ns();
-        let mut p = VmProcess::spawn(&exe, &spec, &socket).expect("spawn VMM");
-        p.start().expect("start");
-        // Wait for the first exit to be recorded.
-        let first = loop {
-            match p.status().expect("status") {
-                Response::Status {
-                    first_exit_monotonic_ns: Some(ns),
-                    ..
-                } => break ns,
-                Response::Exited { exit } => panic!("guest ended early: {exit}"),
-                _ => std::thread::sleep(Duration::from_millis(1)),
-            }
-        };
-        startup.push((first.saturating_sub(t0)) as f64 / 1e6);
+        let (s, mut p) = one_startup(exe, &spec, &dir.join(format!("s{i}")));
+        startup.push(s);
         std::thread::sleep(Duration::from_millis(100));
         if let Some(r) = rss_kib(p.pid()) {
             rss.push(r);
@@ -101,23 +154,49 @@ fn process_metrics(runs: usize) {
         assert_eq!(p.stop().expect("stop"), ExitReason::Stopped);
     }
     let _ = std::fs::remove_dir_all(&dir);
-    startup.sort_by(|a, b| a.total_cmp(b));
+    startup.sort_by(|a, b| a.total_ms.total_cmp(&b.total_ms));
+    let med = &startup[startup.len() / 2];
     println!(
-        "process start -> first guest instruction: median {:.2} ms, min {:.2} ms, max {:.2} ms ({} runs; target < 10 ms)",
-        startup[startup.len() / 2],
-        startup[0],
-        startup[startup.len() - 1],
+        "  process start -> first guest instruction: median {:.2} ms, min {:.2} ms, max {:.2} ms ({} runs; target < 10 ms)",
+        med.total_ms,
+        startup[0].total_ms,
+        startup[startup.len() - 1].total_ms,
         runs
+    );
+    println!("  breakdown of the median run (ms since the parent called spawn; marks from the VMM process, threads marked as such):");
+    println!("    {:>7.2}  spawn called", 0.0);
+    for (name, at) in &med.marks {
+        println!("    {at:>7.2}  {name}");
+    }
+    println!(
+        "  median of each mark over all runs: {}",
+        median_marks(&startup)
     );
     rss.sort();
     if let Some((total, anon, file)) = rss.get(rss.len() / 2) {
         println!(
-            "VMM resident memory, 1 vCPU, 256 MiB guest: {:.2} MiB (anon {:.2} MiB, file {:.2} MiB; includes the guest pages touched; target < 8 MiB)",
+            "  VMM resident memory, 1 vCPU, 256 MiB guest: {:.2} MiB (anon {:.2} MiB, file {:.2} MiB; includes the guest pages touched; target < 8 MiB)",
             *total as f64 / 1024.0,
             *anon as f64 / 1024.0,
             *file as f64 / 1024.0
         );
     }
+}
+
+/// "name=median" for the marks every run has.
+fn median_marks(runs: &[Startup]) -> String {
+    let names: Vec<&String> = runs[0].marks.iter().map(|(n, _)| n).collect();
+    names
+        .into_iter()
+        .filter_map(|n| {
+            let mut v: Vec<f64> = runs
+                .iter()
+                .filter_map(|r| r.marks.iter().find(|(m, _)| m == n).map(|(_, t)| *t))
+                .collect();
+            (v.len() == runs.len()).then(|| format!("{n}={:.2}", median(&mut v)))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 struct Idle;
@@ -213,16 +292,28 @@ fn in_process_startup(runs: usize) {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some(CHILD_ARG) {
-        // Child mode: `bench __vmm --socket S --spec JSON`.
-        let born = Instant::now();
-        let socket = std::path::PathBuf::from(&args[3]);
-        let spec: VmSpec = serde_json::from_str(&args[5]).expect("spec");
-        let code = kiln_vmm::process::child::run_child(&spec, &socket, born);
-        std::process::exit(code);
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == CHILD_ARG) {
+        // Child mode, first thing in main as in `kiln`: `bench __vmm --socket S --spec JSON`.
+        std::process::exit(kiln_vmm::process::child::main(&args[2..], || {}));
     }
-    let runs: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(20);
+    let args: Vec<String> = args
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let mut runs: usize = 20;
+    let mut kiln_exe = None;
+    let mut it = args.iter().skip(1);
+    while let Some(a) = it.next() {
+        if a == "--kiln" {
+            kiln_exe = it.next().map(std::path::PathBuf::from);
+        } else if let Ok(n) = a.parse() {
+            runs = n;
+        } else {
+            eprintln!("usage: bench [RUNS] [--kiln PATH-TO-kiln]");
+            std::process::exit(2);
+        }
+    }
     if std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -233,10 +324,17 @@ fn main() {
         return;
     }
     println!(
-        "kiln-vmm benchmark ({})",
-        kiln_vmm::doctor::probe().vendor.describe()
+        "kiln-vmm benchmark ({}); load average {}",
+        kiln_vmm::doctor::probe().vendor.describe(),
+        std::fs::read_to_string("/proc/loadavg")
+            .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
     );
-    process_metrics(runs);
+    let exe = std::env::current_exe().unwrap();
+    process_metrics(&exe, "this example's own binary (`bench __vmm`)", runs);
+    if let Some(k) = &kiln_exe {
+        process_metrics(k, "the kiln binary (`kiln __vmm`)", runs);
+    }
     in_process_startup(runs);
     let n = 20_000;
     let mmio = exit_round_trip(n, true);

@@ -12,6 +12,7 @@ pub mod doctor;
 pub mod exit;
 pub mod machine;
 pub mod memory;
+pub mod phases;
 pub mod power;
 pub mod process;
 pub mod serial;

@@ -30,6 +30,7 @@ use crate::boot::linux::{self, KernelSpec};
 use crate::boot::{self, BootError};
 use crate::exit::ExitReason;
 use crate::memory::{self, MemoryError};
+use crate::phases::Phases;
 use crate::power::{AcpiPower, I8042};
 use crate::serial::{ConsoleOutput, SerialDevice};
 use crate::transport::mmio::TransportError;
@@ -233,14 +234,72 @@ pub struct Machine {
     pub started: Instant,
     pub vcpus_started: Instant,
     reason: Option<ExitReason>,
+    phases: Phases,
+}
+
+/// A VM that is fully built (memory, KVM setup, devices, payload loaded, vCPUs created
+/// with their boot registers) but whose vCPUs have not run yet. [`Prepared::start`] runs
+/// them. Splitting the two lets a VMM process build its VM while it waits for the order to
+/// start.
+pub struct Prepared {
+    vm: Vm,
+    vcpus: Vec<crate::vcpu::Vcpu>,
+    capture: Option<Arc<Mutex<Vec<u8>>>>,
+    serial: Arc<Mutex<SerialDevice>>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    terminal: bool,
+    started: Instant,
+    phases: Phases,
+}
+
+impl Prepared {
+    /// The start-up marks so far.
+    pub fn phases(&self) -> &Phases {
+        &self.phases
+    }
+
+    /// Start the vCPUs (the boot vCPU on the thread that created the PIT).
+    pub fn start(mut self) -> Result<Machine, MachineError> {
+        let vcpus_started = Instant::now();
+        let threads = VcpuThreads::spawn_with_boot(
+            self.vm.take_boot_thread(),
+            std::mem::take(&mut self.vcpus),
+            self.vm.run_state.clone(),
+        )
+        .map_err(io_err("starting vCPU threads"))?;
+        self.phases.mark("vCPUs handed to their threads");
+        let machine = Machine {
+            vm: self.vm,
+            threads: Some(threads),
+            capture: self.capture,
+            serial: self.serial,
+            transports: self.transports,
+            started: self.started,
+            vcpus_started,
+            reason: None,
+            phases: self.phases,
+        };
+        if self.terminal {
+            machine.forward_stdin();
+        }
+        Ok(machine)
+    }
 }
 
 impl Machine {
     /// Build the VM and start its vCPUs.
     pub fn start(config: VmConfig) -> Result<Machine, MachineError> {
+        Machine::prepare(config, Phases::new())?.start()
+    }
+
+    /// Build the VM without running it; marks each step in `phases`. The PIT is created
+    /// on the boot vCPU's thread while the payload is loaded and the tables built (see
+    /// [`Vm::new_overlapped`]).
+    pub fn prepare(config: VmConfig, phases: Phases) -> Result<Prepared, MachineError> {
         let started = Instant::now();
         let mem = memory::create_guest_memory(config.mem_size)?;
-        let vm = Vm::new(mem.clone())?;
+        phases.mark("guest memory mapped");
+        let vm = Vm::new_overlapped(mem.clone(), &phases)?;
 
         // Console.
         let capture = config
@@ -286,6 +345,7 @@ impl Machine {
             u64::from(layout::ACPI_POWER_PORT),
             1,
         )?;
+        phases.mark("serial and power devices");
 
         // virtio devices.
         let mut transports = Vec::new();
@@ -304,6 +364,7 @@ impl Machine {
                 gsi,
             });
         }
+        phases.mark("virtio transports");
 
         // ACPI tables and the payload.
         let tables = acpi::build(config.vcpus, &described).map_err(BootError::from)?;
@@ -312,6 +373,7 @@ impl Machine {
                 what: "the ACPI tables",
                 source,
             })?;
+        phases.mark("ACPI tables");
         let mode = match &config.payload {
             Payload::Kernel(spec) => {
                 let loaded = linux::load(&mem, config.mem_size, spec, tables.rsdp_addr)?;
@@ -335,6 +397,7 @@ impl Machine {
             }
         };
         boot::write_boot_structures(&mem, mode)?;
+        phases.mark("payload, boot parameters, GDT and page tables");
 
         let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
         for id in 0..config.vcpus {
@@ -343,23 +406,42 @@ impl Machine {
         vcpus[0]
             .set_boot_state(mode)
             .map_err(MachineError::BootRegs)?;
-        let vcpus_started = Instant::now();
-        let threads = VcpuThreads::spawn(vcpus, vm.run_state.clone())
-            .map_err(io_err("starting vCPU threads"))?;
-        let machine = Machine {
+        phases.mark("vCPUs created (CPUID, MSRs, LAPIC, registers)");
+        Ok(Prepared {
             vm,
-            threads: Some(threads),
+            vcpus,
             capture,
             serial,
             transports,
+            terminal: config.console.terminal,
             started,
-            vcpus_started,
-            reason: None,
-        };
-        if config.console.terminal {
-            machine.forward_stdin();
+            phases,
+        })
+    }
+
+    /// The start-up marks (see [`Machine::prepare`]); the first vCPU exit is added when
+    /// it happens.
+    pub fn phases(&self) -> Vec<crate::phases::Phase> {
+        let mut v = self.phases.snapshot();
+        let first_run = *self
+            .vm
+            .run_state
+            .first_run
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = first_run {
+            v.push(crate::phases::Phase {
+                name: "first KVM_RUN called (vCPU thread)".into(),
+                at_ns: crate::phases::instant_to_ns(t),
+            });
         }
-        Ok(machine)
+        if let Some(t) = self.first_exit() {
+            v.push(crate::phases::Phase {
+                name: "first guest exit (vCPU thread)".into(),
+                at_ns: crate::phases::instant_to_ns(t),
+            });
+        }
+        v
     }
 
     fn forward_stdin(&self) {

@@ -23,6 +23,8 @@ pub struct RunState {
     pub exits: AtomicU64,
     /// When the first exit was seen (the guest's first instruction ran before it).
     pub first_exit: Mutex<Option<Instant>>,
+    /// When a vCPU thread first called KVM_RUN (for the start-up breakdown).
+    pub first_run: Mutex<Option<Instant>>,
 }
 
 impl RunState {
@@ -131,9 +133,20 @@ impl Vcpu {
         }
     }
 
+    /// End the VM with `reason` without running (a setup step failed).
+    pub(crate) fn fail(self, reason: ExitReason) -> Option<ExitReason> {
+        self.exit.request(reason.clone());
+        Some(reason)
+    }
+
     /// Run until the VM ends or is stopped. Returns the reason this vCPU ended the VM, if
     /// it was this vCPU that did.
     pub fn run(mut self) -> Option<ExitReason> {
+        self.state
+            .first_run
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert_with(Instant::now);
         loop {
             if self.state.stopping() || self.exit.get().is_some() {
                 return None;
@@ -241,8 +254,27 @@ pub struct VcpuThreads {
 impl VcpuThreads {
     /// Start each vCPU on its own thread.
     pub fn spawn(vcpus: Vec<Vcpu>, state: Arc<RunState>) -> std::io::Result<VcpuThreads> {
+        Self::spawn_with_boot(None, vcpus, state)
+    }
+
+    /// Like [`VcpuThreads::spawn`], but the first vCPU goes to `boot`, a thread that is
+    /// already running and waiting for it (see [`crate::vm::Vm::new_overlapped`]).
+    pub fn spawn_with_boot(
+        boot: Option<crate::vm::BootThread>,
+        vcpus: Vec<Vcpu>,
+        state: Arc<RunState>,
+    ) -> std::io::Result<VcpuThreads> {
         install_kick_handler();
         let mut threads = Vec::with_capacity(vcpus.len());
+        let mut vcpus = vcpus.into_iter();
+        if let Some(b) = boot {
+            if let Some(v) = vcpus.next() {
+                // The thread only goes away without taking the vCPU if it panicked; the
+                // join in `stop` reports that.
+                let _ = b.tx.send(v);
+            }
+            threads.push(b.handle);
+        }
         for v in vcpus {
             let name = format!("kiln-vcpu{}", v.id);
             match std::thread::Builder::new()

@@ -26,12 +26,17 @@ pub struct BuildArgs {
     /// On a failure: abort (stop every VM, leave no module) or keep the failed VM running.
     #[arg(long, value_enum, default_value = "abort")]
     pub on_error: OnError,
-    /// Capture buildRef children as a layer over their parent's disk.
+    /// Capture each buildRef VM's boot disk as a qcow2 layer over its parent module's disk
+    /// (relative backing path, parent digest in module.yaml) instead of a standalone image.
     #[arg(long)]
     pub thin: bool,
     /// Machine-readable events on stdout, one JSON object per line.
     #[arg(long)]
     pub json: bool,
+    /// No VPC gets internet (NAT to the host), whatever the manifest says: a hermetic build.
+    /// The VMs still reach each other by name.
+    #[arg(long, env = "KILN_NO_INTERNET", value_parser = clap::builder::BoolishValueParser::new())]
+    pub no_internet: bool,
 }
 
 pub fn build(a: BuildArgs) -> anyhow::Result<ExitCode> {
@@ -43,9 +48,6 @@ pub fn build(a: BuildArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("reading {}", a.file.display()))?;
     let plan = loaded.into_plan()?;
     let job = crate::plan_adapter::job_from_plan(&plan, &a.file, &text)?;
-    if a.thin {
-        anyhow::bail!("--thin captures are not implemented yet");
-    }
     let cache = Cache::from_env()?;
     let display: Arc<dyn EventSink> = if a.json {
         Arc::new(JsonSink::new())
@@ -89,6 +91,11 @@ pub fn build(a: BuildArgs) -> anyhow::Result<ExitCode> {
         on_error: a.on_error,
         thin: a.thin,
         cache,
+        internet: if a.no_internet {
+            crate::engine::network::Internet::Off
+        } else {
+            crate::engine::network::Internet::AsDeclared
+        },
     };
     let result = pipeline::run(&job, &opts, &ctx);
     match result {

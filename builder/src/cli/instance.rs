@@ -16,6 +16,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 
 use crate::clone;
+use crate::engine::network::{self as modnet, Internet};
 use crate::engine::{self, DiskAttach, EngineChoice, VmLaunch};
 use crate::module;
 use crate::pipeline::runtime_root;
@@ -29,6 +30,10 @@ pub struct RunArgs {
     pub clones: PathBuf,
     #[arg(long, value_enum, default_value = "auto")]
     pub engine: EngineChoice,
+    /// No VPC gets internet (NAT to the host), whatever the module says. The clone's VMs
+    /// still reach each other by name.
+    #[arg(long, env = "KILN_NO_INTERNET", value_parser = clap::builder::BoolishValueParser::new())]
+    pub no_internet: bool,
 }
 
 #[derive(Debug, Args)]
@@ -60,6 +65,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     let c = clone::load(&dir)?;
     let rec = module::load(&c.module_path)
         .with_context(|| format!("the module of clone `{}`", c.name))?;
+    module::verify_layers(&c.module_path, &rec)?;
     let probe = kiln_vmm::doctor::probe();
     let pick = engine::pick(a.engine, &probe);
     eprintln!("engine: {}", pick.why);
@@ -79,9 +85,33 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         ctrlc::set_handler(move || cancel.store(true, Ordering::SeqCst))
             .context("installing the Ctrl-C handler")?;
     }
+    // A fresh isolated network for this clone, from the module's base values (no
+    // buildOverrides): its own DHCP, DNS and NAT, shared with no other clone.
+    let base = clone::load_base(&c.module_path)?;
+    let internet = if a.no_internet {
+        Internet::Off
+    } else {
+        Internet::AsDeclared
+    };
+    let net = match &base {
+        Some(b) => Some(modnet::start(&b.network, internet)?),
+        None => {
+            eprintln!(
+                "{}: the module records no network ({} is missing): its VMs get no NIC",
+                c.name,
+                clone::BASE_FILE_NAME
+            );
+            None
+        }
+    };
     let mut vms = Vec::new();
     for (i, v) in c.vms.iter().enumerate() {
         let mv = module::pick_vm(&rec, Some(&v.name))?;
+        let bv = base.as_ref().and_then(|b| b.vm(&v.name));
+        let nics = match (&net, bv) {
+            (Some(net), Some(bv)) => modnet::attach(net, &v.name, &bv.nics)?,
+            _ => Vec::new(),
+        };
         let boot = mv
             .boot
             .as_ref()
@@ -90,8 +120,9 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         std::fs::create_dir_all(&workdir)?;
         let launch = VmLaunch {
             name: v.name.clone(),
-            cpus: mv.cpus,
-            memory_mib: mv.memory_mib,
+            // Clones get the base resources; buildOverrides were for the build only.
+            cpus: bv.map_or(mv.cpus, |b| b.cpus),
+            memory_mib: bv.map_or(mv.memory_mib, |b| b.memory_mib),
             boot: BootFiles {
                 kernel: c.module_path.join(&boot.kernel),
                 initrd: boot.initrd.as_ref().map(|i| c.module_path.join(i)),
@@ -111,7 +142,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
             workdir: workdir.clone(),
             serial_log: dir.join(format!("{}-serial.log", v.name)),
             cid: 3 + i as u32,
-            mac: None,
+            nics,
         };
         let vm = eng
             .launch(&launch)
@@ -144,6 +175,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         vm.kill();
         eprintln!("{}/{name}: stopped", c.name);
     }
+    drop(net);
     let _ = std::fs::remove_dir_all(&run_dir);
     Ok(ExitCode::SUCCESS)
 }

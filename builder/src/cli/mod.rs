@@ -96,6 +96,12 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Logging for the VMM child process (`kiln __vmm`, see `main.rs`), set up once its vCPUs
+/// run; `RUST_LOG` applies as everywhere.
+pub fn init_vmm_logging() {
+    init_logging(0);
+}
+
 fn init_logging(verbose: u8) {
     use tracing_subscriber::EnvFilter;
     let default = match verbose {

@@ -99,6 +99,8 @@ pub struct CloneArgs {
 
 pub fn clone(a: CloneArgs) -> anyhow::Result<ExitCode> {
     let (dir, rec) = module::find(&a.modules, &a.module)?;
+    // A thin module is only as good as the parent disk under it.
+    module::verify_layers(&dir, &rec)?;
     let prefix = a.name.clone().unwrap_or_else(|| rec.name.clone());
     let made = clone::create(&dir, &rec, &a.clones, &prefix, a.count)
         .with_context(|| format!("cloning `{}`", rec.name))?;

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Args;
 
-use crate::serve::{Config, Serve};
+use crate::serve::{BuildConfig, Config, Serve};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -18,12 +18,24 @@ pub struct ServeArgs {
     /// Address to listen on. Loopback by default; another address serves other hosts.
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
+    /// Folder that builds started from the page write modules to (as `kiln build --output`).
+    #[arg(long, short = 'o', env = "KILN_MODULES", default_value = "modules")]
+    pub output: PathBuf,
 }
 
 pub fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
+    let program = std::env::current_exe().context("finding the kiln binary to run builds")?;
+    // Builds run in a child with another working folder in mind: make the output absolute.
+    let output = std::path::absolute(&a.output)
+        .with_context(|| format!("resolving {}", a.output.display()))?;
     let s = Serve::bind(Config {
         dir: a.dir.clone(),
         listen: a.listen,
+        build: BuildConfig {
+            program,
+            output,
+            run_root: crate::pipeline::runtime_root(),
+        },
     })
     .with_context(|| format!("cannot serve {}", a.dir.display()))?;
     if !a.listen.ip().is_loopback() {

@@ -5,10 +5,12 @@
 //!
 //! [`pick`] implements `--engine auto`.
 
+pub mod network;
 pub mod qemu;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::sources::BootFiles;
@@ -45,6 +47,34 @@ pub struct DiskAttach {
     pub read_only: bool,
 }
 
+/// One NIC given to a VM: its port on the module network ([`network::attach`]).
+#[derive(Clone)]
+pub struct NicAttach {
+    pub name: String,
+    pub mac: [u8; 6],
+    pub port: Arc<dyn kiln_net::FramePort>,
+}
+
+impl NicAttach {
+    /// `xx:xx:xx:xx:xx:xx`.
+    pub fn mac_string(&self) -> String {
+        self.mac
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    }
+}
+
+impl std::fmt::Debug for NicAttach {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NicAttach")
+            .field("name", &self.name)
+            .field("mac", &self.mac_string())
+            .finish_non_exhaustive()
+    }
+}
+
 /// Everything an engine needs to start one VM.
 #[derive(Debug, Clone)]
 pub struct VmLaunch {
@@ -62,8 +92,8 @@ pub struct VmLaunch {
     pub serial_log: PathBuf,
     /// The guest's vsock context id.
     pub cid: u32,
-    /// MAC of the VM's NIC on the module network, if it has one.
-    pub mac: Option<[u8; 6]>,
+    /// The VM's NICs on the module network, in slot order.
+    pub nics: Vec<NicAttach>,
 }
 
 impl VmLaunch {

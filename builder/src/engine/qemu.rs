@@ -127,26 +127,35 @@ pub fn qemu_args(vm: &VmLaunch, block: BlockMode, vsock_sock: Option<&Path>) -> 
         a.push("-device".into());
         a.push("vhost-user-vsock-pci,chardev=vsock".into());
     }
-    if let Some(mac) = vm.mac {
-        let m = mac
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(":");
+    for (i, nic) in vm.nics.iter().enumerate() {
         a.push("-chardev".into());
         a.push(
             format!(
-                "socket,id=net0,path={}",
-                vm.workdir.join("net0.sock").display()
+                "socket,id=net{i},path={}",
+                net_socket(&vm.workdir, i).display()
             )
             .into(),
         );
         a.push("-netdev".into());
-        a.push("vhost-user,id=n0,chardev=net0".into());
+        a.push(format!("vhost-user,id=n{i},chardev=net{i}").into());
         a.push("-device".into());
-        a.push(format!("virtio-net-pci,netdev=n0,mac={m}").into());
+        // vectors=0 (INTx): QEMU 7.2 crashes in msix_set_vector_notifiers when a vhost-user
+        // netdev starts with MSI-X vectors.
+        a.push(
+            format!(
+                "virtio-net-pci,netdev=n{i},mac={},vectors=0",
+                nic.mac_string()
+            )
+            .into(),
+        );
     }
     a
+}
+
+/// Where the vhost-user socket of NIC `i` lives (kiln-vmm's relay; the backend proper
+/// listens on `<socket>.backend`).
+pub fn net_socket(workdir: &Path, i: usize) -> PathBuf {
+    workdir.join(format!("net{i}.sock"))
 }
 
 /// Where the vhost-user socket of disk `i` lives.
@@ -297,7 +306,7 @@ mod tests {
             workdir: "/w".into(),
             serial_log: "/w/serial.log".into(),
             cid: 3,
-            mac: None,
+            nics: vec![],
         }
     }
 
@@ -330,14 +339,34 @@ mod tests {
     }
 
     #[test]
-    fn nic_when_a_mac_is_given() {
+    fn one_vhost_user_net_device_per_nic_without_msix() {
         let mut l = launch();
-        l.mac = Some([0x52, 0x54, 0, 1, 2, 3]);
-        let s = joined(&qemu_args(&l, BlockMode::QemuDrive, None));
-        assert!(
-            s.contains("virtio-net-pci,netdev=n0,mac=52:54:00:01:02:03"),
-            "{s}"
-        );
-        assert!(s.contains("virtio-blk-pci,drive=d0"));
+        let (port, _other) = kiln_net::port_pair(4).unwrap();
+        let port: std::sync::Arc<dyn kiln_net::FramePort> = std::sync::Arc::new(port);
+        for (i, name) in ["eth0", "eth1"].iter().enumerate() {
+            l.nics.push(crate::engine::NicAttach {
+                name: (*name).into(),
+                mac: [0x02, 0x6b, 0x6c, 0, 0, i as u8],
+                port: port.clone(),
+            });
+        }
+        let s = joined(&qemu_args(&l, BlockMode::VhostUser, None));
+        for i in 0..2 {
+            assert!(
+                s.contains(&format!("socket,id=net{i},path=/w/net{i}.sock")),
+                "{s}"
+            );
+            assert!(
+                s.contains(&format!("vhost-user,id=n{i},chardev=net{i}")),
+                "{s}"
+            );
+            assert!(
+                s.contains(&format!(
+                    "virtio-net-pci,netdev=n{i},mac=02:6b:6c:00:00:0{i},vectors=0"
+                )),
+                "{s}"
+            );
+        }
+        assert!(!joined(&qemu_args(&launch(), BlockMode::VhostUser, None)).contains("netdev"));
     }
 }

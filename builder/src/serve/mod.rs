@@ -12,19 +12,37 @@
 //!   message, hint, path}], doc}`: the validator's diagnostics, each with the path of its
 //!   field, and the document as JSON (null when the YAML does not parse)
 //! - `POST /api/yaml` (body: `{doc, original?}`) -> `{text}`: canonical YAML of a document
+//! - `GET /api/builds` -> `{builds: [state]}`; `POST /api/builds?name=N` starts `kiln build`
+//!   of the saved manifest N -> `state` (409 while another build runs)
+//! - `GET /api/builds/ID` -> `state`; `GET /api/builds/ID/events` -> Server-Sent Events
+//!   (see [`sse`]); `POST /api/builds/ID/cancel`; `POST /api/builds/ID/resume?vm=V` ends a
+//!   handbuild pause
+//!
+//! Requests are served by a few worker threads; an event stream gets a thread of its own, so
+//! a page watching a build never holds up another request.
 
 mod assets;
+pub mod build;
 pub mod doc;
+mod sse;
 pub mod store;
 
 use std::io::Read as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use serde_json::{json, Value};
 use tiny_http::{Header, Method, Request, Response, Server};
 
+pub use build::{BuildConfig, Builds};
 pub use store::{Store, StoreError};
+
+/// Threads that serve ordinary requests.
+const WORKERS: usize = 4;
+/// Event streams open at once; more get 503.
+const MAX_STREAMS: usize = 32;
 
 /// Largest request body accepted: a manifest plus JSON overhead.
 const MAX_BODY: u64 = 2 * crate::manifest::MAX_FILE_BYTES;
@@ -43,14 +61,22 @@ pub struct Config {
     /// The folder of manifests.
     pub dir: PathBuf,
     pub listen: SocketAddr,
+    /// How builds started from the page run.
+    pub build: BuildConfig,
 }
 
 /// A bound server, ready to run.
 pub struct Serve {
-    server: Server,
+    server: Arc<Server>,
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+}
+
+struct Shared {
     store: Store,
     token: String,
-    addr: SocketAddr,
+    builds: Builds,
+    streams: AtomicUsize,
 }
 
 impl Serve {
@@ -70,23 +96,40 @@ impl Serve {
                 message: "not an IP socket".into(),
             })?;
         Ok(Serve {
-            server,
-            store: Store::new(cfg.dir),
-            token: new_token().map_err(ServeError::Token)?,
+            server: Arc::new(server),
+            shared: Arc::new(Shared {
+                store: Store::new(cfg.dir),
+                token: new_token().map_err(ServeError::Token)?,
+                builds: Builds::new(cfg.build),
+                streams: AtomicUsize::new(0),
+            }),
             addr,
         })
     }
 
     /// The URL to open, token included.
     pub fn url(&self) -> String {
-        format!("http://{}/?token={}", self.addr, self.token)
+        format!("http://{}/?token={}", self.addr, self.shared.token)
     }
 
     /// Serve until the process ends.
     pub fn run(self) {
-        for req in self.server.incoming_requests() {
-            handle(&self.store, &self.token, req);
+        let workers: Vec<_> = (0..WORKERS)
+            .map(|i| {
+                let (server, shared) = (self.server.clone(), self.shared.clone());
+                std::thread::Builder::new()
+                    .name(format!("serve-{i}"))
+                    .spawn(move || {
+                        while let Ok(req) = server.recv() {
+                            handle(&shared, req);
+                        }
+                    })
+            })
+            .collect();
+        for w in workers.into_iter().flatten() {
+            let _ = w.join();
         }
+        self.shared.builds.cancel_all();
     }
 }
 
@@ -157,7 +200,8 @@ fn error(req: Request, status: u16, message: impl std::fmt::Display) {
     respond_json(req, status, &json!({ "error": message.to_string() }));
 }
 
-fn handle(store: &Store, token: &str, mut req: Request) {
+fn handle(shared: &Arc<Shared>, mut req: Request) {
+    let (store, token) = (&shared.store, shared.token.as_str());
     let url = req.url().to_string();
     let path = url.split('?').next().unwrap_or("/").to_string();
     // The page itself may be fetched only with the token in its URL; its scripts send the
@@ -181,7 +225,7 @@ fn handle(store: &Store, token: &str, mut req: Request) {
     let method = req.method().clone();
     if !path.starts_with("/api/") {
         return match (method, assets::get(&path)) {
-            (Method::Get, Some(a)) => respond(req, 200, a.content_type, a.body.to_vec()),
+            (Method::Get, Some(a)) => respond(req, 200, a.content_type, a.body.into_owned()),
             _ => error(req, 404, format!("no page {path}")),
         };
     }
@@ -240,6 +284,57 @@ fn handle(store: &Store, token: &str, mut req: Request) {
             }
             Err(e) => Err((400, format!("the request is not JSON: {e}"))),
         },
+        (Method::Get, "/api/builds") => Ok(json!({ "builds": shared.builds.list() })),
+        (Method::Post, "/api/builds") => with_name(name).and_then(|n| {
+            let path = store.path_of(&n).map_err(store_status)?;
+            if !path.is_file() {
+                return Err(store_status(StoreError::Missing(n)));
+            }
+            match shared.builds.start(&n, &path) {
+                Ok(run) => serde_json::to_value(run.snapshot()).map_err(|e| (500, e.to_string())),
+                Err(e @ build::BuildStartError::Busy(_)) => Err((409, e.to_string())),
+                Err(e @ build::BuildStartError::Invalid(_)) => Err((422, e.to_string())),
+                Err(e) => Err((500, e.to_string())),
+            }
+        }),
+        (m, p) if p.starts_with("/api/builds/") => {
+            let rest = &p["/api/builds/".len()..];
+            let (id, action) = rest.split_once('/').unwrap_or((rest, ""));
+            let run = id
+                .parse::<u64>()
+                .map_err(|_| (404, format!("no build {id:?}")))
+                .and_then(|id| shared.builds.get(id).map_err(action_status));
+            match (m, action) {
+                (Method::Get, "") => run.and_then(|r| {
+                    serde_json::to_value(r.snapshot()).map_err(|e| (500, e.to_string()))
+                }),
+                (Method::Get, "events") => match run {
+                    Ok(r) => {
+                        // EventSource resends the last id it saw when it reconnects.
+                        let from = header(&req, "Last-Event-ID")
+                            .and_then(|v| v.trim().parse::<u64>().ok())
+                            .map(|v| v + 1)
+                            .or_else(|| query(&url, "from").and_then(|v| v.parse().ok()))
+                            .unwrap_or(0);
+                        return open_stream(shared, req, r, from);
+                    }
+                    Err(e) => Err(e),
+                },
+                (Method::Post, "cancel") => run.and_then(|r| {
+                    r.cancel()
+                        .map(|()| json!({ "cancelling": r.id }))
+                        .map_err(action_status)
+                }),
+                (Method::Post, "resume") => run.and_then(|r| {
+                    let vm = query(&url, "vm")
+                        .ok_or((400, "the `vm` query parameter is required".to_string()))?;
+                    r.resume(&vm)
+                        .map(|()| json!({ "resumed": vm }))
+                        .map_err(action_status)
+                }),
+                (m, _) => Err((404, format!("no API {m} {p}"))),
+            }
+        }
         (m, p) => Err((404, format!("no API {m} {p}"))),
     };
     match result {
@@ -250,6 +345,35 @@ fn handle(store: &Store, token: &str, mut req: Request) {
 
 fn with_name(name: Option<String>) -> Result<String, (u16, String)> {
     name.ok_or((400, "the `name` query parameter is required".into()))
+}
+
+/// Hands an event stream a thread of its own, within [`MAX_STREAMS`].
+fn open_stream(shared: &Arc<Shared>, req: Request, run: Arc<build::BuildRun>, from: u64) {
+    if shared.streams.fetch_add(1, Ordering::SeqCst) >= MAX_STREAMS {
+        shared.streams.fetch_sub(1, Ordering::SeqCst);
+        return error(req, 503, "too many event streams are open");
+    }
+    let s = shared.clone();
+    let spawned = std::thread::Builder::new()
+        .name("serve-events".into())
+        .spawn(move || {
+            sse::stream(req, run, from);
+            s.streams.fetch_sub(1, Ordering::SeqCst);
+        });
+    if let Err(e) = spawned {
+        // The request moved into the failed closure and is dropped: the page reconnects.
+        shared.streams.fetch_sub(1, Ordering::SeqCst);
+        tracing::warn!("cannot start an event stream thread: {e}");
+    }
+}
+
+fn action_status(e: build::BuildActionError) -> (u16, String) {
+    let status = match e {
+        build::BuildActionError::NoBuild(_) => 404,
+        build::BuildActionError::NotRunning(_) | build::BuildActionError::NotPaused(_) => 409,
+        build::BuildActionError::Resume { .. } => 500,
+    };
+    (status, e.to_string())
 }
 
 fn store_status(e: StoreError) -> (u16, String) {

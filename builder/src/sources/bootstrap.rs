@@ -9,7 +9,7 @@
 //!    command line is simply `root=/dev/vda` and the file system can grow in place with
 //!    `x-systemd.growfs` when the overlay is larger), no `/etc/hostname` (the VM's name comes from
 //!    `systemd.hostname=` on the command line), an empty machine-id, DHCP on every NIC with
-//!    systemd-networkd.
+//!    systemd-networkd, names through systemd-resolved (VM names are single labels).
 //! 3. Record the package versions (`dpkg-query --admindir`), copy the kernel and initrd out of
 //!    `/boot` (the Debian initramfs-tools initrd with `MODULES=most` carries virtio_pci and
 //!    virtio_blk).
@@ -31,11 +31,16 @@ use crate::job::BootstrapSpec;
 
 /// Changes whenever the recipe changes what lands in the image, so old cache entries are not
 /// reused for a different recipe.
-pub const RECIPE_VERSION: u32 = 3;
+pub const RECIPE_VERSION: u32 = 4;
 
 /// Packages every bootstrapped root gets: an init, udev for device nodes and module loading,
-/// and a kernel with its initrd.
-pub const BASE_PACKAGES: &[&str] = &["systemd-sysv", "udev", "linux-image-cloud-amd64"];
+/// a kernel with its initrd, and a resolver that takes the DNS server from the DHCP lease.
+pub const BASE_PACKAGES: &[&str] = &[
+    "systemd-sysv",
+    "udev",
+    "linux-image-cloud-amd64",
+    "systemd-resolved",
+];
 
 /// The agent's vsock port.
 pub const AGENT_VSOCK_PORT: u32 = kiln_agent::VSOCK_PORT;
@@ -450,6 +455,19 @@ fn customize(root: &Path, agent: &AgentFiles) -> Result<(), BootstrapError> {
         "/lib/systemd/system/systemd-networkd.socket",
         "etc/systemd/system/sockets.target.wants/systemd-networkd.socket",
     )?;
+    // Names through resolved, which takes the DNS server (the subnet's gateway) from networkd's
+    // lease; VM names are single labels, which resolved sends to that server only when told.
+    // Never the build host's resolv.conf that mmdebstrap copied in.
+    w(
+        "etc/systemd/resolved.conf.d/kiln.conf",
+        b"[Resolve]\nResolveUnicastSingleLabel=yes\nLLMNR=no\nMulticastDNS=no\n",
+    )?;
+    let _ = fs::remove_file(root.join("etc/resolv.conf"));
+    link("../run/systemd/resolve/stub-resolv.conf", "etc/resolv.conf")?;
+    link(
+        "/lib/systemd/system/systemd-resolved.service",
+        "etc/systemd/system/multi-user.target.wants/systemd-resolved.service",
+    )?;
     // Without dbus (minbase has none) networkd's stop can hang for its whole 90 s default at
     // every reboot and power-off; nothing needs it to stop cleanly.
     w(
@@ -717,5 +735,7 @@ mod tests {
         let l = fs::read_link(r.join("etc/systemd/system/sysinit.target.wants/kiln-agent.service"))
             .unwrap();
         assert_eq!(l, Path::new("/etc/systemd/system/kiln-agent.service"));
+        let l = fs::read_link(r.join("etc/resolv.conf")).unwrap();
+        assert_eq!(l, Path::new("../run/systemd/resolve/stub-resolv.conf"));
     }
 }

@@ -2,6 +2,7 @@
 //! the engine (the base image, and the kernel, initrd and root device for a direct boot).
 
 pub mod bootstrap;
+pub mod seed;
 pub mod url;
 
 use std::fs;
@@ -38,11 +39,8 @@ pub enum SourceError {
         #[source]
         source: bootimage::BootImageError,
     },
-    #[error(
-        "{image} is a qcow2 image; reading its kernel needs kiln-disk's qcow2 reader, which is \
-         not available yet (use a raw image or a bootstrap source)"
-    )]
-    Qcow2BootNotYet { image: PathBuf },
+    #[error("opening {image}: {reason}")]
+    Open { image: PathBuf, reason: String },
     #[error("buildRef: {0}")]
     BuildRef(String),
     #[error(transparent)]
@@ -78,6 +76,18 @@ pub struct ResolvedSource {
     pub agent_in_image: bool,
     /// The resolved inputs for module.yaml (URL with digest, package versions...).
     pub record: serde_json::Value,
+    /// For `buildRef`: the parent module's boot disk, which `--thin` captures layer over.
+    pub parent_disk: Option<ParentDisk>,
+}
+
+/// A parent module's captured disk (a `buildRef` source's base).
+#[derive(Debug, Clone)]
+pub struct ParentDisk {
+    pub module: String,
+    /// The disk file (absolute or relative to the working folder).
+    pub path: PathBuf,
+    /// Its SHA-256 as the parent's module.yaml records it.
+    pub sha256: String,
 }
 
 /// Resolves a source. `manifest_dir` anchors relative `file` paths; `modules_dir` is where
@@ -95,6 +105,7 @@ pub fn resolve(
             base: None,
             boot: None,
             agent_in_image: false,
+            parent_disk: None,
             record: serde_json::json!({ "blank": true }),
         }),
         SourceSpec::Url { url, sha256 } => {
@@ -111,6 +122,7 @@ pub fn resolve(
                 base: Some(base),
                 boot: Some(boot),
                 agent_in_image: false,
+                parent_disk: None,
                 record: serde_json::json!({ "url": url, "sha256": f.sha256 }),
             })
         }
@@ -146,6 +158,7 @@ pub fn resolve(
                 base: Some(base),
                 boot: Some(boot),
                 agent_in_image: false,
+                parent_disk: None,
                 record: serde_json::json!({ "file": path, "sha256": digest }),
             })
         }
@@ -167,6 +180,7 @@ pub fn resolve(
                     root: got.meta.root_device.clone(),
                 }),
                 agent_in_image: true,
+                parent_disk: None,
                 record: serde_json::json!({
                     "bootstrap": {
                         "distro": b.distro,
@@ -199,6 +213,30 @@ pub(crate) fn base_image(path: &Path) -> Result<BaseImage, SourceError> {
     })
 }
 
+/// An image's guest-visible bytes: raw files directly, qcow2 (with any backing chain, and
+/// compressed clusters) through kiln-disk's reader.
+pub(crate) fn open_image(base: &BaseImage) -> Result<Arc<dyn bootimage::ImageRead>, SourceError> {
+    Ok(match base.format {
+        ImageFormat::Raw => {
+            let f = fs::File::open(&base.path).map_err(|source| SourceError::File {
+                path: base.path.clone(),
+                source,
+            })?;
+            Arc::new(bootimage::RawImage(f))
+        }
+        ImageFormat::Qcow2 => {
+            let dev =
+                kiln_disk::open(&base.path, kiln_disk::OpenOptions::read_only()).map_err(|e| {
+                    SourceError::Open {
+                        image: base.path.clone(),
+                        reason: e.to_string(),
+                    }
+                })?;
+            Arc::new(bootimage::DeviceImage(dev))
+        }
+    })
+}
+
 /// Kernel and initrd of an image, extracted once into `boot/<digest>/`.
 fn boot_files(cache: &Cache, base: &BaseImage, digest: &str) -> Result<BootFiles, SourceError> {
     let dir = cache.boot_dir(digest);
@@ -211,20 +249,7 @@ fn boot_files(cache: &Cache, base: &BaseImage, digest: &str) -> Result<BootFiles
             root: root.trim().to_string(),
         });
     }
-    let img: Arc<dyn bootimage::ImageRead> = match base.format {
-        ImageFormat::Raw => {
-            let f = fs::File::open(&base.path).map_err(|source| SourceError::File {
-                path: base.path.clone(),
-                source,
-            })?;
-            Arc::new(bootimage::RawImage(f))
-        }
-        ImageFormat::Qcow2 => {
-            return Err(SourceError::Qcow2BootNotYet {
-                image: base.path.clone(),
-            })
-        }
-    };
+    let img = open_image(base)?;
     let info = bootimage::find_boot(img).map_err(|source| SourceError::Boot {
         image: base.path.clone(),
         source,
@@ -245,4 +270,144 @@ fn boot_files(cache: &Cache, base: &BaseImage, digest: &str) -> Result<BootFiles
         let _ = fs::remove_dir_all(&tmp_path);
     }
     boot_files(cache, base, digest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    fn tool(prog: &str) -> bool {
+        Command::new(prog)
+            .arg("--version")
+            .output()
+            .map(|o| o.status.success() || !o.stderr.is_empty())
+            .unwrap_or(false)
+    }
+
+    fn run(cmd: &mut Command) {
+        let out = cmd.output().expect("spawning a tool");
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A GPT disk with one Linux partition holding an ext4 root with `/boot` files, converted
+    /// to a compressed qcow2: the layout of a cloud image, made small.
+    fn partitioned_qcow2(dir: &Path) -> Option<PathBuf> {
+        for t in ["mkfs.ext4", "sfdisk", "qemu-img"] {
+            if !tool(t) {
+                eprintln!("SKIP: {t} is not installed (packages e2fsprogs, fdisk, qemu-utils)");
+                return None;
+            }
+        }
+        let tree = dir.join("tree");
+        fs::create_dir_all(tree.join("boot")).unwrap();
+        fs::create_dir_all(tree.join("etc")).unwrap();
+        fs::write(tree.join("etc/os-release"), "ID=debian\n").unwrap();
+        fs::write(tree.join("boot/vmlinuz-6.1.0-9-cloud-amd64"), b"old kernel").unwrap();
+        let kernel: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        fs::write(tree.join("boot/vmlinuz-6.1.0-28-cloud-amd64"), &kernel).unwrap();
+        fs::write(
+            tree.join("boot/initrd.img-6.1.0-28-cloud-amd64"),
+            b"the initrd",
+        )
+        .unwrap();
+        let fsimg = dir.join("fs.raw");
+        run(Command::new("mkfs.ext4")
+            .args([
+                "-q",
+                "-F",
+                "-U",
+                "0b6c1a3e-8f4e-4c2a-9d55-7c1e2f3a4b5c",
+                "-d",
+            ])
+            .arg(&tree)
+            .arg(&fsimg)
+            .arg("16M"));
+        let raw = dir.join("disk.raw");
+        let f = fs::File::create(&raw).unwrap();
+        f.set_len(20 << 20).unwrap();
+        drop(f);
+        let mut sf = Command::new("sfdisk");
+        sf.arg("-q")
+            .arg(&raw)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null());
+        let mut child = sf.spawn().unwrap();
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().unwrap();
+            stdin
+                .write_all(b"label: gpt\nstart=2048, size=32768, type=linux\n")
+                .unwrap();
+        }
+        assert!(child.wait().unwrap().success(), "sfdisk failed");
+        let data = fs::read(&fsimg).unwrap();
+        {
+            use std::os::unix::fs::FileExt;
+            let f = fs::OpenOptions::new().write(true).open(&raw).unwrap();
+            f.write_all_at(&data, 2048 * 512).unwrap();
+        }
+        let q = dir.join("cloud.qcow2");
+        run(Command::new("qemu-img")
+            .args(["convert", "-q", "-c", "-O", "qcow2"])
+            .arg(&raw)
+            .arg(&q));
+        Some(q)
+    }
+
+    #[test]
+    fn qcow2_file_source_gives_its_kernel_initrd_and_root() {
+        let d = tempfile::tempdir().unwrap();
+        let Some(q) = partitioned_qcow2(d.path()) else {
+            return;
+        };
+        let cache = Cache::open(d.path().join("cache")).unwrap();
+        let ev = crate::events::MemorySink::default();
+        let spec = SourceSpec::File { path: q.clone() };
+        let r = resolve(&cache, &spec, "vm", d.path(), d.path(), &ev).unwrap();
+        let base = r.base.unwrap();
+        assert_eq!(base.format, ImageFormat::Qcow2);
+        assert_eq!(base.virtual_size, 20 << 20);
+        let boot = r.boot.unwrap();
+        let want: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        assert_eq!(fs::read(&boot.kernel).unwrap(), want);
+        assert_eq!(
+            fs::read(boot.initrd.as_ref().unwrap()).unwrap(),
+            b"the initrd"
+        );
+        assert_eq!(boot.root, "UUID=0b6c1a3e-8f4e-4c2a-9d55-7c1e2f3a4b5c");
+        assert!(!r.agent_in_image);
+        // Resolved again: the same base from the blob store, boot files from the cache.
+        let again = resolve(&cache, &spec, "vm", d.path(), d.path(), &ev).unwrap();
+        assert_eq!(again.boot.unwrap().kernel, boot.kernel);
+    }
+
+    #[test]
+    fn corrupt_qcow2_is_a_clear_error() {
+        let d = tempfile::tempdir().unwrap();
+        let q = d.path().join("bad.qcow2");
+        let mut h = vec![0u8; 4096];
+        h[..4].copy_from_slice(b"QFI\xfb");
+        h[7] = 3; // version 3
+        h[24..32].copy_from_slice(&(1u64 << 30).to_be_bytes());
+        fs::write(&q, h).unwrap();
+        let cache = Cache::open(d.path().join("cache")).unwrap();
+        let ev = crate::events::MemorySink::default();
+        let err = resolve(
+            &cache,
+            &SourceSpec::File { path: q },
+            "vm",
+            d.path(),
+            d.path(),
+            &ev,
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, SourceError::Open { .. }), "{msg}");
+        assert!(msg.contains("corrupt or unsupported qcow2"), "{msg}");
+    }
 }

@@ -2,6 +2,7 @@ import { useCallback, useEffect, useRef, useState } from 'react';
 import * as api from './api.js';
 import Form from './Form.jsx';
 import YamlEditor from './YamlEditor.jsx';
+import BuildView, { useBuild } from './BuildView.jsx';
 
 const NEW_MANIFEST = `vms:
   - name: vm1
@@ -20,6 +21,9 @@ export default function App() {
   const [tab, setTab] = useState('visual');
   const [status, setStatus] = useState('');
   const [busy, setBusy] = useState(0);
+  // The build shown in the Build tab (the newest one, whichever manifest it built).
+  const [buildId, setBuildId] = useState(null);
+  const [build, buildLines] = useBuild(buildId);
   const seq = useRef(0);
   const nameRef = useRef('');
   nameRef.current = name;
@@ -31,6 +35,12 @@ export default function App() {
     }, (e) => setStatus(e.message));
   }, []);
   useEffect(refreshList, [refreshList]);
+  // A page opened while a build runs (or after one) follows the newest build.
+  useEffect(() => {
+    api.listBuilds().then((bs) => {
+      if (bs.length) setBuildId(bs[bs.length - 1].id);
+    }, () => {});
+  }, []);
 
   // Validate text; the newest request wins.
   const runCheck = useCallback(async (t, takeDoc) => {
@@ -80,6 +90,21 @@ export default function App() {
     }
   };
 
+  // Build runs the manifest file: save what is on the page first, then start it.
+  const startBuild = async () => {
+    try {
+      await pending.current;
+      await api.saveManifest(name, text);
+      refreshList();
+      const b = await api.startBuild(name);
+      setBuildId(b.id);
+      setTab('build');
+      setStatus(`saved ${name}; building module ${b.module}`);
+    } catch (e) {
+      setStatus(e.message);
+    }
+  };
+
   // YAML tab edits: the text is the truth; the document follows it when it parses.
   const onText = (t) => {
     setText(t);
@@ -107,7 +132,7 @@ export default function App() {
   // Leaving the form: the YAML is the form's document, written canonically.
   const switchTab = async (t) => {
     if (t === tab) return;
-    if (t === 'yaml' && doc != null) {
+    if (t === 'yaml' && tab === 'visual' && doc != null) {
       await pending.current;
       const y = await api.toYaml(doc, text);
       setText(y);
@@ -118,6 +143,7 @@ export default function App() {
 
   const errors = diags.filter((d) => d.severity === 'error').length;
   const warnings = diags.length - errors;
+  const building = build?.status === 'running';
   return (
     <div className="app">
       <header>
@@ -134,6 +160,15 @@ export default function App() {
         </select>
         <NewManifest onCreate={create} />
         <button data-testid="save" disabled={!name} onClick={save}>Save</button>
+        <button
+          data-testid="build-start"
+          className="build-start"
+          disabled={!name || errors > 0 || busy > 0 || building}
+          title={building ? 'a build is running' : errors ? 'fix the errors first' : 'save and build this manifest'}
+          onClick={startBuild}
+        >
+          Build
+        </button>
         <span className="status" data-testid="status">{status}</span>
         <span
           className={errors ? 'count bad' : 'count good'}
@@ -144,13 +179,20 @@ export default function App() {
           {name ? `${errors} errors, ${warnings} warnings` : ''}
         </span>
       </header>
-      {name && (
+      {(name || buildId != null) && (
         <>
           <nav className="tabs">
-            <button data-testid="tab-visual" className={tab === 'visual' ? 'on' : ''} onClick={() => switchTab('visual')}>Visual</button>
-            <button data-testid="tab-yaml" className={tab === 'yaml' ? 'on' : ''} onClick={() => switchTab('yaml')}>YAML</button>
+            {name && <button data-testid="tab-visual" className={tab === 'visual' ? 'on' : ''} onClick={() => switchTab('visual')}>Visual</button>}
+            {name && <button data-testid="tab-yaml" className={tab === 'yaml' ? 'on' : ''} onClick={() => switchTab('yaml')}>YAML</button>}
+            {buildId != null && (
+              <button data-testid="tab-build" className={tab === 'build' || !name ? 'on' : ''} onClick={() => setTab('build')}>
+                Build {build ? `· ${build.status}` : ''}
+              </button>
+            )}
           </nav>
-          {tab === 'yaml' ? (
+          {tab === 'build' || !name ? (
+            <BuildView build={build} lines={buildLines} />
+          ) : tab === 'yaml' ? (
             <YamlEditor text={text} diags={diags} onChange={onText} />
           ) : doc != null && typeof doc === 'object' && !Array.isArray(doc) ? (
             <Form doc={doc} diags={diags} onChange={onDoc} />

@@ -20,3 +20,12 @@ export const saveManifest = (name, text) => call('PUT', '/api/manifest' + q(name
 export const check = (name, text) => call('POST', '/api/check' + q(name || 'manifest.yaml'), text);
 export const toYaml = (doc, original) =>
   call('POST', '/api/yaml', JSON.stringify({ doc, original })).then((v) => v.text);
+
+// Builds started from the page (kiln build --json in a child of kiln serve).
+export const listBuilds = () => call('GET', '/api/builds').then((v) => v.builds);
+export const startBuild = (name) => call('POST', '/api/builds' + q(name));
+export const cancelBuild = (id) => call('POST', `/api/builds/${id}/cancel`);
+export const resumeBuild = (id, vm) => call('POST', `/api/builds/${id}/resume?vm=${encodeURIComponent(vm)}`);
+// EventSource cannot send headers: the token goes in the URL, as in the page's own.
+export const buildEvents = (id) =>
+  new EventSource(`/api/builds/${id}/events?token=${encodeURIComponent(token)}`);

@@ -1,9 +1,11 @@
 // Browser tests for `kiln serve`, in headless Chromium driven by playwright-core.
 // Usage: node builder/web/tests/run.mjs <path to kiln binary>
-// Set KILN_SCREENSHOTS=<dir> to save screenshots of the form and the YAML tab.
+// Set KILN_SCREENSHOTS=<dir> to save screenshots of the form, the YAML tab and the build view.
+// The build tests boot a real VM (QEMU TCG where KVM cannot run Linux): they need
+// qemu-system-x86_64 and write modules to a temporary folder. KILN_ONLY=build runs only them.
 // Ends with a line `N passed, N failed`; skips loudly when chromium or playwright-core is absent.
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readdirSync, copyFileSync, readFileSync, rmSync, cpSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, copyFileSync, readFileSync, rmSync, cpSync, writeFileSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -39,7 +41,32 @@ for (const n of readdirSync(join(repo, 'examples')).filter((n) => n.endsWith('.y
   copyFileSync(join(repo, 'examples', n), join(work, `example-${n}`));
 }
 
-const server = spawn(kiln, ['serve', work, '--listen', '127.0.0.1:0'], { stdio: ['ignore', 'pipe', 'inherit'] });
+// hello with a handbuild step before its reboot: the build pauses there until Continue.
+const hello = readFileSync(join(repo, 'examples/hello.yaml'), 'utf8');
+const HANDBUILD = `      - name: by-hand
+        type: handbuild
+        handbuild:
+          instructions: "Check the motd by hand, then press Continue."
+      - name: restart
+`;
+writeFileSync(join(work, 'hello-pause.yaml'), hello.replace('      - name: restart\n', HANDBUILD));
+// hello pausing at its first step: a build to cancel at a point where cancelling is prompt (a
+// cancel while the guest boots waits for the boot timeout: see the README).
+writeFileSync(join(work, 'hello-cancel.yaml'), hello.replace('    provisioners:\n', `    provisioners:
+      - name: wait
+        type: handbuild
+        handbuild: { instructions: "Cancel me." }
+`));
+// A build that fails when it starts: its parent module does not exist.
+writeFileSync(join(work, 'orphan.yaml'), `vms:
+  - name: child
+    source:
+      buildRef: { name: no-such-module }
+    resources: { cpu: 1, memory: 512Mi }
+`);
+const modules = join(work, 'modules');
+const server = spawn(kiln, ['serve', work, '--listen', '127.0.0.1:0', '--output', modules],
+  { stdio: ['ignore', 'pipe', 'inherit'] });
 const url = await new Promise((ok, fail) => {
   let buf = '';
   const t = setTimeout(() => fail(new Error('kiln serve printed no URL in 10 s')), 10000);
@@ -113,7 +140,8 @@ async function test(name, fn) {
 }
 
 // Every corpus manifest: Visual -> YAML -> Visual -> YAML, with a no-op form edit, keeps its meaning.
-for (const n of process.env.KILN_ONLY ? [] : [...corpus, "example-hello.yaml"]) {
+const only = process.env.KILN_ONLY;
+for (const n of only ? [] : [...corpus, "example-hello.yaml"]) {
   await test(`roundtrip ${n}`, async () => {
     const original = readFileSync(join(work, n), 'utf8');
     const want = await meaning(n, original);
@@ -142,7 +170,7 @@ for (const n of process.env.KILN_ONLY ? [] : [...corpus, "example-hello.yaml"]) 
   });
 }
 
-await test('two-VM manifest built in the form alone passes kiln validate', async () => {
+if (!only) await test('two-VM manifest built in the form alone passes kiln validate', async () => {
   await page.goto(url);
   await page.fill('[data-testid="new-name"]', 'pair-form');
   await page.click('[data-testid="new"]');
@@ -186,7 +214,7 @@ await test('two-VM manifest built in the form alone passes kiln validate', async
   assert(/name: web/.test(text) && /name: db/.test(text) && /slot: 1/.test(text), `unexpected YAML:\n${text}`);
 });
 
-await test('an edit in the YAML tab shows in the form', async () => {
+if (!only) await test('an edit in the YAML tab shows in the form', async () => {
   await open('example-hello.yaml');
   await tab('yaml');
   const text = await yamlText();
@@ -199,7 +227,7 @@ await test('an edit in the YAML tab shows in the form', async () => {
   assert(v === '3Gi', `the form shows memory ${v}`);
 });
 
-await test('an error appears on its field and on its YAML line', async () => {
+if (!only) await test('an error appears on its field and on its YAML line', async () => {
   await open('example-hello.yaml');
   await page.fill('input[data-path="vms.0.resources.memory"]', 'lots');
   await page.waitForSelector('[data-testid="error-vms.0.resources.memory"]');
@@ -209,6 +237,92 @@ await test('an error appears on its field and on its YAML line', async () => {
   const line = text.split('\n').findIndex((l) => l.includes('lots')) + 1;
   await page.waitForSelector(`[data-testid="gutter-err"][data-line="${line}"]`);
 });
+
+// Builds from the page.
+const qemu = spawnSync('sh', ['-c', 'command -v qemu-system-x86_64']).status === 0;
+const buildStatus = (s, timeout) =>
+  page.waitForSelector(`[data-testid="build"][data-status="${s}"]`, { timeout });
+const reached = (id, timeout) => page.waitForSelector(`[data-testid="${id}"][data-reached="1"]`, { timeout });
+async function startBuild(name) {
+  await open(name);
+  await page.click('[data-testid="build-start"]');
+  await page.waitForSelector('[data-testid="build"]');
+}
+const logText = () => page.textContent('[data-testid="build-log"]');
+
+await test('a build that fails shows why, and the Build button waits for it', async () => {
+  await startBuild('orphan.yaml');
+  await buildStatus('failed', 60000);
+  await reached('build-phase-Failed');
+  await reached('vm-child-phase-Failed');
+  const err = await page.textContent('[data-testid="build-error"]');
+  assert(/no-such-module/.test(err), `the error does not name the missing module: ${err}`);
+  assert(/no-such-module/.test(await logText()), 'the log does not show the failure');
+  assert(!existsSync(join(modules, 'orphan')), 'a failed build left a module');
+});
+
+if (!qemu) {
+  console.error('SKIP: qemu-system-x86_64 is absent: the browser tests that build a VM did not run');
+} else {
+  await test('a build paused at a handbuild step is cancelled from the page', async () => {
+    await startBuild('hello-cancel.yaml');
+    await page.waitForSelector('[data-testid="handbuild-hello"]', { timeout: 300000 });
+    await page.click('[data-testid="build-cancel"]');
+    await buildStatus('cancelled', 60000);
+    const err = await page.textContent('[data-testid="build-error"]');
+    assert(/cancelled/.test(err), `no cancel message: ${err}`);
+    assert(await page.locator('[data-testid="handbuild-hello"]').count() === 0, 'the pause is still shown');
+    assert(!existsSync(join(modules, 'hello-cancel')), 'a cancelled build left a module');
+    assert(!(await page.isDisabled('[data-testid="build-start"]')), 'Build stays disabled after the cancel');
+  });
+
+  await test('hello with a handbuild step: phases, output, pause, Continue, Succeeded, module', async () => {
+    const t0 = Date.now();
+    await startBuild('hello-pause.yaml');
+    await reached('build-phase-Building', 30000);
+    await reached('vm-hello-phase-SourceImporting', 30000);
+    await reached('vm-hello-phase-Booting', 360000);
+    await reached('vm-hello-phase-Provisioning', 300000);
+    await page.waitForSelector('[data-testid="step-hello-0"][data-status="ok"]', { timeout: 120000 });
+    // The pause: its instructions, the earlier steps done, the later ones waiting.
+    await page.waitForSelector('[data-testid="handbuild-hello"]', { timeout: 180000 });
+    const instr = await page.textContent('[data-testid="handbuild-hello-instructions"]');
+    assert(instr === 'Check the motd by hand, then press Continue.', `instructions: ${instr}`);
+    assert(await page.getAttribute('[data-testid="step-hello-1"]', 'data-status') === 'ok', 'greet is not done');
+    assert(await page.getAttribute('[data-testid="step-hello-2"]', 'data-status') === 'running', 'the handbuild step is not running');
+    assert(await page.getAttribute('[data-testid="step-hello-3"]', 'data-status') === 'pending', 'the reboot ran before Continue');
+    // It stays paused until Continue.
+    await page.waitForTimeout(1500);
+    assert(await page.locator('[data-testid="handbuild-hello"]').count() === 1, 'the pause ended by itself');
+    if (process.env.KILN_SCREENSHOTS) await page.screenshot({ path: join(process.env.KILN_SCREENSHOTS, 'build-paused.png'), fullPage: true });
+    await page.click('[data-testid="continue-hello"]');
+    await page.waitForSelector('[data-testid="handbuild-hello"]', { state: 'detached', timeout: 30000 });
+    await page.waitForSelector('[data-testid="step-hello-2"][data-status="ok"]', { timeout: 30000 });
+    await buildStatus('succeeded', 420000);
+    for (const p of ['Pending', 'Networking', 'Building', 'CapturingDisks', 'Succeeded']) await reached(`build-phase-${p}`);
+    for (const p of ['Pending', 'SourceImporting', 'Booting', 'Provisioning', 'ShuttingDown', 'DiskCaptured', 'Succeeded']) {
+      await reached(`vm-hello-phase-${p}`);
+    }
+    for (let i = 0; i < 5; i++) {
+      assert(await page.getAttribute(`[data-testid="step-hello-${i}"]`, 'data-status') === 'ok', `step ${i} is not ok`);
+    }
+    // The check step's own output, streamed from the guest.
+    const log = await logText();
+    assert(log.includes('hello| after reboot: hello from hello'), `no step output in the log:\n${log.slice(-2000)}`);
+    assert(log.includes("==> step 3 'by-hand' (handbuild)"), 'the log does not show the handbuild step');
+    // The module: shown, and on disk where the page says.
+    assert(await page.textContent('[data-testid="build-module-name"]') === 'hello-pause', 'module name');
+    const dir = await page.textContent('[data-testid="build-module-dir"]');
+    assert(dir === join(modules, 'hello-pause'), `module dir ${dir}`);
+    assert(existsSync(join(dir, 'module.yaml')), 'no module.yaml');
+    const rec = readFileSync(join(dir, 'module.yaml'), 'utf8');
+    const disk = rec.match(/file: (\S+\.qcow2)/);
+    assert(disk && statSync(join(dir, disk[1])).size > 0, `no captured disk in module.yaml:\n${rec}`);
+    await page.waitForSelector('[data-testid="module-disk-hello-root"]');
+    if (process.env.KILN_SCREENSHOTS) await page.screenshot({ path: join(process.env.KILN_SCREENSHOTS, 'build.png'), fullPage: true });
+    console.log(`     (built in ${((Date.now() - t0) / 1000).toFixed(0)} s)`);
+  });
+}
 
 await browser.close();
 server.kill();

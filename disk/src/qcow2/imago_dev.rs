@@ -1,10 +1,12 @@
 //! qcow2 (and raw backing layers) through imago: the read-write path.
 
+use std::io::{IoSlice, IoSliceMut};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::RwLock;
 
 use imago::file::File as ImagoFile;
+use imago::io_buffers::{IoVector, IoVectorMut};
 use imago::FormatAccess;
 
 use crate::device::{check_range, BlockDevice, BlockResult, BlockStatus};
@@ -81,6 +83,18 @@ impl BlockDevice for ImagoDevice {
     fn write_at(&self, buf: &[u8], offset: u64) -> BlockResult<()> {
         self.writable(offset, buf.len() as u64)?;
         guarded("write", || self.shared().write(buf, offset))
+    }
+    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> BlockResult<()> {
+        let len = bufs.iter().map(|b| b.len() as u64).sum();
+        check_range(self.size, offset, len)?;
+        let v: Vec<IoSliceMut<'_>> = bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+        guarded("read", || self.shared().readv(IoVectorMut::from(v), offset))
+    }
+    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> BlockResult<()> {
+        let len = bufs.iter().map(|b| b.len() as u64).sum();
+        self.writable(offset, len)?;
+        let v: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
+        guarded("write", || self.shared().writev(IoVector::from(v), offset))
     }
     fn flush(&self) -> BlockResult<()> {
         if self.read_only {

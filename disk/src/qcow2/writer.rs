@@ -41,7 +41,12 @@ impl StreamWriter {
     ) -> std::io::Result<StreamWriter> {
         let cs = 1u64 << cluster_bits;
         // Cluster 0 is the header, written by `finish`; until then the file is a hole there.
-        file.set_len(0)?;
+        // An empty file (the usual fresh temporary) is not truncated: on ext4 a truncate to
+        // zero arms "flush on close" (auto_da_alloc), which would start writeback of the
+        // whole image when the file is closed.
+        if file.metadata()?.len() != 0 {
+            file.set_len(0)?;
+        }
         Ok(StreamWriter {
             file,
             pos: cs,
@@ -62,6 +67,11 @@ impl StreamWriter {
 
     fn cs(&self) -> u64 {
         1u64 << self.cluster_bits
+    }
+
+    /// The cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        self.cs()
     }
 
     fn check_order(&mut self, gc: u64) -> std::io::Result<()> {

@@ -1,5 +1,6 @@
 //! The virtio devices kiln offers its guests.
 
 pub mod block;
+pub mod in_order;
 pub mod net;
 pub mod vsock;

@@ -2,32 +2,85 @@
 
 use std::io::BufReader;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
 
 use super::protocol::{
-    exit_code, monotonic_ns, read_message, write_message, ProtocolError, Request, Response, VmSpec,
-    VmState,
+    exit_code, read_message, write_message, ProtocolError, Request, Response, VmSpec, VmState,
 };
 use crate::exit::ExitReason;
 use crate::machine::Machine;
+use crate::phases::{instant_to_ns, Phases};
 
 /// How long the child waits for its parent to connect before giving up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The whole `__vmm` mode for a binary's `main`: `args` are the arguments after the
+/// subcommand (`--socket PATH --spec JSON`). Call it before anything else in `main` (no
+/// CLI parse, no logging set-up): start-up time counts from process start. `after_start`
+/// runs once the vCPUs run (set up logging there). Returns the process exit status.
+/// `--nop` returns 0 at once (to measure what the process costs before any VM work).
+pub fn main(args: &[std::ffi::OsString], after_start: impl FnOnce()) -> i32 {
+    let born = Instant::now();
+    let mut socket = None;
+    let mut spec = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.to_str() {
+            Some("--nop") => return 0,
+            Some("--socket") => socket = it.next().map(std::path::PathBuf::from),
+            Some("--spec") => spec = it.next().cloned(),
+            _ => {
+                eprintln!(
+                    "kiln __vmm: unexpected argument {a:?}; usage: __vmm --socket PATH --spec JSON"
+                );
+                return 2;
+            }
+        }
+    }
+    let (Some(socket), Some(spec)) = (socket, spec) else {
+        eprintln!("kiln __vmm: usage: __vmm --socket PATH --spec JSON");
+        return 2;
+    };
+    let spec: VmSpec = match spec
+        .to_str()
+        .ok_or_else(|| "not UTF-8".to_string())
+        .and_then(|s| serde_json::from_str(s).map_err(|e| e.to_string()))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("kiln __vmm: --spec: {e}");
+            return 2;
+        }
+    };
+    run_child_with(&spec, &socket, born, after_start)
+}
+
 /// Run the child side; returns the process exit status (see [`super::protocol::exit_code`]).
 /// `born` is when the process started, for the time-to-first-instruction report.
 pub fn run_child(spec: &VmSpec, socket: &Path, born: Instant) -> i32 {
+    run_child_with(spec, socket, born, || {})
+}
+
+/// [`run_child`], calling `after_start` once the vCPUs run.
+pub fn run_child_with(
+    spec: &VmSpec,
+    socket: &Path,
+    born: Instant,
+    after_start: impl FnOnce(),
+) -> i32 {
+    let phases = Phases::new();
+    phases.mark_at("VMM process main()", instant_to_ns(born));
     // Ctrl-C at a terminal reaches the whole process group: let the parent decide. If the
     // parent dies of it, the closed socket stops this VM with the reason "stopped".
     // SAFETY: setting SIGINT's disposition to "ignore" has no preconditions.
     unsafe {
         libc::signal(libc::SIGINT, libc::SIG_IGN);
     }
-    match serve(spec, socket, born) {
+    match serve(spec, socket, phases, after_start) {
         Ok(r) => {
             info!("VM ended: {r}");
             exit_code(&r)
@@ -37,6 +90,65 @@ pub fn run_child(spec: &VmSpec, socket: &Path, born: Instant) -> i32 {
             exit_code(&ExitReason::VmmError {
                 detail: e.to_string(),
             })
+        }
+    }
+}
+
+/// What the control thread tells the main thread.
+enum Control {
+    /// The parent connected; replies go to this stream.
+    Connected(UnixStream),
+    /// A request, or why a line could not be read as one.
+    Request(Result<Request, String>),
+    /// Binding or accepting failed.
+    Failed(ProtocolError),
+}
+
+/// Bind `socket`, accept the parent, then forward its requests (a closed connection
+/// becomes a stop: nobody can stop this VM any more).
+fn control_thread(socket: PathBuf, tx: mpsc::Sender<Control>) {
+    let accepted = (|| {
+        // A stale socket from a crashed run would make bind fail.
+        let _ = std::fs::remove_file(&socket);
+        let listener = UnixListener::bind(&socket)?;
+        let stream = accept_one(&listener)?;
+        drop(listener);
+        let _ = std::fs::remove_file(&socket);
+        Ok::<_, ProtocolError>(stream)
+    })();
+    let stream = match accepted.and_then(|s| Ok((s.try_clone()?, s))) {
+        Ok((w, s)) => {
+            if tx.send(Control::Connected(w)).is_err() {
+                return;
+            }
+            s
+        }
+        Err(e) => {
+            let _ = tx.send(Control::Failed(e));
+            return;
+        }
+    };
+    let mut reader = BufReader::new(stream);
+    loop {
+        match read_message::<Request, _>(&mut reader) {
+            Ok(r) => {
+                if tx.send(Control::Request(Ok(r))).is_err() {
+                    return;
+                }
+            }
+            Err(ProtocolError::Closed) => {
+                let _ = tx.send(Control::Request(Ok(Request::Stop)));
+                return;
+            }
+            Err(e) => {
+                if tx.send(Control::Request(Err(e.to_string()))).is_err() {
+                    return;
+                }
+                if matches!(e, ProtocolError::Io(_) | ProtocolError::LineTooLong) {
+                    let _ = tx.send(Control::Request(Ok(Request::Stop)));
+                    return;
+                }
+            }
         }
     }
 }
@@ -60,106 +172,97 @@ fn accept_one(listener: &UnixListener) -> Result<UnixStream, ProtocolError> {
     Ok(listener.accept()?.0)
 }
 
-fn serve(spec: &VmSpec, socket: &Path, born: Instant) -> Result<ExitReason, ProtocolError> {
-    // A stale socket from a crashed run would make bind fail.
-    let _ = std::fs::remove_file(socket);
-    let listener = UnixListener::bind(socket)?;
-    let stream = accept_one(&listener)?;
-    drop(listener);
-    let _ = std::fs::remove_file(socket);
-    let mut writer = stream.try_clone()?;
-
-    // Requests are parsed on their own thread so the main thread can watch the VM.
-    let (tx, rx) = mpsc::channel::<Result<Request, String>>();
+fn serve(
+    spec: &VmSpec,
+    socket: &Path,
+    phases: Phases,
+    after_start: impl FnOnce(),
+) -> Result<ExitReason, ProtocolError> {
+    // The socket handshake runs on its own thread while this one builds the VM, so neither
+    // waits for the other; only running the vCPUs waits for the parent's `start`.
+    let (tx, rx) = mpsc::channel::<Control>();
+    let socket = socket.to_path_buf();
     std::thread::Builder::new()
         .name("kiln-control".into())
-        .spawn(move || {
-            let mut reader = BufReader::new(stream);
-            loop {
-                match read_message::<Request, _>(&mut reader) {
-                    Ok(r) => {
-                        if tx.send(Ok(r)).is_err() {
-                            return;
-                        }
-                    }
-                    Err(ProtocolError::Closed) => {
-                        // The parent is gone: nobody can stop this VM any more, so stop it.
-                        let _ = tx.send(Ok(Request::Stop));
-                        return;
-                    }
-                    Err(e) => {
-                        if tx.send(Err(e.to_string())).is_err() {
-                            return;
-                        }
-                        if matches!(e, ProtocolError::Io(_) | ProtocolError::LineTooLong) {
-                            let _ = tx.send(Ok(Request::Stop));
-                            return;
-                        }
+        .spawn(move || control_thread(socket, tx))?;
+    let mut prepared = Some(
+        spec.to_config()
+            .and_then(|c| Machine::prepare(c, phases.clone()))
+            .map_err(|e| e.to_string()),
+    );
+    let mut writer = None;
+
+    // Before start: only status and stop make sense.
+    let mut machine = loop {
+        let req = match rx.recv() {
+            Ok(Control::Connected(w)) => {
+                phases.mark("parent connected (control thread)");
+                writer = Some(w);
+                continue;
+            }
+            Ok(Control::Failed(e)) => return Err(e),
+            Ok(Control::Request(r)) => r,
+            Err(_) => return Err(ProtocolError::Closed),
+        };
+        // Requests only come after `Connected`.
+        let Some(w) = writer.as_mut() else {
+            return Err(ProtocolError::Closed);
+        };
+        match req {
+            Ok(Request::Start) => {
+                phases.mark("start request received");
+                let started = match prepared.take() {
+                    Some(Ok(p)) => p.start().map_err(|e| e.to_string()),
+                    Some(Err(e)) => Err(e),
+                    None => Err("the VM is already started".into()),
+                };
+                match started {
+                    Ok(m) => break m,
+                    Err(message) => {
+                        write_message(
+                            w,
+                            &Response::Error {
+                                message: message.clone(),
+                            },
+                        )?;
+                        return Ok(ExitReason::VmmError { detail: message });
                     }
                 }
             }
-        })?;
-
-    // Before start: only status and stop make sense.
-    let config = loop {
-        match rx.recv() {
-            Ok(Ok(Request::Start)) => match spec.to_config() {
-                Ok(c) => break c,
-                Err(e) => {
-                    let r = ExitReason::VmmError {
-                        detail: e.to_string(),
-                    };
-                    write_message(
-                        &mut writer,
-                        &Response::Error {
-                            message: e.to_string(),
-                        },
-                    )?;
-                    return Ok(r);
-                }
-            },
-            Ok(Ok(Request::Status)) => write_message(
-                &mut writer,
+            Ok(Request::Status) => write_message(
+                w,
                 &Response::Status {
                     state: VmState::Created,
                     exit: None,
                     first_exit_ms: None,
                     first_exit_monotonic_ns: None,
+                    phases: phases.snapshot(),
                 },
             )?,
-            Ok(Ok(Request::Stop)) | Err(_) => {
-                let _ = write_message(&mut writer, &Response::Ok);
+            Ok(Request::Stop) | Err(_) => {
+                let _ = write_message(w, &Response::Ok);
                 return Ok(ExitReason::Stopped);
             }
-            Ok(Ok(other)) => write_message(
-                &mut writer,
+            Ok(other) => write_message(
+                w,
                 &Response::Error {
                     message: format!("{other:?} before start"),
                 },
             )?,
-            Ok(Err(msg)) => write_message(&mut writer, &Response::Error { message: msg })?,
         }
     };
-    let mut machine = match Machine::start(config) {
-        Ok(m) => m,
-        Err(e) => {
-            write_message(
-                &mut writer,
-                &Response::Error {
-                    message: e.to_string(),
-                },
-            )?;
-            return Ok(ExitReason::VmmError {
-                detail: e.to_string(),
-            });
-        }
-    };
+    let mut writer = writer.ok_or(ProtocolError::Closed)?;
     write_message(&mut writer, &Response::Ok)?;
+    after_start();
+    let born_ns = phases.snapshot().first().map(|p| p.at_ns).unwrap_or(0);
     let reason = loop {
         if let Some(r) = machine.wait_timeout(Duration::from_millis(20)) {
             break r;
         }
-        while let Ok(req) = rx.try_recv() {
+        while let Ok(ctl) = rx.try_recv() {
+            let Control::Request(req) = ctl else {
+                continue;
+            };
             let resp = match req {
                 Ok(Request::Status) => Response::Status {
                     state: if machine.is_paused() {
@@ -170,11 +273,9 @@ fn serve(spec: &VmSpec, socket: &Path, born: Instant) -> Result<ExitReason, Prot
                     exit: None,
                     first_exit_ms: machine
                         .first_exit()
-                        .map(|t| t.duration_since(born).as_secs_f64() * 1e3),
-                    first_exit_monotonic_ns: machine.first_exit().map(|t| {
-                        let ago = Instant::now().saturating_duration_since(t).as_nanos() as u64;
-                        monotonic_ns().saturating_sub(ago)
-                    }),
+                        .map(|t| instant_to_ns(t).saturating_sub(born_ns) as f64 / 1e6),
+                    first_exit_monotonic_ns: machine.first_exit().map(instant_to_ns),
+                    phases: machine.phases(),
                 },
                 Ok(Request::Pause) => {
                     machine.pause();
@@ -206,4 +307,25 @@ fn serve(spec: &VmSpec, socket: &Path, born: Instant) -> Result<ExitReason, Prot
         },
     );
     Ok(reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsString;
+
+    fn args(a: &[&str]) -> Vec<OsString> {
+        a.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn argument_errors_exit_2_without_touching_kvm() {
+        assert_eq!(main(&args(&["--nop"]), || {}), 0);
+        assert_eq!(main(&args(&["--bogus"]), || {}), 2);
+        assert_eq!(main(&args(&["--socket", "/tmp/x"]), || {}), 2);
+        assert_eq!(
+            main(&args(&["--socket", "/tmp/x", "--spec", "{not json"]), || {}),
+            2
+        );
+    }
 }

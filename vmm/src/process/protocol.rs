@@ -90,6 +90,10 @@ pub enum Response {
         /// clock (for the start-up benchmark).
         #[serde(default)]
         first_exit_monotonic_ns: Option<u64>,
+        /// The child's start-up marks (CLOCK_MONOTONIC), from its `main` to the first
+        /// vCPU exit, for the start-up breakdown.
+        #[serde(default)]
+        phases: Vec<crate::phases::Phase>,
     },
     Error {
         message: String,
@@ -157,16 +161,7 @@ pub fn write_message<T: Serialize, W: Write>(w: &mut W, msg: &T) -> Result<(), P
     Ok(())
 }
 
-/// CLOCK_MONOTONIC now, in nanoseconds.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime only writes the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64
-}
+pub use crate::phases::monotonic_ns;
 
 /// Exit status of the child process for each way a VM ends (the parent's fallback when
 /// the exit event was lost).

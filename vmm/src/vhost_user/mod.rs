@@ -15,6 +15,8 @@
 //! `-chardev socket,id=c0,path=<socket>` and the device (`-device vhost-user-blk-pci,chardev=c0,
 //! num-queues=N`, ...).
 
+pub mod dispatch;
+
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -1,12 +1,17 @@
-//! Shared by the KVM tests: skip loudly without /dev/kvm, and run a tiny guest program.
+//! Shared by the KVM tests: skip loudly without /dev/kvm, run a tiny guest program, and
+//! ([`virtio_guest`]) a tiny virtio driver that runs a test-written script against real
+//! kiln devices behind the virtio-mmio transport.
 
 #![allow(dead_code)]
+
+pub mod virtio_guest;
 
 use std::time::Duration;
 
 use kiln_vmm::arch::x86_64::regs::BootMode;
 use kiln_vmm::exit::ExitReason;
 use kiln_vmm::machine::{Machine, VmConfig};
+use kiln_vmm::transport::VirtioDevice;
 
 /// True when /dev/kvm can be opened; otherwise prints why the test is skipped.
 pub fn kvm_or_skip(test: &str) -> bool {
@@ -78,4 +83,81 @@ pub fn bzimage_running(program: &[u8]) -> Vec<u8> {
     let mut pm = vec![0x90u8; 0x200];
     pm.extend_from_slice(program);
     fake_bzimage(&pm)
+}
+
+/// Start a VM running `script`'s driver program (long mode) with `devices` on the
+/// virtio-mmio transport, in the order the script's [`virtio_guest::Device`]s number them.
+pub fn start_script(script: &virtio_guest::Script, devices: Vec<Box<dyn VirtioDevice>>) -> Machine {
+    let mut b = VmConfig::builder()
+        .memory(virtio_guest::GUEST_MEMORY)
+        .program(
+            script.segments(),
+            BootMode::Long {
+                rip: virtio_guest::CODE,
+                rsi: 0,
+            },
+        )
+        .capture_console(true);
+    for d in devices {
+        b = b.device(d);
+    }
+    Machine::start(b.build().expect("VM config")).expect("start VM")
+}
+
+/// Wait for the script's VM to end (panicking with the console if it outruns
+/// [`TIMEOUT`]); returns why it ended and the console output.
+pub fn wait_script(m: &mut Machine) -> (ExitReason, String) {
+    let reason = m.wait_timeout(TIMEOUT);
+    let console = String::from_utf8_lossy(&m.console_output()).to_string();
+    let Some(reason) = reason else {
+        m.stop();
+        panic!("guest did not end within {TIMEOUT:?}; console so far: {console:?}");
+    };
+    (reason, console)
+}
+
+/// Wait for the script's VM to power off; panic, naming the failed step or showing the
+/// console, if it ends any other way, fails a check or outruns [`TIMEOUT`]. Returns the
+/// console output.
+pub fn finish_script(m: &mut Machine, script: &virtio_guest::Script) -> String {
+    let (reason, console) = wait_script(m);
+    if let Err(e) = script.verdict(&console) {
+        panic!("{e}");
+    }
+    assert_eq!(reason, ExitReason::Poweroff, "console: {console:?}");
+    console
+}
+
+/// Prints warnings and errors from kiln's code to the test output (no subscriber crate is
+/// a dependency of kiln-vmm's tests), so a device that refuses a chain says why.
+pub fn log_warnings() {
+    let _ = tracing::subscriber::set_global_default(StderrLog);
+}
+
+struct StderrLog;
+
+struct Fields(String);
+
+impl tracing::field::Visit for Fields {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0.push_str(&format!(" {}={value:?}", field.name()));
+    }
+}
+
+impl tracing::Subscriber for StderrLog {
+    fn enabled(&self, m: &tracing::Metadata<'_>) -> bool {
+        *m.level() <= tracing::Level::WARN
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, e: &tracing::Event<'_>) {
+        let mut f = Fields(String::new());
+        e.record(&mut f);
+        eprintln!("{} {}:{}", e.metadata().level(), e.metadata().target(), f.0);
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
 }

@@ -7,10 +7,12 @@
 //! Every descriptor is checked against guest memory here, before any I/O, so a request that
 //! names memory the guest does not have is refused whole instead of half done.
 
+use std::io::{IoSlice, IoSliceMut};
 use std::ops::Deref;
 
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
+use vm_memory::bitmap::{Bitmap, BS};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions, VolatileSlice};
 
 /// Why a chain was refused before any request logic ran.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -157,4 +159,163 @@ fn walk(
         offset = 0;
     }
     done == len
+}
+
+/// Guest memory viewed in place: the host mappings behind part of a chain's stream, so the
+/// disk can read into, or write from, the guest's own pages without a bounce copy.
+pub struct HostView<'m, M: GuestMemory + 'm> {
+    slices: Vec<VolatileSlice<'m, BS<'m, M::Bitmap>>>,
+    /// (host address, length) of `slices`, with pieces that touch merged: what the disk's
+    /// vectored I/O gets.
+    runs: Vec<(usize, usize)>,
+}
+
+impl<'m, M: GuestMemory + 'm> HostView<'m, M> {
+    /// The mappings behind `len` bytes of the stream formed by `segs`, starting `offset`
+    /// bytes into it. `None` when memory refuses a piece or two pieces share host bytes
+    /// (a guest may name the same page twice; the bounce path copes with that, and here it
+    /// would make two mutable views of one byte).
+    pub fn new(
+        mem: &'m M,
+        segs: &[Segment],
+        offset: u64,
+        len: usize,
+        access: Permissions,
+    ) -> Option<Self> {
+        let mut slices = Vec::new();
+        let complete = walk(segs, offset, len, |addr, range| {
+            let Ok(it) = mem.get_slices(addr, range.len(), access) else {
+                return false;
+            };
+            for s in it {
+                match s {
+                    Ok(s) => slices.push(s),
+                    Err(_) => return false,
+                }
+            }
+            true
+        });
+        if !complete {
+            return None;
+        }
+        let mut sorted: Vec<(usize, usize)> = slices
+            .iter()
+            .map(|s| (s.ptr_guard().as_ptr() as usize, s.len()))
+            .collect();
+        sorted.sort_unstable();
+        if sorted.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0) {
+            return None;
+        }
+        let mut runs: Vec<(usize, usize)> = Vec::with_capacity(slices.len());
+        for s in &slices {
+            let (p, n) = (s.ptr_guard().as_ptr() as usize, s.len());
+            match runs.last_mut() {
+                Some((lp, ln)) if *lp + *ln == p => *ln += n,
+                _ => runs.push((p, n)),
+            }
+        }
+        Some(HostView { slices, runs })
+    }
+
+    /// Let `f` fill the viewed guest bytes in stream order, then mark them dirty.
+    pub fn fill<T>(&self, f: impl FnOnce(&mut [IoSliceMut<'_>]) -> T) -> T {
+        let mut iov: Vec<IoSliceMut<'_>> = self
+            .runs
+            .iter()
+            // SAFETY: each run lies inside guest mappings borrowed for 'm (the slices above
+            // keep them), the runs do not overlap one another (checked in `new`), and the
+            // views die before this returns. The guest may touch the same bytes meanwhile,
+            // as it may during any DMA; the disk only stores bytes into them.
+            .map(|&(p, n)| {
+                IoSliceMut::new(unsafe { std::slice::from_raw_parts_mut(p as *mut u8, n) })
+            })
+            .collect();
+        let r = f(&mut iov);
+        drop(iov);
+        for s in &self.slices {
+            s.bitmap().mark_dirty(0, s.len());
+        }
+        r
+    }
+
+    /// Let `f` read the viewed guest bytes in stream order.
+    pub fn read<T>(&self, f: impl FnOnce(&[IoSlice<'_>]) -> T) -> T {
+        let iov: Vec<IoSlice<'_>> = self
+            .runs
+            .iter()
+            // SAFETY: each run lies inside guest mappings borrowed for 'm and the views die
+            // before this returns; the disk only loads bytes from them.
+            .map(|&(p, n)| IoSlice::new(unsafe { std::slice::from_raw_parts(p as *const u8, n) }))
+            .collect();
+        f(&iov)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestMemoryMmap;
+
+    fn mem() -> GuestMemoryMmap<()> {
+        GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x10000),
+            (GuestAddress(0x10000), 0x10000),
+        ])
+        .unwrap()
+    }
+
+    fn seg(addr: u64, len: u32) -> Segment {
+        Segment {
+            addr: GuestAddress(addr),
+            len,
+        }
+    }
+
+    #[test]
+    fn host_view_fills_scattered_pages_in_stream_order() {
+        let m = mem();
+        // Out of order, with a piece that crosses from one region into the next.
+        let segs = [seg(0x3000, 8), seg(0x1000, 8), seg(0xfffc, 8)];
+        let v = HostView::new(&m, &segs, 4, 16, Permissions::Write).expect("view");
+        v.fill(|iov| {
+            let mut n = 0u8;
+            for b in iov.iter_mut() {
+                for x in b.iter_mut() {
+                    *x = n;
+                    n += 1;
+                }
+            }
+        });
+        let mut back = [0u8; 16];
+        assert!(read_stream(&m, &segs, 4, &mut back));
+        assert_eq!(back, core::array::from_fn(|i| i as u8));
+        // Nothing outside the viewed bytes changed.
+        assert_eq!(m.read_obj::<u32>(GuestAddress(0x3000)).unwrap(), 0);
+    }
+
+    #[test]
+    fn host_view_merges_touching_pieces_and_reads_them() {
+        let m = mem();
+        m.write_slice(b"abcdefgh", GuestAddress(0x2000)).unwrap();
+        let segs = [seg(0x2000, 4), seg(0x2004, 4)];
+        let v = HostView::new(&m, &segs, 0, 8, Permissions::Read).expect("view");
+        assert_eq!(v.runs.len(), 1);
+        let got = v.read(|iov| {
+            iov.iter()
+                .flat_map(|b| b.iter().copied())
+                .collect::<Vec<_>>()
+        });
+        assert_eq!(got, b"abcdefgh");
+    }
+
+    #[test]
+    fn host_view_refuses_pages_named_twice_and_memory_it_lacks() {
+        let m = mem();
+        let twice = [seg(0x1000, 16), seg(0x1008, 16)];
+        assert!(HostView::new(&m, &twice, 0, 32, Permissions::Write).is_none());
+        let outside = [seg(0x1f000, 0x2000)];
+        assert!(HostView::new(&m, &outside, 0, 0x2000, Permissions::Write).is_none());
+        // A stream shorter than asked for.
+        assert!(HostView::new(&m, &[seg(0x1000, 8)], 0, 9, Permissions::Write).is_none());
+    }
 }

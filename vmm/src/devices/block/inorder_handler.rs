@@ -15,10 +15,12 @@ use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestMemory};
+use virtio_queue::Queue;
+use vm_memory::{Bytes, GuestMemory, Permissions};
 
-use super::chain::{read_stream, write_stream, ChainLayout};
+use crate::devices::in_order::drain;
+
+use super::chain::{read_stream, write_stream, ChainLayout, HostView};
 use super::device::{
     BlockDeviceConfig, ID_BYTES, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SECTOR_SIZE,
 };
@@ -81,26 +83,9 @@ impl BlockHandler {
         queue: &mut Queue,
         mem: &M,
     ) -> Result<bool, QueueError> {
-        let mut used_any = false;
-        loop {
-            if queue.event_idx_enabled() {
-                queue.disable_notification(mem)?;
-            }
-            let mut served = 0usize;
-            // `iter` re-reads the avail index each time, and refuses an index that claims more
-            // chains than the queue holds, so a lying driver cannot make this loop forever.
-            while let Some(chain) = queue.iter(mem)?.next() {
-                let head = chain.head_index();
-                let done = self.process_chain(chain, mem);
-                queue.add_used(mem, head, done.written)?;
-                served += 1;
-            }
-            used_any |= served > 0;
-            if !queue.event_idx_enabled() || !queue.enable_notification(mem)? || served == 0 {
-                break;
-            }
-        }
-        Ok(used_any && queue.needs_notification(mem)?)
+        Ok(drain(queue, mem, |chain| {
+            self.process_chain(chain, mem).written
+        })?)
     }
 
     /// Serve one request. Never fails: a bad request gets an error status and a logged
@@ -200,10 +185,16 @@ impl BlockHandler {
         let mut done = 0u64;
         while done < data_len {
             let n = (data_len - done).min(CHUNK as u64) as usize;
-            let buf = chunk(&mut self.buf, n);
-            self.disk.read_at(buf, offset + done)?;
-            if !write_stream(mem, &l.writable, done, buf) {
-                return Err(Status::IoErr);
+            // Straight into the guest's pages when they can be viewed in place; through the
+            // bounce buffer otherwise (pages named twice, memory that refuses the view).
+            if let Some(view) = HostView::new(mem, &l.writable, done, n, Permissions::Write) {
+                view.fill(|iov| self.disk.read_vectored_at(iov, offset + done))?;
+            } else {
+                let buf = chunk(&mut self.buf, n);
+                self.disk.read_at(buf, offset + done)?;
+                if !write_stream(mem, &l.writable, done, buf) {
+                    return Err(Status::IoErr);
+                }
             }
             done += n as u64;
         }
@@ -226,11 +217,16 @@ impl BlockHandler {
         let mut done = 0u64;
         while done < data_len {
             let n = (data_len - done).min(CHUNK as u64) as usize;
-            let buf = chunk(&mut self.buf, n);
-            if !read_stream(mem, &l.readable, HEADER_LEN + done, buf) {
-                return Err(Status::IoErr);
+            let at = HEADER_LEN + done;
+            if let Some(view) = HostView::new(mem, &l.readable, at, n, Permissions::Read) {
+                view.read(|iov| self.disk.write_vectored_at(iov, offset + done))?;
+            } else {
+                let buf = chunk(&mut self.buf, n);
+                if !read_stream(mem, &l.readable, at, buf) {
+                    return Err(Status::IoErr);
+                }
+                self.disk.write_at(buf, offset + done)?;
             }
-            self.disk.write_at(buf, offset + done)?;
             done += n as u64;
         }
         if !self.flush_acked {

@@ -8,13 +8,12 @@
 //! ```
 
 use std::path::Path;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
 use kiln_disk::BlockDevice;
-use tracing::{error, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vhost_user_backend::{VhostUserBackend, VringRwLock};
+use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -22,16 +21,15 @@ use vmm_sys_util::event::{
 
 use super::device::{BlockDeviceConfig, BlockOptions, QUEUE_SIZE};
 use super::inorder_handler::BlockHandler;
-use crate::vhost_user::{serve, BackendHandle, GuestMem, ServeError};
+use crate::vhost_user::dispatch::QueueDispatch;
+use crate::vhost_user::{serve, BackendHandle, ServeError};
 
 /// The vhost-user-blk backend for one frontend connection.
 pub struct BlockBackend {
     config: BlockDeviceConfig,
     /// One handler per queue; each queue is served by its own worker thread.
     queues: Vec<Mutex<BlockHandler>>,
-    mem: RwLock<Option<GuestMem>>,
-    /// Queues whose ring turned out broken: left alone until the device is reset.
-    broken: Mutex<Vec<bool>>,
+    dispatch: QueueDispatch,
 }
 
 impl BlockBackend {
@@ -43,41 +41,16 @@ impl BlockBackend {
                 .map(|_| Mutex::new(BlockHandler::new(disk.clone(), config.clone())))
                 .collect(),
             config,
-            mem: RwLock::new(None),
-            broken: Mutex::new(vec![false; n]),
+            dispatch: QueueDispatch::new("vhost-user-blk", n),
         }
     }
 
     fn serve_queue(&self, index: usize, vring: &VringRwLock) -> std::io::Result<()> {
-        if self.broken.lock().map(|b| b[index]).unwrap_or(true) {
-            return Ok(());
-        }
-        let Some(mem) = self.mem.read().ok().and_then(|m| m.clone()) else {
-            warn!("vhost-user-blk: kick before the memory table");
-            return Ok(());
-        };
-        let guard = mem.memory();
         let mut handler = self.queues[index]
             .lock()
             .map_err(|_| std::io::Error::other("queue handler lock poisoned"))?;
-        let notify = {
-            let mut state = vring.get_mut();
-            handler.process_queue(state.get_queue_mut(), &*guard)
-        };
-        match notify {
-            Ok(true) => vring.signal_used_queue(),
-            Ok(false) => Ok(()),
-            Err(e) => {
-                error!(
-                    queue = index,
-                    "vhost-user-blk: queue stopped until reset: {e}"
-                );
-                if let Ok(mut b) = self.broken.lock() {
-                    b[index] = true;
-                }
-                Ok(())
-            }
-        }
+        self.dispatch
+            .serve(index, vring, |queue, mem| handler.process_queue(queue, mem))
     }
 }
 
@@ -100,9 +73,7 @@ impl VhostUserBackend for BlockBackend {
     fn acked_features(&self, features: u64) {
         // SET_FEATURES starts every (re)initialisation of the device, e.g. after the guest
         // rebooted inside the same QEMU: a queue stopped as broken gets another chance.
-        if let Ok(mut b) = self.broken.lock() {
-            b.iter_mut().for_each(|x| *x = false);
-        }
+        self.dispatch.clear_broken();
         for q in &self.queues {
             if let Ok(mut h) = q.lock() {
                 h.set_acked_features(features);
@@ -117,9 +88,7 @@ impl VhostUserBackend for BlockBackend {
     }
 
     fn reset_device(&self) {
-        if let Ok(mut b) = self.broken.lock() {
-            b.iter_mut().for_each(|x| *x = false);
-        }
+        self.dispatch.clear_broken();
     }
 
     fn set_event_idx(&self, _enabled: bool) {
@@ -140,12 +109,7 @@ impl VhostUserBackend for BlockBackend {
         &self,
         mem: GuestMemoryAtomic<vm_memory::GuestMemoryMmap<()>>,
     ) -> std::io::Result<()> {
-        let mut m = self
-            .mem
-            .write()
-            .map_err(|_| std::io::Error::other("memory lock poisoned"))?;
-        *m = Some(mem);
-        Ok(())
+        self.dispatch.update_memory(mem)
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {

@@ -14,6 +14,8 @@ use tracing::{debug, warn};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemory;
 
+use crate::devices::in_order::drain;
+
 use super::device::{header_len, MAX_TX_FRAME};
 
 /// Why a queue could not be processed at all: the transport logs it and leaves that queue
@@ -88,26 +90,10 @@ impl NetHandler {
         queue: &mut Queue,
         mem: &M,
     ) -> Result<bool, NetQueueError> {
-        let mut used_any = false;
-        loop {
-            if queue.event_idx_enabled() {
-                queue.disable_notification(mem)?;
-            }
-            let mut served = 0usize;
-            // `iter` refuses an avail index claiming more chains than the queue holds, so a
-            // lying driver cannot keep this loop going.
-            while let Some(chain) = queue.iter(mem)?.next() {
-                let head = chain.head_index();
-                self.tx_chain(chain, mem);
-                queue.add_used(mem, head, 0)?;
-                served += 1;
-            }
-            used_any |= served > 0;
-            if !queue.event_idx_enabled() || !queue.enable_notification(mem)? || served == 0 {
-                break;
-            }
-        }
-        Ok(used_any && queue.needs_notification(mem)?)
+        Ok(drain(queue, mem, |chain| {
+            self.tx_chain(chain, mem);
+            0
+        })?)
     }
 
     fn tx_chain<M: GuestMemory>(&mut self, chain: DescriptorChain<&M>, mem: &M) {

@@ -19,14 +19,13 @@
 use std::os::fd::RawFd;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
 use kiln_net::FramePort;
-use tracing::{error, warn};
+use tracing::warn;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vhost_user_backend::{VhostUserBackend, VringRwLock};
+use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -37,7 +36,8 @@ use super::inorder_handler::NetHandler;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::qemu_relay;
-use crate::vhost_user::{serve_with_setup, BackendHandle, GuestMem, ServeError};
+use crate::vhost_user::dispatch::QueueDispatch;
+use crate::vhost_user::{serve_with_setup, BackendHandle, ServeError};
 
 /// The epoll id of the frame port's rx fd (ids up to `NUM_QUEUES` belong to the daemon).
 const PORT_EVENT: u16 = NUM_QUEUES as u16 + 1;
@@ -103,9 +103,7 @@ pub struct NetBackend {
     config: NetDeviceConfig,
     handler: Mutex<NetHandler>,
     port_fd: RawFd,
-    mem: RwLock<Option<GuestMem>>,
-    /// Queues whose ring turned out broken: left alone until the device is reset.
-    broken: Mutex<[bool; NUM_QUEUES]>,
+    dispatch: QueueDispatch,
 }
 
 impl NetBackend {
@@ -115,53 +113,22 @@ impl NetBackend {
             config: NetDeviceConfig::new(mac),
             handler: Mutex::new(NetHandler::new(port)),
             port_fd,
-            mem: RwLock::new(None),
-            broken: Mutex::new([false; NUM_QUEUES]),
+            dispatch: QueueDispatch::new("vhost-user-net", NUM_QUEUES),
         }
     }
 
     fn serve_queue(&self, index: usize, vring: &VringRwLock) -> std::io::Result<()> {
-        if self.broken.lock().map(|b| b[index]).unwrap_or(true) {
-            return Ok(());
-        }
-        {
-            let state = vring.get_ref();
-            if !state.get_queue().ready() || !state.is_enabled() {
-                // Before the ring is set up and enabled, frames wait in the port.
-                return Ok(());
-            }
-        }
-        let Some(mem) = self.mem.read().ok().and_then(|m| m.clone()) else {
-            warn!("vhost-user-net: event before the memory table");
-            return Ok(());
-        };
-        let guard = mem.memory();
         let mut handler = self
             .handler
             .lock()
             .map_err(|_| std::io::Error::other("net handler lock poisoned"))?;
-        let notify = {
-            let mut state = vring.get_mut();
+        self.dispatch.serve(index, vring, |queue, mem| {
             if index == RX_QUEUE {
-                handler.process_rx(state.get_queue_mut(), &*guard)
+                handler.process_rx(queue, mem)
             } else {
-                handler.process_tx(state.get_queue_mut(), &*guard)
+                handler.process_tx(queue, mem)
             }
-        };
-        match notify {
-            Ok(true) => vring.signal_used_queue(),
-            Ok(false) => Ok(()),
-            Err(e) => {
-                error!(
-                    queue = index,
-                    "vhost-user-net: queue stopped until reset: {e}"
-                );
-                if let Ok(mut b) = self.broken.lock() {
-                    b[index] = true;
-                }
-                Ok(())
-            }
-        }
+        })
     }
 }
 
@@ -194,9 +161,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn reset_device(&self) {
-        if let Ok(mut b) = self.broken.lock() {
-            *b = [false; NUM_QUEUES];
-        }
+        self.dispatch.clear_broken();
         if let Ok(mut h) = self.handler.lock() {
             h.reset();
         }
@@ -214,12 +179,7 @@ impl VhostUserBackend for NetBackend {
         &self,
         mem: GuestMemoryAtomic<vm_memory::GuestMemoryMmap<()>>,
     ) -> std::io::Result<()> {
-        let mut m = self
-            .mem
-            .write()
-            .map_err(|_| std::io::Error::other("memory lock poisoned"))?;
-        *m = Some(mem);
-        Ok(())
+        self.dispatch.update_memory(mem)
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {

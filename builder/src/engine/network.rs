@@ -1,0 +1,174 @@
+//! The module network of a build or of a running clone: one kiln-net [`Network`] built from the
+//! job's VPCs and subnets, and one frame port per VM NIC. Both engines serve each port to the
+//! guest as a virtio-net device (the `qemu` engine through kiln-vmm's vhost-user-net backend).
+//!
+//! Every build and every `kiln run` gets its own `Network`: VMs of one module reach each other
+//! by name, nothing else reaches them, and only VPCs with internet get NAT to the host's sockets.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use kiln_net::{FramePort, Ipv4Cidr, Network, NetworkConfig, NicConfig, SubnetConfig, VpcConfig};
+
+use super::{EngineError, NicAttach};
+use crate::job::{NetJob, NicJob};
+
+/// Whether VPCs get the internet access their manifest gives them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Internet {
+    /// As the manifest says (`internet: true` VPCs NAT to the host's sockets).
+    AsDeclared,
+    /// Never: a hermetic build or run. Names of the module's VMs still resolve, and every
+    /// outside connection is refused at once.
+    Off,
+}
+
+/// kiln-net's configuration for a job's network.
+pub fn config(job: &NetJob, internet: Internet) -> Result<NetworkConfig, EngineError> {
+    let bad = |m: String| EngineError::Backend(format!("module network: {m}"));
+    let vpcs = job
+        .vpcs
+        .iter()
+        .map(|v| VpcConfig {
+            name: v.name.clone(),
+            internet: v.internet && internet == Internet::AsDeclared,
+        })
+        .collect();
+    let mut subnets = Vec::new();
+    for s in &job.subnets {
+        let cidr: Ipv4Cidr = s
+            .cidr
+            .parse()
+            .map_err(|e| bad(format!("subnet `{}`: {e}", s.name)))?;
+        subnets.push(SubnetConfig {
+            name: s.name.clone(),
+            vpc: s.vpc.clone(),
+            cidr,
+            dhcp: s.dhcp,
+            unmanaged: s.unmanaged,
+            dns: s.dns.iter().map(|ip| SocketAddr::from((*ip, 53))).collect(),
+        });
+    }
+    Ok(NetworkConfig {
+        vpcs,
+        subnets,
+        ..NetworkConfig::default()
+    })
+}
+
+/// Starts the network (its own thread; dropping the `Network` stops it).
+pub fn start(job: &NetJob, internet: Internet) -> Result<Network, EngineError> {
+    Network::new(config(job, internet)?)
+        .map_err(|e| EngineError::Backend(format!("starting the module network: {e}")))
+}
+
+/// Plugs a VM's NICs into the network; the ports go into its [`super::VmLaunch`].
+pub fn attach(net: &Network, vm: &str, nics: &[NicJob]) -> Result<Vec<NicAttach>, EngineError> {
+    let mut out = Vec::new();
+    for n in nics {
+        let mac = n
+            .mac_bytes()
+            .map_err(|m| EngineError::Backend(format!("VM `{vm}`: {m}")))?;
+        let port: Arc<dyn FramePort> = net
+            .attach(NicConfig {
+                vm_name: vm.to_string(),
+                subnet: n.subnet.clone(),
+                mac,
+                fixed_ip: n.ip,
+            })
+            .map_err(|e| {
+                EngineError::Backend(format!(
+                    "VM `{vm}`: NIC `{}` on subnet `{}`: {e}",
+                    n.name, n.subnet
+                ))
+            })?;
+        out.push(NicAttach {
+            name: n.name.clone(),
+            mac,
+            port,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::{SubnetJob, VpcJob};
+
+    fn job() -> NetJob {
+        NetJob {
+            vpcs: vec![
+                VpcJob {
+                    name: "lab".into(),
+                    internet: true,
+                },
+                VpcJob {
+                    name: "dmz".into(),
+                    internet: false,
+                },
+            ],
+            subnets: vec![
+                SubnetJob {
+                    name: "a".into(),
+                    vpc: "lab".into(),
+                    cidr: "10.1.0.0/24".into(),
+                    dhcp: true,
+                    unmanaged: false,
+                    dns: vec!["192.0.2.53".parse().unwrap()],
+                },
+                SubnetJob {
+                    name: "b".into(),
+                    vpc: "dmz".into(),
+                    cidr: "10.2.0.0/29".into(),
+                    dhcp: false,
+                    unmanaged: true,
+                    dns: vec![],
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn config_follows_the_job_and_internet_off_wins() {
+        let c = config(&job(), Internet::AsDeclared).unwrap();
+        assert!(c.vpcs[0].internet && !c.vpcs[1].internet);
+        assert_eq!(c.subnets[0].cidr.to_string(), "10.1.0.0/24");
+        assert_eq!(c.subnets[0].dns, vec!["192.0.2.53:53".parse().unwrap()]);
+        assert!(c.subnets[1].unmanaged && !c.subnets[1].dhcp);
+        assert!(
+            c.host_loopback_alias.is_none(),
+            "no host loopback in builds"
+        );
+        let off = config(&job(), Internet::Off).unwrap();
+        assert!(off.vpcs.iter().all(|v| !v.internet));
+    }
+
+    #[test]
+    fn bad_cidr_and_bad_mac_are_errors_not_panics() {
+        let mut j = job();
+        j.subnets[0].cidr = "10.1.0.0/33".into();
+        let e = config(&j, Internet::Off).unwrap_err().to_string();
+        assert!(e.contains("subnet `a`"), "{e}");
+
+        let net = start(&job(), Internet::Off).unwrap();
+        let nic = |mac: &str, subnet: &str| NicJob {
+            name: "eth0".into(),
+            subnet: subnet.into(),
+            mac: mac.into(),
+            ip: None,
+        };
+        let e = attach(&net, "vm", &[nic("01:00:00:00:00:01", "a")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a unicast MAC"), "{e}");
+        let e = attach(&net, "vm", &[nic("02:00:00:00:00:01", "nope")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("NIC `eth0` on subnet `nope`"), "{e}");
+        let ok = attach(&net, "vm", &[nic("02:00:00:00:00:01", "a")]).unwrap();
+        assert_eq!(ok[0].mac, [2, 0, 0, 0, 0, 1]);
+        // The same MAC twice on one network is refused (kiln-net's anti-spoofing).
+        assert!(attach(&net, "vm2", &[nic("02:00:00:00:00:01", "a")]).is_err());
+    }
+}
