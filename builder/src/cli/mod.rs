@@ -61,9 +61,6 @@ enum Command {
     Doctor(vm::DoctorArgs),
     /// The local web editor: a form and YAML view of a folder of manifests.
     Serve(serve::ServeArgs),
-    /// The VMM child process `kiln vm run` and the kvm engine start (one per VM).
-    #[command(name = "__vmm", hide = true)]
-    Vmm(vm::VmmChildArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -85,7 +82,6 @@ pub fn main() -> ExitCode {
         Command::Vm(c) => vm::run(c),
         Command::Doctor(a) => vm::doctor(a),
         Command::Serve(a) => serve::serve(a),
-        Command::Vmm(a) => vm::vmm_child(a),
     };
     match result {
         Ok(code) => code,

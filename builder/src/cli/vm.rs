@@ -1,8 +1,7 @@
-//! `kiln vm run`, `kiln doctor`, and the hidden VMM child mode (`kiln __vmm`).
+//! `kiln vm run` and `kiln doctor`. The VMM child (`kiln __vmm`) branches off in `main.rs`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
@@ -60,16 +59,6 @@ pub struct DoctorArgs {
     pub json: bool,
 }
 
-/// The hidden child mode: run one VM, controlled over `socket`.
-#[derive(Debug, Args)]
-pub struct VmmChildArgs {
-    #[arg(long)]
-    pub socket: PathBuf,
-    /// The VM as JSON (a `kiln_vmm::process::VmSpec`).
-    #[arg(long)]
-    pub spec: String,
-}
-
 pub fn run(c: VmCommand) -> anyhow::Result<ExitCode> {
     match c {
         VmCommand::Run(a) => run_vm(a),
@@ -105,13 +94,6 @@ fn run_vm(a: RunArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::from(exit_code(&reason) as u8));
     }
-}
-
-pub fn vmm_child(a: VmmChildArgs) -> anyhow::Result<ExitCode> {
-    let born = Instant::now();
-    let spec: VmSpec = serde_json::from_str(&a.spec).context("parsing --spec")?;
-    let code = kiln_vmm::process::child::run_child(&spec, &a.socket, born);
-    Ok(ExitCode::from(code as u8))
 }
 
 pub fn doctor(a: DoctorArgs) -> anyhow::Result<ExitCode> {
