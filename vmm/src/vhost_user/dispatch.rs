@@ -10,7 +10,7 @@ use std::fmt::Display;
 use std::sync::{Mutex, RwLock};
 
 use tracing::{error, warn};
-use vhost_user_backend::{VringRwLock, VringT};
+use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 
@@ -60,6 +60,41 @@ impl QueueDispatch {
             .unwrap_or(true)
     }
 
+    /// [`QueueDispatch::serve`] for device logic that signals the guest itself, as each
+    /// request completes: `process` gets a `signal` that writes the vring's call eventfd
+    /// (a failed write is logged; the guest then sees the completion on its next interrupt).
+    pub fn serve_signalling<E, F>(
+        &self,
+        index: usize,
+        vring: &VringRwLock,
+        process: F,
+    ) -> std::io::Result<()>
+    where
+        E: Display,
+        F: FnOnce(&mut Queue, &GuestMemoryMmap<()>, &mut dyn FnMut()) -> Result<(), E>,
+    {
+        let device = self.device;
+        self.serve_state(index, vring, |state, mem| {
+            // The queue and the call eventfd both live in the vring state: the queue is
+            // moved out while the requests run (no one else can see the state meanwhile: this
+            // holds its write lock), so the eventfd can be written without a dup per kick.
+            let mut queue = std::mem::take(state.get_queue_mut());
+            let result = {
+                let call = state.get_call().as_ref();
+                let mut signal = || {
+                    if let Some(c) = call {
+                        if let Err(e) = c.notify() {
+                            warn!(queue = index, "{device}: signalling the guest: {e}");
+                        }
+                    }
+                };
+                process(&mut queue, mem, &mut signal)
+            };
+            *state.get_queue_mut() = queue;
+            result.map(|()| false)
+        })
+    }
+
     /// Run `process` over queue `index` of `vring` and signal the guest when it says so.
     ///
     /// Nothing runs for a queue stopped as broken, a ring not yet set up and enabled, or
@@ -71,6 +106,22 @@ impl QueueDispatch {
     where
         E: Display,
         F: FnOnce(&mut Queue, &GuestMemoryMmap<()>) -> Result<bool, E>,
+    {
+        self.serve_state(index, vring, |state, mem| {
+            process(state.get_queue_mut(), mem)
+        })
+    }
+
+    /// [`QueueDispatch::serve`] with the whole vring state (queue and eventfds) in hand.
+    fn serve_state<E, F>(
+        &self,
+        index: usize,
+        vring: &VringRwLock,
+        process: F,
+    ) -> std::io::Result<()>
+    where
+        E: Display,
+        F: FnOnce(&mut VringState<GuestMem>, &GuestMemoryMmap<()>) -> Result<bool, E>,
     {
         if self.is_broken(index) {
             return Ok(());
@@ -89,7 +140,7 @@ impl QueueDispatch {
         let guard = mem.memory();
         let notify = {
             let mut state = vring.get_mut();
-            process(state.get_queue_mut(), &guard)
+            process(&mut state, &guard)
         };
         match notify {
             Ok(true) => vring.signal_used_queue(),

@@ -150,7 +150,13 @@ fn run(data: &[u8]) -> usize {
                 break;
             }
         }
-        let _ = handler.process_queue(&mut queue, &mem);
+        // Both queue walks the transports use: batch-notify (in process) and
+        // signal-per-completion (vhost-user).
+        if image.len() % 2 == 0 {
+            let _ = handler.process_queue(&mut queue, &mem);
+        } else {
+            let _ = handler.process_queue_signalling(&mut queue, &mem, &mut || {});
+        }
     }
     ok
 }

@@ -50,7 +50,9 @@ impl BlockBackend {
             .lock()
             .map_err(|_| std::io::Error::other("queue handler lock poisoned"))?;
         self.dispatch
-            .serve(index, vring, |queue, mem| handler.process_queue(queue, mem))
+            .serve_signalling(index, vring, |queue, mem, signal| {
+                handler.process_queue_signalling(queue, mem, signal)
+            })
     }
 }
 
