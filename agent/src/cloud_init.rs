@@ -166,11 +166,27 @@ pub fn user_data_fragment(install: &AgentInstall) -> String {
     y
 }
 
+/// How kiln's part merges into the user's cloud-config (cloud-init's `merge_how`): lists
+/// appended, mappings merged. cloud-init merges cloud-config parts with "replace" by default,
+/// so without it kiln's `write_files` and `runcmd` would drop the user's.
+const MERGE_HOW: &str = "merge_how:\n  - name: list\n    settings: [append]\n  - name: dict\n    settings: [no_replace, recurse_list]\n";
+
+/// A `#cloud-config` fragment that asks for its lists to be appended to the user's.
+fn with_merge_how(fragment: &str) -> String {
+    match fragment.strip_prefix("#cloud-config\n") {
+        Some(rest) => format!("#cloud-config\n{MERGE_HOW}{rest}"),
+        None => fragment.to_string(),
+    }
+}
+
 /// Put the user's own user-data and the agent fragment into one MIME multipart document,
-/// which cloud-init processes part by part. With no user data the fragment is returned as is.
+/// which cloud-init processes part by part. A `#cloud-config` fragment gets a `merge_how`
+/// that appends its lists (`write_files`, `runcmd`) to the user's instead of replacing them.
+/// With no user data the fragment (with its `merge_how`) is the whole document.
 pub fn combine_user_data(user: Option<&str>, fragment: &str) -> String {
+    let fragment = with_merge_how(fragment);
     let Some(user) = user.filter(|u| !u.trim().is_empty()) else {
-        return fragment.to_string();
+        return fragment;
     };
     let boundary = "==kiln-agent-boundary-7f3c9a==";
     let part_type = |s: &str| {
@@ -184,7 +200,7 @@ pub fn combine_user_data(user: Option<&str>, fragment: &str) -> String {
     };
     let mut o =
         format!("Content-Type: multipart/mixed; boundary=\"{boundary}\"\nMIME-Version: 1.0\n\n");
-    for (name, part) in [("user-data", user), ("kiln-agent", fragment)] {
+    for (name, part) in [("user-data", user), ("kiln-agent", fragment.as_str())] {
         o.push_str(&format!(
             "--{boundary}\nContent-Type: {}; charset=\"us-ascii\"\nContent-Disposition: attachment; filename=\"{name}\"\nMIME-Version: 1.0\n\n{part}",
             part_type(part)
@@ -325,6 +341,74 @@ mod tests {
         assert!(m.starts_with("Content-Type: multipart/mixed"));
         assert_eq!(m.matches("Content-Type: text/cloud-config").count(), 2);
         assert_eq!(combine_user_data(None, "x"), "x");
+    }
+
+    /// The parts of a document [`combine_user_data`] made, by filename.
+    fn parts(m: &str) -> Vec<(String, String)> {
+        let boundary = "--==kiln-agent-boundary-7f3c9a==";
+        m.split(boundary)
+            .skip(1)
+            .filter(|p| !p.starts_with("--"))
+            .map(|p| {
+                let (head, body) = p.split_once("\n\n").expect("a MIME part has headers");
+                let name = head
+                    .split("filename=\"")
+                    .nth(1)
+                    .and_then(|r| r.split('"').next())
+                    .expect("a filename");
+                (name.to_string(), body.to_string())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_users_write_files_survive_the_combine() {
+        let user = "#cloud-config\nwrite_files:\n  - path: /etc/from-user\n    content: hi\nruncmd:\n  - [touch, /etc/user-ran]\n";
+        let fragment = user_data_fragment(&AgentInstall {
+            source: AgentSource::SeedFile { file: "kiln-agent" },
+            extra_args: Vec::new(),
+            wait_for_cloud_init: true,
+        });
+        let m = combine_user_data(Some(user), &fragment);
+        let parts = parts(&m);
+        assert_eq!(parts.len(), 2, "{m}");
+        // The user's part comes first, byte for byte.
+        assert_eq!(parts[0], ("user-data".to_string(), user.to_string()));
+        let u: serde_json::Value = serde_saphyr::from_str(&parts[0].1).unwrap();
+        assert_eq!(u["write_files"][0]["path"], "/etc/from-user");
+        // kiln's part merges into it: its lists are appended (not cloud-init's default
+        // "replace", which would drop the user's write_files and runcmd), and mappings are
+        // merged without replacing the user's keys.
+        assert_eq!(parts[1].0, "kiln-agent");
+        let k: serde_json::Value = serde_saphyr::from_str(&parts[1].1).unwrap();
+        let merge = k["merge_how"]
+            .as_array()
+            .expect("kiln's part has merge_how");
+        let settings = |name: &str| -> Vec<&str> {
+            merge
+                .iter()
+                .find(|m| m["name"] == name)
+                .and_then(|m| m["settings"].as_array())
+                .map(|s| s.iter().filter_map(|v| v.as_str()).collect())
+                .unwrap_or_default()
+        };
+        assert_eq!(settings("list"), ["append"]);
+        assert_eq!(settings("dict"), ["no_replace", "recurse_list"]);
+        let kiln_paths: Vec<&str> = k["write_files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|f| f["path"].as_str())
+            .collect();
+        assert!(kiln_paths.contains(&GUEST_UNIT), "{kiln_paths:?}");
+        assert!(!kiln_paths.contains(&"/etc/from-user"));
+
+        // Alone, the fragment is the whole document, still with its merge_how; a part that is
+        // not cloud-config is left as it is.
+        let alone = combine_user_data(None, &fragment);
+        assert!(alone.starts_with(&format!("#cloud-config\n{MERGE_HOW}")));
+        assert_eq!(alone.replacen(MERGE_HOW, "", 1), fragment);
+        assert_eq!(combine_user_data(None, "#!/bin/sh\n"), "#!/bin/sh\n");
     }
 
     #[test]

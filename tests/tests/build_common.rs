@@ -50,6 +50,17 @@ pub fn boot_prereqs() -> Result<PathBuf, String> {
     Ok(kiln)
 }
 
+/// The kiln binary for a test that boots a guest; `None` once the `SKIP:` reason is printed.
+pub fn boot_prereqs_or_skip() -> Option<PathBuf> {
+    match boot_prereqs() {
+        Ok(k) => Some(k),
+        Err(reason) => {
+            eprintln!("SKIP: {reason}");
+            None
+        }
+    }
+}
+
 /// Effective uid 0, from /proc (no libc dependency for one number).
 pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
@@ -129,6 +140,15 @@ pub fn read_guest_file(qcow2: &Path, work: &Path, path: &str) -> Result<String, 
         return Err(String::from_utf8_lossy(&out.stderr).into_owned());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Asserts that `modules` holds nothing a failed or interrupted build left half written.
+pub fn assert_no_partial_module(modules: &Path) {
+    assert!(
+        hidden_entries(modules).is_empty(),
+        "{:?}",
+        hidden_entries(modules)
+    );
 }
 
 /// Entries of a folder whose names start with a dot (partial modules, temp files).

@@ -4,7 +4,7 @@ mod build_common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,33 @@ fn bootstrap_vm(name: &str, steps: &str) -> String {
     format!(
         "vms:\n  - name: {name}\n    source:\n      bootstrap: {{ distro: debian, suite: bookworm, packages: [] }}\n    resources: {{ cpu: 1, memory: 1Gi }}\n    disks:\n      - name: root\n        size: 4Gi\n    provisioners:\n{steps}"
     )
+}
+
+/// A build that failed: its stderr and how long it took. The temp folder lives as long.
+struct FailedBuild {
+    stderr: String,
+    took: Duration,
+    modules: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+/// Builds `steps` on a bootstrapped Debian VM `box` as module `name`, checking that the build
+/// fails and writes no module.
+fn failed_build(kiln: &Path, name: &str, steps: &str) -> FailedBuild {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = write_manifest(tmp.path(), name, &bootstrap_vm("box", steps));
+    let modules = tmp.path().join("modules");
+    let start = Instant::now();
+    let out = run_kiln(kiln, &["build", &m, "--output", modules.to_str().unwrap()]);
+    let took = start.elapsed();
+    assert!(!out.status.success());
+    assert!(!modules.join(name).exists());
+    FailedBuild {
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        took,
+        modules,
+        _tmp: tmp,
+    }
 }
 
 #[test]
@@ -71,73 +98,42 @@ fn bad_checksum_stops_before_boot() {
     assert!(err.contains(&want), "{err}");
     assert!(!err.contains("Booting"), "nothing may boot: {err}");
     assert!(!modules.join("badsum").exists());
-    assert!(
-        hidden_entries(&modules).is_empty(),
-        "{:?}",
-        hidden_entries(&modules)
-    );
+    assert_no_partial_module(&modules);
 }
 
 #[test]
 fn failing_step_fails_the_build_with_name_code_and_output() {
-    let kiln = match boot_prereqs() {
-        Ok(k) => k,
-        Err(r) => {
-            eprintln!("SKIP: {r}");
-            return;
-        }
+    let Some(kiln) = boot_prereqs_or_skip() else {
+        return;
     };
-    let tmp = tempfile::tempdir().unwrap();
     let steps = "      - name: fine\n        type: shell\n        shell:\n          inline: \"echo all good\\n\"\n      - name: breaks\n        type: shell\n        shell:\n          inline: \"echo about to fail; echo details >&2; exit 7\\n\"\n      - name: never\n        type: shell\n        shell:\n          inline: \"touch /never\\n\"\n";
-    let m = write_manifest(tmp.path(), "failing", &bootstrap_vm("box", steps));
-    let modules = tmp.path().join("modules");
-    let out = run_kiln(&kiln, &["build", &m, "--output", modules.to_str().unwrap()]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let f = failed_build(&kiln, "failing", steps);
+    let err = &f.stderr;
     assert!(err.contains("'breaks'"), "{err}");
     assert!(err.contains("exit code 7"), "{err}");
     assert!(
         err.contains("about to fail") && err.contains("details"),
         "{err}"
     );
-    assert!(!modules.join("failing").exists());
-    assert!(
-        hidden_entries(&modules).is_empty(),
-        "{:?}",
-        hidden_entries(&modules)
-    );
+    assert_no_partial_module(&f.modules);
 }
 
 #[test]
 fn step_past_its_timeout_is_killed() {
-    let kiln = match boot_prereqs() {
-        Ok(k) => k,
-        Err(r) => {
-            eprintln!("SKIP: {r}");
-            return;
-        }
+    let Some(kiln) = boot_prereqs_or_skip() else {
+        return;
     };
-    let tmp = tempfile::tempdir().unwrap();
     let steps = "      - name: slow\n        type: shell\n        stepTimeout: 5s\n        shell:\n          inline: \"sleep 600\\n\"\n";
-    let m = write_manifest(tmp.path(), "slow", &bootstrap_vm("box", steps));
-    let modules = tmp.path().join("modules");
-    let start = Instant::now();
-    let out = run_kiln(&kiln, &["build", &m, "--output", modules.to_str().unwrap()]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let f = failed_build(&kiln, "slow", steps);
+    let err = &f.stderr;
     assert!(err.contains("'slow'") && err.contains("timeout"), "{err}");
-    assert!(start.elapsed() < Duration::from_secs(400));
-    assert!(!modules.join("slow").exists());
+    assert!(f.took < Duration::from_secs(400));
 }
 
 #[test]
 fn ctrl_c_mid_build_leaves_no_vm_and_no_module() {
-    let kiln = match boot_prereqs() {
-        Ok(k) => k,
-        Err(r) => {
-            eprintln!("SKIP: {r}");
-            return;
-        }
+    let Some(kiln) = boot_prereqs_or_skip() else {
+        return;
     };
     let tmp = tempfile::tempdir().unwrap();
     let steps = "      - name: long\n        type: shell\n        shell:\n          inline: \"echo started-long-step; sleep 600\\n\"\n";
@@ -180,11 +176,7 @@ fn ctrl_c_mid_build_leaves_no_vm_and_no_module() {
         );
     }
     assert!(!modules.join("interrupted").exists());
-    assert!(
-        hidden_entries(&modules).is_empty(),
-        "{:?}",
-        hidden_entries(&modules)
-    );
+    assert_no_partial_module(&modules);
 }
 
 /// Pids of qemu-system processes whose parent is `parent`.

@@ -4,15 +4,12 @@
 mod build_common;
 
 use build_common::*;
+use kiln_e2e::module::{clone_run_exec, CloneExec};
 
 #[test]
 fn hello_builds_and_its_disk_has_every_step() {
-    let kiln = match boot_prereqs() {
-        Ok(k) => k,
-        Err(reason) => {
-            eprintln!("SKIP: {reason}");
-            return;
-        }
+    let Some(kiln) = boot_prereqs_or_skip() else {
+        return;
     };
     let tmp = tempfile::tempdir().unwrap();
     let modules = tmp.path().join("modules");
@@ -51,47 +48,22 @@ fn hello_builds_and_its_disk_has_every_step() {
 
     // The module clones, a clone boots and answers `kiln exec`.
     let clones = tmp.path().join("clones");
-    let c = clones.to_str().unwrap();
-    let out = run_kiln(
-        &kiln,
-        &[
-            "clone",
-            "hello",
-            "--count",
-            "2",
-            "--modules",
-            m,
-            "--clones",
-            c,
-        ],
-    );
-    assert!(out.status.success());
+    let exec = clone_run_exec(
+        &CloneExec {
+            kiln: &kiln,
+            module: "hello",
+            modules: &modules,
+            clones: &clones,
+            count: Some(2),
+            vm: "hello",
+            run_dir: &tmp.path().join("run"),
+            env: &[],
+        },
+        &["cat", "/etc/kiln-hello"],
+    )
+    .unwrap();
     assert!(clones.join("hello-1/clone.yaml").is_file());
     assert!(clones.join("hello-2/clone.yaml").is_file());
-    let run_dir = tmp.path().join("run");
-    let mut run = std::process::Command::new(&kiln)
-        .args(["run", "hello-1", "--clones", c])
-        .env("KILN_RUN_DIR", &run_dir)
-        .env("KILN_NO_INTERNET", "true")
-        .current_dir(repo_root())
-        .spawn()
-        .unwrap();
-    // `kiln run` binds the VM's sockets before QEMU starts; wait for them.
-    let sock = run_dir.join("clones/hello-1/hello/vsock.sock");
-    let t = std::time::Instant::now();
-    while !sock.exists() && t.elapsed() < std::time::Duration::from_secs(60) {
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
-    let exec = std::process::Command::new(&kiln)
-        .args(["exec", "hello-1/hello", "--", "cat", "/etc/kiln-hello"])
-        .env("KILN_RUN_DIR", &run_dir)
-        .output()
-        .unwrap();
-    let _ = std::process::Command::new("kill")
-        .args(["-INT", &run.id().to_string()])
-        .status();
-    let _ = run.wait();
-    eprintln!("exec stderr: {}", String::from_utf8_lossy(&exec.stderr));
     assert!(exec.status.success());
     assert_eq!(
         String::from_utf8_lossy(&exec.stdout).trim(),

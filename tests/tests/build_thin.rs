@@ -9,9 +9,10 @@ mod build_common;
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use build_common::*;
+use kiln_e2e::module::{clone_run_exec, CloneExec};
 
 fn write(dir: &Path, name: &str, body: &str) -> String {
     let p = dir.join(name);
@@ -55,12 +56,8 @@ const CHILD: &str = r#"vms:
 
 #[test]
 fn thin_child_is_a_layer_over_its_parent_and_clones() {
-    let kiln = match boot_prereqs() {
-        Ok(k) => k,
-        Err(reason) => {
-            eprintln!("SKIP: {reason}");
-            return;
-        }
+    let Some(kiln) = boot_prereqs_or_skip() else {
+        return;
     };
     let t0 = Instant::now();
     let tmp = tempfile::tempdir().unwrap();
@@ -155,30 +152,20 @@ fn thin_child_is_a_layer_over_its_parent_and_clones() {
     // The thin module clones and runs.
     let clones = tmp.path().join("clones");
     let c = clones.to_str().unwrap();
-    let out = run_kiln(&kiln, &["clone", "child", "--modules", m, "--clones", c]);
-    assert!(out.status.success());
-    let run_dir = tmp.path().join("run");
-    let mut run = Command::new(&kiln)
-        .args(["run", "child-1", "--clones", c])
-        .env("KILN_RUN_DIR", &run_dir)
-        .current_dir(repo_root())
-        .spawn()
-        .unwrap();
-    let sock = run_dir.join("clones/child-1/layer/vsock.sock");
-    let t = Instant::now();
-    while !sock.exists() && t.elapsed() < Duration::from_secs(60) {
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let exec = Command::new(&kiln)
-        .args(["exec", "child-1/layer", "--", "cat", "/etc/child-mark"])
-        .env("KILN_RUN_DIR", &run_dir)
-        .output()
-        .unwrap();
-    let _ = Command::new("kill")
-        .args(["-INT", &run.id().to_string()])
-        .status();
-    let _ = run.wait();
-    eprintln!("exec stderr: {}", String::from_utf8_lossy(&exec.stderr));
+    let exec = clone_run_exec(
+        &CloneExec {
+            kiln: &kiln,
+            module: "child",
+            modules: &modules,
+            clones: &clones,
+            count: None,
+            vm: "layer",
+            run_dir: &tmp.path().join("run"),
+            env: &[],
+        },
+        &["cat", "/etc/child-mark"],
+    )
+    .unwrap();
     assert!(exec.status.success());
     assert_eq!(String::from_utf8_lossy(&exec.stdout), "from the child\n");
     qemu_img_check(&cdisk).unwrap();

@@ -22,9 +22,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use build_common::*;
+use kiln_e2e::module::{clone_run_exec, CloneExec};
 
 /// Bump when the image recipe below changes.
 const IMAGE_DIR: &str = "cloud-image-v1";
@@ -247,12 +248,8 @@ fn to_raw(q: &Path, raw: &Path) {
 
 #[test]
 fn url_and_file_images_get_the_agent_through_a_nocloud_seed() {
-    let kiln = match boot_prereqs() {
-        Ok(k) => k,
-        Err(reason) => {
-            eprintln!("SKIP: {reason}");
-            return;
-        }
+    let Some(kiln) = boot_prereqs_or_skip() else {
+        return;
     };
     for t in ["sfdisk", "debugfs", "qemu-img", "mkfs.ext4", "sha256sum"] {
         if !on_path(t)
@@ -389,32 +386,20 @@ fn url_and_file_images_get_the_agent_through_a_nocloud_seed() {
     std::fs::remove_file(&raw).unwrap();
 
     // A clone boots without any seed and its agent answers.
-    let clones = tmp.path().join("clones");
-    let c = clones.to_str().unwrap();
-    let out = run_kiln(&kiln, &["clone", "cloudy", "--modules", m, "--clones", c]);
-    assert!(out.status.success());
-    let run_dir = tmp.path().join("run");
-    let mut run = Command::new(&kiln)
-        .args(["run", "cloudy-1", "--clones", c])
-        .env("KILN_RUN_DIR", &run_dir)
-        .env("KILN_CACHE", &cache)
-        .spawn()
-        .unwrap();
-    let sock = run_dir.join("clones/cloudy-1/fromurl/vsock.sock");
-    let t = Instant::now();
-    while !sock.exists() && t.elapsed() < Duration::from_secs(60) {
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let exec = Command::new(&kiln)
-        .args(["exec", "cloudy-1/fromurl", "--", "cat", "/etc/kiln-url"])
-        .env("KILN_RUN_DIR", &run_dir)
-        .output()
-        .unwrap();
-    let _ = Command::new("kill")
-        .args(["-INT", &run.id().to_string()])
-        .status();
-    let _ = run.wait();
-    eprintln!("exec stderr: {}", String::from_utf8_lossy(&exec.stderr));
+    let exec = clone_run_exec(
+        &CloneExec {
+            kiln: &kiln,
+            module: "cloudy",
+            modules: &modules,
+            clones: &tmp.path().join("clones"),
+            count: None,
+            vm: "fromurl",
+            run_dir: &tmp.path().join("run"),
+            env: &[("KILN_CACHE", cache.as_os_str())],
+        },
+        &["cat", "/etc/kiln-url"],
+    )
+    .unwrap();
     assert!(exec.status.success());
     assert_eq!(
         String::from_utf8_lossy(&exec.stdout).trim(),

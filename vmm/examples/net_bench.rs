@@ -12,29 +12,21 @@
 //! sides back to back, alternating which goes first; the median of per-round ratios is
 //! printed (the machine is shared and noisy). Traffic stays on the host's loopback.
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, TcpListener};
 use std::path::Path;
 use std::time::Duration;
 
-use kiln_e2e::initramfs::Initramfs;
 use kiln_e2e::kernel::guest_kernel;
 use kiln_e2e::qemu::{qemu_available, Qemu, QemuConfig};
-use kiln_net::{Network, NetworkConfig, NicConfig, SubnetConfig, VpcConfig};
 use kiln_vmm::devices::net::vhost_user::spawn;
 
-const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x6b, 0x00, 0x02];
-/// The host as the guest sees it: kiln-net's loopback alias, and slirp's default gateway.
-const ALIAS: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+// The guest setup, shared with the real-driver net test.
+#[path = "../tests/net_guest/mod.rs"]
+mod net_guest;
+use net_guest::{
+    guest_nic, http_server, initramfs, mac_string, network, pattern, vhost_user_net_args, ALIAS,
+};
 
-const UDHCPC_SCRIPT: &str = r#"#!/bin/sh
-case "$1" in bound|renew)
-  ip addr flush dev $interface
-  ip addr add $ip/$mask dev $interface
-  [ -n "$router" ] && ip route add default via $router
-;; esac
-exit 0
-"#;
+const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x6b, 0x00, 0x02];
 
 fn init(port: u16, bytes: usize) -> String {
     format!(
@@ -50,36 +42,6 @@ echo BENCH-DONE
 poweroff -f
 "#
     )
-}
-
-/// Serve `len` pseudo-random bytes at any path on 127.0.0.1, to `conns` clients; returns
-/// the port. The body is made once, so the server costs both sides the same.
-fn http_server(len: usize, conns: usize) -> u16 {
-    let mut s = 0x2545_f491_4f6c_dd1du64;
-    let body: Vec<u8> = (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 24) as u8
-        })
-        .collect();
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
-    let port = l.local_addr().expect("local addr").port();
-    std::thread::spawn(move || {
-        for c in l.incoming().take(conns) {
-            let Ok(mut c) = c else { continue };
-            let mut buf = [0u8; 2048];
-            let _ = c.read(&mut buf);
-            let _ = write!(
-                c,
-                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n",
-                body.len()
-            );
-            let _ = c.write_all(&body);
-        }
-    });
-    port
 }
 
 fn run_guest(kernel: &Path, initrd: &Path, log: &Path, args: Vec<String>) -> Option<f64> {
@@ -111,26 +73,6 @@ fn run_guest(kernel: &Path, initrd: &Path, log: &Path, args: Vec<String>) -> Opt
     (t1 > t0).then(|| b / (t1 - t0) / 1e6)
 }
 
-fn kiln_network() -> Network {
-    Network::new(NetworkConfig {
-        vpcs: vec![VpcConfig {
-            name: "default".into(),
-            internet: true,
-        }],
-        subnets: vec![SubnetConfig {
-            name: "default".into(),
-            vpc: "default".into(),
-            cidr: "10.0.6.0/24".parse().expect("cidr"),
-            dhcp: true,
-            unmanaged: false,
-            dns: Vec::new(),
-        }],
-        host_loopback_alias: Some(ALIAS),
-        ..NetworkConfig::default()
-    })
-    .expect("kiln network")
-}
-
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
@@ -154,22 +96,11 @@ fn main() {
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let bytes = mib << 20;
-    let port = http_server(bytes, rounds * 2);
+    // The body is made once, so the server costs both sides the same.
+    let port = http_server(pattern(bytes), rounds * 2);
     let initrd = dir.path().join("initrd.cpio");
-    Initramfs::new()
-        .busybox()
-        .kernel(&kernel)
-        .module("virtio_pci")
-        .module("virtio_net")
-        .file("/udhcpc.sh", UDHCPC_SCRIPT, 0o755)
-        .init_script(&init(port, bytes))
-        .build(&initrd)
-        .expect("initramfs");
-    let mac = MAC
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":");
+    initramfs(&kernel, &init(port, bytes), &initrd);
+    let mac = mac_string(&MAC);
     println!(
         "guest wget of {mib} MiB from 127.0.0.1 through the NAT; TCG, 1 vCPU; load average {}",
         load_average()
@@ -177,31 +108,15 @@ fn main() {
     let mut ratios = Vec::new();
     for round in 0..rounds {
         let kiln = || {
-            let net = kiln_network();
-            let nic = net
-                .attach(NicConfig {
-                    vm_name: "guest".into(),
-                    subnet: "default".into(),
-                    mac: MAC,
-                    fixed_ip: None,
-                })
-                .expect("attach nic");
+            let net = network("10.0.6.0/24");
+            let nic = guest_nic(&net, MAC);
             let sock = dir.path().join(format!("net-{round}.sock"));
             let h = spawn(&sock, nic, MAC).expect("spawn backend");
             let r = run_guest(
                 &kernel.vmlinuz,
                 &initrd,
                 &dir.path().join(format!("kiln-{round}.log")),
-                vec![
-                    "-chardev".into(),
-                    format!("socket,id=n0,path={}", sock.display()),
-                    "-netdev".into(),
-                    "vhost-user,id=n0,chardev=n0".into(),
-                    "-device".into(),
-                    // vectors=0 (INTx): QEMU 7.2 crashes in msix_set_vector_notifiers
-                    // when a vhost-user netdev starts with MSI-X.
-                    format!("virtio-net-pci,netdev=n0,mac={mac},vectors=0"),
-                ],
+                vhost_user_net_args(&sock, &MAC),
             );
             h.stop();
             let _ = h.join();

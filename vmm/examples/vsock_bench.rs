@@ -18,17 +18,19 @@ use std::time::{Duration, Instant};
 use kiln_vmm::devices::vsock::muxer::unix::guest_port_path;
 use kiln_vmm::devices::vsock::protocol::*;
 use kiln_vmm::devices::vsock::{VsockConfig, VsockHandler};
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
-const CID: u64 = 3;
-const QSIZE: u16 = 256;
+// The mock guest's queue plumbing, shared with the vsock queue tests.
+#[path = "../tests/vsock_mock/mod.rs"]
+mod vsock_mock;
+use vsock_mock::{
+    add_chain, guest_hdr, make_queue, rx_chain, tx_chain, CID, GUEST_BUF_ALLOC, QSIZE,
+};
+
 const RX_BUF: u32 = 4096;
 const TX_PKT: usize = 64 * 1024;
-const GUEST_BUF_ALLOC: u32 = 256 * 1024;
 
 struct Driver<'a> {
     mem: &'a GuestMemoryMmap,
@@ -71,20 +73,12 @@ impl<'a> Driver<'a> {
 
     fn post_rx(&mut self, head: u16) {
         let slot = u64::from(head / 2);
-        let descs = [
-            RawDescriptor::from(SplitDescriptor::new(
-                RX_HDR_BASE + slot * 64,
-                HEADER_SIZE as u32,
-                (VRING_DESC_F_WRITE | VRING_DESC_F_NEXT) as u16,
-                head + 1,
-            )),
-            RawDescriptor::from(SplitDescriptor::new(
-                RX_DATA_BASE + slot * u64::from(RX_BUF),
-                RX_BUF,
-                VRING_DESC_F_WRITE as u16,
-                0,
-            )),
-        ];
+        let descs = rx_chain(
+            RX_HDR_BASE + slot * 64,
+            RX_DATA_BASE + slot * u64::from(RX_BUF),
+            RX_BUF,
+            head,
+        );
         add_chain(&self.rxvq, self.mem, &descs, head);
     }
 
@@ -119,82 +113,9 @@ impl<'a> Driver<'a> {
         self.mem
             .write_slice(&hdr.to_bytes(), GuestAddress(TX_HDR))
             .expect("hdr");
-        let descs = if len == 0 {
-            vec![RawDescriptor::from(SplitDescriptor::new(
-                TX_HDR,
-                HEADER_SIZE as u32,
-                0,
-                0,
-            ))]
-        } else {
-            vec![
-                RawDescriptor::from(SplitDescriptor::new(
-                    TX_HDR,
-                    HEADER_SIZE as u32,
-                    VRING_DESC_F_NEXT as u16,
-                    1,
-                )),
-                RawDescriptor::from(SplitDescriptor::new(TX_DATA, len as u32, 0, 0)),
-            ]
-        };
+        let descs = tx_chain(TX_HDR, TX_DATA, len as u32, 0);
         add_chain(&self.txvq, self.mem, &descs, 0);
         self.dev.process_tx(self.mem, &mut self.txq).expect("tx");
-    }
-}
-
-/// A ready queue over `vq`'s descriptor table and avail ring, with the used ring placed
-/// 8 KiB after the table. (`MockSplitQueue::create` places the used ring `len` bytes after
-/// the avail ring's entries instead of `2 * len`, so with a real queue size the device's
-/// used entries would land on the driver's avail entries.)
-fn make_queue(vq: &MockSplitQueue<'_, GuestMemoryMmap>) -> (Queue, GuestAddress) {
-    let used = vq.desc_table_addr().unchecked_add(0x2000);
-    let mut q = Queue::new(QSIZE).expect("queue");
-    q.set_size(QSIZE);
-    q.try_set_desc_table_address(vq.desc_table_addr())
-        .expect("desc");
-    q.try_set_avail_ring_address(vq.avail_addr())
-        .expect("avail");
-    q.try_set_used_ring_address(used).expect("used");
-    q.set_ready(true);
-    (q, used)
-}
-
-/// Writes a chain's descriptors at table index `first` and publishes its head in the avail
-/// ring. (`MockSplitQueue::add_desc_chains` does not wrap the ring index, so a long run would
-/// write past the avail ring.)
-fn add_chain(
-    vq: &MockSplitQueue<'_, GuestMemoryMmap>,
-    mem: &GuestMemoryMmap,
-    descs: &[RawDescriptor],
-    first: u16,
-) {
-    for (i, d) in descs.iter().enumerate() {
-        vq.desc_table()
-            .store(first + i as u16, *d)
-            .expect("store descriptor");
-    }
-    let idx_at = vq.avail_addr().unchecked_add(2);
-    let idx: u16 = mem.read_obj(idx_at).expect("avail idx");
-    let slot = vq
-        .avail_addr()
-        .unchecked_add(4 + 2 * u64::from(idx % QSIZE));
-    mem.write_obj(first, slot).expect("avail slot");
-    mem.write_obj(idx.wrapping_add(1), idx_at)
-        .expect("avail idx");
-}
-
-fn guest_hdr(op: u16, src_port: u32, dst_port: u32, fwd_cnt: u32) -> Header {
-    Header {
-        src_cid: CID,
-        dst_cid: HOST_CID,
-        src_port,
-        dst_port,
-        len: 0,
-        type_: TYPE_STREAM,
-        op,
-        flags: 0,
-        buf_alloc: GUEST_BUF_ALLOC,
-        fwd_cnt,
     }
 }
 

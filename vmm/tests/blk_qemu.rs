@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kiln_disk::{BlockDevice, OpenOptions};
+use kiln_e2e::image::checked_contents;
 use kiln_e2e::initramfs::Initramfs;
 use kiln_e2e::kernel::guest_kernel;
 use kiln_e2e::qemu::{qemu_available, Qemu, QemuConfig};
@@ -215,26 +216,7 @@ fn linux_virtio_blk_over_kiln_vhost_user() {
 /// `qemu-img check`, then the content: the pattern where the guest wrote it, zeroes
 /// where it wrote nothing.
 fn check_image(img: &Path, pat: &[u8], dir: &Path) {
-    let out = Command::new("qemu-img")
-        .arg("check")
-        .arg(img)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-img check failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let raw = dir.join("disk.raw");
-    let st = Command::new("qemu-img")
-        .args(["convert", "-O", "raw"])
-        .arg(img)
-        .arg(&raw)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let data = std::fs::read(&raw).unwrap();
+    let data = checked_contents(img, dir).unwrap();
     assert_eq!(data.len() as u64, DISK_MIB << 20);
     assert!(data[..PATTERN_OFFSET].iter().all(|b| *b == 0));
     let mark = PATTERN_OFFSET + PATTERN_LEN;

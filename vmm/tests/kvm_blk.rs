@@ -16,6 +16,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use kiln_disk::{BlockDevice, CreateOptions, Format, OpenOptions};
+use kiln_e2e::image::checked_contents;
 use kiln_vmm::devices::block::BlockOptions;
 use kiln_vmm::transport::block::{VirtioBlock, VIRTIO_ID_BLOCK};
 use kvm_support::virtio_guest::{reg, Buf, Device, Script, VIRTIO_F_VERSION_1};
@@ -221,26 +222,7 @@ fn qemu_img_ok() -> bool {
 /// raw by qemu-img, is the pattern where the guest wrote it and zeroes everywhere else.
 fn check_image(img: &Path, pat: &[u8], dir: &Path) {
     let data = if qemu_img_ok() {
-        let out = Command::new("qemu-img")
-            .arg("check")
-            .arg(img)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "qemu-img check failed:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let raw = dir.join("disk.raw");
-        let st = Command::new("qemu-img")
-            .args(["convert", "-O", "raw"])
-            .arg(img)
-            .arg(&raw)
-            .status()
-            .unwrap();
-        assert!(st.success(), "qemu-img convert failed");
-        std::fs::read(&raw).unwrap()
+        checked_contents(img, dir).unwrap()
     } else {
         eprintln!(
             "SKIP: kiln_blk: qemu-img is not installed; checking the image with kiln-disk only"

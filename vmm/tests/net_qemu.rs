@@ -5,32 +5,24 @@
 //! network's host-loopback alias, which the NAT carries to 127.0.0.1). The guest prints the
 //! file's SHA-256; the test compares. Skips loudly where qemu or the kernel cannot be had.
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, TcpListener};
+// For its stderr log of kiln's warnings (this test needs no /dev/kvm).
+mod kvm_support;
+mod net_guest;
+
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use kiln_e2e::initramfs::Initramfs;
 use kiln_e2e::kernel::guest_kernel;
 use kiln_e2e::qemu::{qemu_available, Qemu, QemuConfig};
 use kiln_e2e::skip;
-use kiln_net::{Network, NetworkConfig, NicConfig, SubnetConfig, VpcConfig};
 use kiln_vmm::devices::net::vhost_user::spawn;
+use net_guest::{
+    guest_nic, http_server, initramfs, mac_string, network, pattern, vhost_user_net_args, ALIAS,
+};
 
 const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x6b, 0x00, 0x01];
-const ALIAS: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
 const FILE_LEN: usize = 3 << 20;
-
-const UDHCPC_SCRIPT: &str = r#"#!/bin/sh
-case "$1" in bound|renew)
-  ip addr flush dev $interface
-  ip addr add $ip/$mask dev $interface
-  [ -n "$router" ] && ip route add default via $router
-  echo "KILN-NET-LEASE ip=$ip router=$router dns=$dns hostname=$hostname"
-;; esac
-exit 0
-"#;
 
 fn init(port: u16) -> String {
     format!(
@@ -64,38 +56,6 @@ poweroff -f
     )
 }
 
-fn pattern() -> Vec<u8> {
-    let mut s = 0x2545_f491_4f6c_dd1du64;
-    (0..FILE_LEN)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 24) as u8
-        })
-        .collect()
-}
-
-/// Serve `body` at any path on the host's loopback; returns the port.
-fn http_server(body: Vec<u8>) -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for c in l.incoming().take(8) {
-            let Ok(mut c) = c else { continue };
-            let mut buf = [0u8; 2048];
-            let _ = c.read(&mut buf);
-            let _ = write!(
-                c,
-                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n",
-                body.len()
-            );
-            let _ = c.write_all(&body);
-        }
-    });
-    port
-}
-
 fn sha256_hex(path: &Path) -> String {
     let out = Command::new("sha256sum").arg(path).output().unwrap();
     String::from_utf8_lossy(&out.stdout)
@@ -105,38 +65,9 @@ fn sha256_hex(path: &Path) -> String {
         .to_string()
 }
 
-/// Prints warnings and errors from kiln's code to the test output (no subscriber crate is a
-/// dependency of kiln-vmm's tests).
-struct StderrLog;
-
-struct Fields(String);
-impl tracing::field::Visit for Fields {
-    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        self.0.push_str(&format!(" {}={value:?}", field.name()));
-    }
-}
-
-impl tracing::Subscriber for StderrLog {
-    fn enabled(&self, m: &tracing::Metadata<'_>) -> bool {
-        *m.level() <= tracing::Level::WARN
-    }
-    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-        tracing::span::Id::from_u64(1)
-    }
-    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-    fn event(&self, e: &tracing::Event<'_>) {
-        let mut f = Fields(String::new());
-        e.record(&mut f);
-        eprintln!("{} {}:{}", e.metadata().level(), e.metadata().target(), f.0);
-    }
-    fn enter(&self, _: &tracing::span::Id) {}
-    fn exit(&self, _: &tracing::span::Id) {}
-}
-
 #[test]
 fn linux_virtio_net_fetches_through_kiln_nat() {
-    let _ = tracing::subscriber::set_global_default(StderrLog);
+    kvm_support::log_warnings();
     if !qemu_available() {
         return skip("qemu-system-x86_64 is not installed");
     }
@@ -145,65 +76,22 @@ fn linux_virtio_net_fetches_through_kiln_nat() {
         Err(e) => return skip(format!("cannot get the Debian cloud kernel: {e}")),
     };
     let dir = tempfile::tempdir().unwrap();
-    let body = pattern();
+    let body = pattern(FILE_LEN);
     let file = dir.path().join("file");
     std::fs::write(&file, &body).unwrap();
     let want = sha256_hex(&file);
-    let port = http_server(body);
+    let port = http_server(body, 8);
 
-    let net = Network::new(NetworkConfig {
-        vpcs: vec![VpcConfig {
-            name: "default".into(),
-            internet: true,
-        }],
-        subnets: vec![SubnetConfig {
-            name: "default".into(),
-            vpc: "default".into(),
-            cidr: "10.0.5.0/24".parse().unwrap(),
-            dhcp: true,
-            unmanaged: false,
-            dns: Vec::new(),
-        }],
-        host_loopback_alias: Some(ALIAS),
-        ..NetworkConfig::default()
-    })
-    .unwrap();
-    let nic = net
-        .attach(NicConfig {
-            vm_name: "guest".into(),
-            subnet: "default".into(),
-            mac: MAC,
-            fixed_ip: None,
-        })
-        .unwrap();
+    let net = network("10.0.5.0/24");
+    let nic = guest_nic(&net, MAC);
     let sock = dir.path().join("net.sock");
     let handle = spawn(&sock, nic, MAC).unwrap();
 
     let initrd = dir.path().join("initrd.cpio");
-    Initramfs::new()
-        .busybox()
-        .kernel(&kernel)
-        .module("virtio_pci")
-        .module("virtio_net")
-        .file("/udhcpc.sh", UDHCPC_SCRIPT, 0o755)
-        .init_script(&init(port))
-        .build(&initrd)
-        .unwrap();
-    let mac = MAC
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":");
-    let cfg = QemuConfig::new(&kernel.vmlinuz, &initrd, &dir.path().join("serial.log")).arg([
-        "-chardev".to_string(),
-        format!("socket,id=n0,path={}", sock.display()),
-        "-netdev".to_string(),
-        "vhost-user,id=n0,chardev=n0".to_string(),
-        "-device".to_string(),
-        // vectors=0 (INTx): QEMU 7.2 crashes in msix_set_vector_notifiers when a vhost-user
-        // netdev starts with MSI-X.
-        format!("virtio-net-pci,netdev=n0,mac={mac},vectors=0"),
-    ]);
+    initramfs(&kernel, &init(port), &initrd);
+    let mac = mac_string(&MAC);
+    let cfg = QemuConfig::new(&kernel.vmlinuz, &initrd, &dir.path().join("serial.log"))
+        .arg(vhost_user_net_args(&sock, &MAC));
     let started = Instant::now();
     let mut vm = Qemu::spawn(&cfg).unwrap();
     if let Err(e) = vm.wait_for("KILN-NET-DONE", Duration::from_secs(180)) {

@@ -13,11 +13,12 @@ use kiln_vmm::devices::vsock::{VsockConfig, VsockHandler};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
-const CID: u64 = 3;
-const QSIZE: u16 = 256;
+mod vsock_mock;
+use vsock_mock::{add_chain, guest_hdr, make_queue, rx_chain, tx_chain, CID, QSIZE};
+
 const MEM_SIZE: usize = 16 << 20;
 const BUF_START: u64 = 0x10_0000;
 const RX_DATA: u32 = 4096;
@@ -134,28 +135,16 @@ impl<'a> Guest<'a> {
             .write_slice(&hdr.to_bytes(), GuestAddress(h))
             .expect("write header");
         let first = Self::alloc_descs(&mut self.next_tx_desc, 2);
-        let descs = if data.is_empty() {
-            vec![RawDescriptor::from(SplitDescriptor::new(
-                h,
-                HEADER_SIZE as u32,
-                0,
-                0,
-            ))]
+        let d = if data.is_empty() {
+            0
         } else {
             let d = self.alloc_buf(data.len() as u64);
             self.mem
                 .write_slice(data, GuestAddress(d))
                 .expect("write data");
-            vec![
-                RawDescriptor::from(SplitDescriptor::new(
-                    h,
-                    HEADER_SIZE as u32,
-                    VRING_DESC_F_NEXT as u16,
-                    first + 1,
-                )),
-                RawDescriptor::from(SplitDescriptor::new(d, data.len() as u32, 0, 0)),
-            ]
+            d
         };
+        let descs = tx_chain(h, d, data.len() as u32, first);
         add_chain(&self.txvq, self.mem, &descs, first);
         self.dev
             .process_tx(self.mem, &mut self.txq)
@@ -168,20 +157,7 @@ impl<'a> Guest<'a> {
             let h = self.alloc_buf(HEADER_SIZE as u64);
             let d = self.alloc_buf(u64::from(RX_DATA));
             let first = Self::alloc_descs(&mut self.next_rx_desc, 2);
-            let descs = [
-                RawDescriptor::from(SplitDescriptor::new(
-                    h,
-                    HEADER_SIZE as u32,
-                    (VRING_DESC_F_WRITE | VRING_DESC_F_NEXT) as u16,
-                    first + 1,
-                )),
-                RawDescriptor::from(SplitDescriptor::new(
-                    d,
-                    RX_DATA,
-                    VRING_DESC_F_WRITE as u16,
-                    0,
-                )),
-            ];
+            let descs = rx_chain(h, d, RX_DATA, first);
             add_chain(&self.rxvq, self.mem, &descs, first);
             self.rx_outstanding.push((first, h, d));
         }
@@ -249,60 +225,8 @@ impl<'a> Guest<'a> {
     }
 }
 
-/// A ready queue over `vq`'s descriptor table and avail ring, with the used ring placed
-/// 8 KiB after the table. (`MockSplitQueue::create` places the used ring `len` bytes after
-/// the avail ring's entries instead of `2 * len`, so with a real queue size the device's
-/// used entries would land on the driver's avail entries.)
-fn make_queue(vq: &MockSplitQueue<'_, GuestMemoryMmap>) -> (Queue, GuestAddress) {
-    let used = vq.desc_table_addr().unchecked_add(0x2000);
-    let mut q = Queue::new(QSIZE).expect("queue");
-    q.set_size(QSIZE);
-    q.try_set_desc_table_address(vq.desc_table_addr())
-        .expect("desc");
-    q.try_set_avail_ring_address(vq.avail_addr())
-        .expect("avail");
-    q.try_set_used_ring_address(used).expect("used");
-    q.set_ready(true);
-    (q, used)
-}
-
-/// Writes a chain's descriptors at table index `first` and publishes its head in the avail
-/// ring. (`MockSplitQueue::add_desc_chains` does not wrap the ring index, so a long run would
-/// write past the avail ring.)
-fn add_chain(
-    vq: &MockSplitQueue<'_, GuestMemoryMmap>,
-    mem: &GuestMemoryMmap,
-    descs: &[RawDescriptor],
-    first: u16,
-) {
-    for (i, d) in descs.iter().enumerate() {
-        vq.desc_table()
-            .store(first + i as u16, *d)
-            .expect("store descriptor");
-    }
-    let idx_at = vq.avail_addr().unchecked_add(2);
-    let idx: u16 = mem.read_obj(idx_at).expect("avail idx");
-    let slot = vq
-        .avail_addr()
-        .unchecked_add(4 + 2 * u64::from(idx % QSIZE));
-    mem.write_obj(first, slot).expect("avail slot");
-    mem.write_obj(idx.wrapping_add(1), idx_at)
-        .expect("avail idx");
-}
-
 fn hdr(op: u16, src_port: u32, dst_port: u32) -> Header {
-    Header {
-        src_cid: CID,
-        dst_cid: HOST_CID,
-        src_port,
-        dst_port,
-        len: 0,
-        type_: TYPE_STREAM,
-        op,
-        flags: 0,
-        buf_alloc: 256 * 1024,
-        fwd_cnt: 0,
-    }
+    guest_hdr(op, src_port, dst_port, 0)
 }
 
 struct Env {

@@ -21,10 +21,6 @@ pub const AGENT_FILE: &str = "kiln-agent";
 /// The file-system label cloud-init's NoCloud data source looks for.
 pub const LABEL: &str = "cidata";
 
-/// How kiln's part merges into the user's cloud-config: lists appended, mappings merged
-/// (cloud-init's `merge_how`).
-const MERGE_HOW: &str = "merge_how:\n  - name: list\n    settings: [append]\n  - name: dict\n    settings: [no_replace, recurse_list]\n";
-
 #[derive(Debug, thiserror::Error)]
 pub enum SeedError {
     #[error(
@@ -62,9 +58,8 @@ pub fn files(vm: &str, ci: &CloudInit) -> SeedFiles {
             extra_args: Vec::new(),
             wait_for_cloud_init: true,
         });
-    // cloud-init merges cloud-config parts with "replace" by default: kiln's `write_files`
-    // and `runcmd` would drop the user's. The fragment asks for its lists to be appended.
-    let fragment = fragment.replacen("#cloud-config\n", &format!("#cloud-config\n{MERGE_HOW}"), 1);
+    // The combine gives kiln's part a `merge_how`, so the user's `write_files` and `runcmd`
+    // are kept (cloud-init would otherwise replace them).
     let user_data = kiln_agent::cloud_init::combine_user_data(ci.user_data.as_deref(), &fragment);
     let digest = sha256_bytes(format!("{vm}\n{user_data}").as_bytes());
     // meta-data is YAML; the VM name is a DNS label, so it needs no quoting.

@@ -41,7 +41,12 @@ const MMIO_STRIDE: u64 = 0x1000;
 /// GSI of device 0 (the PIC's IRQ 5); device i gets 5 + i.
 const FIRST_IRQ: u64 = 5;
 /// `SLP_EN | SLP_TYP(5)` to the ACPI power port: S5, the VM ends with `Poweroff`.
-const POWEROFF: u32 = 0x34;
+pub const POWEROFF: u32 = 0x34;
+/// Written to the ACPI power port instead, it resets the VM (`Reset`).
+pub const RESET: u32 = 0xfe;
+/// The byte the END step writes to the ACPI power port ([`POWEROFF`] unless a step
+/// stores another value here: a script can end in a reset, or decide from data it read).
+pub const END_VALUE: u64 = CONSTS + 0x40;
 
 mod op {
     pub const END: u8 = 0;
@@ -54,30 +59,52 @@ mod op {
     pub const PUTHEX: u8 = 7;
 }
 
-/// virtio-mmio register offsets (virtio 1.x, 4.2.2).
-pub mod reg {
-    pub const MAGIC: u64 = 0x000;
-    pub const VERSION: u64 = 0x004;
-    pub const DEVICE_ID: u64 = 0x008;
-    pub const DEVICE_FEATURES: u64 = 0x010;
-    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
-    pub const DRIVER_FEATURES: u64 = 0x020;
-    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
-    pub const QUEUE_SEL: u64 = 0x030;
-    pub const QUEUE_NUM_MAX: u64 = 0x034;
-    pub const QUEUE_NUM: u64 = 0x038;
-    pub const QUEUE_READY: u64 = 0x044;
-    pub const QUEUE_NOTIFY: u64 = 0x050;
-    pub const INTERRUPT_STATUS: u64 = 0x060;
-    pub const STATUS: u64 = 0x070;
-    pub const QUEUE_DESC_LOW: u64 = 0x080;
-    pub const QUEUE_DESC_HIGH: u64 = 0x084;
-    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
-    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
-    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
-    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-    pub const CONFIG: u64 = 0x100;
-}
+/// virtio-mmio register offsets: the transport's own (virtio 1.x, 4.2.2).
+pub use kiln_vmm::transport::mmio::reg;
+
+// The driver takes its offsets from the device it tests, so they are checked here against
+// Linux's own header (virtio-bindings' `virtio_mmio`): a wrong offset in the transport still
+// fails the build of these tests instead of agreeing with itself.
+const _: () = {
+    use virtio_bindings::virtio_mmio as linux;
+    let pairs = [
+        (reg::MAGIC, linux::VIRTIO_MMIO_MAGIC_VALUE),
+        (reg::VERSION, linux::VIRTIO_MMIO_VERSION),
+        (reg::DEVICE_ID, linux::VIRTIO_MMIO_DEVICE_ID),
+        (reg::DEVICE_FEATURES, linux::VIRTIO_MMIO_DEVICE_FEATURES),
+        (
+            reg::DEVICE_FEATURES_SEL,
+            linux::VIRTIO_MMIO_DEVICE_FEATURES_SEL,
+        ),
+        (reg::DRIVER_FEATURES, linux::VIRTIO_MMIO_DRIVER_FEATURES),
+        (
+            reg::DRIVER_FEATURES_SEL,
+            linux::VIRTIO_MMIO_DRIVER_FEATURES_SEL,
+        ),
+        (reg::QUEUE_SEL, linux::VIRTIO_MMIO_QUEUE_SEL),
+        (reg::QUEUE_NUM_MAX, linux::VIRTIO_MMIO_QUEUE_NUM_MAX),
+        (reg::QUEUE_NUM, linux::VIRTIO_MMIO_QUEUE_NUM),
+        (reg::QUEUE_READY, linux::VIRTIO_MMIO_QUEUE_READY),
+        (reg::QUEUE_NOTIFY, linux::VIRTIO_MMIO_QUEUE_NOTIFY),
+        (reg::INTERRUPT_STATUS, linux::VIRTIO_MMIO_INTERRUPT_STATUS),
+        (reg::STATUS, linux::VIRTIO_MMIO_STATUS),
+        (reg::QUEUE_DESC_LOW, linux::VIRTIO_MMIO_QUEUE_DESC_LOW),
+        (reg::QUEUE_DESC_HIGH, linux::VIRTIO_MMIO_QUEUE_DESC_HIGH),
+        (reg::QUEUE_DRIVER_LOW, linux::VIRTIO_MMIO_QUEUE_AVAIL_LOW),
+        (reg::QUEUE_DRIVER_HIGH, linux::VIRTIO_MMIO_QUEUE_AVAIL_HIGH),
+        (reg::QUEUE_DEVICE_LOW, linux::VIRTIO_MMIO_QUEUE_USED_LOW),
+        (reg::QUEUE_DEVICE_HIGH, linux::VIRTIO_MMIO_QUEUE_USED_HIGH),
+        (reg::CONFIG, linux::VIRTIO_MMIO_CONFIG),
+    ];
+    let mut i = 0;
+    while i < pairs.len() {
+        assert!(
+            pairs[i].0 == pairs[i].1 as u64,
+            "a virtio-mmio offset differs from Linux's"
+        );
+        i += 1;
+    }
+};
 
 /// Device status bits.
 pub mod status {
@@ -533,6 +560,8 @@ impl Script {
         ];
         let mut consts = b"0123456789abcdef".to_vec();
         consts.extend_from_slice(b"FAIL op= got=\n");
+        consts.resize((END_VALUE - CONSTS) as usize, 0);
+        consts.push(POWEROFF as u8);
         segs.push((CONSTS, consts));
         for i in 0..self.devices {
             segs.push((HANDLERS + 0x100 * i as u64, handler(Device::new(i))));
@@ -542,6 +571,42 @@ impl Script {
         segs.push((IDTR, idtr));
         segs.extend(self.data.iter().cloned());
         segs
+    }
+
+    /// The program as an ELF64 kernel (one PT_LOAD per segment, entry [`CODE`]): what a
+    /// VMM booting a kernel file (kiln's `__vmm` child) loads and enters in long mode.
+    pub fn elf(&self) -> Vec<u8> {
+        let segs = self.segments();
+        let (ehsize, phsize) = (64usize, 56usize);
+        let mut off = ehsize + phsize * segs.len();
+        let mut out = vec![0u8; off];
+        out[..4].copy_from_slice(b"\x7fELF");
+        out[4] = 2; // ELFCLASS64
+        out[5] = 1; // little endian
+        out[6] = 1; // EV_CURRENT
+        out[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        out[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+        out[20..24].copy_from_slice(&1u32.to_le_bytes());
+        out[24..32].copy_from_slice(&CODE.to_le_bytes()); // e_entry
+        out[32..40].copy_from_slice(&(ehsize as u64).to_le_bytes()); // e_phoff
+        out[52..54].copy_from_slice(&(ehsize as u16).to_le_bytes());
+        out[54..56].copy_from_slice(&(phsize as u16).to_le_bytes());
+        out[56..58].copy_from_slice(&(segs.len() as u16).to_le_bytes());
+        let mut body = Vec::new();
+        for (i, (addr, bytes)) in segs.iter().enumerate() {
+            let ph = &mut out[ehsize + i * phsize..ehsize + (i + 1) * phsize];
+            ph[0..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+            ph[4..8].copy_from_slice(&7u32.to_le_bytes()); // RWX
+            ph[8..16].copy_from_slice(&(off as u64).to_le_bytes());
+            ph[16..24].copy_from_slice(&addr.to_le_bytes()); // vaddr
+            ph[24..32].copy_from_slice(&addr.to_le_bytes()); // paddr
+            ph[32..40].copy_from_slice(&(bytes.len() as u64).to_le_bytes());
+            ph[40..48].copy_from_slice(&(bytes.len() as u64).to_le_bytes());
+            body.extend_from_slice(bytes);
+            off += bytes.len();
+        }
+        out.extend_from_slice(&body);
+        out
     }
 
     /// `Ok` when the console shows the script ran to its end without a failed check; the
@@ -767,11 +832,13 @@ fn interpreter(devices: usize) -> Vec<u8> {
     a.call(print_hex).unwrap();
     a.jmp(advance).unwrap();
 
-    // END and the end of a failure: ACPI S5.
+    // END and the end of a failure: the byte at END_VALUE to the ACPI power port (S5
+    // unless the script changed it to the reset value).
     a.set_label(&mut op_end).unwrap();
     let mut halt = a.create_label();
+    a.mov(rax, END_VALUE).unwrap();
+    a.movzx(eax, byte_ptr(rax)).unwrap();
     a.mov(dx, 0x600u32).unwrap();
-    a.mov(al, POWEROFF).unwrap();
     a.out(dx, al).unwrap();
     a.set_label(&mut halt).unwrap();
     a.cli().unwrap();
@@ -796,6 +863,9 @@ fn interpreter(devices: usize) -> Vec<u8> {
     a.mov(rsi, CONSTS + 29).unwrap();
     a.mov(ecx, 1).unwrap();
     a.call(print_str).unwrap();
+    // A failed check always powers off.
+    a.mov(rax, END_VALUE).unwrap();
+    a.mov(byte_ptr(rax), POWEROFF).unwrap();
     a.jmp(op_end).unwrap();
 
     // print_str: rcx bytes at [rsi].
