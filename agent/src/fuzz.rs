@@ -74,6 +74,7 @@ mod tests {
             ty::SYNC,
             ty::REBOOT,
             ty::POWEROFF,
+            ty::POWEROFF_NOW,
             ty::HELLO_REPLY,
             ty::ACK,
             ty::EXEC_STARTED,

@@ -26,6 +26,7 @@ pub mod ty {
     pub const SYNC: u8 = 0x0b;
     pub const REBOOT: u8 = 0x0c;
     pub const POWEROFF: u8 = 0x0d;
+    pub const POWEROFF_NOW: u8 = 0x0e;
 
     pub const HELLO_REPLY: u8 = 0x41;
     pub const ACK: u8 = 0x42;
@@ -394,10 +395,15 @@ pub enum Message {
     Sync,
     Reboot,
     Poweroff,
+    /// Power off without stopping services (for a capture, after the template cleanup):
+    /// processes are killed, file systems synced and unmounted or remounted read-only.
+    PoweroffNow,
 
     HelloReply(HelloReply),
     Ack,
-    ExecStarted { pid: u32 },
+    ExecStarted {
+        pid: u32,
+    },
     Stdout(Vec<u8>),
     Stderr(Vec<u8>),
     Exited(ExitStatus),
@@ -428,6 +434,7 @@ impl Message {
             Message::Sync => ty::SYNC,
             Message::Reboot => ty::REBOOT,
             Message::Poweroff => ty::POWEROFF,
+            Message::PoweroffNow => ty::POWEROFF_NOW,
             Message::HelloReply(_) => ty::HELLO_REPLY,
             Message::Ack => ty::ACK,
             Message::ExecStarted { .. } => ty::EXEC_STARTED,
@@ -480,6 +487,7 @@ impl Message {
             | Message::Sync
             | Message::Reboot
             | Message::Poweroff
+            | Message::PoweroffNow
             | Message::Ack => {}
             Message::Signal(s) => e.i32(*s),
             Message::PutFile(p) => {
@@ -614,6 +622,7 @@ impl Message {
             ty::SYNC => Message::Sync,
             ty::REBOOT => Message::Reboot,
             ty::POWEROFF => Message::Poweroff,
+            ty::POWEROFF_NOW => Message::PoweroffNow,
             ty::ACK => Message::Ack,
             ty::SIGNAL => Message::Signal(d.i32()?),
             ty::PUT_FILE => Message::PutFile(PutFileRequest {
@@ -724,6 +733,7 @@ pub fn type_name(t: u8) -> &'static str {
         ty::SYNC => "sync",
         ty::REBOOT => "reboot",
         ty::POWEROFF => "poweroff",
+        ty::POWEROFF_NOW => "poweroff-now",
         ty::HELLO_REPLY => "hello-reply",
         ty::ACK => "ack",
         ty::EXEC_STARTED => "exec-started",
@@ -946,6 +956,7 @@ mod tests {
             Message::Sync,
             Message::Reboot,
             Message::Poweroff,
+            Message::PoweroffNow,
             Message::HelloReply(HelloReply {
                 version: 1,
                 agent_version: "0.1.0".into(),

@@ -405,6 +405,20 @@ fn power_actions_are_acknowledged_first() {
     );
     let pid = a.pid();
     assert!(process_gone(pid) || !a.alive());
+
+    // The capture's power-off (no service stopped) is refused and acknowledged the same way.
+    let a = Agent::start(&[]);
+    let e = a.client().poweroff_now().unwrap_err();
+    assert!(
+        matches!(&e, ClientError::Remote(r) if r.kind == ErrorKind::Unavailable),
+        "{e}"
+    );
+    let mut a = Agent::start(&["--power-action", "exit"]);
+    a.client().poweroff_now().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || !a.alive()),
+        "agent still running after poweroff-now"
+    );
 }
 
 #[test]

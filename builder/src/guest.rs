@@ -4,7 +4,8 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use crate::events::Stream;
 
@@ -48,12 +49,79 @@ pub trait Guest: Send {
     fn reboot(&mut self) -> Result<(), GuestError>;
     /// Asks the guest to power off; returns on the agent's acknowledgement.
     fn poweroff(&mut self) -> Result<(), GuestError>;
+    /// Asks the guest to power off without stopping its services (a capture after the
+    /// template cleanup); returns on the agent's acknowledgement.
+    fn poweroff_now(&mut self) -> Result<(), GuestError> {
+        self.poweroff()
+    }
+}
+
+/// How long one try of [`Connector::connect_until`] may wait, so a cancel is seen within about
+/// a second even while the guest is still booting.
+pub const CONNECT_TRY: Duration = Duration::from_secs(1);
+/// The pause after a try that failed fast (no socket yet), so the wait does not spin.
+const PAUSE_AFTER_FAILURE: Duration = Duration::from_millis(100);
+/// The pause after a session `accept` turned down (e.g. the guest has not gone down for its
+/// reboot yet): the agent is up, so asking it again at once only loads a slow guest.
+const PAUSE_AFTER_REJECT: Duration = Duration::from_millis(500);
+
+/// Why [`Connector::connect_until`] ended without a session.
+#[derive(Debug)]
+pub enum WaitError {
+    /// The cancel flag was set.
+    Cancelled,
+    /// `limit` passed; `last` is why the last try failed (the connect error, or what `accept`
+    /// said of the session).
+    TimedOut { waited: Duration, last: GuestError },
+}
+
+impl From<WaitError> for GuestError {
+    /// A cancel is a lost session; a timeout is the last try's own error.
+    fn from(e: WaitError) -> Self {
+        match e {
+            WaitError::Cancelled => GuestError::Lost("cancelled".into()),
+            WaitError::TimedOut { last, .. } => last,
+        }
+    }
 }
 
 /// Opens sessions to one VM's agent (again after a reboot).
 pub trait Connector: Send + Sync {
     /// Waits up to `timeout` for an agent that reports ready.
     fn connect(&self, timeout: Duration) -> Result<Box<dyn Guest>, GuestError>;
+
+    /// Tries to connect, [`CONNECT_TRY`] at a time, until a session that `accept` takes
+    /// (`Ok(())`) is open, `limit` has passed, or `cancel` is set. `accept` turns a session
+    /// down with the reason (`Err`); that reason is reported if the time runs out. At least
+    /// one try is made.
+    fn connect_until(
+        &self,
+        limit: Duration,
+        cancel: &AtomicBool,
+        accept: &mut dyn FnMut(&mut dyn Guest) -> Result<(), GuestError>,
+    ) -> Result<Box<dyn Guest>, WaitError> {
+        let start = Instant::now();
+        loop {
+            if cancel.load(Ordering::SeqCst) {
+                return Err(WaitError::Cancelled);
+            }
+            let left = limit.saturating_sub(start.elapsed());
+            let (last, pause) = match self.connect(left.min(CONNECT_TRY)) {
+                Ok(mut g) => match accept(&mut *g) {
+                    Ok(()) => return Ok(g),
+                    Err(e) => (e, PAUSE_AFTER_REJECT),
+                },
+                Err(e) => (e, PAUSE_AFTER_FAILURE),
+            };
+            if start.elapsed() >= limit {
+                return Err(WaitError::TimedOut {
+                    waited: start.elapsed(),
+                    last,
+                });
+            }
+            std::thread::sleep(pause);
+        }
+    }
 }
 
 /// Connects through a VM's vsock Unix socket.
@@ -153,5 +221,126 @@ impl Guest for AgentGuest {
 
     fn poweroff(&mut self) -> Result<(), GuestError> {
         self.0.poweroff().map_err(agent_err)
+    }
+
+    fn poweroff_now(&mut self) -> Result<(), GuestError> {
+        self.0.poweroff_now().map_err(agent_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::provision::tests::FakeGuest;
+    use std::sync::{Arc, Mutex};
+
+    /// Fails its first `fail` connects, then opens sessions; counts the tries.
+    struct Flaky {
+        fail: usize,
+        tries: Mutex<usize>,
+    }
+
+    impl Connector for Flaky {
+        fn connect(&self, timeout: Duration) -> Result<Box<dyn Guest>, GuestError> {
+            let mut n = self.tries.lock().unwrap();
+            *n += 1;
+            if *n <= self.fail {
+                return Err(GuestError::NotReady {
+                    waited: timeout,
+                    last: format!("try {n}"),
+                });
+            }
+            Ok(Box::new(FakeGuest(Arc::default())))
+        }
+    }
+
+    fn flaky(fail: usize) -> Flaky {
+        Flaky {
+            fail,
+            tries: Mutex::new(0),
+        }
+    }
+
+    #[test]
+    fn connect_until_retries_until_a_session_opens() {
+        let c = flaky(3);
+        let never = AtomicBool::new(false);
+        let r = c.connect_until(Duration::from_secs(30), &never, &mut |_| Ok(()));
+        assert!(r.is_ok());
+        assert_eq!(*c.tries.lock().unwrap(), 4);
+    }
+
+    #[test]
+    fn connect_until_keeps_trying_while_accept_turns_sessions_down() {
+        let c = flaky(0);
+        let never = AtomicBool::new(false);
+        let mut seen = 0;
+        let r = c.connect_until(Duration::from_secs(30), &never, &mut |_| {
+            seen += 1;
+            if seen < 3 {
+                Err(GuestError::NotAvailable("old boot".into()))
+            } else {
+                Ok(())
+            }
+        });
+        assert!(r.is_ok());
+        assert_eq!(seen, 3);
+        assert_eq!(*c.tries.lock().unwrap(), 3);
+    }
+
+    #[test]
+    fn connect_until_times_out_with_the_last_reason() {
+        let c = flaky(usize::MAX);
+        let never = AtomicBool::new(false);
+        let start = Instant::now();
+        let r = c.connect_until(Duration::from_millis(350), &never, &mut |_| Ok(()));
+        let Err(WaitError::TimedOut { waited, last }) = r else {
+            panic!("expected a timeout");
+        };
+        assert!(waited >= Duration::from_millis(350), "{waited:?}");
+        assert!(start.elapsed() < Duration::from_secs(5));
+        let tries = *c.tries.lock().unwrap();
+        assert!(tries >= 2, "{tries} tries");
+        // The timeout carries the last try's own error, unchanged.
+        let shown = last.to_string();
+        assert!(
+            matches!(&last, GuestError::NotReady { last, .. } if *last == format!("try {tries}")),
+            "{shown}"
+        );
+        assert_eq!(
+            GuestError::from(WaitError::TimedOut { waited, last }).to_string(),
+            shown
+        );
+
+        // A rejected session is the reason reported when time runs out.
+        let c = flaky(0);
+        let r = c.connect_until(Duration::ZERO, &never, &mut |_| {
+            Err(GuestError::NotAvailable("not yet".into()))
+        });
+        let Err(WaitError::TimedOut { last, .. }) = r else {
+            panic!("expected a timeout");
+        };
+        assert_eq!(last.to_string(), "not yet");
+        assert_eq!(*c.tries.lock().unwrap(), 1, "at least one try is made");
+    }
+
+    #[test]
+    fn connect_until_stops_on_cancel() {
+        let c = flaky(usize::MAX);
+        let cancel = AtomicBool::new(false);
+        let start = Instant::now();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(300));
+                cancel.store(true, Ordering::SeqCst);
+            });
+            let r = c.connect_until(Duration::from_secs(60), &cancel, &mut |_| Ok(()));
+            assert!(matches!(r, Err(WaitError::Cancelled)));
+        });
+        assert!(start.elapsed() < Duration::from_secs(5));
+        assert_eq!(
+            GuestError::from(WaitError::Cancelled).to_string(),
+            "the connection to the agent was lost: cancelled"
+        );
     }
 }

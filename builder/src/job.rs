@@ -24,6 +24,8 @@ pub struct BuildJob {
     pub vms: Vec<VmJob>,
     /// `files[]`, by name.
     pub files: BTreeMap<String, FileContent>,
+    /// `httpDirectory`: names of `files` served over HTTP at the gateways during the build.
+    pub http_directory: Vec<String>,
     /// Bounds the whole build.
     pub timeout: Duration,
     /// Automatic retries of a failed build.

@@ -10,6 +10,7 @@ pub mod diskops;
 pub mod engine;
 pub mod events;
 pub mod guest;
+pub mod http_directory;
 pub mod job;
 pub mod manifest;
 pub mod module;

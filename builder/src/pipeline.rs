@@ -19,7 +19,7 @@ use crate::diskops;
 use crate::engine::network::{self as modnet, Internet};
 use crate::engine::{self, DiskAttach, Engine, EngineChoice, RunningVm, VmLaunch};
 use crate::events::{ms, BuildPhase, Event, EventSink, VmPhase};
-use crate::guest::VsockConnector;
+use crate::guest::{Connector, Guest, GuestCommand, GuestError, VsockConnector};
 use crate::job::{BuildJob, FileContent, VmJob};
 use crate::module::{BootRecord, DiskRecord, ModuleRecord, PendingModule, VmRecord};
 use crate::provision::{Provisioner, BOOT_TIMEOUT};
@@ -219,6 +219,30 @@ fn run_once(
     let base_path = pending.dir().join(BASE_FILE);
     fs::write(&base_path, base)
         .map_err(|e| BuildError::Setup(format!("writing {}: {e}", base_path.display())))?;
+    if !job.http_directory.is_empty() {
+        let dir = run_dir.join("http");
+        let cache = opts.cache.clone();
+        crate::http_directory::serve(
+            &net,
+            &job.http_directory,
+            &job.files,
+            &dir,
+            &move |url: &str| fetch_file_url(&cache, url),
+        )
+        .map_err(|e| {
+            let e = BuildError::Setup(e.to_string());
+            build_phase(BuildPhase::Failed, Some(e.to_string()));
+            e
+        })?;
+        ev.emit(&Event::Note {
+            vm: None,
+            message: format!(
+                "httpDirectory: {} served at http://<gateway>:{}/<name> (steps get KILN_HTTP_ADDR and PACKER_HTTP_ADDR)",
+                job.http_directory.join(", "),
+                crate::http_directory::PORT
+            ),
+        });
+    }
     build_phase(BuildPhase::Building, None);
 
     // Watchdog: the build's timeout stops everything.
@@ -399,6 +423,68 @@ impl Drop for RemoveOnDrop {
     }
 }
 
+/// Whether a NIC of `vm` gets its address from the build network's DHCP.
+fn uses_dhcp(job: &BuildJob, vm: &VmJob) -> bool {
+    vm.nics.iter().any(|n| {
+        job.network
+            .subnets
+            .iter()
+            .any(|s| s.name == n.subnet && s.dhcp && !s.unmanaged)
+    })
+}
+
+/// How long a guest may take to configure its network after its agent answers.
+const NETWORK_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// An agent often answers before the guest's DHCP client has configured its NIC; steps that
+/// use the network (another VM by name, `httpDirectory`, a package mirror) would race it.
+/// This waits until the guest has an IPv4 route other than loopback's (`/proc/net/route`,
+/// read with shell builtins only, so any Linux image can run it). A guest that never gets
+/// one is warned about, not failed: a step may set the network up itself.
+const NETWORK_READY: &str = r#"i=0
+while [ $i -lt 1200 ]; do
+  while read -r iface dest rest; do
+    [ "$iface" != Iface ] && [ "$iface" != lo ] && exit 0
+  done < /proc/net/route
+  sleep 0.1
+  i=$((i+1))
+done
+exit 1
+"#;
+
+fn wait_for_network(guest: &mut dyn Guest, vm: &str, ev: &dyn EventSink) {
+    let r = guest.exec(
+        &GuestCommand::Bash(NETWORK_READY.into()),
+        &BTreeMap::new(),
+        Some(NETWORK_TIMEOUT),
+        &mut |_, _| {},
+    );
+    let problem = match r {
+        Ok(st) if st.success() => return,
+        Ok(st) => format!("no IPv4 route after {NETWORK_TIMEOUT:?} ({st})"),
+        Err(e) => format!("checking the network: {e}"),
+    };
+    ev.emit(&Event::Note {
+        vm: Some(vm.to_string()),
+        message: format!(
+            "warning: the guest's network is not configured ({problem}); running the steps anyway"
+        ),
+    });
+}
+
+/// The bytes of a `files` entry given by URL, through the download cache.
+fn fetch_file_url(cache: &Cache, url: &str) -> Result<Vec<u8>, String> {
+    let f = sources::url::fetch(
+        cache,
+        url,
+        None,
+        None,
+        &crate::events::MemorySink::default(),
+    )
+    .map_err(|e| e.to_string())?;
+    fs::read(&f.path).map_err(|e| e.to_string())
+}
+
 #[allow(clippy::too_many_arguments)]
 fn build_vm(
     job: &BuildJob,
@@ -528,24 +614,62 @@ fn build_vm(
 
     let result = (|| -> Result<Vec<DiskRecord>, String> {
         let connector = VsockConnector::new(&socket, AGENT_VSOCK_PORT);
-        let guest = connect_or_cancel(&connector, BOOT_TIMEOUT, &ctx.cancel)
-            .map_err(|e| format!("{e}{}", serial_tail(&serial_log)))?;
+        // Short tries, so a cancel (Ctrl-C, the build timeout, another VM's failure) ends the
+        // wait at once instead of after the whole boot timeout.
+        // A VM that ends while booting (a crash, a kernel that cannot run, a reset loop) ends
+        // the wait too, with the console's last lines.
+        let stop_wait = AtomicBool::new(false);
+        let vm_gone = AtomicBool::new(false);
+        let wait_over = AtomicBool::new(false);
+        let waited = std::thread::scope(|s| {
+            s.spawn(|| {
+                while !wait_over.load(Ordering::SeqCst) {
+                    if ctx.cancel.load(Ordering::SeqCst) {
+                        stop_wait.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                    if !running
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .is_running()
+                    {
+                        vm_gone.store(true, Ordering::SeqCst);
+                        stop_wait.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            });
+            let r = connector.connect_until(BOOT_TIMEOUT, &stop_wait, &mut |_| Ok(()));
+            wait_over.store(true, Ordering::SeqCst);
+            r
+        });
+        let mut guest = waited.map_err(|e| {
+            if vm_gone.load(Ordering::SeqCst) {
+                format!(
+                    "the VM stopped before its agent answered{}",
+                    serial_tail(&serial_log)
+                )
+            } else {
+                format!("{}{}", GuestError::from(e), serial_tail(&serial_log))
+            }
+        })?;
+        if uses_dhcp(job, vm) {
+            wait_for_network(&mut *guest, &vm.name, ev);
+        }
         phase(VmPhase::Provisioning, None);
         let cache = opts.cache.clone();
-        let fetch = move |url: &str| -> Result<Vec<u8>, String> {
-            let f = sources::url::fetch(
-                &cache,
-                url,
-                None,
-                None,
-                &crate::events::MemorySink::default(),
-            )
-            .map_err(|e| e.to_string())?;
-            fs::read(&f.path).map_err(|e| e.to_string())
+        let fetch = move |url: &str| fetch_file_url(&cache, url);
+        // `httpDirectory`: shell steps are told where the files are (their first NIC's gateway).
+        let steps = match vm.nics.first().and_then(|n| net.gateway(&n.subnet)) {
+            Some(gw) if !job.http_directory.is_empty() => {
+                crate::http_directory::with_env(&vm.steps, &crate::http_directory::step_env(gw))
+            }
+            _ => vm.steps.clone(),
         };
         let prov = Provisioner {
             vm: &vm.name,
-            steps: &vm.steps,
+            steps: &steps,
             files: &job.files,
             connector: &connector,
             events: ev,
@@ -686,28 +810,6 @@ pub fn inline_files(pairs: &[(&str, &str)]) -> BTreeMap<String, FileContent> {
         .iter()
         .map(|(k, v)| (k.to_string(), FileContent::Inline(v.to_string())))
         .collect()
-}
-
-/// Wait for the agent up to `limit`, in short tries, so a cancel (Ctrl-C, the build timeout,
-/// another VM's failure) ends the wait at once instead of after the whole boot timeout.
-fn connect_or_cancel(
-    connector: &dyn crate::guest::Connector,
-    limit: Duration,
-    cancel: &AtomicBool,
-) -> Result<Box<dyn crate::guest::Guest>, crate::guest::GuestError> {
-    let start = std::time::Instant::now();
-    loop {
-        if cancel.load(Ordering::SeqCst) {
-            return Err(crate::guest::GuestError::Lost("cancelled".into()));
-        }
-        let left = limit.saturating_sub(start.elapsed());
-        match connector.connect(left.min(Duration::from_secs(1))) {
-            Ok(g) => return Ok(g),
-            Err(e) if start.elapsed() >= limit => return Err(e),
-            // A try that fails fast (no socket yet) must not spin.
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
 }
 
 #[cfg(test)]

@@ -68,6 +68,12 @@ pub fn job_from_plan(
                 what: "isos".into(),
             });
         }
+        if !vm.floppy_files.is_empty() {
+            return Err(AdaptError::Unsupported {
+                vm: vm.name.clone(),
+                what: "floppy".into(),
+            });
+        }
         let source = match &vm.source {
             manifest::Source::Url { url, sha256 } => SourceSpec::Url {
                 url: url.clone(),
@@ -182,6 +188,7 @@ pub fn job_from_plan(
         manifest_text: manifest_text.to_string(),
         vms,
         files,
+        http_directory: plan.http_directory.clone(),
         timeout: plan.timeout,
         retries: plan.retries,
         network: net(&plan.build.network),
@@ -264,6 +271,33 @@ buildOverrides:
       resources: { cpu: 2, memory: 1Gi }
       nics: [{ name: eth0, subnet: lab }]
 ";
+
+    #[test]
+    fn http_directory_is_carried_and_what_builds_cannot_do_is_refused() {
+        let with = |extra_vm: &str, extra_top: &str| {
+            format!(
+                "vms:\n  - name: a\n    source: {{ bootstrap: {{ distro: debian, suite: bookworm, packages: [] }} }}\n    resources: {{ cpu: 1, memory: 512Mi }}\n{extra_vm}files:\n  - {{ name: f.txt, inline: hi }}\n{extra_top}"
+            )
+        };
+        let job = |text: &str| {
+            let plan = manifest::load_str(text, Path::new("m.yaml"), Default::default())
+                .into_plan()
+                .unwrap();
+            job_from_plan(&plan, Path::new("m.yaml"), text)
+        };
+        let j = job(&with("", "httpDirectory: { files: [{ name: f.txt }] }\n")).unwrap();
+        assert_eq!(j.http_directory, ["f.txt"]);
+        for (vm_part, what) in [
+            ("    floppy: { files: [{ name: f.txt }] }\n", "floppy"),
+            ("    bootCommand: [\"<enter>\"]\n", "bootCommand"),
+        ] {
+            let e = job(&with(vm_part, "")).unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!("VM `a`: {what} is not supported by `kiln build` yet")
+            );
+        }
+    }
 
     #[test]
     fn build_network_has_overrides_and_base_view_does_not() {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::events::{ms, Event, EventSink, Stream};
-use crate::guest::{Connector, ExecOutcome, Guest, GuestCommand, GuestError};
+use crate::guest::{Connector, ExecOutcome, Guest, GuestCommand, GuestError, WaitError};
 use crate::job::{FileContent, Step, StepKind};
 
 /// How many output lines a failure message carries.
@@ -271,27 +271,22 @@ impl Provisioner<'_> {
         }
         drop(guest);
         let limit = step.timeout.unwrap_or(BOOT_TIMEOUT + DOWN_TIMEOUT);
-        let start = Instant::now();
-        let mut last = String::from("no answer yet");
-        while start.elapsed() < limit {
-            if self.cancel.load(Ordering::SeqCst) {
-                return Err(GuestError::Lost("cancelled".into()));
-            }
-            let left = limit.saturating_sub(start.elapsed());
-            match self.connector.connect(left.min(Duration::from_secs(30))) {
-                Ok(mut g) => match boot_id(&mut *g) {
-                    Ok(id) if id != before => return Ok(g),
-                    Ok(_) => last = "the guest has not gone down yet".into(),
-                    Err(e) => last = e.to_string(),
+        // An agent that still answers from the old boot is the guest not yet gone down.
+        let mut from_a_new_boot = |g: &mut dyn Guest| match boot_id(g)? {
+            id if id != before => Ok(()),
+            _ => Err(GuestError::NotAvailable(
+                "the guest has not gone down yet".into(),
+            )),
+        };
+        self.connector
+            .connect_until(limit, &self.cancel, &mut from_a_new_boot)
+            .map_err(|e| match e {
+                WaitError::Cancelled => GuestError::from(e),
+                WaitError::TimedOut { waited, last } => GuestError::NotReady {
+                    waited,
+                    last: format!("after the reboot: {last}"),
                 },
-                Err(e) => last = e.to_string(),
-            }
-            std::thread::sleep(Duration::from_millis(500));
-        }
-        Err(GuestError::NotReady {
-            waited: start.elapsed(),
-            last: format!("after the reboot: {last}"),
-        })
+            })
     }
 
     fn handbuild(&self, instructions: &str, step: &Step) {

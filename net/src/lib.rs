@@ -14,6 +14,7 @@ mod gateway;
 mod http_dir;
 mod icmp_nat;
 mod port;
+mod seqpacket;
 mod switch;
 mod tap;
 
@@ -30,6 +31,7 @@ use std::thread::JoinHandle;
 pub use config::{ConfigError, Ipv4Cidr, NetworkConfig, NicConfig, SubnetConfig, VpcConfig};
 pub use http_dir::HttpDir;
 pub use port::{port_pair, FramePort, PortError, QueuePort, MAX_FRAME};
+pub use seqpacket::{seqpacket_pair, SeqpacketPort};
 pub use tap::TapPort;
 
 use port::EventFd;

@@ -144,6 +144,7 @@ fn process_metrics(exe: &Path, label: &str, runs: usize) {
             vcpus: 1,
             console_log: Some(dir.join("console.log")),
             console_terminal: false,
+            ..VmSpec::default()
         };
         let (s, mut p) = one_startup(exe, &spec, &dir.join(format!("s{i}")));
         startup.push(s);

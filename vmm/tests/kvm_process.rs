@@ -82,6 +82,7 @@ fn spec(kernel: std::path::PathBuf, log: &Path) -> VmSpec {
         vcpus: 1,
         console_log: Some(log.to_path_buf()),
         console_terminal: false,
+        ..VmSpec::default()
     }
 }
 

@@ -17,6 +17,8 @@ pub enum PowerAction {
 pub enum Kind {
     Reboot,
     Poweroff,
+    /// Power off without stopping services (`systemctl poweroff --force`).
+    PoweroffNow,
 }
 
 /// Carry out `kind` on a background thread a moment after the acknowledgement went out.
@@ -57,6 +59,12 @@ fn system(kind: Kind) {
                 &["poweroff"],
                 &["busybox", "poweroff"],
             ],
+            // systemd's "--force": no unit is stopped, but every process is killed and the
+            // file systems are unmounted or remounted read-only before the power goes.
+            Kind::PoweroffNow => &[
+                &["systemctl", "poweroff", "--force"],
+                &["busybox", "poweroff", "-f"],
+            ],
         };
         for c in cmds {
             let ok = std::process::Command::new(c[0])
@@ -76,7 +84,7 @@ fn system(kind: Kind) {
     }
     let cmd = match kind {
         Kind::Reboot => libc::RB_AUTOBOOT,
-        Kind::Poweroff => libc::RB_POWER_OFF,
+        Kind::Poweroff | Kind::PoweroffNow => libc::RB_POWER_OFF,
     };
     // SAFETY: reboot(2) with a valid command; the file systems were synced above.
     let r = unsafe { libc::reboot(cmd) };

@@ -171,11 +171,11 @@ impl Session<'_> {
                     unsafe { libc::sync() };
                     self.send(&Message::Ack)?;
                 }
-                Message::Reboot | Message::Poweroff => {
-                    let kind = if matches!(msg, Message::Reboot) {
-                        power::Kind::Reboot
-                    } else {
-                        power::Kind::Poweroff
+                Message::Reboot | Message::Poweroff | Message::PoweroffNow => {
+                    let kind = match msg {
+                        Message::Reboot => power::Kind::Reboot,
+                        Message::Poweroff => power::Kind::Poweroff,
+                        _ => power::Kind::PoweroffNow,
                     };
                     if self.shared.config.power == PowerAction::Disabled {
                         self.send(&Message::Error(RemoteError::new(

@@ -72,11 +72,16 @@ fn run_vm(a: RunArgs) -> anyhow::Result<ExitCode> {
         kernel: a.kernel.clone(),
         initrd: a.initrd.clone(),
         cmdline: Some(a.cmdline.clone()),
-        disks: a.disk.clone(),
+        disks: a
+            .disk
+            .iter()
+            .map(kiln_vmm::process::protocol::DiskSpec::writable)
+            .collect(),
         mem_size,
         vcpus: a.cpus,
         console_log: Some(a.console_log.clone()),
         console_terminal: a.console,
+        ..VmSpec::default()
     };
     let exe = std::env::current_exe().context("finding the kiln binary to run the VMM")?;
     loop {

@@ -5,8 +5,10 @@
 //!
 //! [`pick`] implements `--engine auto`.
 
+pub mod kvm;
 pub mod network;
 pub mod qemu;
+pub mod qmp;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -37,6 +39,11 @@ pub enum EngineError {
         source: std::io::Error,
     },
 }
+
+/// Most guest resets one VM may do before its engine stops starting it again (both engines
+/// start a fresh VM process per boot), so a guest that panics and reboots in a loop
+/// (`panic=-1`) ends instead of spinning until the boot timeout.
+pub const MAX_RESETS: u32 = 32;
 
 /// One disk given to a VM.
 #[derive(Debug, Clone)]
@@ -97,6 +104,15 @@ pub struct VmLaunch {
 }
 
 impl VmLaunch {
+    /// Creates the VM's work folder (sockets, pid files, logs).
+    pub fn create_workdir(&self) -> Result<(), EngineError> {
+        std::fs::create_dir_all(&self.workdir).map_err(|source| EngineError::Io {
+            what: "creating",
+            path: self.workdir.clone(),
+            source,
+        })
+    }
+
     /// kiln's kernel command line: root device, serial console, the VM's hostname.
     pub fn cmdline(&self) -> String {
         let mut parts = vec![
@@ -153,7 +169,17 @@ pub fn pick(choice: EngineChoice, probe: &kiln_vmm::doctor::Probe) -> Pick {
     match choice {
         EngineChoice::Kvm => Pick {
             engine: EngineChoice::Kvm,
-            why: "asked for with --engine kvm".into(),
+            // Forcing kvm where the probe says a stock kernel cannot run is allowed (tiny
+            // guests, PVM guest kernels), but the build should say why it may never boot.
+            why: if probe.stock_kernel_ok {
+                "asked for with --engine kvm".into()
+            } else {
+                format!(
+                    "asked for with --engine kvm; warning: {} (a stock kernel will likely not \
+                     boot, and the build then fails at its boot timeout)",
+                    probe.reason
+                )
+            },
         },
         EngineChoice::Qemu => Pick {
             engine: EngineChoice::Qemu,
@@ -177,7 +203,7 @@ pub fn pick(choice: EngineChoice, probe: &kiln_vmm::doctor::Probe) -> Pick {
 pub fn make(choice: EngineChoice) -> Result<Box<dyn Engine>, EngineError> {
     match choice {
         EngineChoice::Qemu | EngineChoice::Auto => Ok(Box::new(qemu::QemuEngine::new()?)),
-        EngineChoice::Kvm => Err(EngineError::NotImplemented("kvm")),
+        EngineChoice::Kvm => Ok(Box::new(kvm::KvmEngine::new()?)),
     }
 }
 
@@ -197,6 +223,14 @@ mod tests {
         assert_eq!(pick.engine, EngineChoice::Qemu);
         assert!(!pick.why.is_empty());
         assert_eq!(pick.why.split(" (but").next(), Some(p.reason.as_str()));
-        assert_eq!(super::pick(EngineChoice::Kvm, &p).engine, EngineChoice::Kvm);
+        let forced = super::pick(EngineChoice::Kvm, &p);
+        assert_eq!(forced.engine, EngineChoice::Kvm);
+        // Forced where the probe says stock kernels cannot run: the reason says so.
+        assert!(!p.stock_kernel_ok);
+        assert!(
+            forced.why.contains("warning") && forced.why.contains(&p.reason),
+            "{}",
+            forced.why
+        );
     }
 }

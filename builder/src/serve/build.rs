@@ -849,6 +849,7 @@ mod tests {
             name: "m".into(),
             manifest_path: PathBuf::from("m.yaml"),
             manifest_text: String::new(),
+            http_directory: vec![],
             vms: vec![VmJob {
                 name: "a".into(),
                 source: crate::job::SourceSpec::Blank,

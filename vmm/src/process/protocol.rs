@@ -11,8 +11,10 @@ use crate::machine::{MachineError, VmConfig};
 /// Longest line either side accepts; longer input is a protocol error, not a buffer.
 pub const MAX_LINE: usize = 64 * 1024;
 
-/// The VM a child process runs (what `kiln vm run` takes, in serializable form).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The VM a child process runs (what `kiln vm run` and the `kvm` engine of `kiln build`
+/// take, in serializable form). Virtio devices are placed in this order: `disks`, then
+/// `nics`, then `vsock`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmSpec {
     pub kernel: PathBuf,
     #[serde(default)]
@@ -20,17 +22,66 @@ pub struct VmSpec {
     #[serde(default)]
     pub cmdline: Option<String>,
     #[serde(default)]
-    pub disks: Vec<PathBuf>,
+    pub disks: Vec<DiskSpec>,
     pub mem_size: u64,
     pub vcpus: u8,
     #[serde(default)]
     pub console_log: Option<PathBuf>,
     #[serde(default)]
     pub console_terminal: bool,
+    /// NICs whose frames cross the process boundary on an inherited socket.
+    #[serde(default)]
+    pub nics: Vec<NicSpec>,
+    /// The vsock device, if any.
+    #[serde(default)]
+    pub vsock: Option<VsockSpec>,
+}
+
+/// One virtio-blk disk.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskSpec {
+    /// A raw or qcow2 image (probed).
+    pub path: PathBuf,
+    /// Offered read-only (a NoCloud seed, say).
+    #[serde(default)]
+    pub read_only: bool,
+    /// The GET_ID answer (`/sys/block/vdX/serial`), at most 20 bytes.
+    #[serde(default)]
+    pub serial: String,
+}
+
+impl DiskSpec {
+    /// A writable disk without a serial.
+    pub fn writable(path: impl Into<PathBuf>) -> DiskSpec {
+        DiskSpec {
+            path: path.into(),
+            ..DiskSpec::default()
+        }
+    }
+}
+
+/// One virtio-net NIC. Its frames travel on a `SOCK_SEQPACKET` socket (one frame per
+/// message, [`kiln_net::SeqpacketPort`]) that the parent made and the child inherited as
+/// descriptor `fd`; the parent relays between the other end and the network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicSpec {
+    pub mac: [u8; 6],
+    /// The inherited descriptor number (3 or more).
+    pub fd: i32,
+}
+
+/// The virtio-vsock device: the guest's CID and the host-side Unix socket (Firecracker's
+/// `CONNECT <port>` convention; guest-to-host connections reach `<uds_path>_<port>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VsockSpec {
+    pub guest_cid: u32,
+    pub uds_path: PathBuf,
 }
 
 impl VmSpec {
-    /// The VM config this spec describes, with its disks opened as virtio-blk devices.
+    /// The VM config this spec describes, with its devices made: disks opened, the vsock
+    /// socket bound, and the NICs' inherited descriptors taken over. Call it once per
+    /// process: the NIC descriptors then belong to the returned config.
     pub fn to_config(&self) -> Result<VmConfig, MachineError> {
         let mut b = VmConfig::builder()
             .memory(self.mem_size)
@@ -47,7 +98,42 @@ impl VmSpec {
             b = b.console_log(l);
         }
         for d in &self.disks {
-            b = b.device(Box::new(crate::transport::block::VirtioBlock::open(d)?));
+            b = b.device(Box::new(crate::transport::block::VirtioBlock::open_with(
+                &d.path,
+                d.read_only,
+                &d.serial,
+            )?));
+        }
+        // Check every descriptor before taking any over.
+        for (i, n) in self.nics.iter().enumerate() {
+            // Never take over stdin, stdout or stderr (a spec naming them is a bug upstream).
+            if n.fd < 3 {
+                return Err(MachineError::Config(format!(
+                    "NIC {i}: descriptor {} is not an inherited socket",
+                    n.fd
+                )));
+            }
+            if self.nics[..i].iter().any(|o| o.fd == n.fd) {
+                return Err(MachineError::Config(format!(
+                    "NIC {i}: descriptor {} is already another NIC's",
+                    n.fd
+                )));
+            }
+        }
+        for (i, n) in self.nics.iter().enumerate() {
+            // SAFETY: the parent passed this descriptor for this NIC alone; nothing else in
+            // this process owns it, and this is the only place that takes it over.
+            let port = unsafe { kiln_net::SeqpacketPort::from_raw_inherited(n.fd) }
+                .map_err(|e| MachineError::Config(format!("NIC {i}: {e}")))?;
+            b = b.device(Box::new(crate::devices::net::VirtioNet::new(
+                std::sync::Arc::new(port),
+                n.mac,
+            )));
+        }
+        if let Some(v) = &self.vsock {
+            let dev = crate::devices::vsock::VirtioVsock::new(u64::from(v.guest_cid), &v.uds_path)
+                .map_err(|e| MachineError::Config(format!("vsock: {e}")))?;
+            b = b.device(Box::new(dev));
         }
         b.build()
     }
@@ -225,10 +311,77 @@ mod tests {
     }
 
     #[test]
+    fn spec_devices_are_made_in_order() {
+        use std::os::fd::IntoRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let seed = dir.path().join("seed.img");
+        std::fs::write(&seed, vec![0u8; 1 << 20]).unwrap();
+        let (_parent, child) = kiln_net::seqpacket_pair().unwrap();
+        let spec = VmSpec {
+            kernel: "/k".into(),
+            mem_size: 64 << 20,
+            vcpus: 1,
+            disks: vec![DiskSpec {
+                path: seed,
+                read_only: true,
+                serial: "cidata".into(),
+            }],
+            nics: vec![NicSpec {
+                mac: [2, 0, 0, 0, 0, 1],
+                fd: child.into_raw_fd(),
+            }],
+            vsock: Some(VsockSpec {
+                guest_cid: 3,
+                uds_path: dir.path().join("v.sock"),
+            }),
+            ..VmSpec::default()
+        };
+        let back: VmSpec = serde_json::from_str(&serde_json::to_string(&spec).unwrap()).unwrap();
+        assert_eq!(back, spec);
+        let cfg = spec.to_config().unwrap();
+        let types: Vec<u32> = cfg.devices.iter().map(|d| d.device_type()).collect();
+        assert_eq!(types, vec![2, 1, 19], "blk, net, vsock");
+        // The seed is offered read-only (VIRTIO_BLK_F_RO, bit 5).
+        assert_ne!(cfg.devices[0].features() & (1 << 5), 0);
+        assert!(dir.path().join("v.sock").exists(), "vsock socket bound");
+    }
+
+    #[test]
+    fn spec_nic_descriptors_are_checked() {
+        let mut spec = VmSpec {
+            kernel: "/k".into(),
+            mem_size: 64 << 20,
+            vcpus: 1,
+            nics: vec![NicSpec {
+                mac: [2, 0, 0, 0, 0, 1],
+                fd: 1,
+            }],
+            ..VmSpec::default()
+        };
+        let e = spec.to_config().unwrap_err().to_string();
+        assert!(e.contains("not an inherited socket"), "{e}");
+        // Two NICs on one descriptor: refused before either is taken over.
+        spec.nics = vec![spec.nics[0].clone(), spec.nics[0].clone()];
+        spec.nics[0].fd = 1000;
+        spec.nics[1].fd = 1000;
+        let e = spec.to_config().unwrap_err().to_string();
+        assert!(e.contains("already another NIC's"), "{e}");
+        // An open descriptor that is not a seqpacket socket: refused, named (and closed:
+        // the spec gave it to the VM).
+        let f = std::fs::File::open("/dev/null").unwrap();
+        use std::os::fd::IntoRawFd;
+        spec.nics.truncate(1);
+        spec.nics[0].fd = f.into_raw_fd();
+        let e = spec.to_config().unwrap_err().to_string();
+        assert!(e.contains("not a socket"), "{e}");
+    }
+
+    #[test]
     fn spec_defaults() {
         let s: VmSpec =
             serde_json::from_str(r#"{"kernel":"/k","mem_size":268435456,"vcpus":1}"#).unwrap();
         assert_eq!(s.disks.len(), 0);
         assert!(!s.console_terminal);
+        assert!(s.nics.is_empty() && s.vsock.is_none());
     }
 }

@@ -36,13 +36,28 @@ impl VirtioBlock {
 
     /// Open an image (raw or qcow2, probed) writable, with default options.
     pub fn open(path: &Path) -> Result<VirtioBlock, MachineError> {
+        Self::open_with(path, false, "")
+    }
+
+    /// Open an image (raw or qcow2, probed), read-only if asked (the guest then sees
+    /// VIRTIO_BLK_F_RO and writes fail), answering GET_ID with `serial` (cut to 20 bytes).
+    pub fn open_with(
+        path: &Path,
+        read_only: bool,
+        serial: &str,
+    ) -> Result<VirtioBlock, MachineError> {
         let opts = kiln_disk::OpenOptions {
-            read_only: false,
+            read_only,
             ..Default::default()
         };
         let disk = kiln_disk::open(path, opts)
             .map_err(|e| MachineError::Config(format!("disk {}: {e}", path.display())))?;
-        Ok(VirtioBlock::new(disk, &BlockOptions::default()))
+        let block = BlockOptions {
+            read_only,
+            serial: serial.to_string(),
+            ..BlockOptions::default()
+        };
+        Ok(VirtioBlock::new(disk, &block))
     }
 }
 
