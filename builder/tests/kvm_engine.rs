@@ -306,6 +306,52 @@ fn one_boot(
     Ok(pid)
 }
 
+/// The kvm engine on the `kiln` binary cargo built for these tests.
+fn engine() -> KvmEngine {
+    KvmEngine::with_exe(PathBuf::from(env!("CARGO_BIN_EXE_kiln")))
+}
+
+/// A VM of the tiny guest `kernel`, run in `dir`, with `disk` as its one disk and `nic` as
+/// its one NIC when given.
+fn tiny_launch(
+    dir: &Path,
+    name: &str,
+    kernel: PathBuf,
+    disk: Option<PathBuf>,
+    nic: Option<QueuePort>,
+) -> VmLaunch {
+    VmLaunch {
+        name: name.into(),
+        cpus: 1,
+        memory_mib: virtio_guest::GUEST_MEMORY >> 20,
+        boot: BootFiles {
+            kernel,
+            initrd: None,
+            root: "/dev/vda".into(),
+        },
+        cmdline_extra: vec![],
+        disks: disk
+            .into_iter()
+            .map(|path| DiskAttach {
+                name: "root".into(),
+                path,
+                read_only: false,
+            })
+            .collect(),
+        workdir: dir.join("run"),
+        serial_log: dir.join("serial.log"),
+        cid: CID,
+        nics: nic
+            .into_iter()
+            .map(|n| NicAttach {
+                name: "eth0".into(),
+                mac: MAC,
+                port: Arc::new(n),
+            })
+            .collect(),
+    }
+}
+
 fn read_sector(path: &Path, sector: u64) -> Vec<u8> {
     let d = kiln_disk::open(path, OpenOptions::read_only()).expect("open the overlay");
     let mut b = vec![0u8; 512];
@@ -332,31 +378,14 @@ fn kvm_engine_runs_disk_net_vsock_and_restarts_the_vmm_on_reset() {
     kiln_disk::create_overlay(&overlay, &base, None).unwrap();
 
     let (nic_end, switch_end) = port_pair(64).unwrap();
-    let launch = VmLaunch {
-        name: "tiny".into(),
-        cpus: 1,
-        memory_mib: virtio_guest::GUEST_MEMORY >> 20,
-        boot: BootFiles {
-            kernel,
-            initrd: None,
-            root: "/dev/vda".into(),
-        },
-        cmdline_extra: vec![],
-        disks: vec![DiskAttach {
-            name: "root".into(),
-            path: overlay.clone(),
-            read_only: false,
-        }],
-        workdir: dir.path().join("run"),
-        serial_log: dir.path().join("serial.log"),
-        cid: CID,
-        nics: vec![NicAttach {
-            name: "eth0".into(),
-            mac: MAC,
-            port: Arc::new(nic_end),
-        }],
-    };
-    let engine = KvmEngine::with_exe(PathBuf::from(env!("CARGO_BIN_EXE_kiln")));
+    let launch = tiny_launch(
+        dir.path(),
+        "tiny",
+        kernel,
+        Some(overlay.clone()),
+        Some(nic_end),
+    );
+    let engine = engine();
     let vm = engine.launch(&launch).expect("launch");
     let uds = vm.vsock_socket().to_path_buf();
     let vm = std::sync::Mutex::new(vm);
@@ -426,23 +455,8 @@ fn kvm_engine_reports_a_guest_that_cannot_run() {
     let dir = tempfile::tempdir().unwrap();
     let kernel = dir.path().join("not-a-kernel");
     std::fs::write(&kernel, b"this is not a kernel").unwrap();
-    let launch = VmLaunch {
-        name: "broken".into(),
-        cpus: 1,
-        memory_mib: 64,
-        boot: BootFiles {
-            kernel,
-            initrd: None,
-            root: "/dev/vda".into(),
-        },
-        cmdline_extra: vec![],
-        disks: vec![],
-        workdir: dir.path().join("run"),
-        serial_log: dir.path().join("serial.log"),
-        cid: 3,
-        nics: vec![],
-    };
-    let engine = KvmEngine::with_exe(PathBuf::from(env!("CARGO_BIN_EXE_kiln")));
+    let launch = tiny_launch(dir.path(), "broken", kernel, None, None);
+    let engine = engine();
     let e = engine
         .launch(&launch)
         .err()
@@ -468,31 +482,8 @@ fn kvm_engine_kill_stops_the_vmm_and_starts_no_other() {
     let disk = dir.path().join("root.raw");
     std::fs::write(&disk, vec![0u8; DISK_SIZE as usize]).unwrap();
     let (nic_end, switch_end) = port_pair(64).unwrap();
-    let launch = VmLaunch {
-        name: "stuck".into(),
-        cpus: 1,
-        memory_mib: virtio_guest::GUEST_MEMORY >> 20,
-        boot: BootFiles {
-            kernel,
-            initrd: None,
-            root: "/dev/vda".into(),
-        },
-        cmdline_extra: vec![],
-        disks: vec![DiskAttach {
-            name: "root".into(),
-            path: disk,
-            read_only: false,
-        }],
-        workdir: dir.path().join("run"),
-        serial_log: dir.path().join("serial.log"),
-        cid: CID,
-        nics: vec![NicAttach {
-            name: "eth0".into(),
-            mac: MAC,
-            port: Arc::new(nic_end),
-        }],
-    };
-    let engine = KvmEngine::with_exe(PathBuf::from(env!("CARGO_BIN_EXE_kiln")));
+    let launch = tiny_launch(dir.path(), "stuck", kernel, Some(disk), Some(nic_end));
+    let engine = engine();
     let mut vm = engine.launch(&launch).expect("launch");
     // The guest got as far as sending its frame: it now waits for ours.
     let mut buf = [0u8; 2048];
@@ -541,31 +532,8 @@ fn kvm_engine_holder() {
     let disk = dir.join("root.raw");
     std::fs::write(&disk, vec![0u8; DISK_SIZE as usize]).unwrap();
     let (nic_end, _switch_end) = port_pair(64).unwrap();
-    let launch = VmLaunch {
-        name: "held".into(),
-        cpus: 1,
-        memory_mib: virtio_guest::GUEST_MEMORY >> 20,
-        boot: BootFiles {
-            kernel,
-            initrd: None,
-            root: "/dev/vda".into(),
-        },
-        cmdline_extra: vec![],
-        disks: vec![DiskAttach {
-            name: "root".into(),
-            path: disk,
-            read_only: false,
-        }],
-        workdir: dir.join("run"),
-        serial_log: dir.join("serial.log"),
-        cid: CID,
-        nics: vec![NicAttach {
-            name: "eth0".into(),
-            mac: MAC,
-            port: Arc::new(nic_end),
-        }],
-    };
-    let engine = KvmEngine::with_exe(PathBuf::from(env!("CARGO_BIN_EXE_kiln")));
+    let launch = tiny_launch(dir.as_path(), "held", kernel, Some(disk), Some(nic_end));
+    let engine = engine();
     let vm = engine.launch(&launch).expect("launch");
     println!("VMM-PID {}", vm.pids()[0]);
     loop {
@@ -654,23 +622,8 @@ fn kvm_engine_gives_up_on_a_reset_loop() {
     s.write(1, END_VALUE, RESET.into(), "end with a reset");
     s.end();
     std::fs::write(&kernel, s.elf()).unwrap();
-    let launch = VmLaunch {
-        name: "looping".into(),
-        cpus: 1,
-        memory_mib: virtio_guest::GUEST_MEMORY >> 20,
-        boot: BootFiles {
-            kernel,
-            initrd: None,
-            root: "/dev/vda".into(),
-        },
-        cmdline_extra: vec![],
-        disks: vec![],
-        workdir: dir.path().join("run"),
-        serial_log: dir.path().join("serial.log"),
-        cid: 3,
-        nics: vec![],
-    };
-    let engine = KvmEngine::with_exe(PathBuf::from(env!("CARGO_BIN_EXE_kiln")));
+    let launch = tiny_launch(dir.path(), "looping", kernel, None, None);
+    let engine = engine();
     let mut vm = engine.launch(&launch).expect("launch");
     let st = vm
         .wait_exit(Duration::from_secs(60))
