@@ -54,6 +54,13 @@ pub enum ClientError {
     NotReady { waited: Duration, last: String },
     #[error("this connection is unusable after an earlier stream error")]
     Broken,
+    /// The agent is older than the request (it answered "unknown frame type" and closed the
+    /// session): the caller may fall back to an older way on a new connection.
+    #[error("the agent does not know the {request} request (an older agent): {reason}")]
+    Unsupported {
+        request: &'static str,
+        reason: String,
+    },
 }
 
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
@@ -538,6 +545,42 @@ impl Client {
     /// seconds per slow unit. Returns once the agent acknowledged.
     pub fn poweroff_now(&mut self) -> Result<()> {
         self.simple(Message::PoweroffNow)
+    }
+
+    /// Run a template cleanup plan in the agent itself (no process is started in the guest)
+    /// and return its report of failed steps. An agent older than this request answers
+    /// "unknown frame type" and closes the session: that is [`ClientError::Unsupported`],
+    /// and this connection is unusable afterwards (a fallback needs a new one).
+    pub fn cleanup(
+        &mut self,
+        plan: &crate::message::CleanupPlan,
+    ) -> Result<crate::message::CleanupReport> {
+        self.send(&Message::Cleanup(plan.clone()))?;
+        match self.recv()? {
+            Message::CleanupDone(r) => Ok(r),
+            Message::Error(e) if e.kind == crate::message::ErrorKind::Protocol => {
+                // Every protocol error ends the agent's session.
+                self.broken = true;
+                let unknown = crate::frame::FrameError::UnknownType(ty::CLEANUP).to_string();
+                if e.message.contains(&unknown) {
+                    Err(ClientError::Unsupported {
+                        request: "cleanup",
+                        reason: e.message,
+                    })
+                } else {
+                    Err(e.into())
+                }
+            }
+            Message::Error(e) => Err(e.into()),
+            other => self.unexpected("cleanup-done", &other),
+        }
+    }
+
+    /// Give the guest's NICs these addresses now (leases kiln's network has bound for them),
+    /// before the guest's own DHCP client runs. An `Unavailable` error means the agent left
+    /// the network to the guest (see the agent's README, "NetConfig").
+    pub fn net_config(&mut self, links: Vec<crate::message::LinkConfig>) -> Result<()> {
+        self.simple(Message::NetConfig(links))
     }
 
     fn simple(&mut self, m: Message) -> Result<()> {

@@ -27,6 +27,8 @@ pub mod ty {
     pub const REBOOT: u8 = 0x0c;
     pub const POWEROFF: u8 = 0x0d;
     pub const POWEROFF_NOW: u8 = 0x0e;
+    pub const CLEANUP: u8 = 0x0f;
+    pub const NET_CONFIG: u8 = 0x10;
 
     pub const HELLO_REPLY: u8 = 0x41;
     pub const ACK: u8 = 0x42;
@@ -38,10 +40,113 @@ pub mod ty {
     pub const FILE_HEADER: u8 = 0x48;
     pub const STAT_REPLY: u8 = 0x49;
     pub const ERROR: u8 = 0x4a;
+    pub const CLEANUP_DONE: u8 = 0x4b;
 }
 
 /// Most entries an argv or env list may have.
 pub const MAX_LIST: usize = 4096;
+
+/// Longest path a cleanup action may name (Linux's PATH_MAX).
+pub const MAX_CLEANUP_PATH: usize = 4096;
+/// How deeply `IfExists` actions may nest (each level is a recursion in the decoder).
+pub const MAX_CLEANUP_DEPTH: usize = 4;
+/// Most failure lines a cleanup report carries (each is cut at 1 KiB), so a report always
+/// fits in one frame.
+pub const MAX_CLEANUP_FAILURES: usize = 128;
+
+/// One step of a template cleanup, carried out by the agent itself (no process is started:
+/// under an emulated CPU every program start costs a good part of a second). Every path is
+/// absolute; a failing step is reported and the next one runs (best effort, like a shell
+/// script under `set +e`). What to clean is kiln's policy; these are the mechanisms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CleanupAction {
+    /// Cut a regular file to zero bytes; a missing file is created empty (mode 0644), like
+    /// `truncate -s 0`. A symlink or any other kind is left alone and reported.
+    Truncate(String),
+    /// Remove what an absolute glob names: `*` and `?` may appear in any component and also
+    /// match a leading dot (like bash's `dotglob`); `[` is literal. Files and symlinks are
+    /// unlinked, directories removed with their whole tree without following symlinks.
+    /// Nothing matching is not an error (`rm -rf`).
+    Remove(String),
+    /// Truncate every non-empty regular file under a directory, recursively, without
+    /// following symlinks or crossing into other file systems.
+    EmptyFilesUnder(String),
+    /// Write a file atomically (a temporary sibling, then rename), creating missing parent
+    /// directories (0755).
+    WriteFile {
+        path: String,
+        mode: u32,
+        data: Vec<u8>,
+    },
+    /// Make `link` a symlink to `target`, replacing a file or symlink already there (atomic
+    /// rename), creating missing parent directories (0755).
+    Symlink { target: String, link: String },
+    /// Run `then` only when `path` exists (following symlinks, like `test -e`).
+    IfExists {
+        path: String,
+        then: Vec<CleanupAction>,
+    },
+    /// sync(2).
+    Sync,
+    /// FITRIM every mounted, writable, block-device-backed file system (like `fstrim -a`);
+    /// file systems that cannot discard are skipped silently.
+    TrimAll,
+}
+
+impl CleanupAction {
+    /// A short description for failure messages and logs.
+    pub fn describe(&self) -> String {
+        match self {
+            CleanupAction::Truncate(p) => format!("truncate {p}"),
+            CleanupAction::Remove(p) => format!("remove {p}"),
+            CleanupAction::EmptyFilesUnder(p) => format!("empty files under {p}"),
+            CleanupAction::WriteFile { path, .. } => format!("write {path}"),
+            CleanupAction::Symlink { target, link } => format!("symlink {link} -> {target}"),
+            CleanupAction::IfExists { path, .. } => format!("if exists {path}"),
+            CleanupAction::Sync => "sync".into(),
+            CleanupAction::TrimAll => "trim all".into(),
+        }
+    }
+}
+
+/// The `cleanup` request: actions run in order.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CleanupPlan {
+    pub actions: Vec<CleanupAction>,
+}
+
+/// The answer to `cleanup`: what did not work, and what FITRIM reported.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CleanupReport {
+    /// One line per failed step: the action, its path and the OS error. The agent keeps at
+    /// most [`MAX_CLEANUP_FAILURES`] (the last line then says how many more there were).
+    pub failures: Vec<String>,
+    /// Bytes the file systems reported as trimmed.
+    pub trimmed_bytes: u64,
+    /// Wall time of the whole plan, in milliseconds.
+    pub duration_ms: u64,
+}
+
+/// Most NICs one [`Message::NetConfig`] may configure, and most DNS servers or search
+/// domains per NIC.
+pub const MAX_NET_LINKS: usize = 16;
+pub const MAX_NET_NAMES: usize = 8;
+
+/// The address a NIC is to have, as a DHCP lease would give it: kiln binds the lease on its
+/// build network and hands it to the guest before the guest's own DHCP client has run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkConfig {
+    /// The NIC, by MAC address.
+    pub mac: [u8; 6],
+    pub address: std::net::Ipv4Addr,
+    pub prefix: u8,
+    /// The default route's gateway.
+    pub gateway: Option<std::net::Ipv4Addr>,
+    pub dns: Vec<std::net::Ipv4Addr>,
+    pub search: Vec<String>,
+    /// The lease time: the address and route are dynamic, as the DHCP client's would be.
+    pub lease_secs: u32,
+}
 
 /// The host's opening message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -398,6 +503,11 @@ pub enum Message {
     /// Power off without stopping services (for a capture, after the template cleanup):
     /// processes are killed, file systems synced and unmounted or remounted read-only.
     PoweroffNow,
+    /// Run a template cleanup plan in the agent itself; answered by `CleanupDone`.
+    Cleanup(CleanupPlan),
+    /// Configure the guest's NICs now (answered with `Ack`, or an `Error` when the agent
+    /// leaves the network to the guest's own DHCP client).
+    NetConfig(Vec<LinkConfig>),
 
     HelloReply(HelloReply),
     Ack,
@@ -411,6 +521,7 @@ pub enum Message {
     FileHeader(FileMeta),
     StatReply(Option<FileStat>),
     Error(RemoteError),
+    CleanupDone(CleanupReport),
 }
 
 impl Message {
@@ -435,6 +546,7 @@ impl Message {
             Message::Reboot => ty::REBOOT,
             Message::Poweroff => ty::POWEROFF,
             Message::PoweroffNow => ty::POWEROFF_NOW,
+            Message::NetConfig(_) => ty::NET_CONFIG,
             Message::HelloReply(_) => ty::HELLO_REPLY,
             Message::Ack => ty::ACK,
             Message::ExecStarted { .. } => ty::EXEC_STARTED,
@@ -445,6 +557,8 @@ impl Message {
             Message::FileHeader(_) => ty::FILE_HEADER,
             Message::StatReply(_) => ty::STAT_REPLY,
             Message::Error(_) => ty::ERROR,
+            Message::Cleanup(_) => ty::CLEANUP,
+            Message::CleanupDone(_) => ty::CLEANUP_DONE,
         }
     }
 
@@ -503,6 +617,15 @@ impl Message {
                 e.0.extend_from_slice(&f.sha256);
             }
             Message::GetFile(p) => e.str(p),
+            Message::NetConfig(links) => e.list(links.iter(), |e, l| {
+                e.0.extend_from_slice(&l.mac);
+                e.0.extend_from_slice(&l.address.octets());
+                e.u8(l.prefix);
+                e.opt(l.gateway, |e, g| e.0.extend_from_slice(&g.octets()));
+                e.list(l.dns.iter(), |e, a| e.0.extend_from_slice(&a.octets()));
+                e.list(l.search.iter(), |e, s| e.str(s));
+                e.u32(l.lease_secs);
+            }),
             Message::Stat(s) => {
                 e.str(&s.path);
                 e.bool(s.follow_symlinks);
@@ -559,6 +682,12 @@ impl Message {
                 e.u16(r.kind.code());
                 e.i32(r.errno);
                 e.str(&r.message);
+            }
+            Message::Cleanup(p) => encode_cleanup_actions(&mut e, &p.actions),
+            Message::CleanupDone(r) => {
+                e.list(r.failures.iter(), |e, s| e.str(s));
+                e.u64(r.trimmed_bytes);
+                e.u64(r.duration_ms);
             }
         }
         self.frame_type()
@@ -645,6 +774,37 @@ impl Message {
                 }
             }
             ty::GET_FILE => Message::GetFile(d.str()?),
+            ty::NET_CONFIG => {
+                let links = d.list(|d| {
+                    let mac = d.fixed::<6>("MAC address")?;
+                    let address = d.fixed::<4>("IPv4 address")?.into();
+                    let prefix = d.u8()?;
+                    if prefix > 32 {
+                        return Err(d.bad(format!("prefix length {prefix} is over 32")));
+                    }
+                    let gateway = d.opt(|d| Ok(d.fixed::<4>("IPv4 gateway")?.into()))?;
+                    let dns = d.list(|d| Ok(d.fixed::<4>("IPv4 DNS server")?.into()))?;
+                    let search = d.list(|d| d.str())?;
+                    if dns.len() > MAX_NET_NAMES || search.len() > MAX_NET_NAMES {
+                        return Err(d.bad(format!(
+                            "more than {MAX_NET_NAMES} DNS servers or search domains"
+                        )));
+                    }
+                    Ok(LinkConfig {
+                        mac,
+                        address,
+                        prefix,
+                        gateway,
+                        dns,
+                        search,
+                        lease_secs: d.u32()?,
+                    })
+                })?;
+                if links.len() > MAX_NET_LINKS {
+                    return Err(d.bad(format!("more than {MAX_NET_LINKS} NICs")));
+                }
+                Message::NetConfig(links)
+            }
             ty::STAT => Message::Stat(StatRequest {
                 path: d.str()?,
                 follow_symlinks: d.bool()?,
@@ -708,6 +868,14 @@ impl Message {
                 errno: d.i32()?,
                 message: d.str()?,
             }),
+            ty::CLEANUP => Message::Cleanup(CleanupPlan {
+                actions: decode_cleanup_actions(&mut d, 1)?,
+            }),
+            ty::CLEANUP_DONE => Message::CleanupDone(CleanupReport {
+                failures: d.list(|d| d.str())?,
+                trimmed_bytes: d.u64()?,
+                duration_ms: d.u64()?,
+            }),
             other => return Err(FrameError::UnknownType(other)),
         };
         if !d.buf.is_empty() {
@@ -734,6 +902,7 @@ pub fn type_name(t: u8) -> &'static str {
         ty::REBOOT => "reboot",
         ty::POWEROFF => "poweroff",
         ty::POWEROFF_NOW => "poweroff-now",
+        ty::NET_CONFIG => "net-config",
         ty::HELLO_REPLY => "hello-reply",
         ty::ACK => "ack",
         ty::EXEC_STARTED => "exec-started",
@@ -744,8 +913,86 @@ pub fn type_name(t: u8) -> &'static str {
         ty::FILE_HEADER => "file-header",
         ty::STAT_REPLY => "stat-reply",
         ty::ERROR => "error",
+        ty::CLEANUP => "cleanup",
+        ty::CLEANUP_DONE => "cleanup-done",
         _ => "unknown",
     }
+}
+
+fn encode_cleanup_actions(e: &mut Enc<'_>, actions: &[CleanupAction]) {
+    e.list(actions.iter(), |e, a| match a {
+        CleanupAction::Truncate(p) => {
+            e.u8(0);
+            e.str(p);
+        }
+        CleanupAction::Remove(p) => {
+            e.u8(1);
+            e.str(p);
+        }
+        CleanupAction::EmptyFilesUnder(p) => {
+            e.u8(2);
+            e.str(p);
+        }
+        CleanupAction::WriteFile { path, mode, data } => {
+            e.u8(3);
+            e.str(path);
+            e.u32(*mode);
+            e.bytes(data);
+        }
+        CleanupAction::Symlink { target, link } => {
+            e.u8(4);
+            e.str(target);
+            e.str(link);
+        }
+        CleanupAction::IfExists { path, then } => {
+            e.u8(5);
+            e.str(path);
+            encode_cleanup_actions(e, then);
+        }
+        CleanupAction::Sync => e.u8(6),
+        CleanupAction::TrimAll => e.u8(7),
+    })
+}
+
+/// Decode a list of cleanup actions at nesting level `depth` (the plan itself is level 1).
+fn decode_cleanup_actions(d: &mut Dec<'_>, depth: usize) -> Result<Vec<CleanupAction>, FrameError> {
+    if depth > MAX_CLEANUP_DEPTH {
+        return Err(d.bad(format!(
+            "if-exists actions nest deeper than {MAX_CLEANUP_DEPTH} levels"
+        )));
+    }
+    d.list(|d| {
+        Ok(match d.u8()? {
+            0 => CleanupAction::Truncate(d.path()?),
+            1 => CleanupAction::Remove(d.path()?),
+            2 => CleanupAction::EmptyFilesUnder(d.path()?),
+            3 => {
+                let path = d.path()?;
+                let mode = d.u32()?;
+                if mode & !0o7777 != 0 {
+                    return Err(d.bad(format!(
+                        "write-file mode {mode:#o} for {path} has bits beyond 0o7777"
+                    )));
+                }
+                CleanupAction::WriteFile {
+                    path,
+                    mode,
+                    data: d.bytes()?,
+                }
+            }
+            4 => CleanupAction::Symlink {
+                target: d.path()?,
+                link: d.path()?,
+            },
+            5 => CleanupAction::IfExists {
+                path: d.path()?,
+                then: decode_cleanup_actions(d, depth + 1)?,
+            },
+            6 => CleanupAction::Sync,
+            7 => CleanupAction::TrimAll,
+            n => return Err(d.bad(format!("unknown cleanup action {n}"))),
+        })
+    })
 }
 
 struct Enc<'a>(&'a mut Vec<u8>);
@@ -773,8 +1020,11 @@ impl Enc<'_> {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
     fn str(&mut self, s: &str) {
-        self.u32(s.len() as u32);
-        self.0.extend_from_slice(s.as_bytes());
+        self.bytes(s.as_bytes());
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.u32(b.len() as u32);
+        self.0.extend_from_slice(b);
     }
     fn opt<T>(&mut self, v: Option<T>, f: impl FnOnce(&mut Self, T)) {
         match v {
@@ -857,6 +1107,24 @@ impl<'a> Dec<'a> {
         let bytes = self.take(len, "string")?;
         String::from_utf8(bytes.to_vec()).map_err(|e| self.bad(format!("string is not UTF-8: {e}")))
     }
+    fn bytes(&mut self) -> Result<Vec<u8>, FrameError> {
+        let len = self.u32()? as usize;
+        Ok(self.take(len, "byte string")?.to_vec())
+    }
+    /// A cleanup path: a string of at most [`MAX_CLEANUP_PATH`] bytes without NUL.
+    fn path(&mut self) -> Result<String, FrameError> {
+        let s = self.str()?;
+        if s.len() > MAX_CLEANUP_PATH {
+            return Err(self.bad(format!(
+                "a path of {} bytes exceeds the limit of {MAX_CLEANUP_PATH}",
+                s.len()
+            )));
+        }
+        if s.contains('\0') {
+            return Err(self.bad(format!("path {s:?} contains a NUL byte")));
+        }
+        Ok(s)
+    }
     fn rest(&mut self) -> Vec<u8> {
         let v = self.buf.to_vec();
         self.buf = &[];
@@ -892,6 +1160,123 @@ impl<'a> Dec<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cleanup_plan_sample() -> CleanupPlan {
+        CleanupPlan {
+            actions: vec![
+                CleanupAction::Truncate("/etc/machine-id".into()),
+                CleanupAction::Remove("/tmp/kiln-*".into()),
+                CleanupAction::EmptyFilesUnder("/var/log".into()),
+                CleanupAction::IfExists {
+                    path: "/etc/ssh".into(),
+                    then: vec![
+                        CleanupAction::WriteFile {
+                            path: "/etc/x.service".into(),
+                            mode: 0o644,
+                            data: vec![0, 1, 255],
+                        },
+                        CleanupAction::Symlink {
+                            target: "/etc/x.service".into(),
+                            link: "/etc/wants/x.service".into(),
+                        },
+                        CleanupAction::IfExists {
+                            path: "/a".into(),
+                            then: vec![],
+                        },
+                    ],
+                },
+                CleanupAction::Sync,
+                CleanupAction::TrimAll,
+            ],
+        }
+    }
+
+    #[test]
+    fn cleanup_messages_roundtrip() {
+        roundtrip(Message::Cleanup(cleanup_plan_sample()));
+        roundtrip(Message::Cleanup(CleanupPlan::default()));
+        roundtrip(Message::CleanupDone(CleanupReport {
+            failures: vec!["remove /x: Permission denied (os error 13)".into()],
+            trimmed_bytes: 1 << 33,
+            duration_ms: 12,
+        }));
+        assert_eq!(type_name(ty::CLEANUP), "cleanup");
+        assert_eq!(type_name(ty::CLEANUP_DONE), "cleanup-done");
+    }
+
+    #[test]
+    fn cleanup_decoding_rejects_absurd_input() {
+        let enc = |m: Message| {
+            let mut b = Vec::new();
+            let t = m.encode_body(&mut b);
+            (t, b)
+        };
+        let err_of = |m: Message| {
+            let (t, b) = enc(m);
+            Message::decode(t, &b).unwrap_err().to_string()
+        };
+        // Nesting deeper than the limit (the decoder recurses once per level).
+        let mut deep = vec![CleanupAction::Sync];
+        for _ in 0..MAX_CLEANUP_DEPTH {
+            deep = vec![CleanupAction::IfExists {
+                path: "/".into(),
+                then: deep,
+            }];
+        }
+        let err = err_of(Message::Cleanup(CleanupPlan { actions: deep }));
+        assert!(err.contains("nest deeper"), "{err}");
+        // One level less is fine.
+        let mut ok = vec![CleanupAction::Sync];
+        for _ in 1..MAX_CLEANUP_DEPTH {
+            ok = vec![CleanupAction::IfExists {
+                path: "/".into(),
+                then: ok,
+            }];
+        }
+        roundtrip(Message::Cleanup(CleanupPlan { actions: ok }));
+        // A path over PATH_MAX, a NUL in a path, a mode with type bits.
+        let err = err_of(Message::Cleanup(CleanupPlan {
+            actions: vec![CleanupAction::Remove("/".repeat(MAX_CLEANUP_PATH + 1))],
+        }));
+        assert!(err.contains("exceeds the limit of 4096"), "{err}");
+        let err = err_of(Message::Cleanup(CleanupPlan {
+            actions: vec![CleanupAction::Truncate("/a\0b".into())],
+        }));
+        assert!(err.contains("NUL"), "{err}");
+        let err = err_of(Message::Cleanup(CleanupPlan {
+            actions: vec![CleanupAction::WriteFile {
+                path: "/f".into(),
+                mode: 0o100644,
+                data: vec![],
+            }],
+        }));
+        assert!(err.contains("beyond 0o7777"), "{err}");
+        // An unknown action tag.
+        let err = Message::decode(ty::CLEANUP, &[1, 0, 0, 0, 9])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown cleanup action 9"), "{err}");
+        // Counts: over the list cap, and a plausible count with nothing behind it.
+        let err = Message::decode(ty::CLEANUP, &[0xff, 0xff, 0xff, 0xff])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("exceeds the limit"), "{err}");
+        let err = Message::decode(ty::CLEANUP, &[0x00, 0x10, 0, 0])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("remain"), "{err}");
+        // A write-file whose data length claims 4 GiB.
+        let mut body = vec![1, 0, 0, 0, 3, 2, 0, 0, 0, b'/', b'f'];
+        body.extend_from_slice(&0o644u32.to_le_bytes());
+        body.extend_from_slice(&u32::MAX.to_le_bytes());
+        let err = Message::decode(ty::CLEANUP, &body).unwrap_err().to_string();
+        assert!(err.contains("byte string needs 4294967295 bytes"), "{err}");
+        // A report with more failure lines than any list may have.
+        let err = Message::decode(ty::CLEANUP_DONE, &[0xff, 0xff, 0, 0])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("exceeds the limit"), "{err}");
+    }
 
     fn roundtrip(m: Message) {
         let mut body = Vec::new();
@@ -957,6 +1342,26 @@ mod tests {
             Message::Reboot,
             Message::Poweroff,
             Message::PoweroffNow,
+            Message::NetConfig(vec![
+                LinkConfig {
+                    mac: [2, 0, 0, 0, 0, 1],
+                    address: [10, 0, 2, 15].into(),
+                    prefix: 24,
+                    gateway: Some([10, 0, 2, 1].into()),
+                    dns: vec![[10, 0, 2, 1].into()],
+                    search: vec!["lab".into()],
+                    lease_secs: 3600,
+                },
+                LinkConfig {
+                    mac: [2, 0, 0, 0, 0, 2],
+                    address: [192, 168, 9, 3].into(),
+                    prefix: 30,
+                    gateway: None,
+                    dns: vec![],
+                    search: vec![],
+                    lease_secs: 0,
+                },
+            ]),
             Message::HelloReply(HelloReply {
                 version: 1,
                 agent_version: "0.1.0".into(),
@@ -1011,6 +1416,39 @@ mod tests {
             Message::decode(0x7f, &[]),
             Err(FrameError::UnknownType(0x7f))
         ));
+    }
+
+    #[test]
+    fn net_config_bounds_are_checked() {
+        let link = LinkConfig {
+            mac: [2, 0, 0, 0, 0, 1],
+            address: [10, 0, 2, 15].into(),
+            prefix: 24,
+            gateway: None,
+            dns: vec![],
+            search: vec![],
+            lease_secs: 60,
+        };
+        let enc = |m: Message| {
+            let mut b = Vec::new();
+            let t = m.encode_body(&mut b);
+            (t, b)
+        };
+        let (t, mut body) = enc(Message::NetConfig(vec![link.clone()]));
+        // The prefix byte follows the count (4), the MAC (6) and the address (4).
+        body[14] = 33;
+        let err = Message::decode(t, &body).unwrap_err();
+        assert!(err.to_string().contains("prefix length 33"), "{err}");
+        let (t, body) = enc(Message::NetConfig(vec![link.clone(); MAX_NET_LINKS + 1]));
+        let err = Message::decode(t, &body).unwrap_err();
+        assert!(err.to_string().contains("NICs"), "{err}");
+        let many = LinkConfig {
+            search: vec!["a".into(); MAX_NET_NAMES + 1],
+            ..link
+        };
+        let (t, body) = enc(Message::NetConfig(vec![many]));
+        let err = Message::decode(t, &body).unwrap_err();
+        assert!(err.to_string().contains("search domains"), "{err}");
     }
 
     #[test]

@@ -54,6 +54,45 @@ pub trait Guest: Send {
     fn poweroff_now(&mut self) -> Result<(), GuestError> {
         self.poweroff()
     }
+    /// Runs a template cleanup plan inside the agent (no process is started in the guest).
+    /// [`CleanupOutcome::Unsupported`] means the agent predates the request: the session
+    /// may be closed, and the caller falls back to its scripts on a new one. The default is
+    /// a guest without the request.
+    fn cleanup(&mut self, _plan: &CleanupPlan) -> Result<CleanupOutcome, GuestError> {
+        Ok(CleanupOutcome::Unsupported(
+            "this guest has no cleanup request".into(),
+        ))
+    }
+    /// Reads a small guest file whole, with its permission bits; None when it does not
+    /// exist; an error when it is larger than `max` bytes. `NotAvailable` when this guest
+    /// cannot read files (the caller then uses a script).
+    fn read_file(&mut self, _path: &str, _max: u64) -> Result<Option<(Vec<u8>, u32)>, GuestError> {
+        Err(GuestError::NotAvailable(
+            "this guest cannot read files".into(),
+        ))
+    }
+    /// Gives the guest's NICs these addresses now (leases the build network has bound for
+    /// them). An error means the guest keeps to its own DHCP client; an agent too old to know
+    /// the request may close the session, so callers use a session of its own.
+    fn net_config(&mut self, _links: &[kiln_agent::LinkConfig]) -> Result<(), GuestError> {
+        Err(GuestError::NotAvailable(
+            "this guest cannot be handed its network".into(),
+        ))
+    }
+}
+
+pub use kiln_agent::message::{CleanupAction, CleanupPlan, CleanupReport};
+
+/// How long the agent may take over a cleanup plan.
+pub const CLEANUP_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// What [`Guest::cleanup`] got back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CleanupOutcome {
+    /// The agent ran the plan; the report names the steps that failed (best effort).
+    Done(CleanupReport),
+    /// The agent does not know the request (it is older); the reason, in words.
+    Unsupported(String),
 }
 
 /// How long one try of [`Connector::connect_until`] may wait, so a cancel is seen within about
@@ -225,6 +264,57 @@ impl Guest for AgentGuest {
 
     fn poweroff_now(&mut self) -> Result<(), GuestError> {
         self.0.poweroff_now().map_err(agent_err)
+    }
+
+    fn cleanup(&mut self, plan: &CleanupPlan) -> Result<CleanupOutcome, GuestError> {
+        // The script this replaces had 300 s; a guest that hangs (FITRIM on a slow disk, a
+        // wedged file system) fails the capture instead of holding the build forever.
+        self.0
+            .set_read_timeout(Some(CLEANUP_TIMEOUT))
+            .map_err(agent_err)?;
+        let r = self.0.cleanup(plan);
+        let _ = self.0.set_read_timeout(None);
+        match r {
+            Ok(r) => Ok(CleanupOutcome::Done(r)),
+            Err(kiln_agent::ClientError::Unsupported { reason, .. }) => {
+                Ok(CleanupOutcome::Unsupported(reason))
+            }
+            Err(e) => Err(agent_err(e)),
+        }
+    }
+
+    fn read_file(&mut self, path: &str, max: u64) -> Result<Option<(Vec<u8>, u32)>, GuestError> {
+        /// Keeps at most `max` bytes and then refuses (the client keeps the session in step).
+        struct Capped(Vec<u8>, u64);
+        impl std::io::Write for Capped {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                if self.0.len() as u64 + b.len() as u64 > self.1 {
+                    return Err(std::io::Error::other(format!(
+                        "larger than {} bytes",
+                        self.1
+                    )));
+                }
+                self.0.extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut out = Capped(Vec::new(), max);
+        match self.0.get_to_writer(path, &mut out) {
+            Ok((meta, _)) => Ok(Some((out.0, meta.mode & 0o7777))),
+            Err(kiln_agent::ClientError::Remote(e))
+                if e.kind == kiln_agent::message::ErrorKind::NotFound =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(agent_err(e)),
+        }
+    }
+
+    fn net_config(&mut self, links: &[kiln_agent::LinkConfig]) -> Result<(), GuestError> {
+        self.0.net_config(links.to_vec()).map_err(agent_err)
     }
 }
 

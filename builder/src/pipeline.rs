@@ -458,6 +458,82 @@ done
 exit 1
 "#;
 
+/// The leases of `vm`'s DHCP NICs, bound now on the build network, as the agent's
+/// `NetConfig` request: the addresses the guest's own DHCP client will get.
+fn bound_leases(
+    job: &BuildJob,
+    vm: &VmJob,
+    net: &kiln_net::Network,
+) -> Vec<kiln_agent::LinkConfig> {
+    let dhcp = |subnet: &str| {
+        job.network
+            .subnets
+            .iter()
+            .any(|s| s.name == subnet && s.dhcp && !s.unmanaged)
+    };
+    vm.nics
+        .iter()
+        .filter(|n| dhcp(&n.subnet))
+        .filter_map(|n| {
+            let mac = n.mac_bytes().ok()?;
+            let lease = net.lease(mac).ok()??;
+            Some(kiln_agent::LinkConfig {
+                mac,
+                address: lease.address,
+                prefix: lease.prefix,
+                gateway: Some(lease.gateway),
+                dns: lease.dns,
+                search: Vec::new(),
+                lease_secs: lease.lease_time.as_secs().min(u64::from(u32::MAX)) as u32,
+            })
+        })
+        .collect()
+}
+
+/// Gets the guest's network ready for the steps: hands it the bound leases through its agent
+/// (on a session of its own: an agent too old for the request closes it), or, when the agent
+/// declines or cannot, waits for the guest's own DHCP client. Nothing to do without DHCP NICs.
+fn network_up(
+    connector: &dyn Connector,
+    guest: &mut dyn Guest,
+    links: &[kiln_agent::LinkConfig],
+    vm: &str,
+    ev: &dyn EventSink,
+) {
+    if links.is_empty() {
+        return;
+    }
+    let handed = connector
+        .connect(NETWORK_HANDOVER_CONNECT)
+        .and_then(|mut g| g.net_config(links));
+    match handed {
+        Ok(()) => {
+            let addrs: Vec<String> = links
+                .iter()
+                .map(|l| format!("{}/{}", l.address, l.prefix))
+                .collect();
+            ev.emit(&Event::Note {
+                vm: Some(vm.to_string()),
+                message: format!(
+                    "network: {} handed to the guest (its DHCP client takes the same lease over)",
+                    addrs.join(", ")
+                ),
+            });
+        }
+        Err(e) => {
+            tracing::info!(
+                vm,
+                "the guest configures its own network ({e}); waiting for it"
+            );
+            wait_for_network(guest, vm, ev);
+        }
+    }
+}
+
+/// How long opening the session for the network handover may take (the agent already
+/// answered on another session).
+const NETWORK_HANDOVER_CONNECT: Duration = Duration::from_secs(10);
+
 fn wait_for_network(guest: &mut dyn Guest, vm: &str, ev: &dyn EventSink) {
     let r = guest.exec(
         &GuestCommand::Bash(NETWORK_READY.into()),
@@ -660,9 +736,13 @@ fn build_vm(
                 format!("{}{}", GuestError::from(e), serial_tail(&serial_log))
             }
         })?;
-        if uses_dhcp(job, vm) {
-            wait_for_network(&mut *guest, &vm.name, ev);
-        }
+        let leases = if uses_dhcp(job, vm) {
+            bound_leases(job, vm, net)
+        } else {
+            Vec::new()
+        };
+        let network_ready = |g: &mut dyn Guest| network_up(&connector, g, &leases, &vm.name, ev);
+        network_ready(&mut *guest);
         phase(VmPhase::Provisioning, None);
         let cache = opts.cache.clone();
         let fetch = move |url: &str| fetch_file_url(&cache, url);
@@ -683,6 +763,7 @@ fn build_vm(
             cancel: ctx.cancel.clone(),
             resume_flag: vm_run.join("resume"),
             fetch_url: &fetch,
+            network_ready: &network_ready,
         };
         let guest = prov.run(guest).map_err(|e| e.to_string())?;
         if cancelled() {
@@ -704,6 +785,7 @@ fn build_vm(
         phase(VmPhase::ShuttingDown, None);
         capture::shutdown(
             guest,
+            &connector,
             &running,
             vm.clean_for_template,
             Duration::from_secs(180),
@@ -846,5 +928,113 @@ mod barrier_tests {
             stop.store(true, Ordering::SeqCst);
             assert!(!waiter.join().unwrap());
         });
+    }
+}
+
+#[cfg(test)]
+mod network_tests {
+    use super::*;
+    use crate::events::MemorySink;
+    use crate::provision::tests::{FakeGuest, FakeState};
+    use std::sync::{Arc, Mutex};
+
+    /// Sessions whose `net_config` takes the handover (`Ok`) or refuses it.
+    struct Handover {
+        state: Arc<Mutex<FakeState>>,
+        takes: bool,
+    }
+
+    struct HandoverGuest(FakeGuest, bool);
+
+    impl Guest for HandoverGuest {
+        fn exec(
+            &mut self,
+            cmd: &GuestCommand,
+            env: &BTreeMap<String, String>,
+            timeout: Option<Duration>,
+            out: &mut dyn FnMut(crate::events::Stream, &[u8]),
+        ) -> Result<crate::guest::ExecOutcome, GuestError> {
+            self.0.exec(cmd, env, timeout, out)
+        }
+        fn put_file(&mut self, path: &str, data: &[u8], mode: u32) -> Result<(), GuestError> {
+            self.0.put_file(path, data, mode)
+        }
+        fn reboot(&mut self) -> Result<(), GuestError> {
+            self.0.reboot()
+        }
+        fn poweroff(&mut self) -> Result<(), GuestError> {
+            self.0.poweroff()
+        }
+        fn net_config(&mut self, _links: &[kiln_agent::LinkConfig]) -> Result<(), GuestError> {
+            if self.1 {
+                Ok(())
+            } else {
+                Err(GuestError::Lost("an old agent closed the session".into()))
+            }
+        }
+    }
+
+    impl Connector for Handover {
+        fn connect(&self, _t: Duration) -> Result<Box<dyn Guest>, GuestError> {
+            Ok(Box::new(HandoverGuest(
+                FakeGuest(self.state.clone()),
+                self.takes,
+            )))
+        }
+    }
+
+    fn link() -> kiln_agent::LinkConfig {
+        kiln_agent::LinkConfig {
+            mac: [2, 0, 0, 0, 0, 1],
+            address: [10, 0, 2, 2].into(),
+            prefix: 24,
+            gateway: Some([10, 0, 2, 1].into()),
+            dns: vec![[10, 0, 2, 1].into()],
+            search: vec![],
+            lease_secs: 3600,
+        }
+    }
+
+    /// Runs `network_up`; returns the commands the main session ran and the notes.
+    fn up(takes: bool, links: &[kiln_agent::LinkConfig]) -> (usize, Vec<String>) {
+        let state = Arc::new(Mutex::new(FakeState::default()));
+        let conn = Handover {
+            state: state.clone(),
+            takes,
+        };
+        let ev = MemorySink::default();
+        let mut main = FakeGuest(state.clone());
+        network_up(&conn, &mut main, links, "vm", &ev);
+        let notes = ev
+            .events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|e| match e {
+                Event::Note { message, .. } => Some(message.clone()),
+                _ => None,
+            })
+            .collect();
+        let n = state.lock().unwrap().commands.len();
+        (n, notes)
+    }
+
+    #[test]
+    fn the_lease_is_handed_over_or_the_guest_dhcp_is_waited_for() {
+        // Taken: no wait runs in the guest, and the build says what was handed over.
+        let (cmds, notes) = up(true, &[link()]);
+        assert_eq!(cmds, 0);
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.contains("10.0.2.2/24 handed to the guest")),
+            "{notes:?}"
+        );
+        // Refused (an old agent, or one that declines): the route wait runs instead.
+        let (cmds, notes) = up(false, &[link()]);
+        assert_eq!(cmds, 1, "the wait for the guest's own DHCP");
+        assert!(notes.iter().all(|n| !n.contains("handed")), "{notes:?}");
+        // No DHCP NIC: nothing at all.
+        assert_eq!(up(false, &[]), (0, vec![]));
     }
 }

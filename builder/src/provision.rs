@@ -76,6 +76,8 @@ pub struct Provisioner<'a> {
     pub resume_flag: PathBuf,
     /// Fetches a `files[]` URL (the build's cache).
     pub fetch_url: &'a (dyn Fn(&str) -> Result<Vec<u8>, String> + Sync),
+    /// Gets the guest's network ready after a reboot, as after the first boot.
+    pub network_ready: &'a dyn Fn(&mut dyn Guest),
 }
 
 impl Provisioner<'_> {
@@ -278,7 +280,8 @@ impl Provisioner<'_> {
                 "the guest has not gone down yet".into(),
             )),
         };
-        self.connector
+        let mut guest = self
+            .connector
             .connect_until(limit, &self.cancel, &mut from_a_new_boot)
             .map_err(|e| match e {
                 WaitError::Cancelled => GuestError::from(e),
@@ -286,7 +289,9 @@ impl Provisioner<'_> {
                     waited,
                     last: format!("after the reboot: {last}"),
                 },
-            })
+            })?;
+        (self.network_ready)(&mut *guest);
+        Ok(guest)
     }
 
     fn handbuild(&self, instructions: &str, step: &Step) {
@@ -513,6 +518,12 @@ pub(crate) mod tests {
             cancel: Arc::new(AtomicBool::new(false)),
             resume_flag: dir.path().join("resume"),
             fetch_url: &fetch,
+            network_ready: &|_: &mut dyn Guest| {
+                events.emit(&Event::Note {
+                    vm: Some("hello".into()),
+                    message: "network ready".into(),
+                })
+            },
         };
         let r = p
             .run(conn.connect(Duration::from_secs(1)).unwrap())
@@ -556,6 +567,23 @@ pub(crate) mod tests {
             .collect();
         assert_eq!(finished.len(), 4);
         assert!(finished.iter().all(|(_, ok)| *ok));
+        // After the reboot, the network is made ready again before the next step.
+        let order: Vec<String> = ev
+            .iter()
+            .filter_map(|e| match e {
+                Event::StepFinished { step, .. } => Some(format!("done {step}")),
+                Event::StepStarted { step, .. } => Some(format!("start {step}")),
+                Event::Note { message, .. } if message == "network ready" => Some(message.clone()),
+                _ => None,
+            })
+            .collect();
+        let i = order
+            .iter()
+            .position(|x| x == "network ready")
+            .expect("network made ready");
+        assert_eq!(order[i - 1], "start restart", "{order:?}");
+        assert_eq!(order[i + 1], "done restart", "{order:?}");
+        assert_eq!(order.iter().filter(|x| *x == "network ready").count(), 1);
     }
 
     #[test]

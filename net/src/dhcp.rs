@@ -65,6 +65,26 @@ impl DhcpServer {
         }
     }
 
+    /// Bind a lease for `mac` now, without a DHCP exchange: kiln hands a build VM its address
+    /// through its agent before the guest's own DHCP client runs, and that client's later
+    /// DISCOVER/REQUEST gets the same address. `None` when the pool is exhausted.
+    pub fn bind(&mut self, mac: [u8; 6], now: Instant) -> Option<Ipv4Addr> {
+        let ip = self.pick(&mac, None, now)?;
+        self.leases.insert(
+            mac,
+            Lease {
+                ip,
+                expires: now + self.lease_time,
+            },
+        );
+        Some(ip)
+    }
+
+    /// How long a lease lasts.
+    pub fn lease_time(&self) -> Duration {
+        self.lease_time
+    }
+
     fn taken_by_other(&self, mac: &[u8; 6], ip: Ipv4Addr, now: Instant) -> bool {
         self.fixed.iter().any(|(m, f)| m != mac && *f == ip)
             || self

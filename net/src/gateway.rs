@@ -125,7 +125,7 @@ pub(crate) struct Gateway {
     pub ip: Ipv4Addr,
     pub mac: [u8; 6],
     pub cidr: Ipv4Cidr,
-    arp: HashMap<Ipv4Addr, [u8; 6]>,
+    pub arp: HashMap<Ipv4Addr, [u8; 6]>,
     pub dhcp: Option<DhcpServer>,
     iface: Interface,
     sockets: SocketSet<'static>,

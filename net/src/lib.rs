@@ -40,6 +40,17 @@ use switch::{Ctrl, Switch};
 /// Frames queued per direction of a NIC's port.
 const PORT_QUEUE: usize = 1024;
 
+/// A DHCP lease bound ahead of the guest's own DHCP exchange ([`Network::lease`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub address: Ipv4Addr,
+    pub prefix: u8,
+    /// The subnet's gateway: the default route.
+    pub gateway: Ipv4Addr,
+    pub dns: Vec<Ipv4Addr>,
+    pub lease_time: std::time::Duration,
+}
+
 /// A running module network. Dropping it stops its thread.
 pub struct Network {
     ctrl: Mutex<mpsc::Sender<Ctrl>>,
@@ -159,6 +170,15 @@ impl Network {
             name: name.to_string(),
             reply,
         })?;
+        rx.recv().map_err(|_| ConfigError::Stopped)
+    }
+
+    /// Bind the DHCP lease of the attached NIC `mac` now, so that kiln can hand the guest its
+    /// address before the guest's DHCP client runs (which then gets the same one). `None`
+    /// when the NIC is not attached, its subnet serves no DHCP, or the pool is exhausted.
+    pub fn lease(&self, mac: [u8; 6]) -> Result<Option<Lease>, ConfigError> {
+        let (reply, rx) = mpsc::channel();
+        self.send(Ctrl::Lease { mac, reply })?;
         rx.recv().map_err(|_| ConfigError::Stopped)
     }
 }

@@ -41,6 +41,10 @@ pub(crate) enum Ctrl {
         name: String,
         reply: Sender<Vec<Ipv4Addr>>,
     },
+    Lease {
+        mac: [u8; 6],
+        reply: Sender<Option<crate::Lease>>,
+    },
 }
 
 struct Vpc {
@@ -276,6 +280,29 @@ impl Switch {
         }
     }
 
+    /// Bind a DHCP lease for the NIC `mac` now (see [`crate::Network::lease`]) and make its
+    /// VM's name resolve to it, as a DHCP ACK would.
+    fn bind_lease(&mut self, mac: [u8; 6]) -> Option<crate::Lease> {
+        let p = *self.macs.get(&mac)?;
+        let s = self.ports[p].subnet;
+        let gw = &mut self.subnets[s].gw;
+        let server = gw.dhcp.as_mut()?;
+        let ip = server.bind(mac, std::time::Instant::now())?;
+        let lease_time = server.lease_time();
+        gw.arp.insert(ip, mac);
+        let lease = crate::Lease {
+            address: ip,
+            prefix: gw.cidr.prefix,
+            gateway: gw.ip,
+            dns: vec![gw.ip],
+            lease_time,
+        };
+        let vm = self.ports[p].vm.clone();
+        let vpc = self.subnets[s].vpc;
+        self.vpcs[vpc].names.insert(vm, ip);
+        Some(lease)
+    }
+
     /// One frame from port `p`.
     fn port_frame(&mut self, p: usize, frame: &[u8]) {
         let (s, mac) = (self.ports[p].subnet, self.ports[p].mac);
@@ -370,6 +397,9 @@ impl Switch {
                 }
                 Ctrl::Service { port, target } => {
                     self.services.insert(port, target);
+                }
+                Ctrl::Lease { mac, reply } => {
+                    let _ = reply.send(self.bind_lease(mac));
                 }
                 Ctrl::Lookup { name, reply } => {
                     let ips = self

@@ -240,23 +240,28 @@ fn tcp_of(
     Some((ip, r.control, r.ack_number, r.seq_number, r.dst_port))
 }
 
+/// A DHCP client message from `mac`, broadcast as a client without an address sends it.
+fn dhcp_frame(mac: [u8; 6], m: &[u8]) -> Vec<u8> {
+    eth(
+        mac,
+        [0xff; 6],
+        EthernetProtocol::Ipv4,
+        &udp(Ipv4Addr::UNSPECIFIED, 68, Ipv4Addr::BROADCAST, 67, m),
+    )
+}
+
+/// Whether `f` is a DHCP server's answer (UDP to port 68).
+fn is_dhcp(f: &[u8]) -> bool {
+    ip_of(f).is_some_and(|(ip, body)| {
+        ip.next_header == IpProtocol::Udp && body.get(2..4) == Some(&[0, 68][..])
+    })
+}
+
 #[test]
 fn dhcp_lease_over_frames() {
     let net = network(false, 16);
     let port = attach(&net, "alpha", "s1", MAC_A);
-    let dhcp = |m: Vec<u8>| {
-        eth(
-            MAC_A,
-            [0xff; 6],
-            EthernetProtocol::Ipv4,
-            &udp(Ipv4Addr::UNSPECIFIED, 68, Ipv4Addr::BROADCAST, 67, &m),
-        )
-    };
-    let is_dhcp = |f: &[u8]| {
-        ip_of(f).is_some_and(|(ip, body)| {
-            ip.next_header == IpProtocol::Udp && body.get(2..4) == Some(&[0, 68][..])
-        })
-    };
+    let dhcp = |m: Vec<u8>| dhcp_frame(MAC_A, &m);
     port.send(&dhcp(client_message(
         DhcpMessageType::Discover,
         MAC_A,
@@ -300,6 +305,59 @@ fn dhcp_lease_over_frames() {
         std::thread::sleep(Duration::from_millis(5));
     }
     assert_eq!(net.resolve("alpha").unwrap(), vec![ip]);
+}
+
+/// A lease bound ahead (kiln hands the guest its address through the agent) names the VM at
+/// once, and the guest's own DHCP exchange afterwards gets the very same address.
+#[test]
+fn lease_bound_ahead_is_what_dhcp_then_gives() {
+    let net = network(false, 16);
+    let port = attach(&net, "alpha", "s1", MAC_A);
+    let _other = attach(&net, "beta", "s1", MAC_B);
+    assert_eq!(
+        net.lease([2, 0, 0, 0, 0, 0xee]).unwrap(),
+        None,
+        "unknown NIC"
+    );
+    let lease = net.lease(MAC_A).unwrap().expect("a lease");
+    assert_eq!(lease.gateway, GW);
+    assert_eq!(lease.dns, vec![GW]);
+    assert_eq!(lease.prefix, 24);
+    assert!(lease.lease_time > Duration::ZERO);
+    assert!(lease.address != GW && lease.address.octets()[..3] == [10, 1, 0]);
+    assert_eq!(net.resolve("alpha").unwrap(), vec![lease.address]);
+    // Binding again keeps the address; another NIC gets another one.
+    assert_eq!(net.lease(MAC_A).unwrap().unwrap().address, lease.address);
+    let b = net.lease(MAC_B).unwrap().unwrap().address;
+    assert_ne!(b, lease.address);
+
+    let dhcp = |m: Vec<u8>| dhcp_frame(MAC_A, &m);
+    port.send(&dhcp(client_message(
+        DhcpMessageType::Discover,
+        MAC_A,
+        7,
+        None,
+        None,
+    )))
+    .unwrap();
+    let offer = expect(&port, Duration::from_secs(2), is_dhcp).expect("offer");
+    let (_, body) = ip_of(&offer).unwrap();
+    let p = DhcpPacket::new_checked(&body[8..]).unwrap();
+    assert_eq!(DhcpRepr::parse(&p).unwrap().your_ip, lease.address);
+    port.send(&dhcp(client_message(
+        DhcpMessageType::Request,
+        MAC_A,
+        8,
+        Some(lease.address),
+        Some(GW),
+    )))
+    .unwrap();
+    let ack = expect(&port, Duration::from_secs(2), is_dhcp).expect("ack");
+    let (_, body) = ip_of(&ack).unwrap();
+    let p = DhcpPacket::new_checked(&body[8..]).unwrap();
+    let r = DhcpRepr::parse(&p).unwrap();
+    assert_eq!(r.message_type, DhcpMessageType::Ack);
+    assert_eq!(r.your_ip, lease.address);
 }
 
 #[test]

@@ -31,6 +31,15 @@ fn hello_builds_and_its_disk_has_every_step() {
         hidden_entries(&modules)
     );
 
+    // The steps did not wait for the guest's DHCP client: kiln handed the lease over (after
+    // the first boot and again after the reboot step).
+    let events = std::fs::read_to_string(module.join("logs/events.jsonl")).unwrap();
+    assert_eq!(
+        events.matches("handed to the guest").count(),
+        2,
+        "network handovers in {events}"
+    );
+
     let disk = module.join("disks/hello-root.qcow2");
     qemu_img_check(&disk).unwrap();
     let work = tmp.path();

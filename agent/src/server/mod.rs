@@ -1,10 +1,13 @@
 //! The guest side: listeners, sessions, and the handlers behind each request. The
 //! `kiln-agent` binary is a thin command line over [`serve`].
 
+mod cleanup;
 mod exec;
 mod files;
+mod netconfig;
 pub mod power;
 mod reaper;
+mod rtnetlink;
 mod session;
 mod sysinfo;
 pub mod users;

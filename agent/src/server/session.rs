@@ -9,8 +9,10 @@ use crate::message::{ErrorKind, HelloReply, Message, RemoteError};
 use crate::transport::{FdStream, Transport};
 use crate::PROTOCOL_VERSION;
 
+use super::cleanup;
 use super::exec::{self, lock};
 use super::files::{self, Upload};
+use super::netconfig;
 use super::power::{self, PowerAction};
 use super::sysinfo;
 use super::Shared;
@@ -166,10 +168,35 @@ impl Session<'_> {
                     };
                     self.send(&reply)?;
                 }
+                Message::NetConfig(links) => {
+                    let reply = match netconfig::configure(&links) {
+                        Ok(done) => {
+                            tracing::info!(session = self.id, "network configured: {done}");
+                            Message::Ack
+                        }
+                        Err(e) => {
+                            tracing::info!(session = self.id, "network left to the guest: {e}");
+                            Message::Error(e)
+                        }
+                    };
+                    self.send(&reply)?;
+                }
                 Message::Sync => {
                     // SAFETY: sync(2) has no arguments and cannot fail.
                     unsafe { libc::sync() };
                     self.send(&Message::Ack)?;
+                }
+                Message::Cleanup(plan) => {
+                    let report = cleanup::run(&plan, &mut cleanup::Context::system());
+                    tracing::info!(
+                        session = self.id,
+                        actions = plan.actions.len(),
+                        failures = report.failures.len(),
+                        trimmed = report.trimmed_bytes,
+                        ms = report.duration_ms,
+                        "cleanup done"
+                    );
+                    self.send(&Message::CleanupDone(report))?;
                 }
                 Message::Reboot | Message::Poweroff | Message::PoweroffNow => {
                     let kind = match msg {

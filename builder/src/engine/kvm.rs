@@ -30,9 +30,9 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kiln_net::{FramePort, PortError, SeqpacketPort, MAX_FRAME};
 use kiln_vmm::exit::ExitReason;
@@ -168,10 +168,7 @@ impl Engine for KvmEngine {
         }
         let fds: Vec<RawFd> = child_ends.iter().map(|p| p.as_raw_fd()).collect();
         let spec = vm_spec(vm, &fds)?;
-        let shared = Arc::new(Shared {
-            state: Mutex::new(State::default()),
-            changed: Condvar::new(),
-        });
+        let shared = Arc::new(Shared::new(State::default()));
         let sup = Supervisor {
             exe: self.exe.clone(),
             spec,
@@ -245,16 +242,7 @@ struct State {
     ended: Option<Ended>,
 }
 
-struct Shared {
-    state: Mutex<State>,
-    changed: Condvar,
-}
-
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
+type Shared = super::supervised::Supervised<State>;
 
 struct Supervisor {
     exe: PathBuf,
@@ -329,7 +317,7 @@ impl Supervisor {
             reason: ended,
             status,
         });
-        self.shared.changed.notify_all();
+        self.shared.notify();
     }
 
     /// Spawn one VMM process and boot its VM.
@@ -563,29 +551,14 @@ impl RunningVm for KvmVm {
     }
 
     fn wait_exit(&mut self, timeout: Duration) -> std::io::Result<Option<ExitStatus>> {
-        let deadline = Instant::now() + timeout;
-        let mut st = self.shared.lock();
-        loop {
-            if let Some(e) = &st.ended {
-                if !e.status.success() {
-                    tracing::warn!("the VM ended: {}", e.reason);
-                }
-                let status = e.status;
-                drop(st);
-                self.stop_relays();
-                return Ok(Some(status));
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Ok(None);
-            }
-            st = self
-                .shared
-                .changed
-                .wait_timeout(st, left)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|p| p.into_inner().0);
+        let Some(e) = self.shared.wait_for(timeout, |st| st.ended.clone()) else {
+            return Ok(None);
+        };
+        if !e.status.success() {
+            tracing::warn!("the VM ended: {}", e.reason);
         }
+        self.stop_relays();
+        Ok(Some(e.status))
     }
 
     fn is_running(&mut self) -> bool {
@@ -627,6 +600,7 @@ mod tests {
     use super::*;
     use crate::engine::DiskAttach;
     use crate::sources::BootFiles;
+    use std::time::Instant;
 
     fn launch(nics: Vec<NicAttach>) -> VmLaunch {
         VmLaunch {

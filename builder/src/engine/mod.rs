@@ -9,6 +9,7 @@ pub mod kvm;
 pub mod network;
 pub mod qemu;
 pub mod qmp;
+mod supervised;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;

@@ -12,8 +12,8 @@ use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use super::{qmp, Engine, EngineError, RunningVm, VmLaunch};
 
@@ -272,11 +272,7 @@ impl QemuSpawn {
 }
 
 /// What the supervisor thread and the [`QemuVm`] share.
-#[derive(Default)]
-struct Supervised {
-    state: Mutex<SupervisedState>,
-    changed: Condvar,
-}
+type Supervised = super::supervised::Supervised<SupervisedState>;
 
 #[derive(Default)]
 struct SupervisedState {
@@ -288,12 +284,6 @@ struct SupervisedState {
     stop: bool,
     /// Fresh QEMUs started for guest reboots.
     restarts: u32,
-}
-
-impl Supervised {
-    fn lock(&self) -> std::sync::MutexGuard<'_, SupervisedState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
 }
 
 /// Runs one VM's QEMU until the VM ends: a guest reboot (QMP `SHUTDOWN` with reason
@@ -355,7 +345,7 @@ fn supervise(spawn: QemuSpawn, mut child: Child, shared: &Supervised) {
             tracing::warn!("qemu exited with {status}: {}", err.trim());
         }
         st.exit = Some(status);
-        shared.changed.notify_all();
+        shared.notify();
         return;
     }
 }
@@ -373,23 +363,7 @@ impl RunningVm for QemuVm {
     }
 
     fn wait_exit(&mut self, timeout: Duration) -> std::io::Result<Option<ExitStatus>> {
-        let deadline = Instant::now() + timeout;
-        let mut st = self.shared.lock();
-        loop {
-            if let Some(e) = st.exit {
-                return Ok(Some(e));
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Ok(None);
-            }
-            st = self
-                .shared
-                .changed
-                .wait_timeout(st, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
+        Ok(self.shared.wait_for(timeout, |st| st.exit))
     }
 
     fn is_running(&mut self) -> bool {

@@ -7,7 +7,7 @@
 //! is the only device-specific part.
 
 use std::fmt::Display;
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use tracing::{error, warn};
 use vhost_user_backend::{VringRwLock, VringState, VringT};
@@ -62,7 +62,8 @@ impl QueueDispatch {
 
     /// [`QueueDispatch::serve`] for device logic that signals the guest itself, as each
     /// request completes: `process` gets a `signal` that writes the vring's call eventfd
-    /// (a failed write is logged; the guest then sees the completion on its next interrupt).
+    /// (a failed write is logged; the guest then sees the completion on its next interrupt),
+    /// and the guest memory as an `Arc`, so it can hand requests to other threads.
     pub fn serve_signalling<E, F>(
         &self,
         index: usize,
@@ -71,7 +72,7 @@ impl QueueDispatch {
     ) -> std::io::Result<()>
     where
         E: Display,
-        F: FnOnce(&mut Queue, &GuestMemoryMmap<()>, &mut dyn FnMut()) -> Result<(), E>,
+        F: FnOnce(&mut Queue, &Arc<GuestMemoryMmap<()>>, &mut dyn FnMut()) -> Result<(), E>,
     {
         let device = self.device;
         self.serve_state(index, vring, |state, mem| {
@@ -121,7 +122,7 @@ impl QueueDispatch {
     ) -> std::io::Result<()>
     where
         E: Display,
-        F: FnOnce(&mut VringState<GuestMem>, &GuestMemoryMmap<()>) -> Result<bool, E>,
+        F: FnOnce(&mut VringState<GuestMem>, &Arc<GuestMemoryMmap<()>>) -> Result<bool, E>,
     {
         if self.is_broken(index) {
             return Ok(());
@@ -137,7 +138,7 @@ impl QueueDispatch {
             warn!("{}: event before the memory table", self.device);
             return Ok(());
         };
-        let guard = mem.memory();
+        let guard = mem.memory().into_inner();
         let notify = {
             let mut state = vring.get_mut();
             process(&mut state, &guard)

@@ -11,6 +11,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::device::{BlockDeviceConfig, BlockOptions};
 use super::inorder_handler::BlockHandler;
+use super::io_pool::IoPool;
 
 const MEM_SIZE: usize = 0x10000;
 const DESC_TABLE: u64 = 0;
@@ -139,23 +140,32 @@ fn run(data: &[u8]) -> usize {
     queue.set_ready(true);
     // Twice: the second pass sees the ring state the first one left.
     let mut ok = 0;
+    let mem = Arc::new(mem);
+    let mut pool = None;
     for _ in 0..2 {
-        while let Ok(Some(chain)) = queue.iter(&mem).map(|mut i| i.next()) {
+        while let Ok(Some(chain)) = queue.iter(&*mem).map(|mut i| i.next()) {
             let head = chain.head_index();
-            let done = handler.process_chain(chain, &mem);
+            let done = handler.process_chain(chain, &*mem);
             if done.status == 0 && done.written > 0 {
                 ok += 1;
             }
-            if queue.add_used(&mem, head, done.written).is_err() {
+            if queue.add_used(&*mem, head, done.written).is_err() {
                 break;
             }
         }
-        // Both queue walks the transports use: batch-notify (in process) and
-        // signal-per-completion (vhost-user).
-        if image.len() % 2 == 0 {
-            let _ = handler.process_queue(&mut queue, &mem);
-        } else {
-            let _ = handler.process_queue_signalling(&mut queue, &mem, &mut || {});
+        // The queue walks the transports use: batch-notify (in process), signal-per-
+        // completion, and requests side by side on the I/O workers (vhost-user).
+        match image.len() % 3 {
+            0 => {
+                let _ = handler.process_queue(&mut queue, &*mem);
+            }
+            1 => {
+                let _ = handler.process_queue_signalling(&mut queue, &*mem, &mut || {});
+            }
+            _ => {
+                let pool = pool.get_or_insert_with(|| IoPool::new(&handler));
+                let _ = pool.serve(&mut handler, &mut queue, &mem, &mut || {});
+            }
         }
     }
     ok

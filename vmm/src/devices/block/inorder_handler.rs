@@ -3,8 +3,11 @@
 //! `virtio_queue::Queue` and a `GuestMemory`, so the kiln-vmm transport and the vhost-user
 //! backend run the very same code.
 //!
-//! Requests complete in the order they were made available ("in order"): a guest may put
-//! many requests in flight and the device works through all of them on each kick.
+//! The queue walks here complete requests in the order they were made available ("in
+//! order"): a guest may put many requests in flight and the device works through all of them
+//! on each kick. The request itself is split in two, [`prepare`] (check the chain, read the
+//! header: no disk I/O) and running it, so [`super::io_pool`] can check chains on the queue's
+//! thread and run several requests at once on others.
 
 use std::sync::Arc;
 
@@ -50,18 +53,106 @@ pub struct Completion {
 
 /// The request logic for one queue of a virtio-blk device.
 pub struct BlockHandler {
-    disk: Arc<dyn BlockDevice>,
-    config: BlockDeviceConfig,
+    runner: Arc<Runner>,
     /// Whether the driver acked VIRTIO_BLK_F_FLUSH; without it the device is write-through.
     flush_acked: bool,
     buf: Vec<u8>,
 }
 
+/// What running a request needs besides the request itself: the disk and the device's fixed
+/// description. Shared (behind an `Arc`) by a queue's handler and its I/O workers, so any of
+/// them can run any request; every method takes `&self` because `BlockDevice` does.
+pub(super) struct Runner {
+    disk: Arc<dyn BlockDevice>,
+    config: BlockDeviceConfig,
+}
+
+/// A request header: the type and the first sector.
+#[derive(Debug, Clone, Copy)]
+struct Header {
+    rtype: u32,
+    sector: u64,
+}
+
+/// A request whose chain passed every check ([`ChainLayout::parse`]) and whose header was
+/// read: it holds only guest addresses, so it can be run on any thread against the memory
+/// it was prepared with.
+#[derive(Debug)]
+pub struct Request {
+    head: u16,
+    layout: ChainLayout,
+    /// Offset of the status byte in the writable stream.
+    status_off: u64,
+    /// `None` when the readable stream is shorter than a header (the request fails).
+    header: Option<Header>,
+}
+
+impl Request {
+    /// The chain's head index (what goes on the used ring).
+    pub fn head(&self) -> u16 {
+        self.head
+    }
+
+    /// Whether this is a FLUSH, which must not start before the requests made available
+    /// before it have completed.
+    pub fn is_flush(&self) -> bool {
+        matches!(self.header, Some(h) if h.rtype == VIRTIO_BLK_T_FLUSH)
+    }
+}
+
+/// A chain after [`prepare`]: either refused (the error status is already written) or a
+/// request ready to run.
+#[derive(Debug)]
+pub enum Prepared {
+    Refused { head: u16, completion: Completion },
+    Ready(Request),
+}
+
+/// Check a chain and read its header, without touching the disk. A refused chain gets IOERR
+/// in its status byte when it ends in a usable one (otherwise it is completed with nothing
+/// written), with a logged reason.
+pub fn prepare<M: GuestMemory>(chain: virtio_queue::DescriptorChain<&M>, mem: &M) -> Prepared {
+    let head = chain.head_index();
+    let layout = match ChainLayout::parse(chain) {
+        Ok(l) => l,
+        Err(r) => {
+            warn!(head, "virtio-blk: refused request chain: {}", r.error);
+            let written = match r.status_addr {
+                Some(a) if mem.write_obj(VIRTIO_BLK_S_IOERR as u8, a).is_ok() => 1,
+                _ => 0,
+            };
+            return Prepared::Refused {
+                head,
+                completion: Completion {
+                    status: VIRTIO_BLK_S_IOERR as u8,
+                    written,
+                },
+            };
+        }
+    };
+    // The status byte is the last writable byte; the parse guaranteed there is one.
+    let status_off = layout.writable_len() - 1;
+    let mut hdr = [0u8; HEADER_LEN as usize];
+    let header = (layout.readable_len() >= HEADER_LEN
+        && read_stream(mem, &layout.readable, 0, &mut hdr))
+    .then(|| Header {
+        rtype: u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]),
+        sector: u64::from_le_bytes([
+            hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15],
+        ]),
+    });
+    Prepared::Ready(Request {
+        head,
+        layout,
+        status_off,
+        header,
+    })
+}
+
 impl BlockHandler {
     pub fn new(disk: Arc<dyn BlockDevice>, config: BlockDeviceConfig) -> Self {
         BlockHandler {
-            disk,
-            config,
+            runner: Arc::new(Runner { disk, config }),
             flush_acked: true,
             buf: Vec::new(),
         }
@@ -73,7 +164,22 @@ impl BlockHandler {
     }
 
     pub fn config(&self) -> &BlockDeviceConfig {
-        &self.config
+        &self.runner.config
+    }
+
+    /// The disk and configuration, for the queue's I/O workers.
+    pub(super) fn runner(&self) -> &Arc<Runner> {
+        &self.runner
+    }
+
+    /// Whether the driver acked FLUSH (requests run elsewhere need to know).
+    pub(super) fn flush_acked(&self) -> bool {
+        self.flush_acked
+    }
+
+    /// Run a prepared request on this thread, with this handler's bounce buffer.
+    pub(super) fn run<M: GuestMemory>(&mut self, req: &Request, mem: &M) -> Completion {
+        self.runner.run(req, mem, self.flush_acked, &mut self.buf)
     }
 
     /// Serve every request the driver made available. Returns whether the driver must be
@@ -133,28 +239,26 @@ impl BlockHandler {
         chain: virtio_queue::DescriptorChain<&M>,
         mem: &M,
     ) -> Completion {
-        let head = chain.head_index();
-        let layout = match ChainLayout::parse(chain) {
-            Ok(l) => l,
-            Err(r) => {
-                warn!(head, "virtio-blk: refused request chain: {}", r.error);
-                // Tell the driver the request failed when the chain ends in a usable status
-                // byte; otherwise complete it with nothing written.
-                let written = match r.status_addr {
-                    Some(a) if mem.write_obj(VIRTIO_BLK_S_IOERR as u8, a).is_ok() => 1,
-                    _ => 0,
-                };
-                return Completion {
-                    status: VIRTIO_BLK_S_IOERR as u8,
-                    written,
-                };
-            }
-        };
-        // The status byte is the last writable byte; the parse guaranteed there is one.
-        let status_off = layout.writable_len() - 1;
-        let (status, data_written) = self.execute(&layout, status_off, mem);
-        if !write_stream(mem, &layout.writable, status_off, &[status]) {
-            warn!(head, "virtio-blk: cannot write the status byte");
+        match prepare(chain, mem) {
+            Prepared::Refused { completion, .. } => completion,
+            Prepared::Ready(req) => self.run(&req, mem),
+        }
+    }
+}
+
+impl Runner {
+    /// Run a prepared request and write its status. Never fails: a bad request gets an error
+    /// status and a logged reason.
+    pub(super) fn run<M: GuestMemory>(
+        &self,
+        req: &Request,
+        mem: &M,
+        flush_acked: bool,
+        buf: &mut Vec<u8>,
+    ) -> Completion {
+        let (status, data_written) = self.execute(req, mem, flush_acked, buf);
+        if !write_stream(mem, &req.layout.writable, req.status_off, &[status]) {
+            warn!(head = req.head, "virtio-blk: cannot write the status byte");
             return Completion { status, written: 0 };
         }
         Completion {
@@ -164,20 +268,24 @@ impl BlockHandler {
     }
 
     /// Do the request; returns (status, data bytes written into the chain before the status).
-    fn execute<M: GuestMemory>(&mut self, l: &ChainLayout, status_off: u64, mem: &M) -> (u8, u32) {
-        let mut hdr = [0u8; HEADER_LEN as usize];
-        if l.readable_len() < HEADER_LEN || !read_stream(mem, &l.readable, 0, &mut hdr) {
+    fn execute<M: GuestMemory>(
+        &self,
+        req: &Request,
+        mem: &M,
+        flush_acked: bool,
+        buf: &mut Vec<u8>,
+    ) -> (u8, u32) {
+        let Some(Header { rtype, sector }) = req.header else {
             warn!("virtio-blk: request shorter than its 16-byte header");
             return (VIRTIO_BLK_S_IOERR as u8, 0);
-        }
-        let rtype = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
-        let sector = u64::from_le_bytes([
-            hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15],
-        ]);
+        };
+        let (l, status_off) = (&req.layout, req.status_off);
         let out_len = l.readable_len() - HEADER_LEN;
         let result = match rtype {
-            VIRTIO_BLK_T_IN => self.read(l, sector, status_off, mem),
-            VIRTIO_BLK_T_OUT => self.write(l, sector, out_len, mem).map(|()| 0),
+            VIRTIO_BLK_T_IN => self.read(l, sector, status_off, mem, buf),
+            VIRTIO_BLK_T_OUT => self
+                .write(l, sector, out_len, mem, flush_acked, buf)
+                .map(|()| 0),
             VIRTIO_BLK_T_FLUSH => self.disk.flush().map_err(Status::from).map(|()| 0),
             VIRTIO_BLK_T_GET_ID => self.get_id(l, status_off, mem),
             VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
@@ -213,11 +321,12 @@ impl BlockHandler {
     }
 
     fn read<M: GuestMemory>(
-        &mut self,
+        &self,
         l: &ChainLayout,
         sector: u64,
         data_len: u64,
         mem: &M,
+        buf: &mut Vec<u8>,
     ) -> Result<u32, Status> {
         let offset = self.data_range(sector, data_len)?;
         let mut done = 0u64;
@@ -228,9 +337,9 @@ impl BlockHandler {
             if let Some(view) = HostView::new(mem, &l.writable, done, n, Permissions::Write) {
                 view.fill(|iov| self.disk.read_vectored_at(iov, offset + done))?;
             } else {
-                let buf = chunk(&mut self.buf, n);
-                self.disk.read_at(buf, offset + done)?;
-                if !write_stream(mem, &l.writable, done, buf) {
+                let b = chunk(buf, n);
+                self.disk.read_at(b, offset + done)?;
+                if !write_stream(mem, &l.writable, done, b) {
                     return Err(Status::IoErr);
                 }
             }
@@ -241,11 +350,13 @@ impl BlockHandler {
     }
 
     fn write<M: GuestMemory>(
-        &mut self,
+        &self,
         l: &ChainLayout,
         sector: u64,
         data_len: u64,
         mem: &M,
+        flush_acked: bool,
+        buf: &mut Vec<u8>,
     ) -> Result<(), Status> {
         if self.config.read_only {
             warn!("virtio-blk: write to a read-only disk");
@@ -259,15 +370,15 @@ impl BlockHandler {
             if let Some(view) = HostView::new(mem, &l.readable, at, n, Permissions::Read) {
                 view.read(|iov| self.disk.write_vectored_at(iov, offset + done))?;
             } else {
-                let buf = chunk(&mut self.buf, n);
-                if !read_stream(mem, &l.readable, at, buf) {
+                let b = chunk(buf, n);
+                if !read_stream(mem, &l.readable, at, b) {
                     return Err(Status::IoErr);
                 }
-                self.disk.write_at(buf, offset + done)?;
+                self.disk.write_at(b, offset + done)?;
             }
             done += n as u64;
         }
-        if !self.flush_acked {
+        if !flush_acked {
             // Without VIRTIO_BLK_F_FLUSH the driver cannot ask for durability: write-through.
             self.disk.flush()?;
         }
@@ -275,7 +386,7 @@ impl BlockHandler {
     }
 
     fn get_id<M: GuestMemory>(
-        &mut self,
+        &self,
         l: &ChainLayout,
         data_len: u64,
         mem: &M,
@@ -288,7 +399,7 @@ impl BlockHandler {
     }
 
     fn ranges<M: GuestMemory>(
-        &mut self,
+        &self,
         l: &ChainLayout,
         rtype: u32,
         data_len: u64,

@@ -3,6 +3,8 @@
 //! - [`device`]: features, configuration space, [`BlockOptions`].
 //! - [`inorder_handler`]: the request logic on a `virtio_queue::Queue` (shared by every
 //!   transport).
+//! - [`io_pool`]: a queue served with requests running side by side on a few persistent
+//!   I/O workers (the vhost-user backend's path).
 //! - [`queue_handler`]: kick/call plumbing for the in-process transport.
 //! - [`vhost_user`]: the same logic served to QEMU as a vhost-user-blk backend.
 
@@ -10,6 +12,7 @@ pub mod chain;
 pub mod device;
 mod fuzz;
 pub mod inorder_handler;
+pub mod io_pool;
 pub mod queue_handler;
 pub mod vhost_user;
 
@@ -17,3 +20,4 @@ pub use device::{BlockDeviceConfig, BlockOptions};
 #[doc(hidden)]
 pub use fuzz::fuzz_entry;
 pub use inorder_handler::{BlockHandler, Completion, QueueError};
+pub use io_pool::{IoPool, IO_WORKERS};

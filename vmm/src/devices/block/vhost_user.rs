@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use kiln_disk::BlockDevice;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock};
-use vm_memory::GuestMemoryAtomic;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -21,15 +21,24 @@ use vmm_sys_util::event::{
 
 use super::device::{BlockDeviceConfig, BlockOptions, QUEUE_SIZE};
 use super::inorder_handler::BlockHandler;
+use super::io_pool::IoPool;
 use crate::vhost_user::dispatch::QueueDispatch;
 use crate::vhost_user::{serve, BackendHandle, ServeError};
 
 /// The vhost-user-blk backend for one frontend connection.
 pub struct BlockBackend {
     config: BlockDeviceConfig,
-    /// One handler per queue; each queue is served by its own worker thread.
-    queues: Vec<Mutex<BlockHandler>>,
+    /// One handler per queue; each queue is served by its own vring thread, which runs
+    /// requests side by side on the queue's [`IoPool`].
+    queues: Vec<Mutex<QueueState>>,
     dispatch: QueueDispatch,
+}
+
+/// One queue's request logic and its I/O workers (stopped and joined when the backend,
+/// i.e. the frontend connection, goes away).
+struct QueueState {
+    handler: BlockHandler,
+    pool: IoPool<GuestMemoryMmap<()>>,
 }
 
 impl BlockBackend {
@@ -38,7 +47,11 @@ impl BlockBackend {
         let n = usize::from(config.num_queues);
         BlockBackend {
             queues: (0..n)
-                .map(|_| Mutex::new(BlockHandler::new(disk.clone(), config.clone())))
+                .map(|_| {
+                    let handler = BlockHandler::new(disk.clone(), config.clone());
+                    let pool = IoPool::new(&handler);
+                    Mutex::new(QueueState { handler, pool })
+                })
                 .collect(),
             config,
             dispatch: QueueDispatch::new("vhost-user-blk", n),
@@ -46,12 +59,13 @@ impl BlockBackend {
     }
 
     fn serve_queue(&self, index: usize, vring: &VringRwLock) -> std::io::Result<()> {
-        let mut handler = self.queues[index]
+        let mut guard = self.queues[index]
             .lock()
             .map_err(|_| std::io::Error::other("queue handler lock poisoned"))?;
+        let QueueState { handler, pool } = &mut *guard;
         self.dispatch
             .serve_signalling(index, vring, |queue, mem, signal| {
-                handler.process_queue_signalling(queue, mem, signal)
+                pool.serve(handler, queue, mem, signal)
             })
     }
 }
@@ -77,8 +91,8 @@ impl VhostUserBackend for BlockBackend {
         // rebooted inside the same QEMU: a queue stopped as broken gets another chance.
         self.dispatch.clear_broken();
         for q in &self.queues {
-            if let Ok(mut h) = q.lock() {
-                h.set_acked_features(features);
+            if let Ok(mut q) = q.lock() {
+                q.handler.set_acked_features(features);
             }
         }
     }
@@ -107,10 +121,7 @@ impl VhostUserBackend for BlockBackend {
         Ok(())
     }
 
-    fn update_memory(
-        &self,
-        mem: GuestMemoryAtomic<vm_memory::GuestMemoryMmap<()>>,
-    ) -> std::io::Result<()> {
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap<()>>) -> std::io::Result<()> {
         self.dispatch.update_memory(mem)
     }
 
