@@ -32,12 +32,13 @@ fn hello_builds_and_its_disk_has_every_step() {
     );
 
     // The steps did not wait for the guest's DHCP client: kiln handed the lease over (after
-    // the first boot and again after the reboot step).
+    // the first boot and again after the reboot step). The agent may rightly decline one when
+    // the guest's own networkd got to the NIC first (a very slow guest), so at least one.
     let events = std::fs::read_to_string(module.join("logs/events.jsonl")).unwrap();
-    assert_eq!(
-        events.matches("handed to the guest").count(),
-        2,
-        "network handovers in {events}"
+    let handovers = events.matches("handed to the guest").count();
+    assert!(
+        (1..=2).contains(&handovers),
+        "{handovers} network handovers in {events}"
     );
 
     let disk = module.join("disks/hello-root.qcow2");
