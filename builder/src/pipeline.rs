@@ -425,12 +425,15 @@ impl Drop for RemoveOnDrop {
 
 /// Whether a NIC of `vm` gets its address from the build network's DHCP.
 fn uses_dhcp(job: &BuildJob, vm: &VmJob) -> bool {
-    vm.nics.iter().any(|n| {
-        job.network
-            .subnets
-            .iter()
-            .any(|s| s.name == n.subnet && s.dhcp && !s.unmanaged)
-    })
+    vm.nics.iter().any(|n| dhcp_subnet(job, &n.subnet))
+}
+
+/// Whether the build network serves DHCP on `subnet`.
+fn dhcp_subnet(job: &BuildJob, subnet: &str) -> bool {
+    job.network
+        .subnets
+        .iter()
+        .any(|s| s.name == subnet && s.dhcp && !s.unmanaged)
 }
 
 /// How long a guest may take to configure its network after its agent answers.
@@ -465,15 +468,9 @@ fn bound_leases(
     vm: &VmJob,
     net: &kiln_net::Network,
 ) -> Vec<kiln_agent::LinkConfig> {
-    let dhcp = |subnet: &str| {
-        job.network
-            .subnets
-            .iter()
-            .any(|s| s.name == subnet && s.dhcp && !s.unmanaged)
-    };
     vm.nics
         .iter()
-        .filter(|n| dhcp(&n.subnet))
+        .filter(|n| dhcp_subnet(job, &n.subnet))
         .filter_map(|n| {
             let mac = n.mac_bytes().ok()?;
             let lease = net.lease(mac).ok()??;

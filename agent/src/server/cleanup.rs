@@ -361,7 +361,7 @@ fn temp_beside(parent: &Path, path: &Path) -> PathBuf {
 }
 
 /// Temp file, exact mode (not the umask's), rename: readers see the old or the new file.
-fn write_file(path: &Path, mode: u32, data: &[u8]) -> io::Result<()> {
+pub(super) fn write_file(path: &Path, mode: u32, data: &[u8]) -> io::Result<()> {
     let parent = create_parents(path)?;
     let tmp = temp_beside(parent, path);
     let r = (|| {

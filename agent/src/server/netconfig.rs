@@ -272,15 +272,10 @@ pub fn plan(
     })
 }
 
+/// The runtime files are written like the cleanup's files: temp file, mode, rename.
 fn write(path: &Path, text: &str) -> Result<(), RemoteError> {
-    let ctx = |what: &str| format!("{what} {}", path.display());
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| RemoteError::from_io(&ctx("creating the folder of"), &e))?;
-    }
-    let tmp = path.with_extension("kiln-tmp");
-    std::fs::write(&tmp, text).map_err(|e| RemoteError::from_io(&ctx("writing"), &e))?;
-    std::fs::rename(&tmp, path).map_err(|e| RemoteError::from_io(&ctx("renaming into"), &e))
+    super::cleanup::write_file(path, 0o644, text.as_bytes())
+        .map_err(|e| RemoteError::from_io(&format!("writing {}", path.display()), &e))
 }
 
 /// Carry the plan out: drop-ins first (so a networkd that starts meanwhile already keeps the
