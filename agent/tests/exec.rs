@@ -64,6 +64,40 @@ fn readiness_follows_ready_when() {
 }
 
 #[test]
+fn readiness_waits_for_the_local_mounts() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    std::fs::create_dir_all(r.join("etc")).unwrap();
+    std::fs::create_dir_all(r.join("proc/self")).unwrap();
+    std::fs::write(
+        r.join("etc/fstab"),
+        "/dev/vda / ext4 defaults 0 1\n/dev/vdb /srv ext4 defaults 0 2\n",
+    )
+    .unwrap();
+    let root_only = "22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw\n";
+    std::fs::write(r.join("proc/self/mountinfo"), root_only).unwrap();
+    let a = Agent::start(&["--ready-when-mounted", "--mounts-root", r.to_str().unwrap()]);
+    let mut c = a.client();
+    assert!(!c.hello().ready);
+    assert_eq!(c.hello().readiness, "waiting for /srv to be mounted");
+    let mi = r.join("proc/self/mountinfo");
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        let all = format!("{root_only}40 22 254:16 / /srv rw shared:9 - ext4 /dev/vdb rw\n");
+        std::fs::write(mi, all).unwrap();
+    });
+    let sock = a.sock.clone();
+    let c2 = kiln_agent::Client::connect_when_ready(
+        || kiln_agent::Client::connect_unix(&sock),
+        Duration::from_secs(10),
+    )
+    .expect("ready once /srv is mounted");
+    assert!(c2.hello().ready);
+    t.join().unwrap();
+    assert!(c.refresh_hello().unwrap().ready);
+}
+
+#[test]
 fn large_binary_output_arrives_intact() {
     let a = Agent::start(&[]);
     let mut c = a.client();

@@ -17,6 +17,10 @@ usage: kiln-agent [options]
   --listen ADDR        vsock:PORT | unix:PATH | tcp:IP:PORT (repeatable; default vsock:1024)
   --work-dir DIR       where scripts are written (default /run/kiln-agent)
   --ready-when PATH    report ready only once PATH exists (repeatable)
+  --ready-when-mounted report ready only once the local file systems the boot mounts
+                       (fstab, local-fs.target's mount units) are mounted
+  --mounts-root DIR    with --ready-when-mounted, read etc/fstab, the unit folders and
+                       proc/self/mountinfo under DIR instead of / (tests)
   --power-action A     system | exit | disabled (default: system when listening on vsock,
                        otherwise disabled, so a test agent never reboots its host)
   --max-sessions N     refuse sessions beyond N (default 256)
@@ -47,6 +51,10 @@ fn main() {
             }
             "--work-dir" => cfg.work_dir = PathBuf::from(value("--work-dir")),
             "--ready-when" => cfg.ready_when.push(PathBuf::from(value("--ready-when"))),
+            "--ready-when-mounted" => {
+                cfg.mounts_root.get_or_insert_with(|| PathBuf::from("/"));
+            }
+            "--mounts-root" => cfg.mounts_root = Some(PathBuf::from(value("--mounts-root"))),
             "--power-action" => {
                 power = Some(match value("--power-action").as_str() {
                     "system" => PowerAction::System,

@@ -4,6 +4,7 @@
 mod cleanup;
 mod exec;
 mod files;
+pub mod mounts;
 mod netconfig;
 pub mod power;
 mod reaper;
@@ -83,6 +84,9 @@ pub struct Config {
     pub work_dir: PathBuf,
     /// The guest is ready when all of these paths exist.
     pub ready_when: Vec<PathBuf>,
+    /// When set, the guest is ready only once the local file systems the boot mounts are
+    /// mounted (`mounts::pending` under this root, `/` in a guest).
+    pub mounts_root: Option<PathBuf>,
     pub power: PowerAction,
     /// Sessions beyond this are refused with an error.
     pub max_sessions: usize,
@@ -99,6 +103,7 @@ impl Default for Config {
             listen: vec![Listen::Vsock(crate::VSOCK_PORT)],
             work_dir: PathBuf::from("/run/kiln-agent"),
             ready_when: Vec::new(),
+            mounts_root: None,
             power: PowerAction::System,
             max_sessions: 256,
             linger: Duration::from_secs(1),

@@ -53,14 +53,30 @@ pub fn schedule(action: PowerAction, kind: Kind) {
 /// two real-time signals for its threads); musl's is 35, so the number is spelled out
 /// rather than taken from the libc this agent links.
 const SYSTEMD_POWEROFF_NOW: libc::c_int = 34 + 14;
+/// systemd(1): SIGRTMIN+4 "Powers off the machine, starts the poweroff.target unit" and
+/// SIGRTMIN+5 "Reboots the machine, starts the reboot.target unit", both in the
+/// "replace-irreversibly" job mode: the orderly shutdown that `systemctl poweroff|reboot`
+/// asks for. Used only where systemctl would end up doing exactly that (see
+/// [`pid1_signal`]); starting systemctl under an emulated CPU took about 4 s (it first
+/// tries the system bus for logind, fails, then falls back to PID 1).
+const SYSTEMD_POWEROFF: libc::c_int = 34 + 4;
+const SYSTEMD_REBOOT: libc::c_int = 34 + 5;
 
-/// The signal that asks PID 1 for `kind` directly, when PID 1 is systemd and `kind` has
-/// one. `pid1_exe` is /proc/1/exe's target; `systemd_booted` says /run/systemd/system
-/// exists (sd_booted(3)'s test).
+/// D-Bus's system bus socket. While it is absent there is no logind to ask, and systemctl
+/// falls back to starting the target through PID 1, which the signals above do directly.
+/// While it is there, systemctl goes through logind (its inhibitors, its shutdown
+/// broadcast), so the agent starts systemctl.
+const SYSTEM_BUS_SOCKET: &str = "/run/dbus/system_bus_socket";
+
+/// The signal that asks PID 1 for `kind` directly, when PID 1 is systemd and the signal
+/// does what systemctl would. `pid1_exe` is /proc/1/exe's target; `systemd_booted` says
+/// /run/systemd/system exists (sd_booted(3)'s test); `system_bus` says the D-Bus system
+/// bus socket exists.
 fn pid1_signal(
     kind: Kind,
     pid1_exe: Option<&std::path::Path>,
     systemd_booted: bool,
+    system_bus: bool,
 ) -> Option<libc::c_int> {
     let exe_is_systemd = pid1_exe.is_some_and(|p| {
         let p = p.to_string_lossy();
@@ -68,8 +84,11 @@ fn pid1_signal(
         p.trim_end_matches(" (deleted)").ends_with("systemd")
     });
     match kind {
-        Kind::PoweroffNow if exe_is_systemd || systemd_booted => Some(SYSTEMD_POWEROFF_NOW),
-        _ => None,
+        _ if !(exe_is_systemd || systemd_booted) => None,
+        Kind::PoweroffNow => Some(SYSTEMD_POWEROFF_NOW),
+        Kind::Reboot if !system_bus => Some(SYSTEMD_REBOOT),
+        Kind::Poweroff if !system_bus => Some(SYSTEMD_POWEROFF),
+        Kind::Reboot | Kind::Poweroff => None,
     }
 }
 
@@ -79,10 +98,15 @@ fn system(kind: Kind) {
     if !pid1 {
         let exe = std::fs::read_link("/proc/1/exe").ok();
         let booted = std::path::Path::new("/run/systemd/system").exists();
-        if let Some(sig) = pid1_signal(kind, exe.as_deref(), booted) {
+        let bus = std::path::Path::new(SYSTEM_BUS_SOCKET).exists();
+        if let Some(sig) = pid1_signal(kind, exe.as_deref(), booted, bus) {
             // SAFETY: kill(2) with a constant pid and signal number; no memory is involved.
             if unsafe { libc::kill(1, sig) } == 0 {
-                tracing::info!(?kind, "sent signal {sig} (SIGRTMIN+14) to systemd");
+                tracing::info!(
+                    ?kind,
+                    "sent signal {sig} (SIGRTMIN+{}) to systemd",
+                    sig - 34
+                );
                 return;
             }
             tracing::warn!(
@@ -148,28 +172,48 @@ mod tests {
     #[test]
     fn poweroff_now_signals_systemd_only() {
         let systemd = Path::new("/usr/lib/systemd/systemd");
+        for bus in [false, true] {
+            assert_eq!(
+                pid1_signal(Kind::PoweroffNow, Some(systemd), false, bus),
+                Some(48)
+            );
+            assert_eq!(
+                pid1_signal(
+                    Kind::PoweroffNow,
+                    Some(Path::new("/lib/systemd/systemd (deleted)")),
+                    false,
+                    bus
+                ),
+                Some(48)
+            );
+            // /proc/1/exe unreadable, but the system was booted by systemd.
+            assert_eq!(pid1_signal(Kind::PoweroffNow, None, true, bus), Some(48));
+            // Another init: keep asking through the commands.
+            for kind in [Kind::PoweroffNow, Kind::Poweroff, Kind::Reboot] {
+                assert_eq!(
+                    pid1_signal(kind, Some(Path::new("/bin/busybox")), false, bus),
+                    None
+                );
+                assert_eq!(pid1_signal(kind, None, false, bus), None);
+            }
+        }
+    }
+
+    #[test]
+    fn orderly_reboot_and_poweroff_signal_systemd_only_without_a_system_bus() {
+        let systemd = Path::new("/usr/lib/systemd/systemd");
+        // No system bus: systemctl would start the target through PID 1; so does the signal.
         assert_eq!(
-            pid1_signal(Kind::PoweroffNow, Some(systemd), false),
-            Some(48)
+            pid1_signal(Kind::Reboot, Some(systemd), true, false),
+            Some(39)
         );
         assert_eq!(
-            pid1_signal(
-                Kind::PoweroffNow,
-                Some(Path::new("/lib/systemd/systemd (deleted)")),
-                false
-            ),
-            Some(48)
+            pid1_signal(Kind::Poweroff, Some(systemd), true, false),
+            Some(38)
         );
-        // /proc/1/exe unreadable, but the system was booted by systemd.
-        assert_eq!(pid1_signal(Kind::PoweroffNow, None, true), Some(48));
-        // Another init: keep asking through the commands.
-        assert_eq!(
-            pid1_signal(Kind::PoweroffNow, Some(Path::new("/bin/busybox")), false),
-            None
-        );
-        assert_eq!(pid1_signal(Kind::PoweroffNow, None, false), None);
-        // An orderly power-off or a reboot stays with systemctl (units are stopped).
-        assert_eq!(pid1_signal(Kind::Poweroff, Some(systemd), true), None);
-        assert_eq!(pid1_signal(Kind::Reboot, Some(systemd), true), None);
+        assert_eq!(pid1_signal(Kind::Reboot, None, true, false), Some(39));
+        // A system bus: systemctl goes through logind (inhibitors), so it is started.
+        assert_eq!(pid1_signal(Kind::Reboot, Some(systemd), true, true), None);
+        assert_eq!(pid1_signal(Kind::Poweroff, Some(systemd), true, true), None);
     }
 }

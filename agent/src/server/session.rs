@@ -12,6 +12,7 @@ use crate::PROTOCOL_VERSION;
 use super::cleanup;
 use super::exec::{self, lock};
 use super::files::{self, Upload};
+use super::mounts;
 use super::netconfig;
 use super::power::{self, PowerAction};
 use super::sysinfo;
@@ -229,14 +230,20 @@ impl Session<'_> {
     }
 
     fn hello_reply(&self) -> HelloReply {
-        let missing: Vec<String> = self
-            .shared
-            .config
+        let config = &self.shared.config;
+        let mut missing: Vec<String> = config
             .ready_when
             .iter()
             .filter(|p| !p.exists())
             .map(|p| p.display().to_string())
             .collect();
+        if let Some(root) = &config.mounts_root {
+            missing.extend(
+                mounts::pending(root)
+                    .into_iter()
+                    .map(|p| format!("{p} to be mounted")),
+            );
+        }
         HelloReply {
             version: PROTOCOL_VERSION,
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
