@@ -132,6 +132,7 @@ impl Client {
                 ready: false,
                 readiness: String::new(),
                 uptime_ms: 0,
+                boot_id: String::new(),
             },
             broken: false,
         };
@@ -178,7 +179,7 @@ impl Client {
                         if start.elapsed() >= timeout {
                             break;
                         }
-                        std::thread::sleep(Duration::from_millis(200));
+                        std::thread::sleep(Duration::from_millis(100));
                         if let Err(e) = c.refresh_hello() {
                             last = e.to_string();
                             break;
@@ -193,7 +194,9 @@ impl Client {
                     last,
                 });
             }
-            std::thread::sleep(Duration::from_millis(200));
+            // A refused connection costs the guest one reset packet: asking often makes the
+            // agent's first moment of listening count.
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
@@ -214,7 +217,7 @@ impl Client {
     /// Send hello again (readiness changes as the guest boots).
     pub fn refresh_hello(&mut self) -> Result<HelloReply> {
         let hello = Message::Hello(Hello {
-            min_version: PROTOCOL_VERSION,
+            min_version: crate::MIN_PROTOCOL_VERSION,
             max_version: PROTOCOL_VERSION,
             client: format!("kiln-agent client {}", env!("CARGO_PKG_VERSION")),
         });

@@ -28,5 +28,8 @@ pub use message::{
 /// The AF_VSOCK port the agent listens on by default.
 pub const VSOCK_PORT: u32 = 1024;
 
-/// The protocol version this build speaks (hello negotiates a common one).
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The newest protocol version this build speaks (hello negotiates a common one).
+/// 2: the hello reply carries the guest's boot id, and the agent knows `net-config`.
+pub const PROTOCOL_VERSION: u16 = 2;
+/// The oldest protocol version this build still speaks.
+pub const MIN_PROTOCOL_VERSION: u16 = 1;

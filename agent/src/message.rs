@@ -192,6 +192,9 @@ pub struct HelloReply {
     pub readiness: String,
     /// Seconds since the guest booted (from /proc/uptime), in milliseconds.
     pub uptime_ms: u64,
+    /// The kernel's boot id (`/proc/sys/kernel/random/boot_id`), new on every boot; sent
+    /// from protocol version 2 on, empty before.
+    pub boot_id: String,
 }
 
 /// What to run.
@@ -649,6 +652,9 @@ impl Message {
                 e.bool(r.ready);
                 e.str(&r.readiness);
                 e.u64(r.uptime_ms);
+                if r.version >= 2 {
+                    e.str(&r.boot_id);
+                }
             }
             Message::ExecStarted { pid } => e.u32(*pid),
             Message::Exited(x) => {
@@ -829,6 +835,11 @@ impl Message {
                     ready: d.bool()?,
                     readiness: d.str()?,
                     uptime_ms: d.u64()?,
+                    boot_id: if version >= 2 {
+                        d.str()?
+                    } else {
+                        String::new()
+                    },
                 })
             }
             ty::EXEC_STARTED => Message::ExecStarted { pid: d.u32()? },
@@ -1372,6 +1383,16 @@ mod tests {
                 ready: true,
                 readiness: "ready".into(),
                 uptime_ms: 77,
+                boot_id: String::new(),
+            }),
+            Message::HelloReply(HelloReply {
+                version: 2,
+                agent_version: "0.2.0".into(),
+                guest: GuestInfo::default(),
+                ready: false,
+                readiness: "waiting".into(),
+                uptime_ms: 78,
+                boot_id: "5c1b1c3e-7f27-4f25-9d0e-1f0f6b2a9c11".into(),
             }),
             Message::Ack,
             Message::ExecStarted { pid: 42 },

@@ -92,6 +92,7 @@ fn old_agent(dir: &std::path::Path) -> std::path::PathBuf {
             ready: true,
             readiness: "ready".into(),
             uptime_ms: 1,
+            boot_id: String::new(),
         }))
         .unwrap();
         // The old decoder knew no type 0x0f: the error it sent is FrameError's text.

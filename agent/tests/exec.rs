@@ -98,6 +98,41 @@ fn readiness_waits_for_the_local_mounts() {
 }
 
 #[test]
+fn steps_run_in_a_raised_autogroup() {
+    if std::fs::metadata("/proc/self/autogroup").is_err() {
+        eprintln!("SKIP: this kernel has no autogroups (/proc/self/autogroup)");
+        return;
+    }
+    if !is_root() {
+        eprintln!("SKIP: raising an autogroup needs root (CAP_SYS_NICE)");
+        return;
+    }
+    let a = Agent::start_in_own_session(&["--autogroup-nice", "-4"]);
+    let mut c = a.client();
+    let group = |c: &mut kiln_agent::Client, user: Option<&str>| {
+        let mut req = ExecRequest::argv(["cat", "/proc/self/autogroup"]);
+        if let Some(u) = user {
+            req = req.user(u);
+        }
+        let out = c.exec_output(&req).unwrap();
+        assert_eq!(out.status.code, Some(0), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    // A root step shares the agent's session, so its raised group.
+    let root_group = group(&mut c, None);
+    assert!(root_group.trim_end().ends_with("nice -4"), "{root_group}");
+    let agent_group = std::fs::read_to_string(format!("/proc/{}/autogroup", a.pid())).unwrap();
+    assert_eq!(root_group, agent_group);
+    // A step as another user has a session, so a group, of its own: raised too.
+    let other = group(&mut c, Some("nobody"));
+    assert!(other.trim_end().ends_with("nice -4"), "{other}");
+    assert_ne!(other, agent_group);
+    // The test runner's own group is untouched.
+    let ours = std::fs::read_to_string("/proc/self/autogroup").unwrap();
+    assert_ne!(ours, agent_group);
+}
+
+#[test]
 fn large_binary_output_arrives_intact() {
     let a = Agent::start(&[]);
     let mut c = a.client();

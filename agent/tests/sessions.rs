@@ -281,6 +281,41 @@ fn a_version_mismatch_is_refused_clearly() {
     }
 }
 
+#[test]
+fn hello_speaks_the_newest_common_version() {
+    let a = Agent::start(&[]);
+    let hello_as = |min, max| {
+        let mut s = raw(&a);
+        let mut body = Vec::new();
+        let t = Message::Hello(kiln_agent::message::Hello {
+            min_version: min,
+            max_version: max,
+            client: "versions".into(),
+        })
+        .encode_body(&mut body);
+        s.write_all(&Header::encode(body.len(), t)).unwrap();
+        s.write_all(&body).unwrap();
+        match FrameReader::new(s).read().unwrap() {
+            Message::HelloReply(r) => r,
+            other => panic!("{other:?}"),
+        }
+    };
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    // A host of protocol 1 gets a version 1 reply, without the boot id it could not decode.
+    let v1 = hello_as(1, 1);
+    assert_eq!(v1.version, 1);
+    assert_eq!(v1.boot_id, "");
+    // This build's client: version 2, with the boot id.
+    let v2 = hello_as(1, kiln_agent::PROTOCOL_VERSION);
+    assert_eq!(v2.version, 2);
+    assert_eq!(v2.boot_id, boot_id.trim());
+    // A newer host that still speaks 2.
+    assert_eq!(hello_as(2, 9).version, 2);
+    let c = a.client();
+    assert_eq!(c.hello().version, 2);
+    assert_eq!(c.hello().boot_id, boot_id.trim());
+}
+
 /// A stand-in for the VMM's vsock device socket: answers `CONNECT <port>` and then
 /// relays bytes to the agent's Unix socket.
 fn fake_vsock_device(dir: &Path, agent_sock: &Path, answer: &'static str) -> std::path::PathBuf {

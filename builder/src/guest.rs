@@ -73,11 +73,22 @@ pub trait Guest: Send {
     }
     /// Gives the guest's NICs these addresses now (leases the build network has bound for
     /// them). An error means the guest keeps to its own DHCP client; an agent too old to know
-    /// the request may close the session, so callers use a session of its own.
+    /// the request may close the session, so unless [`Guest::takes_net_config`] callers use
+    /// a session of its own.
     fn net_config(&mut self, _links: &[kiln_agent::LinkConfig]) -> Result<(), GuestError> {
         Err(GuestError::NotAvailable(
             "this guest cannot be handed its network".into(),
         ))
+    }
+    /// Whether this session knows `net_config` (an agent of protocol 2 or later), so the
+    /// request cannot cost it the session.
+    fn takes_net_config(&self) -> bool {
+        false
+    }
+    /// The boot id the guest reported when this session opened (agents of protocol 2 or
+    /// later); None when it did not, and the caller reads it with a command.
+    fn reported_boot_id(&self) -> Option<String> {
+        None
     }
 }
 
@@ -315,6 +326,15 @@ impl Guest for AgentGuest {
 
     fn net_config(&mut self, links: &[kiln_agent::LinkConfig]) -> Result<(), GuestError> {
         self.0.net_config(links.to_vec()).map_err(agent_err)
+    }
+
+    fn takes_net_config(&self) -> bool {
+        self.0.hello().version >= 2
+    }
+
+    fn reported_boot_id(&self) -> Option<String> {
+        let id = &self.0.hello().boot_id;
+        (!id.is_empty()).then(|| id.clone())
     }
 }
 

@@ -500,9 +500,15 @@ fn network_up(
     if links.is_empty() {
         return;
     }
-    let handed = connector
-        .connect(NETWORK_HANDOVER_CONNECT)
-        .and_then(|mut g| g.net_config(links));
+    // An agent that knows the request takes it on the main session; for an older one (it
+    // may close the session on a request it does not know) a session of its own.
+    let handed = if guest.takes_net_config() {
+        guest.net_config(links)
+    } else {
+        connector
+            .connect(NETWORK_HANDOVER_CONNECT)
+            .and_then(|mut g| g.net_config(links))
+    };
     match handed {
         Ok(()) => {
             let addrs: Vec<String> = links
@@ -716,7 +722,8 @@ fn build_vm(
                         stop_wait.store(true, Ordering::SeqCst);
                         return;
                     }
-                    std::thread::sleep(Duration::from_millis(200));
+                    // Short: the scope below joins this thread before the steps start.
+                    std::thread::sleep(Duration::from_millis(20));
                 }
             });
             let r = connector.connect_until(BOOT_TIMEOUT, &stop_wait, &mut |_| Ok(()));
@@ -990,6 +997,58 @@ mod network_tests {
             search: vec![],
             lease_secs: 3600,
         }
+    }
+
+    /// A main session of a protocol 2 agent: it takes the handover itself.
+    struct NewAgent(HandoverGuest);
+
+    impl Guest for NewAgent {
+        fn exec(
+            &mut self,
+            cmd: &GuestCommand,
+            env: &BTreeMap<String, String>,
+            timeout: Option<Duration>,
+            out: &mut dyn FnMut(crate::events::Stream, &[u8]),
+        ) -> Result<crate::guest::ExecOutcome, GuestError> {
+            self.0.exec(cmd, env, timeout, out)
+        }
+        fn put_file(&mut self, path: &str, data: &[u8], mode: u32) -> Result<(), GuestError> {
+            self.0.put_file(path, data, mode)
+        }
+        fn reboot(&mut self) -> Result<(), GuestError> {
+            self.0.reboot()
+        }
+        fn poweroff(&mut self) -> Result<(), GuestError> {
+            self.0.poweroff()
+        }
+        fn net_config(&mut self, links: &[kiln_agent::LinkConfig]) -> Result<(), GuestError> {
+            self.0.net_config(links)
+        }
+        fn takes_net_config(&self) -> bool {
+            true
+        }
+    }
+
+    /// A connector that must not be used.
+    struct NoSessions;
+
+    impl Connector for NoSessions {
+        fn connect(&self, _t: Duration) -> Result<Box<dyn Guest>, GuestError> {
+            panic!("the handover opened a session although the main one takes it")
+        }
+    }
+
+    #[test]
+    fn an_agent_that_knows_the_request_takes_it_on_the_main_session() {
+        let state = Arc::new(Mutex::new(FakeState::default()));
+        let ev = MemorySink::default();
+        let mut main = NewAgent(HandoverGuest(FakeGuest(state.clone()), true));
+        network_up(&NoSessions, &mut main, &[link()], "vm", &ev);
+        assert_eq!(state.lock().unwrap().commands.len(), 0);
+        // It declines (the guest's own stack got there first): the wait, on the same session.
+        let mut main = NewAgent(HandoverGuest(FakeGuest(state.clone()), false));
+        network_up(&NoSessions, &mut main, &[link()], "vm", &ev);
+        assert_eq!(state.lock().unwrap().commands.len(), 1);
     }
 
     /// Runs `network_up`; returns the commands the main session ran and the notes.

@@ -331,8 +331,12 @@ impl Provisioner<'_> {
     }
 }
 
-/// The guest's boot id (changes on every boot).
+/// The guest's boot id (changes on every boot): as the agent reported it in its hello, or
+/// read with a command from an agent that does not report it.
 pub fn boot_id(guest: &mut dyn Guest) -> Result<String, GuestError> {
+    if let Some(id) = guest.reported_boot_id() {
+        return Ok(id);
+    }
     let mut out = Vec::new();
     let st = guest.exec(
         &GuestCommand::Argv(vec!["cat".into(), "/proc/sys/kernel/random/boot_id".into()]),

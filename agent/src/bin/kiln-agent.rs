@@ -19,6 +19,9 @@ usage: kiln-agent [options]
   --ready-when PATH    report ready only once PATH exists (repeatable)
   --ready-when-mounted report ready only once the local file systems the boot mounts
                        (fstab, local-fs.target's mount units) are mounted
+  --autogroup-nice N   run the agent's session and each step's session at autogroup nice
+                       N (-20..19; the unit passes -10): steps go ahead of the rest of a
+                       still-booting guest
   --mounts-root DIR    with --ready-when-mounted, read etc/fstab, the unit folders and
                        proc/self/mountinfo under DIR instead of / (tests)
   --power-action A     system | exit | disabled (default: system when listening on vsock,
@@ -53,6 +56,15 @@ fn main() {
             "--ready-when" => cfg.ready_when.push(PathBuf::from(value("--ready-when"))),
             "--ready-when-mounted" => {
                 cfg.mounts_root.get_or_insert_with(|| PathBuf::from("/"));
+            }
+            "--autogroup-nice" => {
+                let n: i32 = value("--autogroup-nice")
+                    .parse()
+                    .unwrap_or_else(|_| fail("--autogroup-nice needs a number"));
+                if !(-20..=19).contains(&n) {
+                    fail("--autogroup-nice must be between -20 and 19");
+                }
+                cfg.autogroup_nice = Some(n);
             }
             "--mounts-root" => cfg.mounts_root = Some(PathBuf::from(value("--mounts-root"))),
             "--power-action" => {

@@ -209,14 +209,22 @@ pub fn spawn(req: &ExecRequest, cfg: &Config) -> Result<Started, RemoteError> {
             cmd.process_group(0);
         }
         Some((uid, gid, groups)) => {
+            // A new session is a new autogroup: raise it like the agent's own.
+            let raise = cfg.autogroup_nice.map(super::priority::ChildRaise::new);
             // SAFETY: the closure runs between fork and exec; it only makes
-            // async-signal-safe syscalls (setsid, setgroups, setgid, setuid) on data
-            // prepared before the fork.
+            // async-signal-safe syscalls (setsid, open/write/close, setgroups, setgid,
+            // setuid) on data prepared before the fork.
             unsafe {
                 cmd.pre_exec(move || {
                     // A new session also makes it a process group leader (see above).
-                    if libc::setsid() < 0
-                        || libc::setgroups(groups.len(), groups.as_ptr()) < 0
+                    if libc::setsid() < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    // Before setuid: a negative nice needs the agent's CAP_SYS_NICE.
+                    if let Some(r) = &raise {
+                        r.apply();
+                    }
+                    if libc::setgroups(groups.len(), groups.as_ptr()) < 0
                         || libc::setgid(gid) < 0
                         || libc::setuid(uid) < 0
                     {

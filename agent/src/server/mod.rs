@@ -7,6 +7,7 @@ mod files;
 pub mod mounts;
 mod netconfig;
 pub mod power;
+pub mod priority;
 mod reaper;
 mod rtnetlink;
 mod session;
@@ -87,6 +88,9 @@ pub struct Config {
     /// When set, the guest is ready only once the local file systems the boot mounts are
     /// mounted (`mounts::pending` under this root, `/` in a guest).
     pub mounts_root: Option<PathBuf>,
+    /// When set, the autogroup nice of the agent's session and of each step's own session
+    /// (`priority`): steps run ahead of the rest of a still-booting guest.
+    pub autogroup_nice: Option<i32>,
     pub power: PowerAction,
     /// Sessions beyond this are refused with an error.
     pub max_sessions: usize,
@@ -104,6 +108,7 @@ impl Default for Config {
             work_dir: PathBuf::from("/run/kiln-agent"),
             ready_when: Vec::new(),
             mounts_root: None,
+            autogroup_nice: None,
             power: PowerAction::System,
             max_sessions: 256,
             linger: Duration::from_secs(1),
@@ -128,6 +133,12 @@ pub fn serve(config: Config) -> io::Result<()> {
         ));
     }
     reaper::start_if_init();
+    if let Some(nice) = config.autogroup_nice {
+        match priority::raise_own(nice) {
+            Ok(()) => tracing::info!("steps run at autogroup nice {nice}"),
+            Err(e) => tracing::info!("autogroup nice not set ({e}): steps run at the usual share"),
+        }
+    }
     let shared = Arc::new(Shared {
         config,
         sessions: AtomicUsize::new(0),
@@ -166,16 +177,49 @@ fn listen_loop(l: Listen, bound: Option<OwnedFd>, shared: Arc<Shared>) {
     let fd = match (bound, &l) {
         (Some(fd), _) => fd,
         (None, Listen::Vsock(port)) => {
-            let mut warned = false;
+            let started = std::time::Instant::now();
+            let mut modprobe: Option<std::process::Child> = None;
+            let mut tried = false;
             loop {
                 match VsockListener::bind(*port) {
-                    Ok(v) => break OwnedFd::from(v),
-                    Err(e) => {
-                        if !warned {
-                            tracing::warn!("cannot listen on vsock port {port} yet ({e}); retrying every second");
-                            warned = true;
+                    Ok(v) => {
+                        if let Some(mut c) = modprobe.take() {
+                            // Reap it whenever it ends.
+                            std::thread::spawn(move || c.wait());
                         }
-                        std::thread::sleep(Duration::from_secs(1));
+                        break OwnedFd::from(v);
+                    }
+                    Err(e) => {
+                        // The virtio vsock transport is a module on most distro kernels.
+                        // It is loaded from here rather than before the agent starts (the
+                        // unit's ExecStartPre cost a second of the boot under TCG);
+                        // systemd-modules-load or udev may be loading it too, and
+                        // whichever finishes first ends the wait.
+                        if !tried {
+                            tried = true;
+                            tracing::info!(
+                                "cannot listen on vsock port {port} yet ({e}); loading the transport and retrying"
+                            );
+                            modprobe = std::process::Command::new("modprobe")
+                                .args(["-q", "vmw_vsock_virtio_transport"])
+                                .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+                                .stdin(std::process::Stdio::null())
+                                .spawn()
+                                .ok();
+                        }
+                        if modprobe
+                            .as_mut()
+                            .is_some_and(|c| !matches!(c.try_wait(), Ok(None)))
+                        {
+                            modprobe = None;
+                        }
+                        // Often while the module loads, then every second.
+                        let pause = if started.elapsed() < Duration::from_secs(10) {
+                            Duration::from_millis(20)
+                        } else {
+                            Duration::from_secs(1)
+                        };
+                        std::thread::sleep(pause);
                     }
                 }
             }

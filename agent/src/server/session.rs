@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use crate::frame::{FrameError, FrameReader, FrameWriter};
 use crate::message::{ErrorKind, HelloReply, Message, RemoteError};
 use crate::transport::{FdStream, Transport};
-use crate::PROTOCOL_VERSION;
+use crate::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
 use super::cleanup;
 use super::exec::{self, lock};
@@ -83,6 +83,7 @@ pub fn run(stream: FdStream, id: u64, shared: &Shared) {
         watch,
         shared,
         greeted: false,
+        version: PROTOCOL_VERSION,
     };
     tracing::debug!(session = id, "session opened");
     match s.serve() {
@@ -108,6 +109,8 @@ struct Session<'a> {
     watch: FdStream,
     shared: &'a Shared,
     greeted: bool,
+    /// The protocol version hello agreed on.
+    version: u16,
 }
 
 impl Session<'_> {
@@ -142,12 +145,15 @@ impl Session<'_> {
             }
             match msg {
                 Message::Hello(h) => {
-                    if h.min_version > PROTOCOL_VERSION || h.max_version < PROTOCOL_VERSION {
+                    // The newest version both sides speak.
+                    let version = h.max_version.min(PROTOCOL_VERSION);
+                    if version < h.min_version.max(MIN_PROTOCOL_VERSION) {
                         return Err(End::Protocol(format!(
-                            "no common protocol version: the host speaks {}..={}, this agent {}",
-                            h.min_version, h.max_version, PROTOCOL_VERSION
+                            "no common protocol version: the host speaks {}..={}, this agent {}..={}",
+                            h.min_version, h.max_version, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
                         )));
                     }
+                    self.version = version;
                     if !self.greeted {
                         tracing::info!(session = self.id, client = %h.client, "hello");
                     }
@@ -245,7 +251,7 @@ impl Session<'_> {
             );
         }
         HelloReply {
-            version: PROTOCOL_VERSION,
+            version: self.version,
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             guest: sysinfo::guest_info(),
             ready: missing.is_empty(),
@@ -255,6 +261,11 @@ impl Session<'_> {
                 format!("waiting for {}", missing.join(", "))
             },
             uptime_ms: sysinfo::uptime_ms(),
+            boot_id: if self.version >= 2 {
+                sysinfo::boot_id()
+            } else {
+                String::new()
+            },
         }
     }
 

@@ -62,6 +62,13 @@ pub fn guest_info() -> GuestInfo {
 }
 
 /// Milliseconds since boot, from /proc/uptime (0 when unreadable).
+/// The kernel's boot id, empty when unreadable.
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
 pub fn uptime_ms() -> u64 {
     std::fs::read_to_string("/proc/uptime")
         .ok()

@@ -23,10 +23,31 @@ impl Agent {
     }
 
     pub fn start_bin(bin: &Path, extra: &[&str]) -> Agent {
+        Self::start_cmd(Command::new(bin), extra)
+    }
+
+    /// The agent in a session of its own, as systemd starts it (changes to its session's
+    /// autogroup then stay away from the test runner's).
+    pub fn start_in_own_session(extra: &[&str]) -> Agent {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new(AGENT);
+        // SAFETY: setsid(2) is async-signal-safe and touches no memory.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Self::start_cmd(cmd, extra)
+    }
+
+    fn start_cmd(mut cmd: Command, extra: &[&str]) -> Agent {
         let dir = tempfile::tempdir().expect("tempdir");
         let sock = dir.path().join("agent.sock");
         let work = dir.path().join("work");
-        let child = Command::new(bin)
+        let child = cmd
             .arg("--listen")
             .arg(format!("unix:{}", sock.display()))
             .arg("--work-dir")
