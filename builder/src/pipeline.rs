@@ -948,7 +948,9 @@ mod network_tests {
         takes: bool,
     }
 
-    struct HandoverGuest(FakeGuest, bool);
+    /// A session that accepts the handover or not (`.1`) and that knows the request (`.2`:
+    /// an agent of protocol 2, which takes it on the main session).
+    struct HandoverGuest(FakeGuest, bool, bool);
 
     impl Guest for HandoverGuest {
         fn exec(
@@ -976,6 +978,9 @@ mod network_tests {
                 Err(GuestError::Lost("an old agent closed the session".into()))
             }
         }
+        fn takes_net_config(&self) -> bool {
+            self.2
+        }
     }
 
     impl Connector for Handover {
@@ -983,6 +988,7 @@ mod network_tests {
             Ok(Box::new(HandoverGuest(
                 FakeGuest(self.state.clone()),
                 self.takes,
+                false,
             )))
         }
     }
@@ -999,36 +1005,6 @@ mod network_tests {
         }
     }
 
-    /// A main session of a protocol 2 agent: it takes the handover itself.
-    struct NewAgent(HandoverGuest);
-
-    impl Guest for NewAgent {
-        fn exec(
-            &mut self,
-            cmd: &GuestCommand,
-            env: &BTreeMap<String, String>,
-            timeout: Option<Duration>,
-            out: &mut dyn FnMut(crate::events::Stream, &[u8]),
-        ) -> Result<crate::guest::ExecOutcome, GuestError> {
-            self.0.exec(cmd, env, timeout, out)
-        }
-        fn put_file(&mut self, path: &str, data: &[u8], mode: u32) -> Result<(), GuestError> {
-            self.0.put_file(path, data, mode)
-        }
-        fn reboot(&mut self) -> Result<(), GuestError> {
-            self.0.reboot()
-        }
-        fn poweroff(&mut self) -> Result<(), GuestError> {
-            self.0.poweroff()
-        }
-        fn net_config(&mut self, links: &[kiln_agent::LinkConfig]) -> Result<(), GuestError> {
-            self.0.net_config(links)
-        }
-        fn takes_net_config(&self) -> bool {
-            true
-        }
-    }
-
     /// A connector that must not be used.
     struct NoSessions;
 
@@ -1042,11 +1018,11 @@ mod network_tests {
     fn an_agent_that_knows_the_request_takes_it_on_the_main_session() {
         let state = Arc::new(Mutex::new(FakeState::default()));
         let ev = MemorySink::default();
-        let mut main = NewAgent(HandoverGuest(FakeGuest(state.clone()), true));
+        let mut main = HandoverGuest(FakeGuest(state.clone()), true, true);
         network_up(&NoSessions, &mut main, &[link()], "vm", &ev);
         assert_eq!(state.lock().unwrap().commands.len(), 0);
         // It declines (the guest's own stack got there first): the wait, on the same session.
-        let mut main = NewAgent(HandoverGuest(FakeGuest(state.clone()), false));
+        let mut main = HandoverGuest(FakeGuest(state.clone()), false, true);
         network_up(&NoSessions, &mut main, &[link()], "vm", &ev);
         assert_eq!(state.lock().unwrap().commands.len(), 1);
     }
