@@ -14,6 +14,9 @@ mod info;
 mod open;
 pub mod qcow2;
 mod raw;
+mod vectored;
+#[cfg(test)]
+mod vectored_tests;
 
 pub use convert::{convert, Compression, ConvertOptions, ConvertStats, ProgressFn};
 pub use create::{create, create_overlay, resize, CreateOptions};

@@ -1,10 +1,12 @@
 //! Raw images: the file is the disk.
 
 use std::fs::File;
+use std::io::{IoSlice, IoSliceMut};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 
 use crate::device::{check_range, BlockDevice, BlockResult, BlockStatus};
+use crate::vectored::{preadv_exact, pwritev_all};
 use crate::BlockError;
 
 /// A raw image file.
@@ -83,6 +85,23 @@ impl BlockDevice for RawDevice {
         }
         check_range(self.size, offset, buf.len() as u64)?;
         self.file.write_all_at(buf, offset)?;
+        Ok(())
+    }
+    /// One `preadv` straight into the caller's buffers (a guest's pages, for virtio-blk).
+    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> BlockResult<()> {
+        let len = bufs.iter().map(|b| b.len() as u64).sum();
+        check_range(self.size, offset, len)?;
+        preadv_exact(&self.file, bufs, offset)?;
+        Ok(())
+    }
+    /// One `pwritev` straight from the caller's buffers.
+    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> BlockResult<()> {
+        if self.read_only {
+            return Err(BlockError::ReadOnly);
+        }
+        let len = bufs.iter().map(|b| b.len() as u64).sum();
+        check_range(self.size, offset, len)?;
+        pwritev_all(&self.file, bufs, offset)?;
         Ok(())
     }
     fn flush(&self) -> BlockResult<()> {

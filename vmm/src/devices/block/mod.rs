@@ -13,6 +13,8 @@ pub mod device;
 mod fuzz;
 pub mod inorder_handler;
 pub mod io_pool;
+#[cfg(test)]
+mod placement_tests;
 pub mod queue_handler;
 pub mod vhost_user;
 
