@@ -178,40 +178,28 @@ fn listen_loop(l: Listen, bound: Option<OwnedFd>, shared: Arc<Shared>) {
         (Some(fd), _) => fd,
         (None, Listen::Vsock(port)) => {
             let started = std::time::Instant::now();
-            let mut modprobe: Option<std::process::Child> = None;
             let mut tried = false;
             loop {
                 match VsockListener::bind(*port) {
-                    Ok(v) => {
-                        if let Some(mut c) = modprobe.take() {
-                            // Reap it whenever it ends.
-                            std::thread::spawn(move || c.wait());
-                        }
-                        break OwnedFd::from(v);
-                    }
+                    Ok(v) => break OwnedFd::from(v),
                     Err(e) => {
                         // The virtio vsock transport is a module on most distro kernels.
                         // It is loaded from here rather than before the agent starts (the
-                        // unit's ExecStartPre cost a second of the boot under TCG);
-                        // systemd-modules-load or udev may be loading it too, and
-                        // whichever finishes first ends the wait.
+                        // unit's ExecStartPre cost a second of the boot under TCG), on a
+                        // thread that also reaps modprobe; systemd-modules-load or udev may
+                        // be loading it too, and whichever finishes first ends the wait.
                         if !tried {
                             tried = true;
                             tracing::info!(
                                 "cannot listen on vsock port {port} yet ({e}); loading the transport and retrying"
                             );
-                            modprobe = std::process::Command::new("modprobe")
-                                .args(["-q", "vmw_vsock_virtio_transport"])
-                                .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-                                .stdin(std::process::Stdio::null())
-                                .spawn()
-                                .ok();
-                        }
-                        if modprobe
-                            .as_mut()
-                            .is_some_and(|c| !matches!(c.try_wait(), Ok(None)))
-                        {
-                            modprobe = None;
+                            std::thread::spawn(|| {
+                                std::process::Command::new("modprobe")
+                                    .args(["-q", "vmw_vsock_virtio_transport"])
+                                    .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+                                    .stdin(std::process::Stdio::null())
+                                    .status()
+                            });
                         }
                         // Often while the module loads, then every second.
                         let pause = if started.elapsed() < Duration::from_secs(10) {

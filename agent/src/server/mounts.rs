@@ -75,7 +75,7 @@ pub fn pending(root: &Path) -> Vec<String> {
 
 /// Mount points of fstab entries that local-fs.target requires (the root excluded: it is
 /// mounted before the agent can run at all).
-pub fn fstab_mounts(fstab: &str) -> Vec<String> {
+fn fstab_mounts(fstab: &str) -> Vec<String> {
     let mut out = Vec::new();
     for line in fstab.lines() {
         let line = line.trim();
@@ -132,7 +132,7 @@ fn unit_mounts(root: &Path) -> Vec<String> {
 
 /// The mount point a `.mount` unit's name stands for (systemd-escape --unescape --path):
 /// `var-lib.mount` is `/var/lib`, `-.mount` is `/`, `\x2d` is a `-`.
-pub fn mount_unit_path(unit: &str) -> Option<String> {
+fn mount_unit_path(unit: &str) -> Option<String> {
     let body = unit.strip_suffix(".mount")?;
     if body == "-" {
         return Some("/".into());
@@ -157,7 +157,7 @@ pub fn mount_unit_path(unit: &str) -> Option<String> {
 }
 
 /// The mount points in a `/proc/self/mountinfo` text (its fifth field).
-pub fn mounted_points(mountinfo: &str) -> BTreeSet<String> {
+fn mounted_points(mountinfo: &str) -> BTreeSet<String> {
     mountinfo
         .lines()
         .filter_map(|l| l.split(' ').nth(4))

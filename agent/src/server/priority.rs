@@ -52,19 +52,18 @@ impl ChildRaise {
     }
 }
 
-/// The nice value of the autogroup line `/autogroup-N nice V` that `/proc/<pid>/autogroup`
-/// reads back as.
-pub fn parse_autogroup(line: &str) -> Option<i32> {
-    line.split_whitespace()
-        .skip_while(|w| *w != "nice")
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The nice value of the line `/autogroup-N nice V` that `/proc/<pid>/autogroup` reads.
+    fn parse_autogroup(line: &str) -> Option<i32> {
+        line.split_whitespace()
+            .skip_while(|w| *w != "nice")
+            .nth(1)?
+            .parse()
+            .ok()
+    }
 
     #[test]
     fn autogroup_lines_parse() {
