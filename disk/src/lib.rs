@@ -17,6 +17,7 @@ mod raw;
 mod vectored;
 #[cfg(test)]
 mod vectored_tests;
+mod write_behind;
 
 pub use convert::{convert, Compression, ConvertOptions, ConvertStats, ProgressFn};
 pub use create::{create, create_overlay, resize, CreateOptions};

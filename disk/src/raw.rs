@@ -7,6 +7,7 @@ use std::os::unix::io::AsRawFd;
 
 use crate::device::{check_range, BlockDevice, BlockResult, BlockStatus};
 use crate::vectored::{preadv_exact, pwritev_all};
+use crate::write_behind::WriteBehind;
 use crate::BlockError;
 
 /// A raw image file.
@@ -15,6 +16,7 @@ pub struct RawDevice {
     file: File,
     size: u64,
     read_only: bool,
+    write_behind: WriteBehind,
 }
 
 impl RawDevice {
@@ -24,6 +26,7 @@ impl RawDevice {
             file,
             size,
             read_only,
+            write_behind: WriteBehind::default(),
         })
     }
 
@@ -85,6 +88,7 @@ impl BlockDevice for RawDevice {
         }
         check_range(self.size, offset, buf.len() as u64)?;
         self.file.write_all_at(buf, offset)?;
+        self.write_behind.wrote(&self.file, buf.len() as u64);
         Ok(())
     }
     /// One `preadv` straight into the caller's buffers (a guest's pages, for virtio-blk).
@@ -102,6 +106,7 @@ impl BlockDevice for RawDevice {
         let len = bufs.iter().map(|b| b.len() as u64).sum();
         check_range(self.size, offset, len)?;
         pwritev_all(&self.file, bufs, offset)?;
+        self.write_behind.wrote(&self.file, len);
         Ok(())
     }
     fn flush(&self) -> BlockResult<()> {

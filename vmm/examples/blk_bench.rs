@@ -89,7 +89,14 @@ slice() {
     echo "BENCH $phase $side $bytes $t0 $t1"
   done
 }
-dstat() { for side in kiln qemu; do eval dev=\$$side; echo "BENCH-STAT $1 $side $(cat /sys/block/${dev#/dev/}/stat)"; done; }
+dstat() {
+  for side in kiln qemu; do
+    eval dev=\$$side
+    echo "BENCH-STAT $1 $side $(cat /sys/block/${dev#/dev/}/stat)"
+    v=$(basename $(readlink /sys/block/${dev#/dev/}/device))
+    echo "BENCH-IRQ $1 $side $(grep "$v-req" /proc/interrupts | tr -s ' ')"
+  done
+}
 for phase in write-alloc write-over; do
   i=0
   while [ $i -lt $((DISK / CHUNK)) ]; do
@@ -169,7 +176,9 @@ fn parse(out: &str) -> Run {
     );
     let info = lines
         .iter()
-        .filter(|l| l.contains("BENCH-QUEUE") || l.contains("BENCH-STAT"))
+        .filter(|l| {
+            l.contains("BENCH-QUEUE") || l.contains("BENCH-STAT") || l.contains("BENCH-IRQ")
+        })
         .map(|l| l.trim().to_string())
         .collect();
     Run { totals, info }

@@ -10,6 +10,7 @@ use imago::io_buffers::{IoVector, IoVectorMut};
 use imago::FormatAccess;
 
 use crate::device::{check_range, BlockDevice, BlockResult, BlockStatus};
+use crate::write_behind::WriteBehind;
 use crate::BlockError;
 
 /// One opened image chain, top layer first; imago owns the backing layers.
@@ -23,6 +24,8 @@ pub struct ImagoDevice {
     /// The top image's file, for `fdatasync` on flush (see [`BlockDevice::flush`] below).
     /// `None` when read-only, or if it could not be opened (imago's own sync is used then).
     sync_file: Option<std::fs::File>,
+    /// Starts writeback of guest writes early, through `sync_file` (see [`WriteBehind`]).
+    write_behind: WriteBehind,
 }
 
 impl std::fmt::Debug for ImagoDevice {
@@ -63,6 +66,7 @@ impl ImagoDevice {
             read_only,
             path,
             sync_file,
+            write_behind: WriteBehind::default(),
         }
     }
 
@@ -72,6 +76,12 @@ impl ImagoDevice {
 
     fn exclusive(&self) -> std::sync::RwLockWriteGuard<'_, FormatAccess<ImagoFile>> {
         self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wrote(&self, len: u64) {
+        if let Some(f) = &self.sync_file {
+            self.write_behind.wrote(f, len);
+        }
     }
 
     fn writable(&self, offset: u64, len: u64) -> BlockResult<()> {
@@ -95,7 +105,9 @@ impl BlockDevice for ImagoDevice {
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> BlockResult<()> {
         self.writable(offset, buf.len() as u64)?;
-        guarded("write", || self.shared().write(buf, offset))
+        guarded("write", || self.shared().write(buf, offset))?;
+        self.wrote(buf.len() as u64);
+        Ok(())
     }
     fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> BlockResult<()> {
         let len = bufs.iter().map(|b| b.len() as u64).sum();
@@ -107,7 +119,9 @@ impl BlockDevice for ImagoDevice {
         let len = bufs.iter().map(|b| b.len() as u64).sum();
         self.writable(offset, len)?;
         let v: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
-        guarded("write", || self.shared().writev(IoVector::from(v), offset))
+        guarded("write", || self.shared().writev(IoVector::from(v), offset))?;
+        self.wrote(len);
+        Ok(())
     }
     fn flush(&self) -> BlockResult<()> {
         if self.read_only {

@@ -98,6 +98,16 @@ impl Request {
     pub fn is_flush(&self) -> bool {
         matches!(self.header, Some(h) if h.rtype == VIRTIO_BLK_T_FLUSH)
     }
+
+    /// Bytes the chain's buffers hold, both ways: a measure of how long it will take.
+    pub fn buffer_len(&self) -> u64 {
+        let l = &self.layout;
+        l.readable
+            .iter()
+            .chain(&l.writable)
+            .map(|s| u64::from(s.len))
+            .sum()
+    }
 }
 
 /// A chain after [`prepare`]: either refused (the error status is already written) or a
