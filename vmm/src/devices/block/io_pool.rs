@@ -15,11 +15,13 @@
 //!   and the interrupt logic stay single-threaded, exactly as before.
 //! - The pool threads only run requests: disk I/O against guest memory and the status byte.
 //! - The queue's thread is a worker too: of the requests it hands over it runs one itself
-//!   (the largest; pool threads take the oldest first), and wakes a pool thread only for
+//!   (the smallest; pool threads take the oldest first), and wakes a pool thread only for
 //!   the others. So a request alone (4 KiB reads, one at a time) pays no thread hand-off,
-//!   the two parts of a 1 MiB block cost one wake-up, not three, and that wake-up is paid
-//!   by the small part (the driver splits a block into 1016 KiB and 8 KiB when its pages
-//!   need more than SEG_MAX segments), off the path the guest waits on.
+//!   and the two parts of a 1 MiB block (the driver splits it into 1016 KiB and 8 KiB when
+//!   its pages need more than SEG_MAX segments) cost one wake-up, not three. The small part
+//!   is done and signalled while the large one is still running, so the guest's vCPU
+//!   handles that completion in the meantime instead of after the large one (measured:
+//!   running the large part here instead put `read-1M` at 0.93 of QEMU, against 1.01).
 //! - Completions that are ready together go on the used ring together, with one check of
 //!   whether the driver wants an interrupt: under TCG each interrupt costs the guest's one
 //!   vCPU a handler run.
@@ -237,14 +239,14 @@ impl<M: GuestMemory + Send + Sync + 'static> IoPool<M> {
                 self.outstanding -= 1;
                 complete(self, queue, d.head, d.completion)?;
             }
-            // Run a request here: the largest, leaving the rest to the pool threads, which
+            // Run a request here: the smallest, leaving the rest to the pool threads, which
             // take from the front (in order when there are none).
             let mine = {
                 let mut st = self.lock();
                 if self.workers.is_empty() {
                     st.jobs.pop_front()
                 } else {
-                    largest(&st.jobs).and_then(|i| st.jobs.remove(i))
+                    smallest(&st.jobs).and_then(|i| st.jobs.remove(i))
                 }
             };
             if let Some(job) = mine {
@@ -340,13 +342,13 @@ impl<M: GuestMemory + Send + Sync + 'static> Drop for IoPool<M> {
     }
 }
 
-/// Index of the job with the most bytes to move; of equals the newest, so that the pool
+/// Index of the job with the fewest bytes to move; of equals the newest, so that the pool
 /// threads, taking from the front, still start the oldest first.
-fn largest<M>(jobs: &VecDeque<Job<M>>) -> Option<usize> {
+fn smallest<M>(jobs: &VecDeque<Job<M>>) -> Option<usize> {
     let mut best: Option<(usize, u64)> = None;
     for (i, j) in jobs.iter().enumerate() {
         let len = j.req.buffer_len();
-        if best.is_none_or(|(_, b)| len >= b) {
+        if best.is_none_or(|(_, b)| len <= b) {
             best = Some((i, len));
         }
     }
@@ -697,31 +699,27 @@ mod tests {
     }
 
     #[test]
-    fn the_queue_thread_runs_the_largest_request_and_signals_once_for_both() {
+    fn the_queue_thread_runs_the_smallest_request_and_signals_it_before_the_large_one_ends() {
         let mem = memory();
+        let vq = MockSplitQueue::new(&*mem, 16);
+        let used_idx = vq.used_addr().unchecked_add(2);
+        let m = mem.clone();
         let threads = Arc::new(Mutex::new(Vec::new()));
-        let small_done = Arc::new(AtomicUsize::new(0));
-        let (t, done) = (threads.clone(), small_done.clone());
-        // The large read (sector 0) finishes only after the small one (sector 8): both
-        // completions are then ready together when the queue's thread is back.
+        let t = threads.clone();
+        // The large read (sector 0) finishes only once the small one is on the used ring.
         let disk = HookDisk::new(move |op| {
             let name = std::thread::current().name().unwrap_or("").to_string();
             t.lock().unwrap().push((op, name));
             match op {
-                Op::Read(0) => wait_for("the small read to finish", || {
-                    done.load(Ordering::SeqCst) == 1
-                })
-                .map(|()| std::thread::sleep(Duration::from_millis(50))),
-                _ => {
-                    done.store(1, Ordering::SeqCst);
-                    Ok(())
-                }
+                Op::Read(0) => wait_for("the small read on the used ring", || {
+                    m.read_obj::<u16>(used_idx).unwrap() >= 1
+                }),
+                _ => Ok(()),
             }
         });
-        let vq = MockSplitQueue::new(&*mem, 16);
-        // The small one first: the one a pool thread takes when it may choose.
-        let mut descs = request_of(&mem, 0, 0, VIRTIO_BLK_T_IN, 8, 512);
-        descs.extend(request_of(&mem, 1, 3, VIRTIO_BLK_T_IN, 0, 8192));
+        // The large one first, as the Linux driver queues the parts of a split block.
+        let mut descs = request_of(&mem, 0, 0, VIRTIO_BLK_T_IN, 0, 8192);
+        descs.extend(request_of(&mem, 1, 3, VIRTIO_BLK_T_IN, 16, 512));
         vq.add_desc_chains(&descs, 0).unwrap();
         let h = handler(disk.clone());
         let pool = IoPool::new(&h);
@@ -731,17 +729,46 @@ mod tests {
         let ran = threads.lock().unwrap().clone();
         let on = |op| ran.iter().find(|(o, _)| *o == op).map(|(_, n)| n.clone());
         // The serving thread is the test's unnamed one; pool threads are `kiln-blk-io<N>`.
-        assert_eq!(on(Op::Read(0)).as_deref(), Some(""), "{ran:?}");
+        assert_eq!(on(Op::Read(16 * 512)).as_deref(), Some(""), "{ran:?}");
         assert!(
-            on(Op::Read(8 * 512)).is_some_and(|n| n.starts_with("kiln-blk-io")),
+            on(Op::Read(0)).is_some_and(|n| n.starts_with("kiln-blk-io")),
             "{ran:?}"
         );
-        let mut u = used(&vq);
-        u.sort_unstable();
-        assert_eq!(u, vec![(0, 513), (3, 8193)]);
+        // The small one (head 3) completed first, each with its length and status.
+        assert_eq!(used(&vq), vec![(3, 513), (0, 8193)]);
         assert_eq!(status(&mem, 0), VIRTIO_BLK_S_OK as u8);
         assert_eq!(status(&mem, 1), VIRTIO_BLK_S_OK as u8);
-        // No EVENT_IDX, so every check says "tell the driver"; one check for both.
+        // No EVENT_IDX: each completion is signalled as it lands.
+        assert_eq!(s.signals, 2);
+    }
+
+    #[test]
+    fn completions_ready_together_get_one_signal() {
+        let mem = memory();
+        let small_done = Arc::new(AtomicUsize::new(0));
+        let done = small_done.clone();
+        // The small read (run here) finishes only after the large one (in the pool) has
+        // ended, so both completions are ready when this thread puts its own on the ring.
+        let disk = HookDisk::new(move |op| match op {
+            Op::Read(0) => {
+                done.store(1, Ordering::SeqCst);
+                Ok(())
+            }
+            _ => wait_for("the large read to end", || done.load(Ordering::SeqCst) == 1)
+                .map(|()| std::thread::sleep(Duration::from_millis(50))),
+        });
+        let vq = MockSplitQueue::new(&*mem, 16);
+        let mut descs = request_of(&mem, 0, 0, VIRTIO_BLK_T_IN, 0, 8192);
+        descs.extend(request_of(&mem, 1, 3, VIRTIO_BLK_T_IN, 16, 512));
+        vq.add_desc_chains(&descs, 0).unwrap();
+        let h = handler(disk.clone());
+        let pool = IoPool::new(&h);
+        let s = serve(pool, h, vq.create_queue().unwrap(), &mem);
+        s.result.unwrap();
+        let mut u = used(&vq);
+        u.sort_unstable();
+        assert_eq!(u, vec![(0, 8193), (3, 513)]);
+        // No EVENT_IDX, so every check says "tell the driver": one check for both.
         assert_eq!(s.signals, 1);
     }
 
