@@ -27,7 +27,8 @@
 //! `/sys/block/vdX/stat`, so both sides can be checked for the same request sizes and flushes.
 //!
 //! Prints MB/s per side, phase and round; per phase the median of the per-round kiln/QEMU
-//! ratios and the ratio of the totals (all bytes over all time, per side). Rounds alternate
+//! ratios and the ratio of the totals (all bytes over all time, per side); and the same for
+//! the whole workload (all phases' time per side: QEMU's over kiln's). Rounds alternate
 //! which disk comes first on the PCI bus and in the first slice.
 //!
 //! Both sides use the host page cache with flushes made durable (QEMU `cache=writeback`, its
@@ -350,6 +351,21 @@ fn main() {
             sorted.join(" ")
         );
     }
+    // The whole guest workload: every phase's time summed per side. The same bytes move on
+    // both sides, so the ratio of times is the ratio of throughputs.
+    let secs = |r: &Run, side: usize| r.totals[side].iter().map(|p| p.1).sum::<f64>();
+    let mut whole: Vec<f64> = results.iter().map(|r| secs(r, 1) / secs(r, 0)).collect();
+    whole.sort_by(|a, b| a.total_cmp(b));
+    let (k, q): (f64, f64) = results
+        .iter()
+        .fold((0.0, 0.0), |(k, q), r| (k + secs(r, 0), q + secs(r, 1)));
+    let sorted: Vec<String> = whole.iter().map(|r| format!("{r:.2}")).collect();
+    println!(
+        "all phases  median ratio {:.2}   ratio of totals {:.2} (kiln {k:.1} s, qemu {q:.1} s for the same I/O)   sorted: {}",
+        whole[whole.len() / 2],
+        q / k,
+        sorted.join(" ")
+    );
     println!("load average at the end {}", load_average());
 }
 
