@@ -23,6 +23,8 @@ use virtio_queue::Queue;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 // The mock guest's queue plumbing, shared with the vsock queue tests.
+#[path = "../tests/vsock_guest/mod.rs"]
+mod vsock_guest;
 #[path = "../tests/vsock_mock/mod.rs"]
 mod vsock_mock;
 use vsock_mock::{
@@ -259,21 +261,10 @@ fn qemu_bench(mib: usize) {
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let helper = dir.path().join("vsock-helper");
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vsock_guest/helper.rs");
-    let st = std::process::Command::new(std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into()))
-        .args([
-            "--edition",
-            "2021",
-            "-O",
-            "-C",
-            "target-feature=+crt-static",
-            "-o",
-        ])
-        .arg(&helper)
-        .arg(&src)
-        .status()
-        .expect("rustc");
-    assert!(st.success(), "building the guest helper failed");
+    if let Err(e) = vsock_guest::build_helper(&helper) {
+        println!("qemu    SKIP: cannot build the static guest helper: {e}");
+        return;
+    }
     let initrd = dir.path().join("initrd.cpio");
     Initramfs::new()
         .busybox()

@@ -10,10 +10,9 @@
 //! device serves again afterwards. Skips loudly where qemu, rustc or the kernel package
 //! cannot be had.
 
+mod vsock_guest;
+
 use std::io::{Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kiln_e2e::initramfs::Initramfs;
@@ -21,6 +20,8 @@ use kiln_e2e::kernel::guest_kernel;
 use kiln_e2e::qemu::{qemu_available, Qemu, QemuConfig};
 use kiln_e2e::skip;
 use kiln_vmm::devices::vsock::vhost_user::spawn;
+
+use vsock_guest::{build_helper, host_connect, host_echo_listener};
 
 const GUEST_CID: u64 = 3;
 const GUEST_PORT: u32 = 1024;
@@ -53,120 +54,8 @@ kill $LISTENER
 sleep 600
 "#;
 
-/// The byte stream both sides agree on (same generator as the guest helper).
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut s = seed | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 24) as u8
-        })
-        .collect()
-}
-
-fn build_helper(out: &Path) -> Result<(), String> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vsock_guest/helper.rs");
-    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
-    let o = Command::new(rustc)
-        .args([
-            "--edition",
-            "2021",
-            "-O",
-            "-C",
-            "target-feature=+crt-static",
-            "-C",
-            "strip=symbols",
-            "-o",
-        ])
-        .arg(out)
-        .arg(&src)
-        .output()
-        .map_err(|e| format!("cannot run rustc: {e}"))?;
-    if !o.status.success() {
-        return Err(format!(
-            "rustc failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        ));
-    }
-    Ok(())
-}
-
-/// Host side of the Firecracker handshake; returns the stream and the host port in `OK`.
-fn host_connect(uds: &Path, port: u32) -> std::io::Result<(UnixStream, Option<u32>)> {
-    let mut s = UnixStream::connect(uds)?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    s.write_all(format!("CONNECT {port}\n").as_bytes())?;
-    // Read the reply byte by byte so no echoed data is swallowed.
-    let mut line = Vec::new();
-    let mut b = [0u8; 1];
-    loop {
-        match s.read(&mut b) {
-            Ok(0) => return Ok((s, None)),
-            Ok(_) if b[0] == b'\n' => break,
-            Ok(_) => line.push(b[0]),
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok((s, None)),
-            Err(e) => return Err(e),
-        }
-        assert!(line.len() < 64, "absurd reply {line:?}");
-    }
-    let text = String::from_utf8_lossy(&line).into_owned();
-    let p = text
-        .strip_prefix("OK ")
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("bad reply {text:?}"));
-    Ok((s, Some(p)))
-}
-
-/// Sends `data` through the guest's echo service and checks it comes back intact.
-fn echo_through_guest(uds: &Path, seed: u64, len: usize) -> Result<(), String> {
-    let (s, port) = host_connect(uds, GUEST_PORT).map_err(|e| e.to_string())?;
-    let port = port.ok_or("CONNECT refused")?;
-    assert!(port > 0);
-    let data = pattern(seed, len);
-    let mut w = s.try_clone().map_err(|e| e.to_string())?;
-    let to_send = data.clone();
-    let writer = std::thread::spawn(move || {
-        let r = w.write_all(&to_send);
-        let _ = w.shutdown(std::net::Shutdown::Write);
-        r
-    });
-    let mut back = Vec::with_capacity(len);
-    let mut r = s;
-    r.read_to_end(&mut back)
-        .map_err(|e| format!("reading echo: {e}"))?;
-    writer
-        .join()
-        .map_err(|_| "writer panicked")?
-        .map_err(|e| format!("writing: {e}"))?;
-    if back != data {
-        return Err(format!(
-            "echo differs: got {} bytes, sent {}",
-            back.len(),
-            len
-        ));
-    }
-    Ok(())
-}
-
-fn host_echo_listener(path: PathBuf) -> UnixListener {
-    let l = UnixListener::bind(&path).expect("bind host listener");
-    let l2 = l.try_clone().expect("clone listener");
-    std::thread::spawn(move || {
-        for s in l2.incoming() {
-            let Ok(mut s) = s else { return };
-            std::thread::spawn(move || {
-                let mut w = match s.try_clone() {
-                    Ok(w) => w,
-                    Err(_) => return,
-                };
-                let _ = std::io::copy(&mut s, &mut w);
-                let _ = w.shutdown(std::net::Shutdown::Write);
-            });
-        }
-    });
-    l
+fn echo_through_guest(uds: &std::path::Path, seed: u64, len: usize) -> Result<(), String> {
+    vsock_guest::echo_through_guest(uds, GUEST_PORT, seed, len)
 }
 
 fn count(out: &str, marker: &str) -> usize {
