@@ -7,6 +7,7 @@
 //! - [`qemu::Qemu`]: `qemu-system-x86_64 -accel tcg` with serial to a file, waiting for marker
 //!   lines with a timeout, killed on drop.
 //! - [`image::checked_contents`]: a disk image after `qemu-img check`, as qemu-img reads it.
+//! - [`pattern::pattern`]: seeded pseudo-random test data.
 //! - [`module::clone_run_exec`]: a built module cloned, run and `kiln exec`'d like a user does.
 //!
 //! Tests that cannot get what they need (no qemu, no package download) call [`skip`] and
@@ -16,6 +17,7 @@ pub mod image;
 pub mod initramfs;
 pub mod kernel;
 pub mod module;
+pub mod pattern;
 pub mod qemu;
 
 use std::path::PathBuf;

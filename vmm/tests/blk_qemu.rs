@@ -25,15 +25,7 @@ const PATTERN_LEN: usize = 1 << 20;
 const SERIAL: &str = "kiln-blk-test";
 
 fn pattern() -> Vec<u8> {
-    let mut s = 0x9e37_79b9_7f4a_7c15u64;
-    (0..PATTERN_LEN)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 24) as u8
-        })
-        .collect()
+    kiln_e2e::pattern::pattern(0x9e37_79b9_7f4a_7c15, PATTERN_LEN)
 }
 
 const INIT: &str = r#"

@@ -46,15 +46,7 @@ const S_IOERR: u64 = 1;
 const S_UNSUPP: u64 = 2;
 
 fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut s = seed;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 24) as u8
-        })
-        .collect()
+    kiln_e2e::pattern::pattern(seed, len)
 }
 
 fn header(t: u32, sector: u64) -> Vec<u8> {

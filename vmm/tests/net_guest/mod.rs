@@ -96,17 +96,9 @@ pub fn vhost_user_net_args(sock: &Path, mac: &[u8; 6]) -> Vec<String> {
     ]
 }
 
-/// `len` pseudo-random bytes (xorshift), the same on every call.
+/// `len` pseudo-random bytes, the same on every call.
 pub fn pattern(len: usize) -> Vec<u8> {
-    let mut s = 0x2545_f491_4f6c_dd1du64;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 24) as u8
-        })
-        .collect()
+    kiln_e2e::pattern::pattern(0x2545_f491_4f6c_dd1d, len)
 }
 
 /// Serves `body` at any path on 127.0.0.1 to the first `conns` clients; returns the port.

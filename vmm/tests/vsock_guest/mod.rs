@@ -9,19 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-/// The byte stream both sides agree on (same generator as the guest helper).
-pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut s = seed | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 24) as u8
-        })
-        .collect()
-}
+pub use kiln_e2e::pattern::pattern;
 
+/// Build the static guest program (`helper.rs`) with rustc at `out`.
 pub fn build_helper(out: &Path) -> Result<(), String> {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vsock_guest/helper.rs");
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());

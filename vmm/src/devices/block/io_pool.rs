@@ -659,6 +659,15 @@ mod tests {
             .expect("serve hung (or panicked)")
     }
 
+    /// A new handler and pool on `disk` serve `queue` once, successfully.
+    fn serve_fresh(disk: &Arc<HookDisk>, queue: Queue, mem: &Arc<Mem>) -> Served {
+        let h = handler(disk.clone());
+        let pool = IoPool::new(&h);
+        let s = serve(pool, h, queue, mem);
+        s.result.as_ref().unwrap();
+        s
+    }
+
     #[test]
     fn two_requests_in_one_batch_run_side_by_side() {
         let mem = memory();
@@ -679,10 +688,7 @@ mod tests {
         let mut descs = request(&mem, 0, 0, VIRTIO_BLK_T_IN, 0);
         descs.extend(request(&mem, 1, 3, VIRTIO_BLK_T_IN, 8));
         vq.add_desc_chains(&descs, 0).unwrap();
-        let h = handler(disk.clone());
-        let pool = IoPool::new(&h);
-        let s = serve(pool, h, vq.create_queue().unwrap(), &mem);
-        s.result.unwrap();
+        let s = serve_fresh(&disk, vq.create_queue().unwrap(), &mem);
         assert_eq!(peak.load(Ordering::SeqCst), 2);
         for i in 0..2 {
             assert_eq!(status(&mem, i), VIRTIO_BLK_S_OK as u8, "request {i}");
@@ -761,10 +767,7 @@ mod tests {
         let mut descs = request_of(&mem, 0, 0, VIRTIO_BLK_T_IN, 0, 8192);
         descs.extend(request_of(&mem, 1, 3, VIRTIO_BLK_T_IN, 16, 512));
         vq.add_desc_chains(&descs, 0).unwrap();
-        let h = handler(disk.clone());
-        let pool = IoPool::new(&h);
-        let s = serve(pool, h, vq.create_queue().unwrap(), &mem);
-        s.result.unwrap();
+        let s = serve_fresh(&disk, vq.create_queue().unwrap(), &mem);
         let mut u = used(&vq);
         u.sort_unstable();
         assert_eq!(u, vec![(0, 8193), (3, 513)]);
@@ -796,10 +799,7 @@ mod tests {
         vq.add_desc_chains(&descs, 0).unwrap();
         let mut q: Queue = vq.create_queue().unwrap();
         q.set_event_idx(true);
-        let h = handler(disk.clone());
-        let pool = IoPool::new(&h);
-        let s = serve(pool, h, q, &mem);
-        s.result.unwrap();
+        let s = serve_fresh(&disk, q, &mem);
         let u = used(&vq);
         assert_eq!(u.len(), 3, "{u:?}");
         // Request 0 (head 0) completed after another one, and each head is there once with
@@ -839,10 +839,7 @@ mod tests {
         descs.extend(request(&mem, 2, 6, VIRTIO_BLK_T_FLUSH, 0));
         descs.extend(request(&mem, 3, 8, VIRTIO_BLK_T_IN, 16));
         vq.add_desc_chains(&descs, 0).unwrap();
-        let h = handler(disk.clone());
-        let pool = IoPool::new(&h);
-        let s = serve(pool, h, vq.create_queue().unwrap(), &mem);
-        s.result.unwrap();
+        serve_fresh(&disk, vq.create_queue().unwrap(), &mem);
         for i in 0..4 {
             assert_eq!(status(&mem, i), VIRTIO_BLK_S_OK as u8, "request {i}");
         }
@@ -886,10 +883,7 @@ mod tests {
         descs.extend(bad);
         descs.extend(request(&mem, 2, 6, VIRTIO_BLK_T_IN, 16));
         vq.add_desc_chains(&descs, 0).unwrap();
-        let h = handler(disk.clone());
-        let pool = IoPool::new(&h);
-        let s = serve(pool, h, vq.create_queue().unwrap(), &mem);
-        s.result.unwrap();
+        serve_fresh(&disk, vq.create_queue().unwrap(), &mem);
         assert_eq!(status(&mem, 1), VIRTIO_BLK_S_IOERR as u8);
         assert_eq!(status(&mem, 0), VIRTIO_BLK_S_OK as u8);
         assert_eq!(status(&mem, 2), VIRTIO_BLK_S_OK as u8);
@@ -919,10 +913,7 @@ mod tests {
         descs.extend(request(&mem, 1, 3, VIRTIO_BLK_T_IN, 8));
         descs.extend(request(&mem, 2, 6, VIRTIO_BLK_T_IN, 16));
         vq.add_desc_chains(&descs, 0).unwrap();
-        let h = handler(disk.clone());
-        let pool = IoPool::new(&h);
-        let s = serve(pool, h, vq.create_queue().unwrap(), &mem);
-        s.result.unwrap();
+        let s = serve_fresh(&disk, vq.create_queue().unwrap(), &mem);
         let mut u = used(&vq);
         u.sort_unstable();
         // The panicking requests complete with nothing written; the other one normally.
