@@ -10,7 +10,8 @@
 //! the fairness choices and records the numbers.
 //!
 //! Environment: `KILN_BIN` (else `kiln` beside this bench's profile folder), `KILN_BENCH_KEEP=1`
-//! keeps the work folder, `KILN_BENCH_DIR` puts it somewhere else than the system temp folder.
+//! keeps the work folder, `KILN_BENCH_DIR` puts it somewhere else than the system temp folder
+//! (made if missing).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -456,10 +457,11 @@ fn run(tools: &Tools) -> Res<()> {
     let mut b = tempfile::Builder::new();
     b.prefix("kiln-packer-bench-");
     let tmp = match std::env::var_os("KILN_BENCH_DIR") {
-        Some(d) => b.tempdir_in(d),
-        None => b.tempdir(),
-    }
-    .map_err(|e| format!("work folder: {e}"))?;
+        Some(d) => std::fs::create_dir_all(&d)
+            .map_err(|e| format!("KILN_BENCH_DIR {}: {e}", Path::new(&d).display()))
+            .and_then(|()| b.tempdir_in(&d).map_err(|e| format!("work folder: {e}"))),
+        None => b.tempdir().map_err(|e| format!("work folder: {e}")),
+    }?;
     let work = if std::env::var_os("KILN_BENCH_KEEP").is_some() {
         tmp.keep()
     } else {
