@@ -14,6 +14,8 @@ mod info;
 mod open;
 pub mod qcow2;
 mod raw;
+#[cfg(any(test, feature = "test-images"))]
+pub mod test_images;
 mod vectored;
 #[cfg(test)]
 mod vectored_tests;

@@ -71,43 +71,43 @@ pub(crate) fn pwritev_all(file: &File, bufs: &[IoSlice<'_>], offset: u64) -> io:
 fn preadv(file: &File, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<usize> {
     let off = libc::off_t::try_from(offset).map_err(|_| io::Error::other("offset overflow"))?;
     let cnt = bufs.len().min(IOV_MAX) as libc::c_int;
-    loop {
+    retry_eintr(|| {
         // SAFETY: `IoSliceMut` is ABI-compatible with `struct iovec` on Unix (std guarantees
         // it); the first `cnt` entries are valid, writable buffers borrowed for this call, and
         // the kernel writes at most their lengths.
-        let r = unsafe {
+        unsafe {
             libc::preadv(
                 file.as_raw_fd(),
                 bufs.as_ptr().cast::<libc::iovec>(),
                 cnt,
                 off,
             )
-        };
-        if r >= 0 {
-            return Ok(r as usize);
         }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
+    })
 }
 
 /// One `pwritev`, retried on EINTR; returns the bytes written.
 fn pwritev(file: &File, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<usize> {
     let off = libc::off_t::try_from(offset).map_err(|_| io::Error::other("offset overflow"))?;
     let cnt = bufs.len().min(IOV_MAX) as libc::c_int;
-    loop {
+    retry_eintr(|| {
         // SAFETY: `IoSlice` is ABI-compatible with `struct iovec` on Unix; the first `cnt`
         // entries are valid buffers borrowed for this call, which the kernel only reads.
-        let r = unsafe {
+        unsafe {
             libc::pwritev(
                 file.as_raw_fd(),
                 bufs.as_ptr().cast::<libc::iovec>(),
                 cnt,
                 off,
             )
-        };
+        }
+    })
+}
+
+/// Run a syscall until it is not interrupted; its non-negative result as a count.
+fn retry_eintr(mut call: impl FnMut() -> isize) -> io::Result<usize> {
+    loop {
+        let r = call();
         if r >= 0 {
             return Ok(r as usize);
         }

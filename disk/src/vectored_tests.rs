@@ -5,35 +5,12 @@
 //! a byte that goes to the wrong piece or past one is caught.
 
 use std::io::{IoSlice, IoSliceMut};
-use std::path::Path;
 use std::sync::Arc;
 
-use crate::qcow2::meta::{Cluster, Meta};
-use crate::{
-    convert, create, open, open_with_own_reader, BlockDevice, Compression, ConvertOptions,
-    CreateOptions, Format, OpenOptions, RawDevice,
-};
+use crate::test_images::{converted, every_kind_chain, qcow2, Rng, CS, SIZE};
+use crate::{open, open_with_own_reader, BlockDevice, Compression, Format, OpenOptions, RawDevice};
 
-const CS: u64 = 4096;
-const SIZE: u64 = 64 * CS;
 const GUARD: u8 = 0xee;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    /// Random, but from 16 values, so it compresses (compressed clusters get made).
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| (self.next() % 16) as u8 * 17).collect()
-    }
-}
 
 /// Piece lengths summing to `len`: odd sizes, zero-length ones, some crossing clusters.
 fn pieces(rng: &mut Rng, len: usize) -> Vec<usize> {
@@ -131,83 +108,11 @@ fn check_reads(name: &str, dev: &dyn BlockDevice, model: &[u8], rng: &mut Rng) {
     }
 }
 
-fn qcow2(path: &Path, backing: Option<&Path>) {
-    create(
-        path,
-        &CreateOptions {
-            size: Some(SIZE),
-            cluster_size: CS,
-            backing: backing.map(|b| b.to_str().unwrap().to_string()),
-            backing_format: backing.map(|_| Format::Qcow2),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-}
-
-/// base: data in clusters 8..40 and 50..52, the rest unallocated (zeroes). top (over
-/// base): a write from the middle of cluster 20 to just into cluster 30 (copy-on-write of
-/// the partial clusters from base), zero-flagged clusters 35..38 over base data, data in
-/// 60..62 where base has nothing; everything else unallocated, read from base.
-fn build_chain(dir: &Path, rng: &mut Rng) -> (std::path::PathBuf, Vec<u8>) {
-    let (base, top) = (dir.join("base.qcow2"), dir.join("top.qcow2"));
-    qcow2(&base, None);
-    let mut model = vec![0u8; SIZE as usize];
-    {
-        let b = open(&base, OpenOptions::read_write()).unwrap();
-        for (from, to) in [(8, 40), (50, 52)] {
-            let data = rng.bytes(((to - from) * CS) as usize);
-            b.write_at(&data, from * CS).unwrap();
-            model[(from * CS) as usize..(to * CS) as usize].copy_from_slice(&data);
-        }
-        b.flush().unwrap();
-    }
-    qcow2(&top, Some(&base));
-    {
-        let t = open(&top, OpenOptions::read_write()).unwrap();
-        let (a, z) = (20 * CS + 100, 30 * CS + 7);
-        let data = rng.bytes((z - a) as usize);
-        t.write_at(&data, a).unwrap();
-        model[a as usize..z as usize].copy_from_slice(&data);
-        t.write_zeroes(35 * CS, 3 * CS).unwrap();
-        model[(35 * CS) as usize..(38 * CS) as usize].fill(0);
-        let data = rng.bytes((2 * CS) as usize);
-        t.write_at(&data, 60 * CS).unwrap();
-        model[(60 * CS) as usize..(62 * CS) as usize].copy_from_slice(&data);
-        t.flush().unwrap();
-    }
-    // The kinds the test is about really are there.
-    let meta = Meta::open(std::fs::File::open(&top).unwrap()).unwrap();
-    assert_eq!(meta.lookup(36).unwrap(), Cluster::Zero);
-    assert_eq!(meta.lookup(10).unwrap(), Cluster::Unallocated);
-    assert!(matches!(meta.lookup(25).unwrap(), Cluster::Data(_)));
-    (top, model)
-}
-
-fn converted(src: &dyn BlockDevice, dst: &Path, format: Format, compress: Option<Compression>) {
-    let stats = convert(
-        src,
-        dst,
-        &ConvertOptions {
-            format,
-            compress,
-            cluster_size: CS,
-            threads: 1,
-            progress: None,
-            sync: false,
-        },
-    )
-    .unwrap();
-    if compress.is_some() {
-        assert!(stats.compressed_clusters > 0, "{stats:?}");
-    }
-}
-
 #[test]
 fn vectored_reads_land_in_place_on_every_device_and_cluster_kind() {
     let dir = tempfile::tempdir().unwrap();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let (top, model) = build_chain(dir.path(), &mut rng);
+    let (top, model) = every_kind_chain(dir.path(), &mut rng);
     let imago = open(&top, OpenOptions::read_only()).unwrap();
     check_reads("imago chain", imago.as_ref(), &model, &mut rng);
     let own = open_with_own_reader(&top).unwrap();
@@ -245,7 +150,7 @@ fn vectored_reads_land_in_place_on_every_device_and_cluster_kind() {
 fn vectored_writes_land_in_place_on_qcow2_chains_and_raw() {
     let dir = tempfile::tempdir().unwrap();
     let mut rng = Rng(0x2545_f491_4f6c_dd1d);
-    let (top, mut model) = build_chain(dir.path(), &mut rng);
+    let (top, mut model) = every_kind_chain(dir.path(), &mut rng);
     let raw_path = dir.path().join("flat.raw");
     std::fs::write(&raw_path, &model).unwrap();
     let f = std::fs::OpenOptions::new()

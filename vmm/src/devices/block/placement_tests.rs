@@ -6,13 +6,10 @@
 //! guard bytes, so a byte written to the wrong piece or past one fails the test; the
 //! reference is the device's own plain `read_at`.
 
-use std::path::Path;
 use std::sync::Arc;
 
-use kiln_disk::{
-    convert, create, open, BlockDevice, Compression, ConvertOptions, CreateOptions, Format,
-    OpenOptions,
-};
+use kiln_disk::test_images::{converted, every_kind_chain, Rng, CS, SIZE};
+use kiln_disk::{open, BlockDevice, Compression, Format, OpenOptions};
 use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
@@ -25,30 +22,11 @@ use super::{BlockDeviceConfig, BlockHandler, BlockOptions, IoPool};
 
 type Mem = GuestMemoryMmap<()>;
 
-const CS: u64 = 4096;
-const SIZE: u64 = 64 * CS;
 const GUARD: u8 = 0xee;
 /// Guest memory: two regions, host-separate, meeting at `REGION`.
 const REGION: u64 = 0x20_0000;
 /// Data descriptors are placed from here on (the queue's rings sit below).
 const DATA_AREA: u64 = 0x10_0000;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    /// Random, but from 16 values, so it compresses (compressed clusters get made).
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| (self.next() % 16) as u8 * 17).collect()
-    }
-}
 
 fn memory() -> Mem {
     GuestMemoryMmap::from_ranges(&[
@@ -204,63 +182,11 @@ fn check_reads(name: &str, disk: Arc<dyn BlockDevice>, rng: &mut Rng) {
     }
 }
 
-fn qcow2(path: &Path, backing: Option<&Path>) {
-    create(
-        path,
-        &CreateOptions {
-            size: Some(SIZE),
-            cluster_size: CS,
-            backing: backing.map(|b| b.to_str().unwrap().to_string()),
-            backing_format: backing.map(|_| Format::Qcow2),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-}
-
-/// base: data in clusters 8..40 and 50..52. top over base: data from inside cluster 20 to
-/// inside cluster 30 (partial clusters copied from base), zero-flagged 35..38 over base
-/// data, data in 60..62; the rest unallocated.
-fn chain_images(dir: &Path, rng: &mut Rng) -> std::path::PathBuf {
-    let (base, top) = (dir.join("base.qcow2"), dir.join("top.qcow2"));
-    qcow2(&base, None);
-    {
-        let b = open(&base, OpenOptions::read_write()).unwrap();
-        b.write_at(&rng.bytes((32 * CS) as usize), 8 * CS).unwrap();
-        b.write_at(&rng.bytes((2 * CS) as usize), 50 * CS).unwrap();
-    }
-    qcow2(&top, Some(&base));
-    {
-        let t = open(&top, OpenOptions::read_write()).unwrap();
-        t.write_at(&rng.bytes((10 * CS - 93) as usize), 20 * CS + 100)
-            .unwrap();
-        t.write_zeroes(35 * CS, 3 * CS).unwrap();
-        t.write_at(&rng.bytes((2 * CS) as usize), 60 * CS).unwrap();
-    }
-    top
-}
-
-fn converted(src: &dyn BlockDevice, dst: &Path, format: Format, compress: Option<Compression>) {
-    let opts = ConvertOptions {
-        format,
-        compress,
-        cluster_size: CS,
-        threads: 1,
-        progress: None,
-        sync: false,
-    };
-    let stats = convert(src, dst, &opts).unwrap();
-    assert!(
-        compress.is_none() || stats.compressed_clusters > 0,
-        "{stats:?}"
-    );
-}
-
 #[test]
 fn scattered_reads_land_in_place_on_every_kind_of_cluster() {
     let dir = tempfile::tempdir().unwrap();
     let mut rng = Rng(0x1234_5678_9abc_def1);
-    let top = chain_images(dir.path(), &mut rng);
+    let (top, _) = every_kind_chain(dir.path(), &mut rng);
     let chain_dev = open(&top, OpenOptions::read_only()).unwrap();
     let (deflate, zstd, raw) = (
         dir.path().join("d.qcow2"),
@@ -290,7 +216,7 @@ fn scattered_reads_land_in_place_on_every_kind_of_cluster() {
 fn scattered_writes_land_in_place_on_a_qcow2_chain_and_raw() {
     let dir = tempfile::tempdir().unwrap();
     let mut rng = Rng(0x0bad_cafe_f00d_1234);
-    let top = chain_images(dir.path(), &mut rng);
+    let (top, _) = every_kind_chain(dir.path(), &mut rng);
     let raw = dir.path().join("r.raw");
     std::fs::write(&raw, vec![0x5a; SIZE as usize]).unwrap();
     for p in [&top, &raw] {
@@ -331,7 +257,7 @@ fn scattered_writes_land_in_place_on_a_qcow2_chain_and_raw() {
 fn reads_in_flight_on_the_pool_land_in_their_own_buffers() {
     let dir = tempfile::tempdir().unwrap();
     let mut rng = Rng(0x7777_1111_2222_3333);
-    let top = chain_images(dir.path(), &mut rng);
+    let (top, _) = every_kind_chain(dir.path(), &mut rng);
     let disk = open(&top, OpenOptions::read_only()).unwrap();
     let mem = Arc::new(memory());
     let config = BlockDeviceConfig::new(disk.size(), true, &BlockOptions::default());
