@@ -86,6 +86,13 @@ pub enum Event {
     /// Something worth a line of its own (engine choice, cache hit, warnings).
     #[serde(rename_all = "camelCase")]
     Note { vm: Option<String>, message: String },
+    /// The command failed (under `--json`, its last line): the error with its causes, and
+    /// for an invalid manifest every diagnostic with its file, line and column.
+    #[serde(rename_all = "camelCase")]
+    Error {
+        message: String,
+        diagnostics: Vec<crate::manifest::Diagnostic>,
+    },
     /// Bytes done of a long transfer (download, capture).
     #[serde(rename_all = "camelCase")]
     Progress {
@@ -94,6 +101,61 @@ pub enum Event {
         done: u64,
         total: Option<u64>,
     },
+}
+
+/// Version of the `--json` event lines and of `logs/events.jsonl`: raised when a field is
+/// removed or changes meaning (new fields and event kinds do not raise it).
+pub const EVENT_SCHEMA: u32 = 1;
+
+/// One event line as written: the schema version and the wall-clock time (RFC 3339, UTC, in
+/// milliseconds) before the event's own fields, so lines from several builds can be merged
+/// and read months later.
+#[derive(Serialize)]
+struct Line<'a> {
+    schema: u32,
+    time: String,
+    #[serde(flatten)]
+    event: &'a Event,
+}
+
+/// `event` as one JSON line (without the newline), stamped now.
+pub fn json_line(event: &Event) -> Option<String> {
+    serde_json::to_string(&Line {
+        schema: EVENT_SCHEMA,
+        time: rfc3339_now(),
+        event,
+    })
+    .ok()
+}
+
+/// The current time as `2026-12-07T06:57:36.123Z`.
+fn rfc3339_now() -> String {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    rfc3339(d.as_secs(), d.subsec_millis())
+}
+
+/// Unix seconds as an RFC 3339 UTC time. The civil date is computed by Howard Hinnant's
+/// days-from-civil inverse: twelve lines instead of a date crate for one format.
+fn rfc3339(secs: u64, millis: u32) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        rem / 3_600,
+        rem % 3_600 / 60,
+        rem % 60
+    )
 }
 
 /// Where events go. Implementations must be cheap: events come from VM threads.
@@ -122,7 +184,7 @@ impl Default for JsonSink {
 
 impl EventSink for JsonSink {
     fn emit(&self, event: &Event) {
-        if let Ok(line) = serde_json::to_string(event) {
+        if let Some(line) = json_line(event) {
             let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
             // A closed stdout (`| head`) must not stop the build.
             let _ = writeln!(out, "{line}");
@@ -131,20 +193,79 @@ impl EventSink for JsonSink {
     }
 }
 
+/// Whether to write colour to a stream: only to a terminal, and never when `NO_COLOR` is set
+/// to anything non-empty (no-color.org).
+pub fn colour_on(stream_is_terminal: bool) -> bool {
+    stream_is_terminal && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// A guest's output line made safe to print: control characters and escape sequences are
+/// dropped (a guest must not move the cursor, retitle or clear the user's terminal), except
+/// colour (SGR) sequences when `keep_colour`. Written here rather than taken from a crate
+/// because the crates strip every sequence and this keeps colour on a terminal.
+pub fn sanitize_guest_line(line: &str, keep_colour: bool) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut it = line.chars().peekable();
+    while let Some(c) = it.next() {
+        match c {
+            '\u{1b}' => match it.peek() {
+                // CSI: parameters and intermediates, then one final byte in @..~.
+                Some('[') => {
+                    it.next();
+                    let mut seq = String::from("\u{1b}[");
+                    let mut fin = None;
+                    for d in it.by_ref() {
+                        seq.push(d);
+                        if ('@'..='~').contains(&d) {
+                            fin = Some(d);
+                            break;
+                        }
+                    }
+                    if keep_colour && fin == Some('m') {
+                        out.push_str(&seq);
+                    }
+                }
+                // OSC, DCS, APC, PM, SOS: a string ended by BEL or ESC \.
+                Some(']' | 'P' | '_' | '^' | 'X') => {
+                    it.next();
+                    while let Some(d) = it.next() {
+                        if d == '\u{7}' || (d == '\u{1b}' && it.next_if_eq(&'\\').is_some()) {
+                            break;
+                        }
+                    }
+                }
+                // Any other escape: ESC and the one character after it.
+                Some(_) => {
+                    it.next();
+                }
+                None => {}
+            },
+            '\t' => out.push(c),
+            c if c.is_control() => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// The terminal view: one status line per VM with its phase and the time spent in it, and
 /// guest output printed above them, prefixed with the VM's name.
 pub struct HumanSink {
     multi: indicatif::MultiProgress,
     bars: Mutex<BTreeMap<String, (indicatif::ProgressBar, Instant)>>,
     start: Instant,
+    /// Guest colour passes through (stderr is a terminal and NO_COLOR is unset).
+    colour: bool,
 }
 
 impl HumanSink {
     pub fn new() -> Self {
+        use std::io::IsTerminal;
         Self {
             multi: indicatif::MultiProgress::new(),
             bars: Mutex::new(BTreeMap::new()),
             start: Instant::now(),
+            colour: colour_on(std::io::stderr().is_terminal()),
         }
     }
 
@@ -218,7 +339,9 @@ impl EventSink for HumanSink {
                     .set_message(format!("step {} {step} ({kind})", index + 1));
                 self.println(&format!("{vm}: ==> step {} '{step}' ({kind})", index + 1));
             }
-            Event::StepOutput { vm, line, .. } => self.println(&format!("{vm}| {line}")),
+            Event::StepOutput { vm, line, .. } => {
+                self.println(&format!("{vm}| {}", sanitize_guest_line(line, self.colour)))
+            }
             Event::StepFinished {
                 vm,
                 step,
@@ -241,6 +364,7 @@ impl EventSink for HumanSink {
                 Some(vm) => self.println(&format!("{vm}: {message}")),
                 None => self.println(message),
             },
+            Event::Error { message, .. } => self.println(&format!("error: {message}")),
             Event::Progress {
                 vm,
                 what,
@@ -303,7 +427,7 @@ impl FileSink {
 
 impl EventSink for FileSink {
     fn emit(&self, event: &Event) {
-        if let Ok(line) = serde_json::to_string(event) {
+        if let Some(line) = json_line(event) {
             let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
             let _ = writeln!(f, "{line}");
         }
@@ -343,5 +467,56 @@ mod tests {
         assert_eq!(v["event"], "stepFinished");
         assert_eq!(v["durationMs"], 5);
         assert_eq!(v["ok"], false);
+    }
+
+    #[test]
+    fn every_line_carries_the_schema_and_the_wall_clock_time() {
+        let e = Event::Note {
+            vm: None,
+            message: "hi".into(),
+        };
+        let before = std::time::SystemTime::now();
+        let v: serde_json::Value = serde_json::from_str(&json_line(&e).unwrap()).unwrap();
+        assert_eq!(v["schema"], EVENT_SCHEMA);
+        assert_eq!(v["event"], "note");
+        assert_eq!(v["message"], "hi");
+        let t = v["time"].as_str().unwrap();
+        // The same second as now (or the next), in RFC 3339 UTC with milliseconds.
+        let secs = before
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let now = [rfc3339(secs, 0), rfc3339(secs + 1, 0)];
+        assert!(now.iter().any(|n| n[..19] == t[..19]), "{t} vs {now:?}");
+        assert_eq!(t.len(), "2026-12-07T06:57:36.123Z".len(), "{t}");
+        assert!(t.ends_with('Z'));
+    }
+
+    #[test]
+    fn guest_lines_lose_terminal_control_and_keep_colour_only_when_asked() {
+        let line =
+            "\u{1b}[1;31mred\u{1b}[0m \u{1b}]0;title\u{7}\u{1b}[2J\u{1b}[Hok\r\tx\u{8}\u{1b}(B";
+        assert_eq!(sanitize_guest_line(line, false), "red ok\tx");
+        assert_eq!(
+            sanitize_guest_line(line, true),
+            "\u{1b}[1;31mred\u{1b}[0m ok\tx"
+        );
+        // An unterminated sequence at the end is dropped, not printed half.
+        assert_eq!(sanitize_guest_line("a\u{1b}[31", true), "a");
+        assert_eq!(sanitize_guest_line("a\u{1b}]0;t\u{1b}\\b", false), "ab");
+        assert_eq!(sanitize_guest_line("plain ünïcode", false), "plain ünïcode");
+    }
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(rfc3339(0, 0), "1970-01-01T00:00:00.000Z");
+        // 2000-02-29 (a leap day of a century leap year) and the day after.
+        assert_eq!(rfc3339(951_782_400, 7), "2000-02-29T00:00:00.007Z");
+        assert_eq!(
+            rfc3339(951_868_800 + 3_661, 999),
+            "2000-03-01T01:01:01.999Z"
+        );
+        assert_eq!(rfc3339(1_796_625_456, 123), "2026-12-07T06:37:36.123Z");
+        assert_eq!(rfc3339(4_107_542_399, 0), "2100-02-28T23:59:59.000Z");
     }
 }

@@ -368,6 +368,11 @@ fn run_once(
         vms,
         manifest: job.manifest_text.clone(),
     };
+    // The last moment an interrupt stops the build; after the rename the module is whole.
+    if ctx.cancel.load(Ordering::SeqCst) {
+        build_phase(BuildPhase::Failed, Some("cancelled".into()));
+        return Err(BuildError::Cancelled);
+    }
     let dir = pending.commit(&record)?;
     build_phase(
         BuildPhase::Succeeded,
@@ -811,6 +816,11 @@ fn build_vm(
             .map_err(|e| e.to_string())?;
             let _ = fs::remove_file(&a.path);
             disks.push(rec);
+            // A Ctrl-C during a capture ends the build once that disk is written: no module
+            // is committed after an interrupt.
+            if cancelled() {
+                return Err("cancelled".into());
+            }
         }
         Ok(disks)
     })();

@@ -200,3 +200,56 @@ fn examples_validate() {
         matches!(&pair.vms()[0].source, Source::Bootstrap { packages, .. } if packages == &["busybox"])
     );
 }
+
+/// Every key `kiln plan --json` can print, for every valid manifest of the corpus and the
+/// examples, is camelCase like the manifest's own: one key style in every JSON kiln writes.
+#[test]
+fn plan_json_keys_are_camel_case() {
+    fn walk(v: &serde_json::Value, at: &str, bad: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    // Keys the user chose (env names, file names) are data, not style.
+                    let data = at.ends_with(".env") || at.ends_with(".files");
+                    if !data && k.contains(['_', '-']) {
+                        bad.push(format!("{at}.{k}"));
+                    }
+                    walk(v, &format!("{at}.{k}"), bad);
+                }
+            }
+            serde_json::Value::Array(a) => {
+                for (i, v) in a.iter().enumerate() {
+                    walk(v, &format!("{at}[{i}]"), bad);
+                }
+            }
+            _ => {}
+        }
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files: Vec<_> = std::fs::read_dir(dir.join("tests/manifests"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "yaml")
+                && p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("valid-"))
+        })
+        .collect();
+    for name in ["hello", "layered", "pair"] {
+        files.push(dir.join(format!("../examples/{name}.yaml")));
+    }
+    let mut bad = Vec::new();
+    for f in &files {
+        let Some(plan) = load(f).expect("readable").plan else {
+            continue;
+        };
+        walk(
+            &serde_json::to_value(&plan).unwrap(),
+            &f.file_name().unwrap().to_string_lossy(),
+            &mut bad,
+        );
+    }
+    assert!(files.len() > 10);
+    assert!(bad.is_empty(), "keys not in camelCase: {bad:#?}");
+}

@@ -11,7 +11,7 @@ use clap::Args;
 use crate::cache::Cache;
 use crate::engine::EngineChoice;
 use crate::events::{EventSink, FileSink, HumanSink, JsonSink, Tee};
-use crate::pipeline::{self, BuildContext, BuildError, BuildOptions, OnError, VmRegistry};
+use crate::pipeline::{self, BuildContext, BuildOptions, OnError, VmRegistry};
 
 #[derive(Debug, Args)]
 pub struct BuildArgs {
@@ -40,6 +40,29 @@ pub struct BuildArgs {
 }
 
 pub fn build(a: BuildArgs) -> anyhow::Result<ExitCode> {
+    let json = a.json;
+    let result = build_inner(a);
+    if let (true, Err(e)) = (json, &result) {
+        // Under `--json` a failure is also the last line on stdout, so a tool reading only
+        // stdout learns why (stderr still gets the human text).
+        let diagnostics = e
+            .chain()
+            .find_map(|c| match c.downcast_ref::<crate::manifest::LoadError>() {
+                Some(crate::manifest::LoadError::Invalid { diagnostics, .. }) => {
+                    Some(diagnostics.clone())
+                }
+                _ => None,
+            })
+            .unwrap_or_default();
+        JsonSink::new().emit(&crate::events::Event::Error {
+            message: super::report::render(e),
+            diagnostics,
+        });
+    }
+    result
+}
+
+fn build_inner(a: BuildArgs) -> anyhow::Result<ExitCode> {
     let loaded = crate::manifest::load(&a.file)?;
     for w in loaded.warnings() {
         eprintln!("{}", w.render());
@@ -65,16 +88,20 @@ pub fn build(a: BuildArgs) -> anyhow::Result<ExitCode> {
 
     let cancel = Arc::new(AtomicBool::new(false));
     let registry = VmRegistry::default();
+    // Set by the user's Ctrl-C only (a timeout or another VM's failure also sets `cancel`).
+    let interrupted = Arc::new(AtomicBool::new(false));
     {
         let cancel = cancel.clone();
         let registry = registry.clone();
-        let interrupted = Arc::new(AtomicBool::new(false));
+        let interrupted = interrupted.clone();
         ctrlc::set_handler(move || {
             if interrupted.swap(true, Ordering::SeqCst) {
+                // What is left behind is removed by the next run's start-up clean-up.
                 eprintln!("kiln: interrupted again; stopping now");
-            } else {
-                eprintln!("kiln: interrupted; stopping every VM and removing the partial module");
+                registry.kill_all();
+                std::process::exit(130);
             }
+            eprintln!("kiln: interrupted; stopping every VM (Ctrl-C again to stop at once)");
             cancel.store(true, Ordering::SeqCst);
             registry.kill_all();
         })
@@ -101,6 +128,9 @@ pub fn build(a: BuildArgs) -> anyhow::Result<ExitCode> {
     match result {
         Ok(dir) => {
             let _ = std::fs::rename(&events_path, dir.join("logs").join("events.jsonl"));
+            if interrupted.load(Ordering::SeqCst) {
+                eprintln!("kiln: the interrupt came after the module was written; it is kept");
+            }
             if !a.json {
                 eprintln!("module `{}` built: {}", job.name, dir.display());
             }
@@ -108,7 +138,8 @@ pub fn build(a: BuildArgs) -> anyhow::Result<ExitCode> {
         }
         Err(e) => {
             let _ = std::fs::remove_file(&events_path);
-            if cancel.load(Ordering::SeqCst) && matches!(e, BuildError::Cancelled) {
+            // After a Ctrl-C, whatever error the stopped VMs report is its consequence.
+            if interrupted.load(Ordering::SeqCst) {
                 eprintln!("error: the build was cancelled; no module was written");
                 return Ok(ExitCode::from(130));
             }

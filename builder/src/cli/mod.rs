@@ -10,6 +10,7 @@ mod disk;
 mod instance;
 mod manifest;
 mod modules;
+mod report;
 mod serve;
 mod vm;
 
@@ -86,7 +87,7 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", report::render(&e));
             ExitCode::FAILURE
         }
     }
@@ -108,8 +109,10 @@ fn init_logging(verbose: u8) {
         _ => "trace",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(crate::events::colour_on(std::io::stderr().is_terminal()))
         .init();
 }

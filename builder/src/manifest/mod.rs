@@ -94,11 +94,10 @@ impl Loaded {
             Some(p) => Ok(p),
             None => Err(LoadError::Invalid {
                 path: self.path,
-                report: self
+                diagnostics: self
                     .diagnostics
-                    .iter()
-                    .filter(|d| d.is_error())
-                    .map(Diagnostic::render)
+                    .into_iter()
+                    .filter(Diagnostic::is_error)
                     .collect(),
             }),
         }
@@ -113,8 +112,15 @@ pub enum LoadError {
         #[source]
         source: std::io::Error,
     },
-    #[error("manifest {path} is invalid:\n{report}")]
-    Invalid { path: PathBuf, report: String },
+    #[error(
+        "manifest {path} is invalid:\n{}",
+        diagnostics.iter().map(Diagnostic::render).collect::<String>()
+    )]
+    Invalid {
+        path: PathBuf,
+        /// The errors, in file order (for `--json` callers).
+        diagnostics: Vec<Diagnostic>,
+    },
 }
 
 /// Read and validate a manifest file. `Err` only when the file cannot be read at all; problems

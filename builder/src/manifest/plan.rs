@@ -87,7 +87,11 @@ pub struct Vm {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase", tag = "kind")]
+#[serde(
+    rename_all = "camelCase",
+    rename_all_fields = "camelCase",
+    tag = "kind"
+)]
 pub enum Source {
     /// A disk image (qcow2 or raw) to download; `sha256` is lowercase hex when given.
     Url { url: String, sha256: Option<String> },
@@ -230,7 +234,11 @@ pub struct Provisioner {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase", tag = "type")]
+#[serde(
+    rename_all = "camelCase",
+    rename_all_fields = "camelCase",
+    tag = "type"
+)]
 pub enum Step {
     Shell {
         /// The script: `inline`, or the contents of `scriptFrom` when that is used.
