@@ -234,8 +234,9 @@ pub fn sanitize_guest_line(line: &str, keep_colour: bool) -> String {
                         }
                     }
                 }
-                // Any other escape: ESC and the one character after it.
+                // Any other escape: intermediates (space to /), then one final character.
                 Some(_) => {
+                    while it.next_if(|d| (' '..='/').contains(d)).is_some() {}
                     it.next();
                 }
                 None => {}
