@@ -235,6 +235,24 @@ fn build_json_reports_an_invalid_manifest_as_json() {
     }
 }
 
+/// `kiln plan --json` of an invalid or missing manifest also ends with a JSON error line.
+#[test]
+fn plan_json_reports_errors_as_json() {
+    for (file, code, with_diagnostics) in [
+        ("tests/manifests/invalid-unknown-fields.yaml", 1, true),
+        ("tests/manifests/missing.yaml", 2, false),
+    ] {
+        let (out, err, got) = kiln(&["plan", "--json", file], crate_dir());
+        assert_eq!(got, code, "{file}: {err}");
+        let v: serde_json::Value =
+            serde_json::from_str(out.lines().last().expect("a line")).expect("JSON");
+        assert_eq!(v["event"], "error", "{v}");
+        assert!(!v["message"].as_str().unwrap_or("").is_empty(), "{v}");
+        let n = v["diagnostics"].as_array().map_or(0, Vec::len);
+        assert_eq!(n > 0, with_diagnostics, "{v}");
+    }
+}
+
 /// An error's cause is printed once, not once by the error and again by the chain.
 #[test]
 fn errors_print_each_cause_once() {

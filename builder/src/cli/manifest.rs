@@ -180,10 +180,22 @@ fn write_atomic(path: &std::path::Path, data: &[u8]) -> anyhow::Result<()> {
 }
 
 pub fn plan(a: PlanArgs) -> anyhow::Result<ExitCode> {
+    // Under `--json` a failure is a JSON error on stdout too, as `kiln build --json` ends.
+    let json_error = |message: String, diagnostics: Vec<Diagnostic>| {
+        if a.json {
+            if let Some(line) = crate::events::json_line(&crate::events::Event::Error {
+                message,
+                diagnostics,
+            }) {
+                println!("{line}");
+            }
+        }
+    };
     let loaded = match manifest::load(&a.file) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("error: {e}");
+            json_error(e.to_string(), Vec::new());
             return Ok(ExitCode::from(UNREADABLE));
         }
     };
@@ -192,6 +204,10 @@ pub fn plan(a: PlanArgs) -> anyhow::Result<ExitCode> {
     }
     let Some(plan) = &loaded.plan else {
         eprint!("{}", validate_report(&loaded));
+        json_error(
+            format!("manifest {} is invalid", a.file.display()),
+            loaded.errors().cloned().collect(),
+        );
         return Ok(ExitCode::from(INVALID));
     };
     if a.json {
