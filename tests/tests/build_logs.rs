@@ -4,6 +4,7 @@
 mod build_common;
 
 use std::fs::File;
+use std::io::{BufRead, BufReader};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -30,13 +31,13 @@ fn kiln_in(kiln: &Path, tmp: &Path, args: &[&str]) -> Output {
     out
 }
 
-/// The build id in "`kiln logs <id>` shows them".
+/// The build id in "`kiln logs <id> [--output <dir>]` shows them".
 fn kept_id(stderr: &str) -> String {
     let start = stderr
         .find("`kiln logs ")
         .unwrap_or_else(|| panic!("no `kiln logs` hint in: {stderr}"))
         + "`kiln logs ".len();
-    let end = stderr[start..].find('`').unwrap() + start;
+    let end = stderr[start..].find(['`', ' ']).unwrap() + start;
     stderr[start..end].to_string()
 }
 
@@ -139,6 +140,10 @@ fn killed_builds_leftovers_are_removed_and_a_failed_builds_logs_kept() {
     assert!(id.starts_with("nokernel-"), "{id}");
     let kept = modules.join(".logs").join(&id);
     assert!(err.contains(&kept.display().to_string()), "{err}");
+    assert!(
+        err.contains(&format!("kiln logs {id} --output {}`", modules.display())),
+        "{err}"
+    );
     let events = kept.join("events.jsonl");
     assert!(events.is_file());
     assert_owner_only(&events);
@@ -281,4 +286,55 @@ fn a_failed_steps_output_is_kept_for_kiln_logs() {
         s.contains(&kept.join("box-serial.log").display().to_string()),
         "{s}"
     );
+}
+
+#[test]
+fn a_cancelled_builds_logs_are_kept_too() {
+    let Some(kiln) = boot_prereqs_or_skip() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let manifest = t.join("cancelled.yaml");
+    std::fs::write(
+        &manifest,
+        "vms:\n  - name: box\n    source:\n      bootstrap: { distro: debian, suite: bookworm, packages: [] }\n    resources: { cpu: 1, memory: 1Gi }\n    disks:\n      - name: root\n        size: 4Gi\n    provisioners:\n      - name: long\n        type: shell\n        shell:\n          inline: \"echo started-the-long-step; sleep 600\\n\"\n",
+    )
+    .unwrap();
+    let modules = t.join("modules");
+    let mut child = Reap(
+        Command::new(&kiln)
+            .args(["build", manifest.to_str().unwrap(), "--json", "--output"])
+            .arg(&modules)
+            .env("KILN_NO_INTERNET", "true")
+            .env("KILN_RUN_DIR", t.join("run"))
+            .current_dir(repo_root())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = child.0.stdout.take().unwrap();
+    let seen = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .any(|l| l.contains("started-the-long-step"));
+    assert!(seen, "the long step never started");
+    // Ctrl-C.
+    Command::new("kill")
+        .args(["-INT", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    let st = child.0.wait().unwrap();
+    eprintln!("{err}");
+    assert_eq!(st.code(), Some(130));
+    assert!(!modules.join("cancelled").exists());
+    let id = kept_id(&err);
+    let kept = modules.join(".logs").join(&id);
+    let step_log = std::fs::read_to_string(kept.join("box.log")).unwrap();
+    assert!(step_log.contains("started-the-long-step"), "{step_log}");
+    assert!(kept.join("events.jsonl").is_file());
+    assert_no_partial_module(&modules);
 }

@@ -117,8 +117,14 @@ pub fn build(a: BuildArgs) -> anyhow::Result<ExitCode> {
         Err(e) => {
             keep_events(&events_path, &failed_logs);
             if let Some(id) = failed_logs.file_name() {
+                // `kiln logs` looks in the same default output; name any other.
+                let output = if a.output == std::path::Path::new("modules") {
+                    String::new()
+                } else {
+                    format!(" --output {}", a.output.display())
+                };
                 eprintln!(
-                    "the build's logs are kept in {} (`kiln logs {}` shows them)",
+                    "the build's logs are kept in {} (`kiln logs {}{output}` shows them)",
                     failed_logs.display(),
                     id.to_string_lossy()
                 );
