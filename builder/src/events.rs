@@ -419,9 +419,10 @@ pub struct FileSink {
 }
 
 impl FileSink {
+    /// Creates the log 0600: events may quote step output.
     pub fn create(path: &std::path::Path) -> std::io::Result<Self> {
         Ok(Self {
-            file: Mutex::new(std::fs::File::create(path)?),
+            file: Mutex::new(crate::build_logs::create(path)?),
         })
     }
 }

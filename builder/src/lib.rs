@@ -2,6 +2,7 @@
 
 pub mod backends;
 pub mod bootimage;
+pub mod build_logs;
 pub mod cache;
 pub mod capture;
 pub mod cli;
@@ -12,10 +13,13 @@ pub mod events;
 pub mod guest;
 pub mod http_directory;
 pub mod job;
+pub mod leftovers;
 pub mod manifest;
 pub mod module;
 pub mod pipeline;
 pub mod plan_adapter;
 pub mod provision;
+pub mod run_lock;
+pub mod runtime;
 pub mod serve;
 pub mod sources;

@@ -130,6 +130,8 @@ pub struct PendingModule {
     tmp: PathBuf,
     dst: PathBuf,
     committed: bool,
+    /// Held on `tmp` while this lives: start-up clean-up leaves a locked partial alone.
+    _lock: crate::leftovers::OwnerLock,
 }
 
 impl PendingModule {
@@ -143,11 +145,13 @@ impl PendingModule {
             let p = tmp.join(sub);
             fs::create_dir_all(&p).map_err(io("creating", &p))?;
         }
+        let lock = crate::leftovers::OwnerLock::hold(&tmp).map_err(io("locking", &tmp))?;
         Ok(Self {
             name: name.into(),
             tmp,
             dst: modules.join(name),
             committed: false,
+            _lock: lock,
         })
     }
 

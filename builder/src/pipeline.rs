@@ -47,6 +47,9 @@ pub struct BuildOptions {
     /// `Internet::Off` (`--no-internet`): no VPC gets NAT to the host, whatever the manifest
     /// says (hermetic builds, tests).
     pub internet: Internet,
+    /// Where a failed or cancelled build's step output and serial logs are moved (see
+    /// [`crate::build_logs`]); `None` drops them with the partial module.
+    pub failed_logs: Option<PathBuf>,
 }
 
 /// The file in a module that records what clones inherit (base network, NICs, resources).
@@ -64,6 +67,8 @@ pub enum BuildError {
     Setup(String),
     #[error(transparent)]
     Module(#[from] crate::module::ModuleError),
+    #[error(transparent)]
+    RuntimeDir(#[from] crate::runtime::RuntimeDirError),
 }
 
 /// A running VM shared between its build thread and whoever must stop it.
@@ -116,12 +121,9 @@ pub struct BuildContext {
     pub registry: VmRegistry,
 }
 
-/// A short runtime folder for sockets (Unix socket paths are limited to 108 bytes).
-pub fn runtime_root() -> PathBuf {
-    if let Some(p) = std::env::var_os("KILN_RUN_DIR").filter(|p| !p.is_empty()) {
-        return PathBuf::from(p);
-    }
-    std::env::temp_dir().join("kiln-run")
+/// The runtime folder for sockets, per user and checked (see [`crate::runtime`]).
+pub fn runtime_root() -> Result<PathBuf, crate::runtime::RuntimeDirError> {
+    crate::runtime::root()
 }
 
 /// Runs a build, with its retries. Returns the committed module's folder.
@@ -175,10 +177,18 @@ fn run_once(
         Arc::from(engine::make(pick.engine).map_err(|e| BuildError::Setup(e.to_string()))?);
 
     let pending = PendingModule::begin(&opts.output, &job.name)?;
-    let run_dir = runtime_root().join(std::process::id().to_string());
+    // Declared after `pending`, so it runs first when a failed attempt returns.
+    let mut keep_logs = KeepLogsOnFailure {
+        from: pending.dir().join("logs"),
+        to: opts.failed_logs.clone(),
+    };
+    let run_dir = runtime_root()?.join(std::process::id().to_string());
     fs::create_dir_all(&run_dir)
         .map_err(|e| BuildError::Setup(format!("creating {}: {e}", run_dir.display())))?;
     let _run_guard = RemoveOnDrop(run_dir.clone());
+    // Proves to other kiln processes' start-up clean-up that this folder is in use.
+    let _run_lock = crate::leftovers::OwnerLock::hold(&run_dir)
+        .map_err(|e| BuildError::Setup(format!("locking {}: {e}", run_dir.display())))?;
 
     build_phase(BuildPhase::Networking, None);
     // One isolated network per build, with `buildOverrides` applied; its thread stops when
@@ -373,6 +383,7 @@ fn run_once(
         build_phase(BuildPhase::Failed, Some("cancelled".into()));
         return Err(BuildError::Cancelled);
     }
+    keep_logs.to = None;
     let dir = pending.commit(&record)?;
     build_phase(
         BuildPhase::Succeeded,
@@ -417,6 +428,25 @@ impl StepsBarrier {
                 .0;
         }
         true
+    }
+}
+
+/// Moves a failed attempt's logs out of the partial module before it is removed.
+struct KeepLogsOnFailure {
+    from: PathBuf,
+    to: Option<PathBuf>,
+}
+
+impl Drop for KeepLogsOnFailure {
+    fn drop(&mut self) {
+        if let Some(to) = &self.to {
+            if let Err(e) = crate::build_logs::keep(&self.from, to) {
+                tracing::warn!(
+                    "keeping the logs of the failed build in {}: {e}",
+                    to.display()
+                );
+            }
+        }
     }
 }
 
@@ -670,6 +700,9 @@ fn build_vm(
         .dir()
         .join("logs")
         .join(format!("{}-serial.log", vm.name));
+    // Made here, 0600, so the engine appends to a file only its owner can read.
+    crate::build_logs::create(&serial_log)
+        .map_err(|e| fail(format!("creating {}: {e}", serial_log.display())))?;
     let nics = modnet::attach(net, &vm.name, &vm.nics).map_err(|e| fail(e.to_string()))?;
     let launch = VmLaunch {
         name: vm.name.clone(),
@@ -698,7 +731,7 @@ fn build_vm(
     let _unregister = Unregister(&ctx.registry, &vm.name);
 
     let log_path = pending.dir().join("logs").join(format!("{}.log", vm.name));
-    let log = fs::File::create(&log_path)
+    let log = crate::build_logs::create(&log_path)
         .map(Mutex::new)
         .map_err(|e| fail(format!("creating {}: {e}", log_path.display())))?;
 

@@ -191,6 +191,10 @@ pub fn convert(src: &dyn BlockDevice, dst: &Path, opts: &ConvertOptions) -> Resu
         .prefix(".kiln-convert-")
         .tempfile_in(dir)
         .map_err(io_err(dir))?;
+    // Held until the end: `kiln` start-up clean-up removes only temporaries it can lock.
+    tmp.as_file()
+        .try_lock()
+        .map_err(|e| io_err(tmp.path())(e.into()))?;
     let file = tmp.as_file().try_clone().map_err(io_err(tmp.path()))?;
     let stats = run(src, file, opts).map_err(|e| match e {
         RunError::Io(source) => DiskError::Io {

@@ -80,6 +80,13 @@ fn build_inner(a: BuildArgs) -> anyhow::Result<ExitCode> {
     // Events also go to a log beside the output, copied into the module's logs at the end.
     std::fs::create_dir_all(&a.output)
         .with_context(|| format!("creating {}", a.output.display()))?;
+    // What killed builds left here and in the runtime folder.
+    let run_root = pipeline::runtime_root()?;
+    crate::leftovers::sweep_and_report(&[
+        (&a.output, crate::leftovers::Place::Modules),
+        (&run_root, crate::leftovers::Place::RuntimeRoot),
+    ]);
+    let failed_logs = crate::build_logs::failed_dir(&a.output, &job.name);
     let events_path = a
         .output
         .join(format!(".{}.events-{}.jsonl", job.name, std::process::id()));
@@ -123,6 +130,7 @@ fn build_inner(a: BuildArgs) -> anyhow::Result<ExitCode> {
         } else {
             crate::engine::network::Internet::AsDeclared
         },
+        failed_logs: Some(failed_logs.clone()),
     };
     let result = pipeline::run(&job, &opts, &ctx);
     match result {
@@ -137,7 +145,20 @@ fn build_inner(a: BuildArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
-            let _ = std::fs::remove_file(&events_path);
+            keep_events(&events_path, &failed_logs);
+            if let Some(id) = failed_logs.file_name() {
+                // `kiln logs` looks in the same default output; name any other.
+                let output = if a.output == std::path::Path::new("modules") {
+                    String::new()
+                } else {
+                    format!(" --output {}", a.output.display())
+                };
+                eprintln!(
+                    "the build's logs are kept in {} (`kiln logs {}{output}` shows them)",
+                    failed_logs.display(),
+                    id.to_string_lossy()
+                );
+            }
             // After a Ctrl-C, whatever error the stopped VMs report is its consequence.
             if interrupted.load(Ordering::SeqCst) {
                 eprintln!("error: the build was cancelled; no module was written");
@@ -151,6 +172,15 @@ fn build_inner(a: BuildArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Files the event log with the failed build's other logs (the pipeline moved those).
+fn keep_events(events: &std::path::Path, dir: &std::path::Path) {
+    let r = crate::build_logs::make_failed_dir(dir)
+        .and_then(|()| std::fs::rename(events, dir.join(crate::build_logs::EVENTS_FILE)));
+    if let Err(e) = r {
+        tracing::warn!("keeping {} in {}: {e}", events.display(), dir.display());
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct ResumeArgs {
     /// The VM whose handbuild step waits.
@@ -159,7 +189,7 @@ pub struct ResumeArgs {
 
 /// `kiln resume <vm>`: ends the handbuild pause of a running build's VM.
 pub fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
-    let root = pipeline::runtime_root();
+    let root = pipeline::runtime_root()?;
     let mut hits = Vec::new();
     if let Ok(rd) = std::fs::read_dir(&root) {
         for build in rd.flatten() {

@@ -203,6 +203,16 @@ pub fn run(c: DiskCommand) -> anyhow::Result<ExitCode> {
                 }),
             };
             let src = kiln_disk::open(&a.src, OpenOptions::read_only())?;
+            // Temporaries of killed converts into the same folder.
+            let dst_dir = a
+                .dst
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new("."));
+            crate::leftovers::sweep_and_report(&[(
+                dst_dir,
+                crate::leftovers::Place::ConvertOutput,
+            )]);
             let quiet = a.quiet;
             let progress: Option<Arc<kiln_disk::ProgressFn>> = (!quiet).then(|| {
                 let f: Arc<kiln_disk::ProgressFn> = Arc::new(|done, total| {

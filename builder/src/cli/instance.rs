@@ -2,8 +2,9 @@
 //!
 //! `kiln run <clone>` keeps the clone's VMs (and their device backends, which live in the
 //! kiln process) running in the foreground until they power off or Ctrl-C. Their sockets are
-//! under the runtime folder (`$KILN_RUN_DIR`, else `/tmp/kiln-run`) at
-//! `clones/<clone>/<vm>/`, where `kiln exec` and `kiln shell` find them.
+//! under the per-user runtime folder (see [`crate::runtime`]) at `clones/<clone>/<vm>/`,
+//! where `kiln exec` and `kiln shell` find them. A run holds the clone's run lock
+//! ([`crate::run_lock`]) for its whole life.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -18,6 +19,7 @@ use clap::Args;
 use crate::clone;
 use crate::engine::network::{self as modnet, Internet};
 use crate::engine::{self, DiskAttach, EngineChoice, VmLaunch};
+use crate::leftovers::{self, Place};
 use crate::module;
 use crate::pipeline::runtime_root;
 use crate::sources::BootFiles;
@@ -56,13 +58,17 @@ pub struct ShellArgs {
     pub wait_secs: u64,
 }
 
-fn clone_run_dir(clone: &str) -> PathBuf {
-    runtime_root().join("clones").join(clone)
-}
-
 pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     let dir = a.clones.join(&a.clone);
     let c = clone::load(&dir)?;
+    // First: a second run of a running clone is refused before it touches anything.
+    let _run_lock = crate::run_lock::acquire(&dir, &c.name)?;
+    let root = runtime_root()?;
+    leftovers::sweep_and_report(&[
+        (&a.clones, Place::Modules),
+        (&root, Place::RuntimeRoot),
+        (&root.join("clones"), Place::RuntimeClones),
+    ]);
     let rec = module::load(&c.module_path)
         .with_context(|| format!("the module of clone `{}`", c.name))?;
     module::verify_layers(&c.module_path, &rec)?;
@@ -70,15 +76,17 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     let pick = engine::pick(a.engine, &probe);
     eprintln!("engine: {}", pick.why);
     let eng = engine::make(pick.engine)?;
-    let run_dir = clone_run_dir(&c.name);
-    if run_dir.join("running").exists() {
-        bail!(
-            "clone `{}` looks already running ({} exists)",
-            c.name,
-            run_dir.display()
-        );
+    let run_dir = root.join("clones").join(&c.name);
+    // Holding the run lock, whatever an earlier run of this clone left here is ours to clear.
+    if let Err(e) = std::fs::remove_dir_all(&run_dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            return Err(e).with_context(|| format!("clearing {}", run_dir.display()));
+        }
     }
-    std::fs::create_dir_all(&run_dir)?;
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    // Tells other kiln processes' clean-up that this folder is in use.
+    let _dir_lock = leftovers::OwnerLock::hold(&run_dir)
+        .with_context(|| format!("locking {}", run_dir.display()))?;
     let cancel = Arc::new(AtomicBool::new(false));
     {
         let cancel = cancel.clone();
@@ -118,6 +126,10 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("module VM `{}` has no kernel recorded", v.name))?;
         let workdir = run_dir.join(&v.name);
         std::fs::create_dir_all(&workdir)?;
+        let serial_log = dir.join(format!("{}-serial.log", v.name));
+        // 0600 before the engine appends to it: the console may show secrets.
+        crate::build_logs::append(&serial_log)
+            .with_context(|| format!("opening {}", serial_log.display()))?;
         let launch = VmLaunch {
             name: v.name.clone(),
             // Clones get the base resources; buildOverrides were for the build only.
@@ -140,7 +152,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
                 })
                 .collect(),
             workdir: workdir.clone(),
-            serial_log: dir.join(format!("{}-serial.log", v.name)),
+            serial_log,
             cid: 3 + i as u32,
             nics,
         };
@@ -157,7 +169,6 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         );
         vms.push((v.name.clone(), vm));
     }
-    std::fs::write(run_dir.join("running"), std::process::id().to_string())?;
     // Until every VM has powered off, or Ctrl-C.
     while !cancel.load(Ordering::SeqCst) {
         let mut all_done = true;
@@ -182,7 +193,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
 
 /// Finds a running VM's vsock socket: `clone/vm`, or a VM name unique among running clones.
 fn find_vm(addr: &str) -> anyhow::Result<PathBuf> {
-    let root = runtime_root().join("clones");
+    let root = runtime_root()?.join("clones");
     if let Some((c, v)) = addr.split_once('/') {
         let s = crate::backends::vsock_uds(&root.join(c).join(v));
         if !s.exists() {

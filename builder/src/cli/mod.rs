@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 mod build;
 mod disk;
 mod instance;
+mod logs;
 mod manifest;
 mod modules;
 mod report;
@@ -42,6 +43,8 @@ enum Command {
     Build(build::BuildArgs),
     /// Continue a build paused at a handbuild step.
     Resume(build::ResumeArgs),
+    /// Show a build's logs (a failed build's too), or list them.
+    Logs(logs::LogsArgs),
     /// List built modules and clones.
     Ls(modules::LsArgs),
     /// Make copy-on-write instances of a module.
@@ -74,6 +77,7 @@ pub fn main() -> ExitCode {
         Command::Schema(a) => manifest::schema(a),
         Command::Build(a) => build::build(a),
         Command::Resume(a) => build::resume(a),
+        Command::Logs(a) => logs::logs(a),
         Command::Ls(a) => modules::ls(a),
         Command::Clone(a) => modules::clone(a),
         Command::Run(a) => instance::run(a),
