@@ -47,6 +47,8 @@ pub struct BuildOptions {
     /// `Internet::Off` (`--no-internet`): no VPC gets NAT to the host, whatever the manifest
     /// says (hermetic builds, tests).
     pub internet: Internet,
+    /// Replace a module of the same name (`--force`); without it such a build is refused.
+    pub replace: bool,
 }
 
 /// The file in a module that records what clones inherit (base network, NICs, resources).
@@ -174,7 +176,7 @@ fn run_once(
     let engine: Arc<dyn Engine> =
         Arc::from(engine::make(pick.engine).map_err(|e| BuildError::Setup(e.to_string()))?);
 
-    let pending = PendingModule::begin(&opts.output, &job.name)?;
+    let pending = PendingModule::begin(&opts.output, &job.name, opts.replace)?;
     let run_dir = runtime_root().join(std::process::id().to_string());
     fs::create_dir_all(&run_dir)
         .map_err(|e| BuildError::Setup(format!("creating {}: {e}", run_dir.display())))?;
