@@ -327,6 +327,8 @@ pub fn prune(root: &Path, what: PruneWhat, dry_run: bool) -> Result<Vec<Entry>, 
         let from = if e.kind == EntryKind::Tmp {
             e.path.clone()
         } else {
+            // What an interrupted prune left under that name goes first.
+            let _ = fs::remove_dir_all(&gone).or_else(|_| fs::remove_file(&gone));
             fs::rename(&e.path, &gone).map_err(io_err(&e.path))?;
             gone
         };
