@@ -8,5 +8,6 @@ cd "$root"
 
 bash "$here/setup.sh"
 kiln="${CARGO_TARGET_DIR:-$root/target}/release/kiln"
-"$kiln" build examples/hello.yaml --output modules
+# --force: a second run rebuilds the example instead of stopping at the module it made.
+"$kiln" build examples/hello.yaml --output modules --force
 "$kiln" ls --modules modules

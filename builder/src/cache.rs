@@ -8,10 +8,17 @@
 //! - `boot/<hex>/`: kernel and initrd extracted from an image, named by the image's digest.
 //! - `tmp/`: work in progress; everything is built there and renamed into place, so a cache
 //!   entry is either complete or absent.
+//! - `lock`: every user of the cache holds a shared `flock` on it for as long as it may read
+//!   or write entries; [`prune`] takes it exclusively, so nothing a running build uses is
+//!   ever deleted under it.
 
 use std::fs;
 use std::io::{self, Read};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 
@@ -25,6 +32,12 @@ pub enum CacheError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "the cache {} is in use by a running build (or another kiln command); try again \
+         once it ends",
+        root.display()
+    )]
+    InUse { root: PathBuf },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CacheError + '_ {
@@ -34,25 +47,62 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CacheError + '_ {
     }
 }
 
-/// A cache root.
+/// A cache root, with a shared lock on it while any clone of this value lives.
 #[derive(Debug, Clone)]
 pub struct Cache {
     root: PathBuf,
+    _lock: Arc<fs::File>,
+}
+
+const LOCK_FILE: &str = "lock";
+
+/// `flock(2)` on `<root>/lock`: shared, or exclusive without waiting (false if held).
+fn lock(root: &Path, exclusive: bool) -> Result<Option<fs::File>, CacheError> {
+    let p = root.join(LOCK_FILE);
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&p)
+        .map_err(io_err(&p))?;
+    let op = if exclusive {
+        libc::LOCK_EX | libc::LOCK_NB
+    } else {
+        libc::LOCK_SH
+    };
+    loop {
+        // SAFETY: the descriptor is valid for the life of `f`; flock has no memory effects.
+        let rc = unsafe { libc::flock(f.as_raw_fd(), op) };
+        if rc == 0 {
+            return Ok(Some(f));
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EWOULDBLOCK) => return Ok(None),
+            _ => return Err(io_err(&p)(e)),
+        }
+    }
 }
 
 impl Cache {
     /// `$KILN_CACHE`, else `$XDG_CACHE_HOME/kiln`, else `~/.cache/kiln`.
     pub fn from_env() -> Result<Self, CacheError> {
+        Self::open(Self::root_from_env()?)
+    }
+
+    /// Where [`from_env`](Self::from_env) opens the cache (nothing opened or locked).
+    pub fn root_from_env() -> Result<PathBuf, CacheError> {
         if let Some(p) = std::env::var_os("KILN_CACHE").filter(|p| !p.is_empty()) {
-            return Self::open(PathBuf::from(p));
+            return Ok(PathBuf::from(p));
         }
         if let Some(p) = std::env::var_os("XDG_CACHE_HOME").filter(|p| !p.is_empty()) {
-            return Self::open(PathBuf::from(p).join("kiln"));
+            return Ok(PathBuf::from(p).join("kiln"));
         }
         let home = std::env::var_os("HOME")
             .filter(|p| !p.is_empty())
             .ok_or(CacheError::NoHome)?;
-        Self::open(PathBuf::from(home).join(".cache").join("kiln"))
+        Ok(PathBuf::from(home).join(".cache").join("kiln"))
     }
 
     /// A cache at `root`, created if needed.
@@ -61,7 +111,12 @@ impl Cache {
             let p = root.join(sub);
             fs::create_dir_all(&p).map_err(io_err(&p))?;
         }
-        Ok(Self { root })
+        // Waits while a prune runs (it is short).
+        let f = lock(&root, false)?.ok_or_else(|| CacheError::InUse { root: root.clone() })?;
+        Ok(Self {
+            root,
+            _lock: Arc::new(f),
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -111,6 +166,183 @@ impl Cache {
         fs::rename(tmp, &dst).map_err(io_err(&dst))?;
         Ok(dst)
     }
+}
+
+/// What a cache entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryKind {
+    /// A downloaded or imported image (`blobs/sha256/`).
+    Blob,
+    /// An interrupted download (`partial/`).
+    Partial,
+    /// A bootstrapped root (`bootstrap/`).
+    Bootstrap,
+    /// Kernel and initrd taken from an image (`boot/`).
+    Boot,
+    /// Work left by a build that did not finish (`tmp/`).
+    Tmp,
+}
+
+impl EntryKind {
+    const ALL: [(EntryKind, &'static str); 5] = [
+        (EntryKind::Blob, "blobs/sha256"),
+        (EntryKind::Partial, "partial"),
+        (EntryKind::Bootstrap, "bootstrap"),
+        (EntryKind::Boot, "boot"),
+        (EntryKind::Tmp, "tmp"),
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            EntryKind::Blob => "blob",
+            EntryKind::Partial => "partial",
+            EntryKind::Bootstrap => "bootstrap",
+            EntryKind::Boot => "boot",
+            EntryKind::Tmp => "tmp",
+        }
+    }
+}
+
+/// One entry of the cache.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Entry {
+    pub kind: EntryKind,
+    pub key: String,
+    pub path: PathBuf,
+    /// Bytes allocated on disk (what removing it frees).
+    pub size: u64,
+    /// The latest access or change time of its files (access times are day-accurate under
+    /// the usual `relatime` mounts, and absent under `noatime`).
+    #[serde(with = "unix_secs")]
+    pub last_used: SystemTime,
+}
+
+mod unix_secs {
+    use std::time::SystemTime;
+    pub fn serialize<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        let secs = t
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        s.serialize_u64(secs)
+    }
+}
+
+/// Size and last use of a file or folder (symlinks are not followed).
+fn usage(path: &Path) -> io::Result<(u64, SystemTime)> {
+    let m = fs::symlink_metadata(path)?;
+    let t = |secs: i64, nsec: i64| {
+        SystemTime::UNIX_EPOCH
+            + Duration::from_secs(secs.max(0) as u64)
+            + Duration::from_nanos(nsec.max(0) as u64)
+    };
+    let mut size = m.blocks() * 512;
+    let mut last = t(m.atime(), m.atime_nsec()).max(t(m.mtime(), m.mtime_nsec()));
+    if m.is_dir() {
+        for e in fs::read_dir(path)? {
+            let (s, l) = usage(&e?.path())?;
+            size += s;
+            last = last.max(l);
+        }
+    }
+    Ok((size, last))
+}
+
+impl Cache {
+    /// Every entry, by kind then key. Lock files are not entries.
+    pub fn entries(&self) -> Result<Vec<Entry>, CacheError> {
+        let mut out = Vec::new();
+        for (kind, sub) in EntryKind::ALL {
+            let dir = self.root.join(sub);
+            let rd = match fs::read_dir(&dir) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err(&dir)(e)),
+            };
+            for e in rd {
+                let e = e.map_err(io_err(&dir))?;
+                let key = e.file_name().to_string_lossy().into_owned();
+                if key.ends_with(".lock") {
+                    continue;
+                }
+                let path = e.path();
+                let (size, last_used) = usage(&path).map_err(io_err(&path))?;
+                out.push(Entry {
+                    kind,
+                    key,
+                    path,
+                    size,
+                    last_used,
+                });
+            }
+        }
+        out.sort_by(|a, b| (a.kind.name(), &a.key).cmp(&(b.kind.name(), &b.key)));
+        Ok(out)
+    }
+}
+
+/// What [`prune`] removes.
+#[derive(Debug, Clone, Copy)]
+pub enum PruneWhat {
+    /// Everything.
+    All,
+    /// Entries not used for at least this long.
+    OlderThan(Duration),
+}
+
+/// Removes entries of the cache at `root`, only while no other kiln command holds it (else
+/// [`CacheError::InUse`]). Returns what was (or, with `dry_run`, would be) removed.
+pub fn prune(root: &Path, what: PruneWhat, dry_run: bool) -> Result<Vec<Entry>, CacheError> {
+    for sub in ["blobs/sha256", "partial", "bootstrap", "boot", "tmp"] {
+        let p = root.join(sub);
+        fs::create_dir_all(&p).map_err(io_err(&p))?;
+    }
+    let f = lock(root, true)?.ok_or_else(|| CacheError::InUse {
+        root: root.to_path_buf(),
+    })?;
+    // Listing needs a `Cache`; this one shares the exclusive lock's file (not a new lock).
+    let cache = Cache {
+        root: root.to_path_buf(),
+        _lock: Arc::new(f),
+    };
+    let now = SystemTime::now();
+    let doomed: Vec<Entry> = cache
+        .entries()?
+        .into_iter()
+        .filter(|e| match what {
+            PruneWhat::All => true,
+            PruneWhat::OlderThan(d) => now.duration_since(e.last_used).is_ok_and(|age| age >= d),
+        })
+        .collect();
+    if dry_run {
+        return Ok(doomed);
+    }
+    for e in &doomed {
+        // Renamed out of its place first: an entry is whole or absent, never half there.
+        let gone = root
+            .join("tmp")
+            .join(format!(".prune-{}-{}", e.kind.name(), e.key));
+        let from = if e.kind == EntryKind::Tmp {
+            e.path.clone()
+        } else {
+            // What an interrupted prune left under that name goes first.
+            let _ = fs::remove_dir_all(&gone).or_else(|_| fs::remove_file(&gone));
+            fs::rename(&e.path, &gone).map_err(io_err(&e.path))?;
+            gone
+        };
+        let r = if from.is_dir() {
+            fs::remove_dir_all(&from)
+        } else {
+            fs::remove_file(&from)
+        };
+        r.map_err(io_err(&from))?;
+        if e.kind == EntryKind::Bootstrap {
+            let _ = fs::remove_file(e.path.with_file_name(format!("{}.lock", e.key)));
+        }
+    }
+    Ok(doomed)
 }
 
 /// The SHA-256 of a file, as lowercase hex.
@@ -169,5 +401,55 @@ mod tests {
         assert_eq!(parse_sha256(h), Some(h.to_lowercase()));
         assert_eq!(parse_sha256("sha256:abc"), None);
         assert_eq!(parse_sha256(&"g".repeat(64)), None);
+    }
+
+    #[test]
+    fn ls_and_prune_by_age_and_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("c");
+        let cache = Cache::open(root.clone()).unwrap();
+        let blob = cache.blob_path(&"a".repeat(64));
+        fs::write(&blob, vec![1u8; 10_000]).unwrap();
+        let boot = cache.bootstrap_dir("k1");
+        fs::create_dir_all(&boot).unwrap();
+        fs::write(boot.join("disk.qcow2"), vec![2u8; 50_000]).unwrap();
+        fs::write(root.join("bootstrap/k1.lock"), b"").unwrap();
+        // The blob was last used long ago.
+        let old = SystemTime::now() - Duration::from_secs(40 * 86400);
+        let f = fs::File::options().write(true).open(&blob).unwrap();
+        f.set_times(fs::FileTimes::new().set_accessed(old).set_modified(old))
+            .unwrap();
+
+        let es = cache.entries().unwrap();
+        let kinds: Vec<_> = es.iter().map(|e| (e.kind, e.key.as_str())).collect();
+        assert_eq!(
+            kinds,
+            [
+                (EntryKind::Blob, "a".repeat(64).as_str()),
+                (EntryKind::Bootstrap, "k1")
+            ]
+        );
+        assert!(es[1].size >= 50_000, "{:?}", es[1]);
+
+        // While a user of the cache lives, prune refuses and removes nothing.
+        let e = prune(&root, PruneWhat::All, false).unwrap_err();
+        assert!(matches!(e, CacheError::InUse { .. }), "{e}");
+        assert!(blob.is_file());
+        drop(cache);
+
+        let month = Duration::from_secs(30 * 86400);
+        let would = prune(&root, PruneWhat::OlderThan(month), true).unwrap();
+        assert_eq!(would.len(), 1);
+        assert!(blob.is_file(), "a dry run removes nothing");
+        let gone = prune(&root, PruneWhat::OlderThan(month), false).unwrap();
+        assert_eq!(gone[0].kind, EntryKind::Blob);
+        assert!(!blob.exists() && boot.is_dir());
+
+        let gone = prune(&root, PruneWhat::All, false).unwrap();
+        assert_eq!(gone.len(), 1);
+        assert!(!boot.exists() && !root.join("bootstrap/k1.lock").exists());
+        let cache = Cache::open(root).unwrap();
+        assert!(cache.entries().unwrap().is_empty());
+        assert_eq!(fs::read_dir(cache.root().join("tmp")).unwrap().count(), 0);
     }
 }

@@ -4,7 +4,9 @@
 //!
 //! A module is built under `.<name>.partial-<pid>` next to its final place and renamed when
 //! complete; a build that fails or is interrupted removes the partial folder, so a module
-//! folder is always whole.
+//! folder is always whole. An existing module is replaced only when the build was asked to
+//! (`--force`); otherwise the build is refused before it starts, and the final rename refuses
+//! too if a module appeared meanwhile (rename(2) never replaces a non-empty folder).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -38,6 +40,17 @@ pub enum ModuleError {
     },
     #[error("`{0}` is not a valid module name (a DNS label)")]
     Name(String),
+    #[error(
+        "module `{name}` already exists at {}; pass --force to replace it (its clones keep \
+         the disks they were made from)",
+        dir.display()
+    )]
+    Exists { name: String, dir: PathBuf },
+    #[error(
+        "{} exists but is not a module (no {MODULE_FILE}); remove or rename it first",
+        dir.display()
+    )]
+    NotAModule { dir: PathBuf },
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> ModuleError + 'a {
@@ -124,20 +137,39 @@ pub fn check_name(name: &str) -> Result<(), ModuleError> {
     }
 }
 
+/// Whether a build may write `<modules>/<name>`: refused if a module is there, unless
+/// `replace`; a folder there that is not a module is never replaced.
+pub fn check_replace(modules: &Path, name: &str, replace: bool) -> Result<(), ModuleError> {
+    check_name(name)?;
+    let dir = modules.join(name);
+    match fs::symlink_metadata(&dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io("checking", &dir)(e)),
+        Ok(_) if !dir.join(MODULE_FILE).is_file() => Err(ModuleError::NotAModule { dir }),
+        Ok(_) if replace => Ok(()),
+        Ok(_) => Err(ModuleError::Exists {
+            name: name.into(),
+            dir,
+        }),
+    }
+}
+
 /// A module being written.
 pub struct PendingModule {
     name: String,
     tmp: PathBuf,
     dst: PathBuf,
+    replace: bool,
     committed: bool,
     /// Held on `tmp` while this lives: start-up clean-up leaves a locked partial alone.
     _lock: crate::leftovers::OwnerLock,
 }
 
 impl PendingModule {
-    /// Starts `<modules>/<name>` under a temporary name.
-    pub fn begin(modules: &Path, name: &str) -> Result<Self, ModuleError> {
-        check_name(name)?;
+    /// Starts `<modules>/<name>` under a temporary name. With `replace` false an existing
+    /// module of that name refuses the build now (and at [`commit`](Self::commit)).
+    pub fn begin(modules: &Path, name: &str, replace: bool) -> Result<Self, ModuleError> {
+        check_replace(modules, name, replace)?;
         fs::create_dir_all(modules).map_err(io("creating", modules))?;
         let tmp = modules.join(format!(".{name}.partial-{}", std::process::id()));
         let _ = fs::remove_dir_all(&tmp);
@@ -150,6 +182,7 @@ impl PendingModule {
             name: name.into(),
             tmp,
             dst: modules.join(name),
+            replace,
             committed: false,
             _lock: lock,
         })
@@ -167,8 +200,11 @@ impl PendingModule {
         &self.dst
     }
 
-    /// Writes module.yaml and renames the folder into place (replacing an older module of
-    /// the same name only once the new one is complete).
+    /// Writes module.yaml and renames the folder into place. Without `replace`, a module that
+    /// appeared since [`begin`](Self::begin) makes this fail (the rename itself refuses: no
+    /// window between check and rename). With it, an older module of the same name is
+    /// replaced only once the new one is complete; clones of the old one hold hard links to
+    /// its files (see [`crate::clone`]), so removing it does not change them.
     pub fn commit(mut self, record: &ModuleRecord) -> Result<PathBuf, ModuleError> {
         let _ = fs::remove_dir_all(self.tmp.join("work"));
         let yaml = serde_saphyr::to_string(record).map_err(|e| ModuleError::Bad {
@@ -177,21 +213,36 @@ impl PendingModule {
         })?;
         let y = self.tmp.join(MODULE_FILE);
         fs::write(&y, yaml).map_err(io("writing", &y))?;
+        check_replace(
+            self.dst.parent().unwrap_or(Path::new(".")),
+            &self.name,
+            self.replace,
+        )?;
         let old = self
             .dst
             .with_file_name(format!(".{}.old-{}", self.name, std::process::id()));
-        let had_old = self.dst.exists();
+        let had_old = self.replace && self.dst.join(MODULE_FILE).is_file();
         if had_old {
             fs::rename(&self.dst, &old).map_err(io("moving aside", &self.dst))?;
         }
+        // rename(2) onto a non-empty folder fails (ENOTEMPTY/EEXIST): a module written by
+        // another build after the check above is never replaced without `replace`.
         if let Err(e) = fs::rename(&self.tmp, &self.dst) {
             if had_old {
                 let _ = fs::rename(&old, &self.dst);
             }
+            if matches!(e.raw_os_error(), Some(libc::ENOTEMPTY) | Some(libc::EEXIST)) {
+                return Err(ModuleError::Exists {
+                    name: self.name.clone(),
+                    dir: self.dst.clone(),
+                });
+            }
             return Err(io("renaming into", &self.dst)(e));
         }
         if had_old {
-            let _ = fs::remove_dir_all(&old);
+            if let Err(e) = fs::remove_dir_all(&old) {
+                tracing::warn!("removing the replaced module {}: {e}", old.display());
+            }
         }
         self.committed = true;
         Ok(self.dst.clone())
@@ -204,6 +255,33 @@ impl Drop for PendingModule {
             let _ = fs::remove_dir_all(&self.tmp);
         }
     }
+}
+
+/// Removes a module or clone folder as a whole: renamed to a hidden name first (so no
+/// half-removed folder is ever seen under its name), then deleted.
+pub fn remove_folder(dir: &Path) -> Result<(), ModuleError> {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let doomed = dir.with_file_name(format!(".{name}.rm-{}", std::process::id()));
+    fs::rename(dir, &doomed).map_err(io("removing", dir))?;
+    fs::remove_dir_all(&doomed).map_err(io("removing", &doomed))
+}
+
+/// The modules in `modules` with a thin disk over module `name`.
+pub fn thin_children(modules: &Path, name: &str) -> Result<Vec<String>, ModuleError> {
+    Ok(list(modules)?
+        .into_iter()
+        .filter(|(_, r)| {
+            r.name != name
+                && r.vms
+                    .iter()
+                    .flat_map(|v| &v.disks)
+                    .any(|d| d.backing_module.as_deref() == Some(name))
+        })
+        .map(|(_, r)| r.name)
+        .collect())
 }
 
 /// Reads `<dir>/module.yaml`.
@@ -397,7 +475,7 @@ mod tests {
     #[test]
     fn commit_renames_and_round_trips() {
         let d = tempfile::tempdir().unwrap();
-        let p = PendingModule::begin(d.path(), "hello").unwrap();
+        let p = PendingModule::begin(d.path(), "hello", false).unwrap();
         fs::write(p.dir().join("disks/x"), b"x").unwrap();
         assert!(!d.path().join("hello").exists());
         let dst = p.commit(&record("hello")).unwrap();
@@ -418,7 +496,7 @@ mod tests {
     fn dropped_build_leaves_nothing() {
         let d = tempfile::tempdir().unwrap();
         {
-            let p = PendingModule::begin(d.path(), "half").unwrap();
+            let p = PendingModule::begin(d.path(), "half", false).unwrap();
             fs::write(p.dir().join("disks/x"), b"x").unwrap();
         }
         assert_eq!(fs::read_dir(d.path()).unwrap().count(), 0);
@@ -426,17 +504,51 @@ mod tests {
     }
 
     #[test]
-    fn rebuild_replaces_the_old_module_whole() {
+    fn rebuild_replaces_the_old_module_whole_only_when_asked() {
         let d = tempfile::tempdir().unwrap();
-        let p = PendingModule::begin(d.path(), "m").unwrap();
+        let p = PendingModule::begin(d.path(), "m", false).unwrap();
         fs::write(p.dir().join("disks/old"), b"1").unwrap();
         p.commit(&record("m")).unwrap();
-        let p = PendingModule::begin(d.path(), "m").unwrap();
+        // Refused before any work, naming the folder and the flag.
+        let e = PendingModule::begin(d.path(), "m", false).err().unwrap();
+        assert!(matches!(e, ModuleError::Exists { .. }), "{e}");
+        let msg = e.to_string();
+        assert!(msg.contains("--force") && msg.contains(&d.path().join("m").display().to_string()));
+        let p = PendingModule::begin(d.path(), "m", true).unwrap();
         fs::write(p.dir().join("disks/new"), b"2").unwrap();
         p.commit(&record("m")).unwrap();
         assert!(d.path().join("m/disks/new").is_file());
         assert!(!d.path().join("m/disks/old").exists());
         assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_module_that_appears_during_the_build_is_not_replaced() {
+        let d = tempfile::tempdir().unwrap();
+        let p = PendingModule::begin(d.path(), "m", false).unwrap();
+        fs::write(p.dir().join("disks/mine"), b"1").unwrap();
+        // Another build commits the same module first.
+        fs::create_dir_all(d.path().join("m/disks")).unwrap();
+        fs::write(d.path().join("m/disks/theirs"), b"2").unwrap();
+        fs::write(d.path().join("m").join(MODULE_FILE), b"x").unwrap();
+        let e = p.commit(&record("m")).err().unwrap();
+        assert!(matches!(e, ModuleError::Exists { .. }), "{e}");
+        assert!(d.path().join("m/disks/theirs").is_file());
+        assert!(!d.path().join("m/disks/mine").exists());
+        // The refused build's partial folder is gone.
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_folder_that_is_not_a_module_is_never_replaced() {
+        let d = tempfile::tempdir().unwrap();
+        fs::create_dir_all(d.path().join("m")).unwrap();
+        fs::write(d.path().join("m/notes.txt"), b"keep").unwrap();
+        for replace in [false, true] {
+            let e = PendingModule::begin(d.path(), "m", replace).err().unwrap();
+            assert!(matches!(e, ModuleError::NotAModule { .. }), "{e}");
+        }
+        assert!(d.path().join("m/notes.txt").is_file());
     }
 
     #[test]

@@ -50,6 +50,8 @@ pub struct BuildOptions {
     /// Where a failed or cancelled build's step output and serial logs are moved (see
     /// [`crate::build_logs`]); `None` drops them with the partial module.
     pub failed_logs: Option<PathBuf>,
+    /// Replace a module of the same name (`--force`); without it such a build is refused.
+    pub replace: bool,
 }
 
 /// The file in a module that records what clones inherit (base network, NICs, resources).
@@ -176,7 +178,7 @@ fn run_once(
     let engine: Arc<dyn Engine> =
         Arc::from(engine::make(pick.engine).map_err(|e| BuildError::Setup(e.to_string()))?);
 
-    let pending = PendingModule::begin(&opts.output, &job.name)?;
+    let pending = PendingModule::begin(&opts.output, &job.name, opts.replace)?;
     // Declared after `pending`, so it runs first when a failed attempt returns.
     let mut keep_logs = KeepLogsOnFailure {
         from: pending.dir().join("logs"),

@@ -37,6 +37,10 @@ pub struct BuildArgs {
     /// The VMs still reach each other by name.
     #[arg(long, env = "KILN_NO_INTERNET", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_internet: bool,
+    /// Replace a module of the same name. Without it such a build is refused before it
+    /// starts. Clones of the old module keep working: they hold links to its disks.
+    #[arg(long)]
+    pub force: bool,
 }
 
 pub fn build(a: BuildArgs) -> anyhow::Result<ExitCode> {
@@ -71,6 +75,8 @@ fn build_inner(a: BuildArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("reading {}", a.file.display()))?;
     let plan = loaded.into_plan()?;
     let job = crate::plan_adapter::job_from_plan(&plan, &a.file, &text)?;
+    // Before any work: the pipeline checks again when it starts and at commit.
+    crate::module::check_replace(&a.output, &job.name, a.force)?;
     let cache = Cache::from_env()?;
     let display: Arc<dyn EventSink> = if a.json {
         Arc::new(JsonSink::new())
@@ -131,6 +137,7 @@ fn build_inner(a: BuildArgs) -> anyhow::Result<ExitCode> {
             crate::engine::network::Internet::AsDeclared
         },
         failed_logs: Some(failed_logs.clone()),
+        replace: a.force,
     };
     let result = pipeline::run(&job, &opts, &ctx);
     match result {

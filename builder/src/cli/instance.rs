@@ -69,9 +69,12 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         (&root, Place::RuntimeRoot),
         (&root.join("clones"), Place::RuntimeClones),
     ]);
-    let rec = module::load(&c.module_path)
-        .with_context(|| format!("the module of clone `{}`", c.name))?;
-    module::verify_layers(&c.module_path, &rec)?;
+    // The disks under the overlays must be the ones the clone was made on.
+    clone::verify_bases(&dir, &c)?;
+    let module_path = clone::module_dir(&dir, &c);
+    let rec =
+        module::load(&module_path).with_context(|| format!("the module of clone `{}`", c.name))?;
+    module::verify_layers(&module_path, &rec)?;
     let probe = kiln_vmm::doctor::probe();
     let pick = engine::pick(a.engine, &probe);
     eprintln!("engine: {}", pick.why);
@@ -95,7 +98,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     }
     // A fresh isolated network for this clone, from the module's base values (no
     // buildOverrides): its own DHCP, DNS and NAT, shared with no other clone.
-    let base = clone::load_base(&c.module_path)?;
+    let base = clone::load_base(&module_path)?;
     let internet = if a.no_internet {
         Internet::Off
     } else {
@@ -136,8 +139,8 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
             cpus: bv.map_or(mv.cpus, |b| b.cpus),
             memory_mib: bv.map_or(mv.memory_mib, |b| b.memory_mib),
             boot: BootFiles {
-                kernel: c.module_path.join(&boot.kernel),
-                initrd: boot.initrd.as_ref().map(|i| c.module_path.join(i)),
+                kernel: module_path.join(&boot.kernel),
+                initrd: boot.initrd.as_ref().map(|i| module_path.join(i)),
                 root: boot.root.clone(),
             },
             cmdline_extra: vec![],

@@ -6,12 +6,14 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod build;
+mod cache;
 mod disk;
 mod instance;
 mod logs;
 mod manifest;
 mod modules;
 mod report;
+mod rm;
 mod serve;
 mod vm;
 
@@ -49,6 +51,11 @@ enum Command {
     Ls(modules::LsArgs),
     /// Make copy-on-write instances of a module.
     Clone(modules::CloneArgs),
+    /// Remove modules (refused while clones use them, unless --force), or clones (--clone).
+    Rm(rm::RmArgs),
+    /// The download and bootstrap cache: list it, prune it.
+    #[command(subcommand)]
+    Cache(cache::CacheCommand),
     /// Boot a clone's VMs (in the foreground; Ctrl-C stops them).
     Run(instance::RunArgs),
     /// Run a command in a running VM through its agent.
@@ -80,6 +87,8 @@ pub fn main() -> ExitCode {
         Command::Logs(a) => logs::logs(a),
         Command::Ls(a) => modules::ls(a),
         Command::Clone(a) => modules::clone(a),
+        Command::Rm(a) => rm::rm(a),
+        Command::Cache(c) => cache::run(c),
         Command::Run(a) => instance::run(a),
         Command::Exec(a) => instance::exec(a),
         Command::Shell(a) => instance::shell(a),

@@ -686,11 +686,14 @@ fn load_job(path: &Path) -> Result<BuildJob, String> {
 /// happens only if the server dies first, so a build never outlives its editor.
 fn spawn(cfg: &BuildConfig, run: Arc<BuildRun>, path: &Path) -> Result<(), BuildStartError> {
     let mut cmd = Command::new(&cfg.program);
+    // `--force`: the editor's Build button is its edit-build loop, a rebuild is what was
+    // asked for, and clones of the module it replaces keep their own links to the old disks.
     cmd.arg("build")
         .arg("--json")
         .arg("--output")
         .arg(&cfg.output)
         .arg(path)
+        .arg("--force")
         .env("KILN_RUN_DIR", &cfg.run_root)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

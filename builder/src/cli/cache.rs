@@ -1,0 +1,179 @@
+//! `kiln cache ls` and `kiln cache prune`: what the download and bootstrap cache holds, and
+//! removing what is no longer used (never while a build holds the cache).
+
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use anyhow::bail;
+use clap::{Args, Subcommand};
+
+use crate::cache::{self, Cache, Entry, PruneWhat};
+
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// List the cache's entries: kind, key, size, last used.
+    Ls(LsArgs),
+    /// Remove entries (refused while a build uses the cache).
+    Prune(PruneArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// Remove entries not used for this long (`90s`, `12h`, `30d`, `2w`).
+    #[arg(long, value_parser = parse_age, conflicts_with = "all")]
+    pub older_than: Option<Duration>,
+    /// Remove everything.
+    #[arg(long)]
+    pub all: bool,
+    /// Only list what would be removed.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+pub fn run(c: CacheCommand) -> anyhow::Result<ExitCode> {
+    match c {
+        CacheCommand::Ls(a) => ls(a),
+        CacheCommand::Prune(a) => prune(a),
+    }
+}
+
+fn ls(a: LsArgs) -> anyhow::Result<ExitCode> {
+    let cache = Cache::from_env()?;
+    let es = cache.entries()?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "root": cache.root(),
+                "entries": es,
+            }))?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    if es.is_empty() {
+        println!("the cache {} is empty", cache.root().display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    print_entries(&es);
+    let total: u64 = es.iter().map(|e| e.size).sum();
+    println!(
+        "{} entries, {} in {}",
+        es.len(),
+        human(total),
+        cache.root().display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn prune(a: PruneArgs) -> anyhow::Result<ExitCode> {
+    let what = match (a.all, a.older_than) {
+        (true, _) => PruneWhat::All,
+        (false, Some(d)) => PruneWhat::OlderThan(d),
+        (false, None) => bail!("say what to prune: --older-than AGE or --all"),
+    };
+    let root = Cache::root_from_env()?;
+    let es = cache::prune(&root, what, a.dry_run)?;
+    if !es.is_empty() {
+        print_entries(&es);
+    }
+    let total: u64 = es.iter().map(|e| e.size).sum();
+    println!(
+        "{} {} entries, {}",
+        if a.dry_run { "would remove" } else { "removed" },
+        es.len(),
+        human(total)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_entries(es: &[Entry]) {
+    println!("{:<10} {:<20} {:>10}  LAST USED", "KIND", "KEY", "SIZE");
+    let now = SystemTime::now();
+    for e in es {
+        // Digests are long: their start names them well enough here (--json has them whole).
+        let key: String = e.key.chars().take(20).collect();
+        let ago = now.duration_since(e.last_used).unwrap_or_default();
+        println!(
+            "{:<10} {:<20} {:>10}  {} ago",
+            e.kind.name(),
+            key,
+            human(e.size),
+            age(ago)
+        );
+    }
+}
+
+/// `1.5 GiB`, `12 KiB`, `512 B`.
+fn human(n: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}
+
+fn age(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        7200..=172_799 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
+}
+
+/// `90s`, `45m`, `12h`, `30d`, `2w`.
+fn parse_age(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}`: expected a number and a unit (s, m, h, d, w), e.g. 30d"))?;
+    let mul = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        "w" => 7 * 86400,
+        _ => {
+            return Err(format!(
+                "`{s}`: unknown unit `{unit}` (use s, m, h, d or w)"
+            ))
+        }
+    };
+    n.checked_mul(mul)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("`{s}` is too long"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_and_sizes() {
+        assert_eq!(parse_age("30d"), Ok(Duration::from_secs(30 * 86400)));
+        assert_eq!(parse_age("90s"), Ok(Duration::from_secs(90)));
+        assert!(parse_age("30").is_err());
+        assert!(parse_age("d").is_err());
+        assert!(parse_age("99999999999999999999w").is_err());
+        assert_eq!(human(512), "512 B");
+        assert_eq!(human(3 << 29), "1.5 GiB");
+        assert_eq!(age(Duration::from_secs(3 * 86400)), "3d");
+    }
+}
