@@ -22,7 +22,7 @@ use crate::events::{ms, BuildPhase, Event, EventSink, VmPhase};
 use crate::guest::{Connector, Guest, GuestCommand, GuestError, VsockConnector};
 use crate::job::{BuildJob, FileContent, VmJob};
 use crate::module::{BootRecord, DiskRecord, ModuleRecord, PendingModule, VmRecord};
-use crate::provision::{Provisioner, BOOT_TIMEOUT};
+use crate::provision::Provisioner;
 use crate::sources::{self, bootstrap::AGENT_VSOCK_PORT, ResolvedSource};
 
 /// What to do with a failed build's VMs.
@@ -726,7 +726,7 @@ fn build_vm(
                     std::thread::sleep(Duration::from_millis(20));
                 }
             });
-            let r = connector.connect_until(BOOT_TIMEOUT, &stop_wait, &mut |_| Ok(()));
+            let r = connector.connect_until(vm.boot_timeout, &stop_wait, &mut |_| Ok(()));
             wait_over.store(true, Ordering::SeqCst);
             r
         });
