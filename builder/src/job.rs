@@ -196,6 +196,11 @@ pub struct BootstrapSpec {
 pub enum FileContent {
     Inline(String),
     Url(String),
+    /// A URL the build fetched into the cache at its start: the blob at `path`.
+    Cached {
+        url: String,
+        path: PathBuf,
+    },
 }
 
 /// A provisioning step.

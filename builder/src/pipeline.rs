@@ -180,6 +180,12 @@ fn run_once(
         .map_err(|e| BuildError::Setup(format!("creating {}: {e}", run_dir.display())))?;
     let _run_guard = RemoveOnDrop(run_dir.clone());
 
+    // Every `files[]` URL is fetched now, before anything boots, so a dead URL fails the build
+    // at once with its reason instead of after a long boot.
+    let fetched = prefetch_files(job, &opts.cache, ev)
+        .inspect_err(|e| build_phase(BuildPhase::Failed, Some(e.to_string())))?;
+    let job = &fetched;
+
     build_phase(BuildPhase::Networking, None);
     // One isolated network per build, with `buildOverrides` applied; its thread stops when
     // `net` drops at the end of this attempt.
@@ -555,6 +561,50 @@ fn wait_for_network(guest: &mut dyn Guest, vm: &str, ev: &dyn EventSink) {
             "warning: the guest's network is not configured ({problem}); running the steps anyway"
         ),
     });
+}
+
+/// The job with every `files` URL (named files and file steps' own) fetched into the cache:
+/// each URL once, with download progress events; the first that fails names itself and why.
+fn prefetch_files(
+    job: &BuildJob,
+    cache: &Cache,
+    ev: &dyn EventSink,
+) -> Result<BuildJob, BuildError> {
+    let mut fetched: BTreeMap<String, PathBuf> = BTreeMap::new();
+    let mut out = job.clone();
+    // Named files first, so a failure names the `files[]` entry rather than a step's copy.
+    let mut entries: Vec<(&String, &mut FileContent)> = out.files.iter_mut().collect();
+    entries.sort_by_key(|(name, _)| name.starts_with('\0'));
+    for (name, content) in entries {
+        let FileContent::Url(url) = content else {
+            continue;
+        };
+        let path = match fetched.get(url.as_str()) {
+            Some(p) => p.clone(),
+            None => {
+                ev.emit(&Event::Note {
+                    vm: None,
+                    message: format!("fetching {url}"),
+                });
+                let f = sources::url::fetch(cache, url, None, None, ev).map_err(|e| {
+                    // File steps' entries have private names; the URL names them well enough.
+                    let what = if name.starts_with('\0') {
+                        "a file step's URL".to_string()
+                    } else {
+                        format!("file `{name}`")
+                    };
+                    BuildError::Setup(format!("{what}: {e} (nothing was booted)"))
+                })?;
+                fetched.insert(url.clone(), f.path.clone());
+                f.path
+            }
+        };
+        *content = FileContent::Cached {
+            url: url.clone(),
+            path,
+        };
+    }
+    Ok(out)
 }
 
 /// The bytes of a `files` entry given by URL, through the download cache.

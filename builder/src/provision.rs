@@ -188,6 +188,17 @@ impl Provisioner<'_> {
                             reason,
                         })?
                     }
+                    Some(FileContent::Cached { url, path }) => {
+                        std::fs::read(path).map_err(|e| StepError::FileFetch {
+                            index: index + 1,
+                            name: step.name.clone(),
+                            file: file.clone(),
+                            reason: format!(
+                                "{url} was fetched at the build's start, but reading {}: {e}",
+                                path.display()
+                            ),
+                        })?
+                    }
                 };
                 guest.put_file(destination, &data, 0o644).map_err(gerr)?;
                 Ok(guest)
@@ -708,6 +719,49 @@ pub(crate) mod tests {
         writer.join().unwrap();
         r.unwrap();
         assert_eq!(state.lock().unwrap().commands.len(), 1, "the next step ran");
+    }
+
+    #[test]
+    fn file_fetched_at_the_start_is_read_from_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let blob = dir.path().join("blob");
+        std::fs::write(&blob, b"\x00binary\xff").unwrap();
+        let files: BTreeMap<_, _> = [
+            (
+                "tool".to_string(),
+                FileContent::Cached {
+                    url: "http://127.0.0.1:1/tool".into(),
+                    path: blob,
+                },
+            ),
+            (
+                "gone".to_string(),
+                FileContent::Cached {
+                    url: "http://127.0.0.1:1/gone".into(),
+                    path: dir.path().join("missing"),
+                },
+            ),
+        ]
+        .into_iter()
+        .collect();
+        let put = |file: &str| {
+            step(
+                "put",
+                StepKind::File {
+                    file: file.into(),
+                    destination: "/opt/tool".into(),
+                },
+            )
+        };
+        let (r, state, _) = run_in(&[put("tool")], dir.path(), files.clone());
+        r.unwrap();
+        assert_eq!(state.lock().unwrap().files["/opt/tool"], b"\x00binary\xff");
+        let (r, _, _) = run_in(&[put("gone")], dir.path(), files);
+        let msg = r.unwrap_err().to_string();
+        assert!(
+            msg.contains("http://127.0.0.1:1/gone") && msg.contains("missing"),
+            "{msg}"
+        );
     }
 
     #[test]
