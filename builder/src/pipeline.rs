@@ -1120,3 +1120,93 @@ mod network_tests {
         assert_eq!(up(false, &[]), (0, vec![]));
     }
 }
+
+#[cfg(test)]
+mod prefetch_tests {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::net::TcpListener;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A loopback server answering every GET with `body`; counts the requests.
+    fn serve(body: &'static [u8]) -> (u16, Arc<AtomicUsize>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let h = hits.clone();
+        std::thread::spawn(move || {
+            for mut s in l.incoming().flatten() {
+                h.fetch_add(1, Ordering::SeqCst);
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut line = String::new();
+                while r.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
+                    line.clear();
+                }
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = s.write_all(body);
+            }
+        });
+        (port, hits)
+    }
+
+    fn job(files: BTreeMap<String, FileContent>) -> BuildJob {
+        BuildJob {
+            name: "m".into(),
+            manifest_path: PathBuf::from("m.yaml"),
+            manifest_text: String::new(),
+            vms: vec![],
+            files,
+            http_directory: vec![],
+            timeout: Duration::from_secs(60),
+            retries: 0,
+            network: Default::default(),
+            base: Default::default(),
+        }
+    }
+
+    #[test]
+    fn each_url_is_fetched_once_into_the_cache_and_a_dead_one_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = Cache::open(d.path().join("cache")).unwrap();
+        let (port, hits) = serve(b"\x00tool bytes\xff");
+        let url = format!("http://127.0.0.1:{port}/tool.tar");
+        let mut files = inline_files(&[("motd", "hi\n")]);
+        files.insert("tool.tar".into(), FileContent::Url(url.clone()));
+        // A file step's own copy of the same URL.
+        files.insert("\0step:a:0".into(), FileContent::Url(url.clone()));
+        let ev = crate::events::MemorySink::default();
+        let out = prefetch_files(&job(files), &cache, &ev).unwrap();
+        assert_eq!(hits.load(Ordering::SeqCst), 1, "one download per URL");
+        for key in ["tool.tar", "\0step:a:0"] {
+            match &out.files[key] {
+                FileContent::Cached { url: u, path } => {
+                    assert_eq!(u, &url);
+                    assert!(path.starts_with(cache.root()));
+                    assert_eq!(fs::read(path).unwrap(), b"\x00tool bytes\xff");
+                }
+                other => panic!("{key}: {other:?}"),
+            }
+        }
+        assert!(matches!(&out.files["motd"], FileContent::Inline(s) if s == "hi\n"));
+
+        // A dead URL: the named entry is reported, with the URL and why.
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dead = format!("http://127.0.0.1:{port}/gone.tar");
+        let mut files = BTreeMap::new();
+        files.insert("\0step:a:0".into(), FileContent::Url(dead.clone()));
+        files.insert("gone.tar".into(), FileContent::Url(dead.clone()));
+        let e = prefetch_files(&job(files), &cache, &ev)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("file `gone.tar`") && e.contains(&dead), "{e}");
+        assert!(e.contains("nothing was booted"), "{e}");
+    }
+}
