@@ -70,6 +70,12 @@ pub fn write_files(
                 name: name.clone(),
                 reason,
             })?,
+            Some(FileContent::Cached { path, .. }) => {
+                std::fs::read(path).map_err(|e| HttpDirError::Fetch {
+                    name: name.clone(),
+                    reason: format!("reading {}: {e}", path.display()),
+                })?
+            }
         };
         let path = dir.join(name);
         let tmp = dir.join(format!(".{name}.part"));

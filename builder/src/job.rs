@@ -150,6 +150,8 @@ pub struct VmJob {
     pub internet: bool,
     /// The VM's NICs on the build network, in slot order.
     pub nics: Vec<NicJob>,
+    /// How long the first boot may take until the agent answers (`sshTimeout`).
+    pub boot_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,6 +162,7 @@ pub struct DiskJob {
 
 #[derive(Debug, Clone, Default)]
 pub struct CloudInit {
+    /// The user's cloud-config or script: `userData`, or the file `userDataFrom` names.
     pub user_data: Option<String>,
     pub network_data: Option<String>,
 }
@@ -193,6 +196,11 @@ pub struct BootstrapSpec {
 pub enum FileContent {
     Inline(String),
     Url(String),
+    /// A URL the build fetched into the cache at its start: the blob at `path`.
+    Cached {
+        url: String,
+        path: PathBuf,
+    },
 }
 
 /// A provisioning step.

@@ -22,7 +22,7 @@ use crate::events::{ms, BuildPhase, Event, EventSink, VmPhase};
 use crate::guest::{Connector, Guest, GuestCommand, GuestError, VsockConnector};
 use crate::job::{BuildJob, FileContent, VmJob};
 use crate::module::{BootRecord, DiskRecord, ModuleRecord, PendingModule, VmRecord};
-use crate::provision::{Provisioner, BOOT_TIMEOUT};
+use crate::provision::Provisioner;
 use crate::sources::{self, bootstrap::AGENT_VSOCK_PORT, ResolvedSource};
 
 /// What to do with a failed build's VMs.
@@ -191,6 +191,12 @@ fn run_once(
     // Proves to other kiln processes' start-up clean-up that this folder is in use.
     let _run_lock = crate::leftovers::OwnerLock::hold(&run_dir)
         .map_err(|e| BuildError::Setup(format!("locking {}: {e}", run_dir.display())))?;
+
+    // Every `files[]` URL is fetched now, before anything boots, so a dead URL fails the build
+    // at once with its reason instead of after a long boot.
+    let fetched = prefetch_files(job, &opts.cache, ev)
+        .inspect_err(|e| build_phase(BuildPhase::Failed, Some(e.to_string())))?;
+    let job = &fetched;
 
     build_phase(BuildPhase::Networking, None);
     // One isolated network per build, with `buildOverrides` applied; its thread stops when
@@ -594,6 +600,50 @@ fn wait_for_network(guest: &mut dyn Guest, vm: &str, ev: &dyn EventSink) {
     });
 }
 
+/// The job with every `files` URL (named files and file steps' own) fetched into the cache:
+/// each URL once, with download progress events; the first that fails names itself and why.
+fn prefetch_files(
+    job: &BuildJob,
+    cache: &Cache,
+    ev: &dyn EventSink,
+) -> Result<BuildJob, BuildError> {
+    let mut fetched: BTreeMap<String, PathBuf> = BTreeMap::new();
+    let mut out = job.clone();
+    // Named files first, so a failure names the `files[]` entry rather than a step's copy.
+    let mut entries: Vec<(&String, &mut FileContent)> = out.files.iter_mut().collect();
+    entries.sort_by_key(|(name, _)| name.starts_with('\0'));
+    for (name, content) in entries {
+        let FileContent::Url(url) = content else {
+            continue;
+        };
+        let path = match fetched.get(url.as_str()) {
+            Some(p) => p.clone(),
+            None => {
+                ev.emit(&Event::Note {
+                    vm: None,
+                    message: format!("fetching {url}"),
+                });
+                let f = sources::url::fetch(cache, url, None, None, ev).map_err(|e| {
+                    // File steps' entries have private names; the URL names them well enough.
+                    let what = if name.starts_with('\0') {
+                        "a file step's URL".to_string()
+                    } else {
+                        format!("file `{name}`")
+                    };
+                    BuildError::Setup(format!("{what}: {e} (nothing was booted)"))
+                })?;
+                fetched.insert(url.clone(), f.path.clone());
+                f.path
+            }
+        };
+        *content = FileContent::Cached {
+            url: url.clone(),
+            path,
+        };
+    }
+    Ok(out)
+}
+
 /// The bytes of a `files` entry given by URL, through the download cache.
 fn fetch_file_url(cache: &Cache, url: &str) -> Result<Vec<u8>, String> {
     let f = sources::url::fetch(
@@ -766,7 +816,7 @@ fn build_vm(
                     std::thread::sleep(Duration::from_millis(20));
                 }
             });
-            let r = connector.connect_until(BOOT_TIMEOUT, &stop_wait, &mut |_| Ok(()));
+            let r = connector.connect_until(vm.boot_timeout, &stop_wait, &mut |_| Ok(()));
             wait_over.store(true, Ordering::SeqCst);
             r
         });
@@ -1113,5 +1163,95 @@ mod network_tests {
         assert!(notes.iter().all(|n| !n.contains("handed")), "{notes:?}");
         // No DHCP NIC: nothing at all.
         assert_eq!(up(false, &[]), (0, vec![]));
+    }
+}
+
+#[cfg(test)]
+mod prefetch_tests {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::net::TcpListener;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A loopback server answering every GET with `body`; counts the requests.
+    fn serve(body: &'static [u8]) -> (u16, Arc<AtomicUsize>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let h = hits.clone();
+        std::thread::spawn(move || {
+            for mut s in l.incoming().flatten() {
+                h.fetch_add(1, Ordering::SeqCst);
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut line = String::new();
+                while r.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
+                    line.clear();
+                }
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = s.write_all(body);
+            }
+        });
+        (port, hits)
+    }
+
+    fn job(files: BTreeMap<String, FileContent>) -> BuildJob {
+        BuildJob {
+            name: "m".into(),
+            manifest_path: PathBuf::from("m.yaml"),
+            manifest_text: String::new(),
+            vms: vec![],
+            files,
+            http_directory: vec![],
+            timeout: Duration::from_secs(60),
+            retries: 0,
+            network: Default::default(),
+            base: Default::default(),
+        }
+    }
+
+    #[test]
+    fn each_url_is_fetched_once_into_the_cache_and_a_dead_one_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = Cache::open(d.path().join("cache")).unwrap();
+        let (port, hits) = serve(b"\x00tool bytes\xff");
+        let url = format!("http://127.0.0.1:{port}/tool.tar");
+        let mut files = inline_files(&[("motd", "hi\n")]);
+        files.insert("tool.tar".into(), FileContent::Url(url.clone()));
+        // A file step's own copy of the same URL.
+        files.insert("\0step:a:0".into(), FileContent::Url(url.clone()));
+        let ev = crate::events::MemorySink::default();
+        let out = prefetch_files(&job(files), &cache, &ev).unwrap();
+        assert_eq!(hits.load(Ordering::SeqCst), 1, "one download per URL");
+        for key in ["tool.tar", "\0step:a:0"] {
+            match &out.files[key] {
+                FileContent::Cached { url: u, path } => {
+                    assert_eq!(u, &url);
+                    assert!(path.starts_with(cache.root()));
+                    assert_eq!(fs::read(path).unwrap(), b"\x00tool bytes\xff");
+                }
+                other => panic!("{key}: {other:?}"),
+            }
+        }
+        assert!(matches!(&out.files["motd"], FileContent::Inline(s) if s == "hi\n"));
+
+        // A dead URL: the named entry is reported, with the URL and why.
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dead = format!("http://127.0.0.1:{port}/gone.tar");
+        let mut files = BTreeMap::new();
+        files.insert("\0step:a:0".into(), FileContent::Url(dead.clone()));
+        files.insert("gone.tar".into(), FileContent::Url(dead.clone()));
+        let e = prefetch_files(&job(files), &cache, &ev)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("file `gone.tar`") && e.contains(&dead), "{e}");
+        assert!(e.contains("nothing was booted"), "{e}");
     }
 }

@@ -27,6 +27,13 @@ pub enum AdaptError {
         #[source]
         source: std::io::Error,
     },
+    #[error("VM `{vm}`: reading cloudInit.userDataFrom {path}: {source}")]
+    UserData {
+        vm: String,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("VM `{vm}`: {what} is not supported by `kiln build` yet")]
     Unsupported { vm: String, what: String },
 }
@@ -169,10 +176,22 @@ pub fn job_from_plan(
                     size_bytes: d.size,
                 })
                 .collect(),
-            cloud_init: vm.cloud_init.as_ref().map(|c| job::CloudInit {
-                user_data: c.user_data.clone(),
-                network_data: c.network_data.clone(),
-            }),
+            cloud_init: match &vm.cloud_init {
+                Some(c) => Some(job::CloudInit {
+                    user_data: match &c.user_data_from {
+                        Some(path) => Some(std::fs::read_to_string(path).map_err(|source| {
+                            AdaptError::UserData {
+                                vm: vm.name.clone(),
+                                path: path.clone(),
+                                source,
+                            }
+                        })?),
+                        None => c.user_data.clone(),
+                    },
+                    network_data: c.network_data.clone(),
+                }),
+                None => None,
+            },
             steps,
             clean_for_template: true,
             internet: vm
@@ -180,6 +199,7 @@ pub fn job_from_plan(
                 .iter()
                 .any(|n| plan.build.network.vpc(&n.vpc).is_some_and(|v| v.internet)),
             nics: nics(vm),
+            boot_timeout: vm.communicator.ssh_timeout,
         });
     }
     Ok(BuildJob {
@@ -297,6 +317,39 @@ buildOverrides:
                 format!("VM `a`: {what} is not supported by `kiln build` yet")
             );
         }
+    }
+
+    #[test]
+    fn user_data_from_reaches_the_seed_and_ssh_timeout_the_boot_wait() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = "#cloud-config\nwrite_files:\n  - path: /etc/from-a-file\n    content: hi\n";
+        std::fs::create_dir(d.path().join("ci")).unwrap();
+        std::fs::write(d.path().join("ci/user-data.yaml"), cfg).unwrap();
+        let text = "vms:\n  - name: a\n    source: { bootstrap: { distro: debian, suite: bookworm } }\n    resources: { cpu: 1, memory: 512Mi }\n    communicator: { sshTimeout: 90s }\n    cloudInit:\n      userDataFrom: { secretRef: { name: ci, key: user-data.yaml } }\n  - name: b\n    source: { bootstrap: { distro: debian, suite: bookworm } }\n    resources: { cpu: 1, memory: 512Mi }\n";
+        let path = d.path().join("m.yaml");
+        let plan = manifest::load_str(text, &path, Default::default())
+            .into_plan()
+            .unwrap();
+        let job = job_from_plan(&plan, &path, text).unwrap();
+        let ci = job.vms[0].cloud_init.as_ref().expect("a seed");
+        assert_eq!(ci.user_data.as_deref(), Some(cfg));
+        let seed = crate::sources::seed::files("a", ci);
+        assert!(
+            seed.user_data.contains("path: /etc/from-a-file"),
+            "{}",
+            seed.user_data
+        );
+        assert!(
+            seed.user_data.contains("kiln-agent"),
+            "kiln's part is there too"
+        );
+        assert_eq!(job.vms[0].boot_timeout, std::time::Duration::from_secs(90));
+        assert_eq!(job.vms[1].boot_timeout, std::time::Duration::from_secs(300));
+        // The file is read when the build starts: one gone by then is named.
+        std::fs::remove_file(d.path().join("ci/user-data.yaml")).unwrap();
+        let e = job_from_plan(&plan, &path, text).unwrap_err();
+        assert!(matches!(e, AdaptError::UserData { .. }), "{e}");
+        assert!(e.to_string().contains("user-data.yaml"), "{e}");
     }
 
     #[test]

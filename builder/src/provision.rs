@@ -50,6 +50,16 @@ pub enum StepError {
         file: String,
         reason: String,
     },
+    #[error(
+        "step {index} '{name}': the handbuild pause timed out: nobody resumed it within its \
+         stepTimeout of {}, so the manual work is not known to be done",
+        crate::manifest::units::format_duration(*.timeout)
+    )]
+    PauseTimedOut {
+        index: usize,
+        name: String,
+        timeout: Duration,
+    },
     #[error("cancelled")]
     Cancelled,
 }
@@ -178,6 +188,17 @@ impl Provisioner<'_> {
                             reason,
                         })?
                     }
+                    Some(FileContent::Cached { url, path }) => {
+                        std::fs::read(path).map_err(|e| StepError::FileFetch {
+                            index: index + 1,
+                            name: step.name.clone(),
+                            file: file.clone(),
+                            reason: format!(
+                                "{url} was fetched at the build's start, but reading {}: {e}",
+                                path.display()
+                            ),
+                        })?
+                    }
                 };
                 guest.put_file(destination, &data, 0o644).map_err(gerr)?;
                 Ok(guest)
@@ -185,13 +206,15 @@ impl Provisioner<'_> {
             StepKind::Reboot { command } => {
                 self.reboot(guest, command.as_deref(), step).map_err(gerr)
             }
-            StepKind::Handbuild { instructions } => {
-                self.handbuild(instructions, step);
-                if self.cancel.load(Ordering::SeqCst) {
-                    return Err(StepError::Cancelled);
-                }
-                Ok(guest)
-            }
+            StepKind::Handbuild { instructions } => match self.handbuild(instructions, step) {
+                Pause::Resumed => Ok(guest),
+                Pause::Cancelled => Err(StepError::Cancelled),
+                Pause::TimedOut(timeout) => Err(StepError::PauseTimedOut {
+                    index: index + 1,
+                    name: step.name.clone(),
+                    timeout,
+                }),
+            },
         }
     }
 
@@ -294,7 +317,7 @@ impl Provisioner<'_> {
         Ok(guest)
     }
 
-    fn handbuild(&self, instructions: &str, step: &Step) {
+    fn handbuild(&self, instructions: &str, step: &Step) -> Pause {
         let _ = std::fs::remove_file(&self.resume_flag);
         self.events.emit(&Event::Note {
             vm: Some(self.vm.into()),
@@ -320,15 +343,28 @@ impl Provisioner<'_> {
         let start = Instant::now();
         while !self.resume_flag.exists() && !enter.load(Ordering::SeqCst) {
             if self.cancel.load(Ordering::SeqCst) {
-                return;
+                return Pause::Cancelled;
             }
-            if step.timeout.is_some_and(|t| start.elapsed() > t) {
-                return;
+            if let Some(t) = step.timeout.filter(|t| start.elapsed() > *t) {
+                return Pause::TimedOut(t);
             }
             std::thread::sleep(Duration::from_millis(300));
         }
         let _ = std::fs::remove_file(&self.resume_flag);
+        if self.cancel.load(Ordering::SeqCst) {
+            return Pause::Cancelled;
+        }
+        Pause::Resumed
     }
+}
+
+/// How a `handbuild` pause ended.
+enum Pause {
+    Resumed,
+    Cancelled,
+    /// The step's timeout (held here) passed with no resume: the manual work may not have
+    /// been done.
+    TimedOut(Duration),
 }
 
 /// The guest's boot id (changes on every boot): as the agent reported it in its hello, or
@@ -505,12 +541,21 @@ pub(crate) mod tests {
     }
 
     fn run(steps: &[Step]) -> (Result<(), StepError>, Arc<Mutex<FakeState>>, MemorySink) {
+        let dir = tempfile::tempdir().unwrap();
+        run_in(steps, dir.path(), BTreeMap::new())
+    }
+
+    /// Runs `steps` with the resume flag in `dir` and `extra` files next to `motd`.
+    fn run_in(
+        steps: &[Step],
+        dir: &std::path::Path,
+        extra: BTreeMap<String, FileContent>,
+    ) -> (Result<(), StepError>, Arc<Mutex<FakeState>>, MemorySink) {
         let state = Arc::new(Mutex::new(FakeState::default()));
         let conn = FakeConnector(state.clone());
-        let mut files = BTreeMap::new();
+        let mut files = extra;
         files.insert("motd".to_string(), FileContent::Inline("hi\n".into()));
         let events = MemorySink::default();
-        let dir = tempfile::tempdir().unwrap();
         let fetch = |_: &str| -> Result<Vec<u8>, String> { Err("no network in tests".into()) };
         let p = Provisioner {
             vm: "hello",
@@ -520,7 +565,7 @@ pub(crate) mod tests {
             events: &events,
             log: None,
             cancel: Arc::new(AtomicBool::new(false)),
-            resume_flag: dir.path().join("resume"),
+            resume_flag: dir.join("resume"),
             fetch_url: &fetch,
             network_ready: &|_: &mut dyn Guest| {
                 events.emit(&Event::Note {
@@ -614,6 +659,109 @@ pub(crate) mod tests {
         let (r, _, _) = run(&[s]);
         let msg = r.unwrap_err().to_string();
         assert!(msg.contains("killed after its timeout"), "{msg}");
+    }
+
+    #[test]
+    fn handbuild_pause_past_its_timeout_fails_the_step() {
+        let mut s = step(
+            "manual",
+            StepKind::Handbuild {
+                instructions: "check the console".into(),
+            },
+        );
+        s.timeout = Some(Duration::from_secs(1));
+        let after = step("after", shell("echo after\n"));
+        let (r, state, events) = run(&[s, after]);
+        let err = r.unwrap_err();
+        assert!(matches!(err, StepError::PauseTimedOut { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("'manual'") && msg.contains("pause timed out"),
+            "{msg}"
+        );
+        assert!(msg.contains("stepTimeout of 1s"), "{msg}");
+        // The step is recorded as failed, and the next step never ran.
+        assert!(state.lock().unwrap().commands.is_empty());
+        let ev = events.events.lock().unwrap();
+        assert!(ev
+            .iter()
+            .any(|e| matches!(e, Event::StepFinished { step, ok: false, .. } if step == "manual")));
+    }
+
+    #[test]
+    fn handbuild_pause_ends_on_resume() {
+        let dir = tempfile::tempdir().unwrap();
+        let flag = dir.path().join("resume");
+        let stop = Arc::new(AtomicBool::new(false));
+        // `kiln resume`: keeps writing the flag (the pause removes a stale one as it starts).
+        let writer = {
+            let (flag, stop) = (flag.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    let _ = std::fs::write(&flag, b"");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+        };
+        let mut s = step(
+            "manual",
+            StepKind::Handbuild {
+                instructions: "check".into(),
+            },
+        );
+        s.timeout = Some(Duration::from_secs(60));
+        let (r, state, _) = run_in(
+            &[s, step("after", shell("echo after\n"))],
+            dir.path(),
+            BTreeMap::new(),
+        );
+        stop.store(true, Ordering::SeqCst);
+        writer.join().unwrap();
+        r.unwrap();
+        assert_eq!(state.lock().unwrap().commands.len(), 1, "the next step ran");
+    }
+
+    #[test]
+    fn file_fetched_at_the_start_is_read_from_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let blob = dir.path().join("blob");
+        std::fs::write(&blob, b"\x00binary\xff").unwrap();
+        let files: BTreeMap<_, _> = [
+            (
+                "tool".to_string(),
+                FileContent::Cached {
+                    url: "http://127.0.0.1:1/tool".into(),
+                    path: blob,
+                },
+            ),
+            (
+                "gone".to_string(),
+                FileContent::Cached {
+                    url: "http://127.0.0.1:1/gone".into(),
+                    path: dir.path().join("missing"),
+                },
+            ),
+        ]
+        .into_iter()
+        .collect();
+        let put = |file: &str| {
+            step(
+                "put",
+                StepKind::File {
+                    file: file.into(),
+                    destination: "/opt/tool".into(),
+                },
+            )
+        };
+        let (r, state, _) = run_in(&[put("tool")], dir.path(), files.clone());
+        r.unwrap();
+        assert_eq!(state.lock().unwrap().files["/opt/tool"], b"\x00binary\xff");
+        let (r, _, _) = run_in(&[put("gone")], dir.path(), files);
+        let msg = r.unwrap_err().to_string();
+        assert!(
+            msg.contains("http://127.0.0.1:1/gone") && msg.contains("missing"),
+            "{msg}"
+        );
     }
 
     #[test]

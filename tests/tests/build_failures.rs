@@ -102,6 +102,87 @@ fn bad_checksum_stops_before_boot() {
 }
 
 #[test]
+fn dead_file_url_stops_the_build_before_anything_boots() {
+    let Some(kiln) = kiln_bin() else {
+        eprintln!("SKIP: the kiln binary is not built next to this test");
+        return;
+    };
+    // A loopback port nothing listens on: the URL is dead.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}/tools.tar");
+    let tmp = tempfile::tempdir().unwrap();
+    // The URL is used by the last step only: fetched when used, it would fail after the
+    // bootstrap, the boot and the steps before it.
+    let steps = "      - name: first\n        type: shell\n        shell:\n          inline: \"echo first\\n\"\n      - name: tools\n        type: file\n        file: { fileRef: tools.tar, destination: /opt/tools.tar }\n";
+    let m = write_manifest(
+        tmp.path(),
+        "deadurl",
+        &format!(
+            "files:\n  - name: tools.tar\n    url: {url}\n{}",
+            bootstrap_vm("box", steps)
+        ),
+    );
+    let modules = tmp.path().join("modules");
+    let start = Instant::now();
+    let out = Command::new(&kiln)
+        .args(["build", &m, "--output", modules.to_str().unwrap(), "--json"])
+        .env("KILN_CACHE", tmp.path().join("cache"))
+        .env("KILN_NO_INTERNET", "true")
+        .output()
+        .unwrap();
+    let took = start.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let events = String::from_utf8_lossy(&out.stdout);
+    eprintln!("--- stdout\n{events}--- stderr\n{err}");
+    assert!(!out.status.success());
+    assert!(err.contains(&url), "the URL is named: {err}");
+    assert!(err.contains("file `tools.tar`"), "the file is named: {err}");
+    assert!(err.contains("cannot reach"), "the reason is given: {err}");
+    // No VM got as far as its source, let alone a boot.
+    for phase in ["SourceImporting", "Booting"] {
+        assert!(!events.contains(phase), "{phase} reached: {events}");
+    }
+    assert!(took < Duration::from_secs(60), "took {took:?}");
+    assert!(!modules.join("deadurl").exists());
+    assert_no_partial_module(&modules);
+}
+
+#[test]
+fn ssh_timeout_bounds_the_wait_for_the_agent() {
+    let Some(kiln) = boot_prereqs_or_skip() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    // No guest boots to its agent in 2 s under TCG: the wait must end then, not at 5 min.
+    let m = write_manifest(
+        tmp.path(),
+        "impatient",
+        &bootstrap_vm(
+            "box",
+            "      - { name: never, type: shell, shell: { inline: \"true\" } }\n",
+        )
+        .replace(
+            "    provisioners:\n",
+            "    communicator: { sshTimeout: 2s }\n    provisioners:\n",
+        ),
+    );
+    let modules = tmp.path().join("modules");
+    let out = run_kiln(&kiln, &["build", &m, "--output", modules.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("did not answer within 2"),
+        "the boot wait is sshTimeout: {err}"
+    );
+    assert!(!modules.join("impatient").exists());
+    assert_no_partial_module(&modules);
+}
+
+#[test]
 fn failing_step_fails_the_build_with_name_code_and_output() {
     let Some(kiln) = boot_prereqs_or_skip() else {
         return;

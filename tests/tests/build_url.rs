@@ -2,8 +2,8 @@
 //! served by a loopback HTTP server in the test, with its `checksum`) and a `file` source (a
 //! raw image), both partitioned like cloud images, both with a `cloudInit` key. kiln reads
 //! each image's kernel from its partition table and ext4 `/boot` (qcow2 through kiln-disk),
-//! builds a NoCloud seed whose user-data merges the manifest's `userData` with kiln's agent
-//! install, boots, runs the steps through the agent, and captures. The captured disks are
+//! builds a NoCloud seed whose user-data merges the manifest's `userData` (the file source's
+//! VM: `userDataFrom`) with kiln's agent install, boots, runs the steps through the agent, and captures. The captured disks are
 //! then read from outside (debugfs at the partition's offset, `qemu-img check`), and a clone
 //! of the module boots without a seed and answers `kiln exec`.
 //!
@@ -274,6 +274,12 @@ fn url_and_file_images_get_the_agent_through_a_nocloud_seed() {
     if std::fs::hard_link(&raw_img, &local).is_err() {
         std::fs::copy(&raw_img, &local).unwrap();
     }
+    // `userDataFrom`: a cloud-config beside the manifest, read like `scriptFrom`.
+    std::fs::write(
+        tmp.path().join("user-data.yaml"),
+        "#cloud-config\nwrite_files:\n  - path: /etc/from-user-data-file\n    content: \"written from userDataFrom\\n\"\n",
+    )
+    .unwrap();
     let manifest = tmp.path().join("cloudy.yaml");
     std::fs::write(
         &manifest,
@@ -308,12 +314,16 @@ fn url_and_file_images_get_the_agent_through_a_nocloud_seed() {
     disks:
       - name: root
         size: 3Gi
-    cloudInit: {{}}
+    cloudInit:
+      userDataFrom: {{ configMapRef: {{ name: user-data.yaml }} }}
     provisioners:
       - name: mark
         type: shell
         shell:
-          inline: echo "built from a file on $(hostname)" > /etc/kiln-file
+          inline: |
+            set -eu
+            grep -q "written from userDataFrom" /etc/from-user-data-file
+            echo "built from a file on $(hostname)" > /etc/kiln-file
 "#
         ),
     )
@@ -383,6 +393,11 @@ fn url_and_file_images_get_the_agent_through_a_nocloud_seed() {
         "built from a file on fromfile"
     );
     assert!(guest_file(&raw, "/etc/from-user-data").is_err());
+    // `userDataFrom`'s cloud-config ran next to kiln's part.
+    assert_eq!(
+        guest_file(&raw, "/etc/from-user-data-file").unwrap(),
+        "written from userDataFrom\n"
+    );
     std::fs::remove_file(&raw).unwrap();
 
     // A clone boots without any seed and its agent answers.

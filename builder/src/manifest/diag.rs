@@ -117,6 +117,8 @@ pub(crate) struct Sink<'a> {
     file: String,
     lines: Vec<&'a str>,
     pub(crate) items: Vec<Diagnostic>,
+    /// Lines holding a secret (`sshPassword`): diagnostics there do not quote the line.
+    secret_lines: Vec<usize>,
 }
 
 impl<'a> Sink<'a> {
@@ -125,7 +127,14 @@ impl<'a> Sink<'a> {
             file,
             lines: text.lines().collect(),
             items: Vec::new(),
+            secret_lines: Vec::new(),
         }
+    }
+
+    /// Marks the lines of `at` as holding a secret: no diagnostic quotes them.
+    pub(crate) fn secret(&mut self, at: Span) {
+        self.secret_lines
+            .extend(at.start.line..=at.end.line.max(at.start.line));
     }
 
     pub(crate) fn error(&mut self, at: Span, msg: impl Into<String>) -> Builder<'_, 'a> {
@@ -172,6 +181,11 @@ impl<'a> Sink<'a> {
                 .cmp(&(b.line, b.column, b.severity, &b.message))
         });
         self.items.dedup();
+        for d in &mut self.items {
+            if self.secret_lines.contains(&d.line) {
+                d.text = None;
+            }
+        }
         self.items
     }
 }

@@ -182,7 +182,7 @@ pub static SPEC: Obj = Obj {
         f(
             "isoCacheTTL",
             Ty::Duration,
-            "how long downloaded ISOs stay cached (default 24h)",
+            "how long downloaded ISOs stay cached: 24h only (kiln does not download ISOs yet)",
         ),
         ignored(
             "namespace",
@@ -245,7 +245,11 @@ pub static VM: Obj = Obj {
             Ty::List(&Ty::Str),
             "keystrokes typed at boot",
         ),
-        f("efiFirmware", Ty::Obj(&EFI), "UEFI boot (absent: BIOS)"),
+        f(
+            "efiFirmware",
+            Ty::Obj(&EFI),
+            "UEFI boot (not supported by kiln yet: it boots the kernel directly)",
+        ),
         f(
             "provisioners",
             Ty::List(&Ty::Obj(&PROVISIONER)),
@@ -260,7 +264,7 @@ pub static VM: Obj = Obj {
         f(
             "invisible",
             Ty::Bool,
-            "hidden from consoles, in the build and in clones",
+            "hidden from consoles: false only (not supported by kiln yet)",
         ),
     ],
 };
@@ -356,7 +360,7 @@ pub static DISK: Obj = Obj {
         f(
             "bus",
             Ty::Enum(BUSES),
-            "virtio (default), scsi, sata or usb",
+            "virtio (default); scsi, sata and usb are not supported by kiln yet",
         ),
         ignored(
             "storageClass",
@@ -379,20 +383,32 @@ pub static COMMUNICATOR: Obj = Obj {
         f(
             "shell",
             Ty::Enum(&["bash", "powershell"]),
-            "bash (default) or powershell",
+            "bash (default); powershell is not supported by kiln yet",
         ),
-        f("sshUsername", Ty::Str, "default root"),
-        f("sshPort", Ty::Int { min: 1, max: 65535 }, "default 22"),
-        f("sshPassword", Ty::Str, "never printed in logs"),
+        f(
+            "sshUsername",
+            Ty::Str,
+            "root only: steps run as root through kiln's agent",
+        ),
+        f(
+            "sshPort",
+            Ty::Int { min: 1, max: 65535 },
+            "22 only (kiln does not use SSH yet)",
+        ),
+        f(
+            "sshPassword",
+            Ty::Str,
+            "not supported by kiln yet (never printed)",
+        ),
         f(
             "sshTimeout",
             Ty::Duration,
-            "how long to wait for the guest (default 5m)",
+            "how long to wait for the guest's agent after boot (default 5m)",
         ),
         f(
             "sshPrivateKeySecret",
             Ty::Obj(&REF),
-            "a key file: name is its path",
+            "not supported by kiln yet (a key file: name is its path)",
         ),
     ],
 };
@@ -446,7 +462,11 @@ pub static NIC: Obj = Obj {
         ),
         f("ip", Ty::Str, "a static address inside the subnet"),
         f("mac", Ty::Str, "xx:xx:xx:xx:xx:xx"),
-        f("model", Ty::Enum(NIC_MODELS), "kiln always offers virtio"),
+        f(
+            "model",
+            Ty::Enum(NIC_MODELS),
+            "virtio only; other models are not supported by kiln yet",
+        ),
     ],
 };
 

@@ -872,6 +872,7 @@ mod tests {
                 clean_for_template: true,
                 internet: false,
                 nics: vec![],
+                boot_timeout: Duration::from_secs(300),
             }],
             files: BTreeMap::new(),
             timeout: Duration::from_secs(60),

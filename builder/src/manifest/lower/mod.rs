@@ -19,6 +19,9 @@ use super::Limits;
 
 pub(crate) use read::is_dns_label;
 
+/// `isoCacheTTL`'s default, the only value kiln accepts until it downloads ISOs.
+const ISO_CACHE_TTL: Duration = Duration::from_secs(24 * 3600);
+
 pub(crate) struct Cx<'s, 'a> {
     pub sink: &'s mut Sink<'a>,
     pub dir: PathBuf,
@@ -233,6 +236,16 @@ pub(crate) fn lower(
         network: build_net,
     };
 
+    let iso_cache_ttl = read::duration(spec, "isoCacheTTL").unwrap_or(ISO_CACHE_TTL);
+    if iso_cache_ttl != ISO_CACHE_TTL {
+        if let Some(at) = spec.get("isoCacheTTL") {
+            // kiln downloads no ISOs yet, so any other lifetime would be silently dropped.
+            cx.sink
+                .error(at.span, "`isoCacheTTL` other than the default 24h is not supported by kiln yet: kiln does not download ISOs")
+                .hint("remove `isoCacheTTL`, or write `isoCacheTTL: 24h`");
+        }
+    }
+
     Some(Plan {
         module: cx.module.clone(),
         manifest_dir: cx.dir.clone(),
@@ -244,8 +257,7 @@ pub(crate) fn lower(
         retries: read::int(spec, "retries")
             .and_then(|r| u32::try_from(r).ok())
             .unwrap_or(0),
-        iso_cache_ttl: read::duration(spec, "isoCacheTTL")
-            .unwrap_or(Duration::from_secs(24 * 3600)),
+        iso_cache_ttl,
     })
 }
 

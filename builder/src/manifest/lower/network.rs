@@ -300,9 +300,14 @@ pub fn nics(
                 let model = model_of(m);
                 if let (Some(model), Some(at)) = (model, n.get("model")) {
                     if model != NicModel::Virtio {
+                        // Mapping it to virtio silently would give the guest another NIC
+                        // than the manifest asked for.
                         cx.sink
-                            .warn(at.span, format!("NIC model `{m}` is mapped to virtio"))
-                            .hint("kiln's VMM offers virtio NICs only; the guest needs virtio-net drivers");
+                            .error(
+                                at.span,
+                                format!("NIC model `{m}` is not supported by kiln yet: its NICs are virtio"),
+                            )
+                            .hint("remove `model`, or write `model: virtio` (the guest needs virtio-net drivers)");
                     }
                 }
                 model.unwrap_or(NicModel::Virtio)

@@ -28,11 +28,7 @@ pub fn vm(cx: &mut Cx, n: &Node, net: &Declared) -> Option<Lowered> {
     let memory = read::node(n, "resources").and_then(|r| read::bytes(r, "memory"));
     let disks = disks(cx, n);
     let communicator = communicator(cx, n.get("communicator"));
-    let cloud_init = n.get("cloudInit").map(|c| CloudInit {
-        user_data: read::string(c, "userData"),
-        user_data_from: read::node(c, "userDataFrom").and_then(|r| cx.config_ref(r)),
-        network_data: read::string(c, "networkData"),
-    });
+    let cloud_init = n.get("cloudInit").map(|c| cloud_init(cx, c));
     if let (Some(Source::Url { .. }), None) = (&source, &cloud_init) {
         if let Some(s) = n.key("source") {
             cx.sink
@@ -54,12 +50,22 @@ pub fn vm(cx: &mut Cx, n: &Node, net: &Declared) -> Option<Lowered> {
     let boot_command = boot_command(cx, read::list(n, "bootCommand"));
     let efi = n.get("efiFirmware").map(|e| {
         let secure_boot = read::boolean(e, "secureBoot").unwrap_or(false);
-        if secure_boot {
-            if let Some(at) = e.get("secureBoot") {
+        match (secure_boot, e.get("secureBoot"), n.key("efiFirmware")) {
+            (true, Some(at), _) => {
                 cx.sink
                     .error(at.span, "Secure Boot is not supported by kiln yet")
-                    .hint("set `secureBoot: false` (plain UEFI boot works)");
+                    .hint("remove `efiFirmware`: kiln boots the image's kernel directly");
             }
+            // kiln boots the kernel itself, without firmware: a UEFI request would be dropped.
+            (_, _, Some(k)) => {
+                cx.sink
+                    .error(
+                        k.span,
+                        "UEFI boot (`efiFirmware`) is not supported by kiln yet",
+                    )
+                    .hint("remove `efiFirmware`: kiln boots the image's kernel directly");
+            }
+            _ => {}
         }
         Efi { secure_boot }
     });
@@ -97,6 +103,16 @@ pub fn vm(cx: &mut Cx, n: &Node, net: &Declared) -> Option<Lowered> {
         efi,
         invisible: read::boolean(n, "invisible").unwrap_or(false),
     };
+    if vm.invisible {
+        if let Some(at) = n.get("invisible") {
+            cx.sink
+                .error(
+                    at.span,
+                    "hiding a VM from consoles (`invisible: true`) is not supported by kiln yet",
+                )
+                .hint("remove `invisible`, or write `invisible: false`");
+        }
+    }
     if let Some(r) = read::node(n, "resources") {
         check_resources(cx, r, &vm);
     }
@@ -347,6 +363,21 @@ fn disks(cx: &mut Cx, n: &Node) -> Vec<Disk> {
             Some("usb") => DiskBus::Usb,
             _ => DiskBus::Virtio,
         };
+        if bus != DiskBus::Virtio {
+            if let Some(at) = d.get("bus") {
+                let b = at.as_str().unwrap_or_default();
+                cx.sink
+                    .error(
+                        at.span,
+                        format!(
+                            "disk bus `{b}` is not supported by kiln yet: its disks are virtio"
+                        ),
+                    )
+                    .hint(
+                        "remove `bus`, or write `bus: virtio` (the guest needs virtio-blk drivers)",
+                    );
+            }
+        }
         out.push(Disk {
             name: name_node.as_str().unwrap_or_default().to_string(),
             size: size.unwrap_or(0),
@@ -370,7 +401,17 @@ fn communicator(cx: &mut Cx, c: Option<&Node>) -> Communicator {
         Some("powershell") => Shell::Powershell,
         _ => Shell::Bash,
     };
-    Communicator {
+    if shell == Shell::Powershell {
+        if let Some(at) = c.get("shell") {
+            cx.sink
+                .error(
+                    at.span,
+                    "`shell: powershell` is not supported by kiln yet: steps run with bash",
+                )
+                .hint("kiln builds Linux guests today; write `shell: bash` or remove `shell`");
+        }
+    }
+    let com = Communicator {
         kind,
         shell,
         ssh_username: read::string(c, "sshUsername").unwrap_or_else(|| "root".into()),
@@ -380,6 +421,67 @@ fn communicator(cx: &mut Cx, c: Option<&Node>) -> Communicator {
         ssh_password: read::string(c, "sshPassword").map(Secret::new),
         ssh_timeout: read::duration(c, "sshTimeout").unwrap_or(Duration::from_secs(300)),
         ssh_private_key: read::node(c, "sshPrivateKeySecret").and_then(|r| cx.local_path(r)),
+    };
+    if com.ssh_timeout.is_zero() {
+        if let Some(at) = c.get("sshTimeout") {
+            cx.sink
+                .error(at.span, "`sshTimeout` cannot be zero: it is how long the build waits for the guest's agent")
+                .hint("e.g. `sshTimeout: 5m` (the default)");
+        }
+    }
+    // kiln reaches the guest through its agent, as root; an SSH login would be ignored, so
+    // anything but the defaults is refused until ISO installs bring SSH.
+    let agent_hint =
+        "kiln reaches the guest through its agent (steps run as root), not SSH; remove it";
+    if com.ssh_username != "root" {
+        if let Some(at) = c.get("sshUsername") {
+            cx.sink
+                .error(
+                    at.span,
+                    format!(
+                        "`sshUsername: {}` is not supported by kiln yet: steps run as root",
+                        com.ssh_username
+                    ),
+                )
+                .hint(
+                    "remove `sshUsername` (a step can use `runuser -u USER --` to act as a user)",
+                );
+        }
+    }
+    if com.ssh_port != 22 {
+        if let Some(at) = c.get("sshPort") {
+            cx.sink
+                .error(at.span, "`sshPort` is not supported by kiln yet")
+                .hint(agent_hint);
+        }
+    }
+    if let Some(at) = c.get("sshPassword") {
+        cx.sink.secret(at.span);
+    }
+    for key in ["sshPassword", "sshPrivateKeySecret"] {
+        if let Some(k) = c.key(key) {
+            cx.sink
+                .error(k.span, format!("`{key}` is not supported by kiln yet"))
+                .hint(agent_hint);
+        }
+    }
+    com
+}
+
+/// `cloudInit`: the user's data is `userData` or the file `userDataFrom` names, not both.
+fn cloud_init(cx: &mut Cx, c: &Node) -> CloudInit {
+    if let (Some(_), Some(from)) = (c.key("userData"), c.key("userDataFrom")) {
+        cx.sink
+            .error(
+                from.span,
+                "`cloudInit` has both `userData` and `userDataFrom`",
+            )
+            .hint("keep one");
+    }
+    CloudInit {
+        user_data: read::string(c, "userData"),
+        user_data_from: read::node(c, "userDataFrom").and_then(|r| cx.config_ref(r)),
+        network_data: read::string(c, "networkData"),
     }
 }
 
