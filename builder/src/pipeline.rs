@@ -1085,4 +1085,26 @@ mod network_tests {
         // No DHCP NIC: nothing at all.
         assert_eq!(up(false, &[]), (0, vec![]));
     }
+
+    #[test]
+    fn a_static_address_is_handed_over_or_warned_about_without_a_wait() {
+        let mut s = link();
+        s.lease_secs = kiln_agent::STATIC_LEASE;
+        let (cmds, notes) = up(true, std::slice::from_ref(&s));
+        assert_eq!(cmds, 0);
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.contains("10.0.2.2/24 handed to the guest (static)")),
+            "{notes:?}"
+        );
+        // No DHCP client will configure it: no wait, a warning that names the address.
+        let (cmds, notes) = up(false, &[s]);
+        assert_eq!(cmds, 0, "no wait for a DHCP client");
+        assert!(
+            notes.iter().any(|n| n.contains("warning")
+                && n.contains("static address 10.0.2.2 could not be configured")),
+            "{notes:?}"
+        );
+    }
 }
