@@ -22,7 +22,7 @@ pub use fuzz::fuzz_entry;
 pub use locate::{is_static_elf, locate_binary};
 pub use message::{
     Command, ExecRequest, ExitStatus, FileEnd, FileKind, FileMeta, FileStat, GuestInfo, HelloReply,
-    Interpreter, LinkConfig, RemoteError,
+    Interpreter, LinkConfig, RemoteError, STATIC_LEASE,
 };
 
 /// The AF_VSOCK port the agent listens on by default.

@@ -145,7 +145,19 @@ pub struct LinkConfig {
     pub dns: Vec<std::net::Ipv4Addr>,
     pub search: Vec<String>,
     /// The lease time: the address and route are dynamic, as the DHCP client's would be.
+    /// [`STATIC_LEASE`] marks a static address (a NIC with an `ip` on a subnet without DHCP).
     pub lease_secs: u32,
+}
+
+/// `lease_secs` of a static address: the kernel's infinite lifetime, so the address is
+/// permanent (agents that predate static addresses apply it as such too).
+pub const STATIC_LEASE: u32 = u32::MAX;
+
+impl LinkConfig {
+    /// Whether this is a static address, which no DHCP client of the guest will take over.
+    pub fn is_static(&self) -> bool {
+        self.lease_secs == STATIC_LEASE
+    }
 }
 
 /// The host's opening message.

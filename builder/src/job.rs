@@ -51,6 +51,9 @@ pub struct VpcJob {
     pub name: String,
     /// Guest flows to outside addresses go out through the host's sockets (NAT).
     pub internet: bool,
+    /// Guest flows to the host's own addresses are carried too (`hostAccess`).
+    #[serde(default)]
+    pub host_access: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

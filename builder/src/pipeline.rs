@@ -530,9 +530,11 @@ fn bound_leases(
         .collect()
 }
 
-/// Gets the guest's network ready for the steps: hands it the bound leases through its agent
-/// (on a session of its own: an agent too old for the request closes it), or, when the agent
-/// declines or cannot, waits for the guest's own DHCP client. Nothing to do without DHCP NICs.
+/// Gets the guest's network ready for the steps: hands it the bound leases and static
+/// addresses through its agent (on a session of its own: an agent too old for the request
+/// closes it), or, when the agent declines or cannot, waits for the guest's own DHCP client
+/// (static addresses alone: warns, as nothing else will configure them). Nothing to do
+/// without DHCP NICs or static addresses.
 fn network_up(
     connector: &dyn Connector,
     guest: &mut dyn Guest,
@@ -558,10 +560,22 @@ fn network_up(
                 .iter()
                 .map(|l| format!("{}/{}", l.address, l.prefix))
                 .collect();
+            let how = if links.iter().all(kiln_agent::LinkConfig::is_static) {
+                "static"
+            } else {
+                "its DHCP client takes the same lease over"
+            };
+            ev.emit(&Event::Note {
+                vm: Some(vm.to_string()),
+                message: format!("network: {} handed to the guest ({how})", addrs.join(", ")),
+            });
+        }
+        Err(e) if links.iter().all(kiln_agent::LinkConfig::is_static) => {
+            let addrs: Vec<String> = links.iter().map(|l| l.address.to_string()).collect();
             ev.emit(&Event::Note {
                 vm: Some(vm.to_string()),
                 message: format!(
-                    "network: {} handed to the guest (its DHCP client takes the same lease over)",
+                    "warning: the static address {} could not be configured in the guest ({e}); running the steps anyway",
                     addrs.join(", ")
                 ),
             });
@@ -830,11 +844,13 @@ fn build_vm(
                 format!("{}{}", GuestError::from(e), serial_tail(&serial_log))
             }
         })?;
-        let leases = if uses_dhcp(job, vm) {
+        let mut leases = if uses_dhcp(job, vm) {
             bound_leases(job, vm, net)
         } else {
             Vec::new()
         };
+        // Static addresses on subnets without DHCP: the agent is all that configures them.
+        leases.extend(modnet::static_links(&job.network, net, &vm.nics));
         let network_ready = |g: &mut dyn Guest| network_up(&connector, g, &leases, &vm.name, ev);
         network_ready(&mut *guest);
         phase(VmPhase::Provisioning, None);
@@ -1163,6 +1179,28 @@ mod network_tests {
         assert!(notes.iter().all(|n| !n.contains("handed")), "{notes:?}");
         // No DHCP NIC: nothing at all.
         assert_eq!(up(false, &[]), (0, vec![]));
+    }
+
+    #[test]
+    fn a_static_address_is_handed_over_or_warned_about_without_a_wait() {
+        let mut s = link();
+        s.lease_secs = kiln_agent::STATIC_LEASE;
+        let (cmds, notes) = up(true, std::slice::from_ref(&s));
+        assert_eq!(cmds, 0);
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.contains("10.0.2.2/24 handed to the guest (static)")),
+            "{notes:?}"
+        );
+        // No DHCP client will configure it: no wait, a warning that names the address.
+        let (cmds, notes) = up(false, &[s]);
+        assert_eq!(cmds, 0, "no wait for a DHCP client");
+        assert!(
+            notes.iter().any(|n| n.contains("warning")
+                && n.contains("static address 10.0.2.2 could not be configured")),
+            "{notes:?}"
+        );
     }
 }
 

@@ -238,6 +238,7 @@ fn net(n: &manifest::Network) -> NetJob {
             .map(|v| VpcJob {
                 name: v.name.clone(),
                 internet: v.internet,
+                host_access: v.host_access,
             })
             .collect(),
         subnets: n

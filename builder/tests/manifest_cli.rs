@@ -61,6 +61,20 @@ fn fmt_refuses_invalid_manifests() {
 }
 
 #[test]
+fn plan_shows_host_access() {
+    let (out, _, code) = kiln(
+        &["plan", "tests/manifests/valid-all-fields.yaml"],
+        crate_dir(),
+    );
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("vpc mgmt: internet on, host access (guests reach the host's own addresses)"),
+        "{out}"
+    );
+    assert!(out.contains("vpc lab: internet on (clones"), "{out}");
+}
+
+#[test]
 fn plan_shows_overrides_and_clone_values() {
     let (out, _, code) = kiln(
         &["plan", "tests/manifests/valid-overrides.yaml"],

@@ -249,3 +249,18 @@ fn plan_json_keys_are_camel_case() {
     assert!(files.len() > 10);
     assert!(bad.is_empty(), "keys not in camelCase: {bad:#?}");
 }
+
+#[test]
+fn host_access_is_off_unless_a_vpc_opts_in() {
+    let p = plan(
+        "network:\n  vpcs:\n    - {name: lab, internet: true, hostAccess: true}\n    - {name: dmz, internet: true}\n  subnets:\n    - {name: a, vpc: lab, cidr: 10.1.0.0/24}\n    - {name: b, vpc: dmz, cidr: 10.2.0.0/24}\n    - {name: c, cidr: 10.3.0.0/24}\nvms:\n  - name: x\n    source: {blank: true}\n    resources: {cpu: 1, memory: 1Gi}\n",
+    );
+    let vpc = |n: &str| p.build.network.vpc(n).unwrap().host_access;
+    assert!(vpc("lab"));
+    assert!(!vpc("dmz"));
+    assert!(
+        !vpc("default"),
+        "the implicit VPC has internet, never host access"
+    );
+    assert!(p.base.network.vpc("lab").unwrap().host_access);
+}

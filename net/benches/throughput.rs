@@ -128,6 +128,7 @@ fn main() {
         vpcs: vec![VpcConfig {
             name: "v".into(),
             internet: true,
+            host_access: false,
         }],
         subnets: vec![SubnetConfig {
             name: "s".into(),

@@ -11,6 +11,9 @@ pub struct VpcConfig {
     pub name: String,
     /// Guest flows to outside addresses are carried on host sockets (NAT) only when true.
     pub internet: bool,
+    /// Guests may reach the host's own addresses (those of its interfaces, link-local ones)
+    /// through the NAT. Off: such flows are refused like a closed port. Loopback never opens.
+    pub host_access: bool,
 }
 
 /// One subnet (one L2 segment with one gateway).

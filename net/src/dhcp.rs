@@ -1,5 +1,6 @@
 //! The DHCP server of a managed subnet: dynamic leases from the subnet's pool, fixed leases for
-//! NICs with an `ip`, router and DNS = the gateway, hostname = the VM's name.
+//! NICs with an `ip`, router = the gateway, DNS = the subnet's `dns` servers (else the
+//! gateway), hostname = the VM's name.
 //!
 //! It is a pure state machine over DHCP payloads (no sockets), so it is tested with captured
 //! client messages.
@@ -14,6 +15,8 @@ use crate::config::Ipv4Cidr;
 
 pub(crate) const SERVER_PORT: u16 = 67;
 pub(crate) const CLIENT_PORT: u16 = 68;
+/// DNS servers sent in option 6.
+const MAX_DNS: usize = 8;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum DhcpError {
@@ -40,6 +43,8 @@ pub struct DhcpServer {
     cidr: Ipv4Cidr,
     server_ip: Ipv4Addr,
     lease_time: Duration,
+    /// Option 6: what guests use as their DNS servers.
+    dns: Vec<Ipv4Addr>,
     fixed: HashMap<[u8; 6], Ipv4Addr>,
     hostnames: HashMap<[u8; 6], String>,
     leases: HashMap<[u8; 6], Lease>,
@@ -51,10 +56,25 @@ impl DhcpServer {
             cidr,
             server_ip,
             lease_time,
+            dns: vec![server_ip],
             fixed: HashMap::new(),
             hostnames: HashMap::new(),
             leases: HashMap::new(),
         }
+    }
+
+    /// DNS servers to hand out instead of the gateway (the subnet's `dns`); at most 8 are
+    /// sent, the rest would not fit a resolver's list anyway. Empty keeps the gateway.
+    pub fn with_dns(mut self, dns: &[Ipv4Addr]) -> Self {
+        if !dns.is_empty() {
+            self.dns = dns.iter().take(MAX_DNS).copied().collect();
+        }
+        self
+    }
+
+    /// The DNS servers guests are told to use.
+    pub fn dns(&self) -> &[Ipv4Addr] {
+        &self.dns
     }
 
     /// Register a NIC: its hostname and, for NICs with an `ip`, its fixed address.
@@ -196,7 +216,7 @@ impl DhcpServer {
 
     fn reply(&self, req: &DhcpRepr, kind: DhcpMessageType, ip: Ipv4Addr) -> Vec<u8> {
         let nak = kind == DhcpMessageType::Nak;
-        let dns = self.server_ip.octets();
+        let dns: Vec<u8> = self.dns.iter().flat_map(|a| a.octets()).collect();
         let host = self
             .hostnames
             .get(&req.client_hardware_address.0)
@@ -422,5 +442,46 @@ mod tests {
         let later = now + Duration::from_secs(11);
         let o = s.handle(B, &d, later).unwrap().unwrap();
         assert_eq!(parse(&o.payload).your_ip, Ipv4Addr::new(10, 9, 0, 2));
+    }
+
+    #[test]
+    fn option_6_names_the_subnets_dns_servers_else_the_gateway() {
+        let d = client_message(DhcpMessageType::Discover, A, 7, None, None);
+        let now = Instant::now();
+        let offer = server().handle(A, &d, now).unwrap().unwrap();
+        assert_eq!(option(&offer.payload, 6), Some(vec![10, 9, 0, 1]));
+
+        let cidr: Ipv4Cidr = "10.9.0.0/24".parse().unwrap();
+        let mut s = DhcpServer::new(cidr, Ipv4Addr::new(10, 9, 0, 1), Duration::from_secs(60))
+            .with_dns(&[
+                Ipv4Addr::new(192, 0, 2, 53),
+                Ipv4Addr::new(198, 51, 100, 53),
+            ]);
+        s.add_client(A, "alpha", None);
+        let offer = s.handle(A, &d, now).unwrap().unwrap();
+        assert_eq!(
+            option(&offer.payload, 6),
+            Some(vec![192, 0, 2, 53, 198, 51, 100, 53])
+        );
+        let r = client_message(
+            DhcpMessageType::Request,
+            A,
+            8,
+            Some(parse(&offer.payload).your_ip),
+            Some(Ipv4Addr::new(10, 9, 0, 1)),
+        );
+        let ack = s.handle(A, &r, now).unwrap().unwrap();
+        assert_eq!(parse(&ack.payload).message_type, DhcpMessageType::Ack);
+        assert_eq!(
+            option(&ack.payload, 6),
+            Some(vec![192, 0, 2, 53, 198, 51, 100, 53])
+        );
+        assert_eq!(
+            s.dns(),
+            [
+                Ipv4Addr::new(192, 0, 2, 53),
+                Ipv4Addr::new(198, 51, 100, 53)
+            ]
+        );
     }
 }

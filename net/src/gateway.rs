@@ -26,6 +26,7 @@ use crate::config::Ipv4Cidr;
 use crate::dhcp::{self, DhcpServer};
 use crate::dns;
 use crate::frame::{self, BROADCAST};
+use crate::host_local::{self, HostDest};
 use crate::icmp_nat::IcmpNat;
 
 /// Buffer of each direction of a terminated TCP flow: bounds memory per flow.
@@ -39,6 +40,8 @@ const MAX_ARP: usize = 4096;
 /// What the switch tells a gateway about its VPC when it hands it a frame.
 pub(crate) struct VpcView<'a> {
     pub internet: bool,
+    /// Guests may reach the host's own addresses through the NAT (loopback excepted).
+    pub host_access: bool,
     pub names: &'a HashMap<String, Ipv4Addr>,
     pub alias: Option<Ipv4Addr>,
     /// Services on the gateway's own address (`httpDirectory`): port -> host address.
@@ -353,7 +356,7 @@ impl Gateway {
                 IpProtocol::Tcp => {
                     if let Ok(t) = TcpPacket::new_checked(payload) {
                         if let Some(target) = vpc.services.get(&t.dst_port()).copied() {
-                            self.handle_tcp_nat(&ip, packet, payload, target);
+                            self.handle_tcp_nat(&ip, packet, payload, target, None);
                             return;
                         }
                     }
@@ -365,11 +368,15 @@ impl Gateway {
             return;
         }
         // Outside the VPC.
-        let mapped = if Some(ip.dst_addr) == vpc.alias {
+        let aliased = Some(ip.dst_addr) == vpc.alias;
+        let mapped = if aliased {
             Ipv4Addr::LOCALHOST
         } else {
             ip.dst_addr
         };
+        // New flows are screened for the host's own addresses; the alias is the configured
+        // way to the host's loopback, so it is not.
+        let screen = (!aliased).then_some(vpc.host_access);
         // The host's own loopback (and other addresses that only mean something on the host)
         // is reachable only through the configured alias, never by naming it directly.
         let host_only = ip.dst_addr.is_loopback()
@@ -385,7 +392,7 @@ impl Gateway {
                     return;
                 };
                 let target = SocketAddr::V4(SocketAddrV4::new(mapped, t.dst_port()));
-                self.handle_tcp_nat(&ip, packet, payload, target);
+                self.handle_tcp_nat(&ip, packet, payload, target, screen);
             }
             IpProtocol::Udp => {
                 let Ok(u) = UdpPacket::new_checked(payload) else {
@@ -393,7 +400,7 @@ impl Gateway {
                 };
                 let key = (ip.src_addr, u.src_port(), ip.dst_addr, u.dst_port());
                 let target = SocketAddr::V4(SocketAddrV4::new(mapped, u.dst_port()));
-                self.handle_udp_nat(key, target, u.payload(), &ip, packet);
+                self.handle_udp_nat(key, target, u.payload(), (&ip, packet, payload), screen);
             }
             IpProtocol::Icmp => {
                 let Ok(pkt) = Icmpv4Packet::new_checked(payload) else {
@@ -405,6 +412,12 @@ impl Gateway {
                     data,
                 }) = Icmpv4Repr::parse(&pkt, &ChecksumCapabilities::default())
                 {
+                    if let Some(why) = screen.and_then(|host_access| {
+                        host_local::refusal(ip.dst_addr, host_access, host_local::routes_to_host)
+                    }) {
+                        self.refuse_host(&ip, packet, payload, why);
+                        return;
+                    }
                     self.icmp
                         .request(ip.src_addr, ip.dst_addr, mapped, ident, seq_no, data);
                 }
@@ -443,6 +456,18 @@ impl Gateway {
         }
     }
 
+    /// A new flow to one of the host's own addresses: refused like a closed port.
+    fn refuse_host(&mut self, ip: &Ipv4Repr, packet: &[u8], payload: &[u8], why: HostDest) {
+        // Debug, not warn: a guest scanning addresses must not flood the log.
+        tracing::debug!(
+            "gateway {}: NAT refused {} -> {}: {why} (the VPC has no hostAccess)",
+            self.ip,
+            ip.src_addr,
+            ip.dst_addr
+        );
+        self.refuse(ip, packet, payload);
+    }
+
     fn flow_count(&self) -> usize {
         self.tcp.len() + self.pending.len() + self.udp.len()
     }
@@ -459,7 +484,16 @@ impl Gateway {
         self.flow_count() >= self.max_flows || of_guest >= self.max_flows_per_guest
     }
 
-    fn handle_tcp_nat(&mut self, ip: &Ipv4Repr, packet: &[u8], payload: &[u8], target: SocketAddr) {
+    /// `screen`: check a new flow against the host's own addresses (with the VPC's
+    /// `host_access`); `None` for the gateway's services and the loopback alias.
+    fn handle_tcp_nat(
+        &mut self,
+        ip: &Ipv4Repr,
+        packet: &[u8],
+        payload: &[u8],
+        target: SocketAddr,
+        screen: Option<bool>,
+    ) {
         let Ok(t) = TcpPacket::new_checked(payload) else {
             return;
         };
@@ -484,6 +518,12 @@ impl Gateway {
             if let Some(rst) = frame::tcp_rst_for(ip, &repr) {
                 self.emit_ip(rst);
             }
+            return;
+        }
+        if let Some(why) = screen.and_then(|host_access| {
+            host_local::refusal(ip.dst_addr, host_access, host_local::routes_to_host)
+        }) {
+            self.refuse_host(ip, packet, payload, why);
             return;
         }
         if self.over_limit(ip.src_addr) {
@@ -516,14 +556,17 @@ impl Gateway {
         }
     }
 
+    /// `pkt`: the guest's IP header, packet and IP payload (for refusals); `screen` as for
+    /// [`Self::handle_tcp_nat`].
     fn handle_udp_nat(
         &mut self,
         key: FlowKey,
         target: SocketAddr,
         data: &[u8],
-        ip: &Ipv4Repr,
-        packet: &[u8],
+        pkt: (&Ipv4Repr, &[u8], &[u8]),
+        screen: Option<bool>,
     ) {
+        let (ip, packet, payload) = pkt;
         let now = Instant::now();
         if let Some(f) = self.udp.iter_mut().find(|f| f.key == key) {
             f.last = now;
@@ -540,6 +583,15 @@ impl Gateway {
         });
         match sock {
             Ok(sock) => {
+                // The flow's own connected socket tells whether the route is local.
+                if let Some(why) = screen.and_then(|host_access| {
+                    host_local::refusal(ip.dst_addr, host_access, |d| {
+                        Ok(host_local::local_is(&sock, d))
+                    })
+                }) {
+                    self.refuse_host(ip, packet, payload, why);
+                    return;
+                }
                 let _ = sock.send(data);
                 self.udp.push(UdpFlow {
                     key,
@@ -549,7 +601,6 @@ impl Gateway {
             }
             Err(e) => {
                 tracing::debug!("NAT UDP to {target}: {e}");
-                let _ = ip;
                 if let Some(p) =
                     frame::icmp_unreachable(self.ip, packet, Icmpv4DstUnreachable::HostUnreachable)
                 {

@@ -11,6 +11,7 @@ pub mod dhcp;
 pub mod dns;
 mod frame;
 mod gateway;
+mod host_local;
 mod http_dir;
 mod icmp_nat;
 mod port;

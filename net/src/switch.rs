@@ -49,6 +49,7 @@ pub(crate) enum Ctrl {
 
 struct Vpc {
     internet: bool,
+    host_access: bool,
     names: HashMap<String, Ipv4Addr>,
 }
 
@@ -106,6 +107,7 @@ impl Switch {
             }
             vpcs.push(Vpc {
                 internet: v.internet,
+                host_access: v.host_access,
                 names: HashMap::new(),
             });
         }
@@ -129,8 +131,17 @@ impl Switch {
                 return Err(ConfigError::UnmanagedTooSmall(s.name.clone()));
             }
             let ip = gateway_ip(s);
-            let dhcp =
-                (s.dhcp && !s.unmanaged).then(|| DhcpServer::new(s.cidr, ip, cfg.lease_time));
+            // Guests are told the subnet's own DNS servers when it names some.
+            let offered: Vec<Ipv4Addr> = s
+                .dns
+                .iter()
+                .filter_map(|a| match a {
+                    SocketAddr::V4(v) if v.port() == 53 => Some(*v.ip()),
+                    _ => None,
+                })
+                .collect();
+            let dhcp = (s.dhcp && !s.unmanaged)
+                .then(|| DhcpServer::new(s.cidr, ip, cfg.lease_time).with_dns(&offered));
             subnets.push(Subnet {
                 vpc,
                 gw: Gateway::new(
@@ -289,12 +300,13 @@ impl Switch {
         let server = gw.dhcp.as_mut()?;
         let ip = server.bind(mac, std::time::Instant::now())?;
         let lease_time = server.lease_time();
+        let dns = server.dns().to_vec();
         gw.arp.insert(ip, mac);
         let lease = crate::Lease {
             address: ip,
             prefix: gw.cidr.prefix,
             gateway: gw.ip,
-            dns: vec![gw.ip],
+            dns,
             lease_time,
         };
         let vm = self.ports[p].vm.clone();
@@ -352,6 +364,7 @@ impl Switch {
                 let vpc = &self.vpcs[self.subnets[s].vpc];
                 let view = VpcView {
                     internet: vpc.internet,
+                    host_access: vpc.host_access,
                     names: &vpc.names,
                     alias: self.cfg.host_loopback_alias,
                     services: &self.services,

@@ -1,6 +1,8 @@
 //! The gateway's state machines driven with hand-built frames through a NIC port (no root
 //! needed): DHCP, ARP, refusals without internet, the NAT's TCP handshake to a loopback
-//! server, the flow limit, and isolation. The only host sockets touched are on 127.0.0.1.
+//! server, the flow limit, and isolation. The only host sockets touched are on 127.0.0.1,
+//! except in the host-access test, which runs its networks inside a network namespace it made
+//! (root; it prints `SKIP:` without), with the address on a TAP device there.
 
 use std::net::{Ipv4Addr, TcpListener};
 use std::sync::Arc;
@@ -22,15 +24,21 @@ const GUEST: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 5);
 const GW: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
 
 fn network(internet: bool, max_flows: usize) -> Network {
+    network_with(internet, max_flows, false)
+}
+
+fn network_with(internet: bool, max_flows: usize, host_access: bool) -> Network {
     Network::new(NetworkConfig {
         vpcs: vec![
             VpcConfig {
                 name: "a".into(),
                 internet,
+                host_access,
             },
             VpcConfig {
                 name: "b".into(),
                 internet,
+                host_access,
             },
         ],
         subnets: vec![
@@ -526,6 +534,7 @@ fn dns_net(internet: bool, upstream: std::net::SocketAddr) -> Network {
         vpcs: vec![VpcConfig {
             name: "a".into(),
             internet,
+            host_access: false,
         }],
         subnets: vec![SubnetConfig {
             name: "s1".into(),
@@ -628,4 +637,132 @@ fn host_loopback_is_not_reachable_by_its_own_address() {
         l.accept().is_err(),
         "a guest reached the host's loopback directly"
     );
+}
+
+/// Runs `ip` with `args`; panics with its stderr when it fails.
+fn ip_ok(args: &[&str]) {
+    let o = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .expect("ip runs");
+    assert!(
+        o.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// A network namespace made by this test, deleted on drop.
+struct Netns(String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .output();
+    }
+}
+
+/// The NAT refuses a guest's flows to an address of the host (here: of a dummy interface in a
+/// namespace the test made, where the networks and the host's listeners live) like a closed
+/// port, unless the VPC has host access; then they reach the listeners.
+#[test]
+fn nat_refuses_the_hosts_own_addresses_unless_the_vpc_opts_in() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP: not root: the host-access test makes a network namespace");
+        return;
+    }
+    let ns = Netns(format!("kiln-hostacc-{}", std::process::id()));
+    match std::process::Command::new("ip")
+        .args(["netns", "add", &ns.0])
+        .output()
+    {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => {
+            eprintln!(
+                "SKIP: `ip netns add` fails here: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+            std::mem::forget(ns);
+            return;
+        }
+        Err(e) => {
+            eprintln!("SKIP: `ip` cannot run: {e}");
+            std::mem::forget(ns);
+            return;
+        }
+    }
+    ip_ok(&["-n", &ns.0, "link", "set", "lo", "up"]);
+    ip_ok(&["-n", &ns.0, "tuntap", "add", "dev", "kh0", "mode", "tap"]);
+    ip_ok(&["-n", &ns.0, "addr", "add", "10.77.0.1/24", "dev", "kh0"]);
+    ip_ok(&["-n", &ns.0, "link", "set", "kh0", "up"]);
+    let host = Ipv4Addr::new(10, 77, 0, 1);
+    let path = format!("/run/netns/{}", ns.0);
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(&path).expect("the namespace file");
+        // SAFETY: setns with a valid descriptor; only this thread (and the network threads it
+        // starts) moves into the test's namespace.
+        let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+        let l = TcpListener::bind((host, 0)).unwrap();
+        l.set_nonblocking(true).unwrap();
+        let tp = l.local_addr().unwrap().port();
+        let u = std::net::UdpSocket::bind((host, 0)).unwrap();
+        u.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let up = u.local_addr().unwrap().port();
+        for (i, host_access) in [false, true].into_iter().enumerate() {
+            let net = network_with(true, 16, host_access);
+            let port = attach(&net, "alpha", "s1", MAC_A);
+            let gw = gw_mac(&port, MAC_A, GUEST);
+            let sport = 43000 + i as u16;
+            port.send(&eth(
+                MAC_A,
+                gw,
+                EthernetProtocol::Ipv4,
+                &tcp(GUEST, sport, host, tp, TcpControl::Syn, 7, None, &[]),
+            ))
+            .unwrap();
+            let r = expect(&port, Duration::from_secs(3), |f| {
+                tcp_of(f).is_some_and(|t| t.4 == sport)
+            })
+            .expect("a reply to the SYN");
+            let (ipr, ctl, ack, _, _) = tcp_of(&r).unwrap();
+            assert_eq!(ipr.src_addr, host);
+            assert_eq!(ack, Some(TcpSeqNumber(8)));
+            // Let a connect the NAT made reach the listener before looking.
+            std::thread::sleep(Duration::from_millis(100));
+            let accepted = l.accept().is_ok();
+            let mut b = [0u8; 16];
+            port.send(&eth(
+                MAC_A,
+                gw,
+                EthernetProtocol::Ipv4,
+                &udp(GUEST, sport, host, up, b"hello"),
+            ))
+            .unwrap();
+            if host_access {
+                assert_eq!(ctl, TcpControl::Syn, "SYN-ACK with host access");
+                assert!(accepted, "the NAT connected to the host's address");
+                let (n, _) = u.recv_from(&mut b).expect("the datagram reached the host");
+                assert_eq!(&b[..n], b"hello");
+            } else {
+                assert_eq!(ctl, TcpControl::Rst, "refused like a closed port");
+                assert!(!accepted, "a guest reached a service on the host's address");
+                let icmp = expect(&port, Duration::from_secs(2), |f| {
+                    ip_of(f).is_some_and(|(ip, _)| ip.next_header == IpProtocol::Icmp)
+                })
+                .expect("ICMP unreachable for the datagram");
+                let (_, body) = ip_of(&icmp).unwrap();
+                assert_eq!(body[0], 3, "destination unreachable");
+                assert!(
+                    u.recv_from(&mut b).is_err(),
+                    "the datagram reached the host"
+                );
+            }
+        }
+    })
+    .join()
+    .unwrap();
 }

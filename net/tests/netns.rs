@@ -25,6 +25,7 @@ fn vpc(name: &str, internet: bool) -> VpcConfig {
     VpcConfig {
         name: name.into(),
         internet,
+        host_access: false,
     }
 }
 

@@ -20,6 +20,13 @@
 //!   this cleanly: a NIC already has an IPv4 address or is already managed by networkd,
 //!   resolved already runs, or `/etc/resolv.conf` names no server and is not resolved's.
 //!   Declining happens before anything is changed.
+//!
+//! Static addresses (`LinkConfig::is_static`: a NIC with an `ip` on a subnet without DHCP)
+//! have no DHCP client to fall back on, so they are never declined: the address is permanent,
+//! the default route is `proto static`, networkd's drop-in keeps every foreign address
+//! (`KeepConfiguration=yes`), a resolved that already runs is told the servers with
+//! `resolvectl dns`, and a plain `/etc/resolv.conf` is left as the guest has it (it belongs to
+//! the image, which is captured).
 
 use std::io;
 use std::net::Ipv4Addr;
@@ -42,6 +49,10 @@ pub struct Plan {
     files: Vec<(PathBuf, String)>,
     /// Written only if it does not exist yet (resolved's stub, before resolved starts).
     stub: Option<(PathBuf, String)>,
+    /// DNS servers for a resolved that already runs (static links), by `resolvectl dns`.
+    resolvectl: Vec<Ipv4Addr>,
+    /// Why the DNS servers were not configured (static links on a guest kiln cannot tell).
+    dns_skipped: Option<String>,
 }
 
 fn declined(why: impl Into<String>) -> RemoteError {
@@ -199,13 +210,26 @@ pub fn plan(
             }
         }
     }
+    let any_static = links.iter().any(LinkConfig::is_static);
     let mut files = Vec::new();
     let mut stub = None;
+    let mut resolvectl = Vec::new();
+    let mut dns_skipped = None;
     if !dns.is_empty() {
-        match resolv(root)? {
-            Resolv::HasServer => {}
-            Resolv::Resolved(stub_path) => {
-                if at(root, "/run/systemd/resolve/io.systemd.Resolve").exists() {
+        let found = match resolv(root) {
+            Ok(r) => Some(r),
+            // A static address is configured all the same; only DNS is left to the guest.
+            Err(e) if any_static => {
+                dns_skipped = Some(e.message);
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        match found {
+            None | Some(Resolv::HasServer) => {}
+            Some(Resolv::Resolved(stub_path)) => {
+                let running = at(root, "/run/systemd/resolve/io.systemd.Resolve").exists();
+                if running && !any_static {
                     return Err(declined(
                         "systemd-resolved already runs: its DNS server comes from the guest's DHCP",
                     ));
@@ -231,7 +255,12 @@ pub fn plan(
                 if !search.is_empty() {
                     text.push_str(&format!("search {}\n", search.join(" ")));
                 }
-                stub = Some((stub_path, text));
+                if running {
+                    // The drop-in holds for resolved's next start; this for the running one.
+                    resolvectl = dns.clone();
+                } else {
+                    stub = Some((stub_path, text));
+                }
             }
         }
     }
@@ -249,6 +278,11 @@ pub fn plan(
                 Err(e) => return Err(RemoteError::from_io("listing /sys/class/net", &e)),
             }
         };
+        if l.is_static() {
+            // Nothing else will configure it: the address is set whatever the NIC has.
+            found.push((l.clone(), name, index));
+            continue;
+        }
         if at(root, &format!("/run/systemd/netif/links/{index}")).exists() {
             return Err(declined(format!("systemd-networkd already manages {name}")));
         }
@@ -259,16 +293,20 @@ pub fn plan(
         }
         found.push((l.clone(), name, index));
     }
+    // Static addresses are not networkd's DHCP's to take over: keep every foreign one.
+    let keep = if any_static { "yes" } else { "dhcp" };
     for n in network_files(root) {
         files.push((
             at(root, &format!("/run/systemd/network/{n}.d/{DROPIN}")),
-            "# kiln build: keep the address kiln set before networkd's DHCP took over\n[Network]\nKeepConfiguration=dhcp\n".to_string(),
+            format!("# kiln: keep the addresses kiln set before networkd started\n[Network]\nKeepConfiguration={keep}\n"),
         ));
     }
     Ok(Plan {
         links: found,
         files,
         stub,
+        resolvectl,
+        dns_skipped,
     })
 }
 
@@ -301,7 +339,7 @@ pub fn apply(plan: &Plan, nl: &mut rtnetlink::Socket) -> Result<String, RemoteEr
             let seq = nl.next_seq();
             nl.request(
                 seq,
-                &rtnetlink::add_default_route(seq, *index, gw, l.address),
+                &rtnetlink::add_default_route(seq, *index, gw, l.address, l.is_static()),
             )
             .map_err(|e| nlerr(&format!("adding the default route via {gw}"), e))?;
         }
@@ -312,7 +350,39 @@ pub fn apply(plan: &Plan, nl: &mut rtnetlink::Socket) -> Result<String, RemoteEr
             write(p, text)?;
         }
     }
+    if !plan.resolvectl.is_empty() {
+        done.push(tell_resolved(&plan.links, &plan.resolvectl));
+    }
+    if let Some(why) = &plan.dns_skipped {
+        done.push(format!("DNS left to the guest ({why})"));
+    }
     Ok(done.join(", "))
+}
+
+/// Gives a running systemd-resolved the DNS servers of static links, per link. Best effort:
+/// the result is reported, the addresses stay configured either way.
+fn tell_resolved(links: &[(LinkConfig, String, u32)], dns: &[Ipv4Addr]) -> String {
+    let mut notes = Vec::new();
+    for (l, name, _) in links.iter().filter(|(l, _, _)| l.is_static()) {
+        let servers: Vec<String> = if l.dns.is_empty() { dns } else { &l.dns }
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        let r = std::process::Command::new("resolvectl")
+            .arg("dns")
+            .arg(name)
+            .args(&servers)
+            .output();
+        notes.push(match r {
+            Ok(o) if o.status.success() => format!("{name} DNS {}", servers.join(" ")),
+            Ok(o) => format!(
+                "resolvectl dns {name}: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+            Err(e) => format!("resolvectl dns {name}: {e}"),
+        });
+    }
+    notes.join(", ")
 }
 
 /// `NetConfig` on this guest.
@@ -433,6 +503,58 @@ mod tests {
         assert_eq!(p.files.len(), 1);
     }
 
+    fn static_link(mac: [u8; 6]) -> LinkConfig {
+        LinkConfig {
+            address: Ipv4Addr::new(10, 0, 2, 16),
+            dns: vec![Ipv4Addr::new(192, 0, 2, 53)],
+            search: Vec::new(),
+            lease_secs: crate::message::STATIC_LEASE,
+            ..link(mac)
+        }
+    }
+
+    #[test]
+    fn static_addresses_are_never_declined() {
+        let t = guest_root();
+        let r = t.path();
+        // What declines a lease: an address already there, networkd managing the NIC.
+        std::fs::create_dir_all(at(r, "/run/systemd/netif/links")).unwrap();
+        std::fs::write(at(r, "/run/systemd/netif/links/2"), "").unwrap();
+        let p = plan(r, &[static_link(MAC)], Duration::ZERO, &|_| Ok(true)).unwrap();
+        assert_eq!(p.links.len(), 1);
+        assert!(p.files.iter().any(|(f, text)| f
+            .ends_with("run/systemd/network/80-kiln-dhcp.network.d/90-kiln-build.conf")
+            && text.contains("KeepConfiguration=yes\n")));
+        assert!(p.files[0].1.contains("DNS=192.0.2.53\n"), "{:?}", p.files);
+        assert!(p
+            .stub
+            .as_ref()
+            .unwrap()
+            .1
+            .contains("nameserver 192.0.2.53\n"));
+        assert!(p.resolvectl.is_empty());
+        // resolved running: its drop-in for later, `resolvectl` for now, no stub.
+        std::fs::create_dir_all(at(r, "/run/systemd/resolve")).unwrap();
+        std::fs::write(at(r, "/run/systemd/resolve/io.systemd.Resolve"), "").unwrap();
+        let p = plan(r, &[static_link(MAC)], Duration::ZERO, &|_| Ok(false)).unwrap();
+        assert!(p.stub.is_none());
+        assert_eq!(p.resolvectl, [Ipv4Addr::new(192, 0, 2, 53)]);
+        // A resolv.conf kiln cannot tell: DNS is the guest's, the address is configured.
+        std::fs::remove_file(at(r, "/etc/resolv.conf")).unwrap();
+        std::fs::write(at(r, "/etc/resolv.conf"), "search x\n").unwrap();
+        let p = plan(r, &[static_link(MAC)], Duration::ZERO, &|_| Ok(false)).unwrap();
+        assert_eq!(p.links.len(), 1);
+        assert!(p
+            .dns_skipped
+            .as_deref()
+            .unwrap()
+            .contains("names no DNS server"));
+        // A lease in the same request still needs a NIC of its own to configure cleanly.
+        let mut lease = link(MAC);
+        lease.lease_secs = 3600;
+        assert!(plan(r, &[lease], Duration::ZERO, &|_| Ok(false)).is_err());
+    }
+
     #[test]
     fn a_nic_that_appears_late_is_waited_for() {
         let t = guest_root();
@@ -544,6 +666,28 @@ mod tests {
             assert!(
                 err.message.contains("kt0 already has an IPv4 address"),
                 "{err}"
+            );
+            // A static address is not: it is permanent, its default route `proto static`.
+            let mut s = link(mac);
+            s.address = Ipv4Addr::new(10, 0, 2, 16);
+            s.lease_secs = crate::message::STATIC_LEASE;
+            let p = plan(&root, &[s], Duration::ZERO, &has_ipv4).unwrap();
+            assert_eq!(apply(&p, &mut nl).unwrap(), "kt0 10.0.2.16/24");
+            let addr = ip(&["-4", "-o", "addr", "show", "kt0"]);
+            assert!(
+                addr.lines().any(
+                    |l| l.contains("inet 10.0.2.16/24 brd 10.0.2.255 scope global")
+                        && !l.contains("dynamic")
+                        && l.contains("valid_lft forever")
+                ),
+                "a permanent address: {addr}"
+            );
+            let route = ip(&["-4", "route", "show", "default"]);
+            assert!(
+                route.contains(
+                    "default via 10.0.2.1 dev kt0 proto static src 10.0.2.16 metric 1024"
+                ),
+                "{route}"
             );
         })
         .join()

@@ -33,6 +33,7 @@ const RT_TABLE_MAIN: u8 = 254;
 /// The route's origin as a DHCP client marks it, so systemd-networkd's
 /// `KeepConfiguration=dhcp` keeps it (see `netconfig`).
 const RTPROT_DHCP: u8 = 16;
+const RTPROT_STATIC: u8 = 4;
 const RT_SCOPE_UNIVERSE: u8 = 0;
 const RTN_UNICAST: u8 = 1;
 /// The metric systemd-networkd gives DHCP default routes, so its own route later replaces
@@ -119,15 +120,26 @@ pub fn add_address(
         .finish()
 }
 
-/// `RTM_NEWROUTE`: the default route through `gateway` on `ifindex`, from `source`.
-pub fn add_default_route(seq: u32, ifindex: u32, gateway: Ipv4Addr, source: Ipv4Addr) -> Vec<u8> {
+/// `RTM_NEWROUTE`: the default route through `gateway` on `ifindex`, from `source`; marked as
+/// DHCP's, or as a static route (`proto static`) for a static address.
+pub fn add_default_route(
+    seq: u32,
+    ifindex: u32,
+    gateway: Ipv4Addr,
+    source: Ipv4Addr,
+    static_route: bool,
+) -> Vec<u8> {
     let h = [
         AF_INET,
         0, // destination prefix length: the default route
         0,
         0,
         RT_TABLE_MAIN,
-        RTPROT_DHCP,
+        if static_route {
+            RTPROT_STATIC
+        } else {
+            RTPROT_DHCP
+        },
         RT_SCOPE_UNIVERSE,
         RTN_UNICAST,
         0,
@@ -295,6 +307,7 @@ mod tests {
             4,
             Ipv4Addr::new(10, 0, 2, 1),
             Ipv4Addr::new(10, 0, 2, 15),
+            false,
         );
         assert_eq!(u32_at(&m, 0) as usize, m.len());
         assert_eq!(u16_at(&m, 4), RTM_NEWROUTE);
@@ -305,6 +318,14 @@ mod tests {
         assert!(a.contains(&(RTA_OIF, 4u32.to_ne_bytes().to_vec())));
         assert!(a.contains(&(RTA_PRIORITY, 1024u32.to_ne_bytes().to_vec())));
         assert!(a.contains(&(RTA_PREFSRC, vec![10, 0, 2, 15])));
+        let s = add_default_route(
+            9,
+            4,
+            Ipv4Addr::new(10, 0, 2, 1),
+            Ipv4Addr::new(10, 0, 2, 15),
+            true,
+        );
+        assert_eq!(s[16 + 5], RTPROT_STATIC);
         let l = link_up(2, 5);
         assert_eq!(u16_at(&l, 4), RTM_NEWLINK);
         assert_eq!(u32_at(&l, 20), 5);

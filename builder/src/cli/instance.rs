@@ -119,9 +119,12 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     for (i, v) in c.vms.iter().enumerate() {
         let mv = module::pick_vm(&rec, Some(&v.name))?;
         let bv = base.as_ref().and_then(|b| b.vm(&v.name));
-        let nics = match (&net, bv) {
-            (Some(net), Some(bv)) => modnet::attach(net, &v.name, &bv.nics)?,
-            _ => Vec::new(),
+        let (nics, static_links) = match (&net, &base, bv) {
+            (Some(net), Some(b), Some(bv)) => (
+                modnet::attach(net, &v.name, &bv.nics)?,
+                modnet::static_links(&b.network, net, &bv.nics),
+            ),
+            _ => (Vec::new(), Vec::new()),
         };
         let boot = mv
             .boot
@@ -170,6 +173,13 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
             v.name,
             launch.serial_log.display()
         );
+        if !static_links.is_empty() {
+            // In the background: the agent answers once the guest has booted.
+            let socket = vm.vsock_socket().to_path_buf();
+            let cancel = cancel.clone();
+            let label = format!("{}/{}", c.name, v.name);
+            std::thread::spawn(move || hand_over_static(&socket, &static_links, &cancel, &label));
+        }
         vms.push((v.name.clone(), vm));
     }
     // Until every VM has powered off, or Ctrl-C.
@@ -192,6 +202,44 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     drop(net);
     let _ = std::fs::remove_dir_all(&run_dir);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Gives a clone's VM its static addresses (NICs with an `ip` on subnets without DHCP)
+/// through its agent, as builds do: nothing else configures them, and a boot of the clone
+/// starts without them (they live under `/run`, not in the image).
+fn hand_over_static(
+    socket: &Path,
+    links: &[kiln_agent::LinkConfig],
+    cancel: &AtomicBool,
+    label: &str,
+) {
+    use crate::guest::{Connector, VsockConnector};
+    let addrs: Vec<String> = links
+        .iter()
+        .map(|l| format!("{}/{}", l.address, l.prefix))
+        .collect();
+    let connector = VsockConnector::new(socket, crate::sources::bootstrap::AGENT_VSOCK_PORT);
+    let r = connector
+        .connect_until(crate::provision::BOOT_TIMEOUT, cancel, &mut |_| Ok(()))
+        .map_err(crate::guest::GuestError::from)
+        .and_then(|mut g| {
+            if g.takes_net_config() {
+                g.net_config(links)
+            } else {
+                // An older agent may close the session on a request it does not know.
+                connector
+                    .connect(Duration::from_secs(10))
+                    .and_then(|mut g| g.net_config(links))
+            }
+        });
+    match r {
+        Ok(()) => eprintln!("{label}: static address {} configured", addrs.join(", ")),
+        Err(_) if cancel.load(Ordering::SeqCst) => {}
+        Err(e) => eprintln!(
+            "{label}: warning: the static address {} could not be configured in the guest: {e}",
+            addrs.join(", ")
+        ),
+    }
 }
 
 /// Finds a running VM's vsock socket: `clone/vm`, or a VM name unique among running clones.

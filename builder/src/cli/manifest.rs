@@ -240,9 +240,14 @@ pub fn human_plan(p: &Plan) -> String {
             _ => String::new(),
         };
         s.push_str(&format!(
-            "  vpc {}: internet {}{clone_note}\n",
+            "  vpc {}: internet {}{}{clone_note}\n",
             v.name,
-            if v.internet { "on" } else { "off" }
+            if v.internet { "on" } else { "off" },
+            if v.host_access {
+                ", host access (guests reach the host's own addresses)"
+            } else {
+                ""
+            }
         ));
         for sub in p.build.network.subnets.iter().filter(|x| x.vpc == v.name) {
             s.push_str(&format!(

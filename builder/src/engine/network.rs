@@ -32,6 +32,7 @@ pub fn config(job: &NetJob, internet: Internet) -> Result<NetworkConfig, EngineE
         .map(|v| VpcConfig {
             name: v.name.clone(),
             internet: v.internet && internet == Internet::AsDeclared,
+            host_access: v.host_access,
         })
         .collect();
     let mut subnets = Vec::new();
@@ -60,6 +61,37 @@ pub fn config(job: &NetJob, internet: Internet) -> Result<NetworkConfig, EngineE
 pub fn start(job: &NetJob, internet: Internet) -> Result<Network, EngineError> {
     Network::new(config(job, internet)?)
         .map_err(|e| EngineError::Backend(format!("starting the module network: {e}")))
+}
+
+/// The static addresses among `nics` (an `ip` on a managed subnet without DHCP) as the agent's
+/// `net-config` links: nothing else configures them in the guest. Each gets its subnet's
+/// prefix, the gateway as default route, and the subnet's `dns` servers (else the gateway).
+pub fn static_links(job: &NetJob, net: &Network, nics: &[NicJob]) -> Vec<kiln_agent::LinkConfig> {
+    nics.iter()
+        .filter_map(|n| {
+            let ip = n.ip?;
+            let s = job.subnets.iter().find(|s| s.name == n.subnet)?;
+            if s.dhcp || s.unmanaged {
+                // DHCP gives the address as a fixed lease; unmanaged subnets are the guest's.
+                return None;
+            }
+            let cidr: Ipv4Cidr = s.cidr.parse().ok()?;
+            let gateway = net.gateway(&s.name)?;
+            Some(kiln_agent::LinkConfig {
+                mac: n.mac_bytes().ok()?,
+                address: ip,
+                prefix: cidr.prefix,
+                gateway: Some(gateway),
+                dns: if s.dns.is_empty() {
+                    vec![gateway]
+                } else {
+                    s.dns.clone()
+                },
+                search: Vec::new(),
+                lease_secs: kiln_agent::STATIC_LEASE,
+            })
+        })
+        .collect()
 }
 
 /// Plugs a VM's NICs into the network; the ports go into its [`super::VmLaunch`].
@@ -102,10 +134,12 @@ mod tests {
                 VpcJob {
                     name: "lab".into(),
                     internet: true,
+                    host_access: false,
                 },
                 VpcJob {
                     name: "dmz".into(),
                     internet: false,
+                    host_access: false,
                 },
             ],
             subnets: vec![
@@ -142,6 +176,68 @@ mod tests {
         );
         let off = config(&job(), Internet::Off).unwrap();
         assert!(off.vpcs.iter().all(|v| !v.internet));
+        assert!(c.vpcs.iter().all(|v| !v.host_access));
+        let mut j = job();
+        j.vpcs[0].host_access = true;
+        let c = config(&j, Internet::AsDeclared).unwrap();
+        assert!(c.vpcs[0].host_access && !c.vpcs[1].host_access);
+    }
+
+    #[test]
+    fn static_links_are_the_ips_on_subnets_without_dhcp() {
+        let mut j = job();
+        j.subnets.push(SubnetJob {
+            name: "c".into(),
+            vpc: "lab".into(),
+            cidr: "10.3.0.0/16".into(),
+            dhcp: false,
+            unmanaged: false,
+            dns: vec![],
+        });
+        j.subnets[0].dhcp = false;
+        let net = start(&j, Internet::Off).unwrap();
+        let nic = |name: &str, subnet: &str, ip: Option<&str>| NicJob {
+            name: name.into(),
+            subnet: subnet.into(),
+            mac: format!("02:00:00:00:00:{:02x}", name.len()),
+            ip: ip.map(|i| i.parse().unwrap()),
+        };
+        let links = static_links(
+            &j,
+            &net,
+            &[
+                nic("a", "a", Some("10.1.0.9")),
+                nic("bb", "b", Some("10.2.0.3")),
+                nic("ccc", "c", Some("10.3.4.5")),
+                nic("dddd", "c", None),
+            ],
+        );
+        assert_eq!(
+            links.len(),
+            2,
+            "unmanaged and address-less NICs are not kiln's"
+        );
+        assert_eq!(
+            links[0].address,
+            "10.1.0.9".parse::<std::net::Ipv4Addr>().unwrap()
+        );
+        assert_eq!(links[0].prefix, 24);
+        assert_eq!(links[0].gateway, Some("10.1.0.1".parse().unwrap()));
+        assert_eq!(
+            links[0].dns,
+            vec!["192.0.2.53".parse::<std::net::Ipv4Addr>().unwrap()]
+        );
+        assert!(links[0].is_static());
+        assert_eq!(links[0].mac, [2, 0, 0, 0, 0, 1]);
+        assert_eq!(links[1].prefix, 16);
+        assert_eq!(links[1].gateway, Some("10.3.0.1".parse().unwrap()));
+        assert_eq!(
+            links[1].dns,
+            links[1].gateway.into_iter().collect::<Vec<_>>()
+        );
+        // With DHCP on, an `ip` is a fixed lease: the handover's lease path gives it.
+        j.subnets[0].dhcp = true;
+        assert!(static_links(&j, &net, &[nic("a", "a", Some("10.1.0.9"))]).is_empty());
     }
 
     #[test]

@@ -314,9 +314,12 @@ impl Network {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Vpc {
     pub name: String,
     pub internet: bool,
+    /// kiln extension `hostAccess`: the NAT carries flows to the host's own addresses.
+    pub host_access: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

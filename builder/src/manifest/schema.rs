@@ -619,6 +619,11 @@ pub static VPC: Obj = Obj {
             Ty::Bool,
             "NAT to the outside (default false for declared VPCs)",
         ),
+        f(
+            "hostAccess",
+            Ty::Bool,
+            "kiln extension: guests may reach the host's own addresses through the NAT (default false)",
+        ),
     ],
 };
 

@@ -34,6 +34,7 @@ pub fn network(cidr: &str) -> Network {
         vpcs: vec![VpcConfig {
             name: "default".into(),
             internet: true,
+            host_access: false,
         }],
         subnets: vec![SubnetConfig {
             name: "default".into(),

@@ -66,6 +66,7 @@ pub fn declared(cx: &mut Cx, n: Option<&Node>) -> Declared {
         vpcs.push(Vpc {
             name,
             internet: read::boolean(v, "internet").unwrap_or(false),
+            host_access: read::boolean(v, "hostAccess").unwrap_or(false),
         });
     }
     let declared_vpcs: Vec<String> = vpcs.iter().map(|v| v.name.clone()).collect();
@@ -194,6 +195,8 @@ pub fn declared(cx: &mut Cx, n: Option<&Node>) -> Declared {
             Vpc {
                 name: DEFAULT_VPC.into(),
                 internet: true,
+                // Guests never reach the host's own services unless a manifest says so.
+                host_access: false,
             },
         );
     }
@@ -499,6 +502,22 @@ pub fn check_view(cx: &mut Cx, network: &Network, vms: &[&Lowered]) {
         }
         for (nic, at) in l.vm.nics.iter().zip(&l.nic_at) {
             let owner = (l.vm.name.clone(), nic.name.clone());
+            if let Some(sub) = network.subnet(&nic.subnet) {
+                if nic.ip.is_none() && !sub.dhcp && !sub.unmanaged {
+                    cx.sink
+                        .error(
+                            at.name,
+                            format!(
+                                "NIC `{}` of VM `{}` has no `ip` on subnet `{}`, which has `dhcp: false`: nothing would configure it",
+                                nic.name, l.vm.name, sub.name
+                            ),
+                        )
+                        .hint(format!(
+                            "give it a static `ip` in {} (kiln's agent configures it in the guest), turn `dhcp` on, or make the subnet `unmanaged` if the guest configures itself",
+                            sub.cidr
+                        ));
+                }
+            }
             if let (Some(ip), Some(sub)) = (nic.ip, network.subnet(&nic.subnet)) {
                 let at_ip = at.ip.unwrap_or(at.name);
                 if !sub.cidr.contains(&ip) {
