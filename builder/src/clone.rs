@@ -179,8 +179,13 @@ fn link_snapshot(
     for vm in &rec.vms {
         for d in vm.disks.iter().filter(|d| d.backing.is_some()) {
             let top = module_dir.join(&d.file);
-            let layers = kiln_disk::chain(&top, None, kiln_disk::MAX_CHAIN_DEPTH)
-                .map_err(|e| format!("{}: {e}", top.display()))?;
+            let layers = kiln_disk::chain(
+                &top,
+                None,
+                kiln_disk::MAX_CHAIN_DEPTH,
+                &kiln_disk::BackingPolicy::Follow,
+            )
+            .map_err(|e| format!("{}: {e}", top.display()))?;
             for l in layers.iter().skip(1) {
                 let real = fs::canonicalize(&l.path)
                     .map_err(|e| format!("resolving {}: {e}", l.path.display()))?;

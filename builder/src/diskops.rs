@@ -75,8 +75,12 @@ fn disk_err(what: &str) -> impl FnOnce(kiln_disk::DiskError) -> DiskOpError + '_
 /// raw -> qcow2, uncompressed (a cache base: booted from many times, so fast reads matter
 /// more than its size).
 pub fn convert_raw_to_qcow2(raw: &Path, out: &Path) -> Result<(), DiskOpError> {
-    let src = kiln_disk::open(raw, kiln_disk::OpenOptions::read_only())
-        .map_err(disk_err("opening the raw image"))?;
+    // Opened as raw, never probed: a file kiln calls raw is read as bytes, whatever it holds.
+    let opts = kiln_disk::OpenOptions {
+        format: Some(kiln_disk::Format::Raw),
+        ..kiln_disk::OpenOptions::untrusted()
+    };
+    let src = kiln_disk::open(raw, opts).map_err(disk_err("opening the raw image"))?;
     kiln_disk::convert(src.as_ref(), out, &kiln_disk::ConvertOptions::default())
         .map_err(disk_err("converting to qcow2"))?;
     Ok(())
@@ -166,8 +170,13 @@ pub fn capture_thin(
     let top_meta =
         kiln_disk::qcow2::meta::Meta::open(fs::File::open(top).map_err(io("opening", top))?)
             .map_err(|r| fmt(top, r))?;
-    let chain = kiln_disk::chain(top, None, kiln_disk::MAX_CHAIN_DEPTH)
-        .map_err(disk_err("reading the VM's disk chain"))?;
+    let chain = kiln_disk::chain(
+        top,
+        None,
+        kiln_disk::MAX_CHAIN_DEPTH,
+        &kiln_disk::BackingPolicy::Follow,
+    )
+    .map_err(disk_err("reading the VM's disk chain"))?;
     let parent_canon = fs::canonicalize(parent).map_err(io("resolving", parent))?;
     let backed_by_parent = chain
         .get(1)
@@ -382,7 +391,7 @@ mod tests {
         assert_eq!(st.changed_clusters, 4, "{st:?}");
         assert_eq!(st.same_clusters, 1, "{st:?}");
 
-        let info = kiln_disk::info(&out).unwrap();
+        let info = kiln_disk::info(&out, &kiln_disk::BackingPolicy::Follow).unwrap();
         assert_eq!(
             info.top.backing_file.as_deref(),
             Some("../../parent/disks/p-root.qcow2")

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use crate::error::{io_err, DiskError, Result};
-use crate::open::{chain, resolve_backing, Format, MAX_CHAIN_DEPTH};
+use crate::open::{chain, resolve_backing, top_layer, BackingPolicy, Format, MAX_CHAIN_DEPTH};
 use crate::qcow2::header::CompressionType;
 use crate::qcow2::writer::StreamWriter;
 
@@ -62,8 +62,15 @@ pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<()> {
             ));
         }
         let target = resolve_backing(path, name);
-        // Reading the whole chain proves the backing opens and has no loop.
-        let layers = chain(&target, opts.backing_format, MAX_CHAIN_DEPTH)?;
+        // Reading the whole chain proves the backing opens and has no loop. Only headers
+        // are read, nothing goes into the new image, and the user named this backing file:
+        // whoever opens the overlay applies its own backing policy.
+        let layers = chain(
+            &target,
+            opts.backing_format,
+            MAX_CHAIN_DEPTH,
+            &BackingPolicy::Follow,
+        )?;
         let size = match &layers[0].header {
             Some(h) => h.size,
             None => std::fs::metadata(&target).map_err(io_err(&target))?.len(),
@@ -128,24 +135,35 @@ pub fn create_overlay(
     )
 }
 
+/// The virtual size of the image at `path` alone (its backing file, if any, is not opened).
+pub fn virtual_size(path: impl AsRef<Path>) -> Result<u64> {
+    let path = path.as_ref();
+    let top = top_layer(path)?;
+    match &top.header {
+        Some(h) => Ok(h.size),
+        None => Ok(std::fs::metadata(path).map_err(io_err(path))?.len()),
+    }
+}
+
 /// Grow an image to `new_size` bytes (qcow2 or raw). Shrinking is refused: it would drop data.
 pub fn resize(path: impl AsRef<Path>, new_size: u64) -> Result<()> {
     let path = path.as_ref();
-    let layers = chain(path, None, MAX_CHAIN_DEPTH)?;
-    let cur = match &layers[0].header {
+    let top = top_layer(path)?;
+    let cur = match &top.header {
         Some(h) => h.size,
         None => std::fs::metadata(path).map_err(io_err(path))?.len(),
     };
     if new_size < cur {
         return Err(DiskError::Invalid(format!(
-            "{}: shrinking from {cur} to {new_size} bytes is not supported",
+            "{}: shrinking from {cur} to {new_size} bytes is refused: it would drop the data \
+             past the new end, and kiln does not shrink images",
             path.display()
         )));
     }
     if new_size > crate::qcow2::header::MAX_VIRTUAL_SIZE {
         return Err(DiskError::Invalid(format!("size {new_size} is too large")));
     }
-    match layers[0].format {
+    match top.format {
         Format::Raw => {
             let f = std::fs::OpenOptions::new()
                 .write(true)
@@ -154,6 +172,6 @@ pub fn resize(path: impl AsRef<Path>, new_size: u64) -> Result<()> {
             f.set_len(new_size).map_err(io_err(path))?;
             f.sync_all().map_err(io_err(path))
         }
-        Format::Qcow2 => crate::open::resize_qcow2(&layers, new_size),
+        Format::Qcow2 => crate::open::resize_qcow2(&top, new_size),
     }
 }

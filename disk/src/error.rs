@@ -20,6 +20,17 @@ pub enum DiskError {
     ChainTooDeep { path: PathBuf, max: usize },
     #[error("{path}: backing format {format:?} is not supported (raw or qcow2)")]
     BackingFormat { path: PathBuf, format: String },
+    #[error(
+        "{image}: refusing its backing file {name:?}: {why}; name the backing file \
+         explicitly to read it (`kiln disk ... --allow-backing FILE`), or flatten the image \
+         with `kiln disk convert --allow-backing FILE` and use the result"
+    )]
+    BackingRefused {
+        image: PathBuf,
+        /// The backing name exactly as the image writes it.
+        name: String,
+        why: String,
+    },
     #[error("invalid argument: {0}")]
     Invalid(String),
     #[error("{path}: {source}")]

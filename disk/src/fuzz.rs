@@ -41,8 +41,13 @@ pub fn fuzz_entry(data: &[u8]) {
         read_some(dev.as_ref(), data);
     }
     let _ = crate::check(std::path::Path::new(&path));
-    let _ =
-        crate::open::chain(std::path::Path::new(&path), None, 1).and_then(|_| crate::map(&path));
+    let _ = crate::open::chain(
+        std::path::Path::new(&path),
+        None,
+        1,
+        &crate::BackingPolicy::Follow,
+    )
+    .and_then(|_| crate::map(&path, &crate::BackingPolicy::Follow));
     drop(f);
 }
 

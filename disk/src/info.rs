@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::error::{corrupt, io_err, Result};
-use crate::open::{chain, Format, MAX_CHAIN_DEPTH};
+use crate::open::{chain, BackingPolicy, Format, MAX_CHAIN_DEPTH};
 use crate::qcow2::header::CompressionType;
 use crate::qcow2::meta::{Cluster, Meta};
 
@@ -35,6 +35,14 @@ pub struct LayerInfo {
     pub backing_file: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backing_format: Option<String>,
+    /// Refcount width in bits (qcow2).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refcount_bits: Option<u32>,
+    /// qcow2 header flags: dirty (incompatible bit 0), corrupt (bit 1), lazy refcounts
+    /// (compatible bit 0).
+    pub dirty: bool,
+    pub corrupt: bool,
+    pub lazy_refcounts: bool,
 }
 
 /// `info` of an image: the top layer's facts plus the whole backing chain.
@@ -46,9 +54,9 @@ pub struct ImageInfo {
     pub chain: Vec<LayerInfo>,
 }
 
-/// Describe an image and its backing chain.
-pub fn info(path: impl AsRef<Path>) -> Result<ImageInfo> {
-    let layers = chain(path.as_ref(), None, MAX_CHAIN_DEPTH)?;
+/// Describe an image and the backing chain `policy` lets it follow.
+pub fn info(path: impl AsRef<Path>, policy: &BackingPolicy) -> Result<ImageInfo> {
+    let layers = chain(path.as_ref(), None, MAX_CHAIN_DEPTH, policy)?;
     let mut out = Vec::new();
     for l in &layers {
         let md = std::fs::metadata(&l.path).map_err(io_err(&l.path))?;
@@ -65,6 +73,10 @@ pub fn info(path: impl AsRef<Path>) -> Result<ImageInfo> {
             snapshots: h.map(|h| h.nb_snapshots),
             backing_file: h.and_then(|h| h.backing_file.clone()),
             backing_format: h.and_then(|h| h.backing_format.clone()),
+            refcount_bits: h.map(|h| 1 << h.refcount_order),
+            dirty: h.is_some_and(|h| h.incompatible_features & 1 != 0),
+            corrupt: h.is_some_and(|h| h.incompatible_features & 2 != 0),
+            lazy_refcounts: h.is_some_and(|h| h.compatible_features & 1 != 0),
         });
     }
     Ok(ImageInfo {
@@ -101,12 +113,13 @@ pub struct Extent {
     pub file: Option<PathBuf>,
 }
 
-/// Where every guest range of an image (and its chain) is stored, merged into extents.
+/// Where every guest range of an image (and the chain `policy` lets it follow) is stored,
+/// merged into extents.
 ///
 /// Raw layers count as data throughout; qcow2 layers are read cluster by cluster through
 /// kiln's own metadata reader.
-pub fn map(path: impl AsRef<Path>) -> Result<Vec<Extent>> {
-    let layers = chain(path.as_ref(), None, MAX_CHAIN_DEPTH)?;
+pub fn map(path: impl AsRef<Path>, policy: &BackingPolicy) -> Result<Vec<Extent>> {
+    let layers = chain(path.as_ref(), None, MAX_CHAIN_DEPTH, policy)?;
     let mut metas = Vec::new();
     for l in &layers {
         metas.push(match l.format {

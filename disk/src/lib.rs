@@ -22,7 +22,7 @@ mod vectored_tests;
 mod write_behind;
 
 pub use convert::{convert, Compression, ConvertOptions, ConvertStats, ProgressFn};
-pub use create::{create, create_overlay, resize, CreateOptions};
+pub use create::{create, create_overlay, resize, virtual_size, CreateOptions};
 pub use device::{check_range, BlockDevice, BlockError, BlockResult, BlockStatus};
 pub use error::{DiskError, Result};
 pub use fat::{build_fat, create_cidata, create_fat_image, create_floppy, FatFile, FLOPPY_SIZE};
@@ -30,8 +30,8 @@ pub use fat::{build_fat, create_cidata, create_fat_image, create_floppy, FatFile
 pub use fuzz::fuzz_entry;
 pub use info::{info, map, Extent, ExtentKind, ImageInfo, LayerInfo};
 pub use open::{
-    chain, detect_format, open, open_with_own_reader, resolve_backing, Format, Layer, OpenOptions,
-    MAX_CHAIN_DEPTH,
+    chain, detect_format, open, open_with_own_reader, resolve_backing, BackingPolicy, Format,
+    Layer, OpenOptions, MAX_CHAIN_DEPTH,
 };
 pub use qcow2::check::{check, CheckReport};
 pub use raw::RawDevice;

@@ -58,6 +58,10 @@ pub struct OpenOptions {
     pub format: Option<Format>,
     /// Longest backing chain to follow.
     pub max_chain_depth: usize,
+    /// Which backing files may be followed. The default ([`BackingPolicy::Follow`]) is only
+    /// for chains kiln wrote itself; images from anywhere else take
+    /// [`OpenOptions::untrusted`] or an explicit [`BackingPolicy::Only`].
+    pub backing: BackingPolicy,
 }
 
 impl Default for OpenOptions {
@@ -66,18 +70,87 @@ impl Default for OpenOptions {
             read_only: true,
             format: None,
             max_chain_depth: MAX_CHAIN_DEPTH,
+            backing: BackingPolicy::Follow,
         }
     }
 }
 
 impl OpenOptions {
+    /// Read-only, following backing files: for chains kiln wrote itself.
     pub fn read_only() -> Self {
         Self::default()
     }
+    /// Read-write, following backing files: for chains kiln wrote itself.
     pub fn read_write() -> Self {
         OpenOptions {
             read_only: false,
             ..Self::default()
+        }
+    }
+    /// Read-only, refusing any backing file: for images from outside (downloads, user files).
+    pub fn untrusted() -> Self {
+        OpenOptions {
+            backing: BackingPolicy::Refuse,
+            ..Self::default()
+        }
+    }
+    pub fn with_backing(self, backing: BackingPolicy) -> Self {
+        OpenOptions { backing, ..self }
+    }
+}
+
+/// Which backing files opening an image may follow.
+///
+/// A backing name is a host path written in the image: an image from outside kiln could name
+/// any file (`/etc/shadow`, `/dev/sda`, `../../..`), and following it would read that file
+/// into the guest and into whatever the image is converted to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackingPolicy {
+    /// Follow every backing name: only for chains kiln wrote itself (its build and clone
+    /// overlays, thin module layers).
+    Follow,
+    /// Refuse any image of the chain that names a backing file.
+    Refuse,
+    /// Follow only to these files (canonical paths; see [`BackingPolicy::only`]).
+    Only(Vec<PathBuf>),
+}
+
+impl BackingPolicy {
+    /// Allow exactly these files as backing files, compared after canonicalizing (so
+    /// symlinks, `..` and relative names all meet the same path).
+    pub fn only<P: AsRef<Path>>(paths: impl IntoIterator<Item = P>) -> Result<BackingPolicy> {
+        let mut out = Vec::new();
+        for p in paths {
+            let p = p.as_ref();
+            out.push(std::fs::canonicalize(p).map_err(io_err(p))?);
+        }
+        Ok(BackingPolicy::Only(out))
+    }
+
+    /// Whether `image` may follow its backing name `name`, which resolves to `target`.
+    fn permit(&self, image: &Path, name: &str, target: &Path) -> Result<()> {
+        let refused = |why: String| DiskError::BackingRefused {
+            image: image.to_path_buf(),
+            name: name.to_string(),
+            why,
+        };
+        match self {
+            BackingPolicy::Follow => Ok(()),
+            BackingPolicy::Refuse => Err(refused(
+                "backing files of untrusted images are not followed".into(),
+            )),
+            BackingPolicy::Only(allowed) => {
+                let canon = std::fs::canonicalize(target)
+                    .map_err(|e| refused(format!("it resolves to {}: {e}", target.display())))?;
+                if allowed.contains(&canon) {
+                    Ok(())
+                } else {
+                    Err(refused(format!(
+                        "it resolves to {}, which was not named as an allowed backing file",
+                        canon.display()
+                    )))
+                }
+            }
         }
     }
 }
@@ -115,8 +188,31 @@ pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {
 }
 
 /// Read the headers of the whole chain starting at `path`, top first, refusing loops,
-/// over-deep chains and bad headers without opening anything for I/O.
-pub fn chain(path: &Path, format: Option<Format>, max_depth: usize) -> Result<Vec<Layer>> {
+/// over-deep chains, bad headers and backing files `policy` does not allow, without opening
+/// anything for I/O. A refused backing file is never opened, not even to probe it.
+pub fn chain(
+    path: &Path,
+    format: Option<Format>,
+    max_depth: usize,
+    policy: &BackingPolicy,
+) -> Result<Vec<Layer>> {
+    chain_inner(path, format, max_depth, Some(policy))
+}
+
+/// The top image's header alone, its backing name recorded but neither checked nor opened
+/// (for `resize`, which changes only the top image).
+pub(crate) fn top_layer(path: &Path) -> Result<Layer> {
+    let mut layers = chain_inner(path, None, 1, None)?;
+    Ok(layers.remove(0))
+}
+
+/// [`chain`]; without a policy, stops after the top image.
+fn chain_inner(
+    path: &Path,
+    format: Option<Format>,
+    max_depth: usize,
+    policy: Option<&BackingPolicy>,
+) -> Result<Vec<Layer>> {
     let mut layers = Vec::new();
     let mut seen = HashSet::new();
     let mut next = Some((path.to_path_buf(), format));
@@ -162,7 +258,11 @@ pub fn chain(path: &Path, format: Option<Format>, max_depth: usize) -> Result<Ve
                             })?)
                         }
                     };
-                    next = Some((resolve_backing(&p, name), bfmt));
+                    if let Some(policy) = policy {
+                        let target = resolve_backing(&p, name);
+                        policy.permit(&p, name, &target)?;
+                        next = Some((target, bfmt));
+                    }
                 }
                 Layer {
                     backing_name: h.backing_file.clone(),
@@ -202,13 +302,45 @@ fn validate_l1(f: &File, file_len: u64, h: &Header) -> std::result::Result<(), S
     Ok(())
 }
 
+/// Every active L2 entry of the qcow2 image at `path` must name a cluster inside the file.
+/// imago reads whatever lies past the end of the file as zeroes, so a truncated image or an
+/// entry pointing far past the end would otherwise read back as zeroes, silently (and
+/// `convert` would write them out). Bounded by the file: only tables inside it are read.
+fn validate_mappings(path: &Path) -> Result<()> {
+    let f = File::open(path).map_err(io_err(path))?;
+    let meta = Meta::open(f).map_err(corrupt(path))?;
+    let cs = meta.header.cluster_size();
+    let per_l2 = meta.header.l2_entries();
+    for (i, e) in meta.l1.iter().enumerate() {
+        let l2_off = e & crate::qcow2::meta::OFFSET_MASK;
+        if l2_off == 0 {
+            continue;
+        }
+        let table = meta.l2_table(l2_off).map_err(corrupt(path))?;
+        for (j, &entry) in table.iter().enumerate() {
+            let guest = (i as u64 * per_l2 + j as u64) * cs;
+            if guest >= meta.header.size {
+                break;
+            }
+            meta.decode(entry).map_err(|what| DiskError::Corrupt {
+                path: path.to_path_buf(),
+                what: format!("guest offset {guest:#x}: {what}"),
+            })?;
+        }
+    }
+    Ok(())
+}
+
 /// Open an image (raw or qcow2, probed) with its whole backing chain.
 ///
 /// Only the top layer is ever opened writable. Chains with zstd-compressed layers are read
 /// through kiln's own reader and can only be opened read-only.
 pub fn open(path: impl AsRef<Path>, opts: OpenOptions) -> Result<Arc<dyn BlockDevice>> {
     let path = path.as_ref();
-    let layers = chain(path, opts.format, opts.max_chain_depth)?;
+    let layers = chain(path, opts.format, opts.max_chain_depth, &opts.backing)?;
+    for l in layers.iter().filter(|l| l.format == Format::Qcow2) {
+        validate_mappings(&l.path)?;
+    }
     let zstd = layers.iter().any(|l| {
         l.header
             .as_ref()
@@ -246,10 +378,11 @@ fn open_imago(layers: &[Layer], read_only: bool) -> Result<Arc<dyn BlockDevice>>
     )))
 }
 
-/// Grow the top qcow2 layer of `layers` through imago.
-pub(crate) fn resize_qcow2(layers: &[Layer], new_size: u64) -> Result<()> {
-    let mut top = open_imago_access(layers, false)?;
-    let p = &layers[0].path;
+/// Grow the top qcow2 image through imago (opened without its backing file, which resizing
+/// does not read).
+pub(crate) fn resize_qcow2(top_layer: &Layer, new_size: u64) -> Result<()> {
+    let mut top = open_imago_access(std::slice::from_ref(top_layer), false)?;
+    let p = &top_layer.path;
     crate::qcow2::imago_dev::guarded("resize", || {
         top.resize(new_size, imago::format::PreallocateMode::None)?;
         top.flush()?;
@@ -304,11 +437,21 @@ fn open_own(layers: &[Layer]) -> Result<Arc<dyn BlockDevice>> {
 
 /// Own reader with a chain depth limit (the fuzz entry uses depth 1).
 pub(crate) fn open_own_limited(path: &str, depth: usize) -> Result<Arc<dyn BlockDevice>> {
-    open_own(&chain(Path::new(path), None, depth)?)
+    open_own(&chain(
+        Path::new(path),
+        None,
+        depth,
+        &BackingPolicy::Follow,
+    )?)
 }
 
-/// Open through kiln's own reader regardless of compression (read-only); tests use it as a
-/// second, independent implementation.
+/// Open through kiln's own reader regardless of compression (read-only, following backing
+/// files: for kiln's own chains); tests use it as a second, independent implementation.
 pub fn open_with_own_reader(path: impl AsRef<Path>) -> Result<Arc<dyn BlockDevice>> {
-    open_own(&chain(path.as_ref(), None, MAX_CHAIN_DEPTH)?)
+    open_own(&chain(
+        path.as_ref(),
+        None,
+        MAX_CHAIN_DEPTH,
+        &BackingPolicy::Follow,
+    )?)
 }

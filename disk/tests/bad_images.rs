@@ -6,7 +6,9 @@ mod common;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use kiln_disk::{check, create, create_overlay, info, open, CreateOptions, OpenOptions};
+use kiln_disk::{
+    check, create, create_overlay, info, open, BackingPolicy, CreateOptions, OpenOptions,
+};
 
 fn good(dir: &Path) -> PathBuf {
     let p = dir.join("good.qcow2");
@@ -153,7 +155,10 @@ fn backing_loops_and_missing_backing() {
         .unwrap()
         .to_string();
     assert!(e.contains("loops"), "{e}");
-    let e = info(d.path().join("b.qcow2")).err().unwrap().to_string();
+    let e = info(d.path().join("b.qcow2"), &BackingPolicy::Follow)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("loops"), "{e}");
     // Self loop.
     patch(&a, at as u64, b"a.qcow2\0");

@@ -3,7 +3,9 @@
 mod common;
 
 use common::*;
-use kiln_disk::{create_overlay, info, map, open, resize, ExtentKind, Format, OpenOptions};
+use kiln_disk::{
+    create_overlay, info, map, open, resize, BackingPolicy, ExtentKind, Format, OpenOptions,
+};
 
 #[test]
 fn info_map_and_resize_on_a_chain() {
@@ -19,7 +21,7 @@ fn info_map_and_resize_on_a_chain() {
         dev.write_zeroes(2 << 20, 65536).unwrap();
     }
 
-    let i = info(&ov).unwrap();
+    let i = info(&ov, &BackingPolicy::Follow).unwrap();
     assert_eq!(i.top.format, Format::Qcow2);
     assert_eq!(i.top.virtual_size, 4 << 20);
     assert_eq!(i.top.backing_file.as_deref(), Some("base.raw"));
@@ -30,7 +32,7 @@ fn info_map_and_resize_on_a_chain() {
     assert_eq!(json["format"], "qcow2");
     assert_eq!(json["chain"][1]["format"], "raw");
 
-    let m = map(&ov).unwrap();
+    let m = map(&ov, &BackingPolicy::Follow).unwrap();
     let at = |off: u64| {
         m.iter()
             .find(|e| e.start <= off && off < e.start + e.length)

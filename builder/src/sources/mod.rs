@@ -41,6 +41,14 @@ pub enum SourceError {
     },
     #[error("opening {image}: {reason}")]
     Open { image: PathBuf, reason: String },
+    // The cause is part of the message (not a `#[source]`): the build reports source errors
+    // by their message alone.
+    #[error("source {name}: {error}")]
+    Untrusted {
+        /// The URL or file as the manifest names it.
+        name: String,
+        error: kiln_disk::DiskError,
+    },
     #[error("buildRef: {0}")]
     BuildRef(String),
     #[error(transparent)]
@@ -116,6 +124,7 @@ pub fn resolve(
                 None => None,
             };
             let f = url::fetch(cache, url, want.as_deref(), Some(vm), events)?;
+            check_untrusted(&f.path, url)?;
             let base = base_image(&f.path)?;
             let boot = boot_files(cache, &base, &f.sha256)?;
             Ok(ResolvedSource {
@@ -152,6 +161,7 @@ pub fn resolve(
                     cache.store_blob(&t, &digest)?
                 }
             };
+            check_untrusted(&stored, &path.display().to_string())?;
             let base = base_image(&stored)?;
             let boot = boot_files(cache, &base, &digest)?;
             Ok(ResolvedSource {
@@ -204,6 +214,24 @@ pub fn resolve(
     }
 }
 
+/// A downloaded or user-supplied image must stand alone: its backing name is a host path
+/// of the author's choosing (`/etc/shadow`, `/dev/sda`, `../../..`), so it is refused, not
+/// followed; kiln-disk's header checks (external data files refused) run too. All of this
+/// happens before anything boots. `name` is the URL or file as the manifest gives it.
+fn check_untrusted(image: &Path, name: &str) -> Result<(), SourceError> {
+    kiln_disk::chain(
+        image,
+        None,
+        kiln_disk::MAX_CHAIN_DEPTH,
+        &kiln_disk::BackingPolicy::Refuse,
+    )
+    .map(drop)
+    .map_err(|error| SourceError::Untrusted {
+        name: name.to_string(),
+        error,
+    })
+}
+
 pub(crate) fn base_image(path: &Path) -> Result<BaseImage, SourceError> {
     let (format, virtual_size) = diskops::probe(path)?;
     Ok(BaseImage {
@@ -213,8 +241,9 @@ pub(crate) fn base_image(path: &Path) -> Result<BaseImage, SourceError> {
     })
 }
 
-/// An image's guest-visible bytes: raw files directly, qcow2 (with any backing chain, and
-/// compressed clusters) through kiln-disk's reader.
+/// An image's guest-visible bytes: raw files directly, qcow2 (compressed clusters too)
+/// through kiln-disk's reader. Only `url` and `file` sources come here, and a backing file
+/// of theirs is refused.
 pub(crate) fn open_image(base: &BaseImage) -> Result<Arc<dyn bootimage::ImageRead>, SourceError> {
     Ok(match base.format {
         ImageFormat::Raw => {
@@ -226,7 +255,7 @@ pub(crate) fn open_image(base: &BaseImage) -> Result<Arc<dyn bootimage::ImageRea
         }
         ImageFormat::Qcow2 => {
             let dev =
-                kiln_disk::open(&base.path, kiln_disk::OpenOptions::read_only()).map_err(|e| {
+                kiln_disk::open(&base.path, kiln_disk::OpenOptions::untrusted()).map_err(|e| {
                     SourceError::Open {
                         image: base.path.clone(),
                         reason: e.to_string(),
@@ -407,7 +436,8 @@ mod tests {
         )
         .unwrap_err();
         let msg = err.to_string();
-        assert!(matches!(err, SourceError::Open { .. }), "{msg}");
+        // kiln-disk's header checks run on every file/url source before it is used.
+        assert!(matches!(err, SourceError::Untrusted { .. }), "{msg}");
         assert!(msg.contains("corrupt or unsupported qcow2"), "{msg}");
     }
 }

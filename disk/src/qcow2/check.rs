@@ -12,7 +12,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::meta::{compressed_range, read_table, Meta, COMPRESSED, COPIED, OFFSET_MASK, ZERO_FLAG};
+use super::meta::{compressed_range, read_table, Meta, COMPRESSED, COPIED, OFFSET_MASK};
 use crate::error::{corrupt, io_err, Result};
 
 /// Keep at most this many messages (counts stay exact).
@@ -33,6 +33,11 @@ pub struct CheckReport {
     pub total_clusters: u64,
     /// End of the last referenced cluster.
     pub image_end_offset: u64,
+    /// Compressed clusters of the active image.
+    pub compressed_clusters: u64,
+    /// Active clusters not stored right after the previous one (compressed ones always
+    /// count), as qemu-img counts them.
+    pub fragmented_clusters: u64,
 }
 
 impl CheckReport {
@@ -68,6 +73,8 @@ struct Walker<'a> {
     kind: Vec<Kind>,
     report: CheckReport,
     cs: u64,
+    /// Where the next active data cluster would be if stored contiguously (0: none yet).
+    next_contiguous: u64,
 }
 
 impl Walker<'_> {
@@ -124,7 +131,6 @@ impl Walker<'_> {
         copied: &mut Vec<(u64, bool, String)>,
     ) {
         let bits = self.meta.header.cluster_bits;
-        let v3 = self.meta.header.version >= 3;
         for (i, &e) in l1.iter().enumerate() {
             let l2_off = e & OFFSET_MASK;
             if l2_off == 0 {
@@ -162,14 +168,15 @@ impl Walker<'_> {
                     );
                     if active {
                         self.report.allocated_clusters += 1;
+                        self.report.compressed_clusters += 1;
+                        self.report.fragmented_clusters += 1;
                     }
                     continue;
                 }
                 let off = le & OFFSET_MASK;
+                // A zero cluster without a host cluster is not allocated (qemu-img does not
+                // count it either).
                 if off == 0 {
-                    if v3 && le & ZERO_FLAG != 0 && active {
-                        self.report.allocated_clusters += 1;
-                    }
                     continue;
                 }
                 if !off.is_multiple_of(self.cs) {
@@ -191,6 +198,10 @@ impl Walker<'_> {
                 ) && active
                 {
                     self.report.allocated_clusters += 1;
+                    if self.next_contiguous != 0 && off != self.next_contiguous {
+                        self.report.fragmented_clusters += 1;
+                    }
+                    self.next_contiguous = off + self.cs;
                     copied.push((off, le & COPIED != 0, format!("guest cluster {gc}")));
                 }
             }
@@ -230,6 +241,7 @@ pub fn check(path: &Path) -> Result<CheckReport> {
             ..Default::default()
         },
         cs,
+        next_contiguous: 0,
     };
 
     w.inc(0, cs, Kind::Meta, "header");
