@@ -680,7 +680,8 @@ fn idle_connections_are_bounded_and_timed_out() {
     let t = Instant::now();
     let (st, body) = raw(addr, &good);
     assert_eq!(st, 200, "{body}");
-    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    // Well before the idle ones time out (5 s): they do not stand in its way.
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
     drop(idle);
 
     // Half a head is given up on within a few seconds.
