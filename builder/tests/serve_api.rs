@@ -1,9 +1,11 @@
 //! `kiln serve`'s HTTP API on loopback: the token guard, listing, atomic saves, validation with
 //! field paths, and YAML <-> JSON conversion; builds started from the page, run by a stand-in
 //! `kiln` program (a real build boots a VM: the browser test does that), streamed as
-//! Server-Sent Events, paused by a handbuild step and resumed, cancelled.
+//! Server-Sent Events, paused by a handbuild step and resumed, cancelled. And what an attacker
+//! tries: links out of the folder, a foreign `Host` or `Origin`, a flood of idle connections.
 
-use std::io::BufRead as _;
+use std::io::{BufRead as _, Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -42,8 +44,35 @@ fn json(r: &mut ureq::http::Response<ureq::Body>) -> serde_json::Value {
 fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(20)))
         .build()
         .into()
+}
+
+fn addr_of(base: &str) -> SocketAddr {
+    base.strip_prefix("http://")
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("{base} is http://ADDR"))
+}
+
+/// Sends `request` as it is on a new connection; the answer's status and body.
+fn raw(addr: SocketAddr, request: &str) -> (u16, String) {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    s.write_all(request.as_bytes()).expect("send");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("answer");
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {answer:?}"));
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (status, body)
 }
 
 #[test]
@@ -432,4 +461,283 @@ fn a_build_is_cancelled_and_bad_manifests_do_not_start() {
     assert_eq!(st, 409, "an ended build cannot be cancelled");
     let (_, v) = call(&a, "GET", &format!("{base}/api/builds"), &token, "");
     assert_eq!(v["builds"].as_array().map(Vec::len), Some(1));
+}
+
+#[test]
+fn links_out_of_the_folder_and_fifos_are_refused() {
+    use std::os::unix::fs::symlink;
+    let d = tempfile::tempdir().expect("tempdir");
+    let dir = d.path().join("edit");
+    std::fs::create_dir(&dir).expect("mkdir");
+    let secret = d.path().join("secret.yaml");
+    std::fs::write(&secret, "password: hunter2\n").expect("outside file");
+    symlink(&secret, dir.join("abs.yaml")).expect("link");
+    symlink("../secret.yaml", dir.join("rel.yaml")).expect("link");
+    let (base, token) = start_with(&dir, fake_kiln(d.path()));
+    let a = agent();
+    for name in ["abs.yaml", "rel.yaml"] {
+        let url = format!("{base}/api/manifest?name={name}");
+        let mut r = a
+            .get(&url)
+            .header("X-Kiln-Token", &token)
+            .call()
+            .expect("get");
+        let status = r.status().as_u16();
+        let text = r.body_mut().read_to_string().expect("body");
+        assert_eq!(status, 403, "{name}: {text}");
+        assert!(!text.contains("hunter2"), "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+        assert!(
+            v["error"].as_str().unwrap_or("").contains("symbolic link"),
+            "{v}"
+        );
+
+        let r = a
+            .put(&url)
+            .header("X-Kiln-Token", &token)
+            .send("vms: []\n")
+            .expect("put");
+        assert_eq!(r.status(), 403, "{name}");
+        assert_eq!(
+            std::fs::read_to_string(&secret).expect("outside file"),
+            "password: hunter2\n"
+        );
+        assert!(std::fs::symlink_metadata(dir.join(name))
+            .expect("the link")
+            .file_type()
+            .is_symlink());
+
+        let (st, v) = call(
+            &a,
+            "POST",
+            &format!("{base}/api/builds?name={name}"),
+            &token,
+            "",
+        );
+        assert_eq!(st, 403, "{v}");
+    }
+    let (_, v) = call(&a, "GET", &format!("{base}/api/manifests"), &token, "");
+    assert_eq!(v["names"], serde_json::json!([]));
+
+    // A FIFO would block a reader until something writes to it.
+    let made = std::process::Command::new("mkfifo")
+        .arg(dir.join("pipe.yaml"))
+        .status();
+    if !made.is_ok_and(|s| s.success()) {
+        println!("SKIP: the FIFO part: mkfifo failed");
+        return;
+    }
+    let started = Instant::now();
+    let (st, v) = call(
+        &a,
+        "GET",
+        &format!("{base}/api/manifest?name=pipe.yaml"),
+        &token,
+        "",
+    );
+    assert_eq!(st, 400, "{v}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn a_foreign_host_or_origin_is_refused() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let (base, token) = start(d.path());
+    let addr = addr_of(&base);
+    let port = addr.port();
+    let req = |method: &str, host: &str, origin: &str, body: &str| {
+        let host = if host.is_empty() {
+            String::new()
+        } else {
+            format!("Host: {host}\r\n")
+        };
+        let origin = if origin.is_empty() {
+            String::new()
+        } else {
+            format!("Origin: {origin}\r\n")
+        };
+        raw(
+            addr,
+            &format!(
+                "{method} /api/manifest?name=m.yaml HTTP/1.1\r\n{host}{origin}\
+                 X-Kiln-Token: {token}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            ),
+        )
+    };
+    let own = format!("http://{addr}");
+    for (host, origin) in [
+        (addr.to_string(), String::new()),
+        (format!("localhost:{port}"), String::new()),
+        (addr.to_string(), own.clone()),
+        (
+            format!("localhost:{port}"),
+            format!("http://localhost:{port}"),
+        ),
+    ] {
+        let (st, body) = req("PUT", &host, &origin, "vms: []\n");
+        assert_eq!(st, 200, "Host {host}, Origin {origin:?}: {body}");
+    }
+    for (host, origin, what) in [
+        (format!("rebind.example:{port}"), String::new(), "Host"),
+        (
+            format!("127.0.0.1:{}", port.wrapping_add(1)),
+            String::new(),
+            "Host",
+        ),
+        (String::new(), String::new(), "Host"),
+        (addr.to_string(), "http://evil.example".into(), "refused"),
+        (addr.to_string(), "null".into(), "refused"),
+        (addr.to_string(), format!("https://{addr}"), "refused"),
+    ] {
+        let (st, body) = req("PUT", &host, &origin, "stolen: 1\n");
+        assert_eq!(st, 403, "Host {host:?}, Origin {origin:?}: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        assert!(v["error"].as_str().unwrap_or("").contains(what), "{v}");
+        let (st, body) = req("GET", &host, &origin, "");
+        assert_eq!(st, 403, "{body}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(d.path().join("m.yaml")).expect("saved"),
+        "vms: []\n"
+    );
+}
+
+/// A `kiln serve` process, killed when dropped.
+struct ServeProcess(std::process::Child);
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn proc_threads(pid: u32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("a Threads line")
+}
+
+fn proc_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fd folder")
+        .count()
+}
+
+#[test]
+fn idle_connections_are_bounded_and_timed_out() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("serve")
+        .arg(d.path())
+        .args(["--listen", "127.0.0.1:0", "--output"])
+        .arg(d.path().join("modules"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start kiln serve");
+    let stdout = child.stdout.take().expect("stdout");
+    let server = ServeProcess(child);
+    let pid = server.0.id();
+    let mut line = String::new();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("the URL line");
+    let url = line
+        .trim()
+        .strip_prefix("kiln serve: ")
+        .unwrap_or_else(|| panic!("{line:?}"));
+    let (base, token) = url.split_once("/?token=").expect("url has a token");
+    let addr = addr_of(base);
+    let good = format!(
+        "GET /api/manifests HTTP/1.1\r\nHost: {addr}\r\nX-Kiln-Token: {token}\r\n\
+         Connection: close\r\n\r\n"
+    );
+    assert_eq!(raw(addr, &good).0, 200);
+    let threads_before = proc_threads(pid);
+
+    // 1,000 connections that never send a byte.
+    let started = Instant::now();
+    let mut idle = Vec::new();
+    for _ in 0..1000 {
+        idle.push(TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect"));
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "connecting is stuck"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let (threads, fds) = (proc_threads(pid), proc_fds(pid));
+    assert!(
+        threads <= threads_before + 2,
+        "1000 idle connections: {threads} threads (before: {threads_before})"
+    );
+    assert!(fds < 150, "1000 idle connections: {fds} open descriptors");
+    // A real request still gets through at once.
+    let t = Instant::now();
+    let (st, body) = raw(addr, &good);
+    assert_eq!(st, 200, "{body}");
+    // Well before the idle ones time out (5 s): they do not stand in its way.
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+    drop(idle);
+
+    // Half a head is given up on within a few seconds.
+    let mut slow = TcpStream::connect(addr).expect("connect");
+    slow.write_all(b"GET /api/manifests HTTP/1.1\r\nHost: ")
+        .expect("send");
+    slow.set_read_timeout(Some(Duration::from_secs(15)))
+        .expect("timeout");
+    let t = Instant::now();
+    let mut answer = Vec::new();
+    let _ = slow.read_to_end(&mut answer);
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "a half-sent head held its connection for {:?}",
+        t.elapsed()
+    );
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    assert!(proc_threads(pid) <= threads_before + 2);
+}
+
+#[test]
+fn heads_and_bodies_are_limited() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let (base, token) = start(d.path());
+    let addr = addr_of(&base);
+    let head = |extra: &str| {
+        format!(
+            "PUT /api/manifest?name=m.yaml HTTP/1.1\r\nHost: {addr}\r\nX-Kiln-Token: {token}\r\n\
+             {extra}Connection: close\r\n\r\n"
+        )
+    };
+    // A head over the limit.
+    let big = format!("X-Pad: {}\r\n", "a".repeat(20 << 10));
+    assert_eq!(raw(addr, &head(&big)).0, 431);
+    // Chunked bodies are not taken.
+    let (st, body) = raw(addr, &head("Transfer-Encoding: chunked\r\n"));
+    assert_eq!(st, 501, "{body}");
+    // A body over the limit is refused from its Content-Length.
+    let (st, body) = raw(addr, &head("Content-Length: 999999999\r\n"));
+    assert_eq!(st, 413, "{body}");
+    // `Expect: 100-continue` (curl's, for bodies over 1 KiB) gets its interim answer.
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(head("Expect: 100-continue\r\nContent-Length: 8\r\n").as_bytes())
+        .expect("head");
+    let mut interim = [0u8; 25];
+    s.read_exact(&mut interim).expect("100 Continue");
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    s.write_all(b"vms: []\n").expect("body");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("answer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(
+        std::fs::read_to_string(d.path().join("m.yaml")).expect("saved"),
+        "vms: []\n"
+    );
 }

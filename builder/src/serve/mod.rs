@@ -1,8 +1,9 @@
-//! `kiln serve`: the local web editor. A small HTTP server (tiny_http: synchronous, few
-//! dependencies, fast to build) serves the embedded web app and a JSON API over one folder of
-//! manifests. It binds to loopback unless told otherwise, and every request must carry the
-//! per-run token (in the `token` query parameter or the `X-Kiln-Token` header), so other local
-//! users and web pages cannot drive it.
+//! `kiln serve`: the local web editor. A small bounded HTTP server ([`http`]) serves the
+//! embedded web app and a JSON API over one folder of manifests. It binds to loopback unless
+//! told otherwise; every request must name this server in `Host` and, if it has an `Origin`,
+//! come from the editor's own page ([`host`]: against DNS rebinding and cross-site requests),
+//! and carry the per-run token (in the `token` query parameter or the `X-Kiln-Token` header),
+//! so other local users and web pages cannot drive it.
 //!
 //! API (all under the token):
 //! - `GET /api/manifests` -> `{dir, names}`
@@ -24,6 +25,8 @@
 mod assets;
 pub mod build;
 pub mod doc;
+pub mod host;
+pub mod http;
 mod sse;
 pub mod store;
 
@@ -34,7 +37,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use serde_json::{json, Value};
-use tiny_http::{Header, Method, Request, Response, Server};
+
+use http::{Request, Server};
 
 pub use build::{BuildConfig, Builds};
 pub use store::{Store, StoreError};
@@ -49,8 +53,12 @@ const MAX_BODY: u64 = 2 * crate::manifest::MAX_FILE_BYTES;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("cannot listen on {addr}: {message}")]
-    Bind { addr: SocketAddr, message: String },
+    #[error("cannot listen on {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot make a token: {0}")]
     Token(#[source] std::io::Error),
     #[error("{0} is not a folder")]
@@ -67,7 +75,7 @@ pub struct Config {
 
 /// A bound server, ready to run.
 pub struct Serve {
-    server: Arc<Server>,
+    server: Server,
     shared: Arc<Shared>,
     addr: SocketAddr,
 }
@@ -75,6 +83,7 @@ pub struct Serve {
 struct Shared {
     store: Store,
     token: String,
+    allowed: host::Allowed,
     builds: Builds,
     streams: AtomicUsize,
 }
@@ -84,22 +93,17 @@ impl Serve {
         if !cfg.dir.is_dir() {
             return Err(ServeError::NotADir(cfg.dir));
         }
-        let server = Server::http(cfg.listen).map_err(|e| ServeError::Bind {
+        let server = Server::bind(cfg.listen).map_err(|source| ServeError::Bind {
             addr: cfg.listen,
-            message: e.to_string(),
+            source,
         })?;
-        let addr = server
-            .server_addr()
-            .to_ip()
-            .ok_or_else(|| ServeError::Bind {
-                addr: cfg.listen,
-                message: "not an IP socket".into(),
-            })?;
+        let addr = server.addr();
         Ok(Serve {
-            server: Arc::new(server),
+            server,
             shared: Arc::new(Shared {
                 store: Store::new(cfg.dir),
                 token: new_token().map_err(ServeError::Token)?,
+                allowed: host::Allowed::new(addr),
                 builds: Builds::new(cfg.build),
                 streams: AtomicUsize::new(0),
             }),
@@ -114,21 +118,9 @@ impl Serve {
 
     /// Serve until the process ends.
     pub fn run(self) {
-        let workers: Vec<_> = (0..WORKERS)
-            .map(|i| {
-                let (server, shared) = (self.server.clone(), self.shared.clone());
-                std::thread::Builder::new()
-                    .name(format!("serve-{i}"))
-                    .spawn(move || {
-                        while let Ok(req) = server.recv() {
-                            handle(&shared, req);
-                        }
-                    })
-            })
-            .collect();
-        for w in workers.into_iter().flatten() {
-            let _ = w.join();
-        }
+        let shared = self.shared.clone();
+        self.server
+            .run(WORKERS, Arc::new(move |req| handle(&shared, req)));
         self.shared.builds.cancel_all();
     }
 }
@@ -168,28 +160,8 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn header(req: &Request, name: &str) -> Option<String> {
-    req.headers()
-        .iter()
-        .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
-        .map(|h| h.value.as_str().to_string())
-}
-
 fn respond(req: Request, status: u16, content_type: &str, body: Vec<u8>) {
-    let mut r = Response::from_data(body).with_status_code(status);
-    for (k, v) in [
-        ("Content-Type", content_type),
-        ("Cache-Control", "no-store"),
-        ("X-Content-Type-Options", "nosniff"),
-        ("Referrer-Policy", "no-referrer"),
-    ] {
-        if let Ok(h) = Header::from_bytes(k.as_bytes(), v.as_bytes()) {
-            r.add_header(h);
-        }
-    }
-    if let Err(e) = req.respond(r) {
-        tracing::debug!("response not delivered: {e}");
-    }
+    req.respond(status, content_type, &body);
 }
 
 fn respond_json(req: Request, status: u16, v: &Value) {
@@ -202,11 +174,20 @@ fn error(req: Request, status: u16, message: impl std::fmt::Display) {
 
 fn handle(shared: &Arc<Shared>, mut req: Request) {
     let (store, token) = (&shared.store, shared.token.as_str());
-    let url = req.url().to_string();
+    if let Err(e) = shared
+        .allowed
+        .check(req.header("Host"), req.header("Origin"))
+    {
+        return error(req, 403, e);
+    }
+    let url = req.target.clone();
     let path = url.split('?').next().unwrap_or("/").to_string();
     // The page itself may be fetched only with the token in its URL; its scripts send the
     // header. Comparing all bytes keeps the check's time independent of where it differs.
-    let given = header(&req, "X-Kiln-Token").or_else(|| query(&url, "token"));
+    let given = req
+        .header("X-Kiln-Token")
+        .map(str::to_string)
+        .or_else(|| query(&url, "token"));
     let ok = given.is_some_and(|g| {
         g.len() == token.len()
             && g.bytes()
@@ -222,50 +203,41 @@ fn handle(shared: &Arc<Shared>, mut req: Request) {
             "a valid token is required: open the URL kiln serve printed",
         );
     }
-    let method = req.method().clone();
+    let method = req.method.clone();
+    let method = method.as_str();
     if !path.starts_with("/api/") {
         return match (method, assets::get(&path)) {
-            (Method::Get, Some(a)) => respond(req, 200, a.content_type, a.body.into_owned()),
+            ("GET", Some(a)) => respond(req, 200, a.content_type, a.body.into_owned()),
             _ => error(req, 404, format!("no page {path}")),
         };
     }
     let mut body = String::new();
-    if matches!(method, Method::Put | Method::Post) {
-        let len = req.body_length().unwrap_or(0) as u64;
-        if len > MAX_BODY {
-            return error(
-                req,
-                413,
-                format!("the request is {len} bytes: the limit is {MAX_BODY}"),
-            );
-        }
-        let mut reader = req.as_reader().take(MAX_BODY + 1);
-        if let Err(e) = reader.read_to_string(&mut body) {
-            return error(req, 400, format!("cannot read the request: {e}"));
-        }
-        if body.len() as u64 > MAX_BODY {
-            return error(req, 413, format!("the request is over {MAX_BODY} bytes"));
+    if matches!(method, "PUT" | "POST") {
+        match req.read_body(MAX_BODY).map(String::from_utf8) {
+            Ok(Ok(text)) => body = text,
+            Ok(Err(_)) => return error(req, 400, "the request body is not UTF-8"),
+            Err(e) => return error(req, e.status(), e),
         }
     }
     let name = query(&url, "name");
     let result: Result<Value, (u16, String)> = match (method, path.as_str()) {
-        (Method::Get, "/api/manifests") => store
+        ("GET", "/api/manifests") => store
             .list()
             .map(|names| json!({ "dir": store.dir().display().to_string(), "names": names }))
             .map_err(store_status),
-        (Method::Get, "/api/manifest") => with_name(name).and_then(|n| {
+        ("GET", "/api/manifest") => with_name(name).and_then(|n| {
             store
                 .read(&n)
                 .map(|text| json!({ "name": n, "text": text }))
                 .map_err(store_status)
         }),
-        (Method::Put, "/api/manifest") => with_name(name).and_then(|n| {
+        ("PUT", "/api/manifest") => with_name(name).and_then(|n| {
             store
                 .write(&n, &body)
                 .map(|()| json!({ "saved": n }))
                 .map_err(store_status)
         }),
-        (Method::Post, "/api/check") => {
+        ("POST", "/api/check") => {
             let n = name.unwrap_or_else(|| "manifest.yaml".into());
             match store.path_of(&n) {
                 Ok(p) => {
@@ -274,7 +246,7 @@ fn handle(shared: &Arc<Shared>, mut req: Request) {
                 Err(e) => Err(store_status(e)),
             }
         }
-        (Method::Post, "/api/yaml") => match serde_json::from_str::<Value>(&body) {
+        ("POST", "/api/yaml") => match serde_json::from_str::<Value>(&body) {
             Ok(v) => {
                 let original = v.get("original").and_then(Value::as_str).unwrap_or("");
                 match v.get("doc") {
@@ -284,12 +256,9 @@ fn handle(shared: &Arc<Shared>, mut req: Request) {
             }
             Err(e) => Err((400, format!("the request is not JSON: {e}"))),
         },
-        (Method::Get, "/api/builds") => Ok(json!({ "builds": shared.builds.list() })),
-        (Method::Post, "/api/builds") => with_name(name).and_then(|n| {
-            let path = store.path_of(&n).map_err(store_status)?;
-            if !path.is_file() {
-                return Err(store_status(StoreError::Missing(n)));
-            }
+        ("GET", "/api/builds") => Ok(json!({ "builds": shared.builds.list() })),
+        ("POST", "/api/builds") => with_name(name).and_then(|n| {
+            let path = store.manifest_file(&n).map_err(store_status)?;
             match shared.builds.start(&n, &path) {
                 Ok(run) => serde_json::to_value(run.snapshot()).map_err(|e| (500, e.to_string())),
                 Err(e @ build::BuildStartError::Busy(_)) => Err((409, e.to_string())),
@@ -305,13 +274,14 @@ fn handle(shared: &Arc<Shared>, mut req: Request) {
                 .map_err(|_| (404, format!("no build {id:?}")))
                 .and_then(|id| shared.builds.get(id).map_err(action_status));
             match (m, action) {
-                (Method::Get, "") => run.and_then(|r| {
+                ("GET", "") => run.and_then(|r| {
                     serde_json::to_value(r.snapshot()).map_err(|e| (500, e.to_string()))
                 }),
-                (Method::Get, "events") => match run {
+                ("GET", "events") => match run {
                     Ok(r) => {
                         // EventSource resends the last id it saw when it reconnects.
-                        let from = header(&req, "Last-Event-ID")
+                        let from = req
+                            .header("Last-Event-ID")
                             .and_then(|v| v.trim().parse::<u64>().ok())
                             .map(|v| v + 1)
                             .or_else(|| query(&url, "from").and_then(|v| v.parse().ok()))
@@ -320,12 +290,12 @@ fn handle(shared: &Arc<Shared>, mut req: Request) {
                     }
                     Err(e) => Err(e),
                 },
-                (Method::Post, "cancel") => run.and_then(|r| {
+                ("POST", "cancel") => run.and_then(|r| {
                     r.cancel()
                         .map(|()| json!({ "cancelling": r.id }))
                         .map_err(action_status)
                 }),
-                (Method::Post, "resume") => run.and_then(|r| {
+                ("POST", "resume") => run.and_then(|r| {
                     let vm = query(&url, "vm")
                         .ok_or((400, "the `vm` query parameter is required".to_string()))?;
                     r.resume(&vm)
@@ -380,6 +350,8 @@ fn store_status(e: StoreError) -> (u16, String) {
     let status = match e {
         StoreError::BadName(_) => 400,
         StoreError::Missing(_) => 404,
+        StoreError::Link(_) => 403,
+        StoreError::NotRegular(_) => 400,
         StoreError::TooBig { .. } => 413,
         StoreError::Io { .. } => 500,
     };

@@ -1,5 +1,5 @@
 //! Server-Sent Events: one build's state and log, streamed to a page. Written straight to the
-//! connection (tiny_http would buffer a chunked body), flushed after every batch.
+//! connection, one write per batch, and closed after `end`.
 //!
 //! Messages: `event: state` (the whole [`super::build::BuildState`], on every change),
 //! `event: log` with `id: N` (one build event or kiln output line; a reconnecting
@@ -15,10 +15,15 @@ use super::build::BuildRun;
 /// A comment line this often keeps proxies and the browser from timing the stream out, and
 /// finds closed pages.
 const KEEPALIVE: Duration = Duration::from_secs(15);
+/// A page that reads nothing for this long is dropped, freeing its stream slot.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Streams `run` from log entry `from` until the build ends or the page goes away.
-pub fn stream(req: tiny_http::Request, run: Arc<BuildRun>, from: u64) {
-    let mut w = req.into_writer();
+pub fn stream(req: super::http::Request, run: Arc<BuildRun>, from: u64) {
+    let mut w = req.into_stream();
+    if w.set_write_timeout(Some(WRITE_TIMEOUT)).is_err() {
+        return;
+    }
     let head = "HTTP/1.1 200 OK\r\n\
                 Content-Type: text/event-stream; charset=utf-8\r\n\
                 Cache-Control: no-store\r\n\
