@@ -72,6 +72,25 @@ fn item_ty(ty: Option<&Ty>) -> Option<&'static Ty> {
     }
 }
 
+/// Does a mapping have an entry fmt writes (a null optional field is left out)? One without
+/// is written `{}` on its key's line.
+fn writes_entries(node: &Node, obj: Option<&Obj>) -> bool {
+    node.as_map().unwrap_or(&[]).iter().any(|(k, v)| {
+        !matches!(v.kind, Kind::Null)
+            || matches!(k.as_str().and_then(|k| field_ty(obj, k)), Some(Ty::Obj(_)))
+    })
+}
+
+/// Is a list item or mapping value written on one line although it has entries inside (a
+/// nested list in flow style, a mapping of absent fields as `{}`)?
+fn one_line(node: &Node, obj: Option<&Obj>) -> bool {
+    match &node.kind {
+        Kind::Seq(s) => !s.is_empty(),
+        Kind::Map(m) => !m.is_empty() && !writes_entries(node, obj),
+        _ => false,
+    }
+}
+
 /// Right comments past the first (a line holds one) become lines above.
 fn split_right(mut right: Vec<Line>) -> (Option<String>, Vec<Line>) {
     if right.is_empty() {
@@ -157,6 +176,9 @@ impl Writer {
             lead.append(&mut self.comments.take_leading(&self.path));
             let (right, mut more) = split_right(self.comments.take_right(&self.path));
             lead.append(&mut more);
+            if matches!(v.kind, Kind::Map(_)) && one_line(v, obj_of(ty)) {
+                lead.append(&mut self.comments.take_inside(&self.path));
+            }
             self.comment_block(lead, indent);
             if !first {
                 self.out.push_str(&" ".repeat(indent));
@@ -182,7 +204,7 @@ impl Writer {
 
     fn value_after_key(&mut self, v: &Node, ty: Option<&Ty>, indent: usize) {
         match &v.kind {
-            Kind::Map(m) if !m.is_empty() => {
+            Kind::Map(_) if writes_entries(v, obj_of(ty)) => {
                 self.out.push('\n');
                 self.out.push_str(&" ".repeat(indent + 2));
                 self.map(v, obj_of(ty), indent + 2);
@@ -191,6 +213,7 @@ impl Writer {
                 self.out.push('\n');
                 self.seq(v, item_ty(ty), indent + 2);
             }
+            Kind::Map(_) => self.out.push_str(" {}\n"),
             _ => {
                 self.out.push(' ');
                 value_inline_at(&mut self.out, v, indent + 2);
@@ -208,11 +231,11 @@ impl Writer {
             let right = self.comments.take_right(&self.path);
             let (right, mut more) = match &item.kind {
                 // The item's first line is its first key's: a comment there goes above.
-                Kind::Map(m) if !m.is_empty() => (None, right),
+                Kind::Map(_) if writes_entries(item, obj_of(ty)) => (None, right),
                 _ => split_right(right),
             };
             lead.append(&mut more);
-            if matches!(&item.kind, Kind::Seq(s) if !s.is_empty()) {
+            if one_line(item, obj_of(ty)) {
                 // Written on one line (below): its inner comments go above it.
                 lead.append(&mut self.comments.take_inside(&self.path));
             }
@@ -221,12 +244,15 @@ impl Writer {
             self.out.push_str(&" ".repeat(indent));
             self.out.push_str("- ");
             match &item.kind {
-                Kind::Map(m) if !m.is_empty() => self.map(item, obj_of(ty), indent + 2),
+                Kind::Map(_) if writes_entries(item, obj_of(ty)) => {
+                    self.map(item, obj_of(ty), indent + 2)
+                }
                 Kind::Seq(s) if !s.is_empty() => {
                     // Nested lists are rare in manifests; flow style keeps them on one line.
                     value_inline(&mut self.out, item);
                     self.out.push('\n');
                 }
+                Kind::Map(_) => self.out.push_str("{}\n"),
                 _ => {
                     value_inline_at(&mut self.out, item, indent + 2);
                     self.out.push('\n');
@@ -441,6 +467,19 @@ mod tests {
         assert_eq!(
             f,
             "vms:\n  - name: a\n    # why no timeout\n    # none\n    cpu: 1\n    # last\n"
+        );
+        assert_eq!(round(&f).1, f);
+    }
+
+    #[test]
+    fn a_mapping_of_absent_fields_is_empty_and_keeps_its_comments() {
+        // Before, this gave `efiFirmware:` and `{}` on the next line, which formats differently
+        // again, and lost the comment.
+        let src = "vms:\n  - name: a\n    efiFirmware:\n      secureBoot: # later\n    cpu: 1\n";
+        let (_, f) = round(src);
+        assert_eq!(
+            f,
+            "vms:\n  - name: a\n    # later\n    efiFirmware: {}\n    cpu: 1\n"
         );
         assert_eq!(round(&f).1, f);
     }

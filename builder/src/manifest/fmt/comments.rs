@@ -312,7 +312,8 @@ fn place(text: &str, root: &Node, comments: Vec<yaml::Comment>) -> Comments {
                 }
             }
         }
-        c.entry(&anchors[i].path).leading = lead;
+        // Appended: two entries share a path only in invalid text (a duplicate key).
+        c.entry(&anchors[i].path).leading.append(&mut lead);
     }
     c
 }
