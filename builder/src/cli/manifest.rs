@@ -21,11 +21,18 @@ pub struct ValidateArgs {
 
 #[derive(Debug, Args)]
 pub struct FmtArgs {
-    pub file: PathBuf,
-    /// Exit 1 if the file is not already canonical; change nothing.
+    /// Manifests to format: files, folders (their `*.yaml` and `*.yml` files, subfolders
+    /// included, hidden ones and symbolic links skipped) or `-` for standard input (the
+    /// result goes to standard output).
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// Change nothing; exit 1 and name the files that are not canonical.
     #[arg(long)]
     pub check: bool,
-    /// Print the canonical text instead of rewriting the file.
+    /// Change nothing; print a unified diff of what formatting would change (exit 1 if any).
+    #[arg(long, conflicts_with = "stdout")]
+    pub diff: bool,
+    /// Print the canonical text instead of rewriting the files.
     #[arg(long, conflicts_with = "check")]
     pub stdout: bool,
 }
@@ -121,49 +128,179 @@ pub fn validate(a: ValidateArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(code))
 }
 
-pub fn fmt(a: FmtArgs) -> anyhow::Result<ExitCode> {
-    let loaded = match manifest::load(&a.file) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return Ok(ExitCode::from(UNREADABLE));
-        }
-    };
-    if loaded.has_errors() {
-        eprint!("{}", validate_report(&loaded));
-        eprintln!("kiln fmt formats valid manifests only: fix the errors above first");
-        return Ok(ExitCode::from(INVALID));
-    }
-    let text = std::fs::read_to_string(&a.file)
-        .with_context(|| format!("reading {}", a.file.display()))?;
-    let tree = manifest::yaml::parse(&text, manifest::Limits::default().yaml)
-        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
-    let formatted = fmt::format(&tree, &text);
-    if a.stdout {
-        print!("{formatted}");
-        return Ok(ExitCode::SUCCESS);
-    }
-    if a.check {
-        if formatted == text {
-            return Ok(ExitCode::SUCCESS);
-        }
-        eprintln!(
-            "{}: not in canonical form (run `kiln fmt {}`)",
-            a.file.display(),
-            a.file.display()
-        );
-        return Ok(ExitCode::from(INVALID));
-    }
-    if formatted != text {
-        write_atomic(&a.file, formatted.as_bytes())?;
-        eprintln!("{}: formatted", a.file.display());
-    }
-    Ok(ExitCode::SUCCESS)
+/// What `kiln fmt` was asked to format: a file, or standard input.
+enum FmtInput {
+    File(PathBuf),
+    Stdin,
 }
 
-/// Write to a temporary name in the same directory, then rename over the target.
+impl FmtInput {
+    fn name(&self) -> String {
+        match self {
+            FmtInput::File(p) => p.display().to_string(),
+            FmtInput::Stdin => "<stdin>".into(),
+        }
+    }
+}
+
+pub fn fmt(a: FmtArgs) -> anyhow::Result<ExitCode> {
+    let mut code = 0u8;
+    let mut inputs = Vec::new();
+    for f in &a.files {
+        if f.as_os_str() == "-" {
+            if inputs.iter().any(|i| matches!(i, FmtInput::Stdin)) {
+                anyhow::bail!("`-` (standard input) given twice");
+            }
+            inputs.push(FmtInput::Stdin);
+        } else if f.is_dir() {
+            let mut found = Vec::new();
+            manifests_in(f, &mut found).with_context(|| format!("listing {}", f.display()))?;
+            if found.is_empty() {
+                eprintln!(
+                    "{}: error: no *.yaml or *.yml files in this folder",
+                    f.display()
+                );
+                code = code.max(UNREADABLE);
+            }
+            inputs.extend(found.into_iter().map(FmtInput::File));
+        } else {
+            inputs.push(FmtInput::File(f.clone()));
+        }
+    }
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    for input in &inputs {
+        let (text, loaded) = match read_for_fmt(input) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("{}: error: {e:#}", input.name());
+                code = code.max(UNREADABLE);
+                continue;
+            }
+        };
+        if loaded.has_errors() {
+            eprint!("{}", validate_report(&loaded));
+            eprintln!(
+                "{}: kiln fmt formats valid manifests only: fix the errors above first",
+                input.name()
+            );
+            code = code.max(INVALID);
+            continue;
+        }
+        let tree = match manifest::yaml::parse(&text, manifest::Limits::default().yaml) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("{}: error: {}", input.name(), e.message);
+                code = code.max(UNREADABLE);
+                continue;
+            }
+        };
+        let formatted = fmt::format(&tree, &text);
+        let changed = formatted != text;
+        if a.diff {
+            if changed {
+                let name = input.name();
+                let diff = similar::TextDiff::from_lines(&text, &formatted);
+                write!(
+                    out,
+                    "{}",
+                    diff.unified_diff()
+                        .header(&name, &format!("{name} (formatted)"))
+                )?;
+                code = code.max(INVALID);
+            }
+            if !a.check {
+                continue;
+            }
+        }
+        if a.check {
+            if changed {
+                eprintln!("{}: not in canonical form", input.name());
+                code = code.max(INVALID);
+            }
+            continue;
+        }
+        match input {
+            FmtInput::Stdin => out.write_all(formatted.as_bytes())?,
+            FmtInput::File(_) if a.stdout => out.write_all(formatted.as_bytes())?,
+            FmtInput::File(path) => {
+                if changed {
+                    write_atomic(path, formatted.as_bytes())?;
+                    eprintln!("{}: formatted", path.display());
+                }
+            }
+        }
+    }
+    if a.check && code == INVALID && inputs.iter().any(|i| matches!(i, FmtInput::File(_))) {
+        eprintln!(
+            "run `kiln fmt` on them (comments are kept), or `kiln fmt --diff` to see the changes"
+        );
+    }
+    Ok(ExitCode::from(code))
+}
+
+/// The text of a manifest and its validation. Standard input is bounded like a file.
+fn read_for_fmt(input: &FmtInput) -> anyhow::Result<(String, Loaded)> {
+    match input {
+        FmtInput::File(path) => {
+            let loaded = manifest::load(path)?;
+            if loaded.has_errors() {
+                return Ok((String::new(), loaded));
+            }
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            Ok((text, loaded))
+        }
+        FmtInput::Stdin => {
+            use std::io::Read as _;
+            let mut bytes = Vec::new();
+            std::io::stdin()
+                .lock()
+                .take(manifest::MAX_FILE_BYTES + 1)
+                .read_to_end(&mut bytes)
+                .context("reading standard input")?;
+            if bytes.len() as u64 > manifest::MAX_FILE_BYTES {
+                anyhow::bail!(
+                    "the manifest is over the limit of {} MiB",
+                    manifest::MAX_FILE_BYTES >> 20
+                );
+            }
+            let path = std::path::Path::new("<stdin>");
+            let loaded = manifest::load_bytes(&bytes, path, manifest::Limits::from_env());
+            let text = String::from_utf8(bytes).unwrap_or_default();
+            Ok((text, loaded))
+        }
+    }
+}
+
+/// The `*.yaml` and `*.yml` files under `dir`, sorted, in subfolders too. Hidden entries are
+/// skipped (`.git`, editors' folders), and so are symbolic links, so a walk never leaves the
+/// folder it was given nor loops.
+fn manifests_in(dir: &std::path::Path, found: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    let mut entries: Vec<std::fs::DirEntry> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let name = e.file_name();
+        if name.to_string_lossy().starts_with('.') {
+            continue;
+        }
+        let ty = e.file_type()?;
+        let path = e.path();
+        if ty.is_dir() {
+            manifests_in(&path, found)?;
+        } else if ty.is_file() && path.extension().is_some_and(|x| x == "yaml" || x == "yml") {
+            found.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// Write to a temporary name in the same directory, then rename over the target, keeping its
+/// mode. A symbolic link stays one: the file it points to is replaced.
 fn write_atomic(path: &std::path::Path, data: &[u8]) -> anyhow::Result<()> {
-    let dir = path
+    let real =
+        std::fs::canonicalize(path).with_context(|| format!("resolving {}", path.display()))?;
+    let dir = real
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(std::path::Path::new("."));
@@ -171,10 +308,10 @@ fn write_atomic(path: &std::path::Path, data: &[u8]) -> anyhow::Result<()> {
         .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
     tmp.write_all(data)?;
     tmp.as_file().sync_all()?;
-    if let Ok(meta) = std::fs::metadata(path) {
+    if let Ok(meta) = std::fs::metadata(&real) {
         std::fs::set_permissions(tmp.path(), meta.permissions())?;
     }
-    tmp.persist(path)
+    tmp.persist(&real)
         .with_context(|| format!("replacing {}", path.display()))?;
     Ok(())
 }

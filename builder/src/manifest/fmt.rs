@@ -1,40 +1,42 @@
 //! `kiln fmt`: canonical YAML. Keys follow the schema's order, collections are block style with
 //! two-space indentation, multi-line strings become literal blocks, and every scalar keeps its
 //! type (a plain `2` stays plain, a quoted `"2"` stays quoted), so formatting never changes
-//! what the manifest means. The leading comment block of the file is kept; other comments are
-//! not (the located tree does not hold them).
+//! what the manifest means. Comments stay with the entry or item they were written above or
+//! beside, and move with it when keys are reordered (see [`comments`]); a comment fmt cannot
+//! place is written at the end rather than dropped.
+
+mod comments;
 
 use super::check::is_envelope;
 use super::schema::{self, Obj, Ty};
 use super::yaml::{plain_type, Kind, Node, PlainType, Style};
+use comments::{item_segs, key_seg, Comments, Line, Path};
 
-/// The canonical text of a parsed manifest. `original` supplies the leading comments.
+/// The canonical text of a document. `original` is the text it was read from (or the text an
+/// edited document came from): it supplies the comments.
 pub fn format(root: &Node, original: &str) -> String {
-    let mut out = String::new();
-    for line in original.lines() {
-        let t = line.trim_start();
-        if t.starts_with('#') {
-            out.push_str(line.trim_end());
-            out.push('\n');
-        } else if t.is_empty() && !out.is_empty() {
-            continue;
-        } else {
-            break;
-        }
-    }
+    let mut w = Writer {
+        out: String::new(),
+        comments: Comments::from_source(original),
+        path: Vec::new(),
+    };
+    let head = w.comments.take_head();
+    w.comment_block(head, 0);
     let top: &Obj = if is_envelope(root) {
         &schema::ENVELOPE
     } else {
         &schema::SPEC
     };
     match &root.kind {
-        Kind::Map(_) => map(&mut out, root, Some(top), 0),
+        Kind::Map(_) => w.map(root, Some(top), 0),
         _ => {
-            value_inline(&mut out, root);
-            out.push('\n');
+            value_inline(&mut w.out, root);
+            w.out.push('\n');
         }
     }
-    out
+    let rest = w.comments.take_rest();
+    w.comment_block(rest, 0);
+    w.out
 }
 
 fn field_ty(obj: Option<&Obj>, key: &str) -> Option<&'static Ty> {
@@ -70,34 +72,197 @@ fn item_ty(ty: Option<&Ty>) -> Option<&'static Ty> {
     }
 }
 
-/// Block mapping entries at `indent`, the first one starting where the cursor is.
-fn map(out: &mut String, node: &Node, obj: Option<&Obj>, indent: usize) {
-    let entries = ordered(node, obj);
-    let mut first = true;
-    for (k, v) in entries {
-        let ty = k.as_str().and_then(|k| field_ty(obj, k));
-        // A null optional scalar means "absent"; a null object (`cloudInit:`) means present.
-        if matches!(v.kind, Kind::Null) {
-            if matches!(ty, Some(Ty::Obj(_))) {
-                if !first {
-                    out.push_str(&" ".repeat(indent));
-                }
-                first = false;
-                scalar_key(out, k);
-                out.push_str(": {}\n");
-            }
-            continue;
-        }
-        if !first {
-            out.push_str(&" ".repeat(indent));
-        }
-        first = false;
-        scalar_key(out, k);
-        out.push(':');
-        value_after_key(out, v, ty, indent);
+/// Does a mapping have an entry fmt writes (a null optional field is left out)? One without
+/// is written `{}` on its key's line.
+fn writes_entries(node: &Node, obj: Option<&Obj>) -> bool {
+    node.as_map().unwrap_or(&[]).iter().any(|(k, v)| {
+        !matches!(v.kind, Kind::Null)
+            || matches!(k.as_str().and_then(|k| field_ty(obj, k)), Some(Ty::Obj(_)))
+    })
+}
+
+/// Is a list item or mapping value written on one line although it has entries inside (a
+/// nested list in flow style, a mapping of absent fields as `{}`)?
+fn one_line(node: &Node, obj: Option<&Obj>) -> bool {
+    match &node.kind {
+        Kind::Seq(s) => !s.is_empty(),
+        Kind::Map(m) => !m.is_empty() && !writes_entries(node, obj),
+        _ => false,
     }
-    if first {
-        out.push_str("{}\n");
+}
+
+/// Right comments past the first (a line holds one) become lines above.
+fn split_right(mut right: Vec<Line>) -> (Option<String>, Vec<Line>) {
+    if right.is_empty() {
+        return (None, right);
+    }
+    let rest = right.split_off(1);
+    match right.pop() {
+        Some(Line::Comment { text, .. }) => (Some(text), rest),
+        _ => (None, rest),
+    }
+}
+
+struct Writer {
+    out: String,
+    comments: Comments,
+    /// The path of the entry or item being written.
+    path: Path,
+}
+
+impl Writer {
+    /// Write comment lines so they stand on their own lines just above the current one: at
+    /// `indent`, or when the current line already holds a `- ` (a list item whose first key
+    /// is being written), above that line at the dash's indentation.
+    fn comment_block(&mut self, lines: Vec<Line>, indent: usize) {
+        if !lines.iter().any(|l| matches!(l, Line::Comment { .. })) {
+            return;
+        }
+        let at = self.out.rfind('\n').map_or(0, |i| i + 1);
+        let current = &self.out[at..];
+        let indent = if current.is_empty() {
+            indent
+        } else {
+            current.len() - current.trim_start_matches(' ').len()
+        };
+        // No blank line at the top, and never two: a blank line right after a `|+` block would
+        // become part of its text, and such a block always ends with one.
+        let mut blank = at == 0 || self.out[..at].ends_with("\n\n");
+        let mut block = String::new();
+        for l in lines {
+            match l {
+                Line::Blank if !blank => {
+                    block.push('\n');
+                    blank = true;
+                }
+                Line::Blank => {}
+                Line::Comment { text, .. } => {
+                    block.push_str(&" ".repeat(indent));
+                    block.push('#');
+                    block.push_str(&text);
+                    block.push('\n');
+                    blank = false;
+                }
+            }
+        }
+        self.out.insert_str(at, &block);
+    }
+
+    /// Put a comment at the end of the first line written since `start`.
+    fn right_comment(&mut self, start: usize, text: Option<String>) {
+        let Some(text) = text else { return };
+        let eol = self.out[start..]
+            .find('\n')
+            .map_or(self.out.len(), |i| start + i);
+        self.out.insert_str(eol, &format!(" #{text}"));
+    }
+
+    /// Block mapping entries at `indent`, the first one starting where the cursor is.
+    fn map(&mut self, node: &Node, obj: Option<&Obj>, indent: usize) {
+        let entries = ordered(node, obj);
+        let mut first = true;
+        // Comments of entries not written (a null optional field means "absent").
+        let mut orphans: Vec<Line> = Vec::new();
+        for (k, v) in entries {
+            let ty = k.as_str().and_then(|k| field_ty(obj, k));
+            self.path.push(key_seg(k));
+            // A null optional scalar means "absent"; a null object (`cloudInit:`) means present.
+            if matches!(v.kind, Kind::Null) && !matches!(ty, Some(Ty::Obj(_))) {
+                orphans.append(&mut self.comments.take_all(&self.path));
+                self.path.pop();
+                continue;
+            }
+            let mut lead = std::mem::take(&mut orphans);
+            lead.append(&mut self.comments.take_leading(&self.path));
+            let (right, mut more) = split_right(self.comments.take_right(&self.path));
+            lead.append(&mut more);
+            if matches!(v.kind, Kind::Map(_)) && one_line(v, obj_of(ty)) {
+                lead.append(&mut self.comments.take_inside(&self.path));
+            }
+            self.comment_block(lead, indent);
+            if !first {
+                self.out.push_str(&" ".repeat(indent));
+            }
+            first = false;
+            let start = self.out.len();
+            scalar_key(&mut self.out, k);
+            if matches!(v.kind, Kind::Null) {
+                self.out.push_str(": {}\n");
+            } else {
+                self.out.push(':');
+                self.value_after_key(v, ty, indent);
+            }
+            self.right_comment(start, right);
+            self.path.pop();
+        }
+        if first {
+            self.out.push_str("{}\n");
+        }
+        orphans.append(&mut self.comments.take_end(&self.path));
+        self.comment_block(orphans, indent);
+    }
+
+    fn value_after_key(&mut self, v: &Node, ty: Option<&Ty>, indent: usize) {
+        match &v.kind {
+            Kind::Map(_) if writes_entries(v, obj_of(ty)) => {
+                self.out.push('\n');
+                self.out.push_str(&" ".repeat(indent + 2));
+                self.map(v, obj_of(ty), indent + 2);
+            }
+            Kind::Seq(s) if !s.is_empty() => {
+                self.out.push('\n');
+                self.seq(v, item_ty(ty), indent + 2);
+            }
+            Kind::Map(_) => self.out.push_str(" {}\n"),
+            _ => {
+                self.out.push(' ');
+                value_inline_at(&mut self.out, v, indent + 2);
+                self.out.push('\n');
+            }
+        }
+    }
+
+    /// A block sequence with its `- ` at `indent`.
+    fn seq(&mut self, node: &Node, ty: Option<&Ty>, indent: usize) {
+        let items = node.as_seq().unwrap_or(&[]);
+        for (item, seg) in items.iter().zip(item_segs(items)) {
+            self.path.push(seg);
+            let mut lead = self.comments.take_leading(&self.path);
+            let right = self.comments.take_right(&self.path);
+            let (right, mut more) = match &item.kind {
+                // The item's first line is its first key's: a comment there goes above.
+                Kind::Map(_) if writes_entries(item, obj_of(ty)) => (None, right),
+                _ => split_right(right),
+            };
+            lead.append(&mut more);
+            if one_line(item, obj_of(ty)) {
+                // Written on one line (below): its inner comments go above it.
+                lead.append(&mut self.comments.take_inside(&self.path));
+            }
+            self.comment_block(lead, indent);
+            let start = self.out.len();
+            self.out.push_str(&" ".repeat(indent));
+            self.out.push_str("- ");
+            match &item.kind {
+                Kind::Map(_) if writes_entries(item, obj_of(ty)) => {
+                    self.map(item, obj_of(ty), indent + 2)
+                }
+                Kind::Seq(s) if !s.is_empty() => {
+                    // Nested lists are rare in manifests; flow style keeps them on one line.
+                    value_inline(&mut self.out, item);
+                    self.out.push('\n');
+                }
+                Kind::Map(_) => self.out.push_str("{}\n"),
+                _ => {
+                    value_inline_at(&mut self.out, item, indent + 2);
+                    self.out.push('\n');
+                }
+            }
+            self.right_comment(start, right);
+            self.path.pop();
+        }
+        let end = self.comments.take_end(&self.path);
+        self.comment_block(end, indent);
     }
 }
 
@@ -105,45 +270,6 @@ fn scalar_key(out: &mut String, k: &Node) {
     match &k.kind {
         Kind::Scalar(s, style) => scalar(out, s, *style, usize::MAX),
         _ => out.push_str("\"\""),
-    }
-}
-
-fn value_after_key(out: &mut String, v: &Node, ty: Option<&Ty>, indent: usize) {
-    match &v.kind {
-        Kind::Map(m) if !m.is_empty() => {
-            out.push('\n');
-            out.push_str(&" ".repeat(indent + 2));
-            map(out, v, obj_of(ty), indent + 2);
-        }
-        Kind::Seq(s) if !s.is_empty() => {
-            out.push('\n');
-            seq(out, v, item_ty(ty), indent + 2);
-        }
-        _ => {
-            out.push(' ');
-            value_inline_at(out, v, indent + 2);
-            out.push('\n');
-        }
-    }
-}
-
-/// A block sequence with its `- ` at `indent`.
-fn seq(out: &mut String, node: &Node, ty: Option<&Ty>, indent: usize) {
-    for item in node.as_seq().unwrap_or(&[]) {
-        out.push_str(&" ".repeat(indent));
-        out.push_str("- ");
-        match &item.kind {
-            Kind::Map(m) if !m.is_empty() => map(out, item, obj_of(ty), indent + 2),
-            Kind::Seq(s) if !s.is_empty() => {
-                // Nested lists are rare in manifests; flow style keeps them on one line.
-                value_inline(out, item);
-                out.push('\n');
-            }
-            _ => {
-                value_inline_at(out, item, indent + 2);
-                out.push('\n');
-            }
-        }
     }
 }
 
@@ -320,5 +446,83 @@ mod tests {
         assert_eq!(strip(&n), strip(&n2), "{f}");
         let (_, f2) = round(&f);
         assert_eq!(f, f2);
+    }
+
+    #[test]
+    fn comments_move_with_their_keys() {
+        let src = "vms:\n  - resources: # sizes\n      memory: 1Gi\n      # one is enough\n      cpu: 1\n    # the VM's name\n    name: a # short\n";
+        let (_, f) = round(src);
+        assert_eq!(
+            f,
+            "vms:\n  # the VM's name\n  - name: a # short\n    resources: # sizes\n      # one is enough\n      cpu: 1\n      memory: 1Gi\n"
+        );
+        assert_eq!(round(&f).1, f);
+    }
+
+    #[test]
+    fn comments_of_absent_fields_are_kept() {
+        // A null optional field is not written; its comments go to the next entry or the end.
+        let src = "vms:\n  - name: a\n    # why no timeout\n    stepTimeout: # none\n    cpu: 1\n    retries:\n    # last\n";
+        let (_, f) = round(src);
+        assert_eq!(
+            f,
+            "vms:\n  - name: a\n    # why no timeout\n    # none\n    cpu: 1\n    # last\n"
+        );
+        assert_eq!(round(&f).1, f);
+    }
+
+    #[test]
+    fn a_mapping_of_absent_fields_is_empty_and_keeps_its_comments() {
+        // Before, this gave `efiFirmware:` and `{}` on the next line, which formats differently
+        // again, and lost the comment.
+        let src = "vms:\n  - name: a\n    efiFirmware:\n      secureBoot: # later\n    cpu: 1\n";
+        let (_, f) = round(src);
+        assert_eq!(
+            f,
+            "vms:\n  - name: a\n    # later\n    efiFirmware: {}\n    cpu: 1\n"
+        );
+        assert_eq!(round(&f).1, f);
+    }
+
+    #[test]
+    fn comments_follow_named_items_of_an_edited_document() {
+        // The editor formats a document whose items changed since `original` was read: a
+        // comment stays with its named item, and one whose item is gone is kept at the end.
+        let original = "# top\nvms:\n  # first\n  - name: a\n  # second\n  - name: b # bee\n";
+        let edited = parse("vms:\n  - name: b\n", Limits::default()).unwrap();
+        assert_eq!(
+            format(&edited, original),
+            "# top\nvms:\n  # second\n  - name: b # bee\n# first\n"
+        );
+    }
+
+    #[test]
+    fn text_that_does_not_parse_gives_its_header() {
+        let tree = parse("vms: []\n", Limits::default()).unwrap();
+        assert_eq!(
+            format(&tree, "# kept\nvms: [\n# lost\n"),
+            "# kept\nvms: []\n"
+        );
+    }
+
+    #[test]
+    fn blank_lines_between_comment_blocks_stay_single() {
+        let src = "# head\n\n\n# about vms\nvms:\n  - a\n\n\n  # section\n\n  - b\n";
+        let (_, f) = round(src);
+        assert_eq!(
+            f,
+            "# head\n\n# about vms\nvms:\n  - a\n\n  # section\n\n  - b\n"
+        );
+        assert_eq!(round(&f).1, f);
+    }
+
+    #[test]
+    fn no_blank_line_joins_a_keep_block() {
+        // `|+` keeps its trailing blank lines: a blank line written after it would join it.
+        let src = "a: \"x\\n\\n\"\n\n# c\nb: 1\n";
+        let (n, f) = round(src);
+        assert_eq!(f, "a: |+\n  x\n\n# c\nb: 1\n");
+        assert_eq!(strip(&parse(&f, Limits::default()).unwrap()), strip(&n));
+        assert_eq!(round(&f).1, f);
     }
 }

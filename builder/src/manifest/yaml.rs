@@ -2,9 +2,10 @@
 //! a small tree builder that keeps the line and column of every node, so checks that run after
 //! parsing (a dangling `fileRef`, overlapping CIDRs) still point at the exact text. The builder
 //! enforces its own budget: nesting depth, node count (aliases count every node they copy, so an
-//! alias bomb stops early) and scalar bytes.
+//! alias bomb stops early) and scalar bytes. Comments are kept beside the tree (with their
+//! places) for `kiln fmt`.
 
-use serde_saphyr::granit_parser::{Event, Marker, Parser, ScalarStyle, Span as GSpan};
+use serde_saphyr::granit_parser::{Event, Marker, Options, Parser, ScalarStyle, Span as GSpan};
 
 use super::diag::{Pos, Span};
 
@@ -177,9 +178,30 @@ enum Open {
     Map(Span, usize, Vec<(Node, Node)>, Option<Node>),
 }
 
+/// A comment as written: where its `#` is and its text after the `#` (trailing blanks cut).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Comment {
+    pub pos: Pos,
+    pub text: String,
+}
+
 /// Parse one YAML document into a located tree. An empty document gives `Kind::Null`.
 pub fn parse(text: &str, limits: Limits) -> Result<Node, SyntaxError> {
-    let mut parser = Parser::new_from_str(text);
+    parse_with_comments(text, limits).map(|(node, _)| node)
+}
+
+/// [`parse`], also returning the document's comments in source order.
+pub fn parse_with_comments(
+    text: &str,
+    limits: Limits,
+) -> Result<(Node, Vec<Comment>), SyntaxError> {
+    let mut options = Options::default();
+    // The parser buffers the comments it meets while looking ahead for a key; its default cap
+    // (96) refuses a long comment block between `key:` and a list. A comment takes at least one
+    // byte of the text, so the text's length bounds the buffer as tightly as needed.
+    options.max_buffered_comment_events = text.len();
+    let mut parser = Parser::new_from_str_with_options(text, options);
+    let mut comments: Vec<Comment> = Vec::new();
     let mut stack: Vec<Open> = Vec::new();
     let mut anchors: Vec<(usize, Node)> = Vec::new();
     let mut nodes = 0usize;
@@ -311,6 +333,13 @@ pub fn parse(text: &str, limits: Limits) -> Result<Node, SyntaxError> {
             Event::UnresolvedAlias(name) => {
                 return Err(err(sp, format!("alias `*{name}` has no anchor"), None));
             }
+            Event::Comment(body, _) => {
+                comments.push(Comment {
+                    pos: sp.start,
+                    text: body.trim_end().to_string(),
+                });
+                None
+            }
             _ => None,
         };
         let Some((node, anchor)) = completed else {
@@ -341,7 +370,9 @@ pub fn parse(text: &str, limits: Limits) -> Result<Node, SyntaxError> {
         span: Span::point(1, 1),
         kind: Kind::Null,
     });
-    Ok(merge_keys(root))
+    // The parser reports a block scalar's header comment after the scalar.
+    comments.sort_by_key(|c| c.pos);
+    Ok((merge_keys(root), comments))
 }
 
 fn budget(sp: Span, what: &str, max: usize) -> SyntaxError {
@@ -432,6 +463,37 @@ mod tests {
             .map(|i| format!("{}- \n", "  ".repeat(i)))
             .collect::<String>();
         assert!(parse(&s, Limits::default()).is_err());
+    }
+
+    #[test]
+    fn comments_come_with_their_places() {
+        let (_, c) = parse_with_comments(
+            "# head\na: | # hdr\n  # text, not a comment\nb: 1 # right \n",
+            Limits::default(),
+        )
+        .unwrap();
+        let got: Vec<(usize, usize, &str)> = c
+            .iter()
+            .map(|c| (c.pos.line, c.pos.col, c.text.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [(1, 1, " head"), (2, 6, " hdr"), (4, 6, " right")],
+            "{c:?}"
+        );
+    }
+
+    #[test]
+    fn a_long_comment_block_before_a_list_parses() {
+        // Over the parser's default buffer of 96 comments met while looking for a key.
+        let mut s = String::from("vms:\n");
+        for i in 0..300 {
+            s.push_str(&format!("  # note {i}\n"));
+        }
+        s.push_str("  - name: a\n");
+        let (n, c) = parse_with_comments(&s, Limits::default()).unwrap();
+        assert_eq!(c.len(), 300);
+        assert!(n.get("vms").is_some());
     }
 
     #[test]

@@ -176,7 +176,7 @@ pub fn from_json(v: &Value) -> Node {
 }
 
 /// The canonical YAML of a document. `original` (the text the document was read from, if
-/// any) supplies the leading comment block, as `kiln fmt` keeps it.
+/// any) supplies the comments, which stay with their entries as `kiln fmt` keeps them.
 pub fn to_yaml(v: &Value, original: &str) -> String {
     fmt::format(&from_json(v), original)
 }
