@@ -48,7 +48,7 @@ pub fn build_id(module: &str, at: SystemTime) -> String {
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+    let (y, m, d) = crate::events::civil_from_days((secs / 86_400) as i64);
     let s = secs % 86_400;
     format!(
         "{module}-{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
@@ -56,20 +56,6 @@ pub fn build_id(module: &str, at: SystemTime) -> String {
         s / 60 % 60,
         s % 60
     )
-}
-
-/// Days since 1970-01-01 to a (year, month, day) of the proleptic Gregorian calendar
-/// (Howard Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 /// Where a failed build of `module` in `output` keeps its logs: a fresh

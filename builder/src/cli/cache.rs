@@ -110,8 +110,8 @@ fn print_entries(es: &[Entry]) {
     }
 }
 
-/// `1.5 GiB`, `12 KiB`, `512 B`.
-fn human(n: u64) -> String {
+/// `1.5 GiB`, `12.0 KiB`, `512 B`: binary units, one decimal.
+pub(super) fn human(n: u64) -> String {
     const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
     let mut i = 0;

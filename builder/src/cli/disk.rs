@@ -221,18 +221,11 @@ fn resize_target(arg: &str, current: u64) -> anyhow::Result<u64> {
     }
 }
 
+/// `1.5 GiB (1610612736 bytes)` as qemu-img prints sizes.
 fn human(n: u64) -> String {
-    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < U.len() - 1 {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {} ({n} bytes)", U[i])
+    match super::cache::human(n) {
+        short if n < 1024 => short,
+        short => format!("{short} ({n} bytes)"),
     }
 }
 
