@@ -41,30 +41,11 @@ fn static_agent() -> Option<PathBuf> {
 }
 
 /// `<cache>/test-kernel/linux-image-*/`, where the tests crate unpacks the cloud kernel.
-fn cloud_kernel() -> Option<(PathBuf, PathBuf)> {
-    let cache = std::env::var_os("KILN_CACHE_DIR")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("XDG_CACHE_HOME")
-                .map(|x| PathBuf::from(x).join("kiln"))
-                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/kiln")))
-        })?;
-    for pkg in std::fs::read_dir(cache.join("test-kernel")).ok()?.flatten() {
-        let boot = pkg.path().join("boot");
-        let Ok(entries) = std::fs::read_dir(&boot) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(release) = name.strip_prefix("vmlinuz-") {
-                let modules = pkg.path().join("lib/modules").join(release).join("kernel");
-                if modules.is_dir() {
-                    return Some((e.path(), modules));
-                }
-            }
-        }
-    }
-    None
+/// The Debian cloud kernel and its modules, fetched into kiln's cache by the test kit when
+/// missing (so this test does not depend on another test having fetched it first).
+fn cloud_kernel() -> Result<(PathBuf, PathBuf), String> {
+    let k = kiln_e2e::kernel::guest_kernel().map_err(|e| e.to_string())?;
+    Ok((k.vmlinuz, k.modules_dir.join("kernel")))
 }
 
 fn which(cmd: &str) -> bool {
@@ -175,11 +156,12 @@ fn the_static_agent_serves_from_a_real_guest_kernel() {
         eprintln!("SKIP: no static agent at target/agent/kiln-agent (scripts/setup.sh builds it)");
         return;
     };
-    let Some((kernel, modules)) = cloud_kernel() else {
-        eprintln!(
-            "SKIP: no cloud kernel in kiln's cache (test-kernel/); the tests crate fetches it"
-        );
-        return;
+    let (kernel, modules) = match cloud_kernel() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("SKIP: the Debian cloud kernel could not be had: {e}");
+            return;
+        }
     };
     for tool in ["qemu-system-x86_64", "cpio", "gzip"] {
         if !which(tool) {
