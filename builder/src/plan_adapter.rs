@@ -75,6 +75,12 @@ pub fn job_from_plan(
                 what: "isos".into(),
             });
         }
+        if matches!(vm.source, manifest::Source::Blank) {
+            return Err(AdaptError::Unsupported {
+                vm: vm.name.clone(),
+                what: "a `blank` source (an ISO install)".into(),
+            });
+        }
         if !vm.floppy_files.is_empty() {
             return Err(AdaptError::Unsupported {
                 vm: vm.name.clone(),
@@ -318,6 +324,17 @@ buildOverrides:
                 format!("VM `a`: {what} is not supported by `kiln build` yet")
             );
         }
+        // A blank disk is refused before anything starts, not once networking is up.
+        let blank = "vms:\n  - name: a\n    source: { blank: true }\n    resources: { cpu: 1, memory: 512Mi }\n";
+        let plan = manifest::load_str(blank, Path::new("m.yaml"), Default::default());
+        assert!(plan
+            .warnings()
+            .any(|w| w.message.contains("`blank` source")));
+        let e = job(blank).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "VM `a`: a `blank` source (an ISO install) is not supported by `kiln build` yet"
+        );
     }
 
     #[test]

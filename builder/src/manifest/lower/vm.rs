@@ -86,6 +86,23 @@ pub fn vm(cx: &mut Cx, n: &Node, net: &Declared) -> Option<Lowered> {
                 .hint("serve large files with httpDirectory instead");
         }
     }
+    // Read and checked now so the manifest's form is right, but `kiln build` refuses them at
+    // its start until ISO installs land: say so here, where the user sees the place.
+    for key in ["bootCommand", "isos", "floppy"] {
+        let present = match n.get(key) {
+            Some(v) if key == "floppy" => !matches!(v.kind, crate::manifest::yaml::Kind::Null),
+            Some(_) => !read::list(n, key).is_empty(),
+            None => false,
+        };
+        if let (true, Some(k)) = (present, n.key(key)) {
+            cx.sink
+                .warn(
+                    k.span,
+                    format!("`{key}` is not supported by `kiln build` yet: a build of this manifest is refused at its start"),
+                )
+                .hint("ISO installs (isos, floppy, bootCommand, blank disks) are not done by kiln yet; use a `url`, `file` or `bootstrap` source");
+        }
+    }
     let provisioners = steps::provisioners(cx, read::list(n, "provisioners"), communicator.shell);
     let vm = Vm {
         name,
@@ -221,7 +238,15 @@ fn source(cx: &mut Cx, s: Option<&Node>, vm: &Node) -> Option<Source> {
             };
             Some(Source::Url { url, sha256 })
         }
-        "blank" => Some(Source::Blank),
+        "blank" => {
+            cx.sink
+                .warn(
+                    kinds[0].span,
+                    "a `blank` source needs an ISO install, which `kiln build` does not do yet: a build of this manifest is refused at its start",
+                )
+                .hint("use a `url`, `file` or `bootstrap` source");
+            Some(Source::Blank)
+        }
         "containerDisk" => {
             cx.sink
                 .error(
