@@ -1,12 +1,11 @@
-//! Build logs: the event log, each VM's step output and serial console. They may hold secrets,
-//! so they are created readable by their owner only (0600).
+//! Build logs: the event log, each VM's step output and serial console, created through
+//! [`crate::log_file`] (0600: they may hold secrets).
 //!
 //! A successful build files them in its module's `logs/`. A failed or cancelled build keeps
 //! them in `<output>/.logs/<build-id>/` (the build id is `<module>-<UTC date>-<time>`), next
 //! to the modules, so they move with the output folder; `kiln logs` finds both.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -14,34 +13,6 @@ use std::time::SystemTime;
 pub const FAILED_DIR: &str = ".logs";
 /// The event log's name in a logs folder.
 pub const EVENTS_FILE: &str = "events.jsonl";
-/// Log files are for their owner only.
-pub const LOG_MODE: u32 = 0o600;
-
-/// Creates (or truncates) a log file, 0600 from the start.
-pub fn create(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(LOG_MODE)
-        .open(path)
-}
-
-/// Opens a log file to append to, making it 0600 if missing. One an older kiln made readable
-/// by others is narrowed too.
-pub fn append(path: &Path) -> std::io::Result<File> {
-    let f = OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(LOG_MODE)
-        .open(path)?;
-    let perm = f.metadata()?.permissions();
-    if perm.mode() & 0o077 != 0 {
-        f.set_permissions(std::fs::Permissions::from_mode(LOG_MODE))?;
-    }
-    Ok(f)
-}
-
 /// A build id: `<module>-<YYYYMMDD>-<HHMMSS>` (UTC) of `at`.
 pub fn build_id(module: &str, at: SystemTime) -> String {
     let secs = at
@@ -187,21 +158,6 @@ mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
     use std::time::Duration;
-
-    #[test]
-    fn logs_are_made_for_their_owner_only() {
-        let t = tempfile::tempdir().unwrap();
-        let p = t.path().join("a.log");
-        create(&p).unwrap();
-        assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, 0o600);
-        let q = t.path().join("b.log");
-        append(&q).unwrap();
-        assert_eq!(std::fs::metadata(&q).unwrap().mode() & 0o777, 0o600);
-        // One an older kiln left readable by all is narrowed on the next append.
-        std::fs::set_permissions(&q, std::fs::Permissions::from_mode(0o644)).unwrap();
-        append(&q).unwrap();
-        assert_eq!(std::fs::metadata(&q).unwrap().mode() & 0o777, 0o600);
-    }
 
     #[test]
     fn build_ids_carry_the_module_and_utc_time() {

@@ -426,7 +426,7 @@ impl FileSink {
     /// Creates the log 0600: events may quote step output.
     pub fn create(path: &std::path::Path) -> std::io::Result<Self> {
         Ok(Self {
-            file: Mutex::new(crate::build_logs::create(path)?),
+            file: Mutex::new(crate::log_file::create(path)?),
         })
     }
 }

@@ -14,6 +14,7 @@ pub mod guest;
 pub mod http_directory;
 pub mod job;
 pub mod leftovers;
+pub mod log_file;
 pub mod manifest;
 pub mod module;
 pub mod pipeline;

@@ -767,7 +767,7 @@ fn build_vm(
         .join("logs")
         .join(format!("{}-serial.log", vm.name));
     // Made here, 0600, so the engine appends to a file only its owner can read.
-    crate::build_logs::create(&serial_log)
+    crate::log_file::create(&serial_log)
         .map_err(|e| fail(format!("creating {}: {e}", serial_log.display())))?;
     let nics = modnet::attach(net, &vm.name, &vm.nics).map_err(|e| fail(e.to_string()))?;
     let launch = VmLaunch {
@@ -797,7 +797,7 @@ fn build_vm(
     let _unregister = Unregister(&ctx.registry, &vm.name);
 
     let log_path = pending.dir().join("logs").join(format!("{}.log", vm.name));
-    let log = crate::build_logs::create(&log_path)
+    let log = crate::log_file::create(&log_path)
         .map(Mutex::new)
         .map_err(|e| fail(format!("creating {}: {e}", log_path.display())))?;
 

@@ -134,7 +134,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         std::fs::create_dir_all(&workdir)?;
         let serial_log = dir.join(format!("{}-serial.log", v.name));
         // 0600 before the engine appends to it: the console may show secrets.
-        crate::build_logs::append(&serial_log)
+        crate::log_file::append(&serial_log)
             .with_context(|| format!("opening {}", serial_log.display()))?;
         let launch = VmLaunch {
             name: v.name.clone(),
