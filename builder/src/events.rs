@@ -1,4 +1,4 @@
-//! What a build reports while it runs: the phases of shared/MANIFEST.md, step starts and ends,
+//! What a build reports while it runs: the phases of docs/manifest.md, step starts and ends,
 //! guest output lines and download progress. One [`Event`] stream feeds both the human display
 //! (one progress line per VM) and `--json` (one JSON object per line on stdout), so both views
 //! always agree.

@@ -161,7 +161,7 @@ fn token(tok: &str) -> Result<BootEvent, String> {
     names.extend(MODIFIERS.iter().map(|(n, _)| format!("{n}On")));
     match super::suggest::closest(tok, names.iter().map(String::as_str)) {
         Some(s) => Err(format!("did you mean `<{s}>`?")),
-        None => Err("see the boot command keys in MANIFEST.md".into()),
+        None => Err("see the boot command keys in docs/manifest.md".into()),
     }
 }
 

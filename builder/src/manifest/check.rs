@@ -19,7 +19,7 @@ pub fn check_root(root: &Node, sink: &mut Sink) {
     match &root.kind {
         Kind::Null => {
             sink.error(root.span, "the manifest is empty")
-                .hint("a manifest starts with `vms:`; see MANIFEST.md");
+                .hint("a manifest starts with `vms:`; see docs/manifest.md");
         }
         Kind::Map(_) => {
             let top = if is_envelope(root) {
@@ -34,7 +34,7 @@ pub fn check_root(root: &Node, sink: &mut Sink) {
                 root.span,
                 format!("a manifest is a mapping, this is {}", root.describe()),
             )
-            .hint("a manifest starts with `vms:`; see MANIFEST.md");
+            .hint("a manifest starts with `vms:`; see docs/manifest.md");
         }
     }
 }

@@ -32,7 +32,7 @@ pub fn vm(cx: &mut Cx, n: &Node, net: &Declared) -> Option<Lowered> {
     if let (Some(Source::Url { .. }), None) = (&source, &cloud_init) {
         if let Some(s) = n.key("source") {
             cx.sink
-                .warn(s.span, format!("VM `{name}` boots a downloaded image without `cloudInit`: kiln cannot install its agent, so SSH must answer"))
+                .warn(s.span, format!("VM `{name}` boots a downloaded image without `cloudInit`: kiln cannot install its agent, so the image must already have it (images kiln captured do) or the build waits for it until `sshTimeout`"))
                 .hint("add `cloudInit: {}` to let kiln install its agent");
         }
     }
