@@ -1,5 +1,10 @@
 //! A thread that serves a device's queues: it waits on their kick eventfds and runs the
 //! device's request logic, then raises the interrupt if the guest must be told.
+//!
+//! blk's in-process device (`transport/block.rs`) runs one per queue. net and vsock do not
+//! use it: they must also wait on the frame port or the host sockets, which this worker does
+//! not, so each runs a thread of its own (`devices/net/in_process.rs`,
+//! `devices/vsock/queue_handler.rs`).
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -12,7 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{DeviceQueue, Interrupt};
 
-/// Request logic over one queue. blk, vsock and net implement this over their handlers.
+/// Request logic over one queue, as [`QueueWorker`] runs it (blk's handler implements it).
 pub trait QueueHandler: Send + 'static {
     /// Serve what the driver made available on queue `index`; return true when the used
     /// ring changed in a way the driver must be interrupted for.
