@@ -39,7 +39,7 @@ fn repo_root() -> PathBuf {
 
 /// A `kiln run` in the background, stopped like Ctrl-C (SIGINT) and reaped when dropped, so a
 /// failing step of the caller does not leave a VM running.
-struct Run(Child);
+pub struct Run(pub Child);
 
 impl Drop for Run {
     fn drop(&mut self) {

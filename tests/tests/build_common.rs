@@ -82,8 +82,14 @@ pub fn on_path(prog: &str) -> bool {
 /// Runs kiln with args in the repository root; output captured. `KILN_NO_INTERNET`: no VPC of
 /// a test build gets NAT to the host, so no guest frame leaves kiln's user-space network.
 pub fn run_kiln(bin: &Path, args: &[&str]) -> Output {
+    run_kiln_with(bin, args, &[])
+}
+
+/// [`run_kiln`] with more environment variables (a test's own runtime folder or cache).
+pub fn run_kiln_with(bin: &Path, args: &[&str], env: &[(&str, &Path)]) -> Output {
     let out = Command::new(bin)
         .args(args)
+        .envs(env.iter().copied())
         .env("KILN_NO_INTERNET", "true")
         .current_dir(repo_root())
         .output()

@@ -14,21 +14,14 @@ use build_common::*;
 
 /// `kiln` with the test's own runtime folder and cache, from the repository root.
 fn kiln_in(kiln: &Path, tmp: &Path, args: &[&str]) -> Output {
-    let out = Command::new(kiln)
-        .args(args)
-        .env("KILN_NO_INTERNET", "true")
-        .env("KILN_RUN_DIR", tmp.join("run"))
-        .env("KILN_CACHE", tmp.join("cache"))
-        .current_dir(repo_root())
-        .output()
-        .expect("running kiln");
-    eprintln!(
-        "$ kiln {}\n--- stdout\n{}--- stderr\n{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    run_kiln_with(
+        kiln,
+        args,
+        &[
+            ("KILN_RUN_DIR", &tmp.join("run")),
+            ("KILN_CACHE", &tmp.join("cache")),
+        ],
+    )
 }
 
 /// The build id in "`kiln logs <id> [--output <dir>]` shows them".

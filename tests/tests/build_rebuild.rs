@@ -6,7 +6,7 @@
 mod build_common;
 
 use std::path::Path;
-use std::process::{Child, Command, Output};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use build_common::*;
@@ -28,18 +28,6 @@ fn manifest(mark: &str) -> String {
           inline: echo "{mark}" > /etc/kiln-mark
 "#
     )
-}
-
-/// A `kiln run` in the background, stopped like Ctrl-C and reaped when dropped.
-struct Run(Child);
-
-impl Drop for Run {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-INT", &self.0.id().to_string()])
-            .status();
-        let _ = self.0.wait();
-    }
 }
 
 /// `kiln run <clone>`, then `kiln exec <clone>/box -- cat /etc/kiln-mark`. `Err` when the run
@@ -77,7 +65,7 @@ fn run_and_read_mark(
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    let run = Run(child);
+    let run = kiln_e2e::module::Run(child);
     let out = Command::new(kiln)
         .args([
             "exec",
