@@ -14,7 +14,6 @@
 
 use std::fs;
 use std::io::{self, Read};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -65,23 +64,15 @@ fn lock(root: &Path, exclusive: bool) -> Result<Option<fs::File>, CacheError> {
         .write(true)
         .open(&p)
         .map_err(io_err(&p))?;
-    let op = if exclusive {
-        libc::LOCK_EX | libc::LOCK_NB
-    } else {
-        libc::LOCK_SH
-    };
-    loop {
-        // SAFETY: the descriptor is valid for the life of `f`; flock has no memory effects.
-        let rc = unsafe { libc::flock(f.as_raw_fd(), op) };
-        if rc == 0 {
-            return Ok(Some(f));
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::EWOULDBLOCK) => return Ok(None),
-            _ => return Err(io_err(&p)(e)),
-        }
+    // std's locks are flock(2) on Linux, EINTR retried.
+    if !exclusive {
+        f.lock_shared().map_err(io_err(&p))?;
+        return Ok(Some(f));
+    }
+    match f.try_lock() {
+        Ok(()) => Ok(Some(f)),
+        Err(fs::TryLockError::WouldBlock) => Ok(None),
+        Err(fs::TryLockError::Error(e)) => Err(io_err(&p)(e)),
     }
 }
 
