@@ -614,22 +614,13 @@ struct FileLock {
 
 impl FileLock {
     fn acquire(path: &Path) -> Result<Self, BootstrapError> {
-        use std::os::fd::AsRawFd;
         let file = fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(path)
             .map_err(io_err("opening", path))?;
-        // SAFETY: the descriptor is valid for the life of `file`; flock has no memory effects.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-        if rc != 0 {
-            return Err(BootstrapError::Io {
-                what: "locking",
-                path: path.to_path_buf(),
-                source: io::Error::last_os_error(),
-            });
-        }
+        file.lock().map_err(io_err("locking", path))?;
         Ok(Self { _file: file })
     }
 }
