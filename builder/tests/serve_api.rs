@@ -180,11 +180,14 @@ const FAKE_KILN: &str = r#"#!/bin/sh
 set -eu
 out=$4; file=$5; name=$(basename "$file" .yaml)
 ev() { printf '%s\n' "$1"; }
+# The handler goes in before the first event: a cancel may come as soon as one is seen.
+if grep -q hang "$file"; then
+  trap 'echo "error: the build was cancelled; no module was written" >&2; exit 130' INT
+fi
 ev '{"event":"build","phase":"Pending","elapsedMs":0,"message":null}'
 ev '{"event":"build","phase":"Building","elapsedMs":1,"message":null}'
 ev '{"event":"vm","vm":"a","phase":"Provisioning","elapsedMs":2,"message":null}'
 if grep -q hang "$file"; then
-  trap 'echo "error: the build was cancelled; no module was written" >&2; exit 130' INT
   while :; do sleep 0.1; done
 fi
 ev '{"event":"stepStarted","vm":"a","index":0,"step":"wait","kind":"handbuild"}'
