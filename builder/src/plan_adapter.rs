@@ -38,6 +38,43 @@ pub enum AdaptError {
     Unsupported { vm: String, what: String },
 }
 
+/// Why a manifest file gave no job. Each variant shows its cause's text unchanged: the CLI
+/// and the editor print it as they printed the cause itself.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadJobError {
+    #[error(transparent)]
+    Manifest(#[from] manifest::LoadError),
+    #[error(transparent)]
+    Adapt(#[from] AdaptError),
+}
+
+impl LoadJobError {
+    /// The manifest's errors with their places, when it was read but is invalid.
+    pub fn diagnostics(&self) -> Option<&[manifest::Diagnostic]> {
+        match self {
+            LoadJobError::Manifest(manifest::LoadError::Invalid { diagnostics, .. }) => {
+                Some(diagnostics)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Reads the manifest file at `path` once, validates it and makes its job: what `kiln build`
+/// and the editor's Build both start from. `on_warning` sees each warning, also when the
+/// manifest has errors.
+pub fn load_job(
+    path: &Path,
+    on_warning: &mut dyn FnMut(&manifest::Diagnostic),
+) -> Result<BuildJob, LoadJobError> {
+    let (loaded, text) = manifest::load_file(path, manifest::Limits::from_env())?;
+    loaded.warnings().for_each(&mut *on_warning);
+    let plan = loaded.into_plan()?;
+    // A plan is only made from text that was read whole.
+    let text = text.unwrap_or_default();
+    Ok(job_from_plan(&plan, path, &text)?)
+}
+
 /// Builds the job for `plan`, read from `manifest_path` with text `manifest_text`.
 pub fn job_from_plan(
     plan: &Plan,

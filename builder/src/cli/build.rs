@@ -12,6 +12,7 @@ use crate::cache::Cache;
 use crate::engine::EngineChoice;
 use crate::events::{EventSink, FileSink, HumanSink, JsonSink, Tee};
 use crate::pipeline::{self, BuildContext, BuildOptions, OnError, VmRegistry};
+use crate::plan_adapter::{load_job, LoadJobError};
 
 #[derive(Debug, Args)]
 pub struct BuildArgs {
@@ -51,12 +52,8 @@ pub fn build(a: BuildArgs) -> anyhow::Result<ExitCode> {
         // stdout learns why (stderr still gets the human text).
         let diagnostics = e
             .chain()
-            .find_map(|c| match c.downcast_ref::<crate::manifest::LoadError>() {
-                Some(crate::manifest::LoadError::Invalid { diagnostics, .. }) => {
-                    Some(diagnostics.clone())
-                }
-                _ => None,
-            })
+            .find_map(|c| c.downcast_ref::<LoadJobError>()?.diagnostics())
+            .map(<[_]>::to_vec)
             .unwrap_or_default();
         JsonSink::new().emit(&crate::events::Event::Error {
             message: super::report::render(e),
@@ -67,14 +64,7 @@ pub fn build(a: BuildArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn build_inner(a: BuildArgs) -> anyhow::Result<ExitCode> {
-    let loaded = crate::manifest::load(&a.file)?;
-    for w in loaded.warnings() {
-        eprintln!("{}", w.render());
-    }
-    let text = std::fs::read_to_string(&a.file)
-        .with_context(|| format!("reading {}", a.file.display()))?;
-    let plan = loaded.into_plan()?;
-    let job = crate::plan_adapter::job_from_plan(&plan, &a.file, &text)?;
+    let job = load_job(&a.file, &mut |w| eprintln!("{}", w.render()))?;
     // Before any work: the pipeline checks again when it starts and at commit.
     crate::module::check_replace(&a.output, &job.name, a.force)?;
     let cache = Cache::from_env()?;

@@ -130,6 +130,12 @@ pub fn load(path: &Path) -> Result<Loaded, LoadError> {
 }
 
 pub fn load_with(path: &Path, limits: Limits) -> Result<Loaded, LoadError> {
+    load_file(path, limits).map(|(loaded, _)| loaded)
+}
+
+/// [`load_with`], also giving the text it read (`None` when it read none, or not UTF-8), so
+/// a caller that keeps the manifest's text does not read the file a second time.
+pub fn load_file(path: &Path, limits: Limits) -> Result<(Loaded, Option<String>), LoadError> {
     let unreadable = |source| LoadError::Unreadable {
         path: path.to_path_buf(),
         source,
@@ -154,11 +160,14 @@ pub fn load_with(path: &Path, limits: Limits) -> Result<Loaded, LoadError> {
             text: None,
             hint: Some("is this really a manifest?".into()),
         };
-        return Ok(Loaded {
-            path: path.to_path_buf(),
-            diagnostics: vec![d],
-            plan: None,
-        });
+        return Ok((
+            Loaded {
+                path: path.to_path_buf(),
+                diagnostics: vec![d],
+                plan: None,
+            },
+            None,
+        ));
     }
     let bytes = std::fs::read(path).map_err(unreadable)?;
     // Relative paths inside the manifest resolve against its real directory, so the plan
@@ -166,7 +175,8 @@ pub fn load_with(path: &Path, limits: Limits) -> Result<Loaded, LoadError> {
     let dir = std::fs::canonicalize(path)
         .ok()
         .and_then(|p| p.parent().map(Path::to_path_buf));
-    Ok(load_inner(&bytes, path, dir, limits))
+    let loaded = load_inner(&bytes, path, dir, limits);
+    Ok((loaded, String::from_utf8(bytes).ok()))
 }
 
 /// Validate manifest bytes as if read from `path` (which names the module and anchors

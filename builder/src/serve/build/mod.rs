@@ -21,6 +21,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::job::{BuildJob, StepKind};
+use crate::plan_adapter::{load_job, LoadJobError};
 
 /// Log entries kept per build; older ones are dropped (the state keeps every phase).
 const MAX_LOG_ENTRIES: usize = 20_000;
@@ -39,8 +40,8 @@ const CANCEL_GRACE: Duration = Duration::from_secs(60);
 pub enum BuildStartError {
     #[error("a build of {0} is running: cancel it or wait for it")]
     Busy(String),
-    #[error("{0}")]
-    Invalid(String),
+    #[error(transparent)]
+    Invalid(#[from] LoadJobError),
     #[error("cannot start `{program}`: {source}")]
     Spawn {
         program: PathBuf,
@@ -631,7 +632,7 @@ impl Builds {
         // Load the job here too: a manifest that cannot build fails at once with kiln's
         // message, and the state lists every VM and step (and handbuild instructions) before
         // the first event.
-        let job = load_job(path).map_err(BuildStartError::Invalid)?;
+        let job = load_job(path, &mut |_| {})?;
         l.0 += 1;
         let id = l.0;
         let run = Arc::new(BuildRun {
@@ -672,13 +673,6 @@ impl Builds {
             let _ = b.cancel();
         }
     }
-}
-
-fn load_job(path: &Path) -> Result<BuildJob, String> {
-    let loaded = crate::manifest::load(path).map_err(|e| e.to_string())?;
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let plan = loaded.into_plan().map_err(|e| e.to_string())?;
-    crate::plan_adapter::job_from_plan(&plan, path, &text).map_err(|e| e.to_string())
 }
 
 /// Runs the child on a thread of its own that lives exactly as long as the child: the child
