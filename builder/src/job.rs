@@ -10,7 +10,10 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
+
+use crate::mac::Mac;
 
 /// A whole build.
 #[derive(Debug, Clone)]
@@ -61,8 +64,8 @@ pub struct VpcJob {
 pub struct SubnetJob {
     pub name: String,
     pub vpc: String,
-    /// `a.b.c.d/n`.
-    pub cidr: String,
+    /// Written `a.b.c.d/n` in `base.yaml`.
+    pub cidr: Ipv4Net,
     pub dhcp: bool,
     pub unmanaged: bool,
     /// Upstream resolvers for names that are not VM names (VPCs with internet only).
@@ -76,9 +79,8 @@ pub struct SubnetJob {
 pub struct NicJob {
     pub name: String,
     pub subnet: String,
-    /// `xx:xx:xx:xx:xx:xx`, unicast (checked by the manifest; [`NicJob::mac_bytes`] checks again
-    /// because `base.yaml` is read back from disk).
-    pub mac: String,
+    /// Written `xx:xx:xx:xx:xx:xx` in `base.yaml`; checked again when it is read back.
+    pub mac: Mac,
     /// A fixed address (a fixed DHCP lease on managed subnets).
     #[serde(default)]
     pub ip: Option<Ipv4Addr>,
@@ -100,33 +102,6 @@ pub struct BaseVm {
     pub memory_mib: u64,
     #[serde(default)]
     pub nics: Vec<NicJob>,
-}
-
-impl NicJob {
-    /// The MAC as bytes; an error names the NIC and the text.
-    pub fn mac_bytes(&self) -> Result<[u8; 6], String> {
-        let bad = || {
-            format!(
-                "NIC `{}`: `{}` is not a unicast MAC address",
-                self.name, self.mac
-            )
-        };
-        let parts: Vec<&str> = self.mac.split(':').collect();
-        if parts.len() != 6 {
-            return Err(bad());
-        }
-        let mut b = [0u8; 6];
-        for (o, p) in b.iter_mut().zip(&parts) {
-            if p.len() != 2 {
-                return Err(bad());
-            }
-            *o = u8::from_str_radix(p, 16).map_err(|_| bad())?;
-        }
-        if b[0] & 1 == 1 || b == [0; 6] {
-            return Err(bad());
-        }
-        Ok(b)
-    }
 }
 
 impl BaseView {
@@ -243,5 +218,55 @@ impl StepKind {
             StepKind::Reboot { .. } => "reboot",
             StepKind::Handbuild { .. } => "handbuild",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_base_yaml_of_an_earlier_kiln_reads_into_typed_values() {
+        // As kiln wrote it while the job held MACs and CIDRs as text.
+        let text = "network:
+  vpcs:
+  - name: lab
+    internet: false
+    hostAccess: false
+  subnets:
+  - name: lab
+    vpc: lab
+    cidr: 10.9.0.0/24
+    dhcp: true
+    unmanaged: false
+    dns: []
+vms:
+- name: a
+  cpus: 1
+  memoryMib: 512
+  nics:
+  - name: eth0
+    subnet: lab
+    mac: 02:6b:6c:12:34:56
+    ip: 10.9.0.10
+  - name: eth1
+    subnet: lab
+    mac: 02:00:00:00:00:01
+";
+        let b: BaseView = serde_saphyr::from_str(text).unwrap();
+        assert_eq!(b.network.subnets[0].cidr, "10.9.0.0/24".parse().unwrap());
+        let nics = &b.vm("a").unwrap().nics;
+        assert_eq!(nics[0].mac.bytes(), [2, 0x6b, 0x6c, 0x12, 0x34, 0x56]);
+        assert_eq!(nics[1].mac.bytes(), [2, 0, 0, 0, 0, 1]);
+        // And what this kiln writes reads back the same.
+        let again: BaseView =
+            serde_saphyr::from_str(&serde_saphyr::to_string(&b).unwrap()).unwrap();
+        assert_eq!(again, b);
+        // A MAC no NIC can have is refused when the file is read.
+        let bad = text.replace("02:00:00:00:00:01", "01:00:00:00:00:01");
+        let e = serde_saphyr::from_str::<BaseView>(&bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a unicast MAC"), "{e}");
     }
 }

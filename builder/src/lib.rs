@@ -15,6 +15,7 @@ pub mod http_directory;
 pub mod job;
 pub mod leftovers;
 pub mod log_file;
+pub mod mac;
 pub mod manifest;
 pub mod module;
 pub mod pipeline;

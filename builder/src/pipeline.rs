@@ -515,7 +515,7 @@ fn bound_leases(
         .iter()
         .filter(|n| dhcp_subnet(job, &n.subnet))
         .filter_map(|n| {
-            let mac = n.mac_bytes().ok()?;
+            let mac = n.mac.bytes();
             let lease = net.lease(mac).ok()??;
             Some(kiln_agent::LinkConfig {
                 mac,

@@ -34,6 +34,13 @@ pub enum AdaptError {
         #[source]
         source: std::io::Error,
     },
+    #[error("VM `{vm}`: NIC `{nic}`: {source}")]
+    Mac {
+        vm: String,
+        nic: String,
+        #[source]
+        source: crate::mac::MacError,
+    },
     #[error("VM `{vm}`: {what} is not supported by `kiln build` yet")]
     Unsupported { vm: String, what: String },
 }
@@ -241,7 +248,7 @@ pub fn job_from_plan(
                 .nics
                 .iter()
                 .any(|n| plan.build.network.vpc(&n.vpc).is_some_and(|v| v.internet)),
-            nics: nics(vm),
+            nics: nics(vm)?,
             boot_timeout: vm.communicator.ssh_timeout,
         });
     }
@@ -261,13 +268,15 @@ pub fn job_from_plan(
                 .base
                 .vms
                 .iter()
-                .map(|v| BaseVm {
-                    name: v.name.clone(),
-                    cpus: v.cpus,
-                    memory_mib: v.memory.div_ceil(1 << 20),
-                    nics: nics(v),
+                .map(|v| {
+                    Ok(BaseVm {
+                        name: v.name.clone(),
+                        cpus: v.cpus,
+                        memory_mib: v.memory.div_ceil(1 << 20),
+                        nics: nics(v)?,
+                    })
                 })
-                .collect(),
+                .collect::<Result<_, AdaptError>>()?,
         },
     })
 }
@@ -290,7 +299,7 @@ fn net(n: &manifest::Network) -> NetJob {
             .map(|s| SubnetJob {
                 name: s.name.clone(),
                 vpc: s.vpc.clone(),
-                cidr: s.cidr.to_string(),
+                cidr: s.cidr,
                 dhcp: s.dhcp,
                 unmanaged: s.unmanaged,
                 dns: s.dns.clone(),
@@ -300,15 +309,22 @@ fn net(n: &manifest::Network) -> NetJob {
 }
 
 /// A VM's NICs in slot order (the order the guest enumerates them).
-fn nics(vm: &manifest::Vm) -> Vec<NicJob> {
+fn nics(vm: &manifest::Vm) -> Result<Vec<NicJob>, AdaptError> {
     let mut v: Vec<_> = vm.nics.iter().collect();
     v.sort_by_key(|n| n.slot);
     v.into_iter()
-        .map(|n| NicJob {
-            name: n.name.clone(),
-            subnet: n.subnet.clone(),
-            mac: n.mac.clone(),
-            ip: n.ip,
+        .map(|n| {
+            Ok(NicJob {
+                name: n.name.clone(),
+                subnet: n.subnet.clone(),
+                // The plan keeps the MAC as the text it validated: this is its one conversion.
+                mac: n.mac.parse().map_err(|source| AdaptError::Mac {
+                    vm: vm.name.clone(),
+                    nic: n.name.clone(),
+                    source,
+                })?,
+                ip: n.ip,
+            })
         })
         .collect()
 }
@@ -415,7 +431,7 @@ buildOverrides:
         let job = job_from_plan(&plan, Path::new("m.yaml"), MANIFEST).unwrap();
         // The build: internet on (override), one override NIC keeping the base NIC's MAC.
         assert!(job.network.vpcs[0].internet);
-        assert_eq!(job.network.subnets[0].cidr, "10.9.0.0/24");
+        assert_eq!(job.network.subnets[0].cidr.to_string(), "10.9.0.0/24");
         let vm = &job.vms[0];
         assert_eq!((vm.cpus, vm.memory_mib), (2, 1024));
         assert_eq!(vm.nics.len(), 1);
@@ -431,7 +447,7 @@ buildOverrides:
             vm.nics[0].mac, b.nics[0].mac,
             "the override NIC keeps its MAC"
         );
-        assert!(b.nics[0].mac_bytes().is_ok());
+        assert!(crate::mac::Mac::new(b.nics[0].mac.bytes()).is_ok());
         // base.yaml round-trips.
         let y = serde_saphyr::to_string(&job.base).unwrap();
         let back: crate::job::BaseView = serde_saphyr::from_str(&y).unwrap();

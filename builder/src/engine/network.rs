@@ -37,9 +37,8 @@ pub fn config(job: &NetJob, internet: Internet) -> Result<NetworkConfig, EngineE
         .collect();
     let mut subnets = Vec::new();
     for s in &job.subnets {
-        let cidr: Ipv4Cidr = s
-            .cidr
-            .parse()
+        // kiln-net takes /30 or wider (a `base.yaml` of another kiln may hold any prefix).
+        let cidr = Ipv4Cidr::new(s.cidr.addr(), s.cidr.prefix_len())
             .map_err(|e| bad(format!("subnet `{}`: {e}", s.name)))?;
         subnets.push(SubnetConfig {
             name: s.name.clone(),
@@ -75,12 +74,11 @@ pub fn static_links(job: &NetJob, net: &Network, nics: &[NicJob]) -> Vec<kiln_ag
                 // DHCP gives the address as a fixed lease; unmanaged subnets are the guest's.
                 return None;
             }
-            let cidr: Ipv4Cidr = s.cidr.parse().ok()?;
             let gateway = net.gateway(&s.name)?;
             Some(kiln_agent::LinkConfig {
-                mac: n.mac_bytes().ok()?,
+                mac: n.mac.bytes(),
                 address: ip,
-                prefix: cidr.prefix,
+                prefix: s.cidr.prefix_len(),
                 gateway: Some(gateway),
                 dns: if s.dns.is_empty() {
                     vec![gateway]
@@ -98,9 +96,7 @@ pub fn static_links(job: &NetJob, net: &Network, nics: &[NicJob]) -> Vec<kiln_ag
 pub fn attach(net: &Network, vm: &str, nics: &[NicJob]) -> Result<Vec<NicAttach>, EngineError> {
     let mut out = Vec::new();
     for n in nics {
-        let mac = n
-            .mac_bytes()
-            .map_err(|m| EngineError::Backend(format!("VM `{vm}`: {m}")))?;
+        let mac = n.mac.bytes();
         let port: Arc<dyn FramePort> = net
             .attach(NicConfig {
                 vm_name: vm.to_string(),
@@ -146,7 +142,7 @@ mod tests {
                 SubnetJob {
                     name: "a".into(),
                     vpc: "lab".into(),
-                    cidr: "10.1.0.0/24".into(),
+                    cidr: "10.1.0.0/24".parse().unwrap(),
                     dhcp: true,
                     unmanaged: false,
                     dns: vec!["192.0.2.53".parse().unwrap()],
@@ -154,7 +150,7 @@ mod tests {
                 SubnetJob {
                     name: "b".into(),
                     vpc: "dmz".into(),
-                    cidr: "10.2.0.0/29".into(),
+                    cidr: "10.2.0.0/29".parse().unwrap(),
                     dhcp: false,
                     unmanaged: true,
                     dns: vec![],
@@ -189,7 +185,7 @@ mod tests {
         j.subnets.push(SubnetJob {
             name: "c".into(),
             vpc: "lab".into(),
-            cidr: "10.3.0.0/16".into(),
+            cidr: "10.3.0.0/16".parse().unwrap(),
             dhcp: false,
             unmanaged: false,
             dns: vec![],
@@ -199,7 +195,9 @@ mod tests {
         let nic = |name: &str, subnet: &str, ip: Option<&str>| NicJob {
             name: name.into(),
             subnet: subnet.into(),
-            mac: format!("02:00:00:00:00:{:02x}", name.len()),
+            mac: format!("02:00:00:00:00:{:02x}", name.len())
+                .parse()
+                .unwrap(),
             ip: ip.map(|i| i.parse().unwrap()),
         };
         let links = static_links(
@@ -242,8 +240,11 @@ mod tests {
 
     #[test]
     fn bad_cidr_and_bad_mac_are_errors_not_panics() {
+        // A CIDR is typed: one no network can have is refused where it is read, and one
+        // kiln-net cannot serve when the network is configured.
+        assert!("10.1.0.0/33".parse::<ipnet::Ipv4Net>().is_err());
         let mut j = job();
-        j.subnets[0].cidr = "10.1.0.0/33".into();
+        j.subnets[0].cidr = "10.1.0.0/31".parse().unwrap();
         let e = config(&j, Internet::Off).unwrap_err().to_string();
         assert!(e.contains("subnet `a`"), "{e}");
 
@@ -251,10 +252,12 @@ mod tests {
         let nic = |mac: &str, subnet: &str| NicJob {
             name: "eth0".into(),
             subnet: subnet.into(),
-            mac: mac.into(),
+            mac: mac.parse().unwrap(),
             ip: None,
         };
-        let e = attach(&net, "vm", &[nic("01:00:00:00:00:01", "a")])
+        // A MAC is typed too: a multicast one never reaches a NIC.
+        let e = "01:00:00:00:00:01"
+            .parse::<crate::mac::Mac>()
             .unwrap_err()
             .to_string();
         assert!(e.contains("not a unicast MAC"), "{e}");
