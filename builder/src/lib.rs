@@ -13,6 +13,7 @@ pub mod events;
 pub mod guest;
 pub mod http_directory;
 pub mod job;
+pub mod launch;
 pub mod leftovers;
 pub mod log_file;
 pub mod mac;

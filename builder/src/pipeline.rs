@@ -17,10 +17,11 @@ use crate::cache::Cache;
 use crate::capture;
 use crate::diskops;
 use crate::engine::network::{self as modnet, Internet};
-use crate::engine::{self, DiskAttach, Engine, EngineChoice, RunningVm, VmLaunch};
+use crate::engine::{self, DiskAttach, Engine, EngineChoice, RunningVm};
 use crate::events::{ms, BuildPhase, Event, EventSink, VmPhase};
 use crate::guest::{Connector, Guest, GuestCommand, GuestError, VsockConnector};
 use crate::job::{BuildJob, FileContent, VmJob};
+use crate::launch::{self, VmSpec};
 use crate::module::{BootRecord, DiskRecord, ModuleRecord, PendingModule, VmRecord};
 use crate::provision::Provisioner;
 use crate::sources::{self, bootstrap::AGENT_VSOCK_PORT, ResolvedSource};
@@ -545,16 +546,7 @@ fn network_up(
     if links.is_empty() {
         return;
     }
-    // An agent that knows the request takes it on the main session; for an older one (it
-    // may close the session on a request it does not know) a session of its own.
-    let handed = if guest.takes_net_config() {
-        guest.net_config(links)
-    } else {
-        connector
-            .connect(NETWORK_HANDOVER_CONNECT)
-            .and_then(|mut g| g.net_config(links))
-    };
-    match handed {
+    match launch::hand_over(connector, guest, links) {
         Ok(()) => {
             let addrs: Vec<String> = links
                 .iter()
@@ -589,10 +581,6 @@ fn network_up(
         }
     }
 }
-
-/// How long opening the session for the network handover may take (the agent already
-/// answered on another session).
-const NETWORK_HANDOVER_CONNECT: Duration = Duration::from_secs(10);
 
 fn wait_for_network(guest: &mut dyn Guest, vm: &str, ev: &dyn EventSink) {
     let r = guest.exec(
@@ -769,13 +757,11 @@ fn build_vm(
     // Made here, 0600, so the engine appends to a file only its owner can read.
     crate::log_file::create(&serial_log)
         .map_err(|e| fail(format!("creating {}: {e}", serial_log.display())))?;
-    let nics = modnet::attach(net, &vm.name, &vm.nics).map_err(|e| fail(e.to_string()))?;
-    let launch = VmLaunch {
-        name: vm.name.clone(),
+    let spec = VmSpec {
+        name: &vm.name,
         cpus: vm.cpus,
         memory_mib: vm.memory_mib,
         boot: boot.clone(),
-        cmdline_extra: vec![],
         disks: attaches
             .iter()
             .cloned()
@@ -785,12 +771,12 @@ fn build_vm(
                 read_only: true,
             }))
             .collect(),
+        nics: &vm.nics,
         workdir: vm_run.clone(),
         serial_log: serial_log.clone(),
-        cid: 3 + index as u32,
-        nics,
+        index,
     };
-    let running = engine.launch(&launch).map_err(|e| fail(e.to_string()))?;
+    let running = launch::start(engine, Some(net), spec).map_err(|e| fail(e.to_string()))?;
     let socket = running.vsock_socket().to_path_buf();
     let running = Arc::new(Mutex::new(running));
     ctx.registry.add(&vm.name, running.clone());

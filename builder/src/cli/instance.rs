@@ -18,7 +18,8 @@ use clap::Args;
 
 use crate::clone;
 use crate::engine::network::{self as modnet, Internet};
-use crate::engine::{self, DiskAttach, EngineChoice, VmLaunch};
+use crate::engine::{self, DiskAttach, EngineChoice};
+use crate::launch::{self, LaunchError, VmSpec};
 use crate::leftovers::{self, Place};
 use crate::module;
 use crate::pipeline::runtime_root;
@@ -119,12 +120,13 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     for (i, v) in c.vms.iter().enumerate() {
         let mv = module::pick_vm(&rec, Some(&v.name))?;
         let bv = base.as_ref().and_then(|b| b.vm(&v.name));
-        let (nics, static_links) = match (&net, &base, bv) {
+        let (net, nics, static_links) = match (&net, &base, bv) {
             (Some(net), Some(b), Some(bv)) => (
-                modnet::attach(net, &v.name, &bv.nics)?,
+                Some(net),
+                bv.nics.as_slice(),
                 modnet::static_links(&b.network, net, &bv.nics),
             ),
-            _ => (Vec::new(), Vec::new()),
+            _ => (None, &[][..], Vec::new()),
         };
         let boot = mv
             .boot
@@ -136,8 +138,8 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         // 0600 before the engine appends to it: the console may show secrets.
         crate::log_file::append(&serial_log)
             .with_context(|| format!("opening {}", serial_log.display()))?;
-        let launch = VmLaunch {
-            name: v.name.clone(),
+        let spec = VmSpec {
+            name: &v.name,
             // Clones get the base resources; buildOverrides were for the build only.
             cpus: bv.map_or(mv.cpus, |b| b.cpus),
             memory_mib: bv.map_or(mv.memory_mib, |b| b.memory_mib),
@@ -146,7 +148,6 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
                 initrd: boot.initrd.as_ref().map(|i| module_path.join(i)),
                 root: boot.root.clone(),
             },
-            cmdline_extra: vec![],
             disks: v
                 .disks
                 .iter()
@@ -157,21 +158,25 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
                     read_only: false,
                 })
                 .collect(),
-            workdir: workdir.clone(),
-            serial_log,
-            cid: 3 + i as u32,
             nics,
+            workdir: workdir.clone(),
+            serial_log: serial_log.clone(),
+            index: i,
         };
-        let vm = eng
-            .launch(&launch)
-            .with_context(|| format!("starting VM `{}`", v.name))?;
+        let vm = match launch::start(eng.as_ref(), net, spec) {
+            Ok(vm) => vm,
+            Err(LaunchError::Nics(e)) => return Err(e.into()),
+            Err(e @ LaunchError::Engine(_)) => {
+                return Err(anyhow::Error::new(e).context(format!("starting VM `{}`", v.name)))
+            }
+        };
         eprintln!(
             "{}/{}: running (kiln exec {}/{} -- CMD; serial log {})",
             c.name,
             v.name,
             c.name,
             v.name,
-            launch.serial_log.display()
+            serial_log.display()
         );
         if !static_links.is_empty() {
             // In the background: the agent answers once the guest has booted.
@@ -222,16 +227,7 @@ fn hand_over_static(
     let r = connector
         .connect_until(crate::provision::BOOT_TIMEOUT, cancel, &mut |_| Ok(()))
         .map_err(crate::guest::GuestError::from)
-        .and_then(|mut g| {
-            if g.takes_net_config() {
-                g.net_config(links)
-            } else {
-                // An older agent may close the session on a request it does not know.
-                connector
-                    .connect(Duration::from_secs(10))
-                    .and_then(|mut g| g.net_config(links))
-            }
-        });
+        .and_then(|mut g| launch::hand_over(&connector, &mut *g, links));
     match r {
         Ok(()) => eprintln!("{label}: static address {} configured", addrs.join(", ")),
         Err(_) if cancel.load(Ordering::SeqCst) => {}
