@@ -13,7 +13,7 @@ use crate::job::NicJob;
 use crate::sources::BootFiles;
 
 /// One VM to start: what a build's VM and a clone's VM each give.
-pub struct VmSpec<'a> {
+pub struct VmStart<'a> {
     pub name: &'a str,
     pub cpus: u32,
     pub memory_mib: u64,
@@ -47,7 +47,7 @@ const FIRST_GUEST_CID: u32 = 3;
 pub fn start(
     engine: &dyn Engine,
     net: Option<&kiln_net::Network>,
-    spec: VmSpec<'_>,
+    spec: VmStart<'_>,
 ) -> Result<Box<dyn RunningVm>, LaunchError> {
     let nics = match net {
         Some(net) => modnet::attach(net, spec.name, spec.nics).map_err(LaunchError::Nics)?,

@@ -21,7 +21,7 @@ use crate::engine::{self, DiskAttach, Engine, EngineChoice, RunningVm};
 use crate::events::{ms, BuildPhase, Event, EventSink, VmPhase};
 use crate::guest::{Connector, Guest, GuestCommand, GuestError, VsockConnector};
 use crate::job::{BuildJob, FileContent, VmJob};
-use crate::launch::{self, VmSpec};
+use crate::launch::{self, VmStart};
 use crate::module::{BootRecord, DiskRecord, ModuleRecord, PendingModule, VmRecord};
 use crate::provision::Provisioner;
 use crate::sources::{self, bootstrap::AGENT_VSOCK_PORT, ResolvedSource};
@@ -757,7 +757,7 @@ fn build_vm(
     // Made here, 0600, so the engine appends to a file only its owner can read.
     crate::log_file::create(&serial_log)
         .map_err(|e| fail(format!("creating {}: {e}", serial_log.display())))?;
-    let spec = VmSpec {
+    let spec = VmStart {
         name: &vm.name,
         cpus: vm.cpus,
         memory_mib: vm.memory_mib,

@@ -19,7 +19,7 @@ use clap::Args;
 use crate::clone;
 use crate::engine::network::{self as modnet, Internet};
 use crate::engine::{self, DiskAttach, EngineChoice};
-use crate::launch::{self, LaunchError, VmSpec};
+use crate::launch::{self, LaunchError, VmStart};
 use crate::leftovers::{self, Place};
 use crate::module;
 use crate::pipeline::runtime_root;
@@ -138,7 +138,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         // 0600 before the engine appends to it: the console may show secrets.
         crate::log_file::append(&serial_log)
             .with_context(|| format!("opening {}", serial_log.display()))?;
-        let spec = VmSpec {
+        let spec = VmStart {
             name: &v.name,
             // Clones get the base resources; buildOverrides were for the build only.
             cpus: bv.map_or(mv.cpus, |b| b.cpus),
