@@ -105,20 +105,26 @@ impl StreamListener {
                     ),
                 ));
             }
-            let mut p = libc::pollfd {
-                fd: self.listener.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
             let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
-            // SAFETY: one live pollfd for the duration of the call.
-            if unsafe { libc::poll(&mut p, 1, ms) } < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
+            match readable_within(self.listener.as_raw_fd(), ms) {
+                Err(e) if e.kind() != io::ErrorKind::Interrupted => return Err(e),
+                _ => {}
             }
         }
+    }
+}
+
+/// Whether `fd` becomes readable within `ms` milliseconds.
+fn readable_within(fd: RawFd, ms: i32) -> io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one live pollfd for the duration of the call.
+    match unsafe { libc::poll(&mut p, 1, ms) } {
+        n if n < 0 => Err(io::Error::last_os_error()),
+        n => Ok(n > 0),
     }
 }
 
@@ -349,10 +355,15 @@ impl FramePort for StreamPort {
             let Some(n) = got else { return Ok(None) };
             if n == 0 {
                 self.shut();
-                if rx.head_len > 0 {
-                    let got = rx.body_len;
-                    let of = rx.want().map_or("a length".into(), |w| format!("{w}"));
-                    tracing::warn!("stream port: peer closed mid-frame ({got} of {of} bytes)");
+                match rx.want() {
+                    Some(want) => tracing::warn!(
+                        "stream port: peer closed mid-frame ({} of {want} bytes)",
+                        rx.body_len
+                    ),
+                    None if rx.head_len > 0 => {
+                        tracing::warn!("stream port: peer closed inside a length prefix")
+                    }
+                    None => {}
                 }
                 return Err(PortError::Closed);
             }

@@ -44,13 +44,7 @@ fn unframe(mut bytes: &[u8]) -> Vec<Vec<u8>> {
 }
 
 fn readable(fd: RawFd) -> bool {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, zero timeout.
-    unsafe { libc::poll(&mut p, 1, 0) == 1 }
+    readable_within(fd, 0).unwrap()
 }
 
 #[test]
@@ -353,4 +347,139 @@ fn a_stream_port_plugs_into_the_switch_like_any_port() {
     assert_eq!(&reply[12..14], &[0x08, 0x06], "ARP");
     assert_eq!(&reply[20..22], &[0, 2], "a reply");
     assert_eq!(&reply[28..32], &gw.octets(), "for the gateway's address");
+}
+
+#[test]
+fn qemu_connects_to_the_listener_at_start_up() {
+    use kiln_e2e::qemu::{qemu_available, QEMU};
+    if !qemu_available() {
+        return kiln_e2e::skip("qemu-system-x86_64 is not installed");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let l = StreamListener::bind(&dir.path().join("nic.sock")).unwrap();
+    // Paused (-S): no guest runs, but the netdev connects while QEMU starts.
+    let mut qemu = std::process::Command::new(QEMU)
+        .args(["-accel", "tcg", "-M", "q35", "-nodefaults", "-S"])
+        .args(["-display", "none", "-monitor", "none", "-serial", "none"])
+        .args(["-netdev", &l.netdev_arg("n0"), "-device", "e1000,netdev=n0"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let accepted = l.accept(Duration::from_secs(30));
+    let _ = qemu.kill();
+    let _ = qemu.wait();
+    let port = accepted.unwrap();
+    // QEMU has gone: the port reports the closed link rather than waiting.
+    let mut buf = [0u8; MAX_FRAME];
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        match port.recv(&mut buf) {
+            Err(PortError::Closed) => break,
+            Ok(None) if Instant::now() < end => std::thread::sleep(Duration::from_millis(20)),
+            other => panic!("expected a closed link, got {other:?}"),
+        }
+    }
+}
+
+/// The network's HTTP service, at the gateway.
+const HTTP_PORT: u16 = 8080;
+
+/// udhcpc's hook: the guest only talks to its gateway (on link), so an address is enough.
+const LEASE_SCRIPT: &str = "#!/bin/sh
+[ \"$1\" = bound ] && ip addr add $ip/$mask dev $interface && echo \"STREAM-LEASE ip=$ip hostname=$hostname\"
+exit 0
+";
+
+/// A real guest on a QEMU-emulated NIC (not virtio) whose netdev is kiln's stream port: its
+/// driver gets a DHCP lease from the switch and fetches a file from the network's HTTP
+/// service at its gateway (TCP through the gateway, both ways over the stream). The Debian
+/// cloud kernel the kit boots has no e1000 driver, so the NIC is QEMU's vmxnet3: the same
+/// path through QEMU's net layer and `-netdev stream`.
+#[test]
+fn a_guest_on_an_emulated_nic_gets_a_lease_and_fetches_through_the_stream() {
+    use kiln_e2e::initramfs::Initramfs;
+    use kiln_e2e::kernel::guest_kernel;
+    use kiln_e2e::qemu::{qemu_available, Qemu, QemuConfig};
+    if !qemu_available() {
+        return kiln_e2e::skip("qemu-system-x86_64 is not installed");
+    }
+    let kernel = match guest_kernel() {
+        Ok(k) => k,
+        Err(e) => return kiln_e2e::skip(format!("cannot get the Debian cloud kernel: {e}")),
+    };
+    let body = kiln_e2e::pattern::pattern(19, 1 << 20);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("file"), &body).unwrap();
+    let want = String::from_utf8(
+        std::process::Command::new("sha256sum")
+            .arg(dir.path().join("file"))
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let want = want.split_whitespace().next().unwrap().to_string();
+
+    let init = format!(
+        r#"
+ip link set lo up
+if ! ip link set eth0 up; then echo "STREAM-FAIL no eth0"; echo STREAM-DONE; poweroff -f; fi
+if ! udhcpc -i eth0 -n -q -t 10 -T 2 -s /lease.sh; then echo "STREAM-FAIL dhcp"; fi
+if wget -q -O /tmp/file http://10.0.19.1:{HTTP_PORT}/file; then
+  echo "STREAM-SUM $(sha256sum /tmp/file | cut -d' ' -f1)"
+else
+  echo "STREAM-FAIL wget"
+fi
+echo STREAM-DONE
+poweroff -f
+"#
+    );
+    let initrd = dir.path().join("initrd.cpio");
+    Initramfs::new()
+        .busybox()
+        .kernel(&kernel)
+        .module("vmxnet3")
+        .file("/lease.sh", LEASE_SCRIPT, 0o755)
+        .init_script(&init)
+        .build(&initrd)
+        .unwrap();
+
+    let net = network();
+    net.http_dir(dir.path(), HTTP_PORT).unwrap();
+    let l = StreamListener::bind(&dir.path().join("nic.sock")).unwrap();
+    let mac = GUEST_MAC
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    let mut cfg = QemuConfig::new(&kernel.vmlinuz, &initrd, &dir.path().join("serial.log"))
+        .arg(["-netdev".to_string(), l.netdev_arg("n0")])
+        .arg([
+            "-device".to_string(),
+            format!("vmxnet3,netdev=n0,mac={mac}"),
+        ]);
+    cfg.shared_memory = false;
+    let mut vm = Qemu::spawn(&cfg).unwrap();
+    let port = l.accept(Duration::from_secs(30)).unwrap();
+    net.attach_port(nic(), Arc::new(port)).unwrap();
+    if let Err(e) = vm.wait_for("STREAM-DONE", Duration::from_secs(240)) {
+        panic!("guest did not finish: {e}");
+    }
+    let out = vm.output();
+    eprintln!("{out}");
+    assert!(
+        !out.contains("STREAM-FAIL"),
+        "guest reported a failure:\n{out}"
+    );
+    assert!(
+        out.contains("STREAM-LEASE ip=10.0.19.") && out.contains("hostname=guest"),
+        "no DHCP lease:\n{out}"
+    );
+    assert!(
+        out.contains(&format!("STREAM-SUM {want}")),
+        "file fetched through the stream port differs (want {want}):\n{out}"
+    );
+    assert_eq!(net.resolve("guest").unwrap().len(), 1);
+    vm.wait_exit(Duration::from_secs(20));
 }
