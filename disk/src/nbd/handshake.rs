@@ -3,12 +3,8 @@
 
 use std::io::{Read, Write};
 
+use super::client_error::ClientError;
 use super::wire::*;
-use super::ClientError;
-
-/// Longest option data read into memory. The longest valid option kiln answers is
-/// NBD_OPT_GO: a name of at most 4096 bytes plus a few information requests.
-pub const MAX_OPTION_LEN: u32 = 16 * 1024;
 
 /// What the server offers, fixed for one connection.
 #[derive(Debug, Clone)]

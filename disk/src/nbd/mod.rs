@@ -10,6 +10,7 @@
 //! the protocol, or that stops mid-handshake for longer than the handshake timeout, is
 //! disconnected with a logged reason; the server goes on with the next one.
 
+mod client_error;
 mod handshake;
 mod transmission;
 mod wire;
@@ -27,6 +28,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::device::{BlockDevice, BlockError};
+use client_error::ClientError;
 use handshake::{Export, Outcome};
 
 /// The largest request kiln accepts: the protocol's interoperable maximum, and a bound on
@@ -107,28 +109,6 @@ pub enum NbdError {
     Flush(#[source] BlockError),
     #[error("the NBD server thread panicked")]
     Panicked,
-}
-
-/// Why one client connection ended early; logged, then the server takes the next client.
-#[derive(Debug, thiserror::Error)]
-enum ClientError {
-    #[error("connection: {0}")]
-    Io(#[from] io::Error),
-    #[error("unknown client flags {0:#x}")]
-    ClientFlags(u32),
-    #[error("option magic {0:#018x} is not IHAVEOPT")]
-    OptionMagic(u64),
-    #[error(
-        "option {opt} carries {len} bytes, over the {} byte limit",
-        handshake::MAX_OPTION_LEN
-    )]
-    OptionTooBig { opt: u32, len: u32 },
-    #[error("NBD_OPT_EXPORT_NAME for unknown export {0:?}")]
-    UnknownExport(String),
-    #[error("request magic {0:#010x} is wrong")]
-    RequestMagic(u32),
-    #[error("write of {len} bytes exceeds the {max} byte maximum; its payload was not read")]
-    WriteTooBig { len: u32, max: u32 },
 }
 
 /// What the serving thread and [`NbdServer::shutdown`] share.

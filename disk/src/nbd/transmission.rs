@@ -6,8 +6,8 @@
 
 use std::io::{self, Read, Write};
 
+use super::client_error::ClientError;
 use super::wire::*;
-use super::ClientError;
 use crate::device::{check_range, BlockDevice, BlockError};
 
 /// Serve requests until the client disconnects (NBD_CMD_DISC or end of stream) or breaks

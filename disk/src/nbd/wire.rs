@@ -61,6 +61,10 @@ pub const EINVAL: u32 = 22;
 pub const ENOSPC: u32 = 28;
 pub const ENOTSUP: u32 = 95;
 
+/// Longest option data read into memory. The longest valid option kiln answers is
+/// NBD_OPT_GO: a name of at most 4096 bytes plus a few information requests.
+pub const MAX_OPTION_LEN: u32 = 16 * 1024;
+
 /// Bytes of a request header.
 pub const REQUEST_LEN: usize = 28;
 
