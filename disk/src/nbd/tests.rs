@@ -71,6 +71,24 @@ fn serve(dir: &Path, dev: Arc<dyn BlockDevice>, opts: NbdOptions) -> (NbdServer,
     (server, sock)
 }
 
+/// What [`served`] sets up: the folder, the data, the device, the server and its socket.
+type Served = (
+    tempfile::TempDir,
+    Vec<u8>,
+    Arc<dyn BlockDevice>,
+    NbdServer,
+    PathBuf,
+);
+
+/// A raw device holding `pattern(size, seed)`, served.
+fn served(size: usize, seed: u64, read_only: bool, opts: NbdOptions) -> Served {
+    let dir = tempfile::tempdir().unwrap();
+    let data = pattern(size, seed);
+    let dev = raw_device(dir.path(), &data, read_only);
+    let (server, sock) = serve(dir.path(), dev.clone(), opts);
+    (dir, data, dev, server, sock)
+}
+
 #[test]
 fn qemu_io_writes_through_the_export_into_a_qcow2_overlay() {
     if !have("qemu-io") || !have("qemu-img") {
@@ -329,13 +347,11 @@ fn assert_serving(sock: &Path, data: &[u8]) {
 
 #[test]
 fn handshake_answers_every_option_and_describes_the_export() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = pattern(1 << 20, 3);
     let opts = NbdOptions {
         export_name: "disk0".into(),
         ..Default::default()
     };
-    let (server, sock) = serve(dir.path(), raw_device(dir.path(), &data, false), opts);
+    let (_dir, data, _dev, server, sock) = served(1 << 20, 3, false, opts);
 
     let mut s = connect(&sock);
     greet(&mut s, FLAG_C_FIXED_NEWSTYLE);
@@ -389,13 +405,11 @@ fn handshake_answers_every_option_and_describes_the_export() {
 
 #[test]
 fn sector_devices_make_the_client_ask_for_block_sizes() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = pattern(64 << 10, 5);
     let opts = NbdOptions {
         min_block: 512,
         ..Default::default()
     };
-    let (server, sock) = serve(dir.path(), raw_device(dir.path(), &data, false), opts);
+    let (dir, data, _dev, server, sock) = served(64 << 10, 5, false, opts);
     let mut s = connect(&sock);
     greet(&mut s, FLAG_C_FIXED_NEWSTYLE);
     send_option(&mut s, OPT_GO, &info_request("", &[]));
@@ -422,10 +436,7 @@ fn sector_devices_make_the_client_ask_for_block_sizes() {
 
 #[test]
 fn commands_write_trim_zero_and_flush_the_device() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = pattern(1 << 20, 11);
-    let dev = raw_device(dir.path(), &data, false);
-    let (server, sock) = serve(dir.path(), dev.clone(), NbdOptions::default());
+    let (_dir, data, dev, server, sock) = served(1 << 20, 11, false, NbdOptions::default());
     let (mut s, _) = go(&sock);
     let payload = pattern(8192, 12);
     request(&mut s, CMD_WRITE, CMD_FLAG_FUA, 4096, 8192, 1);
@@ -463,13 +474,7 @@ fn commands_write_trim_zero_and_flush_the_device() {
 
 #[test]
 fn a_read_only_device_refuses_writes_with_eperm() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = pattern(64 << 10, 13);
-    let (server, sock) = serve(
-        dir.path(),
-        raw_device(dir.path(), &data, true),
-        NbdOptions::default(),
-    );
+    let (_dir, data, _dev, server, sock) = served(64 << 10, 13, true, NbdOptions::default());
     let (mut s, info) = go(&sock);
     assert_ne!(info.flags & FLAG_READ_ONLY, 0);
     request(&mut s, CMD_WRITE, 0, 0, 512, 1);
@@ -486,10 +491,7 @@ fn a_read_only_device_refuses_writes_with_eperm() {
 
 #[test]
 fn hostile_clients_get_errors_or_a_closed_connection_and_the_server_lives_on() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = pattern(1 << 20, 17);
-    let dev = raw_device(dir.path(), &data, false);
-    let (server, sock) = serve(dir.path(), dev.clone(), NbdOptions::default());
+    let (_dir, data, dev, server, sock) = served(1 << 20, 17, false, NbdOptions::default());
     let size = data.len() as u64;
 
     // Unknown client flags.
@@ -577,13 +579,11 @@ fn hostile_clients_get_errors_or_a_closed_connection_and_the_server_lives_on() {
 
 #[test]
 fn a_stalled_handshake_times_out_so_the_next_client_is_served() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = pattern(64 << 10, 19);
     let opts = NbdOptions {
         handshake_timeout: Some(Duration::from_millis(300)),
         ..Default::default()
     };
-    let (server, sock) = serve(dir.path(), raw_device(dir.path(), &data, false), opts);
+    let (_dir, data, _dev, server, sock) = served(64 << 10, 19, false, opts);
     let mut idle = connect(&sock);
     let mut g = [0u8; 18];
     idle.read_exact(&mut g).unwrap();
@@ -595,13 +595,7 @@ fn a_stalled_handshake_times_out_so_the_next_client_is_served() {
 
 #[test]
 fn a_second_client_waits_until_the_first_is_done() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = pattern(64 << 10, 23);
-    let (server, sock) = serve(
-        dir.path(),
-        raw_device(dir.path(), &data, false),
-        NbdOptions::default(),
-    );
+    let (_dir, data, _dev, server, sock) = served(64 << 10, 23, false, NbdOptions::default());
     let (mut first, _) = go(&sock);
     let mut second = connect(&sock);
     second
@@ -629,13 +623,7 @@ fn a_second_client_waits_until_the_first_is_done() {
 
 #[test]
 fn shutdown_ends_a_connected_client_and_flushes() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = pattern(64 << 10, 29);
-    let (server, sock) = serve(
-        dir.path(),
-        raw_device(dir.path(), &data, false),
-        NbdOptions::default(),
-    );
+    let (dir, data, _dev, server, sock) = served(64 << 10, 29, false, NbdOptions::default());
     let (mut s, _) = go(&sock);
     request(&mut s, CMD_WRITE, 0, 0, 4, 1);
     s.write_all(b"kiln").unwrap();
