@@ -132,12 +132,20 @@ pub struct NbdServer {
 
 impl NbdServer {
     /// Listen on `path` (a new Unix socket, mode 0600) and serve `device` from a thread.
+    /// Fails when `path` exists: a socket left by an earlier run is the caller's to remove.
     pub fn bind(
         path: impl AsRef<Path>,
         device: Arc<dyn BlockDevice>,
         options: NbdOptions,
     ) -> Result<NbdServer, NbdError> {
         options.validate()?;
+        if !device.size().is_multiple_of(options.min_block.into()) {
+            return Err(NbdError::InvalidOptions(format!(
+                "device size {} is not a multiple of min_block {}",
+                device.size(),
+                options.min_block
+            )));
+        }
         let path = path.as_ref().to_path_buf();
         let bind_err = |source| NbdError::Bind {
             path: path.clone(),

@@ -423,6 +423,16 @@ fn sector_devices_make_the_client_ask_for_block_sizes() {
     assert_eq!(read_ok(&mut s, 512, 512), &data[512..1024]);
     drop(s);
     server.shutdown().unwrap();
+    let odd = pattern(1000, 1);
+    assert!(NbdServer::bind(
+        dir.path().join("odd.sock"),
+        raw_device(dir.path(), &odd, false),
+        NbdOptions {
+            min_block: 512,
+            ..Default::default()
+        }
+    )
+    .is_err());
     assert!(NbdServer::bind(
         dir.path().join("x.sock"),
         raw_device(dir.path(), &data, false),
@@ -432,6 +442,40 @@ fn sector_devices_make_the_client_ask_for_block_sizes() {
         }
     )
     .is_err());
+}
+
+#[test]
+fn requests_stay_within_the_configured_maximum() {
+    let opts = NbdOptions {
+        max_request: 64 << 10,
+        ..Default::default()
+    };
+    let (_dir, data, _dev, server, sock) = served(1 << 20, 31, false, opts);
+    let (mut s, info) = go(&sock);
+    assert_eq!(info.block, Some((1, 4096, 64 << 10)));
+    assert_eq!(read_ok(&mut s, 0, 64 << 10), &data[..64 << 10]);
+    request(&mut s, CMD_READ, 0, 0, (64 << 10) + 1, 1);
+    assert_eq!(simple_reply(&mut s, 1), EINVAL);
+    request(&mut s, CMD_DISC, 0, 0, 0, 2);
+    drop(s);
+    // QEMU splits its requests to fit what NBD_INFO_BLOCK_SIZE announced.
+    if have("qemu-io") {
+        let out = run(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-c",
+                "write -P 0x5a 0 1M",
+                "-c",
+                "read -P 0x5a 0 1M",
+                &nbd_uri(&sock),
+            ],
+        );
+        assert!(!out.contains("fail"), "qemu-io: {out}");
+        assert!(out.contains("read 1048576/1048576 bytes"), "qemu-io: {out}");
+    }
+    server.shutdown().unwrap();
 }
 
 #[test]
