@@ -153,7 +153,7 @@ impl NbdServer {
         };
         let listener = UnixListener::bind(&path).map_err(bind_err)?;
         // The socket is the disk: only kiln's user may connect. (Its folder should be
-        // private too; this closes the socket itself right after bind.)
+        // private too; this restricts the socket itself right after bind.)
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
             .map_err(bind_err)?;
         listener.set_nonblocking(true)?;
