@@ -11,6 +11,7 @@ mod error;
 mod fat;
 mod fuzz;
 mod info;
+pub mod nbd;
 mod open;
 pub mod qcow2;
 mod raw;
