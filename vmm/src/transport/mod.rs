@@ -10,14 +10,13 @@
 //! [`QueueWorker::spawn`], which waits on the kick eventfds and raises the interrupt when
 //! the handler says the guest should be told.
 //!
-//! The devices on this transport: [`block::VirtioBlock`] (blk's `BlockHandler` on a
-//! `QueueWorker` per queue), `devices::net::VirtioNet` (`devices/net/in_process.rs`) and
-//! `devices::vsock::VirtioVsock` (`devices/vsock/queue_handler.rs`); net and vsock run a
-//! thread of their own because they also wait on the frame port and the host sockets.
+//! The devices on this transport live with the rest of each device, in its `in_process.rs`:
+//! `devices::block::VirtioBlock` (blk's `BlockHandler` on a `QueueWorker` per queue),
+//! `devices::net::VirtioNet` and `devices::vsock::VirtioVsock`; net and vsock run a thread
+//! of their own because they also wait on the frame port and the host sockets.
 //! `tests/kvm_blk.rs`, `kvm_net.rs` and `kvm_vsock.rs` drive all three from a tiny guest
 //! driver in a kiln VM.
 
-pub mod block;
 pub mod mmio;
 pub mod worker;
 

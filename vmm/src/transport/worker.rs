@@ -1,10 +1,9 @@
 //! A thread that serves a device's queues: it waits on their kick eventfds and runs the
 //! device's request logic, then raises the interrupt if the guest must be told.
 //!
-//! blk's in-process device (`transport/block.rs`) runs one per queue. net and vsock do not
-//! use it: they must also wait on the frame port or the host sockets, which this worker does
-//! not, so each runs a thread of its own (`devices/net/in_process.rs`,
-//! `devices/vsock/queue_handler.rs`).
+//! blk's in-process device (`devices/block/in_process.rs`) runs one per queue. net and vsock
+//! do not use it: they must also wait on the frame port or the host sockets, which this
+//! worker does not, so each runs a thread of its own (their `in_process.rs`).
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;

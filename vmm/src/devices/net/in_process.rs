@@ -12,7 +12,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{NetDeviceConfig, NUM_QUEUES, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
-use super::inorder_handler::NetHandler;
+use super::handler::NetHandler;
 use crate::transport::{
     read_config_bytes, ActivateContext, ActivateError, DeviceQueue, Interrupt, VirtioDevice,
 };

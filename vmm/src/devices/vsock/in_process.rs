@@ -20,7 +20,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::device::{avail_features, VsockConfig, EVENT_QUEUE, NUM_QUEUES, RX_QUEUE, TX_QUEUE};
-use super::inorder_handler::VsockHandler;
+use super::handler::VsockHandler;
 use super::Result;
 use crate::transport::{
     read_config_bytes, ActivateContext, ActivateError, DeviceQueue, Interrupt, VirtioDevice,

@@ -1,6 +1,7 @@
-//! virtio-blk on this transport: blk's request logic ([`BlockHandler`]) served by a
-//! [`QueueWorker`] per queue. The device semantics (features, config space, requests) are
-//! all blk's; this file only plugs them into [`VirtioDevice`].
+//! virtio-blk on kiln's own transport ([`crate::transport`], the `kvm` engine): blk's
+//! request logic ([`BlockHandler`]) served by a [`QueueWorker`] per queue. The device
+//! semantics (features, config space, requests) live in [`super::device`] and
+//! [`super::handler`]; this file only plugs them into [`VirtioDevice`].
 
 use std::path::Path;
 use std::sync::Arc;
@@ -9,10 +10,10 @@ use kiln_disk::BlockDevice;
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
-use super::{ActivateContext, ActivateError, QueueHandler, QueueWorker, VirtioDevice};
-use crate::devices::block::device::QUEUE_SIZE;
-use crate::devices::block::{BlockDeviceConfig, BlockHandler, BlockOptions};
+use super::device::{BlockDeviceConfig, BlockOptions, QUEUE_SIZE};
+use super::handler::BlockHandler;
 use crate::machine::MachineError;
+use crate::transport::{ActivateContext, ActivateError, QueueHandler, QueueWorker, VirtioDevice};
 
 /// virtio device ID of a block device.
 pub const VIRTIO_ID_BLOCK: u32 = 2;

@@ -47,9 +47,7 @@ use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_S_IOERR;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemory;
 
-use super::inorder_handler::{
-    prepare, BlockHandler, Completion, Prepared, QueueError, Request, Runner,
-};
+use super::handler::{prepare, BlockHandler, Completion, Prepared, QueueError, Request, Runner};
 
 /// Requests served at once per queue: the queue's own thread plus `IO_WORKERS - 1` pool
 /// threads. Two, because the Linux driver puts a 1 MiB block in flight as two 512 KiB

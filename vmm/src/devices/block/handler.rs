@@ -6,7 +6,7 @@
 //! The queue walks here complete requests in the order they were made available ("in
 //! order"): a guest may put many requests in flight and the device works through all of them
 //! on each kick. The request itself is split in two, [`prepare`] (check the chain, read the
-//! header: no disk I/O) and running it, so [`super::io_pool`] can check chains on the queue's
+//! header: no disk I/O) and running it, so [`super::scheduler`] can check chains on the queue's
 //! thread and run several requests at once on others.
 
 use std::sync::Arc;
