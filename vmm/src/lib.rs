@@ -7,8 +7,9 @@
 //!   transport in it.
 //! - `in_process.rs`: the device on kiln's own virtio-mmio [`transport`], for a kiln VM (the
 //!   `kvm` engine): it implements [`transport::VirtioDevice`] and, once activated, runs its
-//!   handler on a thread that waits on the queue kicks (and, for net and vsock, on the
-//!   frame port or the host sockets).
+//!   handler on a [`transport::QueueWorker`], the one thread kind that waits on the queue
+//!   kicks and on the device's own file descriptors (net's frame port, vsock's host
+//!   sockets).
 //! - `vhost_user.rs`: a backend on the same handler, served to QEMU (the `qemu` engine) by
 //!   [`vhost_user::serve`].
 //!

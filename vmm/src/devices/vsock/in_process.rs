@@ -1,29 +1,26 @@
-//! vsock on kiln's in-process virtio transport ([`crate::transport`]): [`VirtioVsock`]
-//! implements [`VirtioDevice`] and, once the driver activates it, runs [`VsockHandler`] on
-//! one thread that waits on the RX, TX and event queue kicks and on the host sockets (the
-//! muxer's epoll fd). The generic `QueueWorker` only waits on kicks, and vsock must also
-//! fill the RX queue when a host socket has data, hence this thread of its own.
+//! vsock on kiln's own transport ([`crate::transport`], the `kvm` engine): [`VirtioVsock`]
+//! implements [`VirtioDevice`] and, once the driver activates it, runs [`VsockHandler`] on a
+//! [`QueueWorker`] that waits on the RX, TX and event queue kicks and on the host sockets
+//! (the muxer's epoll fd).
 //!
 //! The handler (and so the bound host socket) outlives activations: a driver reset stops the
-//! thread, closes every connection and keeps the handler for the next activation.
+//! worker, closes every connection and keeps the handler for the next activation.
 
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::sync::Arc;
-use std::thread::JoinHandle;
 
-use tracing::{error, warn};
+use tracing::error;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use virtio_queue::QueueT;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::epoll::EventSet;
 
 use super::device::{avail_features, VsockConfig, EVENT_QUEUE, NUM_QUEUES, RX_QUEUE, TX_QUEUE};
 use super::handler::VsockHandler;
 use super::Result;
 use crate::transport::{
-    read_config_bytes, ActivateContext, ActivateError, DeviceQueue, Interrupt, VirtioDevice,
+    read_config_bytes, ActivateContext, ActivateError, DeviceQueue, ExtraFd, QueueHandler,
+    QueueWorker, SpawnError, VirtioDevice,
 };
 
 /// virtio device ID of a socket device.
@@ -31,20 +28,15 @@ pub const VIRTIO_ID_VSOCK: u32 = 19;
 /// Queue size offered to the driver.
 pub const QUEUE_SIZE: u16 = 256;
 
-const STOP_TOKEN: u64 = u64::MAX;
-const HOST_TOKEN: u64 = u64::MAX - 1;
+/// The [`ExtraFd`] id of the host sockets (the muxer's epoll fd).
+const HOST: u64 = 0;
 
 /// The vsock device for a kiln VM.
 pub struct VirtioVsock {
     config: VsockConfig,
     /// The handler while no worker runs.
     handler: Option<VsockHandler>,
-    worker: Option<Worker>,
-}
-
-struct Worker {
-    stop: EventFd,
-    thread: JoinHandle<VsockHandler>,
+    worker: Option<QueueWorker>,
 }
 
 impl VirtioVsock {
@@ -62,10 +54,9 @@ impl VirtioVsock {
     /// Stops the worker, if any, and takes the handler back.
     fn stop_worker(&mut self) {
         if let Some(w) = self.worker.take() {
-            let _ = w.stop.write(1);
-            match w.thread.join() {
-                Ok(h) => self.handler = Some(h),
-                Err(_) => error!("vsock worker panicked; the device is gone until restart"),
+            match w.stop::<VsockQueues>() {
+                Some(q) => self.handler = Some(q.0),
+                None => error!("vsock worker panicked; the device is gone until restart"),
             }
         }
     }
@@ -115,40 +106,24 @@ impl VirtioDevice for VirtioVsock {
         rx.queue.set_event_idx(event_idx);
         tx.queue.set_event_idx(event_idx);
         handler.reset();
-        let stop = EventFd::new(EFD_NONBLOCK)?;
-        let epoll = Epoll::new()?;
-        let setup = || -> std::io::Result<()> {
-            epoll.ctl(
-                ControlOperation::Add,
-                stop.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, STOP_TOKEN),
-            )?;
-            epoll.ctl(
-                ControlOperation::Add,
-                handler.muxer().as_raw_fd(),
-                EpollEvent::new(EventSet::IN, HOST_TOKEN),
-            )?;
-            for q in [Some(&rx), Some(&tx), event.as_ref()].into_iter().flatten() {
-                epoll.ctl(
-                    ControlOperation::Add,
-                    q.kick.as_raw_fd(),
-                    EpollEvent::new(EventSet::IN, u64::from(q.index)),
-                )?;
+        // In index order, so a queue's index is its position in the worker's queues.
+        let queues = [Some(rx), Some(tx), event].into_iter().flatten().collect();
+        match QueueWorker::spawn(
+            "kiln-vsock",
+            VsockQueues(handler),
+            ctx.mem,
+            queues,
+            ctx.interrupt,
+        ) {
+            Ok(w) => {
+                self.worker = Some(w);
+                Ok(())
             }
-            Ok(())
-        };
-        if let Err(e) = setup() {
-            self.handler = Some(handler);
-            return Err(e.into());
+            Err(SpawnError { source, handler }) => {
+                self.handler = handler.map(|q| q.0);
+                Err(source.into())
+            }
         }
-        let stop2 = stop.try_clone()?;
-        let mem = ctx.mem;
-        let interrupt = ctx.interrupt;
-        let thread = std::thread::Builder::new()
-            .name("kiln-vsock".into())
-            .spawn(move || run(handler, epoll, stop2, mem, rx, tx, event, interrupt))?;
-        self.worker = Some(Worker { stop, thread });
-        Ok(())
     }
 
     fn reset(&mut self) {
@@ -165,55 +140,33 @@ impl Drop for VirtioVsock {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run(
-    mut handler: VsockHandler,
-    epoll: Epoll,
-    stop: EventFd,
-    mem: GuestMemoryMmap,
-    mut rx: DeviceQueue,
-    mut tx: DeviceQueue,
-    event: Option<DeviceQueue>,
-    interrupt: Arc<Interrupt>,
-) -> VsockHandler {
-    let mut events = [EpollEvent::default(); 8];
-    loop {
-        let n = match epoll.wait(-1, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                error!("vsock worker epoll: {e}");
-                return handler;
-            }
-        };
-        let mut notify = false;
-        for ev in &events[..n] {
-            match ev.data() {
-                STOP_TOKEN => {
-                    let _ = stop.read();
-                    return handler;
-                }
-                HOST_TOKEN => handler.process_host_events(),
-                i if i == TX_QUEUE as u64 => {
-                    let _ = tx.kick.read();
-                    notify |= handler.process_tx(&mem, &mut tx.queue).unwrap_or(false);
-                }
-                i if i == RX_QUEUE as u64 => {
-                    let _ = rx.kick.read();
-                }
-                _ => {
-                    // The event queue: the device sends no events (no migration), so its
-                    // buffers stay with the device; just drain the kick.
-                    if let Some(e) = event.as_ref() {
-                        let _ = e.kick.read();
-                    }
-                }
-            }
-        }
-        // Kicks, TX packets and host data can all leave packets for the guest.
-        let rx_notify = handler.process_rx(&mem, &mut rx.queue).unwrap_or(false);
-        if (notify || rx_notify) && interrupt.signal_used_queue().is_err() {
-            warn!("vsock: raising the queue interrupt failed");
-        }
+/// [`VsockHandler`] as the worker runs it: TX is served on its kick, host socket activity
+/// is taken in as it comes, and RX is filled once per wake-up, since kicks, TX packets and
+/// host data can all leave packets for the guest.
+struct VsockQueues(VsockHandler);
+
+impl QueueHandler for VsockQueues {
+    fn extra_fds(&self) -> Vec<ExtraFd> {
+        vec![ExtraFd {
+            fd: self.0.muxer().as_raw_fd(),
+            events: EventSet::IN,
+            id: HOST,
+        }]
+    }
+
+    fn process_queue(&mut self, index: u16, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        // An RX kick (new buffers) is served in `events_done`; the event queue's buffers
+        // stay with the device, which sends no events (no migration).
+        usize::from(index) == TX_QUEUE && self.0.process_tx(mem, queue).unwrap_or(false)
+    }
+
+    fn handle_event(&mut self, _id: u64, _mem: &GuestMemoryMmap) -> bool {
+        self.0.process_host_events();
+        false
+    }
+
+    fn events_done(&mut self, queues: &mut [DeviceQueue], mem: &GuestMemoryMmap) -> bool {
+        let rx = &mut queues[RX_QUEUE].queue;
+        self.0.process_rx(mem, rx).unwrap_or(false)
     }
 }
