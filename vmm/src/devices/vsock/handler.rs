@@ -8,10 +8,11 @@
 //! virtio-queue's chain iterator. An available ring claiming more entries than the queue
 //! holds marks the queue broken until the driver resets the device.
 
+use std::convert::Infallible;
 use std::path::Path;
 
 use tracing::{error, warn};
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use virtio_vsock::packet::VsockPacket;
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::GuestMemory;
@@ -20,6 +21,7 @@ use super::device::VsockConfig;
 use super::muxer::{Muxer, RxFill};
 use super::protocol::{Header, HEADER_SIZE, MAX_PKT_DATA};
 use super::{Result, VsockError};
+use crate::devices::in_order::{drain_with, DrainError, Served, Suppress, Work};
 
 /// The vsock device's packet handler.
 pub struct VsockHandler {
@@ -70,8 +72,12 @@ impl VsockHandler {
         if self.tx_broken || !queue.ready() {
             return Ok(false);
         }
-        let res = self.tx_rounds(mem, queue);
-        self.finish(res, mem, queue, "tx")
+        let mut tx = Tx {
+            muxer: &mut self.muxer,
+            mem,
+        };
+        let res = drain_with(queue, mem, Suppress::Always, &mut tx, None);
+        self.finish(res, "tx")
     }
 
     /// Fills RX buffers with whatever the host side has for the guest. Returns whether the
@@ -80,135 +86,99 @@ impl VsockHandler {
         if self.rx_broken || !queue.ready() {
             return Ok(false);
         }
-        let res = self.rx_rounds(mem, queue);
-        self.finish(res, mem, queue, "rx")
+        let mut rx = Rx {
+            muxer: &mut self.muxer,
+            mem,
+        };
+        let res = drain_with(queue, mem, Suppress::Always, &mut rx, None);
+        self.finish(res, "rx")
     }
 
-    fn finish<M: GuestMemory>(
+    /// A broken queue stays unused until [`VsockHandler::reset`].
+    fn finish(
         &mut self,
-        res: std::result::Result<bool, String>,
-        mem: &M,
-        queue: &mut Queue,
+        res: std::result::Result<bool, DrainError>,
         name: &'static str,
     ) -> Result<bool> {
-        match res {
-            Ok(false) => Ok(false),
-            Ok(true) => queue.needs_notification(mem).map_err(|e| {
-                self.mark_broken(name, e.to_string());
-                VsockError::QueueBroken {
-                    queue: name,
-                    reason: e.to_string(),
-                }
-            }),
-            Err(reason) => {
-                self.mark_broken(name, reason.clone());
-                Err(VsockError::QueueBroken {
-                    queue: name,
-                    reason,
-                })
+        res.map_err(|source| {
+            error!(queue = name, %source, "vsock: queue broken; waiting for a device reset");
+            if name == "rx" {
+                self.rx_broken = true;
+            } else {
+                self.tx_broken = true;
             }
-        }
-    }
-
-    fn mark_broken(&mut self, name: &str, reason: String) {
-        error!(queue = name, %reason, "vsock: queue broken; waiting for a device reset");
-        if name == "rx" {
-            self.rx_broken = true;
-        } else {
-            self.tx_broken = true;
-        }
-    }
-
-    fn tx_rounds<M: GuestMemory>(
-        &mut self,
-        mem: &M,
-        queue: &mut Queue,
-    ) -> std::result::Result<bool, String> {
-        let mut used = false;
-        loop {
-            queue.disable_notification(mem).map_err(|e| e.to_string())?;
-            while let Some(mut chain) = pop_chain(queue, mem)? {
-                let head = chain.head_index();
-                match VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
-                    Ok(pkt) => {
-                        let hdr = header_of(&pkt);
-                        self.muxer.handle_tx_packet(&hdr, pkt.data_slice());
-                    }
-                    Err(e) => warn!(head, error = %e, "vsock: dropping malformed TX chain"),
-                }
-                queue.add_used(mem, head, 0).map_err(|e| e.to_string())?;
-                used = true;
+            VsockError::QueueBroken {
+                queue: name,
+                source,
             }
-            if !queue.enable_notification(mem).map_err(|e| e.to_string())? {
-                return Ok(used);
-            }
-        }
-    }
-
-    fn rx_rounds<M: GuestMemory>(
-        &mut self,
-        mem: &M,
-        queue: &mut Queue,
-    ) -> std::result::Result<bool, String> {
-        let mut used = false;
-        loop {
-            queue.disable_notification(mem).map_err(|e| e.to_string())?;
-            while self.muxer.has_rx_work() {
-                let Some(mut chain) = pop_chain(queue, mem)? else {
-                    break;
-                };
-                let head = chain.head_index();
-                let len = match VsockPacket::from_rx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
-                    Ok(mut pkt) => {
-                        let mut hdr = [0u8; HEADER_SIZE];
-                        match self.muxer.fill_rx(&mut hdr, pkt.data_slice()) {
-                            RxFill::Packet(n) => match pkt.set_header_from_raw(&hdr) {
-                                Ok(()) => n,
-                                Err(e) => {
-                                    warn!(head, error = %e, "vsock: cannot write RX header");
-                                    0
-                                }
-                            },
-                            RxFill::Nothing => {
-                                // Give the buffer back for the next packet.
-                                queue.go_to_previous_position();
-                                break;
-                            }
-                            RxFill::NoRoom => {
-                                warn!(head, "vsock: RX buffer without a payload area");
-                                0
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        warn!(head, error = %e, "vsock: dropping malformed RX chain");
-                        0
-                    }
-                };
-                queue.add_used(mem, head, len).map_err(|e| e.to_string())?;
-                used = true;
-            }
-            // With work left and no buffers, ask for a kick; re-check in case buffers came
-            // in meanwhile.
-            if !self.muxer.has_rx_work()
-                || !queue.enable_notification(mem).map_err(|e| e.to_string())?
-            {
-                if !self.muxer.has_rx_work() {
-                    queue.enable_notification(mem).map_err(|e| e.to_string())?;
-                }
-                return Ok(used);
-            }
-        }
+        })
     }
 }
 
-/// The next chain, or an error for an available ring that claims impossible entries.
-fn pop_chain<'m, M: GuestMemory>(
-    queue: &mut Queue,
-    mem: &'m M,
-) -> std::result::Result<Option<DescriptorChain<&'m M>>, String> {
-    let mut iter = queue.iter(mem).map_err(|e| e.to_string())?;
-    Ok(iter.next())
+/// The TX queue as drain work: every chain the guest sent is a packet for the muxer.
+struct Tx<'a, M> {
+    muxer: &'a mut Muxer,
+    mem: &'a M,
+}
+
+impl<M: GuestMemory> Work<M> for Tx<'_, M> {
+    type Error = Infallible;
+
+    fn serve(&mut self, mut chain: DescriptorChain<&M>) -> Served {
+        let head = chain.head_index();
+        match VsockPacket::from_tx_virtq_chain(self.mem, &mut chain, MAX_PKT_DATA) {
+            Ok(pkt) => {
+                let hdr = header_of(&pkt);
+                self.muxer.handle_tx_packet(&hdr, pkt.data_slice());
+            }
+            Err(e) => warn!(head, error = %e, "vsock: dropping malformed TX chain"),
+        }
+        Served::Used(0)
+    }
+}
+
+/// The RX queue as drain work: a guest buffer is taken only while the muxer has a packet
+/// for it.
+struct Rx<'a, M> {
+    muxer: &'a mut Muxer,
+    mem: &'a M,
+}
+
+impl<M: GuestMemory> Work<M> for Rx<'_, M> {
+    type Error = Infallible;
+
+    fn has_work(&mut self) -> std::result::Result<bool, Infallible> {
+        Ok(self.muxer.has_rx_work())
+    }
+
+    fn serve(&mut self, mut chain: DescriptorChain<&M>) -> Served {
+        let head = chain.head_index();
+        let len = match VsockPacket::from_rx_virtq_chain(self.mem, &mut chain, MAX_PKT_DATA) {
+            Ok(mut pkt) => {
+                let mut hdr = [0u8; HEADER_SIZE];
+                match self.muxer.fill_rx(&mut hdr, pkt.data_slice()) {
+                    RxFill::Packet(n) => match pkt.set_header_from_raw(&hdr) {
+                        Ok(()) => n,
+                        Err(e) => {
+                            warn!(head, error = %e, "vsock: cannot write RX header");
+                            0
+                        }
+                    },
+                    // Give the buffer back for the next packet.
+                    RxFill::Nothing => return Served::Later,
+                    RxFill::NoRoom => {
+                        warn!(head, "vsock: RX buffer without a payload area");
+                        0
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(head, error = %e, "vsock: dropping malformed RX chain");
+                0
+            }
+        };
+        Served::Used(len)
+    }
 }
 
 fn header_of<B: BitmapSlice>(pkt: &VsockPacket<'_, B>) -> Header {

@@ -53,8 +53,11 @@ pub enum VsockError {
     Event(std::io::Error),
     /// The guest put an impossible index in a queue's available ring; the queue is unusable
     /// until the driver resets the device.
-    #[error("{queue} queue is broken: {reason}")]
-    QueueBroken { queue: &'static str, reason: String },
+    #[error("{queue} queue is broken: {source}")]
+    QueueBroken {
+        queue: &'static str,
+        source: crate::devices::in_order::DrainError,
+    },
     /// The vhost-user server failed (socket, thread or daemon).
     #[error("vhost-user vsock server: {0}")]
     Daemon(String),
