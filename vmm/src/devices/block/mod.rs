@@ -6,9 +6,11 @@
 //! - [`chain`]: a descriptor chain checked against guest memory and read as two byte
 //!   streams (what the device reads, what it writes).
 //! - [`scheduler`]: [`IoPool`], a queue served with requests running side by side on a few
-//!   persistent I/O workers, FLUSH as a barrier (the vhost-user backend's path).
-//! - [`in_process`]: [`VirtioBlock`], the device on kiln's own transport (`kvm`):
-//!   [`BlockHandler`] on a `QueueWorker` per queue, requests served in order.
+//!   persistent I/O workers, completed as they finish, FLUSH as a barrier. Both devices
+//!   below schedule their requests with it, so the `kvm` and `qemu` engines serve a disk
+//!   alike.
+//! - [`in_process`]: [`VirtioBlock`], the device on kiln's own transport (`kvm`): a
+//!   `QueueWorker` per queue, on an [`IoPool`] per queue.
 //! - [`vhost_user`]: the same logic served to QEMU as a vhost-user-blk backend, on an
 //!   [`IoPool`] per queue.
 

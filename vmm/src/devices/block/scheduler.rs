@@ -7,12 +7,13 @@
 //! more than it saved, so the workers live as long as the queue's backend.
 //!
 //! Who does what:
-//! - The queue's own thread (the vhost-user vring worker) is the only one that touches the
-//!   `Queue`: it pops chains, checks each one whole ([`prepare`]) before any I/O, completes
-//!   refused chains on the spot, hands ready requests to the workers, and puts every
-//!   completion on the used ring and signals the guest (honouring EVENT_IDX) as it comes
-//!   back, in whatever order the requests finish (virtio-blk allows that). So the used ring
-//!   and the interrupt logic stay single-threaded, exactly as before.
+//! - The queue's own thread (the vhost-user vring worker, or the in-process device's
+//!   `QueueWorker`) is the only one that touches the `Queue`: it pops chains, checks each
+//!   one whole ([`prepare`]) before any I/O, completes refused chains on the spot, hands
+//!   ready requests to the workers, and puts every completion on the used ring and signals
+//!   the guest (honouring EVENT_IDX) as it comes back, in whatever order the requests
+//!   finish (virtio-blk allows that). So the used ring and the interrupt logic stay
+//!   single-threaded.
 //! - The pool threads only run requests: disk I/O against guest memory and the status byte.
 //! - The queue's thread is a worker too: of the requests it hands over it runs one itself
 //!   (the smallest; pool threads take the oldest first), and wakes a pool thread only for
