@@ -7,7 +7,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kiln_vmm::devices::vsock::in_process::VIRTIO_ID_VSOCK;
+use kiln_vmm::devices::vsock::device::VIRTIO_ID_VSOCK;
 use kiln_vmm::devices::vsock::muxer::unix::guest_port_path;
 use kiln_vmm::devices::vsock::protocol::*;
 use kiln_vmm::devices::vsock::VirtioVsock;

@@ -98,13 +98,11 @@ impl VmSpec {
             b = b.console_log(l);
         }
         for d in &self.disks {
-            b = b.device(Box::new(
-                crate::devices::block::in_process::VirtioBlock::open_with(
-                    &d.path,
-                    d.read_only,
-                    &d.serial,
-                )?,
-            ));
+            b = b.device(Box::new(crate::devices::block::VirtioBlock::open_with(
+                &d.path,
+                d.read_only,
+                &d.serial,
+            )?));
         }
         // Check every descriptor before taking any over.
         for (i, n) in self.nics.iter().enumerate() {

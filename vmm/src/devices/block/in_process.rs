@@ -12,16 +12,13 @@ use kiln_disk::BlockDevice;
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
-use super::device::{BlockDeviceConfig, BlockOptions, QUEUE_SIZE};
+use super::device::{BlockDeviceConfig, BlockOptions, QUEUE_SIZE, VIRTIO_ID_BLOCK};
 use super::handler::BlockHandler;
 use super::scheduler::IoPool;
 use crate::machine::MachineError;
 use crate::transport::{
     ActivateContext, ActivateError, Interrupt, QueueHandler, QueueWorker, VirtioDevice,
 };
-
-/// virtio device ID of a block device.
-pub const VIRTIO_ID_BLOCK: u32 = 2;
 
 /// A virtio-blk device for the in-process transport.
 pub struct VirtioBlock {

@@ -9,15 +9,12 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
-use super::device::{NetDeviceConfig, NUM_QUEUES, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
+use super::device::{NetDeviceConfig, NUM_QUEUES, QUEUE_SIZE, RX_QUEUE, TX_QUEUE, VIRTIO_ID_NET};
 use super::handler::NetHandler;
 use crate::transport::{
     read_config_bytes, ActivateContext, ActivateError, DeviceQueue, ExtraFd, QueueHandler,
     QueueWorker, VirtioDevice,
 };
-
-/// virtio device ID of a network device.
-pub const VIRTIO_ID_NET: u32 = 1;
 
 /// The [`ExtraFd`] id of the frame port.
 const PORT: u64 = 0;

@@ -15,18 +15,16 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
-use super::device::{avail_features, VsockConfig, EVENT_QUEUE, NUM_QUEUES, RX_QUEUE, TX_QUEUE};
+use super::device::{
+    avail_features, VsockConfig, EVENT_QUEUE, NUM_QUEUES, QUEUE_SIZE, RX_QUEUE, TX_QUEUE,
+    VIRTIO_ID_VSOCK,
+};
 use super::handler::VsockHandler;
 use super::Result;
 use crate::transport::{
     read_config_bytes, ActivateContext, ActivateError, DeviceQueue, ExtraFd, QueueHandler,
     QueueWorker, SpawnError, VirtioDevice,
 };
-
-/// virtio device ID of a socket device.
-pub const VIRTIO_ID_VSOCK: u32 = 19;
-/// Queue size offered to the driver.
-pub const QUEUE_SIZE: u16 = 256;
 
 /// The [`ExtraFd`] id of the host sockets (the muxer's epoll fd).
 const HOST: u64 = 0;
