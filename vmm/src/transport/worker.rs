@@ -64,6 +64,27 @@ pub struct SpawnError<H> {
     pub handler: Option<H>,
 }
 
+impl<H> std::fmt::Debug for SpawnError<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpawnError")
+            .field("source", &self.source)
+            .field("handler_back", &self.handler.is_some())
+            .finish()
+    }
+}
+
+impl<H> std::fmt::Display for SpawnError<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "starting a queue worker: {}", self.source)
+    }
+}
+
+impl<H> std::error::Error for SpawnError<H> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
 impl<H> From<SpawnError<H>> for ActivateError {
     fn from(e: SpawnError<H>) -> ActivateError {
         ActivateError::Io(e.source)
@@ -265,9 +286,8 @@ mod tests {
             events: events.clone(),
             rounds: 0,
         };
-        let worker = QueueWorker::spawn("test-worker", handler, mem, Vec::new(), interrupt.clone())
-            .map_err(|e| e.source)
-            .unwrap();
+        let worker =
+            QueueWorker::spawn("test-worker", handler, mem, Vec::new(), interrupt.clone()).unwrap();
         poke.write(1).unwrap();
         let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while events.load(Ordering::SeqCst) == 0 {
