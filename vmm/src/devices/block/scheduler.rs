@@ -7,12 +7,13 @@
 //! more than it saved, so the workers live as long as the queue's backend.
 //!
 //! Who does what:
-//! - The queue's own thread (the vhost-user vring worker) is the only one that touches the
-//!   `Queue`: it pops chains, checks each one whole ([`prepare`]) before any I/O, completes
-//!   refused chains on the spot, hands ready requests to the workers, and puts every
-//!   completion on the used ring and signals the guest (honouring EVENT_IDX) as it comes
-//!   back, in whatever order the requests finish (virtio-blk allows that). So the used ring
-//!   and the interrupt logic stay single-threaded, exactly as before.
+//! - The queue's own thread (the vhost-user vring worker, or the in-process device's
+//!   `QueueWorker`) is the only one that touches the `Queue`: it pops chains, checks each
+//!   one whole ([`prepare`]) before any I/O, completes refused chains on the spot, hands
+//!   ready requests to the workers, and puts every completion on the used ring and signals
+//!   the guest (honouring EVENT_IDX) as it comes back, in whatever order the requests
+//!   finish (virtio-blk allows that). So the used ring and the interrupt logic stay
+//!   single-threaded.
 //! - The pool threads only run requests: disk I/O against guest memory and the status byte.
 //! - The queue's thread is a worker too: of the requests it hands over it runs one itself
 //!   (the smallest; pool threads take the oldest first), and wakes a pool thread only for
@@ -47,9 +48,7 @@ use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_S_IOERR;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemory;
 
-use super::inorder_handler::{
-    prepare, BlockHandler, Completion, Prepared, QueueError, Request, Runner,
-};
+use super::handler::{prepare, BlockHandler, Completion, Prepared, QueueError, Request, Runner};
 
 /// Requests served at once per queue: the queue's own thread plus `IO_WORKERS - 1` pool
 /// threads. Two, because the Linux driver puts a 1 MiB block in flight as two 512 KiB
