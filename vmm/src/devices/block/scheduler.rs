@@ -77,6 +77,10 @@ struct Shared<M> {
     /// Signalled when a job is queued or the pool stops.
     wake: Condvar,
     runner: Arc<Runner>,
+    /// Completions the pool threads have handed to the queue's thread: lets a test wait for
+    /// the moment a completion is ready instead of guessing it with a sleep.
+    #[cfg(test)]
+    reported: std::sync::atomic::AtomicUsize,
 }
 
 struct State<M> {
@@ -111,6 +115,8 @@ impl<M: GuestMemory + Send + Sync + 'static> IoPool<M> {
             }),
             wake: Condvar::new(),
             runner: handler.runner().clone(),
+            #[cfg(test)]
+            reported: Default::default(),
         });
         let (done_tx, done_rx) = channel();
         let mut threads = Vec::with_capacity(workers);
@@ -395,6 +401,10 @@ fn worker<M: GuestMemory + Send + Sync + 'static>(shared: &Shared<M>, done: &Sen
             // The pool is gone.
             return;
         }
+        #[cfg(test)]
+        shared
+            .reported
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -748,27 +758,28 @@ mod tests {
     #[test]
     fn completions_ready_together_get_one_signal() {
         let mem = memory();
-        // The disk, for its log, inside its own hook.
-        let this: Arc<std::sync::OnceLock<std::sync::Weak<HookDisk>>> = Arc::default();
-        let me = this.clone();
-        // The small read (run here) finishes only after the large one (in the pool) has
-        // ended in the disk, plus a margin for its worker to report it, so both completions
-        // are ready when this thread puts its own on the ring.
+        // The pool's shared state, for the hook to see when the large read's completion has
+        // been handed to the queue's thread.
+        let shared: Arc<std::sync::OnceLock<Arc<Shared<Mem>>>> = Arc::default();
+        let seen = shared.clone();
+        // The small read (run here) finishes only once the large one (in the pool) has been
+        // reported, so both completions are ready when this thread puts its own on the ring.
         let disk = HookDisk::new(move |op| match op {
             Op::Read(0) => Ok(()),
-            _ => wait_for("the large read to end", || {
-                me.get()
-                    .and_then(|d| d.upgrade())
-                    .is_some_and(|d| d.log().contains(&Event::End(Op::Read(0))))
-            })
-            .map(|()| std::thread::sleep(Duration::from_millis(200))),
+            _ => wait_for("the large read to be reported", || {
+                seen.get()
+                    .is_some_and(|s| s.reported.load(Ordering::SeqCst) >= 1)
+            }),
         });
-        this.set(Arc::downgrade(&disk)).unwrap();
         let vq = MockSplitQueue::new(&*mem, 16);
         let mut descs = request_of(&mem, 0, 0, VIRTIO_BLK_T_IN, 0, 8192);
         descs.extend(request_of(&mem, 1, 3, VIRTIO_BLK_T_IN, 16, 512));
         vq.add_desc_chains(&descs, 0).unwrap();
-        let s = serve_fresh(&disk, vq.create_queue().unwrap(), &mem);
+        let h = handler(disk.clone());
+        let pool = IoPool::new(&h);
+        let _ = shared.set(pool.shared.clone());
+        let s = serve(pool, h, vq.create_queue().unwrap(), &mem);
+        s.result.as_ref().unwrap();
         let mut u = used(&vq);
         u.sort_unstable();
         assert_eq!(u, vec![(0, 8193), (3, 513)]);
