@@ -16,12 +16,12 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::cache::Cache;
 use crate::capture;
 use crate::diskops;
-use crate::engine::network::{self as modnet, Internet};
 use crate::engine::{self, DiskAttach, Engine, EngineChoice, RunningVm, VmLaunch};
 use crate::events::{ms, BuildPhase, Event, EventSink, VmPhase};
 use crate::guest::{Connector, Guest, GuestCommand, GuestError, VsockConnector};
 use crate::job::{BuildJob, FileContent, VmJob};
 use crate::module::{BootRecord, DiskRecord, ModuleRecord, PendingModule, VmRecord};
+use crate::network::{self as modnet, Internet};
 use crate::provision::Provisioner;
 use crate::sources::{self, bootstrap::AGENT_VSOCK_PORT, ResolvedSource};
 
