@@ -13,8 +13,6 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::sources::{BaseImage, BootFiles, ParentDisk, ResolvedSource};
-
 pub const MODULE_FILE: &str = "module.yaml";
 
 #[derive(Debug, thiserror::Error)]
@@ -353,45 +351,6 @@ pub fn pick_vm<'a>(rec: &'a ModuleRecord, vm: Option<&str>) -> Result<&'a VmReco
             vms: names(),
         }),
     }
-}
-
-/// A `buildRef` source: the parent module's captured boot disk as the base of the child's
-/// overlay, with the parent's kernel.
-pub fn resolve_build_ref(
-    modules: &Path,
-    module: &str,
-    vm: Option<&str>,
-) -> Result<ResolvedSource, ModuleError> {
-    let (dir, rec) = find(modules, module)?;
-    let v = pick_vm(&rec, vm)?;
-    let disk = v.disks.first().ok_or_else(|| ModuleError::Bad {
-        path: dir.join(MODULE_FILE),
-        reason: format!("VM `{}` has no disks", v.name),
-    })?;
-    let path = dir.join(&disk.file);
-    let base = crate::sources::base_image(&path).map_err(|e| ModuleError::Bad {
-        path: path.clone(),
-        reason: e.to_string(),
-    })?;
-    let boot = v.boot.as_ref().map(|b| BootFiles {
-        kernel: dir.join(&b.kernel),
-        initrd: b.initrd.as_ref().map(|i| dir.join(i)),
-        root: b.root.clone(),
-    });
-    verify_layers(&dir, &rec)?;
-    Ok(ResolvedSource {
-        base: Some(BaseImage { ..base }),
-        boot,
-        agent_in_image: v.agent_in_image,
-        parent_disk: Some(ParentDisk {
-            module: rec.name.clone(),
-            path: path.clone(),
-            sha256: disk.sha256.clone(),
-        }),
-        record: serde_json::json!({
-            "buildRef": { "module": rec.name, "vm": v.name, "diskSha256": disk.sha256, "path": path }
-        }),
-    })
 }
 
 /// Checks that every thin disk of a module still sits on the parent disk it was captured
