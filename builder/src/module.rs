@@ -13,7 +13,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::job::BaseView;
+
 pub const MODULE_FILE: &str = "module.yaml";
+/// The file in a module that records what clones inherit (base network, NICs, resources).
+pub const BASE_FILE: &str = "base.yaml";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModuleError {
@@ -198,6 +202,16 @@ impl PendingModule {
         &self.dst
     }
 
+    /// Writes `base.yaml`, what clones of this module inherit ([`read_base`] reads it).
+    pub fn write_base(&self, base: &BaseView) -> Result<(), ModuleError> {
+        let p = self.tmp.join(BASE_FILE);
+        let yaml = serde_saphyr::to_string(base).map_err(|e| ModuleError::Bad {
+            path: p.clone(),
+            reason: e.to_string(),
+        })?;
+        fs::write(&p, yaml).map_err(io("writing", &p))
+    }
+
     /// Writes module.yaml and renames the folder into place. Without `replace`, a module that
     /// appeared since [`begin`](Self::begin) makes this fail (the rename itself refuses: no
     /// window between check and rename). With it, an older module of the same name is
@@ -253,6 +267,23 @@ impl Drop for PendingModule {
             let _ = fs::remove_dir_all(&self.tmp);
         }
     }
+}
+
+/// What clones of the module at `dir` inherit: the base network, NICs and resources
+/// (`base.yaml`, written by the build). `None` for a module built before kiln recorded it.
+pub fn read_base(dir: &Path) -> Result<Option<BaseView>, ModuleError> {
+    let p = dir.join(BASE_FILE);
+    let text = match fs::read_to_string(&p) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(io("reading", &p)(source)),
+    };
+    serde_saphyr::from_str(&text)
+        .map(Some)
+        .map_err(|e| ModuleError::Bad {
+            path: p,
+            reason: e.to_string(),
+        })
 }
 
 /// Removes a module or clone folder as a whole: renamed to a hidden name first (so no

@@ -54,9 +54,6 @@ pub struct BuildOptions {
     pub replace: bool,
 }
 
-/// The file in a module that records what clones inherit (base network, NICs, resources).
-pub const BASE_FILE: &str = "base.yaml";
-
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     #[error("VM `{vm}`: {message}")]
@@ -232,11 +229,7 @@ fn run_once(
             ),
         });
     }
-    let base = serde_saphyr::to_string(&job.base)
-        .map_err(|e| BuildError::Setup(format!("writing {BASE_FILE}: {e}")))?;
-    let base_path = pending.dir().join(BASE_FILE);
-    fs::write(&base_path, base)
-        .map_err(|e| BuildError::Setup(format!("writing {}: {e}", base_path.display())))?;
+    pending.write_base(&job.base)?;
     if !job.http_directory.is_empty() {
         let dir = run_dir.join("http");
         let cache = opts.cache.clone();
