@@ -109,15 +109,15 @@ struct Chunk {
     clusters: Vec<Out>,
 }
 
-/// Per-thread compressor state, reused across clusters.
-enum Compressor {
+/// Per-thread compressor state, reused across clusters (also by the thin capture).
+pub(crate) enum Compressor {
     None,
     Deflate(flate2::Compress),
     Zstd(zstd::bulk::Compressor<'static>),
 }
 
 impl Compressor {
-    fn new(c: Option<Compression>) -> std::io::Result<Compressor> {
+    pub(crate) fn new(c: Option<Compression>) -> std::io::Result<Compressor> {
         Ok(match c {
             None => Compressor::None,
             // Level 1 is raised to 2: zlib-rs's level-1 "quick" strategy panics with the 4 KiB
@@ -136,7 +136,7 @@ impl Compressor {
     }
 
     /// Compress one cluster; `None` when it does not shrink enough to be worth it.
-    fn compress(&mut self, data: &[u8]) -> Option<Vec<u8>> {
+    pub(crate) fn compress(&mut self, data: &[u8]) -> Option<Vec<u8>> {
         if matches!(self, Compressor::None) {
             return None;
         }

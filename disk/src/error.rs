@@ -31,6 +31,8 @@ pub enum DiskError {
         name: String,
         why: String,
     },
+    #[error("{top}: a thin capture needs an overlay directly on {parent}")]
+    NotOverParent { top: PathBuf, parent: PathBuf },
     #[error("invalid argument: {0}")]
     Invalid(String),
     #[error("{path}: {source}")]
