@@ -48,6 +48,11 @@ pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) ->
     move |source| DiskError::Io { path, source }
 }
 
+pub(crate) fn block_err(path: impl Into<PathBuf>) -> impl FnOnce(BlockError) -> DiskError {
+    let path = path.into();
+    move |source| DiskError::Block { path, source }
+}
+
 pub(crate) fn corrupt(path: impl Into<PathBuf>) -> impl FnOnce(String) -> DiskError {
     let path = path.into();
     move |what| DiskError::Corrupt { path, what }

@@ -5,8 +5,8 @@
 use std::fs::File;
 use std::path::Path;
 
-use crate::convert::Compressor;
-use crate::error::{corrupt, io_err, DiskError, Result};
+use crate::convert::{temp_beside, Compressor};
+use crate::error::{block_err, corrupt, io_err, DiskError, Result};
 use crate::qcow2::header::CompressionType;
 use crate::qcow2::meta::{Cluster, Meta, OFFSET_MASK};
 use crate::qcow2::writer::StreamWriter;
@@ -57,14 +57,7 @@ pub fn capture_thin(
     let bits = top_meta.header.cluster_bits;
     let cs = 1u64 << bits;
 
-    let dir = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = tempfile::Builder::new()
-        .prefix(".kiln-thin-")
-        .tempfile_in(dir)
-        .map_err(io_err(dir))?;
+    let tmp = temp_beside(out, ".kiln-thin-")?;
     let file = tmp.as_file().try_clone().map_err(io_err(tmp.path()))?;
     let mut w =
         StreamWriter::new(file, size, bits, CompressionType::Deflate).map_err(io_err(out))?;
@@ -92,19 +85,13 @@ pub fn capture_thin(
         let len = cs.min(size - off) as usize;
         child
             .read_at(&mut mine[..len], off)
-            .map_err(|source| DiskError::Block {
-                path: top.to_path_buf(),
-                source,
-            })?;
+            .map_err(block_err(top))?;
         theirs[..len].fill(0);
         if off < parent_size {
             let plen = (len as u64).min(parent_size - off) as usize;
             parent_dev
                 .read_at(&mut theirs[..plen], off)
-                .map_err(|source| DiskError::Block {
-                    path: parent.to_path_buf(),
-                    source,
-                })?;
+                .map_err(block_err(parent))?;
         }
         if mine[..len] == theirs[..len] {
             stats.same_clusters += 1;
