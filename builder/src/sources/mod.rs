@@ -51,7 +51,7 @@ pub enum SourceError {
         error: kiln_disk::DiskError,
     },
     #[error("buildRef: {0}")]
-    BuildRef(String),
+    BuildRef(#[source] crate::module::ModuleError),
     #[error(transparent)]
     Disk(#[from] diskops::DiskOpError),
 }
@@ -210,7 +210,7 @@ pub fn resolve(
         }
         SourceSpec::BuildRef { module, vm: ref_vm } => {
             build_ref::resolve(modules_dir, module, ref_vm.as_deref())
-                .map_err(|e| SourceError::BuildRef(e.to_string()))
+                .map_err(SourceError::BuildRef)
         }
     }
 }
