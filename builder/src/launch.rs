@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use kiln_agent::LinkConfig;
 
-use crate::engine::network as modnet;
 use crate::engine::{DiskAttach, Engine, EngineError, RunningVm, VmLaunch};
 use crate::guest::{Connector, Guest, GuestError};
 use crate::job::NicJob;
+use crate::network as modnet;
 use crate::sources::BootFiles;
 
 /// One VM to start: what a build's VM and a clone's VM each give.
