@@ -121,12 +121,18 @@ fn a_killed_run_leaves_no_lock_and_a_live_one_refuses_a_second() {
     first.0.wait().unwrap();
     drop(first);
 
-    // The clone runs again and its VM answers (once the new run has made its own socket).
-    let old_ino = std::fs::metadata(&sock).map(|m| m.ino()).ok();
+    // The clone runs again and its VM answers (once the new run has made its own socket:
+    // a new socket may reuse the freed inode number, so its change time tells them apart).
+    let identity = |p: &Path| {
+        std::fs::metadata(p)
+            .map(|m| (m.ino(), m.ctime(), m.ctime_nsec()))
+            .ok()
+    };
+    let old_ino = identity(&sock);
     let mut third = start_run();
     let t0 = Instant::now();
     loop {
-        let ino = std::fs::metadata(&sock).map(|m| m.ino()).ok();
+        let ino = identity(&sock);
         if ino.is_some() && ino != old_ino {
             break;
         }
