@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::diskops;
 use crate::job::BaseView;
 use crate::module::{self, ModuleError, ModuleRecord};
-use crate::pipeline::BASE_FILE;
+use crate::build::BASE_FILE;
 
 pub const CLONE_FILE: &str = "clone.yaml";
 /// The module file [`load_base`] reads.

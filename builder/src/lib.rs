@@ -2,6 +2,7 @@
 
 pub mod backends;
 pub mod bootimage;
+pub mod build;
 pub mod build_logs;
 pub mod cache;
 pub mod capture;
@@ -17,7 +18,6 @@ pub mod leftovers;
 pub mod log_file;
 pub mod manifest;
 pub mod module;
-pub mod pipeline;
 pub mod plan_adapter;
 pub mod provision;
 pub mod run_lock;

@@ -11,7 +11,7 @@ use clap::Args;
 use crate::cache::Cache;
 use crate::engine::EngineChoice;
 use crate::events::{EventSink, FileSink, HumanSink, JsonSink, Tee};
-use crate::pipeline::{self, BuildContext, BuildOptions, OnError, VmRegistry};
+use crate::build::{self, BuildContext, BuildOptions, OnError, VmRegistry};
 
 #[derive(Debug, Args)]
 pub struct BuildArgs {
@@ -75,7 +75,7 @@ fn build_inner(a: BuildArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("reading {}", a.file.display()))?;
     let plan = loaded.into_plan()?;
     let job = crate::plan_adapter::job_from_plan(&plan, &a.file, &text)?;
-    // Before any work: the pipeline checks again when it starts and at commit.
+    // Before any work: the build checks again when it starts and at commit.
     crate::module::check_replace(&a.output, &job.name, a.force)?;
     let cache = Cache::from_env()?;
     let display: Arc<dyn EventSink> = if a.json {
@@ -87,7 +87,7 @@ fn build_inner(a: BuildArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&a.output)
         .with_context(|| format!("creating {}", a.output.display()))?;
     // What killed builds left here and in the runtime folder.
-    let run_root = pipeline::runtime_root()?;
+    let run_root = build::runtime_root()?;
     crate::leftovers::sweep_and_report(&[
         (&a.output, crate::leftovers::Place::Modules),
         (&run_root, crate::leftovers::Place::RuntimeRoot),
@@ -139,7 +139,7 @@ fn build_inner(a: BuildArgs) -> anyhow::Result<ExitCode> {
         failed_logs: Some(failed_logs.clone()),
         replace: a.force,
     };
-    let result = pipeline::run(&job, &opts, &ctx);
+    let result = build::run(&job, &opts, &ctx);
     match result {
         Ok(dir) => {
             let _ = std::fs::rename(&events_path, dir.join("logs").join("events.jsonl"));
@@ -179,7 +179,7 @@ fn build_inner(a: BuildArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Files the event log with the failed build's other logs (the pipeline moved those).
+/// Files the event log with the failed build's other logs (the build moved those).
 fn keep_events(events: &std::path::Path, dir: &std::path::Path) {
     let r = crate::build_logs::make_failed_dir(dir)
         .and_then(|()| std::fs::rename(events, dir.join(crate::build_logs::EVENTS_FILE)));
@@ -196,7 +196,7 @@ pub struct ResumeArgs {
 
 /// `kiln resume <vm>`: ends the handbuild pause of a running build's VM.
 pub fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
-    let root = pipeline::runtime_root()?;
+    let root = build::runtime_root()?;
     let mut hits = Vec::new();
     if let Ok(rd) = std::fs::read_dir(&root) {
         for build in rd.flatten() {

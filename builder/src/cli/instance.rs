@@ -21,7 +21,7 @@ use crate::engine::network::{self as modnet, Internet};
 use crate::engine::{self, DiskAttach, EngineChoice, VmLaunch};
 use crate::leftovers::{self, Place};
 use crate::module;
-use crate::pipeline::runtime_root;
+use crate::build::runtime_root;
 use crate::sources::BootFiles;
 
 #[derive(Debug, Args)]
