@@ -20,10 +20,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::build::BASE_FILE;
 use crate::diskops;
 use crate::job::BaseView;
 use crate::module::{self, ModuleError, ModuleRecord};
-use crate::build::BASE_FILE;
 
 pub const CLONE_FILE: &str = "clone.yaml";
 /// The module file [`load_base`] reads.

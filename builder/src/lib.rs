@@ -5,7 +5,6 @@ pub mod bootimage;
 pub mod build;
 pub mod build_logs;
 pub mod cache;
-pub mod capture;
 pub mod cli;
 pub mod clone;
 pub mod diskops;

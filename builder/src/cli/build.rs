@@ -8,10 +8,10 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 
+use crate::build::{self, BuildContext, BuildOptions, OnError, VmRegistry};
 use crate::cache::Cache;
 use crate::engine::EngineChoice;
 use crate::events::{EventSink, FileSink, HumanSink, JsonSink, Tee};
-use crate::build::{self, BuildContext, BuildOptions, OnError, VmRegistry};
 
 #[derive(Debug, Args)]
 pub struct BuildArgs {

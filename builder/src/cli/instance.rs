@@ -16,12 +16,12 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 
+use crate::build::runtime_root;
 use crate::clone;
 use crate::engine::network::{self as modnet, Internet};
 use crate::engine::{self, DiskAttach, EngineChoice, VmLaunch};
 use crate::leftovers::{self, Place};
 use crate::module;
-use crate::build::runtime_root;
 use crate::sources::BootFiles;
 
 #[derive(Debug, Args)]
