@@ -50,14 +50,14 @@ pub(super) struct Launched<'a> {
 }
 
 pub(super) fn launch<'a>(b: &VmBuild<'a>, disks: &VmDisks) -> Result<Launched<'a>, VmError> {
-    b.phase(VmPhase::Booting, Some(b.engine.name().into()));
+    b.phase(VmPhase::Booting, Some(b.module.engine.name().into()));
     let serial_log = b.serial_log();
     // Made here, 0600, so the engine appends to a file only its owner can read.
     crate::log_file::create(&serial_log).map_err(|source| VmError::Log {
         path: serial_log.clone(),
         source,
     })?;
-    let nics = modnet::attach(b.net, &b.vm.name, &b.vm.nics)?;
+    let nics = modnet::attach(b.module.net, &b.vm.name, &b.vm.nics)?;
     let launch = VmLaunch {
         name: b.vm.name.clone(),
         cpus: b.vm.cpus,
@@ -79,10 +79,10 @@ pub(super) fn launch<'a>(b: &VmBuild<'a>, disks: &VmDisks) -> Result<Launched<'a
         cid: 3 + b.index as u32,
         nics,
     };
-    let running = b.engine.launch(&launch)?;
+    let running = b.module.engine.launch(&launch)?;
     let socket = running.vsock_socket().to_path_buf();
     let running: SharedVm = Arc::new(Mutex::new(running));
-    let registered = b.ctx.registry.add(&b.vm.name, running.clone());
+    let registered = b.module.ctx.registry.add(&b.vm.name, running.clone());
 
     let log_path = b.step_log();
     let log = crate::log_file::create(&log_path)
@@ -152,7 +152,7 @@ pub(super) fn wait_for_agent(
 /// Stops a VM that failed; with `--on-error keep` only once the build is cancelled, so it
 /// can be inspected until then.
 pub(super) fn stop_failed(b: &VmBuild, vm: &Launched) {
-    if b.opts.on_error == OnError::Keep {
+    if b.module.opts.on_error == OnError::Keep {
         b.note(format!(
             "--on-error keep: the VM stays up (serial log {}); Ctrl-C ends the build",
             b.serial_log().display()

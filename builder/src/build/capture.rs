@@ -23,10 +23,13 @@ pub(super) fn run(
     let mut records = Vec::new();
     for (i, a) in disks.disks.iter().enumerate() {
         // --thin: a buildRef child's boot disk becomes a layer over its parent's disk.
-        let thin_over = src.parent_disk.as_ref().filter(|_| b.opts.thin && i == 0);
+        let thin_over = src
+            .parent_disk
+            .as_ref()
+            .filter(|_| b.module.opts.thin && i == 0);
         let rec = capture_to_module(
-            b.pending.dir(),
-            b.pending.final_dir(),
+            b.module.pending.dir(),
+            b.module.pending.final_dir(),
             &b.vm.name,
             &a.name,
             &a.path,
@@ -43,7 +46,7 @@ pub(super) fn run(
 
 /// Copies the VM's kernel and initrd into the module: clones boot them directly.
 pub(super) fn boot_files(b: &VmBuild, disks: &VmDisks) -> Result<BootRecord, VmError> {
-    let dir = b.pending.dir();
+    let dir = b.module.pending.dir();
     fs::create_dir_all(dir.join("boot").join(&b.vm.name)).map_err(VmError::BootFiles)?;
     let kernel = format!("boot/{}/vmlinuz", b.vm.name);
     fs::copy(&disks.boot.kernel, dir.join(&kernel)).map_err(VmError::BootFiles)?;

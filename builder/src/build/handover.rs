@@ -14,12 +14,16 @@ use crate::job::{BuildJob, VmJob};
 /// What the VM's agent is handed: the leases of its DHCP NICs and its static addresses on
 /// subnets without DHCP (the agent is all that configures those).
 pub(super) fn links(b: &VmBuild) -> Vec<kiln_agent::LinkConfig> {
-    let mut links = if uses_dhcp(b.job, b.vm) {
-        bound_leases(b.job, b.vm, b.net)
+    let mut links = if uses_dhcp(b.module.job, b.vm) {
+        bound_leases(b.module.job, b.vm, b.module.net)
     } else {
         Vec::new()
     };
-    links.extend(modnet::static_links(&b.job.network, b.net, &b.vm.nics));
+    links.extend(modnet::static_links(
+        &b.module.job.network,
+        b.module.net,
+        &b.vm.nics,
+    ));
     links
 }
 

@@ -2,10 +2,10 @@
 //! build's timeout, retries, `--on-error` and cancellation.
 //!
 //! The module: pick the engine, open the partial module and the runtime folder, fetch the
-//! `files` URLs ([`source`]), start the network ([`network`]), build the VMs together
-//! ([`vms`]), commit. Each VM, on its own thread: [`source`], [`boot`], network
-//! [`handover`], [`provision`], [`shutdown`], [`capture`]; [`VmBuild`] carries its state
-//! from phase to phase.
+//! `files` URLs (`source`), start the network (`network`), build the VMs together (`vms`),
+//! commit. Each VM, on its own thread: `source`, `boot`, network `handover`, `provision`,
+//! `shutdown`, `capture`, one file each; a `VmBuild` (`vm`) carries its state from phase to
+//! phase.
 //!
 //! Running VMs are kept in a shared [`VmRegistry`] so that a timeout, Ctrl-C or another VM's
 //! failure can stop all of them at once; a VM thread blocked on its guest then sees the
@@ -40,8 +40,7 @@ use crate::sources::{bootstrap::AGENT_VSOCK_PORT, ResolvedSource};
 use boot::Launched;
 use cleanup::{KeepLogsOnFailure, RunDir};
 use source::VmDisks;
-use vm::VmBuild;
-use vms::ModuleBuild;
+use vm::{ModuleBuild, VmBuild};
 
 pub use error::{BuildError, CaptureError, PrefetchError, ShutdownError, VmError, WriteError};
 pub use options::{runtime_root, BuildContext, BuildOptions, OnError, BASE_FILE};

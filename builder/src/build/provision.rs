@@ -21,11 +21,16 @@ pub(super) fn run(
     log: &Mutex<File>,
     network_ready: &dyn Fn(&mut dyn Guest),
 ) -> Result<Box<dyn Guest>, VmError> {
-    let cache = b.opts.cache.clone();
+    let cache = b.module.opts.cache.clone();
     let fetch = move |u: &str| url::fetch_bytes(&cache, u);
     // `httpDirectory`: shell steps are told where the files are (their first NIC's gateway).
-    let steps = match b.vm.nics.first().and_then(|n| b.net.gateway(&n.subnet)) {
-        Some(gw) if !b.job.http_directory.is_empty() => {
+    let steps = match b
+        .vm
+        .nics
+        .first()
+        .and_then(|n| b.module.net.gateway(&n.subnet))
+    {
+        Some(gw) if !b.module.job.http_directory.is_empty() => {
             http_directory::with_env(&b.vm.steps, &http_directory::step_env(gw))
         }
         _ => b.vm.steps.clone(),
@@ -33,11 +38,11 @@ pub(super) fn run(
     let prov = Provisioner {
         vm: &b.vm.name,
         steps: &steps,
-        files: &b.job.files,
+        files: &b.module.job.files,
         connector,
         events: b.events(),
         log: Some(log),
-        cancel: b.ctx.cancel.clone(),
+        cancel: b.module.ctx.cancel.clone(),
         resume_flag: b.runtime_dir().join("resume"),
         fetch_url: &fetch,
         network_ready,

@@ -293,7 +293,7 @@ const POWEROFF_TIMEOUT: Duration = Duration::from_secs(180);
 /// Waits until every VM of the module has finished its steps: one may serve the others
 /// during theirs, so none is shut down half-way through such an exchange.
 pub(super) fn wait_for_other_vms(b: &VmBuild) -> Result<(), VmError> {
-    if b.job.vms.len() > 1 {
+    if b.module.job.vms.len() > 1 {
         b.note("steps done; waiting for the other VMs before shutting down".into());
     }
     if (b.steps_done)() {

@@ -17,17 +17,18 @@ use crate::sources::{self, BootFiles, ResolvedSource};
 /// Resolves the VM's source: its base image and boot files, in the cache.
 pub(super) fn resolve(b: &VmBuild) -> Result<ResolvedSource, VmError> {
     let manifest_dir = b
+        .module
         .job
         .manifest_path
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default();
     Ok(sources::resolve(
-        &b.opts.cache,
+        &b.module.opts.cache,
         &b.vm.source,
         &b.vm.name,
         &manifest_dir,
-        &b.opts.output,
+        &b.module.opts.output,
         b.events(),
     )?)
 }

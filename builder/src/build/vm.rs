@@ -1,5 +1,5 @@
-//! [`VmBuild`]: one VM's build, as every phase sees it: the job's VM, the module being
-//! written, the engine and network it runs on, where its files go, its events and its clock.
+//! The build's state as the phases see it: what the module's VMs share ([`ModuleBuild`]) and
+//! one VM's build ([`VmBuild`]): the job's VM, where its files go, its events and its clock.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -12,18 +12,26 @@ use crate::events::{ms, Event, EventSink, VmPhase};
 use crate::job::{BuildJob, VmJob};
 use crate::module::PendingModule;
 
-pub(super) struct VmBuild<'a> {
+/// What every VM of the module shares.
+pub(super) struct ModuleBuild<'a> {
     pub job: &'a BuildJob,
-    pub vm: &'a VmJob,
-    /// The VM's place in the module; its vsock CID follows from it.
-    pub index: usize,
     pub opts: &'a BuildOptions,
     pub ctx: &'a BuildContext,
     pub engine: &'a dyn Engine,
     pub net: &'a kiln_net::Network,
     pub pending: &'a PendingModule,
-    /// This build's runtime folder (sockets, the handbuild resume flags).
     pub run_dir: &'a Path,
+    /// When the build's attempt started: its timeout counts from here.
+    pub start: Instant,
+}
+
+pub(super) struct VmBuild<'a> {
+    /// What every VM of the module shares: the job, the options, the engine, the network,
+    /// the module being written.
+    pub module: &'a ModuleBuild<'a>,
+    pub vm: &'a VmJob,
+    /// The VM's place in the module; its vsock CID follows from it.
+    pub index: usize,
     /// Waits until every VM of the module has finished its steps; `false` when the build
     /// fails or is cancelled instead.
     pub steps_done: &'a (dyn Fn() -> bool + Sync),
@@ -34,7 +42,7 @@ pub(super) struct VmBuild<'a> {
 
 impl VmBuild<'_> {
     pub fn events(&self) -> &dyn EventSink {
-        self.ctx.events.as_ref()
+        self.module.ctx.events.as_ref()
     }
 
     pub fn phase(&self, phase: VmPhase, message: Option<String>) {
@@ -54,7 +62,7 @@ impl VmBuild<'_> {
     }
 
     pub fn cancelled(&self) -> bool {
-        self.ctx.cancel.load(Ordering::SeqCst)
+        self.module.ctx.cancel.load(Ordering::SeqCst)
     }
 
     /// Reports the VM failed with `e`.
@@ -68,16 +76,17 @@ impl VmBuild<'_> {
 
     /// Where the VM's disks are made before capture (inside the partial module).
     pub fn work_dir(&self) -> PathBuf {
-        self.pending.dir().join("work")
+        self.module.pending.dir().join("work")
     }
 
     /// The VM's runtime folder (its sockets, its resume flag).
     pub fn runtime_dir(&self) -> PathBuf {
-        self.run_dir.join(&self.vm.name)
+        self.module.run_dir.join(&self.vm.name)
     }
 
     pub fn serial_log(&self) -> PathBuf {
-        self.pending
+        self.module
+            .pending
             .dir()
             .join("logs")
             .join(format!("{}-serial.log", self.vm.name))
@@ -85,7 +94,8 @@ impl VmBuild<'_> {
 
     /// The VM's own log: its steps' output.
     pub fn step_log(&self) -> PathBuf {
-        self.pending
+        self.module
+            .pending
             .dir()
             .join("logs")
             .join(format!("{}.log", self.vm.name))

@@ -2,7 +2,6 @@
 //! watchdog. One VM's failure (with `--on-error abort`), Ctrl-C or the build's timeout stops
 //! all of them; the VM that failed first names the build's failure.
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -10,26 +9,11 @@ use std::time::{Duration, Instant};
 
 use super::barrier::StepsBarrier;
 use super::error::BuildError;
-use super::options::{BuildContext, BuildOptions, OnError};
+use super::options::OnError;
 use super::registry::VmRegistry;
-use super::vm::VmBuild;
-use crate::engine::Engine;
+use super::vm::{ModuleBuild, VmBuild};
 use crate::events::BuildPhase;
-use crate::job::BuildJob;
-use crate::module::{PendingModule, VmRecord};
-
-/// What every VM of the module shares.
-pub(super) struct ModuleBuild<'a> {
-    pub job: &'a BuildJob,
-    pub opts: &'a BuildOptions,
-    pub ctx: &'a BuildContext,
-    pub engine: &'a dyn Engine,
-    pub net: &'a kiln_net::Network,
-    pub pending: &'a PendingModule,
-    pub run_dir: &'a Path,
-    /// When the build's attempt started: its timeout counts from here.
-    pub start: Instant,
-}
+use crate::module::VmRecord;
 
 /// Builds every VM of the module with `build_vm`; their records in the manifest's order, or
 /// the build's failure (reported as the build's `Failed` phase).
@@ -65,15 +49,9 @@ pub(super) fn build_all(
                         }
                     };
                     let r = build_vm(&VmBuild {
-                        job: m.job,
+                        module: m,
                         vm,
                         index,
-                        opts: m.opts,
-                        ctx: m.ctx,
-                        engine: m.engine,
-                        net: m.net,
-                        pending: m.pending,
-                        run_dir: m.run_dir,
                         steps_done: &steps_done,
                         capturing: &capturing,
                         start: Instant::now(),
