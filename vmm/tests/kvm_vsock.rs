@@ -18,7 +18,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::time::Duration;
 
-use kiln_vmm::devices::vsock::queue_handler::VIRTIO_ID_VSOCK;
+use kiln_vmm::devices::vsock::device::VIRTIO_ID_VSOCK;
 use kiln_vmm::devices::vsock::VirtioVsock;
 use kvm_support::virtio_guest::{reg, Buf, Device, Script, Virtq, VIRTIO_F_VERSION_1};
 use kvm_support::{finish_script, kvm_or_skip, log_warnings, start_script};

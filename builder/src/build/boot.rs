@@ -12,10 +12,10 @@ use super::options::OnError;
 use super::registry::{Registered, SharedVm};
 use super::source::VmDisks;
 use super::vm::VmBuild;
-use crate::engine::network as modnet;
 use crate::engine::{self, DiskAttach, Engine, EngineChoice, VmLaunch};
 use crate::events::{Event, EventSink, VmPhase};
 use crate::guest::{Connector, Guest, GuestError};
+use crate::network as modnet;
 use crate::sources;
 
 /// The engine this build runs on: the one asked for, or the best this host has.

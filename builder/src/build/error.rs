@@ -6,7 +6,6 @@ use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::options::BASE_FILE;
 use crate::diskops::DiskOpError;
 use crate::engine::EngineError;
 use crate::guest::GuestError;
@@ -41,8 +40,6 @@ pub enum BuildError {
     },
     #[error(transparent)]
     Prefetch(#[from] PrefetchError),
-    #[error("writing {BASE_FILE}: {0}")]
-    Base(serde_saphyr::ser::Error),
     #[error(transparent)]
     HttpDirectory(#[from] HttpDirError),
     #[error("a VM thread panicked")]

@@ -6,10 +6,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::vm::VmBuild;
-use crate::engine::network as modnet;
 use crate::events::{Event, EventSink};
 use crate::guest::{Connector, Guest, GuestCommand};
 use crate::job::{BuildJob, VmJob};
+use crate::network as modnet;
 
 /// What the VM's agent is handed: the leases of its DHCP NICs and its static addresses on
 /// subnets without DHCP (the agent is all that configures those).

@@ -26,7 +26,6 @@ mod source;
 mod vm;
 mod vms;
 
-use std::fs;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -43,7 +42,7 @@ use source::VmDisks;
 use vm::{ModuleBuild, VmBuild};
 
 pub use error::{BuildError, CaptureError, PrefetchError, ShutdownError, VmError, WriteError};
-pub use options::{runtime_root, BuildContext, BuildOptions, OnError, BASE_FILE};
+pub use options::{runtime_root, BuildContext, BuildOptions, OnError};
 pub use registry::{SharedVm, VmRegistry};
 pub use source::inline_files;
 
@@ -99,7 +98,7 @@ fn run_once(
 
     build_phase(BuildPhase::Networking, None);
     let net = network::start(job, opts, ev).inspect_err(failed)?;
-    write_base(job, &pending)?;
+    pending.write_base(&job.base)?;
     network::serve_http_directory(job, opts, &net, run_dir.path(), ev).inspect_err(failed)?;
 
     build_phase(BuildPhase::Building, None);
@@ -141,17 +140,6 @@ fn run_once(
         Some(format!("module at {}", dir.display())),
     );
     Ok(dir)
-}
-
-/// Records in the module what its clones inherit ([`BASE_FILE`]).
-fn write_base(job: &BuildJob, pending: &PendingModule) -> Result<(), BuildError> {
-    let base = serde_saphyr::to_string(&job.base).map_err(BuildError::Base)?;
-    let path = pending.dir().join(BASE_FILE);
-    fs::write(&path, base).map_err(|source| BuildError::Io {
-        what: "writing",
-        path,
-        source,
-    })
 }
 
 /// One VM, on its own thread: its phases, reported as its `Failed` phase when one fails.

@@ -5,10 +5,10 @@ use std::path::Path;
 
 use super::error::BuildError;
 use super::options::BuildOptions;
-use crate::engine::network::{self as modnet, Internet};
 use crate::events::{Event, EventSink};
 use crate::http_directory;
 use crate::job::BuildJob;
+use crate::network::{self as modnet, Internet};
 use crate::sources::url;
 
 /// Starts the build's network; its thread stops when the returned network drops.

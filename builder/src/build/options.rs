@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use super::registry::VmRegistry;
 use crate::cache::Cache;
-use crate::engine::network::Internet;
 use crate::engine::EngineChoice;
 use crate::events::EventSink;
+use crate::network::Internet;
 
 /// What to do with a failed build's VMs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -46,9 +46,6 @@ pub struct BuildContext {
     pub cancel: Arc<AtomicBool>,
     pub registry: VmRegistry,
 }
-
-/// The file in a module that records what clones inherit (base network, NICs, resources).
-pub const BASE_FILE: &str = "base.yaml";
 
 /// The runtime folder for sockets, per user and checked (see [`crate::runtime`]).
 pub fn runtime_root() -> Result<PathBuf, crate::runtime::RuntimeDirError> {
