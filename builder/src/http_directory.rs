@@ -11,6 +11,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use crate::job::{FileContent, Step, StepKind};
+use crate::sources::url::FileFetchError;
 
 /// The gateway port the files are served on (Packer picks one in 8000-9000; kiln's network
 /// is private to the build, so a fixed one makes logs and scripts predictable).
@@ -22,8 +23,12 @@ pub enum HttpDirError {
     BadName(String),
     #[error("httpDirectory: `{0}` is not in `files`")]
     NoFile(String),
-    #[error("httpDirectory: fetching `{name}`: {reason}")]
-    Fetch { name: String, reason: String },
+    #[error("httpDirectory: fetching `{name}`: {source}")]
+    Fetch {
+        name: String,
+        #[source]
+        source: FileFetchError,
+    },
     #[error("httpDirectory: writing {path}: {source}")]
     Write {
         path: PathBuf,
@@ -41,7 +46,7 @@ pub fn serve(
     names: &[String],
     files: &BTreeMap<String, FileContent>,
     dir: &Path,
-    fetch_url: &dyn Fn(&str) -> Result<Vec<u8>, String>,
+    fetch_url: &dyn Fn(&str) -> Result<Vec<u8>, FileFetchError>,
 ) -> Result<(), HttpDirError> {
     write_files(names, files, dir, fetch_url)?;
     net.http_dir(dir, PORT)
@@ -53,7 +58,7 @@ pub fn write_files(
     names: &[String],
     files: &BTreeMap<String, FileContent>,
     dir: &Path,
-    fetch_url: &dyn Fn(&str) -> Result<Vec<u8>, String>,
+    fetch_url: &dyn Fn(&str) -> Result<Vec<u8>, FileFetchError>,
 ) -> Result<(), HttpDirError> {
     std::fs::create_dir_all(dir).map_err(|source| HttpDirError::Write {
         path: dir.to_path_buf(),
@@ -66,14 +71,17 @@ pub fn write_files(
         let data = match files.get(name) {
             None => return Err(HttpDirError::NoFile(name.clone())),
             Some(FileContent::Inline(s)) => s.clone().into_bytes(),
-            Some(FileContent::Url(u)) => fetch_url(u).map_err(|reason| HttpDirError::Fetch {
+            Some(FileContent::Url(u)) => fetch_url(u).map_err(|source| HttpDirError::Fetch {
                 name: name.clone(),
-                reason,
+                source,
             })?,
             Some(FileContent::Cached { path, .. }) => {
-                std::fs::read(path).map_err(|e| HttpDirError::Fetch {
+                std::fs::read(path).map_err(|source| HttpDirError::Fetch {
                     name: name.clone(),
-                    reason: format!("reading {}: {e}", path.display()),
+                    source: FileFetchError::ReadFile {
+                        path: path.clone(),
+                        source,
+                    },
                 })?
             }
         };
@@ -165,7 +173,13 @@ mod tests {
     #[test]
     fn bad_names_missing_files_and_failed_fetches_are_errors() {
         let dir = tempfile::tempdir().unwrap();
-        let fetch = |_: &str| Err("offline".to_string());
+        let fetch = |url: &str| {
+            Err(crate::sources::url::DownloadError::Transfer {
+                url: url.into(),
+                reason: "offline".into(),
+            }
+            .into())
+        };
         for bad in ["../etc/passwd", "a/b", ".hidden", ""] {
             let e = write_files(&[bad.into()], &files(), dir.path(), &fetch).unwrap_err();
             assert!(matches!(e, HttpDirError::BadName(_)), "{bad}: {e}");

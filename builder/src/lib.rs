@@ -1,9 +1,9 @@
 //! kiln-builder: from a manifest to a captured module, and the `kiln` command line.
 
 pub mod bootimage;
+pub mod build;
 pub mod build_logs;
 pub mod cache;
-pub mod capture;
 pub mod cli;
 pub mod clone;
 pub mod diskops;
@@ -19,7 +19,6 @@ pub mod mac;
 pub mod manifest;
 pub mod module;
 pub mod network;
-pub mod pipeline;
 pub mod plan_adapter;
 pub mod provision;
 pub mod run_lock;

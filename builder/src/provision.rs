@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use crate::events::{ms, Event, EventSink, Stream};
 use crate::guest::{Connector, ExecOutcome, Guest, GuestCommand, GuestError, WaitError};
 use crate::job::{FileContent, Step, StepKind};
+use crate::sources::url::FileFetchError;
 
 /// How many output lines a failure message carries.
 pub const TAIL_LINES: usize = 20;
@@ -43,12 +44,13 @@ pub enum StepError {
         name: String,
         file: String,
     },
-    #[error("step {index} '{name}': fetching file `{file}`: {reason}")]
+    #[error("step {index} '{name}': fetching file `{file}`: {source}")]
     FileFetch {
         index: usize,
         name: String,
         file: String,
-        reason: String,
+        #[source]
+        source: FileFetchError,
     },
     #[error(
         "step {index} '{name}': the handbuild pause timed out: nobody resumed it within its \
@@ -85,7 +87,7 @@ pub struct Provisioner<'a> {
     /// Where a `handbuild` step waits for `kiln resume`: this file appearing resumes it.
     pub resume_flag: PathBuf,
     /// Fetches a `files[]` URL (the build's cache).
-    pub fetch_url: &'a (dyn Fn(&str) -> Result<Vec<u8>, String> + Sync),
+    pub fetch_url: &'a (dyn Fn(&str) -> Result<Vec<u8>, FileFetchError> + Sync),
     /// Gets the guest's network ready after a reboot, as after the first boot.
     pub network_ready: &'a dyn Fn(&mut dyn Guest),
 }
@@ -181,22 +183,23 @@ impl Provisioner<'_> {
                     }
                     Some(FileContent::Inline(s)) => s.clone().into_bytes(),
                     Some(FileContent::Url(u)) => {
-                        (self.fetch_url)(u).map_err(|reason| StepError::FileFetch {
+                        (self.fetch_url)(u).map_err(|source| StepError::FileFetch {
                             index: index + 1,
                             name: step.name.clone(),
                             file: file.clone(),
-                            reason,
+                            source,
                         })?
                     }
                     Some(FileContent::Cached { url, path }) => {
-                        std::fs::read(path).map_err(|e| StepError::FileFetch {
+                        std::fs::read(path).map_err(|source| StepError::FileFetch {
                             index: index + 1,
                             name: step.name.clone(),
                             file: file.clone(),
-                            reason: format!(
-                                "{url} was fetched at the build's start, but reading {}: {e}",
-                                path.display()
-                            ),
+                            source: FileFetchError::Prefetched {
+                                url: url.clone(),
+                                path: path.clone(),
+                                source,
+                            },
                         })?
                     }
                 };
@@ -556,7 +559,13 @@ pub(crate) mod tests {
         let mut files = extra;
         files.insert("motd".to_string(), FileContent::Inline("hi\n".into()));
         let events = MemorySink::default();
-        let fetch = |_: &str| -> Result<Vec<u8>, String> { Err("no network in tests".into()) };
+        let fetch = |url: &str| -> Result<Vec<u8>, FileFetchError> {
+            Err(crate::sources::url::DownloadError::Transfer {
+                url: url.into(),
+                reason: "no network in tests".into(),
+            }
+            .into())
+        };
         let p = Provisioner {
             vm: "hello",
             steps,

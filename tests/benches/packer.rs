@@ -233,7 +233,7 @@ fn base_was_cached(events: &Path) -> Res<bool> {
 /// kiln's template cleanup script, taken from the builder's source so Packer's last step
 /// stays the same as kiln's own cleanup (machine-id, SSH host keys, logs, fstrim).
 fn kiln_cleanup_script() -> Res<String> {
-    let src = repo_root().join("builder/src/capture.rs");
+    let src = repo_root().join("builder/src/build/shutdown.rs");
     let text = std::fs::read_to_string(&src).map_err(|e| format!("{}: {e}", src.display()))?;
     let start = "pub const TEMPLATE_CLEANUP: &str = r#\"";
     let i = text

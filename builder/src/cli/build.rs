@@ -8,10 +8,10 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 
+use crate::build::{self, BuildContext, BuildOptions, OnError, VmRegistry};
 use crate::cache::Cache;
 use crate::engine::EngineChoice;
 use crate::events::{EventSink, FileSink, HumanSink, JsonSink, Tee};
-use crate::pipeline::{self, BuildContext, BuildOptions, OnError, VmRegistry};
 use crate::plan_adapter::{load_job, LoadJobError};
 
 #[derive(Debug, Args)]
@@ -65,7 +65,7 @@ pub fn build(a: BuildArgs) -> anyhow::Result<ExitCode> {
 
 fn build_inner(a: BuildArgs) -> anyhow::Result<ExitCode> {
     let job = load_job(&a.file, &mut |w| eprintln!("{}", w.render()))?;
-    // Before any work: the pipeline checks again when it starts and at commit.
+    // Before any work: the build checks again when it starts and at commit.
     crate::module::check_replace(&a.output, &job.name, a.force)?;
     let cache = Cache::from_env()?;
     let display: Arc<dyn EventSink> = if a.json {
@@ -77,7 +77,7 @@ fn build_inner(a: BuildArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&a.output)
         .with_context(|| format!("creating {}", a.output.display()))?;
     // What killed builds left here and in the runtime folder.
-    let run_root = pipeline::runtime_root()?;
+    let run_root = build::runtime_root()?;
     crate::leftovers::sweep_and_report(&[
         (&a.output, crate::leftovers::Place::Modules),
         (&run_root, crate::leftovers::Place::RuntimeRoot),
@@ -129,7 +129,7 @@ fn build_inner(a: BuildArgs) -> anyhow::Result<ExitCode> {
         failed_logs: Some(failed_logs.clone()),
         replace: a.force,
     };
-    let result = pipeline::run(&job, &opts, &ctx);
+    let result = build::run(&job, &opts, &ctx);
     match result {
         Ok(dir) => {
             let _ = std::fs::rename(&events_path, dir.join("logs").join("events.jsonl"));
@@ -169,7 +169,7 @@ fn build_inner(a: BuildArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Files the event log with the failed build's other logs (the pipeline moved those).
+/// Files the event log with the failed build's other logs (the build moved those).
 fn keep_events(events: &std::path::Path, dir: &std::path::Path) {
     let r = crate::build_logs::make_failed_dir(dir)
         .and_then(|()| std::fs::rename(events, dir.join(crate::build_logs::EVENTS_FILE)));
@@ -186,7 +186,7 @@ pub struct ResumeArgs {
 
 /// `kiln resume <vm>`: ends the handbuild pause of a running build's VM.
 pub fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
-    let root = pipeline::runtime_root()?;
+    let root = build::runtime_root()?;
     let mut hits = Vec::new();
     if let Ok(rd) = std::fs::read_dir(&root) {
         for build in rd.flatten() {

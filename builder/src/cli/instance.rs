@@ -16,13 +16,13 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 
+use crate::build::runtime_root;
 use crate::clone;
 use crate::engine::{self, DiskAttach, EngineChoice};
 use crate::launch::{self, LaunchError, VmStart};
 use crate::leftovers::{self, Place};
 use crate::module;
 use crate::network::{self as modnet, Internet};
-use crate::pipeline::runtime_root;
 use crate::sources::BootFiles;
 
 #[derive(Debug, Args)]

@@ -34,7 +34,7 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
         build: BuildConfig {
             program,
             output,
-            run_root: crate::pipeline::runtime_root()?,
+            run_root: crate::build::runtime_root()?,
         },
     })
     .with_context(|| format!("cannot serve {}", a.dir.display()))?;

@@ -241,6 +241,51 @@ fn is_offline_io(e: &io::Error) -> bool {
     )
 }
 
+/// Why the bytes of a `files` entry given by URL could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum FileFetchError {
+    // Boxed: a download's error is large, and this one travels in every step's error.
+    #[error(transparent)]
+    Download(Box<DownloadError>),
+    /// Reading the cached download.
+    #[error(transparent)]
+    Read(#[from] io::Error),
+    /// Reading a download the build fetched at its start.
+    #[error("{url} was fetched at the build's start, but reading {}: {source}", path.display())]
+    Prefetched {
+        url: String,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// Reading a download the build fetched at its start, named by its path alone.
+    #[error("reading {}: {source}", path.display())]
+    ReadFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl From<DownloadError> for FileFetchError {
+    fn from(e: DownloadError) -> Self {
+        FileFetchError::Download(Box::new(e))
+    }
+}
+
+/// The bytes of a `files` entry given by URL, through the download cache and without
+/// progress events.
+pub fn fetch_bytes(cache: &Cache, url: &str) -> Result<Vec<u8>, FileFetchError> {
+    let f = fetch(
+        cache,
+        url,
+        None,
+        None,
+        &crate::events::MemorySink::default(),
+    )?;
+    Ok(fs::read(&f.path)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

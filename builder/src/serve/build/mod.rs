@@ -1,6 +1,6 @@
 //! Builds started from the page. Each build runs as a `kiln build --json` child process, not
 //! on a thread of the server:
-//! - the pipeline keys its runtime folder (sockets, the handbuild resume flag) by process id
+//! - the build keys its runtime folder (sockets, the handbuild resume flag) by process id
 //!   and installs a process-wide Ctrl-C handler, so two builds in one process would collide;
 //! - cancelling is the same SIGINT a user sends `kiln build` in a terminal, with the same
 //!   cleanup (VMs stopped, no half module), and a crashing build cannot take the editor down;

@@ -1,17 +1,17 @@
-//! Capture: make the guest a template (unless the manifest opts out), power it off through
-//! the agent, wait for the engine to end, then write each disk as a standalone compressed
-//! qcow2.
+//! Shutdown: make the guest a template (unless the manifest opts out), power it off through
+//! the agent and wait for the engine to end, so its disks can be captured.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Duration;
 
+use super::boot::Launched;
+use super::error::{ShutdownError, VmError};
+use super::vm::VmBuild;
 use crate::engine::RunningVm;
+use crate::events::VmPhase;
 use crate::guest::{
     CleanupAction, CleanupOutcome, CleanupPlan, Connector, Guest, GuestCommand, GuestError,
 };
-use crate::module::DiskRecord;
-use crate::sources::ParentDisk;
 
 /// The first-boot unit that regenerates SSH host keys; [`TEMPLATE_CLEANUP`] writes the same
 /// text (a test checks they agree).
@@ -167,7 +167,7 @@ fn run_script(
     body: &str,
     timeout_secs: u64,
     what: &str,
-) -> Result<(), CaptureError> {
+) -> Result<(), ShutdownError> {
     let st = guest
         .exec(
             &GuestCommand::Bash(body.into()),
@@ -175,9 +175,9 @@ fn run_script(
             Some(Duration::from_secs(timeout_secs)),
             &mut |_, _| {},
         )
-        .map_err(CaptureError::Cleanup)?;
+        .map_err(ShutdownError::Cleanup)?;
     if !st.success() {
-        return Err(CaptureError::Cleanup(GuestError::Agent(format!(
+        return Err(ShutdownError::Cleanup(GuestError::Agent(format!(
             "{what}: {st}"
         ))));
     }
@@ -187,36 +187,20 @@ fn run_script(
 /// [`AGENT_FOR_CLONES`] without a process: read the settings with get-file, edit them here,
 /// write them back with put-file (both requests every agent knows). A guest that cannot
 /// read files gets the script.
-fn agent_for_clones(guest: &mut dyn Guest) -> Result<(), CaptureError> {
+fn agent_for_clones(guest: &mut dyn Guest) -> Result<(), ShutdownError> {
     match guest.read_file(AGENT_DEFAULTS, 64 * 1024) {
         Ok(None) => Ok(()),
         Ok(Some((content, mode))) => match drop_cloud_init_wait(&content) {
             Some(edited) => guest
                 .put_file(AGENT_DEFAULTS, &edited, mode)
-                .map_err(CaptureError::Cleanup),
+                .map_err(ShutdownError::Cleanup),
             None => Ok(()),
         },
         Err(GuestError::NotAvailable(_)) => {
             run_script(guest, AGENT_FOR_CLONES, 60, "agent settings for clones")
         }
-        Err(e) => Err(CaptureError::Cleanup(e)),
+        Err(e) => Err(ShutdownError::Cleanup(e)),
     }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum CaptureError {
-    #[error("template cleanup: {0}")]
-    Cleanup(GuestError),
-    #[error("power-off: {0}")]
-    Poweroff(GuestError),
-    #[error(
-        "the VM did not power off within {0:?}; it was stopped and its disks are not captured"
-    )]
-    NoPoweroff(Duration),
-    #[error("waiting for the VM: {0}")]
-    Wait(std::io::Error),
-    #[error("writing {disk}: {reason}")]
-    Write { disk: String, reason: String },
 }
 
 /// Runs the cleanup (unless `clean` is false) and powers the guest off; returns once the
@@ -229,11 +213,11 @@ pub fn shutdown(
     vm: &std::sync::Mutex<Box<dyn RunningVm>>,
     clean: bool,
     timeout: Duration,
-) -> Result<(), CaptureError> {
+) -> Result<(), ShutdownError> {
     if clean {
         match guest
             .cleanup(&template_plan())
-            .map_err(CaptureError::Cleanup)?
+            .map_err(ShutdownError::Cleanup)?
         {
             CleanupOutcome::Done(r) => {
                 tracing::info!(
@@ -252,7 +236,7 @@ pub fn shutdown(
                 drop(guest);
                 guest = connector
                     .connect(Duration::from_secs(60))
-                    .map_err(CaptureError::Cleanup)?;
+                    .map_err(ShutdownError::Cleanup)?;
                 // Both scripts, exactly as before the cleanup request existed.
                 run_script(&mut *guest, TEMPLATE_CLEANUP, 300, "cleanup script")?;
                 run_script(
@@ -274,7 +258,7 @@ fn poweroff_and_wait(
     vm: &std::sync::Mutex<Box<dyn RunningVm>>,
     clean: bool,
     timeout: Duration,
-) -> Result<(), CaptureError> {
+) -> Result<(), ShutdownError> {
     // After the cleanup no service has anything to save (a graceful stop would write a
     // random seed, utmp and journal entries back into the template), so init stops none.
     if clean {
@@ -282,106 +266,62 @@ fn poweroff_and_wait(
     } else {
         guest.poweroff()
     }
-    .map_err(CaptureError::Poweroff)?;
+    .map_err(ShutdownError::Poweroff)?;
     drop(guest);
     // Wait in short slices so a cancel (which locks the VM to kill it) is never held up.
     let start = std::time::Instant::now();
     loop {
         let mut v = vm.lock().unwrap_or_else(|p| p.into_inner());
         if v.wait_exit(Duration::from_millis(200))
-            .map_err(CaptureError::Wait)?
+            .map_err(ShutdownError::Wait)?
             .is_some()
         {
             return Ok(());
         }
         if start.elapsed() >= timeout {
             v.kill();
-            return Err(CaptureError::NoPoweroff(timeout));
+            return Err(ShutdownError::NoPoweroff(timeout));
         }
         drop(v);
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
-/// Captures one of a VM's disks into the module being written at `module_dir` (which becomes
-/// `final_dir`), as `disks/<vm>-<disk>.qcow2`: a standalone compressed qcow2, or with
-/// `thin_over` a compressed layer holding only what the VM changed over that parent disk,
-/// whose backing name is relative (from `final_dir/disks` to the parent), so a folder of
-/// modules can move as a whole.
-pub fn capture_to_module(
-    module_dir: &Path,
-    final_dir: &Path,
-    vm: &str,
-    disk: &str,
-    overlay: &Path,
-    thin_over: Option<&ParentDisk>,
-) -> Result<DiskRecord, CaptureError> {
-    let rel = format!("disks/{vm}-{disk}.qcow2");
-    let out = module_dir.join(&rel);
-    let e = |reason: String| CaptureError::Write {
-        disk: out.display().to_string(),
-        reason,
-    };
-    let (_, virtual_size) = crate::diskops::probe(overlay).map_err(|x| e(x.to_string()))?;
-    let (sha256, backing) = match thin_over {
-        None => (capture_disk(overlay, &out)?, None),
-        Some(p) => {
-            let parent = std::fs::canonicalize(&p.path).map_err(|x| {
-                e(format!(
-                    "resolving the parent disk {}: {x}",
-                    p.path.display()
-                ))
-            })?;
-            let modules = final_dir.parent().filter(|d| !d.as_os_str().is_empty());
-            let modules = std::fs::canonicalize(modules.unwrap_or(Path::new(".")))
-                .map_err(|x| e(format!("resolving the modules folder: {x}")))?;
-            let name = final_dir
-                .file_name()
-                .ok_or_else(|| e("the module folder has no name".into()))?;
-            let from = modules.join(name).join("disks");
-            let backing = crate::diskops::relative_path(&from, &parent);
-            let backing = backing
-                .to_str()
-                .ok_or_else(|| e(format!("{} is not UTF-8", backing.display())))?
-                .to_string();
-            let st = crate::diskops::capture_thin(overlay, &parent, &backing, &out)
-                .map_err(|x| e(x.to_string()))?;
-            tracing::info!(
-                vm,
-                disk,
-                changed = st.changed_clusters,
-                unchanged = st.same_clusters,
-                "thin capture over {}",
-                parent.display()
-            );
-            let sha = crate::cache::sha256_file(&out).map_err(|x| e(x.to_string()))?;
-            (sha, Some((backing, p)))
-        }
-    };
-    let file_size = std::fs::metadata(&out)
-        .map(|m| m.len())
-        .map_err(|x| e(x.to_string()))?;
-    Ok(DiskRecord {
-        name: disk.to_string(),
-        file: rel,
-        sha256,
-        virtual_size,
-        file_size,
-        backing_sha256: backing.as_ref().map(|(_, p)| p.sha256.clone()),
-        backing_module: backing.as_ref().map(|(_, p)| p.module.clone()),
-        backing: backing.map(|(b, _)| b),
+/// How long a VM may take to power off after its cleanup.
+const POWEROFF_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Waits until every VM of the module has finished its steps: one may serve the others
+/// during theirs, so none is shut down half-way through such an exchange.
+pub(super) fn wait_for_other_vms(b: &VmBuild) -> Result<(), VmError> {
+    if b.module.job.vms.len() > 1 {
+        b.note("steps done; waiting for the other VMs before shutting down".into());
+    }
+    if (b.steps_done)() {
+        return Ok(());
+    }
+    Err(if b.cancelled() {
+        VmError::Cancelled
+    } else {
+        VmError::OtherVmFailed
     })
 }
 
-/// Writes the chain under `overlay` as a standalone compressed qcow2 at `out`; returns its
-/// SHA-256.
-pub fn capture_disk(overlay: &Path, out: &Path) -> Result<String, CaptureError> {
-    let e = |reason: String| CaptureError::Write {
-        disk: out.display().to_string(),
-        reason,
-    };
-    crate::diskops::capture_compressed(overlay, out).map_err(|x| e(x.to_string()))?;
-    crate::cache::sha256_file(out).map_err(|x| e(x.to_string()))
+/// Shuts the VM down for capture: the template cleanup (unless the manifest opts out), then
+/// power-off, until the engine has ended.
+pub(super) fn run(
+    b: &VmBuild,
+    guest: Box<dyn Guest>,
+    connector: &dyn Connector,
+    vm: &Launched,
+) -> Result<(), VmError> {
+    b.phase(VmPhase::ShuttingDown, None);
+    Ok(shutdown(
+        guest,
+        connector,
+        &vm.running,
+        b.vm.clean_for_template,
+        POWEROFF_TIMEOUT,
+    )?)
 }
 
 #[cfg(test)]
@@ -390,6 +330,7 @@ mod tests {
     use crate::events::Stream;
     use crate::guest::ExecOutcome;
     use crate::provision::tests::{FakeConnector, FakeGuest, FakeState};
+    use std::path::Path;
     use std::process::ExitStatus;
     use std::sync::{Arc, Mutex};
 
@@ -537,7 +478,7 @@ mod tests {
         old_agent: bool,
         cleanup_fails: bool,
         clean: bool,
-    ) -> (Result<(), CaptureError>, Arc<Mutex<PlanState>>, bool) {
+    ) -> (Result<(), ShutdownError>, Arc<Mutex<PlanState>>, bool) {
         let st = Arc::new(Mutex::new(PlanState {
             old_agent,
             cleanup_fails,
@@ -606,7 +547,7 @@ mod tests {
     fn a_failed_cleanup_request_fails_the_capture() {
         let (r, st, off) = plan_shutdown(false, true, true);
         assert!(
-            matches!(&r, Err(CaptureError::Cleanup(GuestError::Lost(_)))),
+            matches!(&r, Err(ShutdownError::Cleanup(GuestError::Lost(_)))),
             "{r:?}"
         );
         assert!(!off);

@@ -1,0 +1,177 @@
+//! Boot: the engine picked for the build; each VM launched through it and waited for until
+//! its agent answers; a failed VM kept up for inspection (`--on-error keep`) or stopped.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::error::{BuildError, VmError};
+use super::options::OnError;
+use super::registry::{Registered, SharedVm};
+use super::source::VmDisks;
+use super::vm::VmBuild;
+use crate::engine::{self, DiskAttach, Engine, EngineChoice};
+use crate::events::{Event, EventSink, VmPhase};
+use crate::guest::{Connector, Guest, GuestError};
+use crate::launch::{self, VmStart};
+use crate::sources;
+
+/// The engine this build runs on: the one asked for, or the best this host has.
+pub(super) fn pick_engine(
+    choice: EngineChoice,
+    ev: &dyn EventSink,
+) -> Result<Arc<dyn Engine>, BuildError> {
+    let probe = kiln_vmm::doctor::probe();
+    let pick = engine::pick(choice, &probe);
+    ev.emit(&Event::Note {
+        vm: None,
+        message: format!(
+            "engine: {} ({})",
+            match pick.engine {
+                EngineChoice::Kvm => "kvm",
+                _ => "qemu",
+            },
+            pick.why
+        ),
+    });
+    Ok(Arc::from(engine::make(pick.engine)?))
+}
+
+/// A launched VM, registered so a cancel can stop it until this drops.
+pub(super) struct Launched<'a> {
+    pub running: SharedVm,
+    /// The engine's vsock socket, where the agent answers.
+    pub socket: PathBuf,
+    /// The VM's own log (step output), open for appending.
+    pub log: Mutex<fs::File>,
+    _registered: Registered<'a>,
+}
+
+pub(super) fn launch<'a>(b: &VmBuild<'a>, disks: &VmDisks) -> Result<Launched<'a>, VmError> {
+    b.phase(VmPhase::Booting, Some(b.module.engine.name().into()));
+    let serial_log = b.serial_log();
+    // Made here, 0600, so the engine appends to a file only its owner can read.
+    crate::log_file::create(&serial_log).map_err(|source| VmError::Log {
+        path: serial_log.clone(),
+        source,
+    })?;
+    let spec = VmStart {
+        name: &b.vm.name,
+        cpus: b.vm.cpus,
+        memory_mib: b.vm.memory_mib,
+        boot: disks.boot.clone(),
+        disks: disks
+            .disks
+            .iter()
+            .cloned()
+            .chain(disks.seed.iter().map(|path| DiskAttach {
+                name: sources::seed::LABEL.into(),
+                path: path.clone(),
+                read_only: true,
+            }))
+            .collect(),
+        nics: &b.vm.nics,
+        workdir: b.runtime_dir(),
+        serial_log,
+        index: b.index,
+    };
+    let running = launch::start(b.module.engine, Some(b.module.net), spec)?;
+    let socket = running.vsock_socket().to_path_buf();
+    let running: SharedVm = Arc::new(Mutex::new(running));
+    let registered = b.module.ctx.registry.add(&b.vm.name, running.clone());
+
+    let log_path = b.step_log();
+    let log = crate::log_file::create(&log_path)
+        .map(Mutex::new)
+        .map_err(|source| VmError::Log {
+            path: log_path,
+            source,
+        })?;
+    Ok(Launched {
+        running,
+        socket,
+        log,
+        _registered: registered,
+    })
+}
+
+/// Waits until the VM's agent answers, in short tries, so a cancel (Ctrl-C, the build
+/// timeout, another VM's failure) ends the wait at once instead of after the whole boot
+/// timeout. A VM that ends while booting (a crash, a kernel that cannot run, a reset loop)
+/// ends the wait too, with the console's last lines.
+pub(super) fn wait_for_agent(
+    b: &VmBuild,
+    vm: &Launched,
+    connector: &dyn Connector,
+) -> Result<Box<dyn Guest>, VmError> {
+    let stop_wait = AtomicBool::new(false);
+    let vm_gone = AtomicBool::new(false);
+    let wait_over = AtomicBool::new(false);
+    let waited = std::thread::scope(|s| {
+        s.spawn(|| {
+            while !wait_over.load(Ordering::SeqCst) {
+                if b.cancelled() {
+                    stop_wait.store(true, Ordering::SeqCst);
+                    return;
+                }
+                if !vm
+                    .running
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .is_running()
+                {
+                    vm_gone.store(true, Ordering::SeqCst);
+                    stop_wait.store(true, Ordering::SeqCst);
+                    return;
+                }
+                // Short: the scope below joins this thread before the steps start.
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let r = connector.connect_until(b.vm.boot_timeout, &stop_wait, &mut |_| Ok(()));
+        wait_over.store(true, Ordering::SeqCst);
+        r
+    });
+    waited.map_err(|e| {
+        let serial = serial_tail(&b.serial_log());
+        if vm_gone.load(Ordering::SeqCst) {
+            VmError::Stopped { serial }
+        } else {
+            VmError::NoAgent {
+                error: GuestError::from(e),
+                serial,
+            }
+        }
+    })
+}
+
+/// Stops a VM that failed; with `--on-error keep` only once the build is cancelled, so it
+/// can be inspected until then.
+pub(super) fn stop_failed(b: &VmBuild, vm: &Launched) {
+    if b.module.opts.on_error == OnError::Keep {
+        b.note(format!(
+            "--on-error keep: the VM stays up (serial log {}); Ctrl-C ends the build",
+            b.serial_log().display()
+        ));
+        while !b.cancelled() {
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    vm.running.lock().unwrap_or_else(|p| p.into_inner()).kill();
+}
+
+/// The serial console's last lines, to follow a boot failure's message.
+fn serial_tail(path: &Path) -> String {
+    let t = fs::read(path).unwrap_or_default();
+    let t = String::from_utf8_lossy(&t);
+    let lines: Vec<&str> = t.lines().collect();
+    if lines.is_empty() {
+        return String::new();
+    }
+    format!(
+        "\nlast serial console lines:\n  {}",
+        lines[lines.len().saturating_sub(10)..].join("\n  ")
+    )
+}

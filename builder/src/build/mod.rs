@@ -1,0 +1,212 @@
+//! `kiln build` from a [`BuildJob`] to a committed module, as a list of phases, with the
+//! build's timeout, retries, `--on-error` and cancellation.
+//!
+//! The module: pick the engine, open the partial module and the runtime folder, fetch the
+//! `files` URLs (`source`), start the network (`network`), build the VMs together (`vms`),
+//! commit. Each VM, on its own thread: `source`, `boot`, network `handover`, `provision`,
+//! `shutdown`, `capture`, one file each; a `VmBuild` (`vm`) carries its state from phase to
+//! phase.
+//!
+//! Running VMs are kept in a shared [`VmRegistry`] so that a timeout, Ctrl-C or another VM's
+//! failure can stop all of them at once; a VM thread blocked on its guest then sees the
+//! connection drop and ends.
+
+mod barrier;
+mod boot;
+pub mod capture;
+mod cleanup;
+mod error;
+mod handover;
+mod network;
+mod options;
+mod provision;
+mod registry;
+pub mod shutdown;
+mod source;
+mod vm;
+mod vms;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::{Instant, SystemTime};
+
+use crate::events::{ms, BuildPhase, Event, VmPhase};
+use crate::guest::{Guest, VsockConnector};
+use crate::job::BuildJob;
+use crate::module::{DiskRecord, ModuleRecord, PendingModule, VmRecord};
+use crate::sources::{bootstrap::AGENT_VSOCK_PORT, ResolvedSource};
+use boot::Launched;
+use cleanup::{KeepLogsOnFailure, RunDir};
+use source::VmDisks;
+use vm::{ModuleBuild, VmBuild};
+
+pub use error::{BuildError, CaptureError, PrefetchError, ShutdownError, VmError, WriteError};
+pub use options::{runtime_root, BuildContext, BuildOptions, OnError};
+pub use registry::{SharedVm, VmRegistry};
+pub use source::inline_files;
+
+/// Runs a build, with its retries. Returns the committed module's folder.
+pub fn run(job: &BuildJob, opts: &BuildOptions, ctx: &BuildContext) -> Result<PathBuf, BuildError> {
+    let mut attempt = 0;
+    loop {
+        match run_once(job, opts, ctx) {
+            Ok(p) => return Ok(p),
+            Err(e @ BuildError::Cancelled) => return Err(e),
+            Err(e) if attempt < job.retries && !ctx.cancel.load(Ordering::SeqCst) => {
+                attempt += 1;
+                ctx.events.emit(&Event::Note {
+                    vm: None,
+                    message: format!("build failed ({e}); retry {attempt} of {}", job.retries),
+                });
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// One attempt: the module's phases.
+fn run_once(
+    job: &BuildJob,
+    opts: &BuildOptions,
+    ctx: &BuildContext,
+) -> Result<PathBuf, BuildError> {
+    let start = Instant::now();
+    let ev = ctx.events.as_ref();
+    let build_phase = |phase, message: Option<String>| {
+        ev.emit(&Event::Build {
+            phase,
+            elapsed_ms: ms(start.elapsed()),
+            message,
+        })
+    };
+    let failed = |e: &BuildError| build_phase(BuildPhase::Failed, Some(e.to_string()));
+    build_phase(BuildPhase::Pending, Some(format!("module `{}`", job.name)));
+    let engine = boot::pick_engine(opts.engine, ev)?;
+    let pending = PendingModule::begin(&opts.output, &job.name, opts.replace)?;
+    // Declared after `pending`, so it runs first when a failed attempt returns.
+    let mut keep_logs = KeepLogsOnFailure {
+        from: pending.dir().join("logs"),
+        to: opts.failed_logs.clone(),
+    };
+    let run_dir = RunDir::create()?;
+    // Every `files[]` URL is fetched now, before anything boots, so a dead URL fails the build
+    // at once with its reason instead of after a long boot.
+    let job = &source::prefetch_files(job, &opts.cache, ev)
+        .map_err(BuildError::from)
+        .inspect_err(failed)?;
+
+    build_phase(BuildPhase::Networking, None);
+    let net = network::start(job, opts, ev).inspect_err(failed)?;
+    pending.write_base(&job.base)?;
+    network::serve_http_directory(job, opts, &net, run_dir.path(), ev).inspect_err(failed)?;
+
+    build_phase(BuildPhase::Building, None);
+    let module = ModuleBuild {
+        job,
+        opts,
+        ctx,
+        engine: engine.as_ref(),
+        net: &net,
+        pending: &pending,
+        run_dir: run_dir.path(),
+        start,
+    };
+    let vms = vms::build_all(&module, &build_phase, build_vm)?;
+
+    let record = ModuleRecord {
+        api_version: "kiln/v1".into(),
+        kind: "Module".into(),
+        name: job.name.clone(),
+        kiln_version: env!("CARGO_PKG_VERSION").into(),
+        engine: engine.name().into(),
+        built_at: SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        build_seconds: start.elapsed().as_secs_f64(),
+        vms,
+        manifest: job.manifest_text.clone(),
+    };
+    // The last moment an interrupt stops the build; after the rename the module is whole.
+    if ctx.cancel.load(Ordering::SeqCst) {
+        build_phase(BuildPhase::Failed, Some("cancelled".into()));
+        return Err(BuildError::Cancelled);
+    }
+    keep_logs.to = None;
+    let dir = pending.commit(&record)?;
+    build_phase(
+        BuildPhase::Succeeded,
+        Some(format!("module at {}", dir.display())),
+    );
+    Ok(dir)
+}
+
+/// One VM, on its own thread: its phases, reported as its `Failed` phase when one fails.
+fn build_vm(b: &VmBuild) -> Result<VmRecord, BuildError> {
+    b.phase(VmPhase::Pending, None);
+    match vm_phases(b) {
+        Ok(record) => Ok(record),
+        Err(VmError::Cancelled) => Err(BuildError::Cancelled),
+        Err(e) => Err(b.fail(e)),
+    }
+}
+
+fn vm_phases(b: &VmBuild) -> Result<VmRecord, VmError> {
+    b.phase(VmPhase::SourceImporting, None);
+    let src = source::resolve(b)?;
+    if b.cancelled() {
+        return Err(VmError::Cancelled);
+    }
+    let disks = source::prepare_disks(b, &src)?;
+    let vm = boot::launch(b, &disks)?;
+    let captured = match guest_phases(b, &vm, &src, &disks) {
+        Ok(captured) => captured,
+        Err(e) if b.cancelled() && e.follows_cancel() => return Err(VmError::Cancelled),
+        Err(e) => {
+            boot::stop_failed(b, &vm);
+            return Err(e);
+        }
+    };
+    b.phase(VmPhase::DiskCaptured, None);
+    let boot = capture::boot_files(b, &disks)?;
+    {
+        let mut f = vm.log.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = writeln!(f, "captured in {:.1}s", b.start.elapsed().as_secs_f64());
+    }
+    b.phase(VmPhase::Succeeded, None);
+    Ok(VmRecord {
+        name: b.vm.name.clone(),
+        cpus: b.vm.cpus,
+        memory_mib: b.vm.memory_mib,
+        source: src.record.clone(),
+        // The seed installed the agent into the captured disk.
+        agent_in_image: src.agent_in_image || disks.seed.is_some(),
+        boot: Some(boot),
+        disks: captured,
+    })
+}
+
+/// The phases that talk to the running guest, from its agent's first answer to its disks
+/// captured.
+fn guest_phases(
+    b: &VmBuild,
+    vm: &Launched,
+    src: &ResolvedSource,
+    disks: &VmDisks,
+) -> Result<Vec<DiskRecord>, VmError> {
+    let connector = VsockConnector::new(&vm.socket, AGENT_VSOCK_PORT);
+    let mut guest = boot::wait_for_agent(b, vm, &connector)?;
+    let links = handover::links(b);
+    let network_ready =
+        |g: &mut dyn Guest| handover::network_up(&connector, g, &links, &b.vm.name, b.events());
+    network_ready(&mut *guest);
+    b.phase(VmPhase::Provisioning, None);
+    let guest = provision::run(b, guest, &connector, &vm.log, &network_ready)?;
+    if b.cancelled() {
+        return Err(VmError::Cancelled);
+    }
+    shutdown::wait_for_other_vms(b)?;
+    shutdown::run(b, guest, &connector, vm)?;
+    capture::run(b, src, disks)
+}

@@ -1,0 +1,53 @@
+//! What a build is asked to do ([`BuildOptions`], [`OnError`]) and the state its caller shares
+//! with it ([`BuildContext`]).
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use super::registry::VmRegistry;
+use crate::cache::Cache;
+use crate::engine::EngineChoice;
+use crate::events::EventSink;
+use crate::network::Internet;
+
+/// What to do with a failed build's VMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnError {
+    /// Stop every VM and remove the partial module.
+    Abort,
+    /// Leave the failed VMs running for inspection until Ctrl-C.
+    Keep,
+}
+
+/// Options of a build.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// The folder modules are written to (and `buildRef` parents read from).
+    pub output: PathBuf,
+    pub engine: EngineChoice,
+    pub on_error: OnError,
+    /// Capture `buildRef` children as a layer over the parent's disk.
+    pub thin: bool,
+    pub cache: Cache,
+    /// `Internet::Off` (`--no-internet`): no VPC gets NAT to the host, whatever the manifest
+    /// says (hermetic builds, tests).
+    pub internet: Internet,
+    /// Where a failed or cancelled build's step output and serial logs are moved (see
+    /// [`crate::build_logs`]); `None` drops them with the partial module.
+    pub failed_logs: Option<PathBuf>,
+    /// Replace a module of the same name (`--force`); without it such a build is refused.
+    pub replace: bool,
+}
+
+/// Shared state of one build.
+pub struct BuildContext {
+    pub events: Arc<dyn EventSink>,
+    pub cancel: Arc<AtomicBool>,
+    pub registry: VmRegistry,
+}
+
+/// The runtime folder for sockets, per user and checked (see [`crate::runtime`]).
+pub fn runtime_root() -> Result<PathBuf, crate::runtime::RuntimeDirError> {
+    crate::runtime::root()
+}

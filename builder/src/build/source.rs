@@ -1,0 +1,222 @@
+//! Source: the VM's source resolved (downloaded, imported, or a `buildRef` parent's disk), its
+//! cloud-init seed and its disks made as overlays over it; and, for the whole module before
+//! anything boots, every `files` URL fetched into the cache.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use super::error::{PrefetchError, VmError};
+use super::vm::VmBuild;
+use crate::cache::Cache;
+use crate::diskops;
+use crate::engine::DiskAttach;
+use crate::events::{Event, EventSink};
+use crate::job::{BuildJob, FileContent};
+use crate::sources::{self, BootFiles, ResolvedSource};
+
+/// Resolves the VM's source: its base image and boot files, in the cache.
+pub(super) fn resolve(b: &VmBuild) -> Result<ResolvedSource, VmError> {
+    let manifest_dir = b
+        .module
+        .job
+        .manifest_path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    Ok(sources::resolve(
+        &b.module.opts.cache,
+        &b.vm.source,
+        &b.vm.name,
+        &manifest_dir,
+        &b.module.opts.output,
+        b.events(),
+    )?)
+}
+
+/// What the VM boots: its kernel, its disks (overlays over the source) and, for an image
+/// without kiln's agent, the seed that installs it.
+pub(super) struct VmDisks {
+    pub boot: BootFiles,
+    /// The VM's own disks, in the manifest's order; captured at the end.
+    pub disks: Vec<DiskAttach>,
+    /// The cloud-init NoCloud seed, attached read-only after the disks and never captured.
+    pub seed: Option<PathBuf>,
+}
+
+pub(super) fn prepare_disks(b: &VmBuild, src: &ResolvedSource) -> Result<VmDisks, VmError> {
+    let boot = src.boot.clone().ok_or(VmError::NoKernel)?;
+    // Images without kiln's agent get it through a cloud-init NoCloud seed, attached
+    // read-only after the VM's disks and never captured.
+    let work = b.work_dir();
+    let seed = sources::seed::prepare(b.vm, src.agent_in_image, &work)?;
+    let mut disks = Vec::new();
+    for (i, d) in b.vm.disks.iter().enumerate() {
+        let path = work.join(format!("{}-{}.qcow2", b.vm.name, d.name));
+        let base = if i == 0 { src.base.as_ref() } else { None };
+        if let Some(base) = base {
+            if d.size_bytes < base.virtual_size {
+                return Err(VmError::DiskTooSmall {
+                    disk: d.name.clone(),
+                    size: d.size_bytes,
+                    base: base.virtual_size,
+                });
+            }
+        }
+        diskops::create_overlay(
+            base.map(|b| (b.path.as_path(), b.format)),
+            &path,
+            d.size_bytes,
+        )
+        .map_err(VmError::Overlay)?;
+        disks.push(DiskAttach {
+            name: d.name.clone(),
+            path,
+            read_only: false,
+        });
+    }
+    Ok(VmDisks { boot, disks, seed })
+}
+
+/// The job with every `files` URL (named files and file steps' own) fetched into the cache:
+/// each URL once, with download progress events; the first that fails names itself and why.
+pub(super) fn prefetch_files(
+    job: &BuildJob,
+    cache: &Cache,
+    ev: &dyn EventSink,
+) -> Result<BuildJob, PrefetchError> {
+    let mut fetched: BTreeMap<String, PathBuf> = BTreeMap::new();
+    let mut out = job.clone();
+    // Named files first, so a failure names the `files[]` entry rather than a step's copy.
+    let mut entries: Vec<(&String, &mut FileContent)> = out.files.iter_mut().collect();
+    entries.sort_by_key(|(name, _)| name.starts_with('\0'));
+    for (name, content) in entries {
+        let FileContent::Url(url) = content else {
+            continue;
+        };
+        let path = match fetched.get(url.as_str()) {
+            Some(p) => p.clone(),
+            None => {
+                ev.emit(&Event::Note {
+                    vm: None,
+                    message: format!("fetching {url}"),
+                });
+                let f = sources::url::fetch(cache, url, None, None, ev).map_err(|error| {
+                    PrefetchError {
+                        file: name.clone(),
+                        error,
+                    }
+                })?;
+                fetched.insert(url.clone(), f.path.clone());
+                f.path
+            }
+        };
+        *content = FileContent::Cached {
+            url: url.clone(),
+            path,
+        };
+    }
+    Ok(out)
+}
+
+/// Files of the job, for tests that build jobs by hand.
+pub fn inline_files(pairs: &[(&str, &str)]) -> BTreeMap<String, FileContent> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), FileContent::Inline(v.to_string())))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+    use std::io::Write;
+    use std::io::{BufRead, BufReader};
+    use std::net::TcpListener;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// A loopback server answering every GET with `body`; counts the requests.
+    fn serve(body: &'static [u8]) -> (u16, Arc<AtomicUsize>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let h = hits.clone();
+        std::thread::spawn(move || {
+            for mut s in l.incoming().flatten() {
+                h.fetch_add(1, Ordering::SeqCst);
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut line = String::new();
+                while r.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
+                    line.clear();
+                }
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = s.write_all(body);
+            }
+        });
+        (port, hits)
+    }
+
+    fn job(files: BTreeMap<String, FileContent>) -> BuildJob {
+        BuildJob {
+            name: "m".into(),
+            manifest_path: PathBuf::from("m.yaml"),
+            manifest_text: String::new(),
+            vms: vec![],
+            files,
+            http_directory: vec![],
+            timeout: Duration::from_secs(60),
+            retries: 0,
+            network: Default::default(),
+            base: Default::default(),
+        }
+    }
+
+    #[test]
+    fn each_url_is_fetched_once_into_the_cache_and_a_dead_one_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = Cache::open(d.path().join("cache")).unwrap();
+        let (port, hits) = serve(b"\x00tool bytes\xff");
+        let url = format!("http://127.0.0.1:{port}/tool.tar");
+        let mut files = inline_files(&[("motd", "hi\n")]);
+        files.insert("tool.tar".into(), FileContent::Url(url.clone()));
+        // A file step's own copy of the same URL.
+        files.insert("\0step:a:0".into(), FileContent::Url(url.clone()));
+        let ev = crate::events::MemorySink::default();
+        let out = prefetch_files(&job(files), &cache, &ev).unwrap();
+        assert_eq!(hits.load(Ordering::SeqCst), 1, "one download per URL");
+        for key in ["tool.tar", "\0step:a:0"] {
+            match &out.files[key] {
+                FileContent::Cached { url: u, path } => {
+                    assert_eq!(u, &url);
+                    assert!(path.starts_with(cache.root()));
+                    assert_eq!(fs::read(path).unwrap(), b"\x00tool bytes\xff");
+                }
+                other => panic!("{key}: {other:?}"),
+            }
+        }
+        assert!(matches!(&out.files["motd"], FileContent::Inline(s) if s == "hi\n"));
+
+        // A dead URL: the named entry is reported, with the URL and why.
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dead = format!("http://127.0.0.1:{port}/gone.tar");
+        let mut files = BTreeMap::new();
+        files.insert("\0step:a:0".into(), FileContent::Url(dead.clone()));
+        files.insert("gone.tar".into(), FileContent::Url(dead.clone()));
+        let e = prefetch_files(&job(files), &cache, &ev)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("file `gone.tar`") && e.contains(&dead), "{e}");
+        assert!(e.contains("nothing was booted"), "{e}");
+    }
+}
