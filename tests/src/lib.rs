@@ -9,10 +9,13 @@
 //! - [`image::checked_contents`]: a disk image after `qemu-img check`, as qemu-img reads it.
 //! - [`pattern::pattern`]: seeded pseudo-random test data.
 //! - [`module::clone_run_exec`]: a built module cloned, run and `kiln exec`'d like a user does.
+//! - [`helper_process::command`]: the test binary re-run on one of its ignored helper tests.
+//! - [`kvm_or_skip`]: whether /dev/kvm opens, with the skip line when it does not.
 //!
 //! Tests that cannot get what they need (no qemu, no package download) call [`skip`] and
 //! return: they print `SKIP: <reason>` and never pass silently.
 
+pub mod helper_process;
 pub mod image;
 pub mod initramfs;
 pub mod kernel;
@@ -60,6 +63,21 @@ pub type Result<T> = std::result::Result<T, KitError>;
 /// Print the loud skip line a test emits when something it needs is absent.
 pub fn skip(reason: impl std::fmt::Display) {
     eprintln!("SKIP: {reason}");
+}
+
+/// True when /dev/kvm can be opened; otherwise prints why `test` is skipped.
+pub fn kvm_or_skip(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            skip(format_args!("{test}: /dev/kvm cannot be opened ({e})"));
+            false
+        }
+    }
 }
 
 /// kiln's cache directory: `$KILN_CACHE`, else `~/.cache/kiln`, else a temp-dir fallback.

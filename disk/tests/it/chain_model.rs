@@ -2,11 +2,9 @@
 //! backing chain (raw <- qcow2 <- qcow2), checked against an in-memory model after every
 //! sequence, then `qemu-img check` and `qemu-img compare`. Plus concurrent writers.
 
-mod common;
-
 use std::sync::Arc;
 
-use common::*;
+use crate::common::*;
 use kiln_disk::{create, create_overlay, open, BlockDevice, CreateOptions, OpenOptions};
 use proptest::prelude::*;
 

@@ -2,12 +2,10 @@
 //! reports no corruption (leaks are acceptable) and every write flushed before the kill reads
 //! back intact.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
-use common::*;
+use crate::common::*;
 use kiln_disk::{create_overlay, open, OpenOptions};
 
 const SLOT: u64 = 65536 + 4096; // unaligned on purpose: writes straddle clusters
@@ -57,14 +55,7 @@ fn crash_mid_stream_leaves_no_corruption() {
     create_overlay(&img, "base.raw", None).unwrap();
 
     for kill_after in [3u64, 40] {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "crash_child",
-                "--exact",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
+        let mut child = kiln_e2e::helper_process::command(module_path!(), "crash_child")
             .env("KILN_CRASH_IMAGE", &img)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

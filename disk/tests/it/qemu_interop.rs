@@ -1,11 +1,9 @@
 //! Interop with the real qemu-img: everything kiln writes passes `qemu-img check` and
 //! compares identical; everything qemu-img writes reads back byte-identical through kiln.
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 use kiln_disk::{
     convert, create, create_overlay, open, open_with_own_reader, BlockDevice, Compression,
     ConvertOptions, CreateOptions, Format, OpenOptions,

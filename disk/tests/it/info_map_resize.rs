@@ -1,8 +1,6 @@
 //! `info`, `map` and `resize` on a small chain.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use kiln_disk::{
     create_overlay, info, map, open, resize, BackingPolicy, ExtentKind, Format, OpenOptions,
 };

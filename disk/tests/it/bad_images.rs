@@ -1,8 +1,6 @@
 //! Bad images get a clear error naming the problem: never a panic, a hang, or an allocation
 //! sized by the file's claims.
 
-mod common;
-
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 

@@ -2,8 +2,7 @@
 //! `/etc/hostname`) is never followed unless the caller allows exactly that file, and an
 //! external data file is refused. The backing file is only ever read, never written.
 
-mod common;
-
+use crate::common;
 use std::path::{Path, PathBuf};
 
 use kiln_disk::{

@@ -1,11 +1,9 @@
 //! `check` agrees with qemu-img on clean and damaged images; FAT images pass fsck.fat.
 
-mod common;
-
 use std::os::unix::fs::FileExt;
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 use kiln_disk::{
     check, convert, create_cidata, create_floppy, open, Compression, ConvertOptions, FatFile,
     OpenOptions,

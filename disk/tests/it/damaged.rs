@@ -2,8 +2,7 @@
 //! error for every reader, never zeroes: imago reads past the end of a file as zeroes, and
 //! `convert` used to write those zeroes out and succeed.
 
-mod common;
-
+use crate::common;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
