@@ -1,13 +1,12 @@
 //! The module network with network namespaces as guests (TAP ports). Root only; skips loudly
 //! elsewhere. Traffic goes only to the namespaces made here and to the host's loopback.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
-use common::Guest;
+use crate::common::Guest;
+use crate::require_netns;
 use kiln_net::{Network, NetworkConfig, SubnetConfig, VpcConfig};
 
 fn subnet(name: &str, vpc: &str, cidr: &str) -> SubnetConfig {

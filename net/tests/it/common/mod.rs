@@ -54,7 +54,7 @@ pub fn skip_reason() -> Option<String> {
 #[macro_export]
 macro_rules! require_netns {
     () => {
-        if let Some(reason) = common::skip_reason() {
+        if let Some(reason) = $crate::common::skip_reason() {
             eprintln!("SKIP: {reason}");
             return;
         }
