@@ -1,13 +1,12 @@
 //! Many sessions, disconnects, hostile frames, the vsock handshake and power actions.
 
-mod common;
-
+use crate::common;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{process_gone, wait_until, Agent};
+use crate::common::{process_gone, wait_until, Agent};
 use kiln_agent::frame::{FrameReader, Header, MAX_PAYLOAD};
 use kiln_agent::message::{ty, ErrorKind, Message};
 use kiln_agent::{Client, ClientError, ExecRequest, Interpreter};

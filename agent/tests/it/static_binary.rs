@@ -2,12 +2,11 @@
 //! static, small, found by locate_binary, and it serves.
 //! One test function on purpose: it sets KILN_AGENT_BIN, which must not race other tests.
 
-mod common;
-
+use crate::common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::Agent;
+use crate::common::Agent;
 use kiln_agent::{ExecRequest, PutOptions};
 
 fn static_agent() -> Option<PathBuf> {

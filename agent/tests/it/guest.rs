@@ -8,8 +8,7 @@
 //! (target/agent/kiln-agent, built by scripts/setup.sh) and the cloud kernel unpacked in
 //! kiln's cache (the tests crate's kit fetches it); skips loudly when any is missing.
 
-mod common;
-
+use crate::common;
 use std::io::Write;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};

@@ -2,13 +2,11 @@
 //! directory; no TrimAll here: it would trim the host's own file systems), and the client's
 //! answer to an agent that predates the request.
 
-mod common;
-
 use std::io::BufReader;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 
-use common::Agent;
+use crate::common::Agent;
 use kiln_agent::frame::{FrameReader, FrameWriter};
 use kiln_agent::message::{
     CleanupAction, CleanupPlan, ErrorKind, HelloReply, Message, RemoteError,

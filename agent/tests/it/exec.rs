@@ -1,11 +1,9 @@
 //! exec against the real agent binary over a Unix socket.
 
-mod common;
-
 use std::io::Read;
 use std::time::{Duration, Instant};
 
-use common::{is_root, process_gone, wait_until, Agent, Noise};
+use crate::common::{is_root, process_gone, wait_until, Agent, Noise};
 use kiln_agent::message::ErrorKind;
 use kiln_agent::{ClientError, ExecRequest, Interpreter, OutputStream};
 

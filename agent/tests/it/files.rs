@@ -1,13 +1,12 @@
 //! put-file, get-file, stat and sync against the real agent binary.
 
-mod common;
-
+use crate::common;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
-use common::{is_root, Agent, Noise};
+use crate::common::{is_root, Agent, Noise};
 use kiln_agent::frame::{FrameReader, FrameWriter};
 use kiln_agent::message::{ErrorKind, FileEnd, Hello, Message, PutFileRequest};
 use kiln_agent::{ClientError, FileKind, PutOptions};
