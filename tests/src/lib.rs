@@ -10,6 +10,7 @@
 //! - [`pattern::pattern`]: seeded pseudo-random test data.
 //! - [`module::clone_run_exec`]: a built module cloned, run and `kiln exec`'d like a user does.
 //! - [`helper_process::command`]: the test binary re-run on one of its ignored helper tests.
+//! - [`virtio_guest::Script`]: a tiny virtio driver run by a KVM guest program, for device tests.
 //! - [`kvm_or_skip`]: whether /dev/kvm opens, with the skip line when it does not.
 //!
 //! Tests that cannot get what they need (no qemu, no package download) call [`skip`] and
@@ -22,6 +23,7 @@ pub mod kernel;
 pub mod module;
 pub mod pattern;
 pub mod qemu;
+pub mod virtio_guest;
 
 use std::path::PathBuf;
 

@@ -20,7 +20,7 @@ use kiln_e2e::qemu::{qemu_available, Qemu, QemuConfig};
 use kiln_vmm::devices::net::vhost_user::spawn;
 
 // The guest setup, shared with the real-driver net test.
-#[path = "../tests/net_guest/mod.rs"]
+#[path = "../tests/it/net_guest/mod.rs"]
 mod net_guest;
 use net_guest::{
     guest_nic, http_server, initramfs, mac_string, network, pattern, vhost_user_net_args, ALIAS,

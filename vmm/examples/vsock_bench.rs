@@ -23,9 +23,9 @@ use virtio_queue::Queue;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 // The mock guest's queue plumbing, shared with the vsock queue tests.
-#[path = "../tests/vsock_guest/mod.rs"]
+#[path = "../tests/it/vsock_guest/mod.rs"]
 mod vsock_guest;
-#[path = "../tests/vsock_mock/mod.rs"]
+#[path = "../tests/it/vsock_mock/mod.rs"]
 mod vsock_mock;
 use vsock_mock::{
     add_chain, guest_hdr, make_queue, rx_chain, tx_chain, CID, GUEST_BUF_ALLOC, QSIZE,

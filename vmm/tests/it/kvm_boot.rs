@@ -6,14 +6,12 @@
 //!
 //! The opt-in `stock_kernel_boots_to_busybox` boots a real kernel from `KILN_TEST_KERNEL`.
 
-mod kvm_support;
-
 use std::io::Write;
 
+use crate::kvm_support::{fake_bzimage, kvm_or_skip, TIMEOUT};
 use iced_x86::code_asm::*;
 use kiln_vmm::exit::ExitReason;
 use kiln_vmm::machine::{Machine, VmConfig};
-use kvm_support::{fake_bzimage, kvm_or_skip, TIMEOUT};
 
 fn kernel_program() -> Vec<u8> {
     let mut a = CodeAssembler::new(64).unwrap();

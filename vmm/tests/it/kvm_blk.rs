@@ -9,18 +9,16 @@
 //! a qcow2 opened by `kiln_disk::open` and read back, FLUSH, GET_ID, a read-only disk that
 //! refuses writes, and afterwards `qemu-img check` and the content compared on the host.
 
-mod kvm_support;
-
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
+use crate::kvm_support::virtio_guest::{reg, Buf, Device, Script, VIRTIO_F_VERSION_1};
+use crate::kvm_support::{finish_script, kvm_or_skip, log_warnings, start_script};
 use kiln_disk::{BlockDevice, CreateOptions, Format, OpenOptions};
 use kiln_e2e::image::checked_contents;
 use kiln_vmm::devices::block::BlockOptions;
 use kiln_vmm::transport::block::{VirtioBlock, VIRTIO_ID_BLOCK};
-use kvm_support::virtio_guest::{reg, Buf, Device, Script, VIRTIO_F_VERSION_1};
-use kvm_support::{finish_script, kvm_or_skip, log_warnings, start_script};
 
 const DISK_SIZE: u64 = 8 << 20;
 const SECTORS: u64 = DISK_SIZE / 512;

@@ -13,7 +13,7 @@ pub use kiln_e2e::pattern::pattern;
 
 /// Build the static guest program (`helper.rs`) with rustc at `out`.
 pub fn build_helper(out: &Path) -> Result<(), String> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vsock_guest/helper.rs");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/vsock_guest/helper.rs");
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     let o = Command::new(rustc)
         .args([

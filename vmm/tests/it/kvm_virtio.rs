@@ -4,11 +4,10 @@
 //! (irqfd, GSI 5, through the in-kernel PIC); the guest's interrupt handler reads and
 //! acknowledges the interrupt status, and the guest prints what the device wrote.
 
-mod kvm_support;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use crate::kvm_support::{kvm_or_skip, TIMEOUT};
 use iced_x86::code_asm::*;
 use kiln_vmm::arch::x86_64::regs::BootMode;
 use kiln_vmm::exit::ExitReason;
@@ -16,7 +15,6 @@ use kiln_vmm::machine::{Machine, VmConfig};
 use kiln_vmm::transport::{
     read_config_bytes, ActivateContext, ActivateError, QueueHandler, QueueWorker, VirtioDevice,
 };
-use kvm_support::{kvm_or_skip, TIMEOUT};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 

@@ -1,17 +1,15 @@
 //! One VMM process per VM: the test binary re-executes itself as the VMM child (as `kiln`
 //! does with its hidden `__vmm` subcommand) and controls it over the socket.
 
-mod kvm_support;
-
 use std::path::Path;
-use std::process::Command;
+
 use std::time::{Duration, Instant};
 
+use crate::kvm_support::{bzimage_running, kvm_or_skip};
 use iced_x86::code_asm::*;
 use kiln_vmm::exit::ExitReason;
 use kiln_vmm::process::protocol::VmState;
 use kiln_vmm::process::{Response, VmProcess, VmSpec};
-use kvm_support::{bzimage_running, kvm_or_skip};
 
 const CHILD_ENV: &str = "KILN_TEST_VMM_CHILD";
 
@@ -29,15 +27,8 @@ fn vmm_child_entry() {
 }
 
 fn spawn_child(spec: &VmSpec, socket: &Path) -> VmProcess {
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args([
-        "vmm_child_entry",
-        "--exact",
-        "--ignored",
-        "--nocapture",
-        "--test-threads=1",
-    ])
-    .env(
+    let mut cmd = kiln_e2e::helper_process::command(module_path!(), "vmm_child_entry");
+    cmd.env(
         CHILD_ENV,
         format!(
             "{}\n{}",

@@ -1,7 +1,7 @@
 //! Golden-file tests: every `X.yaml` under `tests/manifests/` has an `X.expected` holding the
 //! exact output of `kiln validate tests/manifests/X.yaml` run from the crate directory.
-//! `KILN_BLESS=1 cargo test --test manifest_corpus` rewrites the golden files; without it the
-//! test compares and fails on any difference.
+//! `KILN_BLESS=1 cargo test -p kiln-builder --test it manifest_corpus` rewrites the golden
+//! files; without it the test compares and fails on any difference.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -4,7 +4,8 @@
 
 #![allow(dead_code)]
 
-pub mod virtio_guest;
+pub use kiln_e2e::kvm_or_skip;
+pub use kiln_e2e::virtio_guest;
 
 use std::time::Duration;
 
@@ -13,20 +14,43 @@ use kiln_vmm::exit::ExitReason;
 use kiln_vmm::machine::{Machine, VmConfig};
 use kiln_vmm::transport::VirtioDevice;
 
-/// True when /dev/kvm can be opened; otherwise prints why the test is skipped.
-pub fn kvm_or_skip(test: &str) -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("SKIP: {test}: /dev/kvm cannot be opened ({e})");
-            false
-        }
+// The test kit's virtio driver takes its register offsets from Linux's header: the
+// transport must use the same ones, or these tests fail to build.
+const _: () = {
+    use kiln_vmm::transport::mmio::reg as transport;
+    use virtio_guest::reg as driver;
+    let pairs = [
+        (transport::MAGIC, driver::MAGIC),
+        (transport::VERSION, driver::VERSION),
+        (transport::DEVICE_ID, driver::DEVICE_ID),
+        (transport::DEVICE_FEATURES, driver::DEVICE_FEATURES),
+        (transport::DEVICE_FEATURES_SEL, driver::DEVICE_FEATURES_SEL),
+        (transport::DRIVER_FEATURES, driver::DRIVER_FEATURES),
+        (transport::DRIVER_FEATURES_SEL, driver::DRIVER_FEATURES_SEL),
+        (transport::QUEUE_SEL, driver::QUEUE_SEL),
+        (transport::QUEUE_NUM_MAX, driver::QUEUE_NUM_MAX),
+        (transport::QUEUE_NUM, driver::QUEUE_NUM),
+        (transport::QUEUE_READY, driver::QUEUE_READY),
+        (transport::QUEUE_NOTIFY, driver::QUEUE_NOTIFY),
+        (transport::INTERRUPT_STATUS, driver::INTERRUPT_STATUS),
+        (transport::STATUS, driver::STATUS),
+        (transport::QUEUE_DESC_LOW, driver::QUEUE_DESC_LOW),
+        (transport::QUEUE_DESC_HIGH, driver::QUEUE_DESC_HIGH),
+        (transport::QUEUE_DRIVER_LOW, driver::QUEUE_DRIVER_LOW),
+        (transport::QUEUE_DRIVER_HIGH, driver::QUEUE_DRIVER_HIGH),
+        (transport::QUEUE_DEVICE_LOW, driver::QUEUE_DEVICE_LOW),
+        (transport::QUEUE_DEVICE_HIGH, driver::QUEUE_DEVICE_HIGH),
+        (transport::CONFIG, driver::CONFIG),
+    ];
+    let mut i = 0;
+    while i < pairs.len() {
+        assert!(
+            pairs[i].0 == pairs[i].1,
+            "a virtio-mmio offset of the transport differs from Linux's"
+        );
+        i += 1;
     }
-}
+};
 
 /// Bound on how long any tiny guest may run (PVM emulates some supervisor instructions
 /// slowly, but these programs need milliseconds).

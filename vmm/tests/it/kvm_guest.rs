@@ -2,13 +2,11 @@
 //! set up by kiln's boot code, the serial port, i8042 reset, ACPI poweroff, a triple fault,
 //! two vCPUs started by INIT/SIPI, and pause/stop.
 
-mod kvm_support;
-
+use crate::kvm_support::{kvm_or_skip, run_program};
 use iced_x86::code_asm::*;
 use kiln_vmm::arch::x86_64::regs::BootMode;
 use kiln_vmm::exit::ExitReason;
 use kiln_vmm::machine::{Machine, VmConfig};
-use kvm_support::{kvm_or_skip, run_program};
 
 /// `SLP_EN | SLP_TYP(5)`: what a kernel writes to the FADT's sleep control register for S5.
 const POWEROFF: u32 = (1 << 5) | (5 << 2);

@@ -9,17 +9,15 @@
 //! The checks are those of `net_qemu.rs`: frames both ways through a frame port, the MAC
 //! from config, none lost or reordered.
 
-mod kvm_support;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::kvm_support::virtio_guest::{reg, Buf, Device, Script, VIRTIO_F_VERSION_1};
+use crate::kvm_support::{finish_script, kvm_or_skip, log_warnings, start_script, wait_script};
 use kiln_net::{port_pair, FramePort, QueuePort};
 use kiln_vmm::devices::net::in_process::VIRTIO_ID_NET;
 use kiln_vmm::devices::net::VirtioNet;
 use kiln_vmm::exit::ExitReason;
-use kvm_support::virtio_guest::{reg, Buf, Device, Script, VIRTIO_F_VERSION_1};
-use kvm_support::{finish_script, kvm_or_skip, log_warnings, start_script, wait_script};
 
 const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x6b, 0x76, 0x01];
 const HOST_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0xfe];

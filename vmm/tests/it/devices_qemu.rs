@@ -9,13 +9,16 @@
 //! side by side in one guest. Skips loudly where qemu, qemu-img, rustc or the kernel cannot
 //! be had. No traffic leaves the machine: the NAT's only destination is 127.0.0.1.
 
-mod net_guest;
-mod vsock_guest;
-
+use crate::net_guest;
+use crate::vsock_guest;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::net_guest::{
+    guest_nic, http_server, network, vhost_user_net_args, ALIAS, UDHCPC_SCRIPT,
+};
+use crate::vsock_guest::{build_helper, echo_through_guest, host_echo_listener};
 use kiln_disk::{BlockDevice, OpenOptions};
 use kiln_e2e::image::checked_contents;
 use kiln_e2e::initramfs::Initramfs;
@@ -23,8 +26,6 @@ use kiln_e2e::kernel::guest_kernel;
 use kiln_e2e::qemu::{qemu_available, Qemu, QemuConfig};
 use kiln_e2e::skip;
 use kiln_vmm::devices::block::BlockOptions;
-use net_guest::{guest_nic, http_server, network, vhost_user_net_args, ALIAS, UDHCPC_SCRIPT};
-use vsock_guest::{build_helper, echo_through_guest, host_echo_listener};
 
 const DISK_MIB: u64 = 32;
 /// Where the guest writes the disk pattern (dd bs=64k seek=16).

@@ -11,17 +11,15 @@
 //! reaches the listener at `<socket>_<P>`; data both ways on each connection, and a clean
 //! close that the host sees as end of stream.
 
-mod kvm_support;
-
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::time::Duration;
 
+use crate::kvm_support::virtio_guest::{reg, Buf, Device, Script, Virtq, VIRTIO_F_VERSION_1};
+use crate::kvm_support::{finish_script, kvm_or_skip, log_warnings, start_script};
 use kiln_vmm::devices::vsock::queue_handler::VIRTIO_ID_VSOCK;
 use kiln_vmm::devices::vsock::VirtioVsock;
-use kvm_support::virtio_guest::{reg, Buf, Device, Script, Virtq, VIRTIO_F_VERSION_1};
-use kvm_support::{finish_script, kvm_or_skip, log_warnings, start_script};
 
 const GUEST_CID: u64 = 42;
 const HOST_CID: u64 = 2;

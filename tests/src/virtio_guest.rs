@@ -59,52 +59,34 @@ mod op {
     pub const PUTHEX: u8 = 7;
 }
 
-/// virtio-mmio register offsets: the transport's own (virtio 1.x, 4.2.2).
-pub use kiln_vmm::transport::mmio::reg;
-
-// The driver takes its offsets from the device it tests, so they are checked here against
-// Linux's own header (virtio-bindings' `virtio_mmio`): a wrong offset in the transport still
-// fails the build of these tests instead of agreeing with itself.
-const _: () = {
+/// virtio-mmio register offsets (virtio 1.x, 4.2.2), from Linux's own header (virtio-bindings'
+/// `virtio_mmio`). kiln-vmm's KVM tests check at build time that its transport uses the same
+/// offsets, so a wrong offset in the transport fails the build instead of agreeing with itself.
+pub mod reg {
     use virtio_bindings::virtio_mmio as linux;
-    let pairs = [
-        (reg::MAGIC, linux::VIRTIO_MMIO_MAGIC_VALUE),
-        (reg::VERSION, linux::VIRTIO_MMIO_VERSION),
-        (reg::DEVICE_ID, linux::VIRTIO_MMIO_DEVICE_ID),
-        (reg::DEVICE_FEATURES, linux::VIRTIO_MMIO_DEVICE_FEATURES),
-        (
-            reg::DEVICE_FEATURES_SEL,
-            linux::VIRTIO_MMIO_DEVICE_FEATURES_SEL,
-        ),
-        (reg::DRIVER_FEATURES, linux::VIRTIO_MMIO_DRIVER_FEATURES),
-        (
-            reg::DRIVER_FEATURES_SEL,
-            linux::VIRTIO_MMIO_DRIVER_FEATURES_SEL,
-        ),
-        (reg::QUEUE_SEL, linux::VIRTIO_MMIO_QUEUE_SEL),
-        (reg::QUEUE_NUM_MAX, linux::VIRTIO_MMIO_QUEUE_NUM_MAX),
-        (reg::QUEUE_NUM, linux::VIRTIO_MMIO_QUEUE_NUM),
-        (reg::QUEUE_READY, linux::VIRTIO_MMIO_QUEUE_READY),
-        (reg::QUEUE_NOTIFY, linux::VIRTIO_MMIO_QUEUE_NOTIFY),
-        (reg::INTERRUPT_STATUS, linux::VIRTIO_MMIO_INTERRUPT_STATUS),
-        (reg::STATUS, linux::VIRTIO_MMIO_STATUS),
-        (reg::QUEUE_DESC_LOW, linux::VIRTIO_MMIO_QUEUE_DESC_LOW),
-        (reg::QUEUE_DESC_HIGH, linux::VIRTIO_MMIO_QUEUE_DESC_HIGH),
-        (reg::QUEUE_DRIVER_LOW, linux::VIRTIO_MMIO_QUEUE_AVAIL_LOW),
-        (reg::QUEUE_DRIVER_HIGH, linux::VIRTIO_MMIO_QUEUE_AVAIL_HIGH),
-        (reg::QUEUE_DEVICE_LOW, linux::VIRTIO_MMIO_QUEUE_USED_LOW),
-        (reg::QUEUE_DEVICE_HIGH, linux::VIRTIO_MMIO_QUEUE_USED_HIGH),
-        (reg::CONFIG, linux::VIRTIO_MMIO_CONFIG),
-    ];
-    let mut i = 0;
-    while i < pairs.len() {
-        assert!(
-            pairs[i].0 == pairs[i].1 as u64,
-            "a virtio-mmio offset differs from Linux's"
-        );
-        i += 1;
-    }
-};
+
+    pub const MAGIC: u64 = linux::VIRTIO_MMIO_MAGIC_VALUE as u64;
+    pub const VERSION: u64 = linux::VIRTIO_MMIO_VERSION as u64;
+    pub const DEVICE_ID: u64 = linux::VIRTIO_MMIO_DEVICE_ID as u64;
+    pub const DEVICE_FEATURES: u64 = linux::VIRTIO_MMIO_DEVICE_FEATURES as u64;
+    pub const DEVICE_FEATURES_SEL: u64 = linux::VIRTIO_MMIO_DEVICE_FEATURES_SEL as u64;
+    pub const DRIVER_FEATURES: u64 = linux::VIRTIO_MMIO_DRIVER_FEATURES as u64;
+    pub const DRIVER_FEATURES_SEL: u64 = linux::VIRTIO_MMIO_DRIVER_FEATURES_SEL as u64;
+    pub const QUEUE_SEL: u64 = linux::VIRTIO_MMIO_QUEUE_SEL as u64;
+    pub const QUEUE_NUM_MAX: u64 = linux::VIRTIO_MMIO_QUEUE_NUM_MAX as u64;
+    pub const QUEUE_NUM: u64 = linux::VIRTIO_MMIO_QUEUE_NUM as u64;
+    pub const QUEUE_READY: u64 = linux::VIRTIO_MMIO_QUEUE_READY as u64;
+    pub const QUEUE_NOTIFY: u64 = linux::VIRTIO_MMIO_QUEUE_NOTIFY as u64;
+    pub const INTERRUPT_STATUS: u64 = linux::VIRTIO_MMIO_INTERRUPT_STATUS as u64;
+    pub const STATUS: u64 = linux::VIRTIO_MMIO_STATUS as u64;
+    pub const QUEUE_DESC_LOW: u64 = linux::VIRTIO_MMIO_QUEUE_DESC_LOW as u64;
+    pub const QUEUE_DESC_HIGH: u64 = linux::VIRTIO_MMIO_QUEUE_DESC_HIGH as u64;
+    pub const QUEUE_DRIVER_LOW: u64 = linux::VIRTIO_MMIO_QUEUE_AVAIL_LOW as u64;
+    pub const QUEUE_DRIVER_HIGH: u64 = linux::VIRTIO_MMIO_QUEUE_AVAIL_HIGH as u64;
+    pub const QUEUE_DEVICE_LOW: u64 = linux::VIRTIO_MMIO_QUEUE_USED_LOW as u64;
+    pub const QUEUE_DEVICE_HIGH: u64 = linux::VIRTIO_MMIO_QUEUE_USED_HIGH as u64;
+    pub const CONFIG: u64 = linux::VIRTIO_MMIO_CONFIG as u64;
+}
 
 /// Device status bits.
 pub mod status {

@@ -6,20 +6,19 @@
 //! file's SHA-256; the test compares. Skips loudly where qemu or the kernel cannot be had.
 
 // For its stderr log of kiln's warnings (this test needs no /dev/kvm).
-mod kvm_support;
-mod net_guest;
 
+use crate::kvm_support;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::net_guest::{
+    guest_nic, http_server, initramfs, mac_string, network, pattern, vhost_user_net_args, ALIAS,
+};
 use kiln_e2e::kernel::guest_kernel;
 use kiln_e2e::qemu::{qemu_available, Qemu, QemuConfig};
 use kiln_e2e::skip;
 use kiln_vmm::devices::net::vhost_user::spawn;
-use net_guest::{
-    guest_nic, http_server, initramfs, mac_string, network, pattern, vhost_user_net_args, ALIAS,
-};
 
 const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x6b, 0x00, 0x01];
 const FILE_LEN: usize = 3 << 20;

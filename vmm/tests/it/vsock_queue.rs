@@ -16,8 +16,7 @@ use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
-mod vsock_mock;
-use vsock_mock::{add_chain, guest_hdr, make_queue, rx_chain, tx_chain, CID, QSIZE};
+use crate::vsock_mock::{add_chain, guest_hdr, make_queue, rx_chain, tx_chain, CID, QSIZE};
 
 const MEM_SIZE: usize = 16 << 20;
 const BUF_START: u64 = 0x10_0000;

@@ -1,7 +1,8 @@
 //! `kiln fmt` keeps comments: a round-trip corpus (`tests/manifests/fmt/X.in.yaml` formats to
 //! exactly `X.out.yaml`), the examples (already canonical), a probe comment on every line of
 //! them, and the CLI (several files, folders, `-`, `--check`, `--diff`, atomic writes).
-//! `KILN_BLESS=1 cargo test --test manifest_fmt` rewrites the `.out.yaml` files.
+//! `KILN_BLESS=1 cargo test -p kiln-builder --test it manifest_fmt` rewrites the `.out.yaml`
+//! files.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};

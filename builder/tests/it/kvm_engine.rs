@@ -1,7 +1,7 @@
 //! The `kvm` engine end to end on /dev/kvm (PVM included): `KvmEngine::launch` runs the real
 //! `kiln __vmm` child for a `VmLaunch` whose kernel is a tiny guest program (an ELF built
-//! from kiln-vmm's script-driven virtio driver, `vmm/tests/kvm_support/virtio_guest.rs`,
-//! shared by path rather than copied). The guest drives the three devices the engine gives
+//! from the test kit's script-driven virtio driver, `kiln_e2e::virtio_guest`, shared with
+//! kiln-vmm's tests). The guest drives the three devices the engine gives
 //! it through virtio-mmio: the qcow2 overlay (virtio-blk), the NIC (virtio-net, frames
 //! crossing the process boundary on the engine's seqpacket socket to a kiln-net port held
 //! here) and vsock (the host connects through the engine's socket with `CONNECT`).
@@ -14,10 +14,6 @@
 //! powers off. The test checks the two boots ran in two different VMM processes, and after
 //! the exit reads the guest's writes back from the qcow2 with kiln_disk.
 
-#[allow(dead_code)]
-#[path = "../../vmm/tests/kvm_support/virtio_guest.rs"]
-mod virtio_guest;
-
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -28,8 +24,11 @@ use kiln_builder::engine::kvm::KvmEngine;
 use kiln_builder::engine::{DiskAttach, Engine, NicAttach, RunningVm, VmLaunch};
 use kiln_builder::sources::BootFiles;
 use kiln_disk::OpenOptions;
+use kiln_e2e::kvm_or_skip;
+use kiln_e2e::virtio_guest::{
+    self, reg, Buf, Device, Script, END_VALUE, POWEROFF, RESET, VIRTIO_F_VERSION_1,
+};
 use kiln_net::{port_pair, FramePort, QueuePort};
-use virtio_guest::{reg, Buf, Device, Script, END_VALUE, POWEROFF, RESET, VIRTIO_F_VERSION_1};
 
 const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x6b, 0x76, 0x07];
 const HOST_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0xfe];
@@ -48,20 +47,6 @@ const VIRTIO_ID_VSOCK: u32 = 19;
 const NET_HDR: u32 = 12;
 const VSOCK_HDR: u32 = 44;
 const HOST_MSG: usize = 100;
-
-fn kvm_or_skip(test: &str) -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("SKIP: {test}: /dev/kvm cannot be opened ({e})");
-            false
-        }
-    }
-}
 
 fn blk_header(t: u32, sector: u64) -> Vec<u8> {
     let mut h = t.to_le_bytes().to_vec();
@@ -562,14 +547,7 @@ fn a_killed_kiln_leaves_no_vmm_behind() {
     }
     use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
-    let mut holder = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "kvm_engine_holder",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+    let mut holder = kiln_e2e::helper_process::command(module_path!(), "kvm_engine_holder")
         .env(HOLDER_ENV, dir.path())
         .stdout(std::process::Stdio::piped())
         .spawn()

@@ -10,8 +10,7 @@
 //! device serves again afterwards. Skips loudly where qemu, rustc or the kernel package
 //! cannot be had.
 
-mod vsock_guest;
-
+use crate::vsock_guest;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
@@ -21,7 +20,7 @@ use kiln_e2e::qemu::{qemu_available, Qemu, QemuConfig};
 use kiln_e2e::skip;
 use kiln_vmm::devices::vsock::vhost_user::spawn;
 
-use vsock_guest::{build_helper, host_connect, host_echo_listener};
+use crate::vsock_guest::{build_helper, host_connect, host_echo_listener};
 
 const GUEST_CID: u64 = 3;
 const GUEST_PORT: u32 = 1024;
