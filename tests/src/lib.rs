@@ -8,6 +8,7 @@
 //!   lines with a timeout, killed on drop.
 //! - [`image::checked_contents`]: a disk image after `qemu-img check`, as qemu-img reads it.
 //! - [`pattern::pattern`]: seeded pseudo-random test data.
+//! - [`http::Server`]: a loopback HTTP server for what kiln or a guest downloads.
 //! - [`module::clone_run_exec`]: a built module cloned, run and `kiln exec`'d like a user does.
 //! - [`helper_process::command`]: the test binary re-run on one of its ignored helper tests.
 //! - [`virtio_guest::Script`]: a tiny virtio driver run by a KVM guest program, for device tests.
@@ -17,6 +18,7 @@
 //! return: they print `SKIP: <reason>` and never pass silently.
 
 pub mod helper_process;
+pub mod http;
 pub mod image;
 pub mod initramfs;
 pub mod kernel;

@@ -22,9 +22,7 @@ use kiln_vmm::devices::net::vhost_user::spawn;
 // The guest setup, shared with the real-driver net test.
 #[path = "../tests/it/net_guest/mod.rs"]
 mod net_guest;
-use net_guest::{
-    guest_nic, http_server, initramfs, mac_string, network, pattern, vhost_user_net_args, ALIAS,
-};
+use net_guest::{guest_nic, initramfs, mac_string, network, pattern, vhost_user_net_args, ALIAS};
 
 const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x6b, 0x00, 0x02];
 
@@ -97,7 +95,7 @@ fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     let bytes = mib << 20;
     // The body is made once, so the server costs both sides the same.
-    let port = http_server(pattern(bytes), rounds * 2);
+    let port = kiln_e2e::http::Server::bytes(pattern(bytes)).port;
     let initrd = dir.path().join("initrd.cpio");
     initramfs(&kernel, &init(port, bytes), &initrd);
     let mac = mac_string(&MAC);

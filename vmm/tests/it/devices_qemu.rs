@@ -15,9 +15,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::net_guest::{
-    guest_nic, http_server, network, vhost_user_net_args, ALIAS, UDHCPC_SCRIPT,
-};
+use crate::net_guest::{guest_nic, network, vhost_user_net_args, ALIAS, UDHCPC_SCRIPT};
 use crate::vsock_guest::{build_helper, echo_through_guest, host_echo_listener};
 use kiln_disk::{BlockDevice, OpenOptions};
 use kiln_e2e::image::checked_contents;
@@ -120,7 +118,7 @@ fn linux_uses_kiln_blk_net_and_vsock_in_one_guest() {
     // The network: a kiln-net switch with DHCP and NAT, and a file on the host's loopback.
     let body = net_guest::pattern(FILE_LEN);
     let want_sum = sha256_hex(&body, dir.path());
-    let http_port = http_server(body, 1);
+    let http_port = kiln_e2e::http::Server::bytes(body).port;
     let net = network("10.0.7.0/24");
     let net_sock = dir.path().join("net.sock");
     let nic =

@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::net_guest::{
-    guest_nic, http_server, initramfs, mac_string, network, pattern, vhost_user_net_args, ALIAS,
+    guest_nic, initramfs, mac_string, network, pattern, vhost_user_net_args, ALIAS,
 };
 use kiln_e2e::kernel::guest_kernel;
 use kiln_e2e::qemu::{qemu_available, Qemu, QemuConfig};
@@ -79,7 +79,7 @@ fn linux_virtio_net_fetches_through_kiln_nat() {
     let file = dir.path().join("file");
     std::fs::write(&file, &body).unwrap();
     let want = sha256_hex(&file);
-    let port = http_server(body, 8);
+    let port = kiln_e2e::http::Server::bytes(body).port;
 
     let net = network("10.0.5.0/24");
     let nic = guest_nic(&net, MAC);

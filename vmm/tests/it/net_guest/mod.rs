@@ -1,12 +1,11 @@
 //! A Linux guest on kiln's vhost-user-net, as the real-driver net test and the `net_bench`
 //! example set it up (the example includes this file by path): a kiln-net network with one
 //! DHCP subnet, NAT and a host-loopback alias; a busybox initramfs with the virtio-net driver
-//! and a udhcpc script; QEMU's arguments for the vhost-user netdev; an HTTP server on the
-//! host's loopback that serves a pseudo-random file.
+//! and a udhcpc script; QEMU's arguments for the vhost-user netdev; the pseudo-random file the
+//! guest downloads (from the test kit's `http::Server`).
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, TcpListener};
+use std::net::Ipv4Addr;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -100,24 +99,4 @@ pub fn vhost_user_net_args(sock: &Path, mac: &[u8; 6]) -> Vec<String> {
 /// `len` pseudo-random bytes, the same on every call.
 pub fn pattern(len: usize) -> Vec<u8> {
     kiln_e2e::pattern::pattern(0x2545_f491_4f6c_dd1d, len)
-}
-
-/// Serves `body` at any path on 127.0.0.1 to the first `conns` clients; returns the port.
-pub fn http_server(body: Vec<u8>, conns: usize) -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
-    let port = l.local_addr().expect("local addr").port();
-    std::thread::spawn(move || {
-        for c in l.incoming().take(conns) {
-            let Ok(mut c) = c else { continue };
-            let mut buf = [0u8; 2048];
-            let _ = c.read(&mut buf);
-            let _ = write!(
-                c,
-                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n",
-                body.len()
-            );
-            let _ = c.write_all(&body);
-        }
-    });
-    port
 }

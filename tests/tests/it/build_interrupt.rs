@@ -1,15 +1,13 @@
 //! Ctrl-C in each phase of a build (boot, step, capture): `kiln build` exits 130, writes no
 //! module, and leaves no process and no file behind but the logs it names.
 
-mod build_common;
-
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use build_common::*;
+use crate::build_common::*;
 
 /// When the test sends Ctrl-C.
 #[derive(Clone, Copy, Debug)]

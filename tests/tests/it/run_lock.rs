@@ -2,14 +2,12 @@
 //! second run of a running clone is refused with the holder's pid, and after the run is
 //! killed (SIGKILL: no clean-up of its own) the clone runs again.
 
-mod build_common;
-
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use build_common::*;
+use crate::build_common::*;
 
 /// Kills and reaps a child when dropped (SIGINT first, like Ctrl-C).
 struct Reap(Child);

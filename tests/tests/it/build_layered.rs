@@ -7,12 +7,10 @@
 //! base (so the same cached bootstrap), files and effects, minus the slowest part under TCG
 //! (build_hello covers the reboot). Everything runs with `--no-internet`.
 
-mod build_common;
-
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use build_common::*;
+use crate::build_common::*;
 
 /// examples/hello.yaml, cut before its `restart` step.
 fn quick_hello() -> String {

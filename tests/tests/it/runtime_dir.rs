@@ -2,14 +2,12 @@
 //! others can write to, that is a link, or that another user owns is refused with its path,
 //! and kiln never talks to a socket planted there.
 
-mod build_common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use build_common::*;
+use crate::build_common::*;
 
 fn exec_with_run_dir(kiln: &Path, run_dir: &Path) -> Output {
     let out = Command::new(kiln)

@@ -1,4 +1,4 @@
-//! Shared helpers of the `kiln build` end-to-end tests (included with `mod`).
+//! Shared helpers of the `kiln build` end-to-end tests.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};

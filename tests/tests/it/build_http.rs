@@ -3,40 +3,14 @@
 //! `KILN_HTTP_ADDR` / `PACKER_HTTP_ADDR`. The captured disk holds what the guest fetched.
 //! The build runs with no internet: the guest's only peer is kiln's gateway.
 
-mod build_common;
-
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
-
-use build_common::*;
-
-/// Serves `body` to every GET on a loopback port until the test ends.
-fn serve_once_per_request(body: &'static str) -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for mut s in l.incoming().flatten() {
-            let mut r = BufReader::new(s.try_clone().unwrap());
-            let mut line = String::new();
-            while r.read_line(&mut line).is_ok_and(|n| n > 2) {
-                line.clear();
-            }
-            let _ = write!(
-                s,
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-        }
-    });
-    port
-}
+use crate::build_common::*;
 
 #[test]
 fn http_directory_files_reach_the_guest_at_its_gateway() {
     let Some(kiln) = boot_prereqs_or_skip() else {
         return;
     };
-    let port = serve_once_per_request("fetched by kiln from a url\n");
+    let port = kiln_e2e::http::Server::bytes("fetched by kiln from a url\n").port;
     let tmp = tempfile::tempdir().unwrap();
     let manifest = tmp.path().join("webfiles.yaml");
     std::fs::write(

@@ -5,12 +5,10 @@
 //! The example's VPC has no internet and the build runs with `--no-internet`: no frame leaves
 //! the build's own user-space network.
 
-mod build_common;
-
 use std::path::Path;
 use std::process::Command;
 
-use build_common::*;
+use crate::build_common::*;
 
 /// Whether `path` exists in the ext4 file system of `qcow2` (after `read_guest_file` made
 /// the raw copy in `work`).

@@ -1,14 +1,12 @@
 //! `kiln build` failures: each fails the build with a clear message and leaves no module.
 
-mod build_common;
-
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use build_common::*;
+use crate::build_common::*;
 
 fn write_manifest(dir: &Path, name: &str, body: &str) -> String {
     let p = dir.join(format!("{name}.yaml"));
@@ -56,25 +54,7 @@ fn bad_checksum_stops_before_boot() {
         return;
     };
     // A loopback server with an "image" whose digest is not the one the manifest states.
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            let mut s = s;
-            let mut r = BufReader::new(s.try_clone().unwrap());
-            let mut line = String::new();
-            while r.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
-                line.clear();
-            }
-            let body = b"this is not a disk image";
-            let _ = write!(
-                s,
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = s.write_all(body);
-        }
-    });
+    let port = kiln_e2e::http::Server::bytes(b"this is not a disk image".to_vec()).port;
     let tmp = tempfile::tempdir().unwrap();
     let want = "0".repeat(64);
     let m = write_manifest(

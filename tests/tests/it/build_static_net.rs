@@ -4,12 +4,10 @@
 //! `kiln exec`). The VPC has no internet and everything runs with `--no-internet`: nothing
 //! leaves the build's own user-space network (192.0.2.53 is never asked).
 
-mod build_common;
-
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use build_common::*;
+use crate::build_common::*;
 
 const MANIFEST: &str = r#"network:
   vpcs:

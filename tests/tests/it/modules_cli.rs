@@ -1,12 +1,10 @@
 //! `kiln rm`, `kiln build` without `--force`, and `kiln cache ls`/`prune` through the `kiln`
 //! binary, on a module folder written by hand (no VM): quick, and needs no root.
 
-mod build_common;
-
 use std::path::Path;
 use std::process::Output;
 
-use build_common::*;
+use crate::build_common::*;
 
 /// A module `name` in `modules` with one small qcow2 disk, as a build leaves it.
 fn fake_module(kiln: &Path, modules: &Path, name: &str) {

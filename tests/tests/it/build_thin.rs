@@ -5,13 +5,11 @@
 //! back with both modules' work (qemu-img follows the relative backing name), clones and
 //! runs; once its parent is gone, `kiln clone` says so.
 
-mod build_common;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use build_common::*;
+use crate::build_common::*;
 use kiln_e2e::module::{clone_run_exec, CloneExec};
 
 fn write(dir: &Path, name: &str, body: &str) -> String {

@@ -3,13 +3,11 @@
 //! (its overlay sits on its own hard link of v1's disk), a new clone reads v2's, and
 //! `kiln rm` of the module refuses while clones use it, naming them.
 
-mod build_common;
-
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use build_common::*;
+use crate::build_common::*;
 
 fn manifest(mark: &str) -> String {
     format!(

@@ -1,8 +1,6 @@
 //! What a build leaves: a failed build keeps its logs (0600) where it says and `kiln logs`
 //! shows them; start-up clean-up removes what killed kiln processes left, and only that.
 
-mod build_common;
-
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::MetadataExt;
@@ -10,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, SystemTime};
 
-use build_common::*;
+use crate::build_common::*;
 
 /// `kiln` with the test's own runtime folder and cache, from the repository root.
 fn kiln_in(kiln: &Path, tmp: &Path, args: &[&str]) -> Output {

@@ -13,18 +13,13 @@
 //! made once and kept in `<kiln cache>/e2e/cloud-image-v1/` (a first run adds the
 //! mmdebstrap time: 4 to 12 minutes here).
 
-mod build_common;
-
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
+use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Instant;
 
-use build_common::*;
+use crate::build_common::*;
 use kiln_e2e::module::{clone_run_exec, CloneExec};
 
 /// Bump when the image recipe below changes.
@@ -187,39 +182,6 @@ fn cloud_image() -> Result<(PathBuf, PathBuf), String> {
     Ok((raw, q))
 }
 
-/// Serves one file over HTTP/1.1 on loopback; counts the requests.
-fn serve(file: PathBuf) -> (u16, Arc<AtomicUsize>) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    let hits = Arc::new(AtomicUsize::new(0));
-    let h = hits.clone();
-    std::thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            h.fetch_add(1, Ordering::SeqCst);
-            let file = file.clone();
-            std::thread::spawn(move || {
-                let mut s = s;
-                let mut r = BufReader::new(s.try_clone().unwrap());
-                let mut line = String::new();
-                while r.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
-                    line.clear();
-                }
-                let Ok(mut f) = std::fs::File::open(&file) else {
-                    let _ = s.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n");
-                    return;
-                };
-                let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-                let _ = write!(
-                    s,
-                    "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n"
-                );
-                let _ = std::io::copy(&mut f, &mut s);
-            });
-        }
-    });
-    (port, hits)
-}
-
 /// Reads a file from the ext4 root partition of a captured qcow2 disk.
 fn guest_file(raw: &Path, path: &str) -> Result<String, String> {
     let image = format!("{}?offset={PART_OFFSET}", raw.display());
@@ -266,7 +228,8 @@ fn url_and_file_images_get_the_agent_through_a_nocloud_seed() {
     };
     let t0 = Instant::now();
     let tmp = tempfile::tempdir().unwrap();
-    let (port, hits) = serve(qcow_img.clone());
+    let server = kiln_e2e::http::Server::file(qcow_img.clone());
+    let port = server.port;
     let sum = sh(Command::new("sha256sum").arg(&qcow_img)).unwrap();
     let sum = sum.split_whitespace().next().unwrap().to_string();
     // The file source sits beside the manifest (a hard link: same file system as the cache).
@@ -344,10 +307,7 @@ fn url_and_file_images_get_the_agent_through_a_nocloud_seed() {
     );
     assert!(out.status.success(), "kiln build failed");
     eprintln!("build: {:.0}s", t0.elapsed().as_secs_f64());
-    assert!(
-        hits.load(Ordering::SeqCst) >= 1,
-        "the url was never fetched"
-    );
+    assert!(server.hits() >= 1, "the url was never fetched");
     assert!(
         hidden_entries(&modules).is_empty(),
         "leftovers: {:?}",

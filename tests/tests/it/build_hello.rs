@@ -1,9 +1,7 @@
 //! `kiln build examples/hello.yaml` end to end on whatever engine the host offers (QEMU TCG
 //! on this project's machines), then the captured disk inspected from outside the guest.
 
-mod build_common;
-
-use build_common::*;
+use crate::build_common::*;
 use kiln_e2e::module::{clone_run_exec, CloneExec};
 
 #[test]

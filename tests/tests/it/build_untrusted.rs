@@ -2,14 +2,10 @@
 //! refused before anything boots, with an error naming the source and the backing name, and
 //! the backing file's bytes end up nowhere (no module, not in the cache).
 
-mod build_common;
-
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::Command;
 
-use build_common::*;
+use crate::build_common::*;
 
 const SECRET: &[u8] = b"kiln-secret-bytes-that-must-not-leak";
 
@@ -132,24 +128,7 @@ fn url_source_naming_a_host_file_is_refused_before_boot() {
     let body = std::fs::read(&image).unwrap();
     std::fs::remove_file(&image).unwrap();
     // A loopback server handing out the hostile image.
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            let mut s = s;
-            let mut r = BufReader::new(s.try_clone().unwrap());
-            let mut line = String::new();
-            while r.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
-                line.clear();
-            }
-            let _ = write!(
-                s,
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = s.write_all(&body);
-        }
-    });
+    let port = kiln_e2e::http::Server::bytes(body).port;
     let url = format!("http://127.0.0.1:{port}/disk.qcow2");
     let (ok, err) = build(&kiln, dir, &format!("url: {url}"));
     assert!(!ok);
