@@ -214,8 +214,8 @@ fn check_image(img: &Path, pat: &[u8], dir: &Path) {
     let data = if qemu_img_ok() {
         checked_contents(img, dir).unwrap()
     } else {
-        eprintln!(
-            "SKIP: kiln_blk: qemu-img is not installed; checking the image with kiln-disk only"
+        kiln_e2e::skip(
+            "kiln_blk: qemu-img is not installed; checking the image with kiln-disk only",
         );
         let report = kiln_disk::check(img).unwrap();
         assert!(report.is_clean(), "kiln-disk check: {report:?}");

@@ -216,15 +216,15 @@ fn bad_kernels_are_refused_with_a_clear_error() {
 #[test]
 fn stock_kernel_boots_to_busybox() {
     let Some(kernel) = std::env::var_os("KILN_TEST_KERNEL") else {
-        eprintln!("SKIP: stock_kernel_boots_to_busybox: KILN_TEST_KERNEL is not set");
+        kiln_e2e::skip("stock_kernel_boots_to_busybox: KILN_TEST_KERNEL is not set");
         return;
     };
     let probe = kiln_vmm::doctor::probe();
     if !probe.stock_kernel_ok {
-        eprintln!(
-            "SKIP: stock_kernel_boots_to_busybox: this host cannot run a stock kernel on KVM: {}",
+        kiln_e2e::skip(format_args!(
+            "stock_kernel_boots_to_busybox: this host cannot run a stock kernel on KVM: {}",
             probe.reason
-        );
+        ));
         return;
     }
     let marker = std::env::var("KILN_TEST_MARKER").unwrap_or_else(|_| "KILN-BOOT-OK".into());

@@ -1,5 +1,5 @@
 //! A Linux guest on kiln's vhost-user-net, as the real-driver net test and the `net_bench`
-//! example set it up (the example includes this file by path): a kiln-net network with one
+//! benchmark set it up (the benchmark includes this file by path): a kiln-net network with one
 //! DHCP subnet, NAT and a host-loopback alias; a busybox initramfs with the virtio-net driver
 //! and a udhcpc script; QEMU's arguments for the vhost-user netdev; the pseudo-random file the
 //! guest downloads (from the test kit's `http::Server`).

@@ -1,7 +1,7 @@
 //! A mock guest driver's queue plumbing for kiln's vsock device, on virtio-queue's test
 //! utilities: ready queues, descriptor chains as a Linux guest lays them out (a header
 //! descriptor, then a data descriptor), and guest packet headers. Shared by the vsock queue
-//! tests and the `vsock_bench` example (which includes this file by path).
+//! tests and the `vsock_bench` benchmark (which includes this file by path).
 #![allow(dead_code)]
 
 use kiln_vmm::devices::vsock::protocol::{Header, HEADER_SIZE, HOST_CID, TYPE_STREAM};

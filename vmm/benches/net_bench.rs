@@ -2,7 +2,7 @@
 //! behind it) against QEMU's own user-mode network (`-netdev user`, libslirp's NAT) with
 //! QEMU's virtio-net, same guest kernel, same server, same file, same run.
 //!
-//! `cargo run --release -p kiln-vmm --example net_bench [-- ROUNDS [MIB]]`
+//! `cargo bench -p kiln-vmm --bench net_bench [-- ROUNDS [MIB]]`
 //!
 //! The host serves MIB MiB (default 32) over HTTP on 127.0.0.1; the guest (Debian cloud
 //! kernel under TCG, 1 vCPU, busybox) takes a DHCP lease and fetches the file with `wget` to
@@ -78,7 +78,8 @@ fn load_average() -> String {
 }
 
 fn main() {
-    let mut args = std::env::args().skip(1);
+    // `cargo bench` passes `--bench`.
+    let mut args = std::env::args().skip(1).filter(|a| a != "--bench");
     let rounds: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(3);
     let mib: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(32);
     if !qemu_available() {

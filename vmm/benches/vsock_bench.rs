@@ -8,7 +8,7 @@
 //!   backend; the host pushes data through the guest's echo service over several connections
 //!   at once. TCG emulates the guest CPU, so this measures the whole path at TCG speed.
 //!
-//! `cargo run --release -p kiln-vmm --example vsock_bench [-- device|qemu|all] [MIB]`
+//! `cargo bench -p kiln-vmm --bench vsock_bench [-- device|qemu|all] [MIB]`
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -341,7 +341,8 @@ fn qemu_bench(mib: usize) {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
+    // `cargo bench` passes `--bench`.
+    let args: Vec<String> = std::env::args().filter(|a| a != "--bench").collect();
     let mode = args.get(1).map(String::as_str).unwrap_or("all");
     let mib: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(256);
     if mode == "device" || mode == "all" {

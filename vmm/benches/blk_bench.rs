@@ -1,7 +1,7 @@
 //! Guest-visible block throughput: kiln's vhost-user-blk (kiln's qcow2 behind it) against
 //! QEMU's own virtio-blk on the same kind of qcow2, in the same guest at the same time.
 //!
-//! `cargo run --release -p kiln-vmm --example blk_bench [-- ROUNDS [qcow2|raw]]`
+//! `cargo bench -p kiln-vmm --bench blk_bench [-- ROUNDS [qcow2|raw]]`
 //!
 //! Each round boots the Debian cloud kernel under TCG once with two disks, each a fresh copy
 //! of one empty 1 GiB image: one served by kiln's vhost-user-blk backend (serial `kiln`), the
@@ -186,12 +186,11 @@ fn parse(out: &str) -> Run {
 }
 
 fn main() {
-    let rounds: usize = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(2);
+    // `cargo bench` passes `--bench`.
+    let args: Vec<String> = std::env::args().filter(|a| a != "--bench").collect();
+    let rounds: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(2);
     // `raw` separates the device path from the image format: both sides on a raw file.
-    let format = std::env::args().nth(2).unwrap_or_else(|| "qcow2".into());
+    let format = args.get(2).cloned().unwrap_or_else(|| "qcow2".into());
     if format != "qcow2" && format != "raw" {
         eprintln!("usage: blk_bench [ROUNDS] [qcow2|raw]");
         std::process::exit(2);

@@ -1,14 +1,14 @@
 //! kiln-vmm benchmark: prints
 //! 1. time from VMM process start to the guest's first instruction (one VMM process per
 //!    VM, as the kvm engine runs it: spawn, control socket, VM and vCPU setup, first exit),
-//!    with a breakdown of the median run; the process is this example's own binary, and
+//!    with a breakdown of the median run; the process is this benchmark's own binary, and
 //!    also the `kiln` binary when `--kiln PATH` is given;
 //! 2. the VMM process's resident memory with 1 vCPU and 256 MiB of guest memory;
 //! 3. the MMIO-exit round trip (guest read of a virtio-mmio register, served by the bus
 //!    and transport in user space), and the PIO-exit round trip for comparison.
 //!
 //! ```text
-//! cargo run --release -p kiln-vmm --example bench [-- RUNS] [--kiln target/release/kiln]
+//! cargo bench -p kiln-vmm --bench bench [-- RUNS] [--kiln target/release/kiln]
 //! ```
 
 use std::path::Path;
@@ -304,7 +304,8 @@ fn main() {
         .collect();
     let mut runs: usize = 20;
     let mut kiln_exe = None;
-    let mut it = args.iter().skip(1);
+    // `cargo bench` passes `--bench`.
+    let mut it = args.iter().skip(1).filter(|a| *a != "--bench");
     while let Some(a) = it.next() {
         if a == "--kiln" {
             kiln_exe = it.next().map(std::path::PathBuf::from);
@@ -315,13 +316,7 @@ fn main() {
             std::process::exit(2);
         }
     }
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        eprintln!("SKIP: /dev/kvm cannot be opened");
+    if !kiln_e2e::kvm_or_skip("bench") {
         return;
     }
     println!(
@@ -332,7 +327,7 @@ fn main() {
             .unwrap_or_default()
     );
     let exe = std::env::current_exe().unwrap();
-    process_metrics(&exe, "this example's own binary (`bench __vmm`)", runs);
+    process_metrics(&exe, "this benchmark's own binary (`bench __vmm`)", runs);
     if let Some(k) = &kiln_exe {
         process_metrics(k, "the kiln binary (`kiln __vmm`)", runs);
     }
