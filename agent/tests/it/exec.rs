@@ -98,11 +98,11 @@ fn readiness_waits_for_the_local_mounts() {
 #[test]
 fn steps_run_in_a_raised_autogroup() {
     if std::fs::metadata("/proc/self/autogroup").is_err() {
-        eprintln!("SKIP: this kernel has no autogroups (/proc/self/autogroup)");
+        kiln_e2e::skip("this kernel has no autogroups (/proc/self/autogroup)");
         return;
     }
     if !is_root() {
-        eprintln!("SKIP: raising an autogroup needs root (CAP_SYS_NICE)");
+        kiln_e2e::skip("raising an autogroup needs root (CAP_SYS_NICE)");
         return;
     }
     let a = Agent::start_in_own_session(&["--autogroup-nice", "-4"]);
@@ -353,7 +353,7 @@ fn timeout_kills_the_whole_process_group() {
 #[test]
 fn commands_run_as_another_user() {
     if !is_root() {
-        eprintln!("SKIP: commands_run_as_another_user needs root to switch users");
+        kiln_e2e::skip("commands_run_as_another_user needs root to switch users");
         return;
     }
     let a = Agent::start(&[]);

@@ -151,7 +151,7 @@ fn put_file_sets_mode_owner_and_replaces_atomically() {
     if is_root() {
         assert_eq!((md.uid(), md.gid()), (65534, 65534));
     } else {
-        eprintln!("SKIP: ownership part of put_file_sets_mode_owner needs root");
+        kiln_e2e::skip("ownership part of put_file_sets_mode_owner needs root");
     }
     // Relative paths and directories are refused.
     let e = c.put_file(&src, "relative/path", &opts).unwrap_err();

@@ -152,24 +152,26 @@ fn free_port() -> u16 {
 #[test]
 fn the_static_agent_serves_from_a_real_guest_kernel() {
     let Some(agent) = static_agent() else {
-        eprintln!("SKIP: no static agent at target/agent/kiln-agent (scripts/setup.sh builds it)");
+        kiln_e2e::skip("no static agent at target/agent/kiln-agent (scripts/setup.sh builds it)");
         return;
     };
     let (kernel, modules) = match cloud_kernel() {
         Ok(k) => k,
         Err(e) => {
-            eprintln!("SKIP: the Debian cloud kernel could not be had: {e}");
+            kiln_e2e::skip(format_args!(
+                "the Debian cloud kernel could not be had: {e}"
+            ));
             return;
         }
     };
     for tool in ["qemu-system-x86_64", "cpio", "gzip"] {
         if !which(tool) {
-            eprintln!("SKIP: {tool} is not installed");
+            kiln_e2e::skip(format_args!("{tool} is not installed"));
             return;
         }
     }
     if !Path::new("/bin/busybox").is_file() {
-        eprintln!("SKIP: busybox-static is not installed");
+        kiln_e2e::skip("busybox-static is not installed");
         return;
     }
     let dir = tempfile::tempdir().unwrap();

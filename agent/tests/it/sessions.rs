@@ -388,7 +388,9 @@ fn vsock_loopback_when_the_host_has_it() {
         kiln_agent::transport::VMADDR_CID_LOCAL,
         port + 1,
     ) {
-        eprintln!("SKIP: vsock_loopback_when_the_host_has_it: no vsock loopback here ({e})");
+        kiln_e2e::skip(format_args!(
+            "vsock_loopback_when_the_host_has_it: no vsock loopback here ({e})"
+        ));
         return;
     }
     let a = Agent::start(&[

@@ -22,10 +22,8 @@ fn static_agent() -> Option<PathBuf> {
 #[test]
 fn the_static_agent_is_static_small_found_and_serves() {
     let Some(path) = static_agent() else {
-        eprintln!(
-            "SKIP: no static agent at target/agent/kiln-agent; scripts/setup.sh builds it with \
-             `cargo rustc -p kiln-agent --bin kiln-agent --profile agent -- -C target-feature=+crt-static`"
-        );
+        kiln_e2e::skip("no static agent at target/agent/kiln-agent; scripts/setup.sh builds it with \
+             `cargo rustc -p kiln-agent --bin kiln-agent --profile agent -- -C target-feature=+crt-static`");
         return;
     };
     let path = path.canonicalize().unwrap();
@@ -89,6 +87,6 @@ fn the_static_agent_is_static_small_found_and_serves() {
             .unwrap();
         assert_eq!(out.stdout, b"nobody\n");
     } else {
-        eprintln!("SKIP: user switch part needs root");
+        kiln_e2e::skip("user switch part needs root");
     }
 }

@@ -41,7 +41,7 @@ fn have_qemu_img() -> bool {
         .output()
         .is_ok_and(|o| o.status.success());
     if !ok {
-        eprintln!("SKIP: qemu-img not installed (Debian package qemu-utils)");
+        kiln_e2e::skip("qemu-img not installed (Debian package qemu-utils)");
     }
     ok
 }
@@ -101,7 +101,7 @@ fn hostile_backing_files_are_refused_by_info_map_and_convert() {
         overlay_naming(&etc, "/etc/hostname");
         cases.push((etc, "/etc/hostname".into()));
     } else {
-        eprintln!("SKIP: the /etc/hostname case (no /etc/hostname here)");
+        kiln_e2e::skip("the /etc/hostname case (no /etc/hostname here)");
     }
     let out = tempfile::tempdir().unwrap();
     for (image, name) in &cases {
@@ -363,7 +363,7 @@ fn json_output_matches_qemu_img() {
         .arg(&ov)
         .output();
     if !st.is_ok_and(|o| o.status.success()) {
-        eprintln!("SKIP: qemu-io not usable");
+        kiln_e2e::skip("qemu-io not usable");
         return;
     }
     let comp = dir.join("comp.qcow2");

@@ -81,7 +81,7 @@ fn doctor_prints_the_probe_as_text_and_json() {
 #[test]
 fn vm_run_boots_a_kernel_with_every_flag() {
     if !kvm_usable() {
-        eprintln!("SKIP: vm_run_boots_a_kernel_with_every_flag: /dev/kvm cannot be opened");
+        kiln_e2e::skip("vm_run_boots_a_kernel_with_every_flag: /dev/kvm cannot be opened");
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -132,7 +132,9 @@ fn vm_run_refuses_bad_input_clearly() {
     assert_ne!(code, 0);
     assert!(err.contains("--mem"), "{err}");
     if !kvm_usable() {
-        eprintln!("SKIP: vm_run_refuses_bad_input_clearly (missing kernel part): /dev/kvm cannot be opened");
+        kiln_e2e::skip(
+            "vm_run_refuses_bad_input_clearly (missing kernel part): /dev/kvm cannot be opened",
+        );
         return;
     }
     let log = dir.path().join("c.log");

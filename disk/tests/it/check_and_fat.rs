@@ -108,7 +108,7 @@ fn fsck_fat(path: &std::path::Path) -> bool {
             true
         }
         Err(_) => {
-            eprintln!("SKIP: fsck.fat not installed (Debian package dosfstools)");
+            kiln_e2e::skip("fsck.fat not installed (Debian package dosfstools)");
             false
         }
     }

@@ -45,7 +45,7 @@ fn hostile_images(dir: &Path) -> Vec<(PathBuf, String, PathBuf)> {
         overlay_naming(&etc, "/etc/hostname");
         cases.push((etc, "/etc/hostname".to_string(), host.to_path_buf()));
     } else {
-        eprintln!("SKIP: the /etc/hostname case (no /etc/hostname here)");
+        kiln_e2e::skip("the /etc/hostname case (no /etc/hostname here)");
     }
     cases
 }

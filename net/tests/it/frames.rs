@@ -670,7 +670,7 @@ impl Drop for Netns {
 fn nat_refuses_the_hosts_own_addresses_unless_the_vpc_opts_in() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP: not root: the host-access test makes a network namespace");
+        kiln_e2e::skip("not root: the host-access test makes a network namespace");
         return;
     }
     let ns = Netns(format!("kiln-hostacc-{}", std::process::id()));
@@ -680,15 +680,15 @@ fn nat_refuses_the_hosts_own_addresses_unless_the_vpc_opts_in() {
     {
         Ok(o) if o.status.success() => {}
         Ok(o) => {
-            eprintln!(
-                "SKIP: `ip netns add` fails here: {}",
+            kiln_e2e::skip(format_args!(
+                "`ip netns add` fails here: {}",
                 String::from_utf8_lossy(&o.stderr).trim()
-            );
+            ));
             std::mem::forget(ns);
             return;
         }
         Err(e) => {
-            eprintln!("SKIP: `ip` cannot run: {e}");
+            kiln_e2e::skip(format_args!("`ip` cannot run: {e}"));
             std::mem::forget(ns);
             return;
         }

@@ -55,7 +55,7 @@ pub fn boot_prereqs_or_skip() -> Option<PathBuf> {
     match boot_prereqs() {
         Ok(k) => Some(k),
         Err(reason) => {
-            eprintln!("SKIP: {reason}");
+            kiln_e2e::skip(reason);
             None
         }
     }

@@ -50,7 +50,7 @@ fn failed_build(kiln: &Path, name: &str, steps: &str) -> FailedBuild {
 #[test]
 fn bad_checksum_stops_before_boot() {
     let Some(kiln) = kiln_bin() else {
-        eprintln!("SKIP: the kiln binary is not built next to this test");
+        kiln_e2e::skip("the kiln binary is not built next to this test");
         return;
     };
     // A loopback server with an "image" whose digest is not the one the manifest states.
@@ -84,7 +84,7 @@ fn bad_checksum_stops_before_boot() {
 #[test]
 fn dead_file_url_stops_the_build_before_anything_boots() {
     let Some(kiln) = kiln_bin() else {
-        eprintln!("SKIP: the kiln binary is not built next to this test");
+        kiln_e2e::skip("the kiln binary is not built next to this test");
         return;
     };
     // A loopback port nothing listens on: the URL is dead.

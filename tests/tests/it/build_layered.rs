@@ -30,7 +30,7 @@ fn layered_child_has_both_layers_and_its_clone_boots() {
     let kiln = match boot_prereqs() {
         Ok(k) => k,
         Err(reason) => {
-            eprintln!("SKIP: {reason}");
+            kiln_e2e::skip(reason);
             return;
         }
     };

@@ -60,7 +60,7 @@ impl Drop for Reap {
 #[test]
 fn killed_builds_leftovers_are_removed_and_a_failed_builds_logs_kept() {
     let Some(kiln) = kiln_bin() else {
-        eprintln!("SKIP: the kiln binary is not built next to this test");
+        kiln_e2e::skip("the kiln binary is not built next to this test");
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
@@ -177,7 +177,7 @@ fn killed_builds_leftovers_are_removed_and_a_failed_builds_logs_kept() {
 #[test]
 fn convert_removes_only_unlocked_old_temporaries() {
     let Some(kiln) = kiln_bin() else {
-        eprintln!("SKIP: the kiln binary is not built next to this test");
+        kiln_e2e::skip("the kiln binary is not built next to this test");
         return;
     };
     let tmp = tempfile::tempdir().unwrap();

@@ -27,7 +27,7 @@ fn pair_builds_and_the_client_fetched_from_web_by_name() {
     let kiln = match boot_prereqs() {
         Ok(k) => k,
         Err(reason) => {
-            eprintln!("SKIP: {reason}");
+            kiln_e2e::skip(reason);
             return;
         }
     };

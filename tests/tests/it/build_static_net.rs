@@ -58,7 +58,7 @@ fn a_static_ip_without_dhcp_is_configured_in_the_build_and_in_a_clone() {
     let kiln = match boot_prereqs() {
         Ok(k) => k,
         Err(reason) => {
-            eprintln!("SKIP: {reason}");
+            kiln_e2e::skip(reason);
             return;
         }
     };

@@ -82,7 +82,7 @@ fn build(kiln: &Path, dir: &Path, source: &str) -> (bool, String) {
 #[test]
 fn file_source_naming_a_host_file_is_refused_before_boot() {
     let Some(kiln) = kiln_bin() else {
-        eprintln!("SKIP: the kiln binary is not built next to this test");
+        kiln_e2e::skip("the kiln binary is not built next to this test");
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
@@ -97,7 +97,7 @@ fn file_source_naming_a_host_file_is_refused_before_boot() {
     if Path::new("/etc/hostname").is_file() {
         cases.push(("etc.qcow2", "/etc/hostname".to_string()));
     } else {
-        eprintln!("SKIP: the /etc/hostname case (no /etc/hostname here)");
+        kiln_e2e::skip("the /etc/hostname case (no /etc/hostname here)");
     }
     for (file, name) in cases {
         overlay_naming(&kiln, &dir.join(file), &name);
@@ -116,7 +116,7 @@ fn file_source_naming_a_host_file_is_refused_before_boot() {
 #[test]
 fn url_source_naming_a_host_file_is_refused_before_boot() {
     let Some(kiln) = kiln_bin() else {
-        eprintln!("SKIP: the kiln binary is not built next to this test");
+        kiln_e2e::skip("the kiln binary is not built next to this test");
         return;
     };
     let tmp = tempfile::tempdir().unwrap();

@@ -218,7 +218,9 @@ fn url_and_file_images_get_the_agent_through_a_nocloud_seed() {
             && !Path::new("/usr/sbin").join(t).is_file()
             && !Path::new("/sbin").join(t).is_file()
         {
-            eprintln!("SKIP: {t} is not installed (scripts/packages.txt lists its package)");
+            kiln_e2e::skip(format_args!(
+                "{t} is not installed (scripts/packages.txt lists its package)"
+            ));
             return;
         }
     }

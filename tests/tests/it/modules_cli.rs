@@ -34,7 +34,7 @@ fn stderr(o: &Output) -> String {
 #[test]
 fn rm_refuses_a_module_with_clones_and_removes_whole() {
     let Some(kiln) = kiln_bin() else {
-        eprintln!("SKIP: the kiln binary is not built next to this test");
+        kiln_e2e::skip("the kiln binary is not built next to this test");
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
@@ -115,7 +115,7 @@ fn rm_refuses_a_module_with_clones_and_removes_whole() {
 #[test]
 fn cache_ls_and_prune() {
     let Some(kiln) = kiln_bin() else {
-        eprintln!("SKIP: the kiln binary is not built next to this test");
+        kiln_e2e::skip("the kiln binary is not built next to this test");
         return;
     };
     let tmp = tempfile::tempdir().unwrap();

@@ -39,7 +39,7 @@ fn assert_never_connected(l: &UnixListener) {
 #[test]
 fn exec_refuses_a_runtime_folder_others_can_write() {
     let Some(kiln) = kiln_bin() else {
-        eprintln!("SKIP: the kiln binary is not built next to this test");
+        kiln_e2e::skip("the kiln binary is not built next to this test");
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
@@ -60,7 +60,7 @@ fn exec_refuses_a_runtime_folder_others_can_write() {
 #[test]
 fn exec_refuses_a_runtime_folder_that_is_a_link() {
     let Some(kiln) = kiln_bin() else {
-        eprintln!("SKIP: the kiln binary is not built next to this test");
+        kiln_e2e::skip("the kiln binary is not built next to this test");
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
@@ -80,11 +80,11 @@ fn exec_refuses_a_runtime_folder_that_is_a_link() {
 #[test]
 fn exec_refuses_a_runtime_folder_of_another_user() {
     let Some(kiln) = kiln_bin() else {
-        eprintln!("SKIP: the kiln binary is not built next to this test");
+        kiln_e2e::skip("the kiln binary is not built next to this test");
         return;
     };
     if !is_root() {
-        eprintln!("SKIP: giving a folder to another user needs root");
+        kiln_e2e::skip("giving a folder to another user needs root");
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -104,7 +104,7 @@ fn exec_refuses_a_runtime_folder_of_another_user() {
 #[test]
 fn a_missing_runtime_folder_is_made_for_its_owner_only() {
     let Some(kiln) = kiln_bin() else {
-        eprintln!("SKIP: the kiln binary is not built next to this test");
+        kiln_e2e::skip("the kiln binary is not built next to this test");
         return;
     };
     let tmp = tempfile::tempdir().unwrap();

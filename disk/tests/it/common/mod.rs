@@ -11,7 +11,7 @@ pub fn have_qemu_img() -> bool {
         .output()
         .is_ok_and(|o| o.status.success());
     if !ok {
-        eprintln!("SKIP: qemu-img not installed (Debian package qemu-utils)");
+        kiln_e2e::skip("qemu-img not installed (Debian package qemu-utils)");
     }
     ok
 }

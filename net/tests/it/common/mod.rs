@@ -55,7 +55,7 @@ pub fn skip_reason() -> Option<String> {
 macro_rules! require_netns {
     () => {
         if let Some(reason) = $crate::common::skip_reason() {
-            eprintln!("SKIP: {reason}");
+            kiln_e2e::skip(reason);
             return;
         }
     };
