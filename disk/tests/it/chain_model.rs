@@ -5,6 +5,8 @@
 use std::sync::Arc;
 
 use crate::common::*;
+// Named, as proptest's prelude brings a `Rng` trait too.
+use crate::common::Rng;
 use kiln_disk::{create, create_overlay, open, BlockDevice, CreateOptions, OpenOptions};
 use proptest::prelude::*;
 
@@ -52,7 +54,7 @@ proptest! {
         create(d.path().join("mid.qcow2"), &CreateOptions { backing: Some("base.raw".into()), cluster_size: 4096, ..Default::default() }).unwrap();
         {
             let mid = open(d.path().join("mid.qcow2"), OpenOptions::read_write()).unwrap();
-            let mut rng = Rng(5);
+            let mut rng = Rng::new(5);
             for _ in 0..20 {
                 let (off, len) = clamp(rng.below(SIZE), rng.below(50_000) + 1);
                 let mut b = vec![0u8; len as usize];
@@ -69,7 +71,7 @@ proptest! {
                 Op::Write { off, len, seed } => {
                     let (off, len) = clamp(off, len);
                     let mut b = vec![0u8; len as usize];
-                    Rng(seed | 1).fill(&mut b);
+                    Rng::new(seed | 1).fill(&mut b);
                     top.write_at(&b, off).unwrap();
                     model[off as usize..(off + len) as usize].copy_from_slice(&b);
                 }
@@ -120,7 +122,7 @@ fn concurrent_writers_on_one_device() {
         for t in 0..4u64 {
             let dev = Arc::clone(&dev);
             s.spawn(move || {
-                let mut rng = Rng(t + 1);
+                let mut rng = Rng::new(t + 1);
                 for i in 0..64u64 {
                     // Each thread owns interleaved 16 KiB slots.
                     let slot = i * 4 + t;
@@ -135,7 +137,7 @@ fn concurrent_writers_on_one_device() {
         }
     });
     for t in 0..4u64 {
-        let mut rng = Rng(t + 1);
+        let mut rng = Rng::new(t + 1);
         for i in 0..64u64 {
             let slot = i * 4 + t;
             let mut want = vec![0u8; 16384];

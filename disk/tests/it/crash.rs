@@ -13,7 +13,7 @@ const SLOTS: u64 = 400;
 
 fn slot_data(i: u64) -> Vec<u8> {
     let mut b = vec![0u8; SLOT as usize];
-    Rng(i * 7919 + 1).fill(&mut b);
+    Rng::new(i * 7919 + 1).fill(&mut b);
     b
 }
 

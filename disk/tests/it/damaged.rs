@@ -25,7 +25,7 @@ fn full_image(dir: &Path) -> (PathBuf, Vec<u8>) {
     )
     .unwrap();
     let mut data = vec![0u8; SIZE as usize];
-    let mut rng = common::Rng(7);
+    let mut rng = common::Rng::new(7);
     rng.fill(&mut data);
     for b in data.iter_mut().filter(|b| **b == 0) {
         *b = 1;

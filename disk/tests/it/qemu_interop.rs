@@ -95,7 +95,7 @@ fn overlay_writes_pass_qemu_check() {
     model.resize(10 << 20, 0);
     let top = open(d.path().join("top.qcow2"), OpenOptions::read_write()).unwrap();
     assert_eq!(top.size(), 10 << 20);
-    let mut rng = Rng(99);
+    let mut rng = Rng::new(99);
     for _ in 0..200 {
         let off = rng.below(10 << 20);
         let len = rng.below(200_000).min((10 << 20) - off);
@@ -211,7 +211,7 @@ fn qemu_backing_chain_and_snapshot_read_and_write() {
     let dev = open(p("ov.qcow2"), OpenOptions::read_write()).unwrap();
     assert!(read_all(dev.as_ref()) == data);
     let mut model = data.clone();
-    let mut rng = Rng(4);
+    let mut rng = Rng::new(4);
     for _ in 0..50 {
         let off = rng.below(4 << 20);
         let len = rng.below(100_000).min((4 << 20) - off);

@@ -1,6 +1,6 @@
 //! Real Linux vsock driver against kiln's vhost-user-vsock backend: the Debian cloud kernel
 //! boots under `qemu-system-x86_64 -accel tcg` with a busybox initramfs and a small static
-//! vsock program (tests/vsock_guest/helper.rs, built here with rustc).
+//! vsock program (tests/it/vsock_guest/helper.rs, built here with rustc).
 //!
 //! Checked: host -> guest through the Firecracker-style handshake (`CONNECT 1024\n`,
 //! `OK <port>\n`) with several multi-MiB echo transfers at once, compared byte for byte;

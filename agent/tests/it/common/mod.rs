@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kiln_agent::Client;
+use kiln_e2e::pattern::Xorshift;
 
 pub const AGENT: &str = env!("CARGO_BIN_EXE_kiln-agent");
 
@@ -105,7 +106,7 @@ impl Drop for Agent {
 /// Deterministic pseudo-random bytes, generated as they are read (never held whole); the
 /// byte sequence does not depend on how reads are sized.
 pub struct Noise {
-    state: u64,
+    rng: Xorshift,
     word: [u8; 8],
     wpos: usize,
     left: u64,
@@ -114,7 +115,7 @@ pub struct Noise {
 impl Noise {
     pub fn new(seed: u64, len: u64) -> Noise {
         Noise {
-            state: seed | 1,
+            rng: Xorshift::new(seed),
             word: [0; 8],
             wpos: 8,
             left: len,
@@ -128,10 +129,7 @@ impl Read for Noise {
         let mut i = 0;
         while i < n {
             if self.wpos == 8 {
-                self.state ^= self.state << 13;
-                self.state ^= self.state >> 7;
-                self.state ^= self.state << 17;
-                self.word = self.state.to_le_bytes();
+                self.word = self.rng.next_u64().to_le_bytes();
                 self.wpos = 0;
             }
             let take = (8 - self.wpos).min(n - i);

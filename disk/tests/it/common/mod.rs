@@ -75,32 +75,12 @@ pub fn assert_same(a: &Path, b: &Path) {
     );
 }
 
-/// xorshift64*: deterministic pseudo-random bytes without a dependency.
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        for c in buf.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            c.copy_from_slice(&v[..c.len()]);
-        }
-    }
-}
+/// The test kit's seeded generator: data and choices that a seed repeats.
+pub use kiln_e2e::pattern::Xorshift as Rng;
 
 /// A raw file with a mix of random, compressible, and zero regions.
 pub fn make_mixed_raw(path: &Path, size: u64, seed: u64) -> Vec<u8> {
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     let mut data = vec![0u8; size as usize];
     let mut pos = 0usize;
     while pos < data.len() {

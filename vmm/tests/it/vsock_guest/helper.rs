@@ -52,7 +52,8 @@ fn check(rc: i32, what: &str) -> i32 {
     rc
 }
 
-/// The byte stream both sides agree on (xorshift, seeded).
+/// The byte stream both sides agree on: `kiln_e2e::pattern::pattern`, repeated here because
+/// this program is built with rustc alone, without crates.
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut s = seed | 1;
     (0..len)
