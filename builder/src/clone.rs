@@ -23,11 +23,10 @@ use serde::{Deserialize, Serialize};
 use crate::diskops;
 use crate::job::BaseView;
 use crate::module::{self, ModuleError, ModuleRecord};
-use crate::pipeline::BASE_FILE;
 
 pub const CLONE_FILE: &str = "clone.yaml";
 /// The module file [`load_base`] reads.
-pub const BASE_FILE_NAME: &str = BASE_FILE;
+pub const BASE_FILE_NAME: &str = module::BASE_FILE;
 /// The folder of a clone holding hard links to its module's files.
 const SNAPSHOT_DIR: &str = "base";
 
@@ -398,24 +397,7 @@ pub fn load(dir: &Path) -> Result<CloneRecord, CloneError> {
 /// (`base.yaml`, written by the build). `None` for a module built before kiln recorded it:
 /// its clones get no network.
 pub fn load_base(module_dir: &Path) -> Result<Option<BaseView>, CloneError> {
-    let p = module_dir.join(BASE_FILE);
-    let text = match fs::read_to_string(&p) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => {
-            return Err(CloneError::Io {
-                what: "reading",
-                path: p,
-                source,
-            })
-        }
-    };
-    serde_saphyr::from_str(&text)
-        .map(Some)
-        .map_err(|e| CloneError::Bad {
-            path: p,
-            reason: e.to_string(),
-        })
+    Ok(module::read_base(module_dir)?)
 }
 
 /// Every clone in `clones`.
@@ -479,7 +461,7 @@ mod tests {
         let backing_sha256 =
             parent.map(|p| crate::cache::sha256_file(&modules.join(p).join(file)).unwrap());
         fs::write(p.dir().join("boot/vmlinuz"), text).unwrap();
-        fs::write(p.dir().join(BASE_FILE), b"{}").unwrap();
+        fs::write(p.dir().join(module::BASE_FILE), b"{}").unwrap();
         let sha = crate::cache::sha256_file(&p.dir().join(file)).unwrap();
         let rec = ModuleRecord {
             api_version: "kiln/v1".into(),
@@ -537,7 +519,7 @@ mod tests {
         verify_bases(&c1, &r1).unwrap();
         let mdir = module_dir(&c1, &r1);
         assert_eq!(fs::read(mdir.join("boot/vmlinuz")).unwrap(), b"v1");
-        assert!(mdir.join(BASE_FILE).is_file());
+        assert!(mdir.join(module::BASE_FILE).is_file());
         // A new clone reads v2.
         let c2 = clone_of(&modules, &clones, "m", "two");
         assert_eq!(read(&overlay(&c2), 2), b"v2");

@@ -1,6 +1,5 @@
 //! kiln-builder: from a manifest to a captured module, and the `kiln` command line.
 
-pub mod backends;
 pub mod bootimage;
 pub mod build_logs;
 pub mod cache;
@@ -17,6 +16,7 @@ pub mod leftovers;
 pub mod log_file;
 pub mod manifest;
 pub mod module;
+pub mod network;
 pub mod pipeline;
 pub mod plan_adapter;
 pub mod provision;

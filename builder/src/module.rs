@@ -13,9 +13,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::sources::{BaseImage, BootFiles, ParentDisk, ResolvedSource};
+use crate::job::BaseView;
 
 pub const MODULE_FILE: &str = "module.yaml";
+/// The file in a module that records what clones inherit (base network, NICs, resources).
+pub const BASE_FILE: &str = "base.yaml";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModuleError {
@@ -200,6 +202,16 @@ impl PendingModule {
         &self.dst
     }
 
+    /// Writes `base.yaml`, what clones of this module inherit ([`read_base`] reads it).
+    pub fn write_base(&self, base: &BaseView) -> Result<(), ModuleError> {
+        let p = self.tmp.join(BASE_FILE);
+        let yaml = serde_saphyr::to_string(base).map_err(|e| ModuleError::Bad {
+            path: p.clone(),
+            reason: e.to_string(),
+        })?;
+        fs::write(&p, yaml).map_err(io("writing", &p))
+    }
+
     /// Writes module.yaml and renames the folder into place. Without `replace`, a module that
     /// appeared since [`begin`](Self::begin) makes this fail (the rename itself refuses: no
     /// window between check and rename). With it, an older module of the same name is
@@ -255,6 +267,23 @@ impl Drop for PendingModule {
             let _ = fs::remove_dir_all(&self.tmp);
         }
     }
+}
+
+/// What clones of the module at `dir` inherit: the base network, NICs and resources
+/// (`base.yaml`, written by the build). `None` for a module built before kiln recorded it.
+pub fn read_base(dir: &Path) -> Result<Option<BaseView>, ModuleError> {
+    let p = dir.join(BASE_FILE);
+    let text = match fs::read_to_string(&p) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(io("reading", &p)(source)),
+    };
+    serde_saphyr::from_str(&text)
+        .map(Some)
+        .map_err(|e| ModuleError::Bad {
+            path: p,
+            reason: e.to_string(),
+        })
 }
 
 /// Removes a module or clone folder as a whole: renamed to a hidden name first (so no
@@ -353,45 +382,6 @@ pub fn pick_vm<'a>(rec: &'a ModuleRecord, vm: Option<&str>) -> Result<&'a VmReco
             vms: names(),
         }),
     }
-}
-
-/// A `buildRef` source: the parent module's captured boot disk as the base of the child's
-/// overlay, with the parent's kernel.
-pub fn resolve_build_ref(
-    modules: &Path,
-    module: &str,
-    vm: Option<&str>,
-) -> Result<ResolvedSource, ModuleError> {
-    let (dir, rec) = find(modules, module)?;
-    let v = pick_vm(&rec, vm)?;
-    let disk = v.disks.first().ok_or_else(|| ModuleError::Bad {
-        path: dir.join(MODULE_FILE),
-        reason: format!("VM `{}` has no disks", v.name),
-    })?;
-    let path = dir.join(&disk.file);
-    let base = crate::sources::base_image(&path).map_err(|e| ModuleError::Bad {
-        path: path.clone(),
-        reason: e.to_string(),
-    })?;
-    let boot = v.boot.as_ref().map(|b| BootFiles {
-        kernel: dir.join(&b.kernel),
-        initrd: b.initrd.as_ref().map(|i| dir.join(i)),
-        root: b.root.clone(),
-    });
-    verify_layers(&dir, &rec)?;
-    Ok(ResolvedSource {
-        base: Some(BaseImage { ..base }),
-        boot,
-        agent_in_image: v.agent_in_image,
-        parent_disk: Some(ParentDisk {
-            module: rec.name.clone(),
-            path: path.clone(),
-            sha256: disk.sha256.clone(),
-        }),
-        record: serde_json::json!({
-            "buildRef": { "module": rec.name, "vm": v.name, "diskSha256": disk.sha256, "path": path }
-        }),
-    })
 }
 
 /// Checks that every thin disk of a module still sits on the parent disk it was captured

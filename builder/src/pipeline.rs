@@ -16,12 +16,12 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::cache::Cache;
 use crate::capture;
 use crate::diskops;
-use crate::engine::network::{self as modnet, Internet};
 use crate::engine::{self, DiskAttach, Engine, EngineChoice, RunningVm, VmLaunch};
 use crate::events::{ms, BuildPhase, Event, EventSink, VmPhase};
 use crate::guest::{Connector, Guest, GuestCommand, GuestError, VsockConnector};
 use crate::job::{BuildJob, FileContent, VmJob};
 use crate::module::{BootRecord, DiskRecord, ModuleRecord, PendingModule, VmRecord};
+use crate::network::{self as modnet, Internet};
 use crate::provision::Provisioner;
 use crate::sources::{self, bootstrap::AGENT_VSOCK_PORT, ResolvedSource};
 
@@ -53,9 +53,6 @@ pub struct BuildOptions {
     /// Replace a module of the same name (`--force`); without it such a build is refused.
     pub replace: bool,
 }
-
-/// The file in a module that records what clones inherit (base network, NICs, resources).
-pub const BASE_FILE: &str = "base.yaml";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -232,11 +229,7 @@ fn run_once(
             ),
         });
     }
-    let base = serde_saphyr::to_string(&job.base)
-        .map_err(|e| BuildError::Setup(format!("writing {BASE_FILE}: {e}")))?;
-    let base_path = pending.dir().join(BASE_FILE);
-    fs::write(&base_path, base)
-        .map_err(|e| BuildError::Setup(format!("writing {}: {e}", base_path.display())))?;
+    pending.write_base(&job.base)?;
     if !job.http_directory.is_empty() {
         let dir = run_dir.join("http");
         let cache = opts.cache.clone();

@@ -109,15 +109,15 @@ struct Chunk {
     clusters: Vec<Out>,
 }
 
-/// Per-thread compressor state, reused across clusters.
-enum Compressor {
+/// Per-thread compressor state, reused across clusters (also by the thin capture).
+pub(crate) enum Compressor {
     None,
     Deflate(flate2::Compress),
     Zstd(zstd::bulk::Compressor<'static>),
 }
 
 impl Compressor {
-    fn new(c: Option<Compression>) -> std::io::Result<Compressor> {
+    pub(crate) fn new(c: Option<Compression>) -> std::io::Result<Compressor> {
         Ok(match c {
             None => Compressor::None,
             // Level 1 is raised to 2: zlib-rs's level-1 "quick" strategy panics with the 4 KiB
@@ -136,7 +136,7 @@ impl Compressor {
     }
 
     /// Compress one cluster; `None` when it does not shrink enough to be worth it.
-    fn compress(&mut self, data: &[u8]) -> Option<Vec<u8>> {
+    pub(crate) fn compress(&mut self, data: &[u8]) -> Option<Vec<u8>> {
         if matches!(self, Compressor::None) {
             return None;
         }
@@ -170,6 +170,18 @@ impl Compressor {
     }
 }
 
+/// A temporary file in `dst`'s folder, so the finished image is renamed into place.
+pub(crate) fn temp_beside(dst: &Path, prefix: &str) -> Result<tempfile::NamedTempFile> {
+    let dir = dst
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempfile_in(dir)
+        .map_err(io_err(dir))
+}
+
 /// Write `src` to `dst` as a new image, atomically (temporary name, then rename).
 ///
 /// Holes and all-zero clusters are not written; a chain is flattened into one image.
@@ -183,14 +195,7 @@ pub fn convert(src: &dyn BlockDevice, dst: &Path, opts: &ConvertOptions) -> Resu
     if opts.format == Format::Raw && opts.compress.is_some() {
         return Err(DiskError::Invalid("raw output cannot be compressed".into()));
     }
-    let dir = dst
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = tempfile::Builder::new()
-        .prefix(".kiln-convert-")
-        .tempfile_in(dir)
-        .map_err(io_err(dir))?;
+    let tmp = temp_beside(dst, ".kiln-convert-")?;
     // Held until the end: `kiln` start-up clean-up removes only temporaries it can lock.
     tmp.as_file()
         .try_lock()

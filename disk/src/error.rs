@@ -31,6 +31,8 @@ pub enum DiskError {
         name: String,
         why: String,
     },
+    #[error("{top}: a thin capture needs an overlay directly on {parent}")]
+    NotOverParent { top: PathBuf, parent: PathBuf },
     #[error("invalid argument: {0}")]
     Invalid(String),
     #[error("{path}: {source}")]
@@ -44,6 +46,11 @@ pub type Result<T> = std::result::Result<T, DiskError>;
 pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> DiskError {
     let path = path.into();
     move |source| DiskError::Io { path, source }
+}
+
+pub(crate) fn block_err(path: impl Into<PathBuf>) -> impl FnOnce(BlockError) -> DiskError {
+    let path = path.into();
+    move |source| DiskError::Block { path, source }
 }
 
 pub(crate) fn corrupt(path: impl Into<PathBuf>) -> impl FnOnce(String) -> DiskError {

@@ -11,11 +11,13 @@ mod error;
 mod fat;
 mod fuzz;
 mod info;
+pub mod nbd;
 mod open;
 pub mod qcow2;
 mod raw;
 #[cfg(any(test, feature = "test-images"))]
 pub mod test_images;
+mod thin;
 mod vectored;
 #[cfg(test)]
 mod vectored_tests;
@@ -35,3 +37,4 @@ pub use open::{
 };
 pub use qcow2::check::{check, CheckReport};
 pub use raw::RawDevice;
+pub use thin::{capture_thin, ThinStats};

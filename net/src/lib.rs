@@ -16,6 +16,7 @@ mod http_dir;
 mod icmp_nat;
 mod port;
 mod seqpacket;
+pub mod stream;
 mod switch;
 mod tap;
 

@@ -1,15 +1,20 @@
 //! kiln-vmm: the microVM and the virtio devices it shares with the vhost-user backends.
 //!
-//! Each device under [`devices`] (blk, net, vsock) is written once and served two ways:
-//! - `device.rs` holds its features and config space, and `inorder_handler.rs` its request
-//!   logic over a `virtio_queue::Queue` and guest memory, with no transport in it.
-//! - In process, for a kiln VM (the `kvm` engine): the device implements
-//!   [`transport::VirtioDevice`] behind the virtio-mmio [`transport`]. blk is
-//!   `transport/block.rs` (its handler on a [`transport::QueueWorker`]); net is
-//!   `devices/net/in_process.rs` and vsock `devices/vsock/queue_handler.rs`, each with a
-//!   thread of its own that also waits on the frame port or the host sockets.
-//! - Over vhost-user, for QEMU (the `qemu` engine): each device's `vhost_user.rs` is a
-//!   backend on the same handler, served by [`vhost_user::serve`].
+//! Each device under [`devices`] (blk, net, vsock) is written once and served two ways, and
+//! each device folder holds the same files with the same meanings:
+//! - `device.rs`: its features and config space.
+//! - `handler.rs`: its request logic over a `virtio_queue::Queue` and guest memory, with no
+//!   transport in it.
+//! - `in_process.rs`: the device on kiln's own virtio-mmio [`transport`], for a kiln VM (the
+//!   `kvm` engine): it implements [`transport::VirtioDevice`] and, once activated, runs its
+//!   handler on a [`transport::QueueWorker`], the one thread kind that waits on the queue
+//!   kicks and on the device's own file descriptors (net's frame port, vsock's host
+//!   sockets).
+//! - `vhost_user.rs`: a backend on the same handler, served to QEMU (the `qemu` engine) by
+//!   [`vhost_user::serve`].
+//!
+//! Device-specific parts keep names of their own (blk's `chain.rs` and `scheduler.rs`,
+//! vsock's `protocol.rs`, `connection.rs` and `muxer/`, net's `qemu_relay.rs`).
 //!
 //! The rest is the VM itself: [`vm`], [`vcpu`], [`memory`], [`bus`], [`boot`], [`arch`],
 //! [`serial`] and [`power`], put together by [`machine`] and run one VM per process by

@@ -245,6 +245,15 @@ impl Vcpu {
     }
 }
 
+/// The thread that creates the PIT and then runs the boot vCPU (see
+/// [`crate::vm::Vm::new_overlapped`], which starts it): it waits for the vCPU on `tx`;
+/// dropping `tx` ends it. It lives here, with the other vCPU threads, so that the VM
+/// depends on the vCPU and not the other way round.
+pub struct BootThread {
+    pub(crate) tx: std::sync::mpsc::Sender<Vcpu>,
+    pub(crate) handle: std::thread::JoinHandle<Option<ExitReason>>,
+}
+
 /// The running vCPU threads of a VM.
 pub struct VcpuThreads {
     threads: Vec<std::thread::JoinHandle<Option<ExitReason>>>,
@@ -260,7 +269,7 @@ impl VcpuThreads {
     /// Like [`VcpuThreads::spawn`], but the first vCPU goes to `boot`, a thread that is
     /// already running and waiting for it (see [`crate::vm::Vm::new_overlapped`]).
     pub fn spawn_with_boot(
-        boot: Option<crate::vm::BootThread>,
+        boot: Option<BootThread>,
         vcpus: Vec<Vcpu>,
         state: Arc<RunState>,
     ) -> std::io::Result<VcpuThreads> {

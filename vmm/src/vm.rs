@@ -3,7 +3,6 @@
 //! MSRs, FPU and LAPIC state.
 
 use std::sync::{mpsc, Arc};
-use std::thread::JoinHandle;
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
@@ -13,7 +12,7 @@ use crate::arch::x86_64::{cpuid, layout, msrs, regs};
 use crate::bus::Bus;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::phases::Phases;
-use crate::vcpu::{RunState, Vcpu};
+use crate::vcpu::{BootThread, RunState, Vcpu};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -58,13 +57,6 @@ pub struct Vm {
     supported_cpuid: CpuId,
     msr_index_list: Vec<u32>,
     boot_thread: Option<BootThread>,
-}
-
-/// The thread that creates the PIT and then runs the boot vCPU (see
-/// [`Vm::new_overlapped`]): it waits for the vCPU on `tx`; dropping `tx` ends it.
-pub struct BootThread {
-    pub(crate) tx: mpsc::Sender<Vcpu>,
-    pub(crate) handle: JoinHandle<Option<ExitReason>>,
 }
 
 impl Drop for Vm {

@@ -132,9 +132,9 @@ fn build_inner(a: BuildArgs) -> anyhow::Result<ExitCode> {
         thin: a.thin,
         cache,
         internet: if a.no_internet {
-            crate::engine::network::Internet::Off
+            crate::network::Internet::Off
         } else {
-            crate::engine::network::Internet::AsDeclared
+            crate::network::Internet::AsDeclared
         },
         failed_logs: Some(failed_logs.clone()),
         replace: a.force,

@@ -17,10 +17,10 @@ use anyhow::{bail, Context};
 use clap::Args;
 
 use crate::clone;
-use crate::engine::network::{self as modnet, Internet};
 use crate::engine::{self, DiskAttach, EngineChoice, VmLaunch};
 use crate::leftovers::{self, Place};
 use crate::module;
+use crate::network::{self as modnet, Internet};
 use crate::pipeline::runtime_root;
 use crate::sources::BootFiles;
 
@@ -246,7 +246,7 @@ fn hand_over_static(
 fn find_vm(addr: &str) -> anyhow::Result<PathBuf> {
     let root = runtime_root()?.join("clones");
     if let Some((c, v)) = addr.split_once('/') {
-        let s = crate::backends::vsock_uds(&root.join(c).join(v));
+        let s = crate::engine::vsock_uds(&root.join(c).join(v));
         if !s.exists() {
             bail!("`{addr}` is not running (no {})", s.display());
         }
@@ -255,7 +255,7 @@ fn find_vm(addr: &str) -> anyhow::Result<PathBuf> {
     let mut hits = Vec::new();
     if let Ok(rd) = std::fs::read_dir(&root) {
         for e in rd.flatten() {
-            let s = crate::backends::vsock_uds(&e.path().join(addr));
+            let s = crate::engine::vsock_uds(&e.path().join(addr));
             if s.exists() {
                 hits.push(s);
             }

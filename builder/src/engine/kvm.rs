@@ -39,7 +39,7 @@ use kiln_vmm::exit::ExitReason;
 use kiln_vmm::process::protocol::{exit_code, DiskSpec, NicSpec, VsockSpec};
 use kiln_vmm::process::{VmProcess, VmSpec, CHILD_SUBCOMMAND};
 
-use super::{Engine, EngineError, NicAttach, RunningVm, VmLaunch};
+use super::{vsock_uds, Engine, EngineError, NicAttach, RunningVm, VmLaunch};
 
 pub use super::MAX_RESETS;
 
@@ -132,7 +132,7 @@ pub fn vm_spec(vm: &VmLaunch, nic_fds: &[RawFd]) -> Result<VmSpec, EngineError> 
             .collect(),
         vsock: Some(VsockSpec {
             guest_cid: vm.cid,
-            uds_path: crate::backends::vsock_uds(&vm.workdir),
+            uds_path: vsock_uds(&vm.workdir),
         }),
     })
 }
@@ -196,7 +196,7 @@ impl Engine for KvmEngine {
             supervisor: Some(supervisor),
             relays,
             stop_relays: Some(stop_tx),
-            vsock: crate::backends::vsock_uds(&vm.workdir),
+            vsock: vsock_uds(&vm.workdir),
         };
         match first_rx.recv() {
             Ok(Ok(())) => Ok(Box::new(running)),
@@ -699,10 +699,7 @@ mod tests {
             ]
         );
         // The socket the builder connects to is the qemu engine's.
-        assert_eq!(
-            s.vsock.unwrap().uds_path,
-            crate::backends::vsock_uds(&l.workdir)
-        );
+        assert_eq!(s.vsock.unwrap().uds_path, vsock_uds(&l.workdir));
     }
 
     #[test]

@@ -6,9 +6,7 @@
 //! [`pick`] implements `--engine auto`.
 
 pub mod kvm;
-pub mod network;
 pub mod qemu;
-pub mod qmp;
 mod supervised;
 
 use std::path::{Path, PathBuf};
@@ -46,6 +44,11 @@ pub enum EngineError {
 /// (`panic=-1`) ends instead of spinning until the boot timeout.
 pub const MAX_RESETS: u32 = 32;
 
+/// Where the host side of a VM's vsock device listens (`CONNECT <port>`), under either engine.
+pub fn vsock_uds(workdir: &Path) -> PathBuf {
+    workdir.join("vsock.sock")
+}
+
 /// One disk given to a VM.
 #[derive(Debug, Clone)]
 pub struct DiskAttach {
@@ -55,7 +58,7 @@ pub struct DiskAttach {
     pub read_only: bool,
 }
 
-/// One NIC given to a VM: its port on the module network ([`network::attach`]).
+/// One NIC given to a VM: its port on the module network ([`crate::network::attach`]).
 #[derive(Clone)]
 pub struct NicAttach {
     pub name: String,

@@ -2,6 +2,7 @@
 //! the engine (the base image, and the kernel, initrd and root device for a direct boot).
 
 pub mod bootstrap;
+pub mod build_ref;
 pub mod seed;
 pub mod url;
 
@@ -50,7 +51,7 @@ pub enum SourceError {
         error: kiln_disk::DiskError,
     },
     #[error("buildRef: {0}")]
-    BuildRef(String),
+    BuildRef(#[source] crate::module::ModuleError),
     #[error(transparent)]
     Disk(#[from] diskops::DiskOpError),
 }
@@ -208,8 +209,8 @@ pub fn resolve(
             })
         }
         SourceSpec::BuildRef { module, vm: ref_vm } => {
-            crate::module::resolve_build_ref(modules_dir, module, ref_vm.as_deref())
-                .map_err(|e| SourceError::BuildRef(e.to_string()))
+            build_ref::resolve(modules_dir, module, ref_vm.as_deref())
+                .map_err(SourceError::BuildRef)
         }
     }
 }

@@ -98,7 +98,7 @@ impl VmSpec {
             b = b.console_log(l);
         }
         for d in &self.disks {
-            b = b.device(Box::new(crate::transport::block::VirtioBlock::open_with(
+            b = b.device(Box::new(crate::devices::block::VirtioBlock::open_with(
                 &d.path,
                 d.read_only,
                 &d.serial,

@@ -5,19 +5,17 @@
 //! A device implements [`VirtioDevice`]: its type, features, queue sizes, config space, and
 //! [`VirtioDevice::activate`], which hands it the guest memory, its queues (each a
 //! `virtio_queue::Queue` and the eventfd the guest's notifications arrive on) and an
-//! [`Interrupt`]. Request logic written as a [`QueueHandler`] (a function over a `Queue` and
-//! the guest memory, as the blk, vsock and net devices are) runs on a thread started by
-//! [`QueueWorker::spawn`], which waits on the kick eventfds and raises the interrupt when
-//! the handler says the guest should be told.
+//! [`Interrupt`]. The device's request logic, written as a [`QueueHandler`], runs on a
+//! thread started by [`QueueWorker::spawn`], which waits on the kick eventfds and on any
+//! file descriptors of the device's own ([`ExtraFd`]), and raises the interrupt when the
+//! handler says the guest should be told.
 //!
-//! The devices on this transport: [`block::VirtioBlock`] (blk's `BlockHandler` on a
-//! `QueueWorker` per queue), `devices::net::VirtioNet` (`devices/net/in_process.rs`) and
-//! `devices::vsock::VirtioVsock` (`devices/vsock/queue_handler.rs`); net and vsock run a
-//! thread of their own because they also wait on the frame port and the host sockets.
-//! `tests/kvm_blk.rs`, `kvm_net.rs` and `kvm_vsock.rs` drive all three from a tiny guest
-//! driver in a kiln VM.
+//! The devices on this transport live with the rest of each device, in its `in_process.rs`:
+//! `devices::block::VirtioBlock` (a `QueueWorker` per queue), `devices::net::VirtioNet` (one
+//! worker that also waits on the frame port) and `devices::vsock::VirtioVsock` (one worker
+//! that also waits on the host sockets). `tests/kvm_blk.rs`, `kvm_net.rs` and
+//! `kvm_vsock.rs` drive all three from a tiny guest driver in a kiln VM.
 
-pub mod block;
 pub mod mmio;
 pub mod worker;
 
@@ -28,7 +26,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use mmio::MmioTransport;
-pub use worker::{QueueHandler, QueueWorker};
+pub use worker::{ExtraFd, QueueHandler, QueueWorker, SpawnError};
 
 /// Interrupt status bit: a used ring was updated.
 pub const INT_VRING: u32 = 1;

@@ -17,8 +17,9 @@ use crate::kvm_support::virtio_guest::{reg, Buf, Device, Script, VIRTIO_F_VERSIO
 use crate::kvm_support::{finish_script, kvm_or_skip, log_warnings, start_script};
 use kiln_disk::{BlockDevice, CreateOptions, Format, OpenOptions};
 use kiln_e2e::image::checked_contents;
+use kiln_vmm::devices::block::device::VIRTIO_ID_BLOCK;
 use kiln_vmm::devices::block::BlockOptions;
-use kiln_vmm::transport::block::{VirtioBlock, VIRTIO_ID_BLOCK};
+use kiln_vmm::devices::block::VirtioBlock;
 
 const DISK_SIZE: u64 = 8 << 20;
 const SECTORS: u64 = DISK_SIZE / 512;

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use crate::kvm_support::virtio_guest::{reg, Buf, Device, Script, VIRTIO_F_VERSION_1};
 use crate::kvm_support::{finish_script, kvm_or_skip, log_warnings, start_script, wait_script};
 use kiln_net::{port_pair, FramePort, QueuePort};
-use kiln_vmm::devices::net::in_process::VIRTIO_ID_NET;
+use kiln_vmm::devices::net::device::VIRTIO_ID_NET;
 use kiln_vmm::devices::net::VirtioNet;
 use kiln_vmm::exit::ExitReason;
 

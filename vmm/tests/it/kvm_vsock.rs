@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use crate::kvm_support::virtio_guest::{reg, Buf, Device, Script, Virtq, VIRTIO_F_VERSION_1};
 use crate::kvm_support::{finish_script, kvm_or_skip, log_warnings, start_script};
-use kiln_vmm::devices::vsock::queue_handler::VIRTIO_ID_VSOCK;
+use kiln_vmm::devices::vsock::device::VIRTIO_ID_VSOCK;
 use kiln_vmm::devices::vsock::VirtioVsock;
 
 const GUEST_CID: u64 = 42;

@@ -7,9 +7,9 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kiln_vmm::devices::vsock::device::VIRTIO_ID_VSOCK;
 use kiln_vmm::devices::vsock::muxer::unix::guest_port_path;
 use kiln_vmm::devices::vsock::protocol::*;
-use kiln_vmm::devices::vsock::queue_handler::VIRTIO_ID_VSOCK;
 use kiln_vmm::devices::vsock::VirtioVsock;
 use kiln_vmm::transport::{ActivateContext, DeviceQueue, Interrupt, VirtioDevice};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};

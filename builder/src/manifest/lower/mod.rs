@@ -3,6 +3,7 @@
 
 mod network;
 mod read;
+mod resources;
 mod steps;
 mod vm;
 

@@ -7,6 +7,7 @@ use super::super::diag::Span;
 use super::super::netaddr::{self, derived_mac};
 use super::super::plan::{Network, Nic, NicModel, Subnet, Vm, Vpc};
 use super::super::yaml::Node;
+use super::resources::check_resources;
 use super::{read, Cx};
 
 pub const DEFAULT_VPC: &str = "default";
@@ -478,7 +479,7 @@ pub fn apply_overrides(
             if let Some(m) = read::bytes(r, "memory") {
                 target.vm.memory = m;
             }
-            super::vm::check_resources(cx, r, &target.vm);
+            check_resources(cx, r, &target.vm);
         }
         if ov.get("nics").is_some() {
             let items = read::list(ov, "nics");

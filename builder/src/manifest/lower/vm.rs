@@ -13,6 +13,7 @@ use super::super::schema::SOURCE_KINDS;
 use super::super::units::format_bytes;
 use super::super::yaml::{Kind, Node, Style};
 use super::network::{self, Declared, Lowered};
+use super::resources::check_resources;
 use super::{read, steps, Cx};
 
 const SUITES: &[&str] = &[
@@ -134,48 +135,6 @@ pub fn vm(cx: &mut Cx, n: &Node, net: &Declared) -> Option<Lowered> {
         check_resources(cx, r, &vm);
     }
     Some(Lowered { vm, nic_at })
-}
-
-pub fn check_resources(cx: &mut Cx, r: &Node, vm: &Vm) {
-    let l = cx.limits;
-    if let Some(at) = r.get("cpu").filter(|_| read::cpus(r, "cpu").is_some()) {
-        if vm.cpus > l.max_cpus {
-            cx.sink
-                .error(
-                    at.span,
-                    format!("{} vCPUs is more than the limit of {}", vm.cpus, l.max_cpus),
-                )
-                .hint("lower `cpu`");
-        }
-    }
-    if let Some(at) = r
-        .get("memory")
-        .filter(|_| read::bytes(r, "memory").is_some())
-    {
-        if vm.memory < l.min_memory {
-            cx.sink
-                .error(
-                    at.span,
-                    format!(
-                        "{} of memory is too little: at least {} is needed",
-                        format_bytes(vm.memory),
-                        format_bytes(l.min_memory)
-                    ),
-                )
-                .hint("memory takes a unit: 512Mi, 1Gi");
-        } else if vm.memory > l.max_memory {
-            cx.sink
-                .error(
-                    at.span,
-                    format!(
-                        "{} of memory is more than the limit of {}",
-                        format_bytes(vm.memory),
-                        format_bytes(l.max_memory)
-                    ),
-                )
-                .hint("lower `memory`");
-        }
-    }
 }
 
 fn source(cx: &mut Cx, s: Option<&Node>, vm: &Node) -> Option<Source> {

@@ -12,6 +12,8 @@ use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
+/// virtio device ID of a block device.
+pub const VIRTIO_ID_BLOCK: u32 = 2;
 /// Bytes in a virtio-blk sector; every offset in a request is counted in these.
 pub const SECTOR_SIZE: u64 = 512;
 /// Descriptors a queue may hold. 256 matches QEMU's default queue size for vhost-user-blk.

@@ -10,8 +10,8 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::device::{BlockDeviceConfig, BlockOptions};
-use super::inorder_handler::BlockHandler;
-use super::io_pool::IoPool;
+use super::handler::BlockHandler;
+use super::scheduler::IoPool;
 
 const MEM_SIZE: usize = 0x10000;
 const DESC_TABLE: u64 = 0;

@@ -1,5 +1,5 @@
 //! virtio-blk served to QEMU as a vhost-user-blk backend, on the same request logic as the
-//! in-process device ([`super::inorder_handler`]).
+//! in-process device ([`super::handler`]).
 //!
 //! ```text
 //! -object memory-backend-memfd,id=mem,size=1G,share=on -machine memory-backend=mem
@@ -20,8 +20,8 @@ use vmm_sys_util::event::{
 };
 
 use super::device::{BlockDeviceConfig, BlockOptions, QUEUE_SIZE};
-use super::inorder_handler::BlockHandler;
-use super::io_pool::IoPool;
+use super::handler::BlockHandler;
+use super::scheduler::IoPool;
 use crate::vhost_user::dispatch::QueueDispatch;
 use crate::vhost_user::{serve, BackendHandle, ServeError};
 

@@ -6,6 +6,8 @@ use virtio_bindings::virtio_net::{
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
+/// virtio device ID of a network device.
+pub const VIRTIO_ID_NET: u32 = 1;
 /// Queue size offered to the driver.
 pub const QUEUE_SIZE: u16 = 256;
 /// Queue 0 receives (device -> driver), queue 1 transmits.

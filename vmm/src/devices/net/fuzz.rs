@@ -10,7 +10,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::device::NetDeviceConfig;
-use super::inorder_handler::NetHandler;
+use super::handler::NetHandler;
 
 const MEM_SIZE: usize = 0x10000;
 const DESC_TABLE: u64 = 0;

@@ -1,33 +1,29 @@
 //! virtio-net on kiln's own transport ([`crate::transport`], the `kvm` engine): the same
-//! [`NetHandler`] as the vhost-user backend, on a worker thread that waits on the two kick
+//! [`NetHandler`] as the vhost-user backend, on a [`QueueWorker`] that waits on the two kick
 //! eventfds and on the frame port's rx fd (edge-triggered, as in the vhost-user backend).
 
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use kiln_net::FramePort;
+use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::epoll::EventSet;
 
-use super::device::{NetDeviceConfig, NUM_QUEUES, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
-use super::inorder_handler::NetHandler;
+use super::device::{NetDeviceConfig, NUM_QUEUES, QUEUE_SIZE, RX_QUEUE, TX_QUEUE, VIRTIO_ID_NET};
+use super::handler::NetHandler;
 use crate::transport::{
-    read_config_bytes, ActivateContext, ActivateError, DeviceQueue, Interrupt, VirtioDevice,
+    read_config_bytes, ActivateContext, ActivateError, DeviceQueue, ExtraFd, QueueHandler,
+    QueueWorker, VirtioDevice,
 };
 
-/// virtio device ID of a network device.
-pub const VIRTIO_ID_NET: u32 = 1;
-
-const STOP: u64 = u64::MAX;
-const PORT: u64 = u64::MAX - 1;
+/// The [`ExtraFd`] id of the frame port.
+const PORT: u64 = 0;
 
 /// A virtio-net device for the in-process transport.
 pub struct VirtioNet {
     config: NetDeviceConfig,
     port: Arc<dyn FramePort>,
-    worker: Option<(EventFd, JoinHandle<()>)>,
+    worker: Option<QueueWorker>,
 }
 
 impl VirtioNet {
@@ -36,13 +32,6 @@ impl VirtioNet {
             config: NetDeviceConfig::new(mac),
             port,
             worker: None,
-        }
-    }
-
-    fn stop_worker(&mut self) {
-        if let Some((stop, thread)) = self.worker.take() {
-            let _ = stop.write(1);
-            let _ = thread.join();
         }
     }
 }
@@ -65,7 +54,8 @@ impl VirtioDevice for VirtioNet {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        self.stop_worker();
+        // Dropping a worker stops and joins its thread.
+        self.worker = None;
         let mut rx = None;
         let mut tx = None;
         for q in ctx.queues {
@@ -86,116 +76,96 @@ impl VirtioDevice for VirtioNet {
         };
         let mut handler = NetHandler::new(self.port.clone());
         handler.set_acked_features(ctx.acked_features);
-        let stop = EventFd::new(libc::EFD_NONBLOCK)?;
-        let epoll = Epoll::new()?;
-        let add = |fd, ev, token| epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(ev, token));
-        add(stop.as_raw_fd(), EventSet::IN, STOP)?;
-        add(rx.kick.as_raw_fd(), EventSet::IN, RX_QUEUE as u64)?;
-        add(tx.kick.as_raw_fd(), EventSet::IN, TX_QUEUE as u64)?;
-        add(
-            self.port.rx_fd(),
-            EventSet::IN | EventSet::EDGE_TRIGGERED,
-            PORT,
-        )?;
-        let stop2 = stop.try_clone()?;
-        let (mem, interrupt) = (ctx.mem, ctx.interrupt);
-        let thread = std::thread::Builder::new()
-            .name("kiln-net-dev".into())
-            .spawn(move || run(epoll, stop2, handler, [rx, tx], mem, interrupt))?;
-        self.worker = Some((stop, thread));
+        let queues = NetQueues {
+            handler,
+            port: self.port.clone(),
+            // Frames may have queued in the port before the driver was ready.
+            pending: [true, false],
+            broken: [false; 2],
+        };
+        // In index order, so a queue's index is its position in the worker's queues.
+        let worker =
+            QueueWorker::spawn("kiln-net-dev", queues, ctx.mem, vec![rx, tx], ctx.interrupt)?;
+        self.worker = Some(worker);
         Ok(())
     }
 
     fn reset(&mut self) {
-        self.stop_worker();
+        self.worker = None;
     }
 }
 
-impl Drop for VirtioNet {
-    fn drop(&mut self) {
-        self.stop_worker();
-    }
+/// [`NetHandler`] as the worker runs it: kicks and port events only mark a queue pending;
+/// the pending queues are served once per wake-up, tx before rx, so what the guest sent
+/// goes out before we look for answers.
+struct NetQueues {
+    handler: NetHandler,
+    port: Arc<dyn FramePort>,
+    /// By queue index: served at the end of this wake-up.
+    pending: [bool; 2],
+    /// By queue index: a queue whose ring lied stays unused until the driver resets.
+    broken: [bool; 2],
 }
 
-fn run(
-    epoll: Epoll,
-    stop: EventFd,
-    mut handler: NetHandler,
-    mut queues: [DeviceQueue; 2],
-    mem: GuestMemoryMmap,
-    interrupt: Arc<Interrupt>,
-) {
-    let mut broken = [false; 2];
-    let mut events = vec![EpollEvent::default(); 4];
-    // Frames may have queued in the port before the driver was ready.
-    let mut pending = vec![RX_QUEUE];
-    loop {
-        for index in pending.drain(..) {
-            if broken[index] {
+impl QueueHandler for NetQueues {
+    fn extra_fds(&self) -> Vec<ExtraFd> {
+        vec![ExtraFd {
+            fd: self.port.rx_fd(),
+            events: EventSet::IN | EventSet::EDGE_TRIGGERED,
+            id: PORT,
+        }]
+    }
+
+    fn process_queue(&mut self, index: u16, _queue: &mut Queue, _mem: &GuestMemoryMmap) -> bool {
+        let index = usize::from(index);
+        if let Some(p) = self.pending.get_mut(index) {
+            *p = true;
+        }
+        if index == TX_QUEUE {
+            // Replies often come back in the same turn.
+            self.pending[RX_QUEUE] = true;
+        }
+        false
+    }
+
+    fn handle_event(&mut self, _id: u64, _mem: &GuestMemoryMmap) -> bool {
+        self.pending[RX_QUEUE] = true;
+        false
+    }
+
+    fn events_done(&mut self, queues: &mut [DeviceQueue], mem: &GuestMemoryMmap) -> bool {
+        let mut notify = false;
+        for index in [TX_QUEUE, RX_QUEUE] {
+            if !std::mem::take(&mut self.pending[index]) || self.broken[index] {
                 continue;
             }
             let q = &mut queues[index].queue;
             let r = if index == RX_QUEUE {
-                handler.process_rx(q, &mem)
+                self.handler.process_rx(q, mem)
             } else {
-                handler.process_tx(q, &mem)
+                self.handler.process_tx(q, mem)
             };
             match r {
-                Ok(true) => {
-                    if let Err(e) = interrupt.signal_used_queue() {
-                        tracing::warn!("virtio-net: raising the interrupt: {e}");
-                    }
-                }
-                Ok(false) => {}
+                Ok(n) => notify |= n,
                 Err(e) => {
                     tracing::error!(queue = index, "virtio-net: queue stopped until reset: {e}");
-                    broken[index] = true;
+                    self.broken[index] = true;
                 }
             }
         }
-        let n = match epoll.wait(-1, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                tracing::error!("virtio-net worker epoll: {e}");
-                return;
-            }
-        };
-        for ev in &events[..n] {
-            match ev.data() {
-                STOP => {
-                    let _ = stop.read();
-                    return;
-                }
-                PORT => pending.push(RX_QUEUE),
-                t => {
-                    let index = t as usize;
-                    if let Some(q) = queues.get(index) {
-                        let _ = q.kick.read();
-                        pending.push(index);
-                        if index == TX_QUEUE {
-                            // Replies often come back in the same turn.
-                            pending.push(RX_QUEUE);
-                        }
-                    }
-                }
-            }
-        }
-        pending.sort_unstable();
-        pending.dedup();
-        // tx before rx: what the guest sent goes out before we look for answers.
-        pending.reverse();
+        notify
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transport::Interrupt;
     use kiln_net::port_pair;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use virtio_queue::Queue;
     use vm_memory::{Address, Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::EventFd;
 
     fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
         let end = std::time::Instant::now() + std::time::Duration::from_secs(5);

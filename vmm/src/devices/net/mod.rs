@@ -1,9 +1,9 @@
 //! virtio-net over a [`kiln_net::FramePort`] (a kiln-net switch port, or a TAP device).
 //!
 //! - [`device`]: features and configuration space (MAC from the config, link up).
-//! - [`inorder_handler`]: moving frames between the rx/tx queues and the port, shared by
-//!   every transport.
-//! - [`in_process`]: [`in_process::VirtioNet`], the device on kiln's own transport (`kvm`).
+//! - [`handler`]: [`NetHandler`], moving frames between the rx/tx queues and the port
+//!   against guest memory (no transport in it).
+//! - [`in_process`]: [`VirtioNet`], the device on kiln's own transport (`kvm`).
 //! - [`vhost_user`]: the same logic served to QEMU as a vhost-user-net backend
 //!   ([`vhost_user::spawn`]`(socket, port, mac) -> NetHandle`), with `qemu_relay` in front of
 //!   it for QEMU 7.2's message order.
@@ -14,14 +14,14 @@
 
 pub mod device;
 mod fuzz;
+pub mod handler;
 pub mod in_process;
-pub mod inorder_handler;
 mod qemu_relay;
 pub mod vhost_user;
 
 pub use device::NetDeviceConfig;
 #[doc(hidden)]
 pub use fuzz::fuzz_entry;
+pub use handler::{NetHandler, NetQueueError};
 pub use in_process::VirtioNet;
-pub use inorder_handler::{NetHandler, NetQueueError};
 pub use vhost_user::{spawn, NetHandle};

@@ -1,5 +1,5 @@
 //! virtio-net served to QEMU as a vhost-user-net backend, on the same frame logic as the
-//! in-process device ([`super::inorder_handler`]).
+//! in-process device ([`super::handler`]).
 //!
 //! ```text
 //! -object memory-backend-memfd,id=mem,size=1G,share=on -machine memory-backend=mem
@@ -32,7 +32,7 @@ use vmm_sys_util::event::{
 };
 
 use super::device::{NetDeviceConfig, NUM_QUEUES, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
-use super::inorder_handler::NetHandler;
+use super::handler::NetHandler;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::qemu_relay;

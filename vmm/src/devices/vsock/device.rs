@@ -5,6 +5,10 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 
 use super::{Result, VsockError};
 
+/// virtio device ID of a socket device.
+pub const VIRTIO_ID_VSOCK: u32 = 19;
+/// Queue size offered to the driver in a kiln VM.
+pub const QUEUE_SIZE: u16 = 256;
 /// Queue index of the RX queue (device -> driver).
 pub const RX_QUEUE: usize = 0;
 /// Queue index of the TX queue (driver -> device).

@@ -15,7 +15,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::device::VsockConfig;
-use super::inorder_handler::VsockHandler;
+use super::handler::VsockHandler;
 use super::muxer::unix::guest_port_path;
 use super::protocol::*;
 

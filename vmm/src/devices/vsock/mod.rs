@@ -10,29 +10,28 @@
 //!
 //! Layout:
 //! - [`device`]: features, queues and config space (`guest_cid`).
+//! - [`handler`]: [`VsockHandler`], the virtqueue logic against guest memory, parsing
+//!   chains with virtio-vsock's `VsockPacket` (no transport in it).
+//! - [`in_process`]: [`VirtioVsock`], the device on kiln's own transport (`kvm`).
+//! - [`vhost_user`]: serves the same handler to QEMU as a vhost-user-vsock backend.
 //! - [`protocol`]: the virtio-vsock header constants and the packet header we write.
 //! - [`connection`]: one connection's state machine, credit accounting and bounded buffer.
 //! - [`muxer`]: the connection manager (packets from the guest, RX queue filling) and, in
 //!   [`muxer::unix`], the Unix-socket host side.
-//! - [`inorder_handler`]: the virtqueue logic, parsing chains with virtio-vsock's
-//!   `VsockPacket`; transport-agnostic (kiln VM or vhost-user).
-//! - [`queue_handler`]: [`queue_handler::VirtioVsock`], the device on kiln's in-process
-//!   virtio transport (a kiln VM).
-//! - [`vhost_user`]: serves the same handler to QEMU as a vhost-user-vsock backend.
 
 pub mod connection;
 pub mod device;
 #[doc(hidden)]
 pub mod fuzz;
-pub mod inorder_handler;
+pub mod handler;
+pub mod in_process;
 pub mod muxer;
 pub mod protocol;
-pub mod queue_handler;
 pub mod vhost_user;
 
 pub use device::VsockConfig;
-pub use inorder_handler::VsockHandler;
-pub use queue_handler::VirtioVsock;
+pub use handler::VsockHandler;
+pub use in_process::VirtioVsock;
 pub use vhost_user::{spawn, VsockHandle};
 
 use std::path::PathBuf;
@@ -54,8 +53,11 @@ pub enum VsockError {
     Event(std::io::Error),
     /// The guest put an impossible index in a queue's available ring; the queue is unusable
     /// until the driver resets the device.
-    #[error("{queue} queue is broken: {reason}")]
-    QueueBroken { queue: &'static str, reason: String },
+    #[error("{queue} queue is broken: {source}")]
+    QueueBroken {
+        queue: &'static str,
+        source: crate::devices::in_order::DrainError,
+    },
     /// The vhost-user server failed (socket, thread or daemon).
     #[error("vhost-user vsock server: {0}")]
     Daemon(String),

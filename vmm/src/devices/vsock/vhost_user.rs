@@ -30,7 +30,7 @@ use vmm_sys_util::event::{
 use crate::vhost_user::{serve_with_setup, BackendHandle, GuestMem};
 
 use super::device::{avail_features, VsockConfig, MAX_QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
-use super::inorder_handler::VsockHandler;
+use super::handler::VsockHandler;
 use super::{Result, VsockError};
 
 /// Queues the vhost-user backend serves: RX and TX.

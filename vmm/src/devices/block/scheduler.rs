@@ -7,12 +7,13 @@
 //! more than it saved, so the workers live as long as the queue's backend.
 //!
 //! Who does what:
-//! - The queue's own thread (the vhost-user vring worker) is the only one that touches the
-//!   `Queue`: it pops chains, checks each one whole ([`prepare`]) before any I/O, completes
-//!   refused chains on the spot, hands ready requests to the workers, and puts every
-//!   completion on the used ring and signals the guest (honouring EVENT_IDX) as it comes
-//!   back, in whatever order the requests finish (virtio-blk allows that). So the used ring
-//!   and the interrupt logic stay single-threaded, exactly as before.
+//! - The queue's own thread (the vhost-user vring worker, or the in-process device's
+//!   `QueueWorker`) is the only one that touches the `Queue`: it pops chains, checks each
+//!   one whole ([`prepare`]) before any I/O, completes refused chains on the spot, hands
+//!   ready requests to the workers, and puts every completion on the used ring and signals
+//!   the guest (honouring EVENT_IDX) as it comes back, in whatever order the requests
+//!   finish (virtio-blk allows that). So the used ring and the interrupt logic stay
+//!   single-threaded.
 //! - The pool threads only run requests: disk I/O against guest memory and the status byte.
 //! - The queue's thread is a worker too: of the requests it hands over it runs one itself
 //!   (the smallest; pool threads take the oldest first), and wakes a pool thread only for
@@ -47,9 +48,7 @@ use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_S_IOERR;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemory;
 
-use super::inorder_handler::{
-    prepare, BlockHandler, Completion, Prepared, QueueError, Request, Runner,
-};
+use super::handler::{prepare, BlockHandler, Completion, Prepared, QueueError, Request, Runner};
 
 /// Requests served at once per queue: the queue's own thread plus `IO_WORKERS - 1` pool
 /// threads. Two, because the Linux driver puts a 1 MiB block in flight as two 512 KiB
@@ -78,6 +77,10 @@ struct Shared<M> {
     /// Signalled when a job is queued or the pool stops.
     wake: Condvar,
     runner: Arc<Runner>,
+    /// Completions the pool threads have handed to the queue's thread: lets a test wait for
+    /// the moment a completion is ready instead of guessing it with a sleep.
+    #[cfg(test)]
+    reported: std::sync::atomic::AtomicUsize,
 }
 
 struct State<M> {
@@ -112,6 +115,8 @@ impl<M: GuestMemory + Send + Sync + 'static> IoPool<M> {
             }),
             wake: Condvar::new(),
             runner: handler.runner().clone(),
+            #[cfg(test)]
+            reported: Default::default(),
         });
         let (done_tx, done_rx) = channel();
         let mut threads = Vec::with_capacity(workers);
@@ -396,6 +401,10 @@ fn worker<M: GuestMemory + Send + Sync + 'static>(shared: &Shared<M>, done: &Sen
             // The pool is gone.
             return;
         }
+        #[cfg(test)]
+        shared
+            .reported
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -749,27 +758,28 @@ mod tests {
     #[test]
     fn completions_ready_together_get_one_signal() {
         let mem = memory();
-        // The disk, for its log, inside its own hook.
-        let this: Arc<std::sync::OnceLock<std::sync::Weak<HookDisk>>> = Arc::default();
-        let me = this.clone();
-        // The small read (run here) finishes only after the large one (in the pool) has
-        // ended in the disk, plus a margin for its worker to report it, so both completions
-        // are ready when this thread puts its own on the ring.
+        // The pool's shared state, for the hook to see when the large read's completion has
+        // been handed to the queue's thread.
+        let shared: Arc<std::sync::OnceLock<Arc<Shared<Mem>>>> = Arc::default();
+        let seen = shared.clone();
+        // The small read (run here) finishes only once the large one (in the pool) has been
+        // reported, so both completions are ready when this thread puts its own on the ring.
         let disk = HookDisk::new(move |op| match op {
             Op::Read(0) => Ok(()),
-            _ => wait_for("the large read to end", || {
-                me.get()
-                    .and_then(|d| d.upgrade())
-                    .is_some_and(|d| d.log().contains(&Event::End(Op::Read(0))))
-            })
-            .map(|()| std::thread::sleep(Duration::from_millis(200))),
+            _ => wait_for("the large read to be reported", || {
+                seen.get()
+                    .is_some_and(|s| s.reported.load(Ordering::SeqCst) >= 1)
+            }),
         });
-        this.set(Arc::downgrade(&disk)).unwrap();
         let vq = MockSplitQueue::new(&*mem, 16);
         let mut descs = request_of(&mem, 0, 0, VIRTIO_BLK_T_IN, 0, 8192);
         descs.extend(request_of(&mem, 1, 3, VIRTIO_BLK_T_IN, 16, 512));
         vq.add_desc_chains(&descs, 0).unwrap();
-        let s = serve_fresh(&disk, vq.create_queue().unwrap(), &mem);
+        let h = handler(disk.clone());
+        let pool = IoPool::new(&h);
+        let _ = shared.set(pool.shared.clone());
+        let s = serve(pool, h, vq.create_queue().unwrap(), &mem);
+        s.result.as_ref().unwrap();
         let mut u = used(&vq);
         u.sort_unstable();
         assert_eq!(u, vec![(0, 8193), (3, 513)]);

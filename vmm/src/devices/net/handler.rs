@@ -11,10 +11,10 @@ use std::sync::Arc;
 
 use kiln_net::{FramePort, PortError, MAX_FRAME};
 use tracing::{debug, warn};
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::GuestMemory;
 
-use crate::devices::in_order::drain;
+use crate::devices::in_order::{drain, drain_with, DrainError, Served, Suppress, Work};
 
 use super::device::{header_len, MAX_TX_FRAME};
 
@@ -26,6 +26,23 @@ pub enum NetQueueError {
     Queue(#[from] virtio_queue::Error),
     #[error("frame port: {0}")]
     Port(PortError),
+}
+
+impl From<DrainError> for NetQueueError {
+    fn from(e: DrainError) -> NetQueueError {
+        match e {
+            DrainError::Queue(e) => NetQueueError::Queue(e),
+        }
+    }
+}
+
+impl From<DrainError<PortError>> for NetQueueError {
+    fn from(e: DrainError<PortError>) -> NetQueueError {
+        match e {
+            DrainError::Queue(e) => NetQueueError::Queue(e),
+            DrainError::Work(e) => NetQueueError::Port(e),
+        }
+    }
 }
 
 /// Counters, for logs and tests.
@@ -140,59 +157,30 @@ impl NetHandler {
         queue: &mut Queue,
         mem: &M,
     ) -> Result<bool, NetQueueError> {
-        let mut used_any = false;
-        loop {
-            if queue.event_idx_enabled() {
-                queue.disable_notification(mem)?;
-            }
-            let stalled = self.rx_batch(queue, mem, &mut used_any)?;
-            // Out of buffers with a frame waiting: ask for a kick, then look once more in case
-            // the driver added buffers meanwhile.
-            let more = if queue.event_idx_enabled() {
-                queue.enable_notification(mem)?
-            } else {
-                false
-            };
-            if !(stalled && more) {
-                break;
-            }
-        }
-        Ok(used_any && queue.needs_notification(mem)?)
+        let mut rx = Rx { handler: self, mem };
+        Ok(drain_with(
+            queue,
+            mem,
+            Suppress::WithEventIdx,
+            &mut rx,
+            None,
+        )?)
     }
 
-    /// Returns true when it stopped for lack of guest buffers with a frame pending.
-    fn rx_batch<M: GuestMemory>(
-        &mut self,
-        queue: &mut Queue,
-        mem: &M,
-        used_any: &mut bool,
-    ) -> Result<bool, NetQueueError> {
-        loop {
-            let len = match self.pending {
-                Some(n) => n,
-                None => match self.port.recv(&mut self.rx_buf) {
-                    Ok(Some(n)) => {
-                        self.pending = Some(n);
-                        n
-                    }
-                    Ok(None) => return Ok(false),
-                    Err(PortError::TooLarge(n)) => {
-                        debug!("virtio-net: dropped a {n}-byte frame from the port");
-                        continue;
-                    }
-                    Err(PortError::Closed) => return Ok(false),
-                    Err(e) => return Err(NetQueueError::Port(e)),
-                },
-            };
-            let Some(chain) = queue.iter(mem)?.next() else {
-                return Ok(true);
-            };
-            let head = chain.head_index();
-            let written = self.rx_chain(chain, mem, len);
-            queue.add_used(mem, head, written)?;
-            *used_any = true;
-            self.pending = None;
+    /// Take the next frame from the port into `rx_buf`, unless one is already waiting there.
+    /// Returns whether a frame waits.
+    fn next_frame(&mut self) -> Result<bool, PortError> {
+        while self.pending.is_none() {
+            match self.port.recv(&mut self.rx_buf) {
+                Ok(Some(n)) => self.pending = Some(n),
+                Ok(None) | Err(PortError::Closed) => return Ok(false),
+                Err(PortError::TooLarge(n)) => {
+                    debug!("virtio-net: dropped a {n}-byte frame from the port");
+                }
+                Err(e) => return Err(e),
+            }
         }
+        Ok(true)
     }
 
     fn rx_chain<M: GuestMemory>(&mut self, chain: DescriptorChain<&M>, mem: &M, len: usize) -> u32 {
@@ -228,6 +216,26 @@ impl NetHandler {
         }
         self.stats.rx_frames += 1;
         need as u32
+    }
+}
+
+/// The rx queue as drain work: a guest buffer is taken only when a frame waits for it, so
+/// a frame is never lost for want of a buffer (it waits in `pending`, the rest in the port).
+struct Rx<'a, M> {
+    handler: &'a mut NetHandler,
+    mem: &'a M,
+}
+
+impl<M: GuestMemory> Work<M> for Rx<'_, M> {
+    type Error = PortError;
+
+    fn has_work(&mut self) -> Result<bool, PortError> {
+        self.handler.next_frame()
+    }
+
+    fn serve(&mut self, chain: DescriptorChain<&M>) -> Served {
+        let len = self.handler.pending.take().unwrap_or(0);
+        Served::Used(self.handler.rx_chain(chain, self.mem, len))
     }
 }
 

@@ -15,7 +15,12 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{qmp, Engine, EngineError, RunningVm, VmLaunch};
+pub mod backends;
+pub mod qmp;
+
+pub use backends::{block_socket, net_socket, BlockMode};
+
+use super::{Engine, EngineError, RunningVm, VmLaunch};
 
 /// Finds `qemu-system-x86_64` on PATH (or `$KILN_QEMU`).
 pub fn find_qemu() -> Option<PathBuf> {
@@ -27,16 +32,6 @@ pub fn find_qemu() -> Option<PathBuf> {
     std::env::split_paths(&path)
         .map(|d| d.join("qemu-system-x86_64"))
         .find(|p| p.is_file())
-}
-
-/// How a disk reaches the guest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BlockMode {
-    /// kiln's block backend over vhost-user (the product).
-    VhostUser,
-    /// QEMU's own virtio-blk on the qcow2 file. STEPPING STONE until kiln-vmm's vhost-user
-    /// block backend lands; never chosen once it exists.
-    QemuDrive,
 }
 
 pub struct QemuEngine {
@@ -52,7 +47,7 @@ impl QemuEngine {
         })?;
         Ok(Self {
             qemu,
-            block: crate::backends::block_mode(),
+            block: backends::block_mode(),
         })
     }
 }
@@ -161,17 +156,6 @@ pub fn qemu_args(vm: &VmLaunch, block: BlockMode, vsock_sock: Option<&Path>) -> 
     a
 }
 
-/// Where the vhost-user socket of NIC `i` lives (kiln-vmm's relay; the backend proper
-/// listens on `<socket>.backend`).
-pub fn net_socket(workdir: &Path, i: usize) -> PathBuf {
-    workdir.join(format!("net{i}.sock"))
-}
-
-/// Where the vhost-user socket of disk `i` lives.
-pub fn block_socket(workdir: &Path, i: usize) -> PathBuf {
-    workdir.join(format!("blk{i}.sock"))
-}
-
 impl Engine for QemuEngine {
     fn name(&self) -> &'static str {
         "qemu"
@@ -181,7 +165,7 @@ impl Engine for QemuEngine {
         vm.create_workdir()?;
         // Backends listen first: QEMU connects to their sockets as a client, and connects
         // again when a reboot starts a fresh QEMU.
-        let backends = crate::backends::start(vm, self.block)?;
+        let backends = backends::start(vm, self.block)?;
         let mut args = qemu_args(vm, self.block, backends.vsock_socket());
         let qmp = qmp_socket(&vm.workdir);
         let _ = std::fs::remove_file(&qmp);
@@ -213,7 +197,7 @@ impl Engine for QemuEngine {
             shared,
             thread: Some(thread),
             backends,
-            vsock: vm.workdir.join("vsock.sock"),
+            vsock: super::vsock_uds(&vm.workdir),
         }))
     }
 }
@@ -272,7 +256,7 @@ impl QemuSpawn {
 }
 
 /// What the supervisor thread and the [`QemuVm`] share.
-type Supervised = super::supervised::Supervised<SupervisedState>;
+type Supervised = crate::engine::supervised::Supervised<SupervisedState>;
 
 #[derive(Default)]
 struct SupervisedState {
@@ -353,7 +337,7 @@ fn supervise(spawn: QemuSpawn, mut child: Child, shared: &Supervised) {
 struct QemuVm {
     shared: Arc<Supervised>,
     thread: Option<std::thread::JoinHandle<()>>,
-    backends: crate::backends::Backends,
+    backends: backends::Backends,
     vsock: PathBuf,
 }
 

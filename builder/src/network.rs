@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use kiln_net::{FramePort, Ipv4Cidr, Network, NetworkConfig, NicConfig, SubnetConfig, VpcConfig};
 
-use super::{EngineError, NicAttach};
+use crate::engine::{EngineError, NicAttach};
 use crate::job::{NetJob, NicJob};
 
 /// Whether VPCs get the internet access their manifest gives them.
@@ -94,7 +94,7 @@ pub fn static_links(job: &NetJob, net: &Network, nics: &[NicJob]) -> Vec<kiln_ag
         .collect()
 }
 
-/// Plugs a VM's NICs into the network; the ports go into its [`super::VmLaunch`].
+/// Plugs a VM's NICs into the network; the ports go into its [`VmLaunch`](crate::engine::VmLaunch).
 pub fn attach(net: &Network, vm: &str, nics: &[NicJob]) -> Result<Vec<NicAttach>, EngineError> {
     let mut out = Vec::new();
     for n in nics {

@@ -1,6 +1,6 @@
-//! kiln's device backends for one VM (block, vsock, net), started in this process before the
-//! engine starts the guest, and stopped with it. Both engines use the same backends: the
-//! block device is kiln-disk's qcow2 (with its backing chain) served by kiln-vmm's virtio-blk
+//! The qemu engine's device backends for one VM (block, vsock, net) over vhost-user, started
+//! in this process before QEMU starts the guest, and stopped with it. They are the kiln-vmm
+//! devices the kvm engine runs in its VM process: the block device is kiln-disk's qcow2 (with its backing chain) served by kiln-vmm's virtio-blk
 //! logic, vsock is kiln-vmm's device with its host side on a Unix socket, and each NIC is
 //! kiln-vmm's virtio-net over the VM's port on the module network (kiln-net).
 
@@ -9,8 +9,17 @@ use std::path::{Path, PathBuf};
 use kiln_vmm::devices::block::BlockOptions;
 use kiln_vmm::vhost_user::BackendHandle;
 
-use crate::engine::qemu::{block_socket, net_socket, BlockMode};
-use crate::engine::{EngineError, VmLaunch};
+use crate::engine::{vsock_uds, EngineError, VmLaunch};
+
+/// How a disk reaches the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockMode {
+    /// kiln's block backend over vhost-user (the product).
+    VhostUser,
+    /// QEMU's own virtio-blk on the qcow2 file. STEPPING STONE until kiln-vmm's vhost-user
+    /// block backend lands; never chosen once it exists.
+    QemuDrive,
+}
 
 /// Which block path the qemu engine uses: always kiln's own backend over vhost-user.
 /// `KILN_QEMU_BLOCK=qemu` switches to QEMU's own virtio-blk, for comparing the two when
@@ -59,9 +68,15 @@ impl Drop for Backends {
     }
 }
 
-/// Where the host side of a VM's vsock device listens (`CONNECT <port>`).
-pub fn vsock_uds(workdir: &Path) -> PathBuf {
-    workdir.join("vsock.sock")
+/// Where the vhost-user socket of NIC `i` lives (kiln-vmm's relay; the backend proper
+/// listens on `<socket>.backend`).
+pub fn net_socket(workdir: &Path, i: usize) -> PathBuf {
+    workdir.join(format!("net{i}.sock"))
+}
+
+/// Where the vhost-user socket of disk `i` lives.
+pub fn block_socket(workdir: &Path, i: usize) -> PathBuf {
+    workdir.join(format!("blk{i}.sock"))
 }
 
 /// Starts the backends a VM needs. The sockets are bound when this returns.

@@ -1,6 +1,9 @@
-//! virtio-blk on this transport: blk's request logic ([`BlockHandler`]) served by a
-//! [`QueueWorker`] per queue. The device semantics (features, config space, requests) are
-//! all blk's; this file only plugs them into [`VirtioDevice`].
+//! virtio-blk on kiln's own transport ([`crate::transport`], the `kvm` engine): blk's
+//! request logic ([`BlockHandler`]) served by a [`QueueWorker`] per queue, each queue's
+//! requests scheduled by its [`IoPool`] exactly as over vhost-user (side by side, completed
+//! as they finish, FLUSH a barrier). The device semantics (features, config space,
+//! requests) live in [`super::device`] and [`super::handler`]; this file only plugs them
+//! into [`VirtioDevice`].
 
 use std::path::Path;
 use std::sync::Arc;
@@ -9,13 +12,13 @@ use kiln_disk::BlockDevice;
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
-use super::{ActivateContext, ActivateError, QueueHandler, QueueWorker, VirtioDevice};
-use crate::devices::block::device::QUEUE_SIZE;
-use crate::devices::block::{BlockDeviceConfig, BlockHandler, BlockOptions};
+use super::device::{BlockDeviceConfig, BlockOptions, QUEUE_SIZE, VIRTIO_ID_BLOCK};
+use super::handler::BlockHandler;
+use super::scheduler::IoPool;
 use crate::machine::MachineError;
-
-/// virtio device ID of a block device.
-pub const VIRTIO_ID_BLOCK: u32 = 2;
+use crate::transport::{
+    ActivateContext, ActivateError, Interrupt, QueueHandler, QueueWorker, VirtioDevice,
+};
 
 /// A virtio-blk device for the in-process transport.
 pub struct VirtioBlock {
@@ -61,18 +64,33 @@ impl VirtioBlock {
     }
 }
 
-struct BlockQueue(BlockHandler);
+/// One queue's request logic and its I/O workers (stopped and joined when the queue's
+/// worker ends).
+struct BlockQueue {
+    handler: BlockHandler,
+    pool: IoPool<GuestMemoryMmap>,
+    /// The guest memory, shared with requests running on the pool's threads.
+    mem: Arc<GuestMemoryMmap>,
+    /// Completions are signalled as they land, not once per kick, as over vhost-user.
+    interrupt: Arc<Interrupt>,
+}
 
 impl QueueHandler for BlockQueue {
-    fn process_queue(&mut self, index: u16, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-        match self.0.process_queue(queue, mem) {
-            Ok(notify) => notify,
-            Err(e) => {
-                // A broken ring: the driver is told nothing more on this queue until reset.
-                tracing::warn!("virtio-blk queue {index}: {e}");
-                false
+    fn process_queue(&mut self, index: u16, queue: &mut Queue, _mem: &GuestMemoryMmap) -> bool {
+        let interrupt = &self.interrupt;
+        let mut signal = || {
+            if let Err(e) = interrupt.signal_used_queue() {
+                tracing::warn!("raising the queue interrupt: {e}");
             }
+        };
+        if let Err(e) = self
+            .pool
+            .serve(&mut self.handler, queue, &self.mem, &mut signal)
+        {
+            // A broken ring: the driver is told nothing more on this queue until reset.
+            tracing::warn!("virtio-blk queue {index}: {e}");
         }
+        false
     }
 }
 
@@ -101,13 +119,21 @@ impl VirtioDevice for VirtioBlock {
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         self.workers.clear();
+        let mem = Arc::new(ctx.mem.clone());
         for q in ctx.queues {
-            let mut h = BlockHandler::new(self.disk.clone(), self.config.clone());
-            h.set_acked_features(ctx.acked_features);
+            let mut handler = BlockHandler::new(self.disk.clone(), self.config.clone());
+            handler.set_acked_features(ctx.acked_features);
+            let pool = IoPool::new(&handler);
+            let queue = BlockQueue {
+                handler,
+                pool,
+                mem: mem.clone(),
+                interrupt: ctx.interrupt.clone(),
+            };
             let name = format!("kiln-blk-q{}", q.index);
             self.workers.push(QueueWorker::spawn(
                 &name,
-                BlockQueue(h),
+                queue,
                 ctx.mem.clone(),
                 vec![q],
                 ctx.interrupt.clone(),

@@ -3,10 +3,10 @@
 //! `virtio_queue::Queue` and a `GuestMemory`, so the kiln-vmm transport and the vhost-user
 //! backend run the very same code.
 //!
-//! The queue walks here complete requests in the order they were made available ("in
-//! order"): a guest may put many requests in flight and the device works through all of them
-//! on each kick. The request itself is split in two, [`prepare`] (check the chain, read the
-//! header: no disk I/O) and running it, so [`super::io_pool`] can check chains on the queue's
+//! The queue walks here (through [`crate::devices::in_order`]) complete requests in the order
+//! they were made available: a guest may put many requests in flight and the device works
+//! through all of them on each kick. The request itself is split in two, [`prepare`] (check the chain, read the
+//! header: no disk I/O) and running it, so [`super::scheduler`] can check chains on the queue's
 //! thread and run several requests at once on others.
 
 use std::sync::Arc;
@@ -18,10 +18,10 @@ use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestMemory, Permissions};
 
-use crate::devices::in_order::drain;
+use crate::devices::in_order::{drain, drain_with, DrainError, Every, Suppress};
 
 use super::chain::{read_stream, write_stream, ChainLayout, HostView};
 use super::device::{
@@ -38,11 +38,7 @@ const CHUNK: usize = 1 << 20;
 
 /// Why a queue could not be processed at all. The transport logs it and stops serving that
 /// queue until the driver resets the device.
-#[derive(Debug, thiserror::Error)]
-pub enum QueueError {
-    #[error("virtio queue: {0}")]
-    Queue(#[from] virtio_queue::Error),
-}
+pub type QueueError = DrainError;
 
 /// The status a request ends with, and how many bytes the device wrote into the chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,9 +195,7 @@ impl BlockHandler {
         queue: &mut Queue,
         mem: &M,
     ) -> Result<bool, QueueError> {
-        Ok(drain(queue, mem, |chain| {
-            self.process_chain(chain, mem).written
-        })?)
+        drain(queue, mem, |chain| self.process_chain(chain, mem).written)
     }
 
     /// Serve every request the driver made available, calling `signal` as soon as a
@@ -217,29 +211,11 @@ impl BlockHandler {
         mem: &M,
         signal: &mut dyn FnMut(),
     ) -> Result<(), QueueError> {
-        let event_idx = queue.event_idx_enabled();
-        loop {
-            if event_idx {
-                queue.disable_notification(mem)?;
-            }
-            let mut served = 0usize;
-            // `iter` re-reads the avail index each time and refuses an index that claims
-            // more chains than the queue holds, so a lying driver cannot make this spin.
-            while let Some(chain) = queue.iter(mem)?.next() {
-                let head = chain.head_index();
-                let written = self.process_chain(chain, mem).written;
-                queue.add_used(mem, head, written)?;
-                served += 1;
-                if queue.needs_notification(mem)? {
-                    signal();
-                }
-            }
-            // After turning notifications back on, look once more: a chain the driver added
-            // in between would otherwise wait for a kick it never sends.
-            if !event_idx || !queue.enable_notification(mem)? || served == 0 {
-                return Ok(());
-            }
-        }
+        let mut every = Every(|chain: virtio_queue::DescriptorChain<&M>| {
+            self.process_chain(chain, mem).written
+        });
+        drain_with(queue, mem, Suppress::WithEventIdx, &mut every, Some(signal))?;
+        Ok(())
     }
 
     /// Serve one request. Never fails: a bad request gets an error status and a logged
@@ -513,6 +489,7 @@ mod tests {
     use virtio_queue::desc::split::Descriptor as SplitDescriptor;
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::QueueT;
     use vm_memory::{GuestAddress, GuestMemoryMmap};
 
     use super::*;
