@@ -11,7 +11,8 @@
 //! no tool's buffering limits the numbers; traffic stays on loopback and in the
 //! namespaces made here.
 
-#[path = "../tests/common/mod.rs"]
+// The namespace guests of the integration tests, shared with them.
+#[path = "../tests/it/common/mod.rs"]
 mod common;
 
 use std::io::{Read, Write};

@@ -7,18 +7,25 @@
 //! - [`qemu::Qemu`]: `qemu-system-x86_64 -accel tcg` with serial to a file, waiting for marker
 //!   lines with a timeout, killed on drop.
 //! - [`image::checked_contents`]: a disk image after `qemu-img check`, as qemu-img reads it.
-//! - [`pattern::pattern`]: seeded pseudo-random test data.
+//! - [`pattern::Xorshift`], [`pattern::pattern`]: seeded pseudo-random test data and choices.
+//! - [`http::Server`]: a loopback HTTP server for what kiln or a guest downloads.
 //! - [`module::clone_run_exec`]: a built module cloned, run and `kiln exec`'d like a user does.
+//! - [`helper_process::command`]: the test binary re-run on one of its ignored helper tests.
+//! - [`virtio_guest::Script`]: a tiny virtio driver run by a KVM guest program, for device tests.
+//! - [`kvm_or_skip`]: whether /dev/kvm opens, with the skip line when it does not.
 //!
 //! Tests that cannot get what they need (no qemu, no package download) call [`skip`] and
 //! return: they print `SKIP: <reason>` and never pass silently.
 
+pub mod helper_process;
+pub mod http;
 pub mod image;
 pub mod initramfs;
 pub mod kernel;
 pub mod module;
 pub mod pattern;
 pub mod qemu;
+pub mod virtio_guest;
 
 use std::path::PathBuf;
 
@@ -60,6 +67,21 @@ pub type Result<T> = std::result::Result<T, KitError>;
 /// Print the loud skip line a test emits when something it needs is absent.
 pub fn skip(reason: impl std::fmt::Display) {
     eprintln!("SKIP: {reason}");
+}
+
+/// True when /dev/kvm can be opened; otherwise prints why `test` is skipped.
+pub fn kvm_or_skip(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            skip(format_args!("{test}: /dev/kvm cannot be opened ({e})"));
+            false
+        }
+    }
 }
 
 /// kiln's cache directory: `$KILN_CACHE`, else `~/.cache/kiln`, else a temp-dir fallback.

@@ -1,0 +1,10 @@
+//! kiln-agent's integration tests, one binary (`it`) with a module per subject: linking one
+//! test binary instead of one per file is most of a test build's time on a small machine.
+
+mod cleanup;
+mod common;
+mod exec;
+mod files;
+mod guest;
+mod sessions;
+mod static_binary;

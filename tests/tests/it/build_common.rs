@@ -1,0 +1,171 @@
+//! Shared helpers of the `kiln build` end-to-end tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The workspace root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// `<target>/<profile>/kiln`, built by the same cargo run as this test (the test binary
+/// lives in `<target>/<profile>/deps/`).
+pub fn kiln_bin() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let profile_dir = exe.parent()?.parent()?;
+    let k = profile_dir.join("kiln");
+    k.is_file().then_some(k)
+}
+
+/// What every boot test needs; `Err` is the SKIP reason.
+pub fn boot_prereqs() -> Result<PathBuf, String> {
+    let kiln = kiln_bin().ok_or(
+        "the kiln binary is not built next to this test (run the workspace tests, or `cargo build -p kiln-builder` with the same profile)",
+    )?;
+    if !on_path("qemu-system-x86_64") {
+        return Err("qemu-system-x86_64 is not installed (scripts/setup.sh installs it)".into());
+    }
+    if !on_path("mmdebstrap") {
+        return Err("mmdebstrap is not installed (scripts/setup.sh installs it)".into());
+    }
+    if !is_root() {
+        return Err("bootstrapping a Debian root needs root".into());
+    }
+    let agent = kiln
+        .parent()
+        .and_then(|p| p.parent())
+        .map(|t| t.join("agent/kiln-agent"));
+    let have_agent =
+        std::env::var_os("KILN_AGENT_BIN").is_some() || agent.as_ref().is_some_and(|a| a.is_file());
+    if !have_agent {
+        return Err(
+            "the static guest agent is not built (target/agent/kiln-agent: scripts/setup.sh builds it)"
+                .into(),
+        );
+    }
+    Ok(kiln)
+}
+
+/// The kiln binary for a test that boots a guest; `None` once the `SKIP:` reason is printed.
+pub fn boot_prereqs_or_skip() -> Option<PathBuf> {
+    match boot_prereqs() {
+        Ok(k) => Some(k),
+        Err(reason) => {
+            kiln_e2e::skip(reason);
+            None
+        }
+    }
+}
+
+/// Effective uid 0, from /proc (no libc dependency for one number).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
+}
+
+pub fn on_path(prog: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(prog).is_file()))
+        .unwrap_or(false)
+}
+
+/// Runs kiln with args in the repository root; output captured. `KILN_NO_INTERNET`: no VPC of
+/// a test build gets NAT to the host, so no guest frame leaves kiln's user-space network.
+pub fn run_kiln(bin: &Path, args: &[&str]) -> Output {
+    run_kiln_with(bin, args, &[])
+}
+
+/// [`run_kiln`] with more environment variables (a test's own runtime folder or cache).
+pub fn run_kiln_with(bin: &Path, args: &[&str], env: &[(&str, &Path)]) -> Output {
+    let out = Command::new(bin)
+        .args(args)
+        .envs(env.iter().copied())
+        .env("KILN_NO_INTERNET", "true")
+        .current_dir(repo_root())
+        .output()
+        .expect("running kiln");
+    eprintln!(
+        "$ kiln {}\n--- stdout\n{}--- stderr\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// `qemu-img check` on an image: Ok when clean.
+pub fn qemu_img_check(img: &Path) -> Result<(), String> {
+    let out = Command::new("qemu-img")
+        .arg("check")
+        .arg(img)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// Reads a file out of a qcow2 image whose whole disk is an ext4 file system, from outside
+/// the guest: qemu-img to raw, then debugfs.
+pub fn read_guest_file(qcow2: &Path, work: &Path, path: &str) -> Result<String, String> {
+    let raw = work.join("inspect.raw");
+    if !raw.exists() {
+        let st = Command::new("qemu-img")
+            .args(["convert", "-O", "raw"])
+            .arg(qcow2)
+            .arg(&raw)
+            .status()
+            .map_err(|e| e.to_string())?;
+        if !st.success() {
+            return Err(format!("qemu-img convert failed: {st}"));
+        }
+    }
+    let out = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("cat {path}"))
+        .arg(&raw)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Asserts that `modules` holds nothing a failed or interrupted build left half written.
+pub fn assert_no_partial_module(modules: &Path) {
+    // `.logs` keeps failed builds' logs on purpose.
+    let left: Vec<String> = hidden_entries(modules)
+        .into_iter()
+        .filter(|n| n != ".logs")
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// Entries of a folder whose names start with a dot (partial modules, temp files).
+pub fn hidden_entries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default()
+}

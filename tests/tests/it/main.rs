@@ -1,0 +1,20 @@
+//! kiln-e2e's end-to-end tests, one binary (`it`) with a module per subject: linking one
+//! test binary instead of one per file is most of a test build's time on a small machine.
+//! `build_common` holds the helpers the `kiln build` tests share.
+
+mod build_common;
+mod build_failures;
+mod build_hello;
+mod build_http;
+mod build_interrupt;
+mod build_layered;
+mod build_logs;
+mod build_pair;
+mod build_rebuild;
+mod build_static_net;
+mod build_thin;
+mod build_untrusted;
+mod build_url;
+mod modules_cli;
+mod run_lock;
+mod runtime_dir;
