@@ -13,7 +13,7 @@
 //! The devices on this transport live with the rest of each device, in its `in_process.rs`:
 //! `devices::block::VirtioBlock` (a `QueueWorker` per queue), `devices::net::VirtioNet` (one
 //! worker that also waits on the frame port) and `devices::vsock::VirtioVsock` (one worker
-//! that also waits on the host sockets). `tests/kvm_blk.rs`, `kvm_net.rs` and
+//! that also waits on the host sockets). `tests/it/kvm_blk.rs`, `kvm_net.rs` and
 //! `kvm_vsock.rs` drive all three from a tiny guest driver in a kiln VM.
 
 pub mod mmio;
