@@ -14,6 +14,7 @@
 //! its device, inode, size and modification time; [`verify_bases`] refuses a base that is no
 //! longer the one the clone was made on, and hashes only when those identifiers changed.
 
+use crate::path_io::PathIoError;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -78,13 +79,8 @@ pub enum CloneError {
     Module(#[from] ModuleError),
     #[error("clone `{0}` already exists")]
     Exists(String),
-    #[error("{what} {path}: {source}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::path_io::PathIoError),
     #[error("{0}")]
     Disk(#[from] diskops::DiskOpError),
     #[error("creating the overlay {path}")]
@@ -128,11 +124,6 @@ pub struct BaseChanged {
     pub path: PathBuf,
     pub expected: String,
     pub found: String,
-}
-
-fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CloneError {
-    let path = path.to_path_buf();
-    move |source| CloneError::Io { what, path, source }
 }
 
 /// Where a clone's module files are: its own links, else the module folder.
@@ -226,8 +217,9 @@ pub fn create(
     count: u32,
 ) -> Result<Vec<PathBuf>, CloneError> {
     module::check_name(prefix)?;
-    fs::create_dir_all(clones).map_err(io_err("creating", clones))?;
-    let module_dir = fs::canonicalize(module_dir).map_err(io_err("resolving", module_dir))?;
+    fs::create_dir_all(clones).map_err(PathIoError::at("creating", clones))?;
+    let module_dir =
+        fs::canonicalize(module_dir).map_err(PathIoError::at("resolving", module_dir))?;
     let root = module_dir.parent().unwrap_or(Path::new("/")).to_path_buf();
     let module_folder = module_dir
         .file_name()
@@ -244,7 +236,7 @@ pub fn create(
         }
         let tmp = clones.join(format!(".{name}.partial-{}", std::process::id()));
         let _ = fs::remove_dir_all(&tmp);
-        fs::create_dir_all(tmp.join("disks")).map_err(io_err("creating", &tmp))?;
+        fs::create_dir_all(tmp.join("disks")).map_err(PathIoError::at("creating", &tmp))?;
         let r = (|| -> Result<(), CloneError> {
             let base = tmp.join(SNAPSHOT_DIR);
             let snap_rel = Path::new(SNAPSHOT_DIR).join(&module_folder);
@@ -285,7 +277,7 @@ pub fn create(
                         .map_err(|source| CloneError::Overlay { path: out, source })?;
                     let on_disk = tmp.join(&recorded);
                     let (size, dev, ino, mtime_ns) =
-                        identity(&on_disk).map_err(io_err("reading", &on_disk))?;
+                        identity(&on_disk).map_err(PathIoError::at("reading", &on_disk))?;
                     bases.push(BaseDisk {
                         name: d.name.clone(),
                         path: recorded,
@@ -314,8 +306,8 @@ pub fn create(
                 path: tmp.join(CLONE_FILE),
                 reason: e.to_string(),
             })?;
-            fs::write(tmp.join(CLONE_FILE), y).map_err(io_err("writing", &tmp))?;
-            fs::rename(&tmp, &dst).map_err(io_err("renaming into", &dst))?;
+            fs::write(tmp.join(CLONE_FILE), y).map_err(PathIoError::at("writing", &tmp))?;
+            fs::rename(&tmp, &dst).map_err(PathIoError::at("renaming into", &dst))?;
             Ok(())
         })();
         if let Err(e) = r {
@@ -372,7 +364,7 @@ pub fn verify_bases(clone_dir: &Path, c: &CloneRecord) -> Result<(), CloneError>
 
 /// The clones in `clones` made from the module folder `module_dir`, by name.
 pub fn users(clones: &Path, module_dir: &Path) -> Result<Vec<String>, CloneError> {
-    let want = fs::canonicalize(module_dir).map_err(io_err("resolving", module_dir))?;
+    let want = fs::canonicalize(module_dir).map_err(PathIoError::at("resolving", module_dir))?;
     Ok(list(clones)?
         .into_iter()
         .filter(|(_, c)| fs::canonicalize(&c.module_path).unwrap_or(c.module_path.clone()) == want)
@@ -382,11 +374,7 @@ pub fn users(clones: &Path, module_dir: &Path) -> Result<Vec<String>, CloneError
 
 pub fn load(dir: &Path) -> Result<CloneRecord, CloneError> {
     let p = dir.join(CLONE_FILE);
-    let text = fs::read_to_string(&p).map_err(|source| CloneError::Io {
-        what: "reading",
-        path: p.clone(),
-        source,
-    })?;
+    let text = fs::read_to_string(&p).map_err(PathIoError::at("reading", &p))?;
     serde_saphyr::from_str(&text).map_err(|e| CloneError::Bad {
         path: p,
         reason: e.to_string(),

@@ -3,19 +3,15 @@
 //!
 //! Everything goes through kiln-disk; kiln never shells out to qemu-img.
 
+use crate::path_io::PathIoError;
 use std::fs;
-use std::io::{self, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiskOpError {
-    #[error("{what} {path}: {source}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::path_io::PathIoError),
     #[error("{what} failed: {detail}")]
     Tool { what: String, detail: String },
     #[error("{path}: {reason}")]
@@ -43,7 +39,7 @@ impl ImageFormat {
 
 /// Format (by magic) and virtual size of an image.
 pub fn probe(path: &Path) -> Result<(ImageFormat, u64), DiskOpError> {
-    let ioe = |source| DiskOpError::Io {
+    let ioe = |source| crate::path_io::PathIoError {
         what: "reading",
         path: path.to_path_buf(),
         source,
@@ -98,11 +94,7 @@ pub fn create_overlay(
     match base {
         Some((b, _fmt)) => {
             // Absolute backing names: the overlay lives in another folder than its base.
-            let abs = fs::canonicalize(b).map_err(|source| DiskOpError::Io {
-                what: "resolving",
-                path: b.to_path_buf(),
-                source,
-            })?;
+            let abs = fs::canonicalize(b).map_err(PathIoError::at("resolving", b))?;
             kiln_disk::create_overlay(out, &abs, Some(size))
                 .map_err(disk_err("creating an overlay"))
         }
@@ -128,11 +120,7 @@ pub fn capture_compressed(top: &Path, out: &Path) -> Result<u64, DiskOpError> {
         ..Default::default()
     };
     let stats = kiln_disk::convert(src.as_ref(), &tmp, &opts).map_err(disk_err("capturing"))?;
-    fs::rename(&tmp, out).map_err(|source| DiskOpError::Io {
-        what: "renaming",
-        path: out.to_path_buf(),
-        source,
-    })?;
+    fs::rename(&tmp, out).map_err(PathIoError::at("renaming", out))?;
     Ok(stats.file_size)
 }
 

@@ -8,6 +8,7 @@
 //! (`--force`); otherwise the build is refused before it starts, and the final rename refuses
 //! too if a module appeared meanwhile (rename(2) never replaces a non-empty folder).
 
+use crate::path_io::PathIoError;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -21,13 +22,8 @@ pub const BASE_FILE: &str = "base.yaml";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModuleError {
-    #[error("{what} {path}: {source}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::path_io::PathIoError),
     #[error("module `{name}` not found in {dir}")]
     NotFound { name: String, dir: PathBuf },
     #[error("{path}: {reason}")]
@@ -53,14 +49,6 @@ pub enum ModuleError {
         dir.display()
     )]
     NotAModule { dir: PathBuf },
-}
-
-fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> ModuleError + 'a {
-    move |source| ModuleError::Io {
-        what,
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 /// `module.yaml`.
@@ -146,7 +134,7 @@ pub fn check_replace(modules: &Path, name: &str, replace: bool) -> Result<(), Mo
     let dir = modules.join(name);
     match fs::symlink_metadata(&dir) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io("checking", &dir)(e)),
+        Err(e) => Err(PathIoError::at("checking", &dir)(e).into()),
         Ok(_) if !dir.join(MODULE_FILE).is_file() => Err(ModuleError::NotAModule { dir }),
         Ok(_) if replace => Ok(()),
         Ok(_) => Err(ModuleError::Exists {
@@ -172,14 +160,15 @@ impl PendingModule {
     /// module of that name refuses the build now (and at [`commit`](Self::commit)).
     pub fn begin(modules: &Path, name: &str, replace: bool) -> Result<Self, ModuleError> {
         check_replace(modules, name, replace)?;
-        fs::create_dir_all(modules).map_err(io("creating", modules))?;
+        fs::create_dir_all(modules).map_err(PathIoError::at("creating", modules))?;
         let tmp = modules.join(format!(".{name}.partial-{}", std::process::id()));
         let _ = fs::remove_dir_all(&tmp);
         for sub in ["disks", "boot", "logs", "work"] {
             let p = tmp.join(sub);
-            fs::create_dir_all(&p).map_err(io("creating", &p))?;
+            fs::create_dir_all(&p).map_err(PathIoError::at("creating", &p))?;
         }
-        let lock = crate::leftovers::OwnerLock::hold(&tmp).map_err(io("locking", &tmp))?;
+        let lock =
+            crate::leftovers::OwnerLock::hold(&tmp).map_err(PathIoError::at("locking", &tmp))?;
         Ok(Self {
             name: name.into(),
             tmp,
@@ -209,7 +198,8 @@ impl PendingModule {
             path: p.clone(),
             reason: e.to_string(),
         })?;
-        fs::write(&p, yaml).map_err(io("writing", &p))
+        fs::write(&p, yaml).map_err(PathIoError::at("writing", &p))?;
+        Ok(())
     }
 
     /// Writes module.yaml and renames the folder into place. Without `replace`, a module that
@@ -224,7 +214,7 @@ impl PendingModule {
             reason: e.to_string(),
         })?;
         let y = self.tmp.join(MODULE_FILE);
-        fs::write(&y, yaml).map_err(io("writing", &y))?;
+        fs::write(&y, yaml).map_err(PathIoError::at("writing", &y))?;
         check_replace(
             self.dst.parent().unwrap_or(Path::new(".")),
             &self.name,
@@ -235,7 +225,7 @@ impl PendingModule {
             .with_file_name(format!(".{}.old-{}", self.name, std::process::id()));
         let had_old = self.replace && self.dst.join(MODULE_FILE).is_file();
         if had_old {
-            fs::rename(&self.dst, &old).map_err(io("moving aside", &self.dst))?;
+            fs::rename(&self.dst, &old).map_err(PathIoError::at("moving aside", &self.dst))?;
         }
         // rename(2) onto a non-empty folder fails (ENOTEMPTY/EEXIST): a module written by
         // another build after the check above is never replaced without `replace`.
@@ -249,7 +239,7 @@ impl PendingModule {
                     dir: self.dst.clone(),
                 });
             }
-            return Err(io("renaming into", &self.dst)(e));
+            return Err(PathIoError::at("renaming into", &self.dst)(e).into());
         }
         if had_old {
             if let Err(e) = fs::remove_dir_all(&old) {
@@ -276,7 +266,7 @@ pub fn read_base(dir: &Path) -> Result<Option<BaseView>, ModuleError> {
     let text = match fs::read_to_string(&p) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => return Err(io("reading", &p)(source)),
+        Err(source) => return Err(PathIoError::at("reading", &p)(source).into()),
     };
     serde_saphyr::from_str(&text)
         .map(Some)
@@ -294,8 +284,9 @@ pub fn remove_folder(dir: &Path) -> Result<(), ModuleError> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let doomed = dir.with_file_name(format!(".{name}.rm-{}", std::process::id()));
-    fs::rename(dir, &doomed).map_err(io("removing", dir))?;
-    fs::remove_dir_all(&doomed).map_err(io("removing", &doomed))
+    fs::rename(dir, &doomed).map_err(PathIoError::at("removing", dir))?;
+    fs::remove_dir_all(&doomed).map_err(PathIoError::at("removing", &doomed))?;
+    Ok(())
 }
 
 /// The modules in `modules` with a thin disk over module `name`.
@@ -316,7 +307,7 @@ pub fn thin_children(modules: &Path, name: &str) -> Result<Vec<String>, ModuleEr
 /// Reads `<dir>/module.yaml`.
 pub fn load(dir: &Path) -> Result<ModuleRecord, ModuleError> {
     let p = dir.join(MODULE_FILE);
-    let text = fs::read_to_string(&p).map_err(io("reading", &p))?;
+    let text = fs::read_to_string(&p).map_err(PathIoError::at("reading", &p))?;
     serde_saphyr::from_str(&text).map_err(|e| ModuleError::Bad {
         path: p,
         reason: e.to_string(),
@@ -347,7 +338,7 @@ pub fn list(modules: &Path) -> Result<Vec<(PathBuf, ModuleRecord)>, ModuleError>
     let rd = match fs::read_dir(modules) {
         Ok(rd) => rd,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-        Err(e) => return Err(io("reading", modules)(e)),
+        Err(e) => return Err(PathIoError::at("reading", modules)(e).into()),
     };
     for e in rd.flatten() {
         let p = e.path();

@@ -1,6 +1,7 @@
 //! What an attempt leaves behind when it ends: its runtime folder is removed, and a failed
 //! attempt's logs are moved out of the partial module before that is removed.
 
+use crate::path_io::PathIoError;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -20,18 +21,10 @@ pub(super) struct RunDir {
 impl RunDir {
     pub(super) fn create() -> Result<Self, BuildError> {
         let path = runtime_root()?.join(std::process::id().to_string());
-        fs::create_dir_all(&path).map_err(|source| BuildError::Io {
-            what: "creating",
-            path: path.clone(),
-            source,
-        })?;
+        fs::create_dir_all(&path).map_err(PathIoError::at("creating", &path))?;
         let remove = RemoveOnDrop(path.clone());
         // Proves to other kiln processes' start-up clean-up that this folder is in use.
-        let lock = OwnerLock::hold(&path).map_err(|source| BuildError::Io {
-            what: "locking",
-            path: path.clone(),
-            source,
-        })?;
+        let lock = OwnerLock::hold(&path).map_err(PathIoError::at("locking", &path))?;
         Ok(RunDir {
             path,
             _lock: lock,

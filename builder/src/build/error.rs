@@ -32,13 +32,8 @@ pub enum BuildError {
     /// Making the engine or starting the module network.
     #[error(transparent)]
     Engine(#[from] EngineError),
-    #[error("{what} {}: {source}", path.display())]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::path_io::PathIoError),
     #[error(transparent)]
     Prefetch(#[from] PrefetchError),
     #[error(transparent)]

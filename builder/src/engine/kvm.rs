@@ -24,6 +24,7 @@
 //!   time a VMM ends, a `[kiln kvm]` line with its exit reason is appended to the serial log,
 //!   so a build that times out waiting for the agent shows why the VM went away.
 
+use crate::path_io::PathIoError;
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -145,11 +146,7 @@ impl Engine for KvmEngine {
     fn launch(&self, vm: &VmLaunch) -> Result<Box<dyn RunningVm>, EngineError> {
         vm.create_workdir()?;
         let stderr_path = vm.workdir.join("vmm.stderr");
-        std::fs::File::create(&stderr_path).map_err(|source| EngineError::Io {
-            what: "creating",
-            path: stderr_path.clone(),
-            source,
-        })?;
+        std::fs::File::create(&stderr_path).map_err(PathIoError::at("creating", &stderr_path))?;
         // One socket pair per NIC for the VM's whole life.
         let mut child_ends = Vec::new();
         let mut relays = Vec::new();

@@ -9,6 +9,7 @@ pub mod kvm;
 pub mod qemu;
 mod supervised;
 
+use crate::path_io::PathIoError;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::Arc;
@@ -30,13 +31,8 @@ pub enum EngineError {
     Backend(String),
     #[error("the {0} engine is not implemented yet")]
     NotImplemented(&'static str),
-    #[error("{what} {path}: {source}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::path_io::PathIoError),
 }
 
 /// Most guest resets one VM may do before its engine stops starting it again (both engines
@@ -110,11 +106,9 @@ pub struct VmLaunch {
 impl VmLaunch {
     /// Creates the VM's work folder (sockets, pid files, logs).
     pub fn create_workdir(&self) -> Result<(), EngineError> {
-        std::fs::create_dir_all(&self.workdir).map_err(|source| EngineError::Io {
-            what: "creating",
-            path: self.workdir.clone(),
-            source,
-        })
+        std::fs::create_dir_all(&self.workdir)
+            .map_err(PathIoError::at("creating", &self.workdir))?;
+        Ok(())
     }
 
     /// kiln's kernel command line: root device, serial console, the VM's hostname.

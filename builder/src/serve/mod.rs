@@ -353,7 +353,7 @@ fn store_status(e: StoreError) -> (u16, String) {
         StoreError::Link(_) => 403,
         StoreError::NotRegular(_) => 400,
         StoreError::TooBig { .. } => 413,
-        StoreError::Io { .. } => 500,
+        StoreError::Io(_) => 500,
     };
     (status, e.to_string())
 }

@@ -4,6 +4,7 @@
 //! or a FIFO (which would block a reader) is refused, so a request cannot reach outside the
 //! folder.
 
+use crate::path_io::PathIoError;
 use std::fs::Metadata;
 use std::io::{Read as _, Write as _};
 use std::os::unix::fs::OpenOptionsExt as _;
@@ -23,13 +24,8 @@ pub enum StoreError {
     NotRegular(String),
     #[error("manifest {name:?} is {size} bytes: the limit is {limit} bytes")]
     TooBig { name: String, size: u64, limit: u64 },
-    #[error("{what} {path}: {source}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::path_io::PathIoError),
 }
 
 pub struct Store {
@@ -47,11 +43,7 @@ impl Store {
 
     /// The manifest file names in the folder, sorted.
     pub fn list(&self) -> Result<Vec<String>, StoreError> {
-        let rd = std::fs::read_dir(&self.dir).map_err(|source| StoreError::Io {
-            what: "cannot list",
-            path: self.dir.clone(),
-            source,
-        })?;
+        let rd = std::fs::read_dir(&self.dir).map_err(PathIoError::at("cannot list", &self.dir))?;
         let mut names: Vec<String> = rd
             .filter_map(Result::ok)
             .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
@@ -75,11 +67,12 @@ impl Store {
         match std::fs::symlink_metadata(&path) {
             Ok(m) => Ok(Some(m)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(StoreError::Io {
+            Err(source) => Err(crate::path_io::PathIoError {
                 what: "cannot inspect",
                 path,
                 source,
-            }),
+            }
+            .into()),
         }
     }
 
@@ -94,7 +87,7 @@ impl Store {
 
     pub fn read(&self, name: &str) -> Result<String, StoreError> {
         let path = self.path_of(name)?;
-        let io = |source| StoreError::Io {
+        let io = |source| crate::path_io::PathIoError {
             what: "cannot read",
             path: path.clone(),
             source,
@@ -114,7 +107,7 @@ impl Store {
             Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
                 return Err(StoreError::Link(name.to_string()))
             }
-            Err(e) => return Err(io(e)),
+            Err(e) => return Err(io(e).into()),
         };
         let meta = file.metadata().map_err(io)?;
         regular(name, &meta)?;
@@ -148,7 +141,7 @@ impl Store {
         if let Some(m) = self.kind_of(name)? {
             regular(name, &m)?;
         }
-        let io = |what, source| StoreError::Io {
+        let io = |what, source| crate::path_io::PathIoError {
             what,
             path: path.clone(),
             source,

@@ -16,6 +16,7 @@
 //! 4. `mkfs.ext4 -d <dir> disk.raw <size>`, then convert to qcow2.
 //! 5. Rename the finished folder into `bootstrap/<key>`; the key is the SHA-256 of the inputs.
 
+use crate::path_io::PathIoError;
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Write};
@@ -87,23 +88,10 @@ pub enum BootstrapError {
     BadEntry { path: PathBuf, reason: String },
     #[error("cache: {0}")]
     Cache(#[from] crate::cache::CacheError),
-    #[error("{what} {path}: {source}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::path_io::PathIoError),
     #[error("converting the bootstrap disk: {0}")]
     Convert(String),
-}
-
-fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> BootstrapError + 'a {
-    move |source| BootstrapError::Io {
-        what,
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 /// Everything the cache key covers.
@@ -221,8 +209,8 @@ pub fn inputs(spec: &BootstrapSpec, agent: &AgentFiles) -> Result<BootstrapInput
             return Err(BootstrapError::Mirror(m.clone()));
         }
     }
-    let agent_sha256 =
-        sha256_file(&agent.binary).map_err(io_err("reading the agent binary", &agent.binary))?;
+    let agent_sha256 = sha256_file(&agent.binary)
+        .map_err(PathIoError::at("reading the agent binary", &agent.binary))?;
     Ok(BootstrapInputs {
         recipe: RECIPE_VERSION,
         distro: spec.distro.clone(),
@@ -268,7 +256,7 @@ pub fn ensure(
 
 fn load_entry(dir: &Path) -> Result<Bootstrapped, BootstrapError> {
     let meta_path = dir.join("meta.json");
-    let text = fs::read(&meta_path).map_err(io_err("reading", &meta_path))?;
+    let text = fs::read(&meta_path).map_err(PathIoError::at("reading", &meta_path))?;
     let meta: BootstrapMeta =
         serde_json::from_slice(&text).map_err(|e| BootstrapError::BadEntry {
             path: meta_path.clone(),
@@ -311,7 +299,7 @@ fn build(
     let start = Instant::now();
     let work = cache.temp_dir("bootstrap-")?;
     let out = work.path().join("entry");
-    fs::create_dir(&out).map_err(io_err("creating", &out))?;
+    fs::create_dir(&out).map_err(PathIoError::at("creating", &out))?;
     let root = work.path().join("root");
     let log = out.join("bootstrap.log");
 
@@ -334,11 +322,11 @@ fn build(
     // 3. Record package versions, copy kernel and initrd.
     let package_versions = package_versions(&root, &log)?;
     let (kernel, initrd, kernel_version) = find_kernel(&root)?;
-    fs::copy(&kernel, out.join("vmlinuz")).map_err(io_err("copying", &kernel))?;
-    fs::copy(&initrd, out.join("initrd.img")).map_err(io_err("copying", &initrd))?;
+    fs::copy(&kernel, out.join("vmlinuz")).map_err(PathIoError::at("copying", &kernel))?;
+    fs::copy(&initrd, out.join("initrd.img")).map_err(PathIoError::at("copying", &initrd))?;
 
     // 4. The disk.
-    let used = tree_size(&root).map_err(io_err("measuring", &root))?;
+    let used = tree_size(&root).map_err(PathIoError::at("measuring", &root))?;
     let size = fs_size(used);
     let raw = work.path().join("disk.raw");
     note(
@@ -362,7 +350,7 @@ fn build(
     note(events, vm, "converting the root file system to qcow2");
     convert_to_qcow2(&raw, &disk, &log)?;
     let _ = fs::remove_file(&raw);
-    let disk_sha256 = sha256_file(&disk).map_err(io_err("reading", &disk))?;
+    let disk_sha256 = sha256_file(&disk).map_err(PathIoError::at("reading", &disk))?;
 
     let meta = BootstrapMeta {
         key: key.to_string(),
@@ -376,11 +364,11 @@ fn build(
     };
     let meta_path = out.join("meta.json");
     let json = serde_json::to_vec_pretty(&meta).unwrap_or_default();
-    fs::write(&meta_path, json).map_err(io_err("writing", &meta_path))?;
+    fs::write(&meta_path, json).map_err(PathIoError::at("writing", &meta_path))?;
 
     // 5. Into place.
     let dst = cache.bootstrap_dir(key);
-    fs::rename(&out, &dst).map_err(io_err("renaming into", &dst))?;
+    fs::rename(&out, &dst).map_err(PathIoError::at("renaming into", &dst))?;
     note(
         events,
         vm,
@@ -408,23 +396,25 @@ fn customize(root: &Path, agent: &AgentFiles) -> Result<(), BootstrapError> {
     let w = |rel: &str, data: &[u8]| -> Result<(), BootstrapError> {
         let p = root.join(rel);
         if let Some(parent) = p.parent() {
-            fs::create_dir_all(parent).map_err(io_err("creating", parent))?;
+            fs::create_dir_all(parent).map_err(PathIoError::at("creating", parent))?;
         }
-        fs::write(&p, data).map_err(io_err("writing", &p))
+        fs::write(&p, data).map_err(PathIoError::at("writing", &p))?;
+        Ok(())
     };
     let link = |target: &str, rel: &str| -> Result<(), BootstrapError> {
         let p = root.join(rel);
         if let Some(parent) = p.parent() {
-            fs::create_dir_all(parent).map_err(io_err("creating", parent))?;
+            fs::create_dir_all(parent).map_err(PathIoError::at("creating", parent))?;
         }
         let _ = fs::remove_file(&p);
-        std::os::unix::fs::symlink(target, &p).map_err(io_err("linking", &p))
+        std::os::unix::fs::symlink(target, &p).map_err(PathIoError::at("linking", &p))?;
+        Ok(())
     };
 
     // The agent, its unit (enabled for sysinit.target) and init.d fallback: kiln-agent's
     // own installer, so cloud images and bootstrapped roots get the same files.
     kiln_agent::cloud_init::install_into_root(root, &agent.binary, &[])
-        .map_err(io_err("installing the agent into", root))?;
+        .map_err(PathIoError::at("installing the agent into", root))?;
 
     // The root is the whole of /dev/vda; it grows to the overlay's size at boot.
     w(
@@ -508,7 +498,7 @@ fn package_versions(root: &Path, log: &Path) -> Result<BTreeMap<String, String>,
 fn find_kernel(root: &Path) -> Result<(PathBuf, PathBuf, String), BootstrapError> {
     let boot = root.join("boot");
     let mut versions: Vec<String> = fs::read_dir(&boot)
-        .map_err(io_err("reading", &boot))?
+        .map_err(PathIoError::at("reading", &boot))?
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             e.file_name()
@@ -553,11 +543,12 @@ fn tool_missing_or(e: io::Error, tool: &str, package: &str) -> BootstrapError {
             package: package.into(),
         }
     } else {
-        BootstrapError::Io {
+        crate::path_io::PathIoError {
             what: "running",
             path: PathBuf::from(tool),
             source: e,
         }
+        .into()
     }
 }
 
@@ -573,9 +564,9 @@ fn run_logged(
         .create(true)
         .append(true)
         .open(log)
-        .map_err(io_err("opening", log))?;
+        .map_err(PathIoError::at("opening", log))?;
     let _ = writeln!(f, "$ {cmd:?}");
-    let f2 = f.try_clone().map_err(io_err("opening", log))?;
+    let f2 = f.try_clone().map_err(PathIoError::at("opening", log))?;
     let program = cmd.get_program().to_string_lossy().into_owned();
     let status = cmd
         .stdin(Stdio::null())
@@ -619,8 +610,8 @@ impl FileLock {
             .truncate(false)
             .write(true)
             .open(path)
-            .map_err(io_err("opening", path))?;
-        file.lock().map_err(io_err("locking", path))?;
+            .map_err(PathIoError::at("opening", path))?;
+        file.lock().map_err(PathIoError::at("locking", path))?;
         Ok(Self { _file: file })
     }
 }

@@ -8,6 +8,7 @@
 //! the engine starts a fresh QEMU on the same backends (see [`supervise`]); a guest power-off
 //! ends the VM.
 
+use crate::path_io::PathIoError;
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -222,11 +223,7 @@ impl QemuSpawn {
             .create(true)
             .append(true)
             .open(&self.stderr_path)
-            .map_err(|source| EngineError::Io {
-                what: "creating",
-                path: self.stderr_path.clone(),
-                source,
-            })?;
+            .map_err(PathIoError::at("creating", &self.stderr_path))?;
         let mut cmd = Command::new(&self.qemu);
         cmd.args(&self.args)
             .stdin(Stdio::null())
