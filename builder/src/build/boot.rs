@@ -70,6 +70,7 @@ pub(super) fn launch<'a>(b: &VmBuild<'a>, disks: &VmDisks) -> Result<Launched<'a
                 name: sources::seed::LABEL.into(),
                 path: path.clone(),
                 read_only: true,
+                bus: Default::default(),
             }))
             .collect(),
         nics: &b.vm.nics,

@@ -156,6 +156,8 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
                     name: d.name.clone(),
                     path: dir.join(rel),
                     read_only: false,
+                    // A module does not record its disks' buses yet: a clone's are virtio.
+                    bus: Default::default(),
                 })
                 .collect(),
             nics,

@@ -618,11 +618,13 @@ mod tests {
                     name: "root".into(),
                     path: "/w/root.qcow2".into(),
                     read_only: false,
+                    bus: Default::default(),
                 },
                 DiskAttach {
                     name: "cidata-seed-with-a-long-name".into(),
                     path: "/w/seed.img".into(),
                     read_only: true,
+                    bus: Default::default(),
                 },
             ],
             workdir: "/w".into(),

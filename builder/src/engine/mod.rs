@@ -56,6 +56,8 @@ pub struct DiskAttach {
     /// A qcow2 overlay (or a raw seed image).
     pub path: PathBuf,
     pub read_only: bool,
+    /// How the guest sees it; only the qemu engine offers more than virtio.
+    pub bus: crate::job::DiskBus,
 }
 
 /// One NIC given to a VM: its port on the module network ([`crate::network::attach`]).

@@ -401,6 +401,7 @@ mod tests {
                 name: "root".into(),
                 path: "/w/root.qcow2".into(),
                 read_only: false,
+                bus: Default::default(),
             }],
             workdir: "/w".into(),
             serial_log: "/w/serial.log".into(),
