@@ -77,7 +77,8 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         module::load(&module_path).with_context(|| format!("the module of clone `{}`", c.name))?;
     module::verify_layers(&module_path, &rec)?;
     let probe = kiln_vmm::doctor::probe();
-    let pick = engine::pick(a.engine, &probe);
+    // A module does not record its disks' buses yet, so its clones run on either engine.
+    let pick = engine::pick(a.engine, &probe, None);
     eprintln!("engine: {}", pick.why);
     let eng = engine::make(pick.engine)?;
     let run_dir = root.join("clones").join(&c.name);
