@@ -53,6 +53,11 @@ impl Backends {
         self.vsock.as_ref().map(|_| self.vsock_vhost.as_path())
     }
 
+    /// The NBD exports, for whoever sees QEMU exit to stop them ([`stop_exports`]).
+    pub fn take_exports(&mut self) -> Vec<NbdServer> {
+        std::mem::take(&mut self.nbds)
+    }
+
     /// Stops every backend thread and waits for them.
     pub fn stop(&mut self) {
         for n in self.nets.drain(..) {
@@ -63,14 +68,7 @@ impl Backends {
             b.stop();
             let _ = b.join();
         }
-        // Called once QEMU is gone: the flush here makes every write it sent reach the qcow2
-        // before the capture reads it.
-        for n in self.nbds.drain(..) {
-            let socket = n.path().to_path_buf();
-            if let Err(e) = n.shutdown() {
-                tracing::warn!(socket = %socket.display(), "stopping a disk's NBD export: {e}");
-            }
-        }
+        stop_exports(std::mem::take(&mut self.nbds));
         if let Some(v) = self.vsock.take() {
             v.stop();
             let _ = v.join();
@@ -93,6 +91,17 @@ pub fn net_socket(workdir: &Path, i: usize) -> PathBuf {
 /// Where the vhost-user socket of disk `i` lives.
 pub fn block_socket(workdir: &Path, i: usize) -> PathBuf {
     workdir.join(format!("blk{i}.sock"))
+}
+
+/// Stops NBD exports: each flushes its disk and removes its socket. Called once QEMU is
+/// gone, so every write it sent is in the qcow2 before a capture reads it.
+pub fn stop_exports(nbds: Vec<NbdServer>) {
+    for n in nbds {
+        let socket = n.path().to_path_buf();
+        if let Err(e) = n.shutdown() {
+            tracing::warn!(socket = %socket.display(), "stopping a disk's NBD export: {e}");
+        }
+    }
 }
 
 /// Where the NBD socket of disk `i` (on scsi or sata) lives.

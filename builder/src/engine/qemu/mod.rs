@@ -199,7 +199,8 @@ impl Engine for QemuEngine {
         vm.create_workdir()?;
         // Backends listen first: QEMU connects to their sockets as a client, and connects
         // again when a reboot starts a fresh QEMU.
-        let backends = backends::start(vm, self.block)?;
+        let mut backends = backends::start(vm, self.block)?;
+        let exports = backends.take_exports();
         let mut args = qemu_args(vm, self.block, backends.vsock_socket());
         let qmp = qmp_socket(&vm.workdir);
         let _ = std::fs::remove_file(&qmp);
@@ -221,7 +222,7 @@ impl Engine for QemuEngine {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name(format!("kiln-qemu-{}", vm.name))
-                .spawn(move || supervise(spawn, child, &shared))
+                .spawn(move || supervise(spawn, child, &shared, exports))
                 .map_err(|source| EngineError::Spawn {
                     what: "the QEMU supervisor thread".into(),
                     source,
@@ -308,8 +309,14 @@ struct SupervisedState {
 /// `guest-reset`, QEMU being run with `-no-reboot`) starts a fresh QEMU on the same backend
 /// sockets; anything else is the VM's end. A fresh process per boot is what the kvm engine
 /// does too, and under TCG a boot after an in-place reset ran about half as fast as the
-/// first boot (tests/README.md, "Benchmark vs Packer").
-fn supervise(spawn: QemuSpawn, mut child: Child, shared: &Supervised) {
+/// first boot (tests/README.md, "Benchmark vs Packer"). The disks' NBD exports live across
+/// reboots and stop when the VM ends, before its end is seen.
+fn supervise(
+    spawn: QemuSpawn,
+    mut child: Child,
+    shared: &Supervised,
+    exports: Vec<kiln_disk::nbd::NbdServer>,
+) {
     loop {
         let watch = qmp::ShutdownWatch::start(&spawn.qmp, Duration::from_secs(10));
         let status = loop {
@@ -362,6 +369,10 @@ fn supervise(spawn: QemuSpawn, mut child: Child, shared: &Supervised) {
             let err = std::fs::read_to_string(&spawn.stderr_path).unwrap_or_default();
             tracing::warn!("qemu exited with {status}: {}", err.trim());
         }
+        drop(st);
+        // Flushed before the exit is seen: a capture that follows it sees every write.
+        backends::stop_exports(exports);
+        let mut st = shared.lock();
         st.exit = Some(status);
         shared.notify();
         return;
