@@ -140,7 +140,8 @@ pub struct DiskJob {
 }
 
 /// How the guest sees a disk (`disks[].bus`). Whatever the bus, kiln-disk serves the disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum DiskBus {
     /// virtio-blk: kiln's vhost-user-blk backend.
     #[default]
@@ -158,6 +159,11 @@ impl DiskBus {
             DiskBus::Scsi => "scsi",
             DiskBus::Sata => "sata",
         }
+    }
+
+    /// For `skip_serializing_if`: module records name only the buses that are not the default.
+    pub fn is_virtio(&self) -> bool {
+        *self == DiskBus::Virtio
     }
 }
 

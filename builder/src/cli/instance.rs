@@ -77,8 +77,11 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         module::load(&module_path).with_context(|| format!("the module of clone `{}`", c.name))?;
     module::verify_layers(&module_path, &rec)?;
     let probe = kiln_vmm::doctor::probe();
-    // A module does not record its disks' buses yet, so its clones run on either engine.
-    let pick = engine::pick(a.engine, &probe, None);
+    let needs_qemu = rec
+        .vms
+        .iter()
+        .find_map(|v| engine::kvm_cannot_run(&v.name, v.disks.iter().map(|d| (&*d.name, d.bus))));
+    let pick = engine::pick(a.engine, &probe, needs_qemu.as_deref());
     eprintln!("engine: {}", pick.why);
     let eng = engine::make(pick.engine)?;
     let run_dir = root.join("clones").join(&c.name);
@@ -157,8 +160,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
                     name: d.name.clone(),
                     path: dir.join(rel),
                     read_only: false,
-                    // A module does not record its disks' buses yet: a clone's are virtio.
-                    bus: Default::default(),
+                    bus: d.bus,
                 })
                 .collect(),
             nics,

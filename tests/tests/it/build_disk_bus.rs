@@ -1,6 +1,7 @@
 //! A disk on `bus: scsi` in a real build: kiln-disk serves it as an NBD export that QEMU
 //! attaches through virtio-scsi, the guest sees it and writes to it, and the captured qcow2
-//! (written by kiln) passes `qemu-img check` and holds what the guest wrote.
+//! (written by kiln) passes `qemu-img check` and holds what the guest wrote. The module
+//! records the bus, so a clone's guest finds the disk on scsi again.
 //!
 //! `sata` is covered by the qemu engine's command-line tests only: the Debian cloud kernel the
 //! bootstrap installs has no AHCI driver (`CONFIG_SATA_AHCI` is unset), so a guest test of it
@@ -9,6 +10,7 @@
 use std::process::Command;
 
 use crate::build_common::*;
+use kiln_e2e::module::{clone_run_exec, CloneExec};
 
 /// Where the guest writes its marker on the scsi disk.
 const MARKER_OFFSET: usize = 1 << 20;
@@ -83,4 +85,28 @@ fn a_scsi_disk_is_seen_written_and_captured() {
         MARKER.as_bytes(),
         "the guest's write is in the captured disk"
     );
+
+    let yaml = std::fs::read_to_string(modules.join("buses/module.yaml")).unwrap();
+    assert!(yaml.contains("bus: scsi"), "{yaml}");
+    let exec = clone_run_exec(
+        &CloneExec {
+            kiln: &kiln,
+            module: "buses",
+            modules: &modules,
+            clones: &tmp.path().join("clones"),
+            count: None,
+            vm: "buses",
+            run_dir: &tmp.path().join("run"),
+            env: &[],
+        },
+        &[
+            "sh",
+            "-c",
+            "for _ in $(seq 60); do [ -b /dev/sda ] && break; sleep 1; done; \
+             dd if=/dev/sda bs=1M skip=1 count=1 status=none | head -c 16",
+        ],
+    )
+    .unwrap();
+    assert!(exec.status.success());
+    assert_eq!(String::from_utf8_lossy(&exec.stdout), MARKER);
 }
