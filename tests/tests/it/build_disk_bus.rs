@@ -48,15 +48,7 @@ fn a_scsi_disk_is_seen_written_and_captured() {
     let manifest = tmp.path().join("buses.yaml");
     std::fs::write(&manifest, MANIFEST).unwrap();
     let modules = tmp.path().join("modules");
-    let out = run_kiln(
-        &kiln,
-        &[
-            "build",
-            manifest.to_str().unwrap(),
-            "--output",
-            modules.to_str().unwrap(),
-        ],
-    );
+    let out = build_into(&kiln, &manifest, &modules);
     assert!(out.status.success(), "kiln build failed");
     let said = format!(
         "{}{}",
