@@ -475,6 +475,7 @@ mod tests {
                     backing,
                     backing_sha256,
                     backing_module: parent.map(String::from),
+                    bus: Default::default(),
                 }],
             }],
             manifest: String::new(),

@@ -136,6 +136,35 @@ pub struct VmJob {
 pub struct DiskJob {
     pub name: String,
     pub size_bytes: u64,
+    pub bus: DiskBus,
+}
+
+/// How the guest sees a disk (`disks[].bus`). Whatever the bus, kiln-disk serves the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskBus {
+    /// virtio-blk: kiln's vhost-user-blk backend.
+    #[default]
+    Virtio,
+    /// virtio-scsi (qemu engine), over kiln-disk's NBD export.
+    Scsi,
+    /// AHCI (qemu engine), over kiln-disk's NBD export.
+    Sata,
+}
+
+impl DiskBus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskBus::Virtio => "virtio",
+            DiskBus::Scsi => "scsi",
+            DiskBus::Sata => "sata",
+        }
+    }
+
+    /// For `skip_serializing_if`: module records name only the buses that are not the default.
+    pub fn is_virtio(&self) -> bool {
+        *self == DiskBus::Virtio
+    }
 }
 
 #[derive(Debug, Clone, Default)]

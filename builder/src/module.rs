@@ -110,6 +110,9 @@ pub struct DiskRecord {
     /// The parent module's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backing_module: Option<String>,
+    /// The bus the disk was built on: its clones' guests look for it there.
+    #[serde(default, skip_serializing_if = "crate::job::DiskBus::is_virtio")]
+    pub bus: crate::job::DiskBus,
 }
 
 pub fn check_name(name: &str) -> Result<(), ModuleError> {
@@ -447,6 +450,7 @@ mod tests {
                     backing: None,
                     backing_sha256: None,
                     backing_module: None,
+                    bus: Default::default(),
                 }],
             }],
             manifest: "vms:\n  - name: web\n".into(),
@@ -471,6 +475,31 @@ mod tests {
         );
         assert_eq!(r.manifest, "vms:\n  - name: web\n");
         assert_eq!(list(d.path()).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_disk_keeps_its_bus_and_virtio_is_not_written() {
+        let d = tempfile::tempdir().unwrap();
+        let mut rec = record("buses");
+        let mut data = rec.vms[0].disks[0].clone();
+        data.name = "data".into();
+        data.bus = crate::job::DiskBus::Scsi;
+        rec.vms[0].disks.push(data);
+        let dst = PendingModule::begin(d.path(), "buses", false)
+            .unwrap()
+            .commit(&rec)
+            .unwrap();
+        let text = fs::read_to_string(dst.join("module.yaml")).unwrap();
+        assert_eq!(text.matches("bus:").count(), 1, "{text}");
+        let buses: Vec<_> = load(&dst).unwrap().vms[0]
+            .disks
+            .iter()
+            .map(|d| d.bus)
+            .collect();
+        assert_eq!(
+            buses,
+            [crate::job::DiskBus::Virtio, crate::job::DiskBus::Scsi]
+        );
     }
 
     #[test]

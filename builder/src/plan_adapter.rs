@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::job::{
-    self, BaseView, BaseVm, BootstrapSpec, BuildJob, DiskJob, FileContent, NetJob, NicJob,
+    self, BaseView, BaseVm, BootstrapSpec, BuildJob, DiskBus, DiskJob, FileContent, NetJob, NicJob,
     SourceSpec, StepKind, SubnetJob, VmJob, VpcJob,
 };
 use crate::manifest::{self, Plan};
@@ -221,11 +221,26 @@ pub fn job_from_plan(
             disks: vm
                 .disks
                 .iter()
-                .map(|d| DiskJob {
-                    name: d.name.clone(),
-                    size_bytes: d.size,
+                .map(|d| {
+                    Ok(DiskJob {
+                        name: d.name.clone(),
+                        size_bytes: d.size,
+                        bus: match d.bus {
+                            manifest::DiskBus::Virtio => DiskBus::Virtio,
+                            manifest::DiskBus::Scsi => DiskBus::Scsi,
+                            manifest::DiskBus::Sata => DiskBus::Sata,
+                            // Refused when the manifest is validated; refused here too rather
+                            // than silently given another bus.
+                            manifest::DiskBus::Usb => {
+                                return Err(AdaptError::Unsupported {
+                                    vm: vm.name.clone(),
+                                    what: format!("disk `{}` on bus `usb`", d.name),
+                                })
+                            }
+                        },
+                    })
                 })
-                .collect(),
+                .collect::<Result<_, _>>()?,
             cloud_init: match &vm.cloud_init {
                 Some(c) => Some(job::CloudInit {
                     user_data: match &c.user_data_from {

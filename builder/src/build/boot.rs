@@ -15,16 +15,28 @@ use super::vm::VmBuild;
 use crate::engine::{self, DiskAttach, Engine, EngineChoice};
 use crate::events::{Event, EventSink, VmPhase};
 use crate::guest::{Connector, Guest, GuestError};
+use crate::job::BuildJob;
 use crate::launch::{self, VmStart};
 use crate::sources;
 
 /// The engine this build runs on: the one asked for, or the best this host has.
 pub(super) fn pick_engine(
     choice: EngineChoice,
+    job: &BuildJob,
     ev: &dyn EventSink,
 ) -> Result<Arc<dyn Engine>, BuildError> {
+    let needs_qemu = job
+        .vms
+        .iter()
+        .find_map(|v| engine::kvm_cannot_run(&v.name, v.disks.iter().map(|d| (&*d.name, d.bus))));
     let probe = kiln_vmm::doctor::probe();
-    let pick = engine::pick(choice, &probe);
+    let pick = engine::pick(choice, &probe, needs_qemu.as_deref());
+    // Refused before anything is made, rather than when that VM's turn to boot comes.
+    if let (EngineChoice::Kvm, Some(why)) = (pick.engine, &needs_qemu) {
+        return Err(BuildError::Engine(engine::EngineError::Backend(format!(
+            "{why}: use --engine qemu or auto"
+        ))));
+    }
     ev.emit(&Event::Note {
         vm: None,
         message: format!(
@@ -70,6 +82,7 @@ pub(super) fn launch<'a>(b: &VmBuild<'a>, disks: &VmDisks) -> Result<Launched<'a
                 name: sources::seed::LABEL.into(),
                 path: path.clone(),
                 read_only: true,
+                bus: Default::default(),
             }))
             .collect(),
         nics: &b.vm.nics,

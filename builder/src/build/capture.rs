@@ -27,7 +27,7 @@ pub(super) fn run(
             .parent_disk
             .as_ref()
             .filter(|_| b.module.opts.thin && i == 0);
-        let rec = capture_to_module(
+        let mut rec = capture_to_module(
             b.module.pending.dir(),
             b.module.pending.final_dir(),
             &b.vm.name,
@@ -35,6 +35,7 @@ pub(super) fn run(
             &a.path,
             thin_over,
         )?;
+        rec.bus = a.bus;
         let _ = fs::remove_file(&a.path);
         records.push(rec);
         if b.cancelled() {
@@ -132,6 +133,8 @@ pub fn capture_to_module(
         backing_sha256: backing.as_ref().map(|(_, p)| p.sha256.clone()),
         backing_module: backing.as_ref().map(|(_, p)| p.module.clone()),
         backing: backing.map(|(b, _)| b),
+        // The caller knows the bus; a capture is the same whatever it was.
+        bus: Default::default(),
     })
 }
 

@@ -11,7 +11,7 @@ use crate::cache::Cache;
 use crate::diskops;
 use crate::engine::DiskAttach;
 use crate::events::{Event, EventSink};
-use crate::job::{BuildJob, FileContent};
+use crate::job::{BuildJob, DiskJob, FileContent};
 use crate::sources::{self, BootFiles, ResolvedSource};
 
 /// Resolves the VM's source: its base image and boot files, in the cache.
@@ -68,13 +68,19 @@ pub(super) fn prepare_disks(b: &VmBuild, src: &ResolvedSource) -> Result<VmDisks
             d.size_bytes,
         )
         .map_err(VmError::Overlay)?;
-        disks.push(DiskAttach {
-            name: d.name.clone(),
-            path,
-            read_only: false,
-        });
+        disks.push(attach(d, path));
     }
     Ok(VmDisks { boot, disks, seed })
+}
+
+/// The engine's view of one of the VM's own disks: writable, on the bus the manifest gave it.
+fn attach(d: &DiskJob, path: PathBuf) -> DiskAttach {
+    DiskAttach {
+        name: d.name.clone(),
+        path,
+        read_only: false,
+        bus: d.bus,
+    }
 }
 
 /// The job with every `files` URL (named files and file steps' own) fetched into the cache:
@@ -176,6 +182,31 @@ mod tests {
             network: Default::default(),
             base: Default::default(),
         }
+    }
+
+    #[test]
+    fn each_disk_keeps_its_bus_from_the_manifest_to_the_engine() {
+        let text = "vms:\n  - name: a\n    source: { bootstrap: { distro: debian, suite: bookworm } }\n    resources: { cpu: 1, memory: 512Mi }\n    disks:\n      - { name: root, size: 4Gi }\n      - { name: data, size: 1Gi, bus: scsi }\n      - { name: old, size: 1Gi, bus: sata }\n";
+        let m = Path::new("m.yaml");
+        let plan = crate::manifest::load_str(text, m, Default::default())
+            .into_plan()
+            .unwrap();
+        let job = crate::plan_adapter::job_from_plan(&plan, m, text).unwrap();
+        let buses: Vec<_> = job.vms[0]
+            .disks
+            .iter()
+            .map(|d| attach(d, PathBuf::from("/w/d.qcow2")))
+            .map(|a| (a.name, a.bus))
+            .collect();
+        use crate::job::DiskBus::*;
+        assert_eq!(
+            buses,
+            [
+                ("root".into(), Virtio),
+                ("data".into(), Scsi),
+                ("old".into(), Sata)
+            ]
+        );
     }
 
     #[test]

@@ -77,7 +77,11 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         module::load(&module_path).with_context(|| format!("the module of clone `{}`", c.name))?;
     module::verify_layers(&module_path, &rec)?;
     let probe = kiln_vmm::doctor::probe();
-    let pick = engine::pick(a.engine, &probe);
+    let needs_qemu = rec
+        .vms
+        .iter()
+        .find_map(|v| engine::kvm_cannot_run(&v.name, v.disks.iter().map(|d| (&*d.name, d.bus))));
+    let pick = engine::pick(a.engine, &probe, needs_qemu.as_deref());
     eprintln!("engine: {}", pick.why);
     let eng = engine::make(pick.engine)?;
     let run_dir = root.join("clones").join(&c.name);
@@ -156,6 +160,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
                     name: d.name.clone(),
                     path: dir.join(rel),
                     read_only: false,
+                    bus: d.bus,
                 })
                 .collect(),
             nics,

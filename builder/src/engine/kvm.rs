@@ -84,6 +84,9 @@ pub fn control_socket(workdir: &Path) -> PathBuf {
 /// The spec the VMM child runs for `vm`, with NIC `i` on the inherited descriptor
 /// `nic_fds[i]`. Public for tests and inspection.
 pub fn vm_spec(vm: &VmLaunch, nic_fds: &[RawFd]) -> Result<VmSpec, EngineError> {
+    if let Some(why) = super::kvm_cannot_run(&vm.name, vm.disks.iter().map(|d| (&*d.name, d.bus))) {
+        return Err(EngineError::Backend(format!("{why}: use --engine qemu")));
+    }
     let vcpus = u8::try_from(vm.cpus.max(1))
         .ok()
         .filter(|n| *n <= kiln_vmm::vm::MAX_VCPUS)
@@ -615,11 +618,13 @@ mod tests {
                     name: "root".into(),
                     path: "/w/root.qcow2".into(),
                     read_only: false,
+                    bus: Default::default(),
                 },
                 DiskAttach {
                     name: "cidata-seed-with-a-long-name".into(),
                     path: "/w/seed.img".into(),
                     read_only: true,
+                    bus: Default::default(),
                 },
             ],
             workdir: "/w".into(),
@@ -636,6 +641,17 @@ mod tests {
             mac: [0x02, 0x6b, 0x6c, 0, 0, i],
             port: Arc::new(port),
         }
+    }
+
+    #[test]
+    fn a_disk_on_another_bus_than_virtio_is_refused_with_its_names() {
+        let mut l = launch(vec![]);
+        l.disks[0].bus = crate::job::DiskBus::Scsi;
+        let e = vm_spec(&l, &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("VM `web`") && e.contains("disk `root`") && e.contains("virtio-blk"),
+            "{e}"
+        );
     }
 
     #[test]

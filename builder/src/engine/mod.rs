@@ -52,6 +52,8 @@ pub struct DiskAttach {
     /// A qcow2 overlay (or a raw seed image).
     pub path: PathBuf,
     pub read_only: bool,
+    /// How the guest sees it; only the qemu engine offers more than virtio.
+    pub bus: crate::job::DiskBus,
 }
 
 /// One NIC given to a VM: its port on the module network ([`crate::network::attach`]).
@@ -146,6 +148,23 @@ pub trait Engine: Send + Sync {
     fn launch(&self, vm: &VmLaunch) -> Result<Box<dyn RunningVm>, EngineError>;
 }
 
+/// Why the kvm engine cannot run a VM with these disks, if it cannot: kiln-vmm has only
+/// virtio-blk, and giving a disk another bus than the one asked for would change what the
+/// guest sees.
+pub fn kvm_cannot_run<'a>(
+    vm: &str,
+    disks: impl IntoIterator<Item = (&'a str, crate::job::DiskBus)>,
+) -> Option<String> {
+    let (disk, bus) = disks
+        .into_iter()
+        .find(|(_, bus)| *bus != crate::job::DiskBus::Virtio)?;
+    Some(format!(
+        "VM `{vm}`: disk `{disk}` is on bus `{}`, and the kvm engine (kiln-vmm) has only \
+         virtio-blk disks",
+        bus.as_str()
+    ))
+}
+
 /// Which engine a build uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum EngineChoice {
@@ -162,8 +181,13 @@ pub struct Pick {
 }
 
 /// `--engine auto`: what `kiln doctor`'s probe recommends (kvm where /dev/kvm runs a stock
-/// kernel, else qemu with TCG), with its one-line reason.
-pub fn pick(choice: EngineChoice, probe: &kiln_vmm::doctor::Probe) -> Pick {
+/// kernel, else qemu with TCG), with its one-line reason; qemu whatever the probe says when
+/// `needs_qemu` gives a reason ([`kvm_cannot_run`]).
+pub fn pick(
+    choice: EngineChoice,
+    probe: &kiln_vmm::doctor::Probe,
+    needs_qemu: Option<&str>,
+) -> Pick {
     match choice {
         EngineChoice::Kvm => Pick {
             engine: EngineChoice::Kvm,
@@ -184,11 +208,13 @@ pub fn pick(choice: EngineChoice, probe: &kiln_vmm::doctor::Probe) -> Pick {
             why: "asked for with --engine qemu".into(),
         },
         EngineChoice::Auto => {
-            let engine = match probe.recommended_engine {
-                kiln_vmm::doctor::Engine::Kvm => EngineChoice::Kvm,
-                kiln_vmm::doctor::Engine::Qemu => EngineChoice::Qemu,
+            let (engine, mut why) = match (needs_qemu, probe.recommended_engine) {
+                (Some(r), _) => (EngineChoice::Qemu, format!("{r}; qemu serves it")),
+                (None, kiln_vmm::doctor::Engine::Kvm) => (EngineChoice::Kvm, probe.reason.clone()),
+                (None, kiln_vmm::doctor::Engine::Qemu) => {
+                    (EngineChoice::Qemu, probe.reason.clone())
+                }
             };
-            let mut why = probe.reason.clone();
             if engine == EngineChoice::Qemu && qemu::find_qemu().is_none() {
                 why.push_str(" (but qemu-system-x86_64 is not installed)");
             }
@@ -217,11 +243,11 @@ mod tests {
             &HostFacts::default(),
             std::path::Path::new("/nonexistent/kvm"),
         );
-        let pick = pick(EngineChoice::Auto, &p);
+        let pick = pick(EngineChoice::Auto, &p, None);
         assert_eq!(pick.engine, EngineChoice::Qemu);
         assert!(!pick.why.is_empty());
         assert_eq!(pick.why.split(" (but").next(), Some(p.reason.as_str()));
-        let forced = super::pick(EngineChoice::Kvm, &p);
+        let forced = super::pick(EngineChoice::Kvm, &p, None);
         assert_eq!(forced.engine, EngineChoice::Kvm);
         // Forced where the probe says stock kernels cannot run: the reason says so.
         assert!(!p.stock_kernel_ok);
@@ -230,5 +256,25 @@ mod tests {
             "{}",
             forced.why
         );
+    }
+
+    #[test]
+    fn auto_picks_qemu_for_a_disk_kiln_vmm_cannot_serve() {
+        use crate::job::DiskBus;
+        // A probe that recommends kvm, so only the disk can send auto to qemu.
+        let mut p = probe_with(&HostFacts::default(), Path::new("/nonexistent/kvm"));
+        p.recommended_engine = kiln_vmm::doctor::Engine::Kvm;
+        assert_eq!(kvm_cannot_run("a", [("root", DiskBus::Virtio)]), None);
+        let why = kvm_cannot_run("a", [("root", DiskBus::Virtio), ("data", DiskBus::Sata)])
+            .expect("sata needs qemu");
+        assert_eq!(
+            why,
+            "VM `a`: disk `data` is on bus `sata`, and the kvm engine (kiln-vmm) has only \
+             virtio-blk disks"
+        );
+        let auto = pick(EngineChoice::Auto, &p, Some(&why));
+        assert_eq!(auto.engine, EngineChoice::Qemu);
+        assert!(auto.why.starts_with(&why), "{}", auto.why);
+        assert_eq!(pick(EngineChoice::Auto, &p, None).engine, EngineChoice::Kvm);
     }
 }

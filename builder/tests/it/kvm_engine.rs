@@ -321,6 +321,7 @@ fn tiny_launch(
                 name: "root".into(),
                 path,
                 read_only: false,
+                bus: Default::default(),
             })
             .collect(),
         workdir: dir.join("run"),

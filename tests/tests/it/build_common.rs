@@ -103,6 +103,19 @@ pub fn run_kiln_with(bin: &Path, args: &[&str], env: &[(&str, &Path)]) -> Output
     out
 }
 
+/// `kiln build MANIFEST --output MODULES`.
+pub fn build_into(kiln: &Path, manifest: &Path, modules: &Path) -> Output {
+    run_kiln(
+        kiln,
+        &[
+            "build",
+            manifest.to_str().unwrap(),
+            "--output",
+            modules.to_str().unwrap(),
+        ],
+    )
+}
+
 /// `qemu-img check` on an image: Ok when clean.
 pub fn qemu_img_check(img: &Path) -> Result<(), String> {
     let out = Command::new("qemu-img")

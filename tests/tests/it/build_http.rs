@@ -48,15 +48,7 @@ httpDirectory:
     )
     .unwrap();
     let modules = tmp.path().join("modules");
-    let out = run_kiln(
-        &kiln,
-        &[
-            "build",
-            manifest.to_str().unwrap(),
-            "--output",
-            modules.to_str().unwrap(),
-        ],
-    );
+    let out = build_into(&kiln, &manifest, &modules);
     assert!(out.status.success(), "kiln build failed");
     let stderr = String::from_utf8_lossy(&out.stderr);
     let stdout = String::from_utf8_lossy(&out.stdout);

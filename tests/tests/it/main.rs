@@ -3,6 +3,7 @@
 //! `build_common` holds the helpers the `kiln build` tests share.
 
 mod build_common;
+mod build_disk_bus;
 mod build_failures;
 mod build_hello;
 mod build_http;

@@ -2,14 +2,20 @@
 //! in this process before QEMU starts the guest, and stopped with it. They are the kiln-vmm
 //! devices the kvm engine runs in its VM process: the block device is kiln-disk's qcow2 (with its backing chain) served by kiln-vmm's virtio-blk
 //! logic, vsock is kiln-vmm's device with its host side on a Unix socket, and each NIC is
-//! kiln-vmm's virtio-net over the VM's port on the module network (kiln-net).
+//! kiln-vmm's virtio-net over the VM's port on the module network (kiln-net). A disk on
+//! `scsi` or `sata` is the same kiln-disk device served as an NBD export, which QEMU attaches
+//! as virtio-scsi or AHCI: whatever the bus, kiln writes the qcow2.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kiln_disk::nbd::{NbdOptions, NbdServer};
 
 use kiln_vmm::devices::block::BlockOptions;
 use kiln_vmm::vhost_user::BackendHandle;
 
-use crate::engine::{vsock_uds, EngineError, VmLaunch};
+use crate::engine::{vsock_uds, DiskAttach, EngineError, VmLaunch};
+use crate::job::DiskBus;
 
 /// How a disk reaches the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +42,8 @@ pub struct Backends {
     vsock_vhost: PathBuf,
     vsock: Option<kiln_vmm::devices::vsock::VsockHandle>,
     blocks: Vec<BackendHandle>,
+    /// Disks on scsi or sata.
+    nbds: Vec<NbdServer>,
     nets: Vec<kiln_vmm::devices::net::vhost_user::NetHandle>,
 }
 
@@ -43,6 +51,11 @@ impl Backends {
     /// The vsock device's vhost-user socket for QEMU.
     pub fn vsock_socket(&self) -> Option<&Path> {
         self.vsock.as_ref().map(|_| self.vsock_vhost.as_path())
+    }
+
+    /// The NBD exports, for whoever sees QEMU exit to stop them ([`stop_exports`]).
+    pub fn take_exports(&mut self) -> Vec<NbdServer> {
+        std::mem::take(&mut self.nbds)
     }
 
     /// Stops every backend thread and waits for them.
@@ -55,6 +68,7 @@ impl Backends {
             b.stop();
             let _ = b.join();
         }
+        stop_exports(std::mem::take(&mut self.nbds));
         if let Some(v) = self.vsock.take() {
             v.stop();
             let _ = v.join();
@@ -79,23 +93,52 @@ pub fn block_socket(workdir: &Path, i: usize) -> PathBuf {
     workdir.join(format!("blk{i}.sock"))
 }
 
+/// Stops NBD exports: each flushes its disk and removes its socket. Called once QEMU is
+/// gone, so every write it sent is in the qcow2 before a capture reads it.
+pub fn stop_exports(nbds: Vec<NbdServer>) {
+    for n in nbds {
+        let socket = n.path().to_path_buf();
+        if let Err(e) = n.shutdown() {
+            tracing::warn!(socket = %socket.display(), "stopping a disk's NBD export: {e}");
+        }
+    }
+}
+
+/// Where the NBD socket of disk `i` (on scsi or sata) lives.
+pub fn nbd_socket(workdir: &Path, i: usize) -> PathBuf {
+    workdir.join(format!("nbd{i}.sock"))
+}
+
+/// A VM's disk opened through kiln-disk, read-only when the VM must not write it.
+fn open_disk(d: &DiskAttach) -> Result<Arc<dyn kiln_disk::BlockDevice>, EngineError> {
+    let opts = if d.read_only {
+        kiln_disk::OpenOptions::read_only()
+    } else {
+        kiln_disk::OpenOptions::read_write()
+    };
+    kiln_disk::open(&d.path, opts)
+        .map_err(|e| EngineError::Backend(format!("opening {}: {e}", d.path.display())))
+}
+
 /// Starts the backends a VM needs. The sockets are bound when this returns.
 pub fn start(vm: &VmLaunch, block: BlockMode) -> Result<Backends, EngineError> {
     let mut b = Backends {
         vsock_vhost: vm.workdir.join("vsock.vhost"),
         vsock: None,
         blocks: Vec::new(),
+        nbds: Vec::new(),
         nets: Vec::new(),
     };
-    if block == BlockMode::VhostUser {
-        for (i, d) in vm.disks.iter().enumerate() {
-            let opts = if d.read_only {
-                kiln_disk::OpenOptions::read_only()
-            } else {
-                kiln_disk::OpenOptions::read_write()
-            };
-            let dev = kiln_disk::open(&d.path, opts)
-                .map_err(|e| EngineError::Backend(format!("opening {}: {e}", d.path.display())))?;
+    for (i, d) in vm.disks.iter().enumerate() {
+        if d.bus != DiskBus::Virtio {
+            // Whatever `block` says: QEMU never opens a disk on these buses itself.
+            let sock = nbd_socket(&vm.workdir, i);
+            let _ = std::fs::remove_file(&sock);
+            let server = NbdServer::bind(&sock, open_disk(d)?, NbdOptions::default())
+                .map_err(|e| EngineError::Backend(format!("NBD export for {}: {e}", d.name)))?;
+            b.nbds.push(server);
+        } else if block == BlockMode::VhostUser {
+            let dev = open_disk(d)?;
             let sock = block_socket(&vm.workdir, i);
             let _ = std::fs::remove_file(&sock);
             let handle = kiln_vmm::devices::block::vhost_user::spawn(

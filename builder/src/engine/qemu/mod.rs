@@ -19,9 +19,10 @@ use std::time::Duration;
 pub mod backends;
 pub mod qmp;
 
-pub use backends::{block_socket, net_socket, BlockMode};
+pub use backends::{block_socket, nbd_socket, net_socket, BlockMode};
 
 use super::{Engine, EngineError, RunningVm, VmLaunch};
+use crate::job::DiskBus;
 
 /// Finds `qemu-system-x86_64` on PATH (or `$KILN_QEMU`).
 pub fn find_qemu() -> Option<PathBuf> {
@@ -96,9 +97,29 @@ pub fn qemu_args(vm: &VmLaunch, block: BlockMode, vsock_sock: Option<&Path>) -> 
     }
     a.push("-append".into());
     a.push(vm.cmdline().into());
+    let mut sata_ports = 0;
     for (i, d) in vm.disks.iter().enumerate() {
-        match block {
-            BlockMode::VhostUser => {
+        match (d.bus, block) {
+            (DiskBus::Scsi | DiskBus::Sata, _) => {
+                a.push("-blockdev".into());
+                a.push(nbd_blockdev(&nbd_socket(&vm.workdir, i), i, d.read_only).into());
+                let serial: String = d.name.chars().take(20).collect();
+                a.push("-device".into());
+                if d.bus == DiskBus::Scsi {
+                    if !a.iter().any(|x| x == "virtio-scsi-pci,id=scsi0") {
+                        a.push("virtio-scsi-pci,id=scsi0".into());
+                        a.push("-device".into());
+                    }
+                    a.push(format!("scsi-hd,drive=d{i},bus=scsi0.0,serial={serial}").into());
+                } else {
+                    // q35's built-in AHCI controller has six ports, ide.0 to ide.5.
+                    a.push(
+                        format!("ide-hd,drive=d{i},bus=ide.{sata_ports},serial={serial}").into(),
+                    );
+                    sata_ports += 1;
+                }
+            }
+            (DiskBus::Virtio, BlockMode::VhostUser) => {
                 a.push("-chardev".into());
                 a.push(
                     format!(
@@ -111,7 +132,7 @@ pub fn qemu_args(vm: &VmLaunch, block: BlockMode, vsock_sock: Option<&Path>) -> 
                 // One queue: the backend serves exactly what it offers.
                 a.push(format!("vhost-user-blk-pci,chardev=blk{i},num-queues=1").into());
             }
-            BlockMode::QemuDrive => {
+            (DiskBus::Virtio, BlockMode::QemuDrive) => {
                 let ro = if d.read_only { ",read-only=on" } else { "" };
                 a.push("-drive".into());
                 a.push(
@@ -157,6 +178,19 @@ pub fn qemu_args(vm: &VmLaunch, block: BlockMode, vsock_sock: Option<&Path>) -> 
     a
 }
 
+/// A `-blockdev` for kiln-disk's NBD export of disk `i` (node `d<i>`); JSON, so the socket
+/// path needs no escaping of commas.
+fn nbd_blockdev(socket: &Path, i: usize, read_only: bool) -> String {
+    serde_json::json!({
+        "driver": "nbd",
+        "server": { "type": "unix", "path": socket },
+        "export": "",
+        "node-name": format!("d{i}"),
+        "read-only": read_only,
+    })
+    .to_string()
+}
+
 impl Engine for QemuEngine {
     fn name(&self) -> &'static str {
         "qemu"
@@ -166,7 +200,8 @@ impl Engine for QemuEngine {
         vm.create_workdir()?;
         // Backends listen first: QEMU connects to their sockets as a client, and connects
         // again when a reboot starts a fresh QEMU.
-        let backends = backends::start(vm, self.block)?;
+        let mut backends = backends::start(vm, self.block)?;
+        let exports = backends.take_exports();
         let mut args = qemu_args(vm, self.block, backends.vsock_socket());
         let qmp = qmp_socket(&vm.workdir);
         let _ = std::fs::remove_file(&qmp);
@@ -188,7 +223,7 @@ impl Engine for QemuEngine {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name(format!("kiln-qemu-{}", vm.name))
-                .spawn(move || supervise(spawn, child, &shared))
+                .spawn(move || supervise(spawn, child, &shared, exports))
                 .map_err(|source| EngineError::Spawn {
                     what: "the QEMU supervisor thread".into(),
                     source,
@@ -271,8 +306,14 @@ struct SupervisedState {
 /// `guest-reset`, QEMU being run with `-no-reboot`) starts a fresh QEMU on the same backend
 /// sockets; anything else is the VM's end. A fresh process per boot is what the kvm engine
 /// does too, and under TCG a boot after an in-place reset ran about half as fast as the
-/// first boot (tests/README.md, "Benchmark vs Packer").
-fn supervise(spawn: QemuSpawn, mut child: Child, shared: &Supervised) {
+/// first boot (tests/README.md, "Benchmark vs Packer"). The disks' NBD exports live across
+/// reboots and stop when the VM ends, before its end is seen.
+fn supervise(
+    spawn: QemuSpawn,
+    mut child: Child,
+    shared: &Supervised,
+    exports: Vec<kiln_disk::nbd::NbdServer>,
+) {
     loop {
         let watch = qmp::ShutdownWatch::start(&spawn.qmp, Duration::from_secs(10));
         let status = loop {
@@ -325,6 +366,10 @@ fn supervise(spawn: QemuSpawn, mut child: Child, shared: &Supervised) {
             let err = std::fs::read_to_string(&spawn.stderr_path).unwrap_or_default();
             tracing::warn!("qemu exited with {status}: {}", err.trim());
         }
+        drop(st);
+        // Flushed before the exit is seen: a capture that follows it sees every write.
+        backends::stop_exports(exports);
+        let mut st = shared.lock();
         st.exit = Some(status);
         shared.notify();
         return;
@@ -398,6 +443,7 @@ mod tests {
                 name: "root".into(),
                 path: "/w/root.qcow2".into(),
                 read_only: false,
+                bus: Default::default(),
             }],
             workdir: "/w".into(),
             serial_log: "/w/serial.log".into(),
@@ -434,6 +480,61 @@ mod tests {
         assert!(s.contains("-no-reboot"), "a reboot starts a fresh QEMU");
         assert!(
             s.contains("file,id=serial,path=/w/serial.log,append=on"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn scsi_and_sata_disks_are_nbd_exports_on_their_controllers() {
+        let mut l = launch();
+        for (name, bus) in [
+            ("data", DiskBus::Scsi),
+            ("logs", DiskBus::Scsi),
+            ("old", DiskBus::Sata),
+            ("older", DiskBus::Sata),
+        ] {
+            l.disks.push(DiskAttach {
+                name: name.into(),
+                path: format!("/w/{name}.qcow2").into(),
+                read_only: false,
+                bus,
+            });
+        }
+        let args = qemu_args(&l, BlockMode::VhostUser, None);
+        let s = joined(&args);
+        // The boot disk stays on kiln's vhost-user-blk; only disk 0 has a vhost-user socket.
+        assert!(
+            s.contains("vhost-user-blk-pci,chardev=blk0,num-queues=1"),
+            "{s}"
+        );
+        assert!(!s.contains("blk1"), "{s}");
+        assert_eq!(s.matches("virtio-scsi-pci,id=scsi0").count(), 1, "{s}");
+        for (i, name) in [(1, "data"), (2, "logs"), (3, "old"), (4, "older")] {
+            let node = args
+                .iter()
+                .position(|x| x == "-blockdev")
+                .and_then(|at| {
+                    args[at..]
+                        .iter()
+                        .filter_map(|x| serde_json::from_str::<serde_json::Value>(x.to_str()?).ok())
+                        .find(|v| v["node-name"] == format!("d{i}"))
+                })
+                .unwrap_or_else(|| panic!("no blockdev for d{i}: {s}"));
+            assert_eq!(node["driver"], "nbd");
+            assert_eq!(node["server"]["type"], "unix");
+            assert_eq!(node["server"]["path"], format!("/w/nbd{i}.sock"));
+            assert_eq!(node["export"], "");
+            assert_eq!(node["read-only"], false);
+            let device = match i {
+                1 | 2 => format!("scsi-hd,drive=d{i},bus=scsi0.0,serial={name}"),
+                _ => format!("ide-hd,drive=d{i},bus=ide.{},serial={name}", i - 3),
+            };
+            assert!(s.contains(&device), "{device} in {s}");
+        }
+        // Under the debugging block mode too, QEMU never opens these disks' files.
+        let s = joined(&qemu_args(&l, BlockMode::QemuDrive, None));
+        assert!(
+            !s.contains("/w/data.qcow2") && s.contains("/w/nbd1.sock"),
             "{s}"
         );
     }

@@ -347,18 +347,13 @@ fn disks(cx: &mut Cx, n: &Node) -> Vec<Disk> {
             Some("usb") => DiskBus::Usb,
             _ => DiskBus::Virtio,
         };
-        if bus != DiskBus::Virtio {
+        // scsi and sata are served by kiln-disk over NBD on the qemu engine; nothing serves usb.
+        if bus == DiskBus::Usb {
             if let Some(at) = d.get("bus") {
-                let b = at.as_str().unwrap_or_default();
                 cx.sink
-                    .error(
-                        at.span,
-                        format!(
-                            "disk bus `{b}` is not supported by kiln yet: its disks are virtio"
-                        ),
-                    )
+                    .error(at.span, "disk bus `usb` is not supported by kiln yet")
                     .hint(
-                        "remove `bus`, or write `bus: virtio` (the guest needs virtio-blk drivers)",
+                        "write `bus: virtio`, or `scsi`/`sata` for a guest without virtio drivers",
                     );
             }
         }

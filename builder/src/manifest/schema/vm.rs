@@ -164,7 +164,7 @@ pub static DISK: Obj = Obj {
         f(
             "bus",
             Ty::Enum(BUSES),
-            "virtio (default); scsi, sata and usb are not supported by kiln yet",
+            "virtio (default); scsi or sata (qemu engine) for guests without virtio drivers; usb is not supported",
         ),
         ignored(
             "storageClass",
