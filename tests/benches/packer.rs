@@ -18,6 +18,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use kiln_e2e::{is_root, on_path};
+
 /// The module's name (the manifest's file stem) and its one VM.
 const MODULE: &str = "hello-ssh";
 const VM: &str = "bench";
@@ -51,23 +53,6 @@ fn repo_root() -> PathBuf {
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/packer")
-}
-
-fn on_path(prog: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(prog).is_file()))
-        .unwrap_or(false)
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
-        })
-        .unwrap_or(false)
 }
 
 /// `kiln` from `$KILN_BIN`, else beside this bench's profile folder (`<target>/release/kiln`,

@@ -36,7 +36,7 @@ pub fn guest_kernel() -> Result<KernelFiles> {
 }
 
 /// `linux-image-<release>` that the metapackage depends on.
-fn concrete_package() -> Result<String> {
+pub(crate) fn concrete_package() -> Result<String> {
     let out = run(Command::new("apt-cache").args(["depends", METAPACKAGE]))?;
     out.lines()
         .filter_map(|l| l.trim().strip_prefix("Depends:"))
@@ -82,7 +82,7 @@ fn tempdir_in(parent: &Path) -> Result<PathBuf> {
     Ok(p)
 }
 
-fn nanos() -> u128 {
+pub(crate) fn nanos() -> u128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())

@@ -2,6 +2,8 @@
 //!
 //! - [`kernel::guest_kernel`]: the Debian cloud kernel, fetched with `apt-get download` and
 //!   unpacked into a cache, never installed on the host.
+//! - [`firmware_image::uefi_xfs`], [`firmware_image::bios_btrfs`]: disk images that boot through
+//!   OVMF or SeaBIOS, made from Debian packages and cached by their inputs.
 //! - [`initramfs::Initramfs`]: a newc initramfs with static busybox, chosen kernel modules (in
 //!   dependency order) and an `/init` script.
 //! - [`qemu::Qemu`]: `qemu-system-x86_64 -accel tcg` with serial to a file, waiting for marker
@@ -17,6 +19,7 @@
 //! Tests that cannot get what they need (no qemu, no package download) call [`skip`] and
 //! return: they print `SKIP: <reason>` and never pass silently.
 
+pub mod firmware_image;
 pub mod helper_process;
 pub mod http;
 pub mod image;
@@ -82,6 +85,29 @@ pub fn kvm_or_skip(test: &str) -> bool {
             false
         }
     }
+}
+
+/// Effective uid 0, from /proc (no libc dependency for one number).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Whether `prog` is an executable name on PATH, or in the sbin folders a non-login root
+/// shell's PATH may lack.
+pub fn on_path(prog: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(prog).is_file()))
+        .unwrap_or(false)
+        || ["/usr/sbin", "/sbin"]
+            .iter()
+            .any(|d| std::path::Path::new(d).join(prog).is_file())
 }
 
 /// kiln's cache directory: `$KILN_CACHE`, else `~/.cache/kiln`, else a temp-dir fallback.

@@ -22,9 +22,10 @@ pub fn qemu_available() -> bool {
 /// How to start a guest.
 #[derive(Debug, Clone)]
 pub struct QemuConfig {
-    pub kernel: PathBuf,
-    pub initrd: PathBuf,
-    /// Kernel command line; `console=ttyS0` is added.
+    /// Direct boot (`-kernel`); `None` boots the first disk through the machine's firmware.
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line for direct boot; `console=ttyS0` is added.
     pub append: String,
     pub memory_mib: u32,
     pub cpus: u32,
@@ -44,8 +45,8 @@ pub struct QemuConfig {
 impl QemuConfig {
     pub fn new(kernel: &Path, initrd: &Path, serial_log: &Path) -> Self {
         QemuConfig {
-            kernel: kernel.to_path_buf(),
-            initrd: initrd.to_path_buf(),
+            kernel: Some(kernel.to_path_buf()),
+            initrd: Some(initrd.to_path_buf()),
             // no_timer_check: on a loaded host TCG can miss the kernel's early IO-APIC
             // timer check, which then panics the boot ("IO-APIC + timer doesn't work").
             append: "quiet panic=-1 no_timer_check".into(),
@@ -56,6 +57,19 @@ impl QemuConfig {
             serial_log: serial_log.to_path_buf(),
             no_reboot: true,
             machine: "q35".into(),
+        }
+    }
+
+    /// A guest booted by firmware from its disks (given with [`QemuConfig::arg`]): SeaBIOS,
+    /// QEMU's default, unless the arguments add OVMF as pflash.
+    pub fn firmware(serial_log: &Path) -> Self {
+        QemuConfig {
+            kernel: None,
+            initrd: None,
+            append: String::new(),
+            memory_mib: 1024,
+            shared_memory: false,
+            ..QemuConfig::new(Path::new(""), Path::new(""), serial_log)
         }
     }
 
@@ -83,13 +97,14 @@ impl QemuConfig {
             "-nodefaults".into(),
             "-serial".into(),
             format!("file:{}", self.serial_log.display()),
-            "-kernel".into(),
-            self.kernel.display().to_string(),
-            "-initrd".into(),
-            self.initrd.display().to_string(),
-            "-append".into(),
-            format!("console=ttyS0 {}", self.append),
         ];
+        if let Some(kernel) = &self.kernel {
+            v.extend(["-kernel".into(), kernel.display().to_string()]);
+            if let Some(initrd) = &self.initrd {
+                v.extend(["-initrd".into(), initrd.display().to_string()]);
+            }
+            v.extend(["-append".into(), format!("console=ttyS0 {}", self.append)]);
+        }
         if self.no_reboot {
             v.push("-no-reboot".into());
         }

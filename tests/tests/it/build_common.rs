@@ -61,23 +61,7 @@ pub fn boot_prereqs_or_skip() -> Option<PathBuf> {
     }
 }
 
-/// Effective uid 0, from /proc (no libc dependency for one number).
-pub fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
-        })
-        .unwrap_or(false)
-}
-
-pub fn on_path(prog: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(prog).is_file()))
-        .unwrap_or(false)
-}
+pub use kiln_e2e::{is_root, on_path};
 
 /// Runs kiln with args in the repository root; output captured. `KILN_NO_INTERNET`: no VPC of
 /// a test build gets NAT to the host, so no guest frame leaves kiln's user-space network.
