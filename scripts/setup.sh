@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
-# Installs what kiln and its tests need, idempotently, then builds kiln.
-# Sourced or run by scripts/quickstart.sh and scripts/test.sh; safe to run again.
+# Installs what kiln needs (with --tests, also what its tests need), idempotently, then
+# builds kiln. Run by scripts/quickstart.sh and (with --tests) scripts/test.sh; safe to run
+# again.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(dirname "$here")
 
 log() { printf '\033[1msetup:\033[0m %s\n' "$*" >&2; }
 
+tests=no
+[ "${1:-}" = "--tests" ] && tests=yes
+
 want=()
 while read -r line; do
   line=${line%%#*}
   line=${line//[[:space:]]/}
+  if [ "$line" = "[tests]" ]; then
+    [ "$tests" = yes ] && continue || break
+  fi
   [ -n "$line" ] && want+=("$line")
 done < "$here/packages.txt"
 

@@ -5,7 +5,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(dirname "$here")
 cd "$root"
 
-bash "$here/setup.sh"
+bash "$here/setup.sh" --tests
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
