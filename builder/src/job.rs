@@ -130,6 +130,53 @@ pub struct VmJob {
     pub nics: Vec<NicJob>,
     /// How long the first boot may take until the agent answers (`sshTimeout`).
     pub boot_timeout: Duration,
+    /// The firmware the VM boots through when it does not boot its kernel directly
+    /// (`efiFirmware`; BIOS when absent).
+    pub firmware: Firmware,
+    /// Direct kernel boot or firmware: chosen per VM (`auto`) or forced.
+    pub boot: BootChoice,
+}
+
+/// The firmware a VM boots through; recorded in the module so clones boot the same way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Firmware {
+    /// SeaBIOS, QEMU's default.
+    #[default]
+    Bios,
+    /// OVMF with the VM's own NVRAM.
+    Uefi,
+    /// OVMF's Secure Boot build, Microsoft keys enrolled, SMM on.
+    UefiSecureBoot,
+}
+
+impl Firmware {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Firmware::Bios => "bios",
+            Firmware::Uefi => "uefi",
+            Firmware::UefiSecureBoot => "uefi-secure-boot",
+        }
+    }
+
+    /// Whether the firmware keeps variables (NVRAM) the VM needs its own copy of.
+    pub fn has_nvram(self) -> bool {
+        self != Firmware::Bios
+    }
+}
+
+/// How a VM boots.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum BootChoice {
+    /// Direct kernel boot where kiln can read the image's kernel and nothing asks for
+    /// firmware; firmware otherwise.
+    #[default]
+    Auto,
+    /// Always kiln's direct kernel boot (fails when the image has no kernel kiln can read).
+    Direct,
+    /// Always through the firmware and the image's own boot loader.
+    Firmware,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

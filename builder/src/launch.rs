@@ -6,18 +6,17 @@ use std::time::Duration;
 
 use kiln_agent::LinkConfig;
 
-use crate::engine::{DiskAttach, Engine, EngineError, RunningVm, VmLaunch};
+use crate::engine::{BootMode, DiskAttach, Engine, EngineError, RunningVm, VmLaunch};
 use crate::guest::{Connector, Guest, GuestError};
 use crate::job::NicJob;
 use crate::network as modnet;
-use crate::sources::BootFiles;
 
 /// One VM to start: what a build's VM and a clone's VM each give.
 pub struct VmStart<'a> {
     pub name: &'a str,
     pub cpus: u32,
     pub memory_mib: u64,
-    pub boot: BootFiles,
+    pub boot: BootMode,
     /// The first is the boot disk.
     pub disks: Vec<DiskAttach>,
     /// Plugged into the module network, in slot order.

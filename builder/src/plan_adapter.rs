@@ -265,6 +265,12 @@ pub fn job_from_plan(
                 .any(|n| plan.build.network.vpc(&n.vpc).is_some_and(|v| v.internet)),
             nics: nics(vm)?,
             boot_timeout: vm.communicator.ssh_timeout,
+            firmware: match vm.efi {
+                None => job::Firmware::Bios,
+                Some(manifest::Efi { secure_boot: false }) => job::Firmware::Uefi,
+                Some(manifest::Efi { secure_boot: true }) => job::Firmware::UefiSecureBoot,
+            },
+            boot: job::BootChoice::Auto,
         });
     }
     Ok(BuildJob {

@@ -73,7 +73,7 @@ pub(super) fn launch<'a>(b: &VmBuild<'a>, disks: &VmDisks) -> Result<Launched<'a
         name: &b.vm.name,
         cpus: b.vm.cpus,
         memory_mib: b.vm.memory_mib,
-        boot: disks.boot.clone(),
+        boot: engine::BootMode::Direct(disks.boot.clone()),
         disks: disks
             .disks
             .iter()

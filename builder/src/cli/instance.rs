@@ -18,7 +18,7 @@ use clap::Args;
 
 use crate::build::runtime_root;
 use crate::clone;
-use crate::engine::{self, DiskAttach, EngineChoice};
+use crate::engine::{self, BootMode, DiskAttach, EngineChoice};
 use crate::launch::{self, LaunchError, VmStart};
 use crate::leftovers::{self, Place};
 use crate::module;
@@ -147,11 +147,12 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
             // Clones get the base resources; buildOverrides were for the build only.
             cpus: bv.map_or(mv.cpus, |b| b.cpus),
             memory_mib: bv.map_or(mv.memory_mib, |b| b.memory_mib),
-            boot: BootFiles {
+            boot: BootMode::Direct(BootFiles {
                 kernel: module_path.join(&boot.kernel),
                 initrd: boot.initrd.as_ref().map(|i| module_path.join(i)),
                 root: boot.root.clone(),
-            },
+                args: vec![],
+            }),
             disks: v
                 .disks
                 .iter()

@@ -40,7 +40,7 @@ use kiln_vmm::exit::ExitReason;
 use kiln_vmm::process::protocol::{exit_code, DiskSpec, NicSpec, VsockSpec};
 use kiln_vmm::process::{VmProcess, VmSpec, CHILD_SUBCOMMAND};
 
-use super::{vsock_uds, Engine, EngineError, NicAttach, RunningVm, VmLaunch};
+use super::{vsock_uds, BootMode, Engine, EngineError, NicAttach, RunningVm, VmLaunch};
 
 pub use super::MAX_RESETS;
 
@@ -87,6 +87,17 @@ pub fn vm_spec(vm: &VmLaunch, nic_fds: &[RawFd]) -> Result<VmSpec, EngineError> 
     if let Some(why) = super::kvm_cannot_run(&vm.name, vm.disks.iter().map(|d| (&*d.name, d.bus))) {
         return Err(EngineError::Backend(format!("{why}: use --engine qemu")));
     }
+    let boot = match &vm.boot {
+        BootMode::Direct(boot) => boot,
+        BootMode::Firmware(fw) => {
+            return Err(EngineError::Backend(format!(
+                "VM `{}` boots through {} firmware, and the kvm engine (kiln-vmm) boots only a \
+                 kernel directly: use --engine qemu",
+                vm.name,
+                fw.firmware.as_str()
+            )))
+        }
+    };
     let vcpus = u8::try_from(vm.cpus.max(1))
         .ok()
         .filter(|n| *n <= kiln_vmm::vm::MAX_VCPUS)
@@ -109,9 +120,9 @@ pub fn vm_spec(vm: &VmLaunch, nic_fds: &[RawFd]) -> Result<VmSpec, EngineError> 
         )));
     }
     Ok(VmSpec {
-        kernel: vm.boot.kernel.clone(),
-        initrd: vm.boot.initrd.clone(),
-        cmdline: Some(vm.cmdline()),
+        kernel: boot.kernel.clone(),
+        initrd: boot.initrd.clone(),
+        cmdline: Some(vm.cmdline(boot)),
         disks: vm
             .disks
             .iter()
@@ -607,11 +618,12 @@ mod tests {
             name: "web".into(),
             cpus: 2,
             memory_mib: 1024,
-            boot: BootFiles {
+            boot: BootMode::Direct(BootFiles {
                 kernel: "/c/vmlinuz".into(),
                 initrd: Some("/c/initrd.img".into()),
                 root: "/dev/vda1".into(),
-            },
+                args: vec![],
+            }),
             cmdline_extra: vec!["quiet".into()],
             disks: vec![
                 DiskAttach {
@@ -644,6 +656,20 @@ mod tests {
     }
 
     #[test]
+    fn a_firmware_boot_is_refused_with_the_reason() {
+        let mut l = launch(vec![]);
+        l.boot = BootMode::Firmware(crate::engine::FirmwareBoot {
+            firmware: crate::job::Firmware::Uefi,
+            nvram: Some("/w/nvram.fd".into()),
+        });
+        let e = vm_spec(&l, &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("VM `web` boots through uefi firmware") && e.contains("--engine qemu"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn a_disk_on_another_bus_than_virtio_is_refused_with_its_names() {
         let mut l = launch(vec![]);
         l.disks[0].bus = crate::job::DiskBus::Scsi;
@@ -661,7 +687,10 @@ mod tests {
         assert_eq!(s.kernel, Path::new("/c/vmlinuz"));
         assert_eq!(s.initrd.as_deref(), Some(Path::new("/c/initrd.img")));
         let cmd = s.cmdline.clone().unwrap();
-        assert_eq!(cmd, l.cmdline());
+        let BootMode::Direct(boot) = &l.boot else {
+            unreachable!()
+        };
+        assert_eq!(cmd, l.cmdline(boot));
         assert!(
             cmd.starts_with("root=/dev/vda1 rw console=ttyS0 systemd.hostname=web"),
             "{cmd}"

@@ -5,6 +5,7 @@
 //!
 //! [`pick`] implements `--engine auto`.
 
+pub mod firmware;
 pub mod kvm;
 pub mod qemu;
 mod supervised;
@@ -33,6 +34,8 @@ pub enum EngineError {
     NotImplemented(&'static str),
     #[error(transparent)]
     Io(#[from] crate::path_io::PathIoError),
+    #[error(transparent)]
+    Firmware(#[from] firmware::FirmwareError),
 }
 
 /// Most guest resets one VM may do before its engine stops starting it again (both engines
@@ -84,14 +87,32 @@ impl std::fmt::Debug for NicAttach {
     }
 }
 
+/// How an engine boots a VM.
+#[derive(Debug, Clone)]
+pub enum BootMode {
+    /// kiln loads the kernel and initrd itself, with its own command line: the fast path.
+    Direct(BootFiles),
+    /// The firmware runs the first disk's boot loader.
+    Firmware(FirmwareBoot),
+}
+
+/// A boot through firmware.
+#[derive(Debug, Clone)]
+pub struct FirmwareBoot {
+    pub firmware: crate::job::Firmware,
+    /// UEFI: the VM's own NVRAM (a copy of the firmware's variable store), written by the
+    /// guest and kept across its reboots. None for BIOS.
+    pub nvram: Option<PathBuf>,
+}
+
 /// Everything an engine needs to start one VM.
 #[derive(Debug, Clone)]
 pub struct VmLaunch {
     pub name: String,
     pub cpus: u32,
     pub memory_mib: u64,
-    pub boot: BootFiles,
-    /// Added to kiln's kernel command line.
+    pub boot: BootMode,
+    /// Added to kiln's kernel command line (direct boot).
     pub cmdline_extra: Vec<String>,
     /// The first is the boot disk.
     pub disks: Vec<DiskAttach>,
@@ -113,10 +134,11 @@ impl VmLaunch {
         Ok(())
     }
 
-    /// kiln's kernel command line: root device, serial console, the VM's hostname.
-    pub fn cmdline(&self) -> String {
+    /// kiln's kernel command line for a direct boot of `boot`: root device, serial console,
+    /// the VM's hostname.
+    pub fn cmdline(&self, boot: &BootFiles) -> String {
         let mut parts = vec![
-            format!("root={}", self.boot.root),
+            format!("root={}", boot.root),
             "rw".to_string(),
             "console=ttyS0".to_string(),
             format!("systemd.hostname={}", self.name),

@@ -28,6 +28,7 @@ pub fn resolve(
         kernel: dir.join(&b.kernel),
         initrd: b.initrd.as_ref().map(|i| dir.join(i)),
         root: b.root.clone(),
+        args: vec![],
     });
     module::verify_layers(&dir, &rec)?;
     Ok(ResolvedSource {

@@ -73,6 +73,10 @@ pub struct BootFiles {
     pub initrd: Option<PathBuf>,
     /// `root=` value.
     pub root: String,
+    /// The image's own kernel arguments (from its boot loader's configuration), kept on the
+    /// command line beside what kiln adds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
 }
 
 /// A source ready for a VM.
@@ -189,6 +193,7 @@ pub fn resolve(
                     kernel: got.kernel.clone(),
                     initrd: Some(got.initrd.clone()),
                     root: got.meta.root_device.clone(),
+                    args: vec![],
                 }),
                 agent_in_image: true,
                 parent_disk: None,
@@ -277,6 +282,7 @@ fn boot_files(cache: &Cache, base: &BaseImage, digest: &str) -> Result<BootFiles
             kernel: dir.join("vmlinuz"),
             initrd: initrd.is_file().then_some(initrd),
             root: root.trim().to_string(),
+            args: vec![],
         });
     }
     let img = open_image(base)?;

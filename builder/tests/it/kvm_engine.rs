@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kiln_builder::engine::kvm::KvmEngine;
+use kiln_builder::engine::BootMode;
 use kiln_builder::engine::{DiskAttach, Engine, NicAttach, RunningVm, VmLaunch};
 use kiln_builder::sources::BootFiles;
 use kiln_disk::OpenOptions;
@@ -309,11 +310,12 @@ fn tiny_launch(
         name: name.into(),
         cpus: 1,
         memory_mib: virtio_guest::GUEST_MEMORY >> 20,
-        boot: BootFiles {
+        boot: BootMode::Direct(BootFiles {
             kernel,
             initrd: None,
             root: "/dev/vda".into(),
-        },
+            args: vec![],
+        }),
         cmdline_extra: vec![],
         disks: disk
             .into_iter()

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use kiln_builder::engine::qemu::{backends, find_qemu, qemu_args, BlockMode};
+use kiln_builder::engine::BootMode;
 use kiln_builder::engine::{DiskAttach, VmLaunch};
 use kiln_builder::job::DiskBus;
 use kiln_builder::sources::BootFiles;
@@ -62,11 +63,12 @@ fn qemu_writes_scsi_and_sata_disks_through_kiln_disk() {
         name: "buses".into(),
         cpus: 1,
         memory_mib: 128,
-        boot: BootFiles {
+        boot: BootMode::Direct(BootFiles {
             kernel: "/nonexistent/vmlinuz".into(),
             initrd: None,
             root: "/dev/vda".into(),
-        },
+            args: vec![],
+        }),
         cmdline_extra: vec![],
         disks,
         workdir: dir.join("run"),
@@ -84,7 +86,9 @@ fn qemu_writes_scsi_and_sata_disks_through_kiln_disk() {
     // No guest runs: the kernel options go, QEMU stays stopped (-S) and only its block layer
     // is used.
     let mut args: Vec<OsString> = Vec::new();
-    let mut it = qemu_args(&vm, BlockMode::VhostUser, None).into_iter();
+    let mut it = qemu_args(&vm, BlockMode::VhostUser, None, &Default::default())
+        .unwrap()
+        .into_iter();
     while let Some(a) = it.next() {
         if a == "-kernel" || a == "-initrd" || a == "-append" {
             it.next();

@@ -21,7 +21,8 @@ pub mod qmp;
 
 pub use backends::{block_socket, nbd_socket, net_socket, BlockMode};
 
-use super::{Engine, EngineError, RunningVm, VmLaunch};
+use super::firmware::HostFirmware;
+use super::{BootMode, Engine, EngineError, RunningVm, VmLaunch};
 use crate::job::DiskBus;
 
 /// Finds `qemu-system-x86_64` on PATH (or `$KILN_QEMU`).
@@ -39,6 +40,7 @@ pub fn find_qemu() -> Option<PathBuf> {
 pub struct QemuEngine {
     qemu: PathBuf,
     block: BlockMode,
+    firmware: HostFirmware,
 }
 
 impl QemuEngine {
@@ -50,14 +52,24 @@ impl QemuEngine {
         Ok(Self {
             qemu,
             block: backends::block_mode(),
+            firmware: HostFirmware::find(),
         })
     }
 }
 
 /// The QEMU command line for a VM (without the program name). Public for tests and
 /// `kiln build --dry-run`-style inspection.
-pub fn qemu_args(vm: &VmLaunch, block: BlockMode, vsock_sock: Option<&Path>) -> Vec<OsString> {
+pub fn qemu_args(
+    vm: &VmLaunch,
+    block: BlockMode,
+    vsock_sock: Option<&Path>,
+    firmware: &HostFirmware,
+) -> Result<Vec<OsString>, EngineError> {
     let mut a: Vec<OsString> = Vec::new();
+    let secure_boot = matches!(
+        &vm.boot,
+        BootMode::Firmware(f) if f.firmware == crate::job::Firmware::UefiSecureBoot
+    );
     let mut push = |s: &str| a.push(s.into());
     let mem = format!("{}M", vm.memory_mib);
     push("-nodefaults");
@@ -67,7 +79,12 @@ pub fn qemu_args(vm: &VmLaunch, block: BlockMode, vsock_sock: Option<&Path>) -> 
     push("-accel");
     push("tcg,thread=multi");
     push("-machine");
-    push("q35,memory-backend=mem");
+    // Secure Boot's variables are guarded by SMM: without it the guest could rewrite them.
+    push(if secure_boot {
+        "q35,memory-backend=mem,smm=on"
+    } else {
+        "q35,memory-backend=mem"
+    });
     push("-cpu");
     push("max");
     push("-m");
@@ -89,14 +106,44 @@ pub fn qemu_args(vm: &VmLaunch, block: BlockMode, vsock_sock: Option<&Path>) -> 
     push("-serial");
     push("chardev:serial");
     push("-no-reboot");
-    a.push("-kernel".into());
-    a.push(vm.boot.kernel.clone().into());
-    if let Some(i) = &vm.boot.initrd {
-        a.push("-initrd".into());
-        a.push(i.clone().into());
+    match &vm.boot {
+        BootMode::Direct(boot) => {
+            a.push("-kernel".into());
+            a.push(boot.kernel.clone().into());
+            if let Some(i) = &boot.initrd {
+                a.push("-initrd".into());
+                a.push(i.clone().into());
+            }
+            a.push("-append".into());
+            a.push(vm.cmdline(boot).into());
+        }
+        BootMode::Firmware(fw) => {
+            let files = firmware.files(fw.firmware)?;
+            match (&files.vars_template, &fw.nvram) {
+                (None, _) => {
+                    a.push("-bios".into());
+                    a.push(files.code.into());
+                }
+                (Some(_), Some(nvram)) => {
+                    if secure_boot {
+                        a.push("-global".into());
+                        a.push("driver=cfi.pflash01,property=secure,value=on".into());
+                    }
+                    a.push("-drive".into());
+                    a.push(pflash(&files.code, 0, true).into());
+                    a.push("-drive".into());
+                    a.push(pflash(nvram, 1, false).into());
+                }
+                (Some(_), None) => {
+                    return Err(EngineError::Backend(format!(
+                        "VM `{}`: {} boot needs the VM's own NVRAM file",
+                        vm.name,
+                        fw.firmware.as_str()
+                    )))
+                }
+            }
+        }
     }
-    a.push("-append".into());
-    a.push(vm.cmdline().into());
     let mut sata_ports = 0;
     for (i, d) in vm.disks.iter().enumerate() {
         match (d.bus, block) {
@@ -175,7 +222,15 @@ pub fn qemu_args(vm: &VmLaunch, block: BlockMode, vsock_sock: Option<&Path>) -> 
             .into(),
         );
     }
-    a
+    Ok(a)
+}
+
+/// A UEFI flash drive: the firmware's code (read-only) or the VM's variable store. Commas in
+/// the path are doubled, as QEMU's option syntax wants.
+fn pflash(path: &Path, unit: u32, read_only: bool) -> String {
+    let path = path.to_string_lossy().replace(',', ",,");
+    let ro = if read_only { ",readonly=on" } else { "" };
+    format!("if=pflash,format=raw,unit={unit},file={path}{ro}")
 }
 
 /// A `-blockdev` for kiln-disk's NBD export of disk `i` (node `d<i>`); JSON, so the socket
@@ -198,11 +253,15 @@ impl Engine for QemuEngine {
 
     fn launch(&self, vm: &VmLaunch) -> Result<Box<dyn RunningVm>, EngineError> {
         vm.create_workdir()?;
+        // A missing firmware file is this call's error, before any backend starts.
+        if let BootMode::Firmware(fw) = &vm.boot {
+            self.firmware.files(fw.firmware)?;
+        }
         // Backends listen first: QEMU connects to their sockets as a client, and connects
         // again when a reboot starts a fresh QEMU.
         let mut backends = backends::start(vm, self.block)?;
         let exports = backends.take_exports();
-        let mut args = qemu_args(vm, self.block, backends.vsock_socket());
+        let mut args = qemu_args(vm, self.block, backends.vsock_socket(), &self.firmware)?;
         let qmp = qmp_socket(&vm.workdir);
         let _ = std::fs::remove_file(&qmp);
         args.push("-qmp".into());
@@ -433,11 +492,12 @@ mod tests {
             name: "web".into(),
             cpus: 2,
             memory_mib: 1024,
-            boot: BootFiles {
+            boot: BootMode::Direct(BootFiles {
                 kernel: "/c/vmlinuz".into(),
                 initrd: Some("/c/initrd.img".into()),
                 root: "/dev/vda".into(),
-            },
+                args: vec![],
+            }),
             cmdline_extra: vec![],
             disks: vec![DiskAttach {
                 name: "root".into(),
@@ -452,6 +512,10 @@ mod tests {
         }
     }
 
+    fn args_of(vm: &VmLaunch, block: BlockMode, vsock: Option<&Path>) -> Vec<OsString> {
+        qemu_args(vm, block, vsock, &HostFirmware::default()).unwrap()
+    }
+
     fn joined(a: &[OsString]) -> String {
         a.iter()
             .map(|s| s.to_string_lossy().into_owned())
@@ -461,7 +525,7 @@ mod tests {
 
     #[test]
     fn command_line_uses_shared_memory_and_vhost_user() {
-        let s = joined(&qemu_args(
+        let s = joined(&args_of(
             &launch(),
             BlockMode::VhostUser,
             Some(Path::new("/w/vsock.sock")),
@@ -485,6 +549,65 @@ mod tests {
     }
 
     #[test]
+    fn firmware_boots_have_no_kernel_and_their_own_flash() {
+        use crate::engine::FirmwareBoot;
+        use crate::job::Firmware;
+        let dir = tempfile::tempdir().unwrap();
+        for f in [
+            "bios-256k.bin",
+            "OVMF_CODE_4M.fd",
+            "OVMF_VARS_4M.fd",
+            "OVMF_CODE_4M.secboot.fd",
+            "OVMF_VARS_4M.ms.fd",
+        ] {
+            std::fs::write(dir.path().join(f), b"x").unwrap();
+        }
+        let host = HostFirmware::find_in(dir.path(), dir.path());
+        let d = dir.path().display();
+        let mut l = launch();
+        let boot = |firmware, nvram: Option<&str>| {
+            BootMode::Firmware(FirmwareBoot {
+                firmware,
+                nvram: nvram.map(PathBuf::from),
+            })
+        };
+        l.boot = boot(Firmware::Bios, None);
+        let s = joined(&qemu_args(&l, BlockMode::VhostUser, None, &host).unwrap());
+        assert!(s.contains(&format!("-bios {d}/bios-256k.bin")), "{s}");
+        assert!(!s.contains("-kernel") && !s.contains("-append") && !s.contains("pflash"));
+
+        l.boot = boot(Firmware::Uefi, Some("/w/nv,ram.fd"));
+        let s = joined(&qemu_args(&l, BlockMode::VhostUser, None, &host).unwrap());
+        assert!(
+            s.contains(&format!(
+                "if=pflash,format=raw,unit=0,file={d}/OVMF_CODE_4M.fd,readonly=on"
+            )),
+            "{s}"
+        );
+        assert!(
+            s.contains("if=pflash,format=raw,unit=1,file=/w/nv,,ram.fd "),
+            "{s}"
+        );
+        assert!(!s.contains("smm=on") && !s.contains("-kernel") && !s.contains("-bios"));
+
+        l.boot = boot(Firmware::UefiSecureBoot, Some("/w/nvram.fd"));
+        let s = joined(&qemu_args(&l, BlockMode::VhostUser, None, &host).unwrap());
+        assert!(s.contains("q35,memory-backend=mem,smm=on"), "{s}");
+        assert!(s.contains("driver=cfi.pflash01,property=secure,value=on"));
+        assert!(s.contains(&format!(
+            "unit=0,file={d}/OVMF_CODE_4M.secboot.fd,readonly=on"
+        )));
+
+        // A UEFI boot without its own NVRAM, or without OVMF, is an error, not a BIOS boot.
+        l.boot = boot(Firmware::Uefi, None);
+        let e = qemu_args(&l, BlockMode::VhostUser, None, &host).unwrap_err();
+        assert!(e.to_string().contains("NVRAM"), "{e}");
+        l.boot = boot(Firmware::Uefi, Some("/w/nvram.fd"));
+        let e = qemu_args(&l, BlockMode::VhostUser, None, &HostFirmware::default()).unwrap_err();
+        assert!(e.to_string().contains("OVMF_CODE_4M.fd"), "{e}");
+    }
+
+    #[test]
     fn scsi_and_sata_disks_are_nbd_exports_on_their_controllers() {
         let mut l = launch();
         for (name, bus) in [
@@ -500,7 +623,7 @@ mod tests {
                 bus,
             });
         }
-        let args = qemu_args(&l, BlockMode::VhostUser, None);
+        let args = args_of(&l, BlockMode::VhostUser, None);
         let s = joined(&args);
         // The boot disk stays on kiln's vhost-user-blk; only disk 0 has a vhost-user socket.
         assert!(
@@ -532,7 +655,7 @@ mod tests {
             assert!(s.contains(&device), "{device} in {s}");
         }
         // Under the debugging block mode too, QEMU never opens these disks' files.
-        let s = joined(&qemu_args(&l, BlockMode::QemuDrive, None));
+        let s = joined(&args_of(&l, BlockMode::QemuDrive, None));
         assert!(
             !s.contains("/w/data.qcow2") && s.contains("/w/nbd1.sock"),
             "{s}"
@@ -551,7 +674,7 @@ mod tests {
                 port: port.clone(),
             });
         }
-        let s = joined(&qemu_args(&l, BlockMode::VhostUser, None));
+        let s = joined(&args_of(&l, BlockMode::VhostUser, None));
         for i in 0..2 {
             assert!(
                 s.contains(&format!("socket,id=net{i},path=/w/net{i}.sock")),
@@ -568,6 +691,6 @@ mod tests {
                 "{s}"
             );
         }
-        assert!(!joined(&qemu_args(&launch(), BlockMode::VhostUser, None)).contains("netdev"));
+        assert!(!joined(&args_of(&launch(), BlockMode::VhostUser, None)).contains("netdev"));
     }
 }

@@ -288,6 +288,8 @@ mod tests {
                 internet: false,
                 nics: vec![],
                 boot_timeout: Duration::from_secs(300),
+                firmware: Default::default(),
+                boot: Default::default(),
             }],
             files: BTreeMap::new(),
             timeout: Duration::from_secs(60),

@@ -1,0 +1,159 @@
+//! The firmware files QEMU boots VMs through, from Debian's `seabios` and `ovmf` packages:
+//! where they are on this host, and which files a [`Firmware`] needs. `kiln doctor` reports
+//! the same facts.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::Serialize;
+
+use crate::job::Firmware;
+
+/// Where Debian installs them; `KILN_FIRMWARE_DIR` replaces both (one folder holding the
+/// files under the same names), for hosts that keep them elsewhere.
+const SEABIOS_DIR: &str = "/usr/share/seabios";
+const OVMF_DIR: &str = "/usr/share/OVMF";
+
+const SEABIOS: &str = "bios-256k.bin";
+/// The 4 MiB builds: the 2 MiB ones cannot hold the Secure Boot variables.
+const OVMF_CODE: &str = "OVMF_CODE_4M.fd";
+const OVMF_VARS: &str = "OVMF_VARS_4M.fd";
+const OVMF_CODE_SECURE: &str = "OVMF_CODE_4M.secboot.fd";
+/// Microsoft's keys enrolled, so the shims distributions sign boot.
+const OVMF_VARS_MS: &str = "OVMF_VARS_4M.ms.fd";
+
+#[derive(Debug, thiserror::Error)]
+pub enum FirmwareError {
+    #[error(
+        "{firmware} boot needs {file}, which is not installed (looked in {}; Debian package \
+         `{package}`)",
+        looked.display()
+    )]
+    Missing {
+        firmware: &'static str,
+        file: &'static str,
+        looked: PathBuf,
+        package: &'static str,
+    },
+}
+
+/// The firmware files found on this host (each None when absent).
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HostFirmware {
+    pub seabios: Option<PathBuf>,
+    pub ovmf_code: Option<PathBuf>,
+    pub ovmf_vars: Option<PathBuf>,
+    pub ovmf_code_secure_boot: Option<PathBuf>,
+    pub ovmf_vars_microsoft: Option<PathBuf>,
+    /// Where they were looked for.
+    #[serde(skip)]
+    dirs: (PathBuf, PathBuf),
+}
+
+/// What QEMU is given for one firmware.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirmwareFiles {
+    /// SeaBIOS's image, or OVMF's code (read-only flash).
+    pub code: PathBuf,
+    /// UEFI: the variable store each VM starts from a copy of.
+    pub vars_template: Option<PathBuf>,
+}
+
+impl HostFirmware {
+    pub fn find() -> Self {
+        match std::env::var_os("KILN_FIRMWARE_DIR").filter(|d| !d.is_empty()) {
+            Some(dir) => Self::find_in(Path::new(&dir), Path::new(&dir)),
+            None => Self::find_in(Path::new(SEABIOS_DIR), Path::new(OVMF_DIR)),
+        }
+    }
+
+    pub fn find_in(seabios_dir: &Path, ovmf_dir: &Path) -> Self {
+        let file = |dir: &Path, name: &str| Some(dir.join(name)).filter(|p| p.is_file());
+        HostFirmware {
+            seabios: file(seabios_dir, SEABIOS),
+            ovmf_code: file(ovmf_dir, OVMF_CODE),
+            ovmf_vars: file(ovmf_dir, OVMF_VARS),
+            ovmf_code_secure_boot: file(ovmf_dir, OVMF_CODE_SECURE),
+            ovmf_vars_microsoft: file(ovmf_dir, OVMF_VARS_MS),
+            dirs: (seabios_dir.to_path_buf(), ovmf_dir.to_path_buf()),
+        }
+    }
+
+    /// The files `firmware` needs, or which one is missing.
+    pub fn files(&self, firmware: Firmware) -> Result<FirmwareFiles, FirmwareError> {
+        let need = |found: &Option<PathBuf>, file: &'static str, dir: &Path, package| {
+            found.clone().ok_or_else(|| FirmwareError::Missing {
+                firmware: firmware.as_str(),
+                file,
+                looked: dir.to_path_buf(),
+                package,
+            })
+        };
+        let (seabios_dir, ovmf_dir) = (&self.dirs.0, &self.dirs.1);
+        Ok(match firmware {
+            Firmware::Bios => FirmwareFiles {
+                code: need(&self.seabios, SEABIOS, seabios_dir, "seabios")?,
+                vars_template: None,
+            },
+            Firmware::Uefi => FirmwareFiles {
+                code: need(&self.ovmf_code, OVMF_CODE, ovmf_dir, "ovmf")?,
+                vars_template: Some(need(&self.ovmf_vars, OVMF_VARS, ovmf_dir, "ovmf")?),
+            },
+            Firmware::UefiSecureBoot => FirmwareFiles {
+                code: need(
+                    &self.ovmf_code_secure_boot,
+                    OVMF_CODE_SECURE,
+                    ovmf_dir,
+                    "ovmf",
+                )?,
+                vars_template: Some(need(
+                    &self.ovmf_vars_microsoft,
+                    OVMF_VARS_MS,
+                    ovmf_dir,
+                    "ovmf",
+                )?),
+            },
+        })
+    }
+}
+
+/// The installed version of a Debian package (`dpkg-query`), None without dpkg or the package.
+pub fn package_version(package: &str) -> Option<String> {
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f", "${Version}", package])
+        .output()
+        .ok()?;
+    let v = String::from_utf8(out.stdout).ok()?;
+    (out.status.success() && !v.trim().is_empty()).then(|| v.trim().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_per_firmware_and_what_is_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in [SEABIOS, OVMF_CODE, OVMF_VARS] {
+            std::fs::write(dir.path().join(f), b"x").unwrap();
+        }
+        let host = HostFirmware::find_in(dir.path(), dir.path());
+        assert_eq!(
+            host.files(Firmware::Bios).unwrap().code,
+            dir.path().join(SEABIOS)
+        );
+        let uefi = host.files(Firmware::Uefi).unwrap();
+        assert_eq!(uefi.code, dir.path().join(OVMF_CODE));
+        assert_eq!(uefi.vars_template, Some(dir.path().join(OVMF_VARS)));
+        let e = host
+            .files(Firmware::UefiSecureBoot)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("uefi-secure-boot boot needs OVMF_CODE_4M.secboot.fd")
+                && e.contains("`ovmf`"),
+            "{e}"
+        );
+    }
+}
