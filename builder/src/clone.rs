@@ -466,6 +466,7 @@ mod tests {
                 source: serde_json::Value::Null,
                 agent_in_image: true,
                 boot: None,
+                firmware: None,
                 disks: vec![DiskRecord {
                     name: "root".into(),
                     file: file.into(),

@@ -77,8 +77,30 @@ pub struct VmRecord {
     /// The resolved source (URL with digest, bootstrap package versions, parent module...).
     pub source: serde_json::Value,
     pub agent_in_image: bool,
+    /// The kernel and initrd a direct boot loads (absent for a VM that boots through firmware
+    /// only).
     pub boot: Option<BootRecord>,
+    /// The firmware the VM boots through when not directly: recorded so clones and `buildRef`
+    /// children boot the same way. Absent in modules made before firmware boot: BIOS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<FirmwareRecord>,
     pub disks: Vec<DiskRecord>,
+}
+
+/// A VM's firmware and its NVRAM as captured.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FirmwareRecord {
+    pub firmware: crate::job::Firmware,
+    /// Whether the build booted the VM through this firmware (`true`) or directly (`false`,
+    /// the firmware is then what the image is meant for).
+    pub booted: bool,
+    /// UEFI: the VM's variable store at capture (`nvram/<vm>.fd`, relative to the module
+    /// folder); clones and children start from a copy of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nvram: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nvram_sha256: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -441,6 +463,7 @@ mod tests {
                     initrd: Some("boot/web/initrd.img".into()),
                     root: "/dev/vda".into(),
                 }),
+                firmware: None,
                 disks: vec![DiskRecord {
                     name: "root".into(),
                     file: "disks/web-root.qcow2".into(),

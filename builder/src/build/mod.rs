@@ -183,6 +183,7 @@ fn vm_phases(b: &VmBuild) -> Result<VmRecord, VmError> {
         // The seed installed the agent into the captured disk.
         agent_in_image: src.agent_in_image || disks.seed.is_some(),
         boot: Some(boot),
+        firmware: None,
         disks: captured,
     })
 }
