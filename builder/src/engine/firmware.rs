@@ -118,6 +118,54 @@ impl HostFirmware {
     }
 }
 
+/// Whether a UEFI variable store (an OVMF `OVMF_VARS*.fd` file, or a VM's NVRAM made from one)
+/// holds a Platform Key: without one, OVMF's Secure Boot build boots anything with Secure
+/// Boot off and says nothing, so a Secure Boot VM must be refused instead. Walks the store's
+/// authenticated variables (EDK II's firmware volume layout); anything malformed reads as
+/// "no key", and every offset is checked against the buffer.
+pub fn has_platform_key(store: &[u8]) -> bool {
+    const VAR_START: u16 = 0x55aa;
+    /// `StartId, State, Reserved, Attributes, MonotonicCount, TimeStamp, PubKeyIndex,
+    /// NameSize, DataSize, VendorGuid`.
+    const VAR_HEADER: usize = 60;
+    /// The store header after the volume header: a GUID, Size, Format, State, reserved.
+    const STORE_HEADER: usize = 28;
+    const ADDED: u8 = 0x3f;
+    const ADDED_DELETING: u8 = 0x3e;
+    let u16_at = |at: usize| Some(u16::from_le_bytes(store.get(at..at + 2)?.try_into().ok()?));
+    let u32_at = |at: usize| Some(u32::from_le_bytes(store.get(at..at + 4)?.try_into().ok()?));
+    let pk: Vec<u8> = "PK\0".encode_utf16().flat_map(u16::to_le_bytes).collect();
+    // The volume header names its own length (offset 0x30); `_FVH` at 0x28 marks it.
+    if store.get(0x28..0x2c) != Some(b"_FVH") {
+        return false;
+    }
+    let Some(mut at) = u16_at(0x30).map(|h| usize::from(h) + STORE_HEADER) else {
+        return false;
+    };
+    while let (Some(VAR_START), Some(state)) = (u16_at(at), store.get(at + 2).copied()) {
+        let (Some(name_len), Some(data_len)) = (u32_at(at + 36), u32_at(at + 40)) else {
+            return false;
+        };
+        let (name_len, data_len) = (name_len as usize, data_len as usize);
+        let name_at = at + VAR_HEADER;
+        if matches!(state, ADDED | ADDED_DELETING)
+            && store.get(name_at..name_at + name_len) == Some(pk.as_slice())
+        {
+            return data_len > 0;
+        }
+        let Some(next) = name_at
+            .checked_add(name_len)
+            .and_then(|n| n.checked_add(data_len))
+            .map(|n| n.next_multiple_of(4))
+            .filter(|n| *n > at && *n <= store.len())
+        else {
+            return false;
+        };
+        at = next;
+    }
+    false
+}
+
 /// The installed version of a Debian package (`dpkg-query`), None without dpkg or the package.
 pub fn package_version(package: &str) -> Option<String> {
     let out = Command::new("dpkg-query")
@@ -131,6 +179,28 @@ pub fn package_version(package: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn platform_key_is_found_only_where_enrolled() {
+        let host = HostFirmware::find();
+        let (Some(plain), Some(ms)) = (&host.ovmf_vars, &host.ovmf_vars_microsoft) else {
+            eprintln!("SKIP: OVMF's variable stores are not installed (Debian package ovmf)");
+            return;
+        };
+        let ms = std::fs::read(ms).unwrap();
+        assert!(has_platform_key(&ms));
+        assert!(!has_platform_key(&std::fs::read(plain).unwrap()));
+        // Truncated or damaged anywhere: never a panic, never a key read past the end.
+        for cut in (0..ms.len()).step_by(4093) {
+            has_platform_key(&ms[..cut]);
+        }
+        let mut bad = ms.clone();
+        for at in (0x30..4096).step_by(7) {
+            bad[at] ^= 0xa5;
+            has_platform_key(&bad);
+        }
+        assert!(!has_platform_key(&[]));
+    }
 
     #[test]
     fn files_per_firmware_and_what_is_missing() {
