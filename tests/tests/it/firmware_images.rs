@@ -16,6 +16,9 @@ const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 /// sign Debian's shim.
 const OVMF_SECURE_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd";
 const OVMF_MS_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd";
+/// What the kernel says about Secure Boot, early, on the serial console: `enabled` or
+/// `disabled` follows.
+const KERNEL_SECURE_BOOT: &str = "secureboot: Secure boot ";
 /// How long a firmware may take to say it found nothing to boot, under TCG on a shared host.
 const FAILURE_TIMEOUT: Duration = Duration::from_secs(120);
 /// OVMF, when no boot option is left: every one failed or was refused.
@@ -120,6 +123,8 @@ enum Firmware {
     SeaBios,
     Ovmf,
     OvmfSecure,
+    /// The Secure Boot build with the plain variables: no keys enrolled (setup mode).
+    OvmfSecureNoKeys,
 }
 
 impl Firmware {
@@ -135,6 +140,7 @@ impl Firmware {
             }
             Firmware::Ovmf => (OVMF_CODE, OVMF_VARS),
             Firmware::OvmfSecure => (OVMF_SECURE_CODE, OVMF_MS_VARS),
+            Firmware::OvmfSecureNoKeys => (OVMF_SECURE_CODE, OVMF_VARS),
         };
         for file in [code, vars] {
             if !Path::new(file).is_file() {
@@ -150,7 +156,7 @@ impl Firmware {
             "-drive".to_string(),
             format!("if=pflash,format=raw,unit=1,file={}", copy.display()),
         ]);
-        if let Firmware::OvmfSecure = self {
+        if let Firmware::OvmfSecure | Firmware::OvmfSecureNoKeys = self {
             // The Secure Boot build keeps its variables behind SMM: without it, it stops early.
             cfg.machine = "q35,smm=on".into();
             cfg = cfg.arg(["-global", "driver=cfi.pflash01,property=secure,value=on"]);
@@ -195,11 +201,35 @@ fn uefi_secure_image_boots_with_secure_boot() {
         return;
     };
     let out = boot(cfg, &disk);
-    // The kernel's own word that the firmware ran it with Secure Boot on: shim and GRUB passed
-    // the check, and so did the kernel.
+    // The kernel's own word (its EFI stub's, then its log's) that the firmware ran it with
+    // Secure Boot on: shim and GRUB passed the check, and so did the kernel.
+    for said in [
+        "EFI stub: UEFI Secure Boot is enabled.",
+        &format!("{KERNEL_SECURE_BOOT}enabled"),
+    ] {
+        assert!(
+            out.contains(said),
+            "booted, but no `{said}`: Secure Boot off?\n{out}"
+        );
+    }
+}
+
+/// The trap a build must catch itself: with no keys enrolled the Secure Boot build boots
+/// anything, silently with Secure Boot off; only the kernel's line tells.
+#[test]
+fn secure_boot_without_keys_boots_with_it_off() {
+    let test = "secure_boot_without_keys_boots_with_it_off";
+    let Some((_dir, cfg, disk)) = vm_or_skip(
+        test,
+        Firmware::OvmfSecureNoKeys,
+        firmware_image::uefi_secure,
+    ) else {
+        return;
+    };
+    let out = boot_until(cfg, &disk, KERNEL_SECURE_BOOT, BOOT_TIMEOUT);
     assert!(
-        out.contains("secureboot: Secure boot enabled"),
-        "booted, but not with Secure Boot on:\n{out}"
+        out.contains(&format!("{KERNEL_SECURE_BOOT}disabled")),
+        "Secure Boot not off without keys:\n{out}"
     );
 }
 
