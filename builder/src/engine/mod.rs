@@ -134,10 +134,11 @@ impl VmLaunch {
         Ok(())
     }
 
-    /// kiln's kernel command line for a direct boot of `boot`: root device, serial console,
-    /// the VM's hostname.
+    /// The kernel command line for a direct boot of `boot`: the image's own arguments kiln
+    /// keeps, then kiln's (root device, serial console, the VM's hostname), which win
+    /// ([`crate::bootimage::kargs::merge`]).
     pub fn cmdline(&self, boot: &BootFiles) -> String {
-        let mut parts = vec![
+        let mut own = vec![
             format!("root={}", boot.root),
             "rw".to_string(),
             "console=ttyS0".to_string(),
@@ -145,8 +146,9 @@ impl VmLaunch {
             // Debian's cloud kernel reboots on panic only when told; a build should fail fast.
             "panic=-1".to_string(),
         ];
-        parts.extend(self.cmdline_extra.iter().cloned());
-        parts.join(" ")
+        own.extend(self.cmdline_extra.iter().cloned());
+        let kargs = crate::bootimage::kargs::merge(&boot.args, &own);
+        crate::bootimage::kargs::render(&kargs)
     }
 }
 
