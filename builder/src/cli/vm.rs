@@ -260,12 +260,16 @@ fn smoke_test(a: &DoctorArgs, probe: &kiln_vmm::doctor::Probe) -> anyhow::Result
         );
     }
     let kernel = match &a.smoke_kernel {
-        Some(p) => p.clone(),
+        Some(p) => kvm_smoke::SmokeKernel {
+            path: p.clone(),
+            origin: "--smoke-kernel".into(),
+        },
         None => match kvm_smoke::find_kernel(&root) {
-            Some(k) => k.path,
+            Some(k) => k,
             None => return Ok(SmokeReport::not_run(kvm_smoke::NO_KERNEL)),
         },
     };
+    let (kernel, origin) = (kernel.path, kernel.origin);
     let key = kvm_smoke::SmokeKey::for_kernel(&kernel)
         .with_context(|| format!("reading the smoke-test kernel {}", kernel.display()))?;
     if !a.recheck {
@@ -274,7 +278,7 @@ fn smoke_test(a: &DoctorArgs, probe: &kiln_vmm::doctor::Probe) -> anyhow::Result
         }
     }
     eprintln!(
-        "kiln doctor: smoke test: booting {} in kiln's VMM (at most {} s)",
+        "kiln doctor: smoke test: booting {} ({origin}) in kiln's VMM (at most {} s)",
         kernel.display(),
         kiln_vmm::smoke::DEFAULT_TIMEOUT.as_secs()
     );

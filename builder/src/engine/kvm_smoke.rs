@@ -184,7 +184,10 @@ fn newest_bootstrap_kernel(dir: &Path) -> Option<SmokeKernel> {
         })
         .max()
         .map(|(_, key, path)| SmokeKernel {
-            origin: format!("bootstrap base {}", &key[..key.len().min(12)]),
+            origin: format!(
+                "bootstrap base {}",
+                key.chars().take(12).collect::<String>()
+            ),
             path,
         })
 }
@@ -253,9 +256,10 @@ pub fn status_for_auto(may_run: bool) -> SmokeStatus {
         return SmokeStatus::NotRun(NO_KERNEL.into());
     };
     eprintln!(
-        "kiln: checking once that kiln's VMM runs a stock kernel on this host (smoke test of {}, \
-         at most {} s; `kiln doctor` shows it)",
+        "kiln: checking once that kiln's VMM runs a stock kernel on this host (smoke test of {} \
+         from {}, at most {} s; `kiln doctor` shows it)",
         kernel.path.display(),
+        kernel.origin,
         kiln_vmm::smoke::DEFAULT_TIMEOUT.as_secs()
     );
     let ran = Cache::open(root)
