@@ -118,6 +118,16 @@ impl HostFirmware {
     }
 }
 
+/// The installed version of a Debian package (`dpkg-query`), None without dpkg or the package.
+pub fn package_version(package: &str) -> Option<String> {
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f", "${Version}", package])
+        .output()
+        .ok()?;
+    let v = String::from_utf8(out.stdout).ok()?;
+    (out.status.success() && !v.trim().is_empty()).then(|| v.trim().to_string())
+}
+
 /// What `kiln doctor` says about the host's firmware (snake_case keys, as the probe's).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct FirmwareReport {
@@ -195,16 +205,6 @@ impl FirmwareReport {
             found(&self.ovmf.vars_microsoft),
         )
     }
-}
-
-/// The installed version of a Debian package (`dpkg-query`), None without dpkg or the package.
-pub fn package_version(package: &str) -> Option<String> {
-    let out = Command::new("dpkg-query")
-        .args(["-W", "-f", "${Version}", package])
-        .output()
-        .ok()?;
-    let v = String::from_utf8(out.stdout).ok()?;
-    (out.status.success() && !v.trim().is_empty()).then(|| v.trim().to_string())
 }
 
 #[cfg(test)]
