@@ -182,20 +182,26 @@ pub fn run(
         seconds: start.elapsed().as_secs_f64(),
         console_tail: tail(&console),
     };
-    let mut p = match VmProcess::spawn(exe, &spec, &workdir.join("vmm.sock")) {
+    let p = match VmProcess::spawn(exe, &spec, &workdir.join("vmm.sock")) {
         Ok(p) => p,
         Err(e) => return Ok(failed(format!("the VMM process could not start: {e}"))),
     };
-    if let Err(e) = p.start() {
-        return Ok(failed(format!("the VMM could not boot the kernel: {e}")));
-    }
     let killer = match Killer::for_pid(p.pid()) {
         Ok(k) => k,
         Err(e) => return Ok(failed(format!("cannot watch the VMM process: {e}"))),
     };
+    // Start and wait off this thread: a VMM wedged even before it answers `start` is
+    // still caught by the deadline below.
     let (tx, rx) = mpsc::channel();
     let waiter = std::thread::spawn(move || {
-        let r = p.wait();
+        let mut p = p;
+        let r = match p.start() {
+            Ok(()) => p
+                .wait()
+                .map(|r| r.to_string())
+                .map_err(|e| format!("lost the VMM process: {e}")),
+            Err(e) => Err(format!("the VMM could not boot the kernel: {e}")),
+        };
         let _ = tx.send(r);
     });
     let deadline = start + timeout;
@@ -217,11 +223,10 @@ pub fn run(
                 if console_has_marker(&console) {
                     continue;
                 }
-                let why = match ended {
-                    Ok(r) => r.to_string(),
-                    Err(e) => format!("lost the VMM process: {e}"),
-                };
-                break failed(format!("the VM ended before userspace: {why}"));
+                break failed(match ended {
+                    Ok(exit) => format!("the VM ended before userspace: {exit}"),
+                    Err(e) => e,
+                });
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 break failed("the VMM watcher ended without a result".into())
@@ -360,6 +365,71 @@ mod tests {
         assert_eq!(t.lines().count(), TAIL_LINES);
         assert!(t.ends_with("line 19") && t.starts_with("line 8"), "{t}");
         assert_eq!(tail(&dir.path().join("absent")), "");
+    }
+
+    #[test]
+    fn a_vmm_that_cannot_start_is_a_failed_outcome() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = run(
+            &dir.path().join("no-such-kiln"),
+            &dir.path().join("vmlinuz"),
+            dir.path(),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        assert!(!o.passed);
+        assert!(
+            o.reason.starts_with("the VMM process could not start"),
+            "{}",
+            o.reason
+        );
+    }
+
+    /// A VMM that takes the control connection and then never answers (wedged) is killed at
+    /// the deadline: the smoke test never hangs.
+    #[test]
+    fn a_wedged_vmm_fails_at_the_deadline() {
+        let Some(python) = ["/usr/bin/python3", "/bin/python3"]
+            .into_iter()
+            .find(|p| Path::new(p).is_file())
+        else {
+            return kiln_e2e::skip(
+                "a_wedged_vmm_fails_at_the_deadline: no python3 for the fake VMM",
+            );
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("fake-vmm");
+        // Called as `fake-vmm __vmm --socket S --spec JSON`: listen on S, accept, sleep.
+        std::fs::write(
+            &fake,
+            format!(
+                "#!{python}\nimport socket, sys, time\n\
+                 s = socket.socket(socket.AF_UNIX)\ns.bind(sys.argv[3])\ns.listen(1)\n\
+                 c, _ = s.accept()\ntime.sleep(600)\n"
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let started = Instant::now();
+        let o = run(
+            &fake,
+            &dir.path().join("vmlinuz"),
+            dir.path(),
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        assert!(!o.passed);
+        assert!(
+            o.reason.contains("no sign of userspace within 2 s"),
+            "{}",
+            o.reason
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(12),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     /// The initramfs brings a real kernel to userspace under QEMU (TCG), so a smoke failure
