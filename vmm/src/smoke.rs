@@ -309,9 +309,7 @@ mod tests {
         // The same program with exit(7) instead of reboot: runs safely on the host.
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("init");
-        std::fs::write(&path, init_program(b"hello from init\n", [60, 7, 0, 0])).unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        write_executable(&path, &init_program(b"hello from init\n", [60, 7, 0, 0]));
         let out = std::process::Command::new(&path).output().unwrap();
         assert_eq!(out.stdout, b"hello from init\n");
         assert_eq!(out.status.code(), Some(7));
@@ -367,21 +365,23 @@ mod tests {
         assert_eq!(tail(&dir.path().join("absent")), "");
     }
 
+    /// Runs the smoke test with `exe` as the VMM and checks it fails saying `says`; how
+    /// long it took.
+    fn fails_with(exe: &Path, timeout: Duration, says: &str) -> Duration {
+        let dir = tempfile::tempdir().unwrap();
+        let started = Instant::now();
+        let o = run(exe, &dir.path().join("vmlinuz"), dir.path(), timeout).unwrap();
+        assert!(!o.passed && o.reason.contains(says), "{}", o.reason);
+        started.elapsed()
+    }
+
     #[test]
     fn a_vmm_that_cannot_start_is_a_failed_outcome() {
-        let dir = tempfile::tempdir().unwrap();
-        let o = run(
-            &dir.path().join("no-such-kiln"),
-            &dir.path().join("vmlinuz"),
-            dir.path(),
+        let missing = Path::new("/nonexistent/kiln");
+        fails_with(
+            missing,
             Duration::from_secs(5),
-        )
-        .unwrap();
-        assert!(!o.passed);
-        assert!(
-            o.reason.starts_with("the VMM process could not start"),
-            "{}",
-            o.reason
+            "the VMM process could not start",
         );
     }
 
@@ -400,36 +400,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let fake = dir.path().join("fake-vmm");
         // Called as `fake-vmm __vmm --socket S --spec JSON`: listen on S, accept, sleep.
-        std::fs::write(
+        let script = format!(
+            "#!{python}\nimport socket, sys, time\n\
+             s = socket.socket(socket.AF_UNIX)\ns.bind(sys.argv[3])\ns.listen(1)\n\
+             c, _ = s.accept()\ntime.sleep(600)\n"
+        );
+        write_executable(&fake, script.as_bytes());
+        let took = fails_with(
             &fake,
-            format!(
-                "#!{python}\nimport socket, sys, time\n\
-                 s = socket.socket(socket.AF_UNIX)\ns.bind(sys.argv[3])\ns.listen(1)\n\
-                 c, _ = s.accept()\ntime.sleep(600)\n"
-            ),
-        )
-        .unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let started = Instant::now();
-        let o = run(
-            &fake,
-            &dir.path().join("vmlinuz"),
-            dir.path(),
             Duration::from_secs(2),
-        )
-        .unwrap();
-        assert!(!o.passed);
-        assert!(
-            o.reason.contains("no sign of userspace within 2 s"),
-            "{}",
-            o.reason
+            "no sign of userspace within 2 s",
         );
-        assert!(
-            started.elapsed() < Duration::from_secs(12),
-            "{:?}",
-            started.elapsed()
-        );
+        assert!(took < Duration::from_secs(12), "{took:?}");
+    }
+
+    fn write_executable(path: &Path, data: &[u8]) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(path, data).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
 
     /// The initramfs brings a real kernel to userspace under QEMU (TCG), so a smoke failure
