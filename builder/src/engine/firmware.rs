@@ -176,6 +176,85 @@ pub fn package_version(package: &str) -> Option<String> {
     (out.status.success() && !v.trim().is_empty()).then(|| v.trim().to_string())
 }
 
+/// What `kiln doctor` says about the host's firmware (snake_case keys, as the probe's).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FirmwareReport {
+    pub seabios: SeabiosReport,
+    pub ovmf: OvmfReport,
+    /// SeaBIOS is there: BIOS boots work.
+    pub bios: bool,
+    /// OVMF's code and variable store are there: `efiFirmware` boots work.
+    pub uefi: bool,
+    /// The secure-boot build and the Microsoft-enrolled variables are there.
+    pub secure_boot: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SeabiosReport {
+    pub path: Option<PathBuf>,
+    /// `dpkg-query`'s version of `seabios`; None without dpkg or the package.
+    pub package_version: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OvmfReport {
+    pub code: Option<PathBuf>,
+    pub vars: Option<PathBuf>,
+    pub code_secure_boot: Option<PathBuf>,
+    pub vars_microsoft: Option<PathBuf>,
+    pub package_version: Option<String>,
+}
+
+impl HostFirmware {
+    /// The report, with package versions from `version` ([`package_version`] outside tests).
+    pub fn report(&self, version: impl Fn(&str) -> Option<String>) -> FirmwareReport {
+        FirmwareReport {
+            seabios: SeabiosReport {
+                path: self.seabios.clone(),
+                package_version: version("seabios"),
+            },
+            ovmf: OvmfReport {
+                code: self.ovmf_code.clone(),
+                vars: self.ovmf_vars.clone(),
+                code_secure_boot: self.ovmf_code_secure_boot.clone(),
+                vars_microsoft: self.ovmf_vars_microsoft.clone(),
+                package_version: version("ovmf"),
+            },
+            bios: self.files(Firmware::Bios).is_ok(),
+            uefi: self.files(Firmware::Uefi).is_ok(),
+            secure_boot: self.files(Firmware::UefiSecureBoot).is_ok(),
+        }
+    }
+}
+
+impl FirmwareReport {
+    /// Three lines for `kiln doctor`'s text report.
+    pub fn lines(&self) -> String {
+        let found = |p: &Option<PathBuf>| match p {
+            Some(p) => p.display().to_string(),
+            None => "missing".into(),
+        };
+        let version = |v: &Option<String>| match v {
+            Some(v) => format!(" (package {v})"),
+            None => String::new(),
+        };
+        let yes_no = |b: bool| if b { "yes" } else { "no" };
+        format!(
+            "firmware (BIOS):   {}{}\n\
+             firmware (UEFI):   code {}, vars {}{}\n\
+             secure boot:       {} (code {}, Microsoft-enrolled vars {})\n",
+            found(&self.seabios.path),
+            version(&self.seabios.package_version),
+            found(&self.ovmf.code),
+            found(&self.ovmf.vars),
+            version(&self.ovmf.package_version),
+            yes_no(self.secure_boot),
+            found(&self.ovmf.code_secure_boot),
+            found(&self.ovmf.vars_microsoft),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,6 +303,16 @@ mod tests {
             e.contains("uefi-secure-boot boot needs OVMF_CODE_4M.secboot.fd")
                 && e.contains("`ovmf`"),
             "{e}"
+        );
+        let r = host.report(|p| (p == "ovmf").then(|| "2022.11".to_string()));
+        assert!(r.bios && r.uefi && !r.secure_boot, "{r:?}");
+        assert_eq!(r.ovmf.package_version.as_deref(), Some("2022.11"));
+        assert_eq!(r.seabios.package_version, None);
+        assert_eq!(r.ovmf.code_secure_boot, None);
+        let text = r.lines();
+        assert!(
+            text.contains("secure boot:       no") && text.contains("(package 2022.11)"),
+            "{text}"
         );
     }
 }
