@@ -17,6 +17,7 @@ mod build_thin;
 mod build_untrusted;
 mod build_url;
 mod firmware_images;
+mod module_boots_in_plain_qemu;
 mod modules_cli;
 mod run_lock;
 mod runtime_dir;
