@@ -452,7 +452,7 @@ fn on_path(prog: &str) -> bool {
 /// pointing at the newest kernel.
 fn check_kernel_links(root: &Path) -> Result<(), BootstrapError> {
     for link in ["vmlinuz", "initrd.img"] {
-        // `exists` follows the link: it must lead to a file inside the root (relative).
+        // Relative, so GRUB (and the guest) resolve it inside the root, to a file.
         let p = root.join(link);
         let target = fs::read_link(&p).ok();
         let ok = target.is_some_and(|t| t.is_relative() && root.join(t).is_file());
@@ -831,6 +831,96 @@ mod tests {
         let s = fs_size(400 << 20);
         assert!(s >= (400u64 << 20) * 4 / 3 + (384 << 20));
         assert_eq!(s % (64 << 20), 0);
+    }
+
+    #[test]
+    fn kernel_links_must_lead_to_files_in_the_root() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        fs::create_dir(r.join("boot")).unwrap();
+        fs::write(r.join("boot/vmlinuz-6.1.0-1"), b"k").unwrap();
+        fs::write(r.join("boot/initrd.img-6.1.0-1"), b"i").unwrap();
+        assert!(matches!(
+            check_kernel_links(r),
+            Err(BootstrapError::NoKernelLink("vmlinuz"))
+        ));
+        std::os::unix::fs::symlink("boot/vmlinuz-6.1.0-1", r.join("vmlinuz")).unwrap();
+        // Absolute: would point at the build host's file, not the guest's.
+        std::os::unix::fs::symlink("/boot/initrd.img-6.1.0-1", r.join("initrd.img")).unwrap();
+        assert!(matches!(
+            check_kernel_links(r),
+            Err(BootstrapError::NoKernelLink("initrd.img"))
+        ));
+        fs::remove_file(r.join("initrd.img")).unwrap();
+        std::os::unix::fs::symlink("boot/initrd.img-6.1.0-1", r.join("initrd.img")).unwrap();
+        check_kernel_links(r).unwrap();
+    }
+
+    /// The whole disk from a tiny root, read back like kiln's direct boot reads a source: the
+    /// GPT, the kernel in the ext4 root partition and `root=UUID=` with the key's UUID.
+    #[test]
+    fn written_disk_has_the_table_loaders_and_a_bootable_root() {
+        if let Err(e) = check_tools() {
+            eprintln!("SKIP: written_disk_has_the_table_loaders_and_a_bootable_root: {e}");
+            return;
+        }
+        let work = tempfile::tempdir().unwrap();
+        let root = work.path().join("root");
+        fs::create_dir_all(root.join("boot")).unwrap();
+        fs::write(root.join("boot/vmlinuz-6.1.0-1-cloud-amd64"), b"kernel").unwrap();
+        fs::write(root.join("boot/initrd.img-6.1.0-1-cloud-amd64"), b"initrd").unwrap();
+        let ids = layout::Ids::from_key("test-key");
+        let l = layout::layout(64 << 20, &ids);
+        let raw = work.path().join("disk.raw");
+        let log = work.path().join("log");
+        write_disk(work.path(), &root, &raw, &l, &ids, &log)
+            .unwrap_or_else(|e| panic!("{e}\n{}", fs::read_to_string(&log).unwrap_or_default()));
+
+        let f = fs::File::open(&raw).unwrap();
+        assert_eq!(f.metadata().unwrap().len(), l.disk_size);
+        let boot = crate::bootimage::find_boot(std::sync::Arc::new(crate::bootimage::RawImage(f)))
+            .unwrap();
+        assert_eq!(boot.kernel, b"kernel");
+        assert_eq!(boot.initrd.as_deref(), Some(&b"initrd"[..]));
+        assert_eq!(boot.partition, Some(3));
+        assert_eq!(boot.root, format!("UUID={}", ids.root_fs));
+
+        let bytes = fs::read(&raw).unwrap();
+        let at = |off: u64, n: usize| &bytes[off as usize..off as usize + n];
+        // boot.img in the MBR, pointing at the BIOS boot partition; the table kept.
+        assert_eq!(
+            at(0x5c, 8),
+            &layout::BIOS_BOOT.first_lba().to_le_bytes(),
+            "boot.img's core sector"
+        );
+        assert_eq!(at(446 + 4, 1), &[0xEE]);
+        assert_eq!(at(510, 2), &[0x55, 0xAA]);
+        assert_eq!(at(512, 8), b"EFI PART");
+        // The core image there, its block list patched to its second sector.
+        let core = layout::BIOS_BOOT.offset;
+        assert_eq!(
+            at(core + 500, 8),
+            &(layout::BIOS_BOOT.first_lba() + 1).to_le_bytes()
+        );
+        // A FAT32 ESP with the key's volume id.
+        let esp = layout::ESP.offset;
+        assert_eq!(at(esp + 82, 8), b"FAT32   ");
+        assert_eq!(at(esp + 67, 4), &ids.esp_volume_id.to_le_bytes());
+        // The backup GPT header in the last sector.
+        assert_eq!(at(l.disk_size - 512, 8), b"EFI PART");
+        // ... holding the UEFI loader where firmware looks without NVRAM entries.
+        let esp_img = work.path().join("esp-back.img");
+        fs::write(&esp_img, at(esp, layout::ESP.len as usize)).unwrap();
+        let dir = Command::new("mdir")
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .arg("-b")
+            .arg("-i")
+            .arg(&esp_img)
+            .arg("::/EFI/BOOT")
+            .output()
+            .unwrap();
+        let listing = String::from_utf8_lossy(&dir.stdout);
+        assert!(listing.contains("BOOTX64.EFI"), "{listing}");
     }
 
     #[test]
