@@ -61,6 +61,7 @@ pub fn boot_prereqs_or_skip() -> Option<PathBuf> {
     }
 }
 
+pub use kiln_e2e::image::ext4_root;
 pub use kiln_e2e::{is_root, on_path};
 
 /// Runs kiln with args in the repository root; output captured. `KILN_NO_INTERNET`: no VPC of
@@ -136,44 +137,13 @@ pub fn read_guest_file(qcow2: &Path, work: &Path, path: &str) -> Result<String, 
     let out = Command::new("debugfs")
         .arg("-R")
         .arg(format!("cat {path}"))
-        .arg(ext4_root(&raw)?)
+        .arg(ext4_root(&raw).map_err(|e| e.to_string())?)
         .output()
         .map_err(|e| e.to_string())?;
     if !out.status.success() {
         return Err(String::from_utf8_lossy(&out.stderr).into_owned());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// The x86-64 root partition type of the Discoverable Partitions spec, as GPT stores it.
-const GPT_ROOT_X86_64: [u8; 16] = [
-    0xe3, 0xbc, 0x68, 0x4f, 0xcd, 0xe8, 0xb1, 0x4d, 0x96, 0xe7, 0xfb, 0xca, 0xf9, 0x84, 0xb7, 0x09,
-];
-
-/// What debugfs opens for a raw image's root file system: `raw?offset=N` when the image is
-/// a GPT disk with an x86-64 root partition (kiln's bootstrapped bases), the whole file when
-/// it has no GPT.
-pub fn ext4_root(raw: &Path) -> Result<String, String> {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open(raw).map_err(|e| format!("{}: {e}", raw.display()))?;
-    let mut head = vec![0u8; 34 * 512];
-    f.read_exact_at(&mut head, 0)
-        .map_err(|e| format!("{}: {e}", raw.display()))?;
-    if &head[512..520] != b"EFI PART" {
-        return Ok(raw.display().to_string());
-    }
-    let le = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap());
-    let entries_lba = le(&head[512 + 72..512 + 80]);
-    let count = u32::from_le_bytes(head[512 + 80..512 + 84].try_into().unwrap()) as usize;
-    let size = u32::from_le_bytes(head[512 + 84..512 + 88].try_into().unwrap()) as usize;
-    let mut table = vec![0u8; count * size];
-    f.read_exact_at(&mut table, entries_lba * 512)
-        .map_err(|e| format!("{}: GPT entries: {e}", raw.display()))?;
-    table
-        .chunks(size)
-        .find(|e| e[..16] == GPT_ROOT_X86_64)
-        .map(|e| format!("{}?offset={}", raw.display(), le(&e[32..40]) * 512))
-        .ok_or_else(|| format!("{}: GPT without an x86-64 root partition", raw.display()))
 }
 
 /// Asserts that `modules` holds nothing a failed or interrupted build left half written.
