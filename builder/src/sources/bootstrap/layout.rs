@@ -166,14 +166,19 @@ impl Ids {
     }
 }
 
-/// The layout for a root file system of `root_size` bytes (a multiple of 1 MiB).
-pub fn layout(root_size: u64, ids: &Ids) -> Layout {
+/// The smallest disk [`layout`] accepts: the boot partitions, 1 MiB of root, GPT's backup.
+pub const MIN_DISK: u64 = ROOT_OFFSET + MIB + TAIL;
+
+/// The layout of a disk of `disk_size` bytes (a multiple of 1 MiB, at least [`MIN_DISK`]):
+/// the root takes all but the boot partitions and the backup table.
+pub fn layout(disk_size: u64, ids: &Ids) -> Layout {
+    let disk_size = disk_size.max(MIN_DISK) / MIB * MIB;
     let root = Extent {
         offset: ROOT_OFFSET,
-        len: root_size,
+        len: disk_size - ROOT_OFFSET - TAIL,
     };
     Layout {
-        disk_size: ROOT_OFFSET + root_size + TAIL,
+        disk_size,
         disk_guid: ids.disk,
         parts: vec![
             Part {
@@ -342,7 +347,8 @@ mod tests {
         let root = l.parts.last().unwrap();
         assert_eq!(root.type_guid, TYPE_ROOT_X86_64);
         assert_eq!(root.extent.offset, ROOT_OFFSET);
-        assert_eq!(root.extent.len, 1 << 30);
+        assert_eq!(root.extent.len, (1 << 30) - ROOT_OFFSET - TAIL);
+        assert_eq!(l.disk_size, 1 << 30);
         // Partitions are 1 MiB aligned, in order, none overlapping the GPT's own sectors.
         let mut end = 34 * SECTOR;
         for p in &l.parts {
@@ -351,7 +357,12 @@ mod tests {
             end = p.extent.offset + p.extent.len;
         }
         assert!(end + 33 * SECTOR <= l.disk_size);
-        assert_eq!(l.disk_size % MIB, 0);
+        // Odd or tiny sizes are rounded to whole MiB and a usable minimum.
+        assert_eq!(
+            layout(MIN_DISK + 5, &Ids::from_key("k")).disk_size,
+            MIN_DISK
+        );
+        assert_eq!(layout(0, &Ids::from_key("k")).root().len, MIB);
         assert_eq!(l.parts[1].extent, ESP);
         assert_eq!(l.root(), root.extent);
     }

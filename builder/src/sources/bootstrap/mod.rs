@@ -365,8 +365,7 @@ fn build(
 
     // 4. The disk.
     let used = tree_size(&root).map_err(PathIoError::at("measuring", &root))?;
-    let size = fs_size(used);
-    let layout = layout::layout(size, &ids);
+    let layout = layout::layout(disk_size(used), &ids);
     let raw = work.path().join("disk.raw");
     note(
         events,
@@ -419,9 +418,10 @@ fn note(events: &dyn EventSink, vm: Option<&str>, msg: &str) {
     });
 }
 
-/// File-system size for `used` bytes of files: room for metadata and for the first package
-/// installs; the disk grows to the manifest's size at first boot anyway.
-pub fn fs_size(used: u64) -> u64 {
+/// Disk size for `used` bytes of files: room for the boot partitions (67 MiB), metadata and
+/// the first package installs; the root grows to the manifest's disk size at first boot
+/// anyway. At least 1 GiB and 64 MiB-aligned, so a 1 GiB disk in a manifest still fits.
+pub fn disk_size(used: u64) -> u64 {
     let want = used + used / 3 + (384 << 20);
     let mib64 = 64 << 20;
     want.max(1 << 30).div_ceil(mib64) * mib64
@@ -826,9 +826,9 @@ mod tests {
     }
 
     #[test]
-    fn fs_size_has_headroom() {
-        assert_eq!(fs_size(0), 1 << 30);
-        let s = fs_size(400 << 20);
+    fn disk_size_has_headroom() {
+        assert_eq!(disk_size(0), 1 << 30);
+        let s = disk_size(400 << 20);
         assert!(s >= (400u64 << 20) * 4 / 3 + (384 << 20));
         assert_eq!(s % (64 << 20), 0);
     }
@@ -870,7 +870,7 @@ mod tests {
         fs::write(root.join("boot/vmlinuz-6.1.0-1-cloud-amd64"), b"kernel").unwrap();
         fs::write(root.join("boot/initrd.img-6.1.0-1-cloud-amd64"), b"initrd").unwrap();
         let ids = layout::Ids::from_key("test-key");
-        let l = layout::layout(64 << 20, &ids);
+        let l = layout::layout(layout::MIN_DISK + (64 << 20), &ids);
         let raw = work.path().join("disk.raw");
         let log = work.path().join("log");
         write_disk(work.path(), &root, &raw, &l, &ids, &log)
