@@ -9,6 +9,8 @@
 //! - [`qemu::Qemu`]: `qemu-system-x86_64 -accel tcg` with serial to a file, waiting for marker
 //!   lines with a timeout, killed on drop.
 //! - [`image::checked_contents`]: a disk image after `qemu-img check`, as qemu-img reads it.
+//! - [`image::ext4_root`]: a raw disk's ext4 root as debugfs opens it (a GPT root partition at
+//!   its offset, or the whole file).
 //! - [`pattern::Xorshift`], [`pattern::pattern`]: seeded pseudo-random test data and choices.
 //! - [`http::Server`]: a loopback HTTP server for what kiln or a guest downloads.
 //! - [`module::clone_run_exec`]: a built module cloned, run and `kiln exec`'d like a user does.

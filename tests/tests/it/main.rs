@@ -18,6 +18,7 @@ mod build_untrusted;
 mod build_url;
 mod doctor;
 mod firmware_images;
+mod module_boots_in_plain_qemu;
 mod modules_cli;
 mod run_lock;
 mod runtime_dir;
