@@ -2,7 +2,8 @@
 //!
 //! - [`kernel::guest_kernel`]: the Debian cloud kernel, fetched with `apt-get download` and
 //!   unpacked into a cache, never installed on the host.
-//! - [`firmware_image::uefi_xfs`], [`firmware_image::bios_btrfs`]: disk images that boot through
+//! - [`firmware_image::uefi_xfs`], [`firmware_image::bios_btrfs`], [`firmware_image::uefi_secure`],
+//!   [`firmware_image::uefi_unsigned`]: disk images that boot through
 //!   OVMF or SeaBIOS, made from Debian packages and cached by their inputs.
 //! - [`initramfs::Initramfs`]: a newc initramfs with static busybox, chosen kernel modules (in
 //!   dependency order) and an `/init` script.
