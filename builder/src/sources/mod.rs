@@ -91,6 +91,11 @@ pub struct ResolvedSource {
     pub record: serde_json::Value,
     /// For `buildRef`: the parent module's boot disk, which `--thin` captures layer over.
     pub parent_disk: Option<ParentDisk>,
+    /// For `buildRef`: the firmware the parent VM's module records and its captured NVRAM
+    /// (path checked to be inside the parent module); the child boots the same way and starts
+    /// from a copy of that NVRAM: see [`build_ref::inherited_firmware`]. None for other
+    /// sources and for parents recorded without firmware.
+    pub parent_firmware: Option<build_ref::ParentFirmware>,
 }
 
 /// A parent module's captured disk (a `buildRef` source's base).
@@ -119,6 +124,7 @@ pub fn resolve(
             boot: None,
             agent_in_image: false,
             parent_disk: None,
+            parent_firmware: None,
             record: serde_json::json!({ "blank": true }),
         }),
         SourceSpec::Url { url, sha256 } => {
@@ -137,6 +143,7 @@ pub fn resolve(
                 boot: Some(boot),
                 agent_in_image: false,
                 parent_disk: None,
+                parent_firmware: None,
                 record: serde_json::json!({ "url": url, "sha256": f.sha256 }),
             })
         }
@@ -174,6 +181,7 @@ pub fn resolve(
                 boot: Some(boot),
                 agent_in_image: false,
                 parent_disk: None,
+                parent_firmware: None,
                 record: serde_json::json!({ "file": path, "sha256": digest }),
             })
         }
@@ -197,6 +205,7 @@ pub fn resolve(
                 }),
                 agent_in_image: true,
                 parent_disk: None,
+                parent_firmware: None,
                 record: serde_json::json!({
                     "bootstrap": {
                         "distro": b.distro,
