@@ -134,12 +134,13 @@ pub fn clone(a: CloneArgs) -> anyhow::Result<ExitCode> {
 
 /// How a module's VM boots, as `kiln ls` and `kiln clone` show it: `direct` (its kernel,
 /// loaded by kiln), the firmware it boots through (`bios`, `uefi`, `uefi-secure-boot`), or
-/// `direct (uefi)` for an image meant for a firmware its build did not boot through.
+/// `direct (uefi)` for a UEFI image its build booted directly (BIOS, every image's default,
+/// goes unsaid).
 pub fn boot_label(v: &module::VmRecord) -> String {
     match &v.firmware {
-        None => "direct".into(),
         Some(f) if f.booted => f.firmware.as_str().into(),
-        Some(f) => format!("direct ({})", f.firmware.as_str()),
+        Some(f) if f.firmware.has_nvram() => format!("direct ({})", f.firmware.as_str()),
+        _ => "direct".into(),
     }
 }
 
@@ -167,6 +168,7 @@ mod tests {
             (Firmware::Uefi, true, "uefi"),
             (Firmware::UefiSecureBoot, true, "uefi-secure-boot"),
             (Firmware::Uefi, false, "direct (uefi)"),
+            (Firmware::Bios, false, "direct"),
         ] {
             v.firmware = Some(FirmwareRecord {
                 firmware,
