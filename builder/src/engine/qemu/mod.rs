@@ -80,11 +80,17 @@ pub fn qemu_args(
     push("tcg,thread=multi");
     push("-machine");
     // Secure Boot's variables are guarded by SMM: without it the guest could rewrite them.
-    push(if secure_boot {
-        "q35,memory-backend=mem,smm=on"
-    } else {
-        "q35,memory-backend=mem"
-    });
+    // SeaBIOS writes to the serial console only with graphics off, and the build reads its
+    // boot failures there (the VM has no display anyway).
+    push(&format!(
+        "q35,memory-backend=mem{}{}",
+        if secure_boot { ",smm=on" } else { "" },
+        if matches!(vm.boot, BootMode::Firmware(_)) {
+            ",graphics=off"
+        } else {
+            ""
+        }
+    ));
     push("-cpu");
     push("max");
     push("-m");
@@ -574,6 +580,7 @@ mod tests {
         l.boot = boot(Firmware::Bios, None);
         let s = joined(&qemu_args(&l, BlockMode::VhostUser, None, &host).unwrap());
         assert!(s.contains(&format!("-bios {d}/bios-256k.bin")), "{s}");
+        assert!(s.contains("q35,memory-backend=mem,graphics=off"), "{s}");
         assert!(!s.contains("-kernel") && !s.contains("-append") && !s.contains("pflash"));
 
         l.boot = boot(Firmware::Uefi, Some("/w/nv,ram.fd"));
