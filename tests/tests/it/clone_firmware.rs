@@ -119,6 +119,7 @@ fn a_uefi_boot_entry_written_in_the_build_is_there_in_a_clone() {
     )
     .unwrap();
     let listed = String::from_utf8_lossy(&exec.stdout);
+    eprintln!("--- efibootmgr in the clone\n{listed}");
     assert!(exec.status.success(), "kiln exec efibootmgr failed");
     assert!(
         listed.contains(ENTRY),
