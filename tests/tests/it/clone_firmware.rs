@@ -16,6 +16,17 @@ use kiln_e2e::module::{clone_run_exec, CloneExec};
 const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 const ENTRY: &str = "kiln-test";
 
+/// The raw test image as an uncompressed qcow2 (only its data: a fraction of its 3 GiB).
+fn to_qcow2(raw: &Path, out: &Path) {
+    let st = Command::new("qemu-img")
+        .args(["convert", "-O", "qcow2"])
+        .arg(raw)
+        .arg(out)
+        .status()
+        .unwrap();
+    assert!(st.success(), "qemu-img convert {}: {st}", raw.display());
+}
+
 #[test]
 fn a_uefi_boot_entry_written_in_the_build_is_there_in_a_clone() {
     let test = "a_uefi_boot_entry_written_in_the_build_is_there_in_a_clone";
@@ -34,13 +45,7 @@ fn a_uefi_boot_entry_written_in_the_build_is_there_in_a_clone() {
     let tmp = tempfile::tempdir().unwrap();
     // Served as qcow2: only the image's data crosses the loopback, not its 3 GiB of holes.
     let image = tmp.path().join("uefi.qcow2");
-    let st = Command::new("qemu-img")
-        .args(["convert", "-O", "qcow2"])
-        .arg(&raw)
-        .arg(&image)
-        .status()
-        .unwrap();
-    assert!(st.success(), "qemu-img convert failed");
+    to_qcow2(&raw, &image);
     let server = kiln_e2e::http::Server::file(image);
     let manifest = tmp.path().join("fwclone.yaml");
     std::fs::write(
@@ -184,13 +189,7 @@ fn a_clone_of_a_uefi_module_boots_through_ovmf_on_its_own_nvram() {
     std::fs::create_dir_all(module.join("disks")).unwrap();
     std::fs::create_dir_all(module.join("nvram")).unwrap();
     let disk = module.join("disks/uefi-root.qcow2");
-    let st = Command::new("qemu-img")
-        .args(["convert", "-O", "qcow2"])
-        .arg(&raw)
-        .arg(&disk)
-        .status()
-        .unwrap();
-    assert!(st.success(), "qemu-img convert failed");
+    to_qcow2(&raw, &disk);
     let nvram = module.join("nvram/uefi.fd");
     std::fs::copy(OVMF_VARS, &nvram).unwrap();
     let captured = std::fs::read(&nvram).unwrap();
