@@ -10,6 +10,11 @@
 //! Where hard links cannot be made (another file system, a file owned by someone else), the
 //! overlays back onto the module's own files, as before.
 //!
+//! A VM whose module was built booting through UEFI firmware gets its own copy of the
+//! module's captured NVRAM (`nvram/<vm>.fd`, 0600), made with the clone and checked against
+//! the module's record, so the variables the build wrote (boot entries) are there and the
+//! clone's own writes never reach the module.
+//!
 //! Either way `clone.yaml` records each base disk's SHA-256 (the module's record of it) and
 //! its device, inode, size and modification time; [`verify_bases`] refuses a base that is no
 //! longer the one the clone was made on, and hashes only when those identifiers changed.
@@ -22,8 +27,11 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::diskops;
+use crate::engine::{BootMode, FirmwareBoot};
 use crate::job::BaseView;
-use crate::module::{self, ModuleError, ModuleRecord};
+use crate::module::{self, ModuleError, ModuleRecord, VmRecord};
+use crate::nvram::{self, NvramError};
+use crate::sources::BootFiles;
 
 pub const CLONE_FILE: &str = "clone.yaml";
 /// The module file [`load_base`] reads.
@@ -55,6 +63,9 @@ pub struct CloneVm {
     /// recorded them).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub bases: Vec<BaseDisk>,
+    /// UEFI: the VM's own NVRAM, relative to the clone folder (a copy of the module's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nvram: Option<String>,
 }
 
 /// The disk an overlay was made on, and how to tell it is still the same.
@@ -106,6 +117,27 @@ pub enum CloneError {
     },
     #[error(transparent)]
     BaseChanged(Box<BaseChanged>),
+    #[error("VM `{vm}`: {source}")]
+    Nvram {
+        vm: String,
+        #[source]
+        source: NvramError,
+    },
+    #[error(
+        "clone `{clone}`: VM `{vm}` boots through {firmware} firmware, but its own NVRAM {} \
+         cannot be used ({reason}): remove the clone (kiln rm --clone {clone}) and clone the \
+         module again",
+        path.display()
+    )]
+    NvramMissing {
+        clone: String,
+        vm: String,
+        firmware: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("module VM `{0}` has no kernel recorded and was not built booting through firmware")]
+    NoBoot(String),
 }
 
 /// A clone's base disk whose bytes are not the ones it was made on.
@@ -289,10 +321,12 @@ pub fn create(
                     });
                     disks.push(rel);
                 }
+                let nvram = own_nvram(&module_dir, vm, &tmp)?;
                 vms.push(CloneVm {
                     name: vm.name.clone(),
                     disks,
                     bases,
+                    nvram,
                 });
             }
             let c = CloneRecord {
@@ -317,6 +351,83 @@ pub fn create(
         made.push(dst);
     }
     Ok(made)
+}
+
+/// Gives a clone's VM a copy of the NVRAM its module captured, when the module was built
+/// booting through UEFI firmware: `nvram/<vm>.fd` in the clone folder `dst`. The relative
+/// path, or None when the VM boots directly or through BIOS.
+fn own_nvram(module_dir: &Path, vm: &VmRecord, dst: &Path) -> Result<Option<String>, CloneError> {
+    let Some(fw) = vm.firmware.as_ref().filter(|f| f.booted) else {
+        return Ok(None);
+    };
+    let wrap = |source| CloneError::Nvram {
+        vm: vm.name.clone(),
+        source,
+    };
+    let Some(parent) = nvram::recorded(module_dir, &vm.name, fw).map_err(wrap)? else {
+        return Ok(None);
+    };
+    // The VM name (untrusted, from module.yaml) becomes a file name.
+    module::check_name(&vm.name)?;
+    let rel = format!("{}/{}.fd", nvram::NVRAM_DIR, vm.name);
+    let folder = dst.join(nvram::NVRAM_DIR);
+    fs::create_dir_all(&folder).map_err(PathIoError::at("creating", &folder))?;
+    nvram::copy_parent(&parent, &dst.join(&rel)).map_err(wrap)?;
+    Ok(Some(rel))
+}
+
+/// How clone `c`'s VM `cv` boots, its module's record being `mv` (in `module_dir`): through
+/// the firmware the module was built booting through (UEFI with the clone's own NVRAM), else
+/// directly with the module's kernel.
+pub fn boot_mode(
+    clone_dir: &Path,
+    c: &CloneRecord,
+    cv: &CloneVm,
+    module_dir: &Path,
+    mv: &VmRecord,
+) -> Result<BootMode, CloneError> {
+    if let Some(fw) = mv.firmware.as_ref().filter(|f| f.booted) {
+        let nvram = if fw.firmware.has_nvram() {
+            let missing = |path: PathBuf, reason: String| CloneError::NvramMissing {
+                clone: c.name.clone(),
+                vm: cv.name.clone(),
+                firmware: fw.firmware.as_str(),
+                path,
+                reason,
+            };
+            let rel = cv.nvram.as_deref().ok_or_else(|| {
+                missing(
+                    clone_dir
+                        .join(nvram::NVRAM_DIR)
+                        .join(format!("{}.fd", cv.name)),
+                    "the clone was made without one".into(),
+                )
+            })?;
+            let path = clone_dir.join(rel);
+            match fs::metadata(&path) {
+                Ok(m) if m.is_file() => {}
+                Ok(_) => return Err(missing(path, "not a regular file".into())),
+                Err(e) => return Err(missing(path, e.to_string())),
+            }
+            Some(path)
+        } else {
+            None
+        };
+        return Ok(BootMode::Firmware(FirmwareBoot {
+            firmware: fw.firmware,
+            nvram,
+        }));
+    }
+    let boot = mv
+        .boot
+        .as_ref()
+        .ok_or_else(|| CloneError::NoBoot(cv.name.clone()))?;
+    Ok(BootMode::Direct(BootFiles {
+        kernel: module_dir.join(&boot.kernel),
+        initrd: boot.initrd.as_ref().map(|i| module_dir.join(i)),
+        root: boot.root.clone(),
+        args: vec![],
+    }))
 }
 
 /// Checks that every disk under the clone's overlays is still the one it was made on: the
@@ -407,9 +518,10 @@ pub fn list(clones: &Path) -> Result<Vec<(PathBuf, CloneRecord)>, CloneError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use crate::module::{DiskRecord, PendingModule, VmRecord};
+    use crate::job::Firmware;
+    use crate::module::{DiskRecord, FirmwareRecord, PendingModule};
 
     const MIB: u64 = 1 << 20;
 
@@ -441,7 +553,36 @@ mod tests {
     /// Builds module `name` in `modules` whose one disk reads `text` (a thin layer over
     /// module `parent`'s disk when named), replacing an older one.
     fn build(modules: &Path, name: &str, text: &[u8], parent: Option<&str>) -> PathBuf {
+        build_with(modules, name, text, parent, None)
+    }
+
+    /// A UEFI VM's record and its NVRAM bytes, as a firmware build captures them.
+    pub(crate) fn uefi(nvram: &[u8]) -> (FirmwareRecord, Vec<u8>) {
+        let rec = FirmwareRecord {
+            firmware: Firmware::Uefi,
+            booted: true,
+            nvram: Some("nvram/web.fd".into()),
+            nvram_sha256: Some(crate::cache::sha256_bytes(nvram)),
+        };
+        (rec, nvram.to_vec())
+    }
+
+    /// [`build`] with VM `web`'s firmware record, and its NVRAM file written where the
+    /// record names it (when it names one inside the module).
+    pub(crate) fn build_with(
+        modules: &Path,
+        name: &str,
+        text: &[u8],
+        parent: Option<&str>,
+        firmware: Option<(FirmwareRecord, Vec<u8>)>,
+    ) -> PathBuf {
         let p = PendingModule::begin(modules, name, true).unwrap();
+        if let Some((FirmwareRecord { nvram: Some(n), .. }, bytes)) = &firmware {
+            if !n.contains("..") && !n.starts_with('/') {
+                fs::create_dir_all(p.dir().join(n).parent().unwrap()).unwrap();
+                fs::write(p.dir().join(n), bytes).unwrap();
+            }
+        }
         let file = "disks/web-root.qcow2";
         // The relative name resolves the same from the partial folder (a sibling).
         let backing = parent.map(|p| format!("../../{p}/disks/web-root.qcow2"));
@@ -465,8 +606,12 @@ mod tests {
                 memory_mib: 256,
                 source: serde_json::Value::Null,
                 agent_in_image: true,
-                boot: None,
-                firmware: None,
+                boot: Some(module::BootRecord {
+                    kernel: "boot/vmlinuz".into(),
+                    initrd: None,
+                    root: "/dev/vda".into(),
+                }),
+                firmware: firmware.map(|f| f.0),
                 disks: vec![DiskRecord {
                     name: "root".into(),
                     file: file.into(),
@@ -484,7 +629,7 @@ mod tests {
         p.commit(&rec).unwrap()
     }
 
-    fn clone_of(modules: &Path, clones: &Path, name: &str, prefix: &str) -> PathBuf {
+    pub(crate) fn clone_of(modules: &Path, clones: &Path, name: &str, prefix: &str) -> PathBuf {
         let (dir, rec) = module::find(modules, name).unwrap();
         create(&dir, &rec, clones, prefix, 1).unwrap().remove(0)
     }
@@ -584,5 +729,145 @@ mod tests {
         let r = load(&c).unwrap();
         let e = verify_bases(&c, &r).unwrap_err();
         assert!(matches!(e, CloneError::BaseMissing { .. }), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod firmware_tests {
+    use super::tests::{build_with, clone_of, uefi};
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn boot_of(clone_dir: &Path) -> Result<BootMode, CloneError> {
+        let c = load(clone_dir).unwrap();
+        let mdir = module_dir(clone_dir, &c);
+        let rec = module::load(&mdir).unwrap();
+        boot_mode(clone_dir, &c, &c.vms[0], &mdir, &rec.vms[0])
+    }
+
+    #[test]
+    fn a_uefi_module_clone_gets_its_own_nvram_and_boots_through_the_firmware() {
+        let d = tempfile::tempdir().unwrap();
+        let (modules, clones) = (d.path().join("modules"), d.path().join("clones"));
+        let m = build_with(&modules, "m", b"v1", None, Some(uefi(b"vars-v1")));
+        let c = clone_of(&modules, &clones, "m", "m");
+        let own = c.join("nvram/web.fd");
+        assert_eq!(fs::read(&own).unwrap(), b"vars-v1");
+        assert_eq!(
+            fs::metadata(&own).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(
+            load(&c).unwrap().vms[0].nvram.as_deref(),
+            Some("nvram/web.fd")
+        );
+        let BootMode::Firmware(fw) = boot_of(&c).unwrap() else {
+            panic!("a firmware build's clone boots through the firmware")
+        };
+        assert_eq!(fw.firmware, crate::job::Firmware::Uefi);
+        assert_eq!(fw.nvram.as_deref(), Some(&*own));
+
+        // The clone's variables are its own: writes there never reach the module, and a
+        // second clone starts from the module's again.
+        fs::write(&own, b"vars-changed-by-the-guest").unwrap();
+        assert_eq!(fs::read(m.join("nvram/web.fd")).unwrap(), b"vars-v1");
+        let c2 = clone_of(&modules, &clones, "m", "two");
+        assert_eq!(fs::read(c2.join("nvram/web.fd")).unwrap(), b"vars-v1");
+
+        // Its NVRAM gone, the clone is refused with the file named, not booted blank.
+        fs::remove_file(&own).unwrap();
+        let e = boot_of(&c).unwrap_err();
+        assert!(
+            matches!(e, CloneError::NvramMissing { .. })
+                && e.to_string().contains(&*own.to_string_lossy())
+                && e.to_string().contains("kiln rm --clone m-1"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bios_and_direct_builds_and_modules_without_a_record_keep_their_boot() {
+        let d = tempfile::tempdir().unwrap();
+        let (modules, clones) = (d.path().join("modules"), d.path().join("clones"));
+        // No record: the kernel, directly.
+        build_with(&modules, "plain", b"v1", None, None);
+        let c = clone_of(&modules, &clones, "plain", "plain");
+        let BootMode::Direct(b) = boot_of(&c).unwrap() else {
+            panic!("direct")
+        };
+        assert!(b.kernel.ends_with("boot/vmlinuz"), "{b:?}");
+        // UEFI is what the image is for, but the build booted it directly: so does the clone,
+        // and it needs no NVRAM.
+        let (mut fw, bytes) = uefi(b"vars");
+        fw.booted = false;
+        fw.nvram = None;
+        fw.nvram_sha256 = None;
+        build_with(&modules, "direct", b"v1", None, Some((fw, bytes)));
+        let c = clone_of(&modules, &clones, "direct", "direct");
+        assert!(matches!(boot_of(&c).unwrap(), BootMode::Direct(_)));
+        assert!(!c.join(nvram::NVRAM_DIR).exists());
+        // BIOS: through SeaBIOS, no NVRAM.
+        let (mut fw, bytes) = uefi(b"");
+        fw.firmware = crate::job::Firmware::Bios;
+        fw.nvram = None;
+        build_with(&modules, "bios", b"v1", None, Some((fw, bytes)));
+        let c = clone_of(&modules, &clones, "bios", "bios");
+        let BootMode::Firmware(f) = boot_of(&c).unwrap() else {
+            panic!("bios")
+        };
+        assert_eq!((f.firmware, f.nvram), (crate::job::Firmware::Bios, None));
+    }
+
+    #[test]
+    fn a_tampered_missing_or_escaping_module_nvram_makes_no_clone() {
+        let d = tempfile::tempdir().unwrap();
+        let (modules, clones) = (d.path().join("modules"), d.path().join("clones"));
+        let clone_err = |name: &str| {
+            let (dir, rec) = module::find(&modules, name).unwrap();
+            let e = create(&dir, &rec, &clones, name, 1).unwrap_err();
+            assert!(
+                fs::read_dir(&clones).unwrap().next().is_none(),
+                "{name}: nothing is left in {}",
+                clones.display()
+            );
+            e
+        };
+
+        let m = build_with(&modules, "tampered", b"v1", None, Some(uefi(b"vars")));
+        fs::write(m.join("nvram/web.fd"), b"other vars").unwrap();
+        let e = clone_err("tampered");
+        assert!(
+            matches!(
+                &e,
+                CloneError::Nvram {
+                    source: NvramError::Changed { .. },
+                    ..
+                }
+            ),
+            "{e}"
+        );
+
+        let m = build_with(&modules, "missing", b"v1", None, Some(uefi(b"vars")));
+        fs::remove_file(m.join("nvram/web.fd")).unwrap();
+        let e = clone_err("missing").to_string();
+        assert!(
+            e.contains(&*m.join("nvram/web.fd").to_string_lossy()),
+            "{e}"
+        );
+
+        let (mut fw, bytes) = uefi(b"root:x:0:0");
+        fw.nvram = Some("../../etc/passwd".into());
+        build_with(&modules, "escape", b"v1", None, Some((fw, bytes)));
+        let e = clone_err("escape");
+        assert!(
+            matches!(
+                &e,
+                CloneError::Nvram {
+                    source: NvramError::BadPath { .. },
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 }

@@ -19,6 +19,7 @@ pub mod mac;
 pub mod manifest;
 pub mod module;
 pub mod network;
+pub mod nvram;
 pub mod path_io;
 pub mod plan_adapter;
 pub mod provision;

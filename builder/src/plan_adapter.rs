@@ -270,7 +270,11 @@ pub fn job_from_plan(
                 Some(manifest::Efi { secure_boot: false }) => job::Firmware::Uefi,
                 Some(manifest::Efi { secure_boot: true }) => job::Firmware::UefiSecureBoot,
             },
-            boot: job::BootChoice::Auto,
+            boot: match vm.boot {
+                manifest::Boot::Auto => job::BootChoice::Auto,
+                manifest::Boot::Direct => job::BootChoice::Direct,
+                manifest::Boot::Firmware => job::BootChoice::Firmware,
+            },
         });
     }
     Ok(BuildJob {
@@ -408,6 +412,36 @@ buildOverrides:
         assert_eq!(
             e.to_string(),
             "VM `a`: a `blank` source (an ISO install) is not supported by `kiln build` yet"
+        );
+    }
+
+    #[test]
+    fn efi_firmware_and_the_boot_field_reach_the_job() {
+        let vm = |name: &str, extra: &str| {
+            format!("  - name: {name}\n    source: {{ url: http://127.0.0.1/x.qcow2 }}\n    cloudInit: {{}}\n    resources: {{ cpu: 1, memory: 512Mi }}\n{extra}")
+        };
+        let text = format!(
+            "vms:\n{}{}{}{}",
+            vm("a", ""),
+            vm("b", "    efiFirmware: {}\n    boot: direct\n"),
+            vm("c", "    efiFirmware: { secureBoot: true }\n"),
+            vm("d", "    boot: firmware\n"),
+        );
+        let path = Path::new("m.yaml");
+        let plan = manifest::load_str(&text, path, Default::default())
+            .into_plan()
+            .unwrap();
+        let job = job_from_plan(&plan, path, &text).unwrap();
+        let got: Vec<_> = job.vms.iter().map(|v| (v.firmware, v.boot)).collect();
+        use job::{BootChoice as B, Firmware as F};
+        assert_eq!(
+            got,
+            [
+                (F::Bios, B::Auto),
+                (F::Uefi, B::Direct),
+                (F::UefiSecureBoot, B::Auto),
+                (F::Bios, B::Firmware)
+            ]
         );
     }
 

@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::boot_failure;
+use super::boot_path;
 use super::error::{BuildError, VmError};
 use super::options::OnError;
 use super::registry::{Registered, SharedVm};
@@ -25,10 +27,13 @@ pub(super) fn pick_engine(
     job: &BuildJob,
     ev: &dyn EventSink,
 ) -> Result<Arc<dyn Engine>, BuildError> {
-    let needs_qemu = job
-        .vms
-        .iter()
-        .find_map(|v| engine::kvm_cannot_run(&v.name, v.disks.iter().map(|d| (&*d.name, d.bus))));
+    // A VM whose firmware boot is known now needs qemu as much as a disk kiln-vmm cannot
+    // serve; one that needs firmware only once its source shows no kernel fails at its launch
+    // under kvm, with the engine's reason.
+    let needs_qemu = job.vms.iter().find_map(|v| {
+        engine::kvm_cannot_run(&v.name, v.disks.iter().map(|d| (&*d.name, d.bus)))
+            .or_else(|| boot_path::kvm_refusal(v))
+    });
     let probe = kiln_vmm::doctor::probe();
     let pick = engine::pick(choice, &probe, needs_qemu.as_deref());
     // Refused before anything is made, rather than when that VM's turn to boot comes.
@@ -73,7 +78,7 @@ pub(super) fn launch<'a>(b: &VmBuild<'a>, disks: &VmDisks) -> Result<Launched<'a
         name: &b.vm.name,
         cpus: b.vm.cpus,
         memory_mib: b.vm.memory_mib,
-        boot: engine::BootMode::Direct(disks.boot.clone()),
+        boot: disks.boot.clone(),
         disks: disks
             .disks
             .iter()
@@ -122,10 +127,17 @@ pub(super) fn wait_for_agent(
     let stop_wait = AtomicBool::new(false);
     let vm_gone = AtomicBool::new(false);
     let wait_over = AtomicBool::new(false);
+    let boot_failed: Mutex<Option<String>> = Mutex::new(None);
     let waited = std::thread::scope(|s| {
         s.spawn(|| {
+            let mut console = ConsoleWatch::new(b.serial_log());
             while !wait_over.load(Ordering::SeqCst) {
                 if b.cancelled() {
+                    stop_wait.store(true, Ordering::SeqCst);
+                    return;
+                }
+                if let Some(cause) = console.failure() {
+                    *boot_failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(cause);
                     stop_wait.store(true, Ordering::SeqCst);
                     return;
                 }
@@ -149,7 +161,10 @@ pub(super) fn wait_for_agent(
     });
     waited.map_err(|e| {
         let serial = serial_tail(&b.serial_log());
-        if vm_gone.load(Ordering::SeqCst) {
+        let failed = boot_failed.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(cause) = failed {
+            VmError::BootFailed { cause, serial }
+        } else if vm_gone.load(Ordering::SeqCst) {
             VmError::Stopped { serial }
         } else {
             VmError::NoAgent {
@@ -158,6 +173,57 @@ pub(super) fn wait_for_agent(
             }
         }
     })
+}
+
+/// Reads what the serial console adds, a few times a second, and looks in it for a boot
+/// failure; a tail of what was read before is kept so a message split across two reads
+/// is still seen.
+struct ConsoleWatch {
+    path: PathBuf,
+    read: u64,
+    text: String,
+    next: std::time::Instant,
+}
+
+impl ConsoleWatch {
+    const EVERY: Duration = Duration::from_millis(250);
+    /// Enough for GRUB's error and its "Press any key" a few lines later.
+    const KEEP: usize = 8192;
+
+    fn new(path: PathBuf) -> Self {
+        ConsoleWatch {
+            path,
+            read: 0,
+            text: String::new(),
+            next: std::time::Instant::now(),
+        }
+    }
+
+    fn failure(&mut self) -> Option<String> {
+        use std::io::{Read, Seek, SeekFrom};
+        if std::time::Instant::now() < self.next {
+            return None;
+        }
+        self.next = std::time::Instant::now() + Self::EVERY;
+        let mut f = fs::File::open(&self.path).ok()?;
+        f.seek(SeekFrom::Start(self.read)).ok()?;
+        let mut new = Vec::new();
+        // Bounded: a console flooding output is read in pieces, over several polls.
+        let n = f.take(1 << 20).read_to_end(&mut new).ok()?;
+        if n == 0 {
+            return None;
+        }
+        self.read += n as u64;
+        self.text.push_str(&String::from_utf8_lossy(&new));
+        if self.text.len() > 2 * Self::KEEP {
+            let mut cut = self.text.len() - Self::KEEP;
+            while !self.text.is_char_boundary(cut) {
+                cut += 1;
+            }
+            self.text.drain(..cut);
+        }
+        boot_failure::detect(&self.text)
+    }
 }
 
 /// Stops a VM that failed; with `--on-error keep` only once the build is cancelled, so it

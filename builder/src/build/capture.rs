@@ -1,6 +1,7 @@
 //! Capture: each of the VM's disks written into the module as a standalone compressed qcow2
-//! (or, for a `--thin` `buildRef` child, a layer over its parent's disk), and its kernel and
-//! initrd copied beside them so clones boot them directly.
+//! (or, for a `--thin` `buildRef` child, a layer over its parent's disk); a direct-booted VM's
+//! kernel and initrd copied beside them so clones boot them directly, a UEFI VM's NVRAM so
+//! clones start from the variables the build left.
 
 use std::fs;
 use std::path::Path;
@@ -8,8 +9,9 @@ use std::path::Path;
 use super::error::{CaptureError, VmError, WriteError};
 use super::source::VmDisks;
 use super::vm::VmBuild;
-use crate::module::{BootRecord, DiskRecord};
-use crate::sources::{ParentDisk, ResolvedSource};
+use crate::engine::BootMode;
+use crate::module::{BootRecord, DiskRecord, FirmwareRecord};
+use crate::sources::{BootFiles, ParentDisk, ResolvedSource};
 
 /// Captures the VM's disks into the module; the overlays they were are removed. A Ctrl-C
 /// during a capture ends the build once that disk is written: no module is committed after
@@ -45,13 +47,14 @@ pub(super) fn run(
     Ok(records)
 }
 
-/// Copies the VM's kernel and initrd into the module: clones boot them directly.
-pub(super) fn boot_files(b: &VmBuild, disks: &VmDisks) -> Result<BootRecord, VmError> {
+/// Copies the kernel and initrd of a direct-booted VM into the module: clones boot them
+/// directly.
+pub(super) fn boot_files(b: &VmBuild, boot: &BootFiles) -> Result<BootRecord, VmError> {
     let dir = b.module.pending.dir();
     fs::create_dir_all(dir.join("boot").join(&b.vm.name)).map_err(VmError::BootFiles)?;
     let kernel = format!("boot/{}/vmlinuz", b.vm.name);
-    fs::copy(&disks.boot.kernel, dir.join(&kernel)).map_err(VmError::BootFiles)?;
-    let initrd = match &disks.boot.initrd {
+    fs::copy(&boot.kernel, dir.join(&kernel)).map_err(VmError::BootFiles)?;
+    let initrd = match &boot.initrd {
         Some(i) => {
             let rel = format!("boot/{}/initrd.img", b.vm.name);
             fs::copy(i, dir.join(&rel)).map_err(VmError::BootFiles)?;
@@ -62,8 +65,44 @@ pub(super) fn boot_files(b: &VmBuild, disks: &VmDisks) -> Result<BootRecord, VmE
     Ok(BootRecord {
         kernel,
         initrd,
-        root: disks.boot.root.clone(),
+        root: boot.root.clone(),
     })
+}
+
+/// The VM's firmware record; a UEFI VM's NVRAM, as the guest left it, is copied into the
+/// module as `nvram/<vm>.fd` (under a temporary name, then renamed, like the disks). Called
+/// once the VM is down, so the firmware writes nothing more.
+pub(super) fn firmware(b: &VmBuild, disks: &VmDisks) -> Result<FirmwareRecord, VmError> {
+    let (firmware, booted, nvram) = match &disks.boot {
+        BootMode::Direct(_) => (b.vm.firmware, false, None),
+        BootMode::Firmware(f) => (f.firmware, true, f.nvram.as_deref()),
+    };
+    let mut record = FirmwareRecord {
+        firmware,
+        booted,
+        nvram: None,
+        nvram_sha256: None,
+    };
+    let Some(from) = nvram else {
+        return Ok(record);
+    };
+    let rel = format!("nvram/{}.fd", b.vm.name);
+    let out = b.module.pending.dir().join(&rel);
+    let tmp = out.with_extension("fd.partial");
+    let e = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| VmError::Nvram { path, source }
+    };
+    if let Some(parent) = out.parent() {
+        fs::create_dir_all(parent).map_err(e(parent))?;
+    }
+    fs::copy(from, &tmp).map_err(e(&tmp))?;
+    fs::rename(&tmp, &out).map_err(e(&out))?;
+    let sha256 = crate::cache::sha256_file(&out).map_err(e(&out))?;
+    let _ = fs::remove_file(from);
+    record.nvram = Some(rel);
+    record.nvram_sha256 = Some(sha256);
+    Ok(record)
 }
 
 /// Captures one of a VM's disks into the module being written at `module_dir` (which becomes

@@ -76,8 +76,18 @@ pub enum VmError {
     Cancelled,
     #[error(transparent)]
     Source(#[from] SourceError),
-    #[error("this source has no kernel to boot (blank disks need an ISO install, which kiln does not do yet)")]
-    NoKernel,
+    #[error(transparent)]
+    DirectWithoutKernel(#[from] super::boot_path::DirectWithoutKernel),
+    /// SeaBIOS or OVMF is not installed: found before the VM boots.
+    #[error(transparent)]
+    Firmware(#[from] crate::engine::firmware::FirmwareError),
+    /// Making the VM's NVRAM, or capturing it into the module.
+    #[error("NVRAM {}: {source}", path.display())]
+    Nvram {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error(transparent)]
     Seed(#[from] SeedError),
     #[error("disk `{disk}` is {size} bytes, smaller than its source ({base} bytes)")]
@@ -99,6 +109,10 @@ pub enum VmError {
     Stopped { serial: String },
     #[error("{error}{serial}")]
     NoAgent { error: GuestError, serial: String },
+    /// The serial console told a failure the VM never recovers from (no boot loader, a
+    /// refused loader, GRUB's prompt, a kernel panic): reported at once, not at the timeout.
+    #[error("the VM cannot boot: {cause}{serial}")]
+    BootFailed { cause: String, serial: String },
     // Boxed: a step's error is the largest, and the others are moved as often.
     #[error(transparent)]
     Step(Box<StepError>),

@@ -13,6 +13,8 @@
 
 mod barrier;
 mod boot;
+mod boot_failure;
+mod boot_path;
 pub mod capture;
 mod cleanup;
 mod error;
@@ -31,6 +33,7 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{Instant, SystemTime};
 
+use crate::engine::BootMode;
 use crate::events::{ms, BuildPhase, Event, VmPhase};
 use crate::guest::{Guest, VsockConnector};
 use crate::job::BuildJob;
@@ -154,13 +157,14 @@ fn build_vm(b: &VmBuild) -> Result<VmRecord, BuildError> {
 
 fn vm_phases(b: &VmBuild) -> Result<VmRecord, VmError> {
     b.phase(VmPhase::SourceImporting, None);
-    let src = source::resolve(b)?;
+    let resolved = source::resolve(b)?;
     if b.cancelled() {
         return Err(VmError::Cancelled);
     }
-    let disks = source::prepare_disks(b, &src)?;
+    let disks = source::prepare_disks(b, &resolved)?;
+    let src = &resolved.source;
     let vm = boot::launch(b, &disks)?;
-    let captured = match guest_phases(b, &vm, &src, &disks) {
+    let captured = match guest_phases(b, &vm, src, &disks) {
         Ok(captured) => captured,
         Err(e) if b.cancelled() && e.follows_cancel() => return Err(VmError::Cancelled),
         Err(e) => {
@@ -168,8 +172,13 @@ fn vm_phases(b: &VmBuild) -> Result<VmRecord, VmError> {
             return Err(e);
         }
     };
+    let firmware = capture::firmware(b, &disks)?;
     b.phase(VmPhase::DiskCaptured, None);
-    let boot = capture::boot_files(b, &disks)?;
+    let boot = match &disks.boot {
+        BootMode::Direct(files) => Some(capture::boot_files(b, files)?),
+        // Firmware boots the disk's own loader: there is no kernel of kiln's to keep.
+        BootMode::Firmware(_) => None,
+    };
     {
         let mut f = vm.log.lock().unwrap_or_else(|p| p.into_inner());
         let _ = writeln!(f, "captured in {:.1}s", b.start.elapsed().as_secs_f64());
@@ -182,8 +191,8 @@ fn vm_phases(b: &VmBuild) -> Result<VmRecord, VmError> {
         source: src.record.clone(),
         // The seed installed the agent into the captured disk.
         agent_in_image: src.agent_in_image || disks.seed.is_some(),
-        boot: Some(boot),
-        firmware: None,
+        boot,
+        firmware: Some(firmware),
         disks: captured,
     })
 }

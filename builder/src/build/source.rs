@@ -3,19 +3,22 @@
 //! anything boots, every `files` URL fetched into the cache.
 
 use std::collections::BTreeMap;
+use std::fs;
 use std::path::{Path, PathBuf};
 
+use super::boot_path::{self, BootPath};
 use super::error::{PrefetchError, VmError};
 use super::vm::VmBuild;
 use crate::cache::Cache;
 use crate::diskops;
-use crate::engine::DiskAttach;
+use crate::engine::firmware::HostFirmware;
+use crate::engine::{BootMode, DiskAttach, FirmwareBoot};
 use crate::events::{Event, EventSink};
 use crate::job::{BuildJob, DiskJob, FileContent};
-use crate::sources::{self, BootFiles, ResolvedSource};
+use crate::sources::{self, Resolved};
 
 /// Resolves the VM's source: its base image and boot files, in the cache.
-pub(super) fn resolve(b: &VmBuild) -> Result<ResolvedSource, VmError> {
+pub(super) fn resolve(b: &VmBuild) -> Result<Resolved, VmError> {
     let manifest_dir = b
         .module
         .job
@@ -33,21 +36,36 @@ pub(super) fn resolve(b: &VmBuild) -> Result<ResolvedSource, VmError> {
     )?)
 }
 
-/// What the VM boots: its kernel, its disks (overlays over the source) and, for an image
-/// without kiln's agent, the seed that installs it.
+/// What the VM boots: its kernel or firmware, its disks (overlays over the source) and, for an
+/// image without kiln's agent, the seed that installs it.
 pub(super) struct VmDisks {
-    pub boot: BootFiles,
+    /// Direct (the source's kernel) or firmware (with the VM's own NVRAM for UEFI).
+    pub boot: BootMode,
     /// The VM's own disks, in the manifest's order; captured at the end.
     pub disks: Vec<DiskAttach>,
     /// The cloud-init NoCloud seed, attached read-only after the disks and never captured.
     pub seed: Option<PathBuf>,
 }
 
-pub(super) fn prepare_disks(b: &VmBuild, src: &ResolvedSource) -> Result<VmDisks, VmError> {
-    let boot = src.boot.clone().ok_or(VmError::NoKernel)?;
+pub(super) fn prepare_disks(b: &VmBuild, src: &Resolved) -> Result<VmDisks, VmError> {
+    let chosen = boot_path::choose(b.vm, src.source.boot.as_ref(), src.no_kernel.as_deref())?;
+    b.note(chosen.note());
+    let work = b.work_dir();
+    let boot = match chosen.path {
+        BootPath::Direct(files) => BootMode::Direct(files),
+        BootPath::Firmware(firmware) => {
+            // Checked before anything boots: a missing SeaBIOS or OVMF names its package.
+            let files = HostFirmware::find().files(firmware)?;
+            let nvram = match &files.vars_template {
+                Some(template) => Some(new_nvram(template, &work, &b.vm.name)?),
+                None => None,
+            };
+            BootMode::Firmware(FirmwareBoot { firmware, nvram })
+        }
+    };
+    let src = &src.source;
     // Images without kiln's agent get it through a cloud-init NoCloud seed, attached
     // read-only after the VM's disks and never captured.
-    let work = b.work_dir();
     let seed = sources::seed::prepare(b.vm, src.agent_in_image, &work)?;
     let mut disks = Vec::new();
     for (i, d) in b.vm.disks.iter().enumerate() {
@@ -71,6 +89,36 @@ pub(super) fn prepare_disks(b: &VmBuild, src: &ResolvedSource) -> Result<VmDisks
         disks.push(attach(d, path));
     }
     Ok(VmDisks { boot, disks, seed })
+}
+
+/// The VM's own UEFI variable store, a copy of the firmware's template made once before its
+/// first boot: the engine boots every reboot of the build with it, so what the guest writes
+/// (boot entries) stays, and capture copies it into the module.
+fn new_nvram(template: &Path, work: &Path, vm: &str) -> Result<PathBuf, VmError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = nvram_path(work, vm);
+    let e = |source| VmError::Nvram {
+        path: path.clone(),
+        source,
+    };
+    fs::create_dir_all(work).map_err(e)?;
+    let mut from = fs::File::open(template).map_err(|source| VmError::Nvram {
+        path: template.to_path_buf(),
+        source,
+    })?;
+    let mut to = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(e)?;
+    std::io::copy(&mut from, &mut to).map_err(e)?;
+    Ok(path)
+}
+
+/// Where the VM's NVRAM is kept during the build.
+pub(super) fn nvram_path(work: &Path, vm: &str) -> PathBuf {
+    work.join(format!("{vm}-nvram.fd"))
 }
 
 /// The engine's view of one of the VM's own disks: writable, on the bus the manifest gave it.

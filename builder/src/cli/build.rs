@@ -12,6 +12,7 @@ use crate::build::{self, BuildContext, BuildOptions, OnError, VmRegistry};
 use crate::cache::Cache;
 use crate::engine::EngineChoice;
 use crate::events::{EventSink, FileSink, HumanSink, JsonSink, Tee};
+use crate::job::BootChoice;
 use crate::plan_adapter::{load_job, LoadJobError};
 
 #[derive(Debug, Args)]
@@ -42,6 +43,10 @@ pub struct BuildArgs {
     /// starts. Clones of the old module keep working: they hold links to its disks.
     #[arg(long)]
     pub force: bool,
+    /// How every VM boots: direct (kiln loads the image's kernel) or firmware (the image's
+    /// own boot loader); auto chooses per VM, as each VM's `boot` field does.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub boot: BootChoice,
 }
 
 pub fn build(a: BuildArgs) -> anyhow::Result<ExitCode> {
@@ -64,7 +69,12 @@ pub fn build(a: BuildArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn build_inner(a: BuildArgs) -> anyhow::Result<ExitCode> {
-    let job = load_job(&a.file, &mut |w| eprintln!("{}", w.render()))?;
+    let mut job = load_job(&a.file, &mut |w| eprintln!("{}", w.render()))?;
+    if a.boot != BootChoice::Auto {
+        for vm in &mut job.vms {
+            vm.boot = a.boot;
+        }
+    }
     // Before any work: the build checks again when it starts and at commit.
     crate::module::check_replace(&a.output, &job.name, a.force)?;
     let cache = Cache::from_env()?;

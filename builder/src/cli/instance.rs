@@ -18,12 +18,13 @@ use clap::Args;
 
 use crate::build::runtime_root;
 use crate::clone;
-use crate::engine::{self, BootMode, DiskAttach, EngineChoice};
+use crate::clone::{CloneError, CloneRecord, CloneVm};
+use crate::engine::{self, DiskAttach, EngineChoice};
+use crate::job::{BaseVm, NicJob};
 use crate::launch::{self, LaunchError, VmStart};
 use crate::leftovers::{self, Place};
-use crate::module;
+use crate::module::{self, ModuleRecord};
 use crate::network::{self as modnet, Internet};
-use crate::sources::BootFiles;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -77,11 +78,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         module::load(&module_path).with_context(|| format!("the module of clone `{}`", c.name))?;
     module::verify_layers(&module_path, &rec)?;
     let probe = kiln_vmm::doctor::probe();
-    let needs_qemu = rec
-        .vms
-        .iter()
-        .find_map(|v| engine::kvm_cannot_run(&v.name, v.disks.iter().map(|d| (&*d.name, d.bus))));
-    let pick = engine::pick(a.engine, &probe, needs_qemu.as_deref());
+    let pick = engine::pick(a.engine, &probe, needs_qemu(&rec).as_deref());
     eprintln!("engine: {}", pick.why);
     let eng = engine::make(pick.engine)?;
     let run_dir = root.join("clones").join(&c.name);
@@ -120,9 +117,15 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
             None
         }
     };
+    let clone_run = CloneRun {
+        dir: &dir,
+        clone: &c,
+        module_dir: &module_path,
+        module: &rec,
+        run_dir: &run_dir,
+    };
     let mut vms = Vec::new();
     for (i, v) in c.vms.iter().enumerate() {
-        let mv = module::pick_vm(&rec, Some(&v.name))?;
         let bv = base.as_ref().and_then(|b| b.vm(&v.name));
         let (net, nics, static_links) = match (&net, &base, bv) {
             (Some(net), Some(b), Some(bv)) => (
@@ -132,43 +135,13 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
             ),
             _ => (None, &[][..], Vec::new()),
         };
-        let boot = mv
-            .boot
-            .as_ref()
-            .with_context(|| format!("module VM `{}` has no kernel recorded", v.name))?;
-        let workdir = run_dir.join(&v.name);
-        std::fs::create_dir_all(&workdir)?;
-        let serial_log = dir.join(format!("{}-serial.log", v.name));
+        let spec = clone_run.vm_start(i, v, bv, nics)?;
+        eprintln!("{}/{}: boots {}", c.name, v.name, boot_label(&spec.boot));
+        std::fs::create_dir_all(&spec.workdir)?;
+        let serial_log = spec.serial_log.clone();
         // 0600 before the engine appends to it: the console may show secrets.
         crate::log_file::append(&serial_log)
             .with_context(|| format!("opening {}", serial_log.display()))?;
-        let spec = VmStart {
-            name: &v.name,
-            // Clones get the base resources; buildOverrides were for the build only.
-            cpus: bv.map_or(mv.cpus, |b| b.cpus),
-            memory_mib: bv.map_or(mv.memory_mib, |b| b.memory_mib),
-            boot: BootMode::Direct(BootFiles {
-                kernel: module_path.join(&boot.kernel),
-                initrd: boot.initrd.as_ref().map(|i| module_path.join(i)),
-                root: boot.root.clone(),
-                args: vec![],
-            }),
-            disks: v
-                .disks
-                .iter()
-                .zip(&mv.disks)
-                .map(|(rel, d)| DiskAttach {
-                    name: d.name.clone(),
-                    path: dir.join(rel),
-                    read_only: false,
-                    bus: d.bus,
-                })
-                .collect(),
-            nics,
-            workdir: workdir.clone(),
-            serial_log: serial_log.clone(),
-            index: i,
-        };
         let vm = match launch::start(eng.as_ref(), net, spec) {
             Ok(vm) => vm,
             Err(LaunchError::Nics(e)) => return Err(e.into()),
@@ -213,6 +186,83 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     drop(net);
     let _ = std::fs::remove_dir_all(&run_dir);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Why the kvm engine cannot run the module's VMs (a disk bus it lacks, a firmware boot), if
+/// so: `--engine auto` then picks qemu.
+fn needs_qemu(rec: &ModuleRecord) -> Option<String> {
+    rec.vms.iter().find_map(|v| {
+        engine::kvm_cannot_run(&v.name, v.disks.iter().map(|d| (&*d.name, d.bus))).or_else(|| {
+            let fw = v.firmware.as_ref().filter(|f| f.booted)?;
+            Some(format!(
+                "VM `{}` boots through {} firmware, and the kvm engine (kiln-vmm) boots only a \
+                 kernel directly",
+                v.name,
+                fw.firmware.as_str()
+            ))
+        })
+    })
+}
+
+/// How a clone's VM boots, for the run's output.
+fn boot_label(b: &engine::BootMode) -> String {
+    match b {
+        engine::BootMode::Direct(_) => "its kernel directly".into(),
+        engine::BootMode::Firmware(f) => match &f.nvram {
+            Some(n) => format!(
+                "through {} firmware (its own NVRAM {})",
+                f.firmware.as_str(),
+                n.display()
+            ),
+            None => format!("through {} firmware", f.firmware.as_str()),
+        },
+    }
+}
+
+/// One run of a clone: where its files are and its module's record.
+struct CloneRun<'a> {
+    dir: &'a Path,
+    clone: &'a CloneRecord,
+    module_dir: &'a Path,
+    module: &'a ModuleRecord,
+    run_dir: &'a Path,
+}
+
+impl CloneRun<'_> {
+    /// What `kiln run` asks the engine to start for the clone's `index`th VM `v`: its
+    /// overlays, the base resources (buildOverrides were for the build only) and the boot its
+    /// module's build used.
+    fn vm_start<'v>(
+        &self,
+        index: usize,
+        v: &'v CloneVm,
+        bv: Option<&BaseVm>,
+        nics: &'v [NicJob],
+    ) -> Result<VmStart<'v>, CloneError> {
+        let mv = module::pick_vm(self.module, Some(&v.name))?;
+        let boot = crate::clone::boot_mode(self.dir, self.clone, v, self.module_dir, mv)?;
+        Ok(VmStart {
+            name: &v.name,
+            cpus: bv.map_or(mv.cpus, |b| b.cpus),
+            memory_mib: bv.map_or(mv.memory_mib, |b| b.memory_mib),
+            boot,
+            disks: v
+                .disks
+                .iter()
+                .zip(&mv.disks)
+                .map(|(rel, d)| DiskAttach {
+                    name: d.name.clone(),
+                    path: self.dir.join(rel),
+                    read_only: false,
+                    bus: d.bus,
+                })
+                .collect(),
+            nics,
+            workdir: self.run_dir.join(&v.name),
+            serial_log: self.dir.join(format!("{}-serial.log", v.name)),
+            index,
+        })
+    }
 }
 
 /// Gives a clone's VM its static addresses (NICs with an `ip` on subnets without DHCP)
@@ -320,4 +370,44 @@ pub fn shell(a: ShellArgs) -> anyhow::Result<ExitCode> {
         let _ = o.flush();
     })?;
     Ok(exit_code(&st))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clone::tests::{build_with, clone_of, uefi};
+    use crate::engine::BootMode;
+
+    #[test]
+    fn a_uefi_clone_starts_through_the_firmware_on_its_own_nvram() {
+        let d = tempfile::tempdir().unwrap();
+        let (modules, clones) = (d.path().join("modules"), d.path().join("clones"));
+        build_with(&modules, "m", b"v1", None, Some(uefi(b"vars")));
+        let dir = clone_of(&modules, &clones, "m", "m");
+        let c = clone::load(&dir).unwrap();
+        let module_dir = clone::module_dir(&dir, &c);
+        let rec = module::load(&module_dir).unwrap();
+        assert_eq!(
+            needs_qemu(&rec).as_deref(),
+            Some(
+                "VM `web` boots through uefi firmware, and the kvm engine (kiln-vmm) boots \
+                 only a kernel directly"
+            )
+        );
+        let run = CloneRun {
+            dir: &dir,
+            clone: &c,
+            module_dir: &module_dir,
+            module: &rec,
+            run_dir: &d.path().join("run"),
+        };
+        let spec = run.vm_start(0, &c.vms[0], None, &[]).unwrap();
+        let BootMode::Firmware(fw) = &spec.boot else {
+            panic!("{:?}", spec.boot)
+        };
+        assert_eq!(fw.firmware, crate::job::Firmware::Uefi);
+        assert_eq!(fw.nvram.as_deref(), Some(&*dir.join("nvram/web.fd")));
+        assert_eq!(spec.disks[0].path, dir.join("disks/web-root.qcow2"));
+        assert!(boot_label(&spec.boot).starts_with("through uefi firmware (its own NVRAM"));
+    }
 }

@@ -502,6 +502,15 @@ pub fn human_plan(p: &Plan) -> String {
                 if e.secure_boot { " + Secure Boot" } else { "" }
             ));
         }
+        if vm.boot != manifest::Boot::Auto {
+            s.push_str(&format!(
+                "  boot: {}\n",
+                match vm.boot {
+                    manifest::Boot::Direct => "direct (forced)",
+                    _ => "firmware (forced)",
+                }
+            ));
+        }
         for iso in &vm.isos {
             s.push_str(&format!("  iso: {}\n", iso.url));
         }

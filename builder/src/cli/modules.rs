@@ -34,6 +34,8 @@ pub fn ls(a: LsArgs) -> anyhow::Result<ExitCode> {
                 "builtAt": r.built_at,
                 "vms": r.vms.iter().map(|v| serde_json::json!({
                     "name": v.name,
+                    "boot": boot_label(v),
+                    "firmware": v.firmware,
                     "disks": v.disks.iter().map(|d| serde_json::json!({
                         "name": d.name, "file": d.file, "sha256": d.sha256,
                         "virtualSize": d.virtual_size, "fileSize": d.file_size,
@@ -51,8 +53,8 @@ pub fn ls(a: LsArgs) -> anyhow::Result<ExitCode> {
         println!("no modules in {}", a.modules.display());
     } else {
         println!(
-            "{:<24} {:<8} {:<24} {:>10}",
-            "MODULE", "ENGINE", "VMS", "SIZE"
+            "{:<24} {:<8} {:<24} {:<16} {:>10}",
+            "MODULE", "ENGINE", "VMS", "BOOT", "SIZE"
         );
         for (_, r) in &mods {
             let vms: Vec<&str> = r.vms.iter().map(|v| v.name.as_str()).collect();
@@ -62,11 +64,14 @@ pub fn ls(a: LsArgs) -> anyhow::Result<ExitCode> {
                 .flat_map(|v| &v.disks)
                 .map(|d| d.file_size)
                 .sum();
+            let mut boots: Vec<String> = r.vms.iter().map(boot_label).collect();
+            boots.dedup();
             println!(
-                "{:<24} {:<8} {:<24} {:>7} MiB",
+                "{:<24} {:<8} {:<24} {:<16} {:>7} MiB",
                 r.name,
                 r.engine,
                 vms.join(","),
+                boots.join(","),
                 bytes >> 20
             );
         }
@@ -106,6 +111,72 @@ pub fn clone(a: CloneArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("cloning `{}`", rec.name))?;
     for m in made {
         println!("{}", m.display());
+        // On stderr: stdout stays one clone folder a line, for scripts.
+        if let Ok(c) = clone::load(&m) {
+            for v in &c.vms {
+                let Some(mv) = rec.vms.iter().find(|x| x.name == v.name) else {
+                    continue;
+                };
+                let how = match &mv.firmware {
+                    Some(f) if f.booted => format!("through {} firmware", f.firmware.as_str()),
+                    _ => "its kernel directly".into(),
+                };
+                let nvram = match &v.nvram {
+                    Some(n) => format!(", its own NVRAM {}", m.join(n).display()),
+                    None => String::new(),
+                };
+                eprintln!("{}/{}: boots {how}{nvram}", c.name, v.name);
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// How a module's VM boots, as `kiln ls` and `kiln clone` show it: `direct` (its kernel,
+/// loaded by kiln), the firmware it boots through (`bios`, `uefi`, `uefi-secure-boot`), or
+/// `direct (uefi)` for a UEFI image its build booted directly (BIOS, every image's default,
+/// goes unsaid).
+pub fn boot_label(v: &module::VmRecord) -> String {
+    match &v.firmware {
+        Some(f) if f.booted => f.firmware.as_str().into(),
+        Some(f) if f.firmware.has_nvram() => format!("direct ({})", f.firmware.as_str()),
+        _ => "direct".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::Firmware;
+    use crate::module::{FirmwareRecord, VmRecord};
+
+    #[test]
+    fn boot_labels_name_the_firmware_a_vm_boots_through() {
+        let mut v = VmRecord {
+            name: "web".into(),
+            cpus: 1,
+            memory_mib: 256,
+            source: serde_json::Value::Null,
+            agent_in_image: true,
+            boot: None,
+            firmware: None,
+            disks: vec![],
+        };
+        assert_eq!(boot_label(&v), "direct");
+        for (firmware, booted, want) in [
+            (Firmware::Bios, true, "bios"),
+            (Firmware::Uefi, true, "uefi"),
+            (Firmware::UefiSecureBoot, true, "uefi-secure-boot"),
+            (Firmware::Uefi, false, "direct (uefi)"),
+            (Firmware::Bios, false, "direct"),
+        ] {
+            v.firmware = Some(FirmwareRecord {
+                firmware,
+                booted,
+                nvram: None,
+                nvram_sha256: None,
+            });
+            assert_eq!(boot_label(&v), want);
+        }
+    }
 }

@@ -83,7 +83,20 @@ pub struct Vm {
     pub floppy_files: Vec<String>,
     /// `Some` for UEFI boot; `None` for BIOS.
     pub efi: Option<Efi>,
+    /// kiln extension `boot`: direct kernel boot or firmware, chosen per VM or forced.
+    pub boot: Boot,
     pub invisible: bool,
+}
+
+/// kiln extension `boot`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Boot {
+    /// Direct where kiln can read the image's kernel and nothing asks for firmware.
+    #[default]
+    Auto,
+    Direct,
+    Firmware,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -91,6 +91,28 @@ pub struct ResolvedSource {
     pub record: serde_json::Value,
     /// For `buildRef`: the parent module's boot disk, which `--thin` captures layer over.
     pub parent_disk: Option<ParentDisk>,
+    /// For `buildRef`: the firmware the parent VM's module records and its captured NVRAM
+    /// (path checked to be inside the parent module); the child boots the same way and starts
+    /// from a copy of that NVRAM: see [`build_ref::inherited_firmware`]. None for other
+    /// sources and for parents recorded without firmware.
+    pub parent_firmware: Option<build_ref::ParentFirmware>,
+}
+
+/// A resolved source and, when it has no kernel kiln can read (`source.boot` is None), why:
+/// such a source boots through firmware.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub source: ResolvedSource,
+    pub no_kernel: Option<String>,
+}
+
+impl From<ResolvedSource> for Resolved {
+    fn from(source: ResolvedSource) -> Self {
+        Resolved {
+            source,
+            no_kernel: None,
+        }
+    }
 }
 
 /// A parent module's captured disk (a `buildRef` source's base).
@@ -112,14 +134,18 @@ pub fn resolve(
     manifest_dir: &Path,
     modules_dir: &Path,
     events: &dyn EventSink,
-) -> Result<ResolvedSource, SourceError> {
+) -> Result<Resolved, SourceError> {
     match spec {
-        SourceSpec::Blank => Ok(ResolvedSource {
-            base: None,
-            boot: None,
-            agent_in_image: false,
-            parent_disk: None,
-            record: serde_json::json!({ "blank": true }),
+        SourceSpec::Blank => Ok(Resolved {
+            source: ResolvedSource {
+                base: None,
+                boot: None,
+                agent_in_image: false,
+                parent_disk: None,
+                parent_firmware: None,
+                record: serde_json::json!({ "blank": true }),
+            },
+            no_kernel: Some("a blank disk has no kernel".into()),
         }),
         SourceSpec::Url { url, sha256 } => {
             let want = match sha256 {
@@ -132,12 +158,16 @@ pub fn resolve(
             check_untrusted(&f.path, url)?;
             let base = base_image(&f.path)?;
             let boot = boot_files(cache, &base, &f.sha256)?;
-            Ok(ResolvedSource {
-                base: Some(base),
-                boot: Some(boot),
-                agent_in_image: false,
-                parent_disk: None,
-                record: serde_json::json!({ "url": url, "sha256": f.sha256 }),
+            Ok(Resolved {
+                no_kernel: boot.as_ref().err().cloned(),
+                source: ResolvedSource {
+                    base: Some(base),
+                    boot: boot.ok(),
+                    agent_in_image: false,
+                    parent_disk: None,
+                    parent_firmware: None,
+                    record: serde_json::json!({ "url": url, "sha256": f.sha256 }),
+                },
             })
         }
         SourceSpec::File { path } => {
@@ -169,12 +199,16 @@ pub fn resolve(
             check_untrusted(&stored, &path.display().to_string())?;
             let base = base_image(&stored)?;
             let boot = boot_files(cache, &base, &digest)?;
-            Ok(ResolvedSource {
-                base: Some(base),
-                boot: Some(boot),
-                agent_in_image: false,
-                parent_disk: None,
-                record: serde_json::json!({ "file": path, "sha256": digest }),
+            Ok(Resolved {
+                no_kernel: boot.as_ref().err().cloned(),
+                source: ResolvedSource {
+                    base: Some(base),
+                    boot: boot.ok(),
+                    agent_in_image: false,
+                    parent_disk: None,
+                    parent_firmware: None,
+                    record: serde_json::json!({ "file": path, "sha256": digest }),
+                },
             })
         }
         SourceSpec::Bootstrap(b) => {
@@ -187,7 +221,7 @@ pub fn resolve(
                 });
             }
             let base = base_image(&got.disk)?;
-            Ok(ResolvedSource {
+            Ok(Resolved::from(ResolvedSource {
                 base: Some(base),
                 boot: Some(BootFiles {
                     kernel: got.kernel.clone(),
@@ -197,6 +231,7 @@ pub fn resolve(
                 }),
                 agent_in_image: true,
                 parent_disk: None,
+                parent_firmware: None,
                 record: serde_json::json!({
                     "bootstrap": {
                         "distro": b.distro,
@@ -211,11 +246,16 @@ pub fn resolve(
                         "diskSha256": got.meta.disk_sha256,
                     }
                 }),
-            })
+            }))
         }
         SourceSpec::BuildRef { module, vm: ref_vm } => {
-            build_ref::resolve(modules_dir, module, ref_vm.as_deref())
-                .map_err(SourceError::BuildRef)
+            let source = build_ref::resolve(modules_dir, module, ref_vm.as_deref())
+                .map_err(SourceError::BuildRef)?;
+            let no_kernel = source
+                .boot
+                .is_none()
+                .then(|| "the parent module has no kernel for a direct boot".to_string());
+            Ok(Resolved { source, no_kernel })
         }
     }
 }
@@ -272,8 +312,13 @@ pub(crate) fn open_image(base: &BaseImage) -> Result<Arc<dyn bootimage::ImageRea
     })
 }
 
-/// Kernel and initrd of an image, extracted once into `boot/<digest>/`.
-fn boot_files(cache: &Cache, base: &BaseImage, digest: &str) -> Result<BootFiles, SourceError> {
+/// Kernel and initrd of an image, extracted once into `boot/<digest>/`; `Ok(Err(why))` when
+/// the image has no kernel kiln can read (it then boots through firmware).
+fn boot_files(
+    cache: &Cache,
+    base: &BaseImage,
+    digest: &str,
+) -> Result<Result<BootFiles, String>, SourceError> {
     let dir = cache.boot_dir(digest);
     let meta = dir.join("root");
     if let Ok(root) = fs::read_to_string(&meta) {
@@ -282,18 +327,24 @@ fn boot_files(cache: &Cache, base: &BaseImage, digest: &str) -> Result<BootFiles
         let args = fs::read_to_string(dir.join("args"))
             .map(|a| a.lines().map(str::to_string).collect())
             .unwrap_or_default();
-        return Ok(BootFiles {
+        return Ok(Ok(BootFiles {
             kernel: dir.join("vmlinuz"),
             initrd: initrd.is_file().then_some(initrd),
             root: root.trim().to_string(),
             args,
-        });
+        }));
     }
     let img = open_image(base)?;
-    let info = bootimage::find_boot(img).map_err(|source| SourceError::Boot {
-        image: base.path.clone(),
-        source,
-    })?;
+    let info = match bootimage::find_boot(img) {
+        Ok(info) => info,
+        Err(bootimage::BootImageError::Io(e)) => {
+            return Err(SourceError::Boot {
+                image: base.path.clone(),
+                source: bootimage::BootImageError::Io(e),
+            })
+        }
+        Err(e) => return Ok(Err(no_kernel_reason(&e))),
+    };
     let tmp = cache.temp_dir("boot-")?;
     let w = |name: &str, data: &[u8]| {
         let p = tmp.path().join(name);
@@ -312,6 +363,17 @@ fn boot_files(cache: &Cache, base: &BaseImage, digest: &str) -> Result<BootFiles
         let _ = fs::remove_dir_all(&tmp_path);
     }
     boot_files(cache, base, digest)
+}
+
+/// Why kiln cannot boot an image's kernel directly, for the build's boot note.
+fn no_kernel_reason(e: &bootimage::BootImageError) -> String {
+    match e {
+        bootimage::BootImageError::NoKernel { searched } => format!(
+            "no kernel kiln can read (no ext4 file system with /boot/vmlinuz-*; {searched} \
+             ext4 file system(s) searched)"
+        ),
+        other => format!("no kernel kiln can read ({other})"),
+    }
 }
 
 #[cfg(test)]
@@ -417,7 +479,9 @@ mod tests {
         let cache = Cache::open(d.path().join("cache")).unwrap();
         let ev = crate::events::MemorySink::default();
         let spec = SourceSpec::File { path: q.clone() };
-        let r = resolve(&cache, &spec, "vm", d.path(), d.path(), &ev).unwrap();
+        let r = resolve(&cache, &spec, "vm", d.path(), d.path(), &ev)
+            .unwrap()
+            .source;
         let base = r.base.unwrap();
         assert_eq!(base.format, ImageFormat::Qcow2);
         assert_eq!(base.virtual_size, 20 << 20);
@@ -435,10 +499,35 @@ mod tests {
         assert_eq!(boot.args, args);
         // Resolved again: the same base from the blob store, boot files from the cache.
         let again = resolve(&cache, &spec, "vm", d.path(), d.path(), &ev).unwrap();
-        let again = again.boot.unwrap();
-        assert_eq!(again.kernel, boot.kernel);
-        assert_eq!(again.args, args);
-        assert_eq!(again.root, boot.root);
+        let again_boot = again.source.boot.unwrap();
+        assert_eq!(again_boot.kernel, boot.kernel);
+        assert_eq!(again_boot.args, args);
+        assert_eq!(again_boot.root, boot.root);
+        assert_eq!(again.no_kernel, None);
+    }
+
+    #[test]
+    fn an_image_without_a_kernel_resolves_with_the_reason() {
+        let d = tempfile::tempdir().unwrap();
+        let raw = d.path().join("zeros.raw");
+        fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
+        let cache = Cache::open(d.path().join("cache")).unwrap();
+        let ev = crate::events::MemorySink::default();
+        let r = resolve(
+            &cache,
+            &SourceSpec::File { path: raw },
+            "vm",
+            d.path(),
+            d.path(),
+            &ev,
+        )
+        .unwrap();
+        assert!(r.source.boot.is_none() && r.source.base.is_some());
+        let why = r.no_kernel.unwrap();
+        assert!(
+            why.starts_with("no kernel kiln can read (no ext4 file system"),
+            "{why}"
+        );
     }
 
     #[test]

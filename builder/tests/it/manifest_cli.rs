@@ -151,6 +151,7 @@ fn schema_is_json_schema_with_every_field() {
         "nics",
         "bootCommand",
         "efiFirmware",
+        "boot",
         "provisioners",
         "isos",
         "floppy",
@@ -165,6 +166,10 @@ fn schema_is_json_schema_with_every_field() {
     assert_eq!(
         v["$defs"]["Provisioner"]["properties"]["type"]["enum"][3],
         "windows-update"
+    );
+    assert_eq!(
+        v["$defs"]["VM"]["properties"]["boot"]["enum"],
+        serde_json::json!(["auto", "direct", "firmware"])
     );
 }
 

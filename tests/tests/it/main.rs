@@ -16,6 +16,7 @@ mod build_static_net;
 mod build_thin;
 mod build_untrusted;
 mod build_url;
+mod clone_firmware;
 mod doctor;
 mod firmware_images;
 mod module_boots_in_plain_qemu;

@@ -601,6 +601,7 @@ mod tests {
         l.boot = boot(Firmware::Bios, None);
         let s = joined(&qemu_args(&l, BlockMode::VhostUser, None, &host).unwrap());
         assert!(s.contains(&format!("-bios {d}/bios-256k.bin")), "{s}");
+        assert!(s.contains("q35,memory-backend=mem,graphics=off"), "{s}");
         assert!(!s.contains("-kernel") && !s.contains("-append") && !s.contains("pflash"));
 
         l.boot = boot(Firmware::Uefi, Some("/w/nv,ram.fd"));

@@ -7,7 +7,8 @@ use std::time::Duration;
 use super::super::boot;
 use super::super::diag::{Pos, Span};
 use super::super::plan::{
-    CloudInit, Communicator, CommunicatorKind, Disk, DiskBus, Efi, Iso, Secret, Shell, Source, Vm,
+    Boot, CloudInit, Communicator, CommunicatorKind, Disk, DiskBus, Efi, Iso, Secret, Shell,
+    Source, Vm,
 };
 use super::super::schema::SOURCE_KINDS;
 use super::super::units::format_bytes;
@@ -49,27 +50,15 @@ pub fn vm(cx: &mut Cx, n: &Node, net: &Declared) -> Option<Lowered> {
         nic.map(|x| (vec![x], vec![at])).unwrap_or_default()
     };
     let boot_command = boot_command(cx, read::list(n, "bootCommand"));
-    let efi = n.get("efiFirmware").map(|e| {
-        let secure_boot = read::boolean(e, "secureBoot").unwrap_or(false);
-        match (secure_boot, e.get("secureBoot"), n.key("efiFirmware")) {
-            (true, Some(at), _) => {
-                cx.sink
-                    .error(at.span, "Secure Boot is not supported by kiln yet")
-                    .hint("remove `efiFirmware`: kiln boots the image's kernel directly");
-            }
-            // kiln boots the kernel itself, without firmware: a UEFI request would be dropped.
-            (_, _, Some(k)) => {
-                cx.sink
-                    .error(
-                        k.span,
-                        "UEFI boot (`efiFirmware`) is not supported by kiln yet",
-                    )
-                    .hint("remove `efiFirmware`: kiln boots the image's kernel directly");
-            }
-            _ => {}
-        }
-        Efi { secure_boot }
+    let efi = n.get("efiFirmware").map(|e| Efi {
+        secure_boot: read::boolean(e, "secureBoot").unwrap_or(false),
     });
+    let boot = match read::string(n, "boot").as_deref() {
+        Some("direct") => Boot::Direct,
+        Some("firmware") => Boot::Firmware,
+        // `auto`, absent, or a bad value (the schema check reports it where it is written).
+        _ => Boot::Auto,
+    };
     let isos = isos(cx, read::list(n, "isos"));
     let floppy_files = super::name_refs(cx, n.get("floppy"), "floppy");
     let floppy_bytes: usize = floppy_files
@@ -119,6 +108,7 @@ pub fn vm(cx: &mut Cx, n: &Node, net: &Declared) -> Option<Lowered> {
         isos,
         floppy_files,
         efi,
+        boot,
         invisible: read::boolean(n, "invisible").unwrap_or(false),
     };
     if vm.invisible {

@@ -61,7 +61,12 @@ pub static VM: Obj = Obj {
         f(
             "efiFirmware",
             Ty::Obj(&EFI),
-            "UEFI boot (not supported by kiln yet: it boots the kernel directly)",
+            "UEFI boot through OVMF ({} is enough; BIOS when absent)",
+        ),
+        f(
+            "boot",
+            Ty::Enum(&["auto", "direct", "firmware"]),
+            "kiln extension: direct kernel boot or firmware (default auto: direct when kiln can read the image's kernel and nothing asks for firmware)",
         ),
         f(
             "provisioners",
@@ -258,7 +263,7 @@ pub static EFI: Obj = Obj {
     fields: &[f(
         "secureBoot",
         Ty::Bool,
-        "Secure Boot (not supported by kiln yet)",
+        "Secure Boot: OVMF's secure-boot build with Microsoft's keys enrolled",
     )],
 };
 
