@@ -6,8 +6,28 @@
 /// The cause of a boot failure in `console` (the serial output so far), if it has one.
 pub(super) fn detect(console: &str) -> Option<String> {
     let lines: Vec<String> = console.lines().map(clean).collect();
+    let mut load_failed: Option<&str> = None;
     for (i, line) in lines.iter().enumerate() {
         let line = line.as_str();
+        // OVMF tries the disk's options first, then network boot (iPXE, then its own PXE and
+        // HTTP boot: minutes of DHCP and TFTP timeouts, and nothing serves them on kiln's
+        // network): network boot after a failed option means the disk has no loader the
+        // firmware could start.
+        let network = line.contains("Open Source Network Boot Firmware")
+            || line.contains(">>Start PXE over IPv")
+            || line.contains(">>Start HTTP Boot over IPv")
+            || (line.contains("BdsDxe: ")
+                && (line.contains("\"UEFI PXEv") || line.contains("\"UEFI HTTPv")));
+        if let (Some(failed), true) = (load_failed, network) {
+            return Some(format!(
+                "the UEFI firmware found no boot loader on the disk (`{}`; OVMF went on to \
+                 network boot)",
+                failed.trim()
+            ));
+        }
+        if line.contains("BdsDxe: failed to load Boot") {
+            load_failed.get_or_insert(line);
+        }
         if line.contains("No bootable device.") {
             return Some(
                 "the BIOS found no bootable device (SeaBIOS: `No bootable device.`; the disk has \
@@ -99,6 +119,16 @@ mod tests {
         disk\r\n\r\nBooting from Floppy...\r\nBoot failed: could not read the boot disk\r\n\r\n\
         No bootable device.\r";
 
+    /// Recorded: a kiln build (OVMF, Debian 2022.11) of an all-zero disk with a NIC: iPXE
+    /// and the network options come before the shell, each waiting for DHCP and TFTP.
+    const OVMF_NETWORK: &str = "\u{1b}[2J\u{1b}[01;01HBdsDxe: failed to load Boot0001 \
+        \"UEFI Misc Device\" from PciRoot(0x0)/Pci(0x1,0x0): Not Found\r\nBdsDxe: failed to \
+        load Boot0002 \"UEFI Non-Block Boot Device\" from PciRoot(0x0)/Pci(0x2,0x0): Not \
+        Found\r\n\r\n\r\n\u{1b}[1m\u{1b}[37m\u{1b}[40miPXE 1.0.0+git-20190125.36a4c85-5.1\
+        \u{1b}[0m\u{1b}[37m\u{1b}[40m -- Open Source Network Boot Firmware -- \u{1b}[0m\
+        \u{1b}[36m\u{1b}[40mhttp://ipxe.org\u{1b}[0m\u{1b}[37m\u{1b}[40m\r\nFeatures: DNS HTTP \
+        iSCSI NFS TFTP AoE EFI Menu\r\n";
+
     /// Recorded: OVMF (Debian 2022.11) with an all-zero virtio disk, no Secure Boot.
     const OVMF_SHELL: &str = "\u{1b}[2J\u{1b}[01;01H\u{1b}[=3h\u{1b}[2J\u{1b}[01;01HBdsDxe: \
         failed to load Boot0001 \"UEFI Misc Device\" from PciRoot(0x0)/Pci(0x2,0x0): Not \
@@ -124,6 +154,23 @@ mod tests {
         // Loading the shell is not yet starting it.
         let head = &OVMF_SHELL[..OVMF_SHELL.find("BdsDxe: starting").unwrap()];
         assert_eq!(detect(head), None);
+    }
+
+    #[test]
+    fn ovmf_going_on_to_network_boot_after_the_disk_failed() {
+        let why = detect(OVMF_NETWORK).unwrap();
+        assert!(
+            why.contains("no boot loader on the disk") && why.contains("Boot0001"),
+            "{why}"
+        );
+        // Network boot alone (nothing failed before it) is not a failure.
+        let alone = &OVMF_NETWORK[OVMF_NETWORK.find("\r\n\r\n").unwrap()..];
+        assert_eq!(detect(alone), None);
+        let later = "BdsDxe: failed to load Boot0001 \"UEFI Misc Device\" from \
+                     PciRoot(0x0)/Pci(0x1,0x0): Not Found\r\nNothing to boot\r\nBdsDxe: failed to \
+                     load Boot0003 \"UEFI PXEv4 (MAC:026B6C322997)\" from PciRoot(0x0)/Pci(0x4,0x0)/\
+                     MAC(026B6C322997,0x1): Not Found\r\n\r\n>>Start PXE over IPv4.\r\n";
+        assert!(detect(later).unwrap().contains("Boot0001"));
     }
 
     #[test]

@@ -156,19 +156,8 @@ pub fn resolve(
             };
             let f = url::fetch(cache, url, want.as_deref(), Some(vm), events)?;
             check_untrusted(&f.path, url)?;
-            let base = base_image(&f.path)?;
-            let boot = boot_files(cache, &base, &f.sha256)?;
-            Ok(Resolved {
-                no_kernel: boot.as_ref().err().cloned(),
-                source: ResolvedSource {
-                    base: Some(base),
-                    boot: boot.ok(),
-                    agent_in_image: false,
-                    parent_disk: None,
-                    parent_firmware: None,
-                    record: serde_json::json!({ "url": url, "sha256": f.sha256 }),
-                },
-            })
+            let record = serde_json::json!({ "url": url, "sha256": f.sha256 });
+            image_source(cache, &f.path, &f.sha256, record)
         }
         SourceSpec::File { path } => {
             let path = if path.is_absolute() {
@@ -197,19 +186,8 @@ pub fn resolve(
                 }
             };
             check_untrusted(&stored, &path.display().to_string())?;
-            let base = base_image(&stored)?;
-            let boot = boot_files(cache, &base, &digest)?;
-            Ok(Resolved {
-                no_kernel: boot.as_ref().err().cloned(),
-                source: ResolvedSource {
-                    base: Some(base),
-                    boot: boot.ok(),
-                    agent_in_image: false,
-                    parent_disk: None,
-                    parent_firmware: None,
-                    record: serde_json::json!({ "file": path, "sha256": digest }),
-                },
-            })
+            let record = serde_json::json!({ "file": path, "sha256": digest });
+            image_source(cache, &stored, &digest, record)
         }
         SourceSpec::Bootstrap(b) => {
             let agent = bootstrap::AgentFiles::locate()?;
@@ -258,6 +236,29 @@ pub fn resolve(
             Ok(Resolved { source, no_kernel })
         }
     }
+}
+
+/// A `url` or `file` image in the cache (digest `digest`) as a source: its kernel when kiln can
+/// read one, else why not (it then boots through firmware).
+fn image_source(
+    cache: &Cache,
+    image: &Path,
+    digest: &str,
+    record: serde_json::Value,
+) -> Result<Resolved, SourceError> {
+    let base = base_image(image)?;
+    let boot = boot_files(cache, &base, digest)?;
+    Ok(Resolved {
+        no_kernel: boot.as_ref().err().cloned(),
+        source: ResolvedSource {
+            base: Some(base),
+            boot: boot.ok(),
+            agent_in_image: false,
+            parent_disk: None,
+            parent_firmware: None,
+            record,
+        },
+    })
 }
 
 /// A downloaded or user-supplied image must stand alone: its backing name is a host path
@@ -499,11 +500,18 @@ mod tests {
         assert_eq!(boot.args, args);
         // Resolved again: the same base from the blob store, boot files from the cache.
         let again = resolve(&cache, &spec, "vm", d.path(), d.path(), &ev).unwrap();
-        let again_boot = again.source.boot.unwrap();
-        assert_eq!(again_boot.kernel, boot.kernel);
-        assert_eq!(again_boot.args, args);
-        assert_eq!(again_boot.root, boot.root);
         assert_eq!(again.no_kernel, None);
+        let again = again.source.boot.unwrap();
+        assert_eq!(again.kernel, boot.kernel);
+        assert_eq!(again.args, args);
+        assert_eq!(again.root, boot.root);
+    }
+
+    /// `path` resolved as a `file` source, with a cache of its own in `dir`.
+    fn resolve_file(dir: &Path, path: PathBuf) -> Result<Resolved, SourceError> {
+        let cache = Cache::open(dir.join("cache")).unwrap();
+        let ev = crate::events::MemorySink::default();
+        resolve(&cache, &SourceSpec::File { path }, "vm", dir, dir, &ev)
     }
 
     #[test]
@@ -511,17 +519,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let raw = d.path().join("zeros.raw");
         fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
-        let cache = Cache::open(d.path().join("cache")).unwrap();
-        let ev = crate::events::MemorySink::default();
-        let r = resolve(
-            &cache,
-            &SourceSpec::File { path: raw },
-            "vm",
-            d.path(),
-            d.path(),
-            &ev,
-        )
-        .unwrap();
+        let r = resolve_file(d.path(), raw).unwrap();
         assert!(r.source.boot.is_none() && r.source.base.is_some());
         let why = r.no_kernel.unwrap();
         assert!(
@@ -539,17 +537,7 @@ mod tests {
         h[7] = 3; // version 3
         h[24..32].copy_from_slice(&(1u64 << 30).to_be_bytes());
         fs::write(&q, h).unwrap();
-        let cache = Cache::open(d.path().join("cache")).unwrap();
-        let ev = crate::events::MemorySink::default();
-        let err = resolve(
-            &cache,
-            &SourceSpec::File { path: q },
-            "vm",
-            d.path(),
-            d.path(),
-            &ev,
-        )
-        .unwrap_err();
+        let err = resolve_file(d.path(), q).unwrap_err();
         let msg = err.to_string();
         // kiln-disk's header checks run on every file/url source before it is used.
         assert!(matches!(err, SourceError::Untrusted { .. }), "{msg}");

@@ -5,6 +5,7 @@
 mod build_common;
 mod build_disk_bus;
 mod build_failures;
+mod build_firmware;
 mod build_hello;
 mod build_http;
 mod build_interrupt;
