@@ -34,7 +34,7 @@ pub enum BootImageError {
     Partitions(#[from] partitions::PartitionError),
     #[error(
         "no kernel found: looked for /boot/vmlinuz-* in {searched} ext4 file system(s) of the \
-         image; a source without a kernel needs a boot loader, which kiln does not run"
+         image (such an image boots through firmware and its own boot loader)"
     )]
     NoKernel { searched: usize },
     #[error("{what} {path} is {size} bytes, more than the {limit} kiln accepts")]
