@@ -25,10 +25,13 @@ pub(super) fn pick_engine(
     job: &BuildJob,
     ev: &dyn EventSink,
 ) -> Result<Arc<dyn Engine>, BuildError> {
-    let needs_qemu = job
-        .vms
-        .iter()
-        .find_map(|v| engine::kvm_cannot_run(&v.name, v.disks.iter().map(|d| (&*d.name, d.bus))));
+    let needs_qemu = job.vms.iter().find_map(|v| {
+        engine::kvm_cannot_run(
+            &v.name,
+            v.disks.iter().map(|d| (&*d.name, d.bus)),
+            v.nics.iter().map(|n| (&*n.name, n.model)),
+        )
+    });
     let probe = kiln_vmm::doctor::probe();
     let pick = engine::pick(choice, &probe, needs_qemu.as_deref());
     // Refused before anything is made, rather than when that VM's turn to boot comes.

@@ -77,10 +77,16 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         module::load(&module_path).with_context(|| format!("the module of clone `{}`", c.name))?;
     module::verify_layers(&module_path, &rec)?;
     let probe = kiln_vmm::doctor::probe();
-    let needs_qemu = rec
-        .vms
-        .iter()
-        .find_map(|v| engine::kvm_cannot_run(&v.name, v.disks.iter().map(|d| (&*d.name, d.bus))));
+    // The NICs a clone gets (and so their models) are the module's base values.
+    let base = clone::load_base(&module_path)?;
+    let needs_qemu = rec.vms.iter().find_map(|v| {
+        let nics = base.as_ref().and_then(|b| b.vm(&v.name)).map(|b| &b.nics);
+        engine::kvm_cannot_run(
+            &v.name,
+            v.disks.iter().map(|d| (&*d.name, d.bus)),
+            nics.into_iter().flatten().map(|n| (&*n.name, n.model)),
+        )
+    });
     let pick = engine::pick(a.engine, &probe, needs_qemu.as_deref());
     eprintln!("engine: {}", pick.why);
     let eng = engine::make(pick.engine)?;
@@ -103,7 +109,6 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     }
     // A fresh isolated network for this clone, from the module's base values (no
     // buildOverrides): its own DHCP, DNS and NAT, shared with no other clone.
-    let base = clone::load_base(&module_path)?;
     let internet = if a.no_internet {
         Internet::Off
     } else {

@@ -200,10 +200,6 @@ pub enum NicModel {
     Virtio,
     E1000,
     E1000e,
-    Rtl8139,
-    Pcnet,
-    #[serde(rename = "ne2k_pci")]
-    Ne2kPci,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -220,7 +216,7 @@ pub struct Nic {
     /// Lowercase `xx:xx:xx:xx:xx:xx`; derived from module, VM and NIC names when not given,
     /// so rebuilds and clones keep it.
     pub mac: String,
-    /// The model the manifest asked for; kiln's VMM always offers virtio.
+    /// The device the guest sees; e1000 and e1000e need the qemu engine.
     pub model: NicModel,
 }
 

@@ -247,7 +247,7 @@ pub static NIC: Obj = Obj {
         f(
             "model",
             Ty::Enum(NIC_MODELS),
-            "virtio only; other models are not supported by kiln yet",
+            "virtio (default); e1000, e1000e for guests without virtio drivers (qemu engine)",
         ),
     ],
 };
