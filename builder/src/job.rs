@@ -275,6 +275,9 @@ pub struct BootstrapSpec {
     pub suite: String,
     pub packages: Vec<String>,
     pub mirror: Option<String>,
+    /// The kernel package instead of the cloud kernel (`bootstrap.kernel`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
 }
 
 /// Content of a `files[]` entry.

@@ -142,11 +142,13 @@ pub fn job_from_plan(
                 suite,
                 packages,
                 mirror,
+                kernel,
             } => SourceSpec::Bootstrap(BootstrapSpec {
                 distro: distro.clone(),
                 suite: suite.clone(),
                 packages: packages.clone(),
                 mirror: mirror.clone(),
+                kernel: kernel.clone(),
             }),
             manifest::Source::BuildRef { name, vm_name, .. } => SourceSpec::BuildRef {
                 module: name.clone(),

@@ -103,6 +103,8 @@ pub enum Source {
         suite: String,
         packages: Vec<String>,
         mirror: Option<String>,
+        /// The kernel package instead of the cloud kernel (kiln extension).
+        kernel: Option<String>,
     },
     /// The captured disk of a previous module; existence is checked when the build starts.
     BuildRef {

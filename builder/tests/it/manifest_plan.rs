@@ -312,3 +312,26 @@ fn nic_models_kiln_does_not_serve_are_refused_where_written() {
         );
     }
 }
+
+#[test]
+fn a_bootstrap_kernel_is_carried_and_a_non_kernel_package_refused() {
+    let src = |k: &str| {
+        format!("vms:\n  - name: a\n    source: {{bootstrap: {{distro: debian, suite: bookworm, kernel: {k}}}}}\n    resources: {{cpu: 1, memory: 1Gi}}\n")
+    };
+    let p = plan(&src("linux-image-amd64"));
+    match &p.build.vms[0].source {
+        Source::Bootstrap { kernel, .. } => {
+            assert_eq!(kernel.as_deref(), Some("linux-image-amd64"))
+        }
+        other => panic!("{other:?}"),
+    }
+    let text = src("nginx");
+    let l = load_str(&text, Path::new("m.yaml"), Limits::default());
+    assert!(l.plan.is_none());
+    let d: Vec<String> = l.diagnostics.iter().map(|d| d.render()).collect();
+    assert!(
+        d.iter()
+            .any(|d| d.contains("m.yaml:3:67: error: `nginx` is not a Debian kernel package")),
+        "{d:#?}"
+    );
+}

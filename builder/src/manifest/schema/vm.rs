@@ -139,6 +139,11 @@ pub static BOOTSTRAP: Obj = Obj {
         req("suite", Ty::Str, "the release, e.g. bookworm"),
         f("packages", Ty::List(&Ty::Str), "extra packages to install"),
         f("mirror", Ty::Str, "the package mirror URL"),
+        f(
+            "kernel",
+            Ty::Str,
+            "kiln extension: the kernel package (default linux-image-cloud-amd64; linux-image-amd64 for e1000, AHCI and other drivers the cloud kernel lacks)",
+        ),
     ],
 };
 
