@@ -58,8 +58,16 @@ fn switch_to_qemu(switch: &kiln_net::QueuePort, q: &mut UnixStream, frame: &[u8]
     }
 }
 
-#[test]
-fn frames_cross_both_ways_and_a_new_qemu_gets_the_same_port() {
+/// A NIC of `model` served on a socket in a temp folder: the folder, the socket, the switch's
+/// end of the NIC's port, and the relay.
+fn rig(
+    model: crate::job::NicModel,
+) -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    kiln_net::QueuePort,
+    StreamNic,
+) {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("net0.stream.sock");
     let (nic_end, switch) = kiln_net::port_pair(64).unwrap();
@@ -67,9 +75,15 @@ fn frames_cross_both_ways_and_a_new_qemu_gets_the_same_port() {
         name: "eth0".into(),
         mac: [2, 0x6b, 0x6c, 0, 0, 1],
         port: Arc::new(nic_end),
-        model: crate::job::NicModel::E1000,
+        model,
     };
-    let mut relay = StreamNic::start(&sock, &nic).unwrap();
+    let relay = StreamNic::start(&sock, &nic).unwrap();
+    (dir, sock, switch, relay)
+}
+
+#[test]
+fn frames_cross_both_ways_and_a_new_qemu_gets_the_same_port() {
+    let (_dir, sock, switch, mut relay) = rig(crate::job::NicModel::E1000);
     for boot in 0..3u8 {
         // Each boot is a fresh QEMU connecting to the same socket.
         let mut q = UnixStream::connect(&sock).unwrap();
@@ -89,16 +103,7 @@ fn frames_cross_both_ways_and_a_new_qemu_gets_the_same_port() {
 
 #[test]
 fn a_qemu_breaking_the_framing_is_dropped_and_the_next_one_served() {
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("net0.stream.sock");
-    let (nic_end, switch) = kiln_net::port_pair(64).unwrap();
-    let nic = NicAttach {
-        name: "eth0".into(),
-        mac: [2, 0x6b, 0x6c, 0, 0, 1],
-        port: Arc::new(nic_end),
-        model: crate::job::NicModel::E1000e,
-    };
-    let _relay = StreamNic::start(&sock, &nic).unwrap();
+    let (_dir, sock, switch, _relay) = rig(crate::job::NicModel::E1000e);
     let mut bad = UnixStream::connect(&sock).unwrap();
     // A length no frame has: the relay closes this connection.
     bad.write_all(&u32::MAX.to_be_bytes()).unwrap();
