@@ -3,8 +3,9 @@
 //! e1000) with a second disk on `bus: sata` and its only NIC on `model: e1000`. The guest sees
 //! the disk (AHCI, serial = the disk's name) and the NIC (`ethtool -i` says e1000), the NIC
 //! gets its DHCP lease from kiln-net and reaches VM `b` (generic kernel too, its NIC an
-//! `e1000e`) by name over TCP; the captured disks pass `qemu-img check`, and a clone's `a`
-//! gets the e1000 NIC again (the module's base.yaml keeps the model).
+//! `e1000e`) by name over TCP, again after a reboot (a fresh QEMU on the same NIC socket);
+//! the captured disks pass `qemu-img check`, and a clone's `a` gets the e1000 NIC again (the
+//! module's base.yaml keeps the model).
 
 use crate::build_common::*;
 use kiln_e2e::module::{clone_run_exec, CloneExec};
@@ -59,6 +60,24 @@ const MANIFEST: &str = r#"vms:
               sleep 2
             done
             echo "b was not reachable" >&2
+            exit 1
+      # A reboot is a fresh QEMU: its stream netdev connects to the same socket, and the NIC
+      # keeps its switch port.
+      - name: reboot
+        type: reboot
+      - name: after-the-reboot
+        type: shell
+        stepTimeout: 4m
+        shell:
+          inline: |
+            set -eu
+            for _ in $(seq 120); do
+              if getent hosts b >/dev/null && timeout 5 bash -c 'echo > /dev/tcp/b/8080'; then
+                echo "after the reboot: reached b from $(hostname -I)"
+                exit 0
+              fi
+              sleep 1
+            done
             exit 1
   - name: b
     source:
@@ -123,6 +142,7 @@ fn a_sata_disk_and_an_e1000_nic_are_seen_leased_reach_a_peer_and_are_captured() 
         "no DHCP lease and default route on the e1000 NIC {nic}"
     );
     assert!(said.contains("a| reached b at 10.21.0."));
+    assert!(said.contains("a| after the reboot: reached b from 10.21.0."));
     // b's NIC is an e1000e: a's frames went e1000 -> kiln-net's switch -> e1000e and back.
     assert!(said
         .lines()
