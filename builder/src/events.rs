@@ -129,7 +129,7 @@ pub fn json_line(event: &Event) -> Option<String> {
 }
 
 /// The current time as `2026-12-07T06:57:36.123Z`.
-fn rfc3339_now() -> String {
+pub(crate) fn rfc3339_now() -> String {
     let d = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();

@@ -243,6 +243,8 @@ fn packer_base(base: &Path, work: &Path, pubkey: &Path) -> Res<PathBuf> {
             .arg(base)
             .arg(&raw),
     )?;
+    // The bootstrapped base is a GPT disk: debugfs opens its root partition at its offset.
+    let root = kiln_e2e::image::ext4_root(&raw).map_err(|e| e.to_string())?;
     let cmds = work.join("debugfs.cmds");
     let script = format!(
         "mkdir /root/.ssh\n\
@@ -263,14 +265,14 @@ fn packer_base(base: &Path, work: &Path, pubkey: &Path) -> Res<PathBuf> {
             .arg("-w")
             .arg("-f")
             .arg(&cmds)
-            .arg(&raw),
+            .arg(&root),
     )?;
     // The copy must really hold the key, and the base must have SSH host keys.
     let check = run_quiet(
         Command::new("debugfs")
             .arg("-R")
             .arg("cat /root/.ssh/authorized_keys")
-            .arg(&raw),
+            .arg(&root),
     )?;
     let want = std::fs::read_to_string(pubkey).map_err(|e| e.to_string())?;
     if String::from_utf8_lossy(&check.stdout).trim() != want.trim() {
@@ -280,7 +282,7 @@ fn packer_base(base: &Path, work: &Path, pubkey: &Path) -> Res<PathBuf> {
         Command::new("debugfs")
             .arg("-R")
             .arg("ls /etc/ssh")
-            .arg(&raw),
+            .arg(&root),
     )?;
     if !String::from_utf8_lossy(&ls.stdout).contains("ssh_host_ed25519_key") {
         return Err("the base has no SSH host keys in /etc/ssh (is openssh-server in it?)".into());
@@ -296,7 +298,7 @@ fn packer_base(base: &Path, work: &Path, pubkey: &Path) -> Res<PathBuf> {
     Ok(out)
 }
 
-/// A file read out of a captured qcow2 whose whole disk is ext4 (qemu-img to raw, debugfs).
+/// A file read out of a captured qcow2's ext4 root (qemu-img to raw, debugfs).
 fn guest_file(qcow2: &Path, raw: &Path, path: &str) -> Res<String> {
     if !raw.exists() {
         run_quiet(
@@ -306,11 +308,12 @@ fn guest_file(qcow2: &Path, raw: &Path, path: &str) -> Res<String> {
                 .arg(raw),
         )?;
     }
+    let root = kiln_e2e::image::ext4_root(raw).map_err(|e| e.to_string())?;
     let out = run_quiet(
         Command::new("debugfs")
             .arg("-R")
             .arg(format!("cat {path}"))
-            .arg(raw),
+            .arg(&root),
     )?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

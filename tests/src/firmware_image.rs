@@ -5,10 +5,17 @@
 //!   root, cloud-init. Boots with OVMF.
 //! - [`bios_btrfs`]: MBR, GRUB for BIOS in the MBR gap, a btrfs root, cloud-init. Boots with
 //!   SeaBIOS.
+//! - [`uefi_secure`]: GPT, an ESP with Debian's signed shim at `EFI/BOOT/BOOTX64.EFI` and its
+//!   signed GRUB beside it, an ext4 root with Debian's signed cloud kernel, cloud-init. Boots
+//!   with OVMF's Secure Boot build and Microsoft's keys enrolled.
+//! - [`uefi_unsigned`]: the same, but `EFI/BOOT/BOOTX64.EFI` is an unsigned GRUB, which Secure
+//!   Boot refuses.
 //!
 //! The build hosts' kernels scan no partition tables and have no VFAT, so the root partition is
 //! attached as its own loop device at its offset, the ESP is made in a file with `mkfs.vfat` and
 //! mtools and copied into place, and the BIOS loader is written into the image file directly.
+//! The signed loaders come from `apt-get download` of their packages, unpacked with `dpkg-deb`
+//! (nothing is installed on the host).
 //! Every mount and loop device is undone by a guard, also on error.
 
 use std::fs::{self, File};
@@ -44,8 +51,15 @@ struct Recipe {
 
 #[derive(Clone, Copy, PartialEq)]
 enum Loader {
+    /// GRUB from grub-mkstandalone at `EFI/BOOT/BOOTX64.EFI`.
     Uefi,
     Bios,
+    /// Debian's signed GRUB at `EFI/BOOT/grubx64.efi`, reading `EFI/debian/grub.cfg`; with
+    /// `signed`, Debian's signed shim at `EFI/BOOT/BOOTX64.EFI` to start it, else the unsigned
+    /// GRUB of [`Loader::Uefi`] there.
+    SecureBoot {
+        signed: bool,
+    },
 }
 
 const UEFI_XFS: Recipe = Recipe {
@@ -62,6 +76,27 @@ const BIOS_BTRFS: Recipe = Recipe {
     loader: Loader::Bios,
 };
 
+/// The signed kernel is the base's: Debian signs its cloud kernel too.
+const UEFI_SECURE: Recipe = Recipe {
+    kind: "uefi-secure",
+    packages: &["efibootmgr"],
+    root_fs: "ext4",
+    loader: Loader::SecureBoot { signed: true },
+};
+
+const UEFI_UNSIGNED: Recipe = Recipe {
+    loader: Loader::SecureBoot { signed: false },
+    kind: "uefi-unsigned",
+    ..UEFI_SECURE
+};
+
+/// Debian's signed boot chain: each package and the loader in it, as unpacked.
+const SIGNED_SHIM: (&str, &str) = ("shim-signed", "usr/lib/shim/shimx64.efi.signed");
+const SIGNED_GRUB: (&str, &str) = (
+    "grub-efi-amd64-signed",
+    "usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed",
+);
+
 /// GRUB modules in the BIOS core image: enough to find the root and load normal mode from it.
 const BIOS_CORE_MODULES: &[&str] = &[
     "biosdisk",
@@ -70,7 +105,8 @@ const BIOS_CORE_MODULES: &[&str] = &[
     "search",
     "search_fs_uuid",
 ];
-/// GRUB modules the UEFI image preloads (the rest are in its memdisk).
+/// GRUB modules the unsigned UEFI GRUB preloads; the rest (ext2 for an ext4 root, say) load
+/// from its memdisk.
 const UEFI_MODULES: &str = "part_gpt xfs search search_fs_uuid";
 
 /// Host tools an image build runs, with the Debian package that has each.
@@ -81,10 +117,13 @@ const TOOLS: &[(&str, &str)] = &[
     ("blkid", "util-linux"),
     ("mkfs.xfs", "xfsprogs"),
     ("mkfs.btrfs", "btrfs-progs"),
+    ("mkfs.ext4", "e2fsprogs"),
     ("mkfs.vfat", "dosfstools"),
     ("mcopy", "mtools"),
     ("grub-mkimage", "grub-common"),
     ("grub-mkstandalone", "grub-common"),
+    ("apt-get", "apt"),
+    ("dpkg-deb", "dpkg"),
 ];
 
 /// The UEFI image (GPT, ESP, XFS root); builds it on first use.
@@ -95,6 +134,17 @@ pub fn uefi_xfs() -> Result<PathBuf> {
 /// The BIOS image (MBR, btrfs root); builds it on first use.
 pub fn bios_btrfs() -> Result<PathBuf> {
     image(&BIOS_BTRFS)
+}
+
+/// The Secure Boot image (GPT, ESP with Debian's signed shim and GRUB, ext4 root); builds it
+/// on first use.
+pub fn uefi_secure() -> Result<PathBuf> {
+    image(&UEFI_SECURE)
+}
+
+/// [`uefi_secure`]'s twin with an unsigned `EFI/BOOT/BOOTX64.EFI`; builds it on first use.
+pub fn uefi_unsigned() -> Result<PathBuf> {
+    image(&UEFI_UNSIGNED)
 }
 
 /// Why an image cannot be built here (not root, a tool or GRUB platform missing), if so.
@@ -151,11 +201,12 @@ fn image(recipe: &Recipe) -> Result<PathBuf> {
 }
 
 /// A hash of everything that shapes the image: recipe version, suite, packages, the concrete
-/// kernel package the metapackage resolves to today, the layout and the host's GRUB.
+/// kernel package the metapackage resolves to today, the layout, the host's GRUB and the
+/// versions of the signed loaders.
 fn key(recipe: &Recipe) -> Result<String> {
     let kernel = crate::kernel::concrete_package()?;
     let grub = run(Command::new("grub-mkimage").arg("--version"))?;
-    let text = format!(
+    let mut text = format!(
         "{RECIPE_VERSION}\n{SUITE}\n{}\n{}\n{kernel}\n{}\n{}\n{grub}\n{}\n{UEFI_MODULES}\n{}",
         BASE_PACKAGES.join(","),
         recipe.packages.join(","),
@@ -164,6 +215,15 @@ fn key(recipe: &Recipe) -> Result<String> {
         BIOS_CORE_MODULES.join(","),
         early_config(recipe.loader, "<uuid>"),
     );
+    // Only here, so the keys of the images without a signed chain stay as they were.
+    if let Loader::SecureBoot { signed } = recipe.loader {
+        text.push_str(&format!("\nsigned={signed}"));
+        let chain = [SIGNED_SHIM, SIGNED_GRUB];
+        let versions = candidates(&chain.map(|(package, _)| package))?;
+        for ((package, file), version) in chain.iter().zip(versions) {
+            text.push_str(&format!("\n{package}={version} {file}"));
+        }
+    }
     // FNV-1a: stable across Rust releases, unlike std's hasher.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in text.bytes() {
@@ -173,11 +233,32 @@ fn key(recipe: &Recipe) -> Result<String> {
     Ok(format!("{h:016x}"))
 }
 
+/// The version `apt-get download` fetches of each package, in one `apt-cache` call (it takes
+/// seconds on a loaded host).
+fn candidates(packages: &[&str]) -> Result<Vec<String>> {
+    let out = run(Command::new("apt-cache").arg("policy").args(packages))?;
+    packages
+        .iter()
+        .map(|package| {
+            let header = format!("{package}:");
+            out.lines()
+                .skip_while(|l| l.trim_end() != header)
+                .skip(1)
+                .take_while(|l| l.starts_with(' '))
+                .filter_map(|l| l.trim().strip_prefix("Candidate:"))
+                .map(str::trim)
+                .find(|v| *v != "(none)")
+                .map(str::to_string)
+                .ok_or_else(|| KitError::Other(format!("apt-cache knows no version of {package}")))
+        })
+        .collect()
+}
+
 /// The sfdisk script.
 fn layout(loader: Loader) -> String {
     let (root_start, root_size) = root_extent(loader);
     match loader {
-        Loader::Uefi => format!(
+        Loader::Uefi | Loader::SecureBoot { .. } => format!(
             "label: gpt\n\
              start={}MiB, size={ESP_MIB}MiB, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B\n\
              start={}MiB, size={}MiB, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4\n",
@@ -196,7 +277,7 @@ fn layout(loader: Loader) -> String {
 /// Offset and size of the root partition in bytes; 1 MiB is left at the end for GPT's backup.
 fn root_extent(loader: Loader) -> (u64, u64) {
     let start = match loader {
-        Loader::Uefi => FIRST_MIB + ESP_MIB,
+        Loader::Uefi | Loader::SecureBoot { .. } => FIRST_MIB + ESP_MIB,
         Loader::Bios => FIRST_MIB,
     };
     (start * MIB, (DISK_MIB - 1 - start) * MIB)
@@ -221,7 +302,13 @@ fn build(recipe: &Recipe, work: &Path) -> Result<()> {
     {
         let root_dev = Loop::attach(&disk, offset, size)?;
         let mkfs = format!("mkfs.{}", recipe.root_fs);
-        logged(Command::new(&mkfs).arg("-f").arg(&root_dev.0), None, &log)?;
+        // Overwrite whatever is there: mke2fs spells it -F, the others -f.
+        let force = if recipe.root_fs.starts_with("ext") {
+            "-F"
+        } else {
+            "-f"
+        };
+        logged(Command::new(&mkfs).arg(force).arg(&root_dev.0), None, &log)?;
         root_uuid = run(Command::new("blkid")
             .args(["-s", "UUID", "-o", "value"])
             .arg(&root_dev.0))?
@@ -251,6 +338,7 @@ fn build(recipe: &Recipe, work: &Path) -> Result<()> {
     write(&early, &early_config(recipe.loader, &root_uuid))?;
     match recipe.loader {
         Loader::Uefi => install_uefi(work, &disk, &early, &log),
+        Loader::SecureBoot { signed } => install_signed(signed, work, &disk, &early, &log),
         Loader::Bios => install_bios(work, &disk, &early, &log),
     }
 }
@@ -259,8 +347,11 @@ fn build(recipe: &Recipe, work: &Path) -> Result<()> {
 fn early_config(loader: Loader, root_uuid: &str) -> String {
     let search = format!("search --no-floppy --fs-uuid --set=root {root_uuid}\n");
     match loader {
-        // Runs as the memdisk's menu; the prefix stays in the memdisk, which has the modules.
-        Loader::Uefi => format!("{search}configfile ($root)/boot/grub/grub.cfg\n"),
+        // Runs as the memdisk's menu (the prefix stays in the memdisk, which has the modules),
+        // or from the ESP as the signed GRUB's config (its modules are all built in).
+        Loader::Uefi | Loader::SecureBoot { .. } => {
+            format!("{search}configfile ($root)/boot/grub/grub.cfg\n")
+        }
         // Runs before normal mode, which is loaded from the prefix and reads its grub.cfg.
         Loader::Bios => format!("{search}set prefix=($root)/boot/grub\n"),
     }
@@ -331,9 +422,73 @@ fn write_boot_config(recipe: &Recipe, root: &Path, uuid: &str, release: &str) ->
     )
 }
 
-/// `EFI/BOOT/BOOTX64.EFI` (GRUB with its modules in a memdisk) on a FAT ESP made in a file
-/// with mtools, then copied into the ESP's place: the host cannot mount FAT.
+/// `EFI/BOOT/BOOTX64.EFI`: GRUB with its modules in a memdisk.
 fn install_uefi(work: &Path, disk: &Path, early: &Path, log: &Path) -> Result<()> {
+    let efi = standalone_grub(work, early, log)?;
+    write_esp(work, disk, &[(&efi, "EFI/BOOT/BOOTX64.EFI")], log)?;
+    let _ = fs::remove_file(&efi);
+    Ok(())
+}
+
+/// Debian's signed chain: GRUB where shim looks for it (beside itself) and its config where
+/// GRUB looks for it (`$prefix` = `/EFI/debian` on the ESP), shim or an unsigned GRUB first.
+fn install_signed(signed: bool, work: &Path, disk: &Path, early: &Path, log: &Path) -> Result<()> {
+    let tree = work.join("signed");
+    for (package, _) in [SIGNED_SHIM, SIGNED_GRUB] {
+        unpack_package(package, work, &tree, log)?;
+    }
+    let grub = tree.join(SIGNED_GRUB.1);
+    let first = if signed {
+        tree.join(SIGNED_SHIM.1)
+    } else {
+        standalone_grub(work, early, log)?
+    };
+    write_esp(
+        work,
+        disk,
+        &[
+            (&first, "EFI/BOOT/BOOTX64.EFI"),
+            (&grub, "EFI/BOOT/grubx64.efi"),
+            (early, "EFI/debian/grub.cfg"),
+        ],
+        log,
+    )?;
+    let _ = fs::remove_dir_all(&tree);
+    Ok(())
+}
+
+/// `apt-get download` a package into `work` and unpack it into `tree`.
+fn unpack_package(package: &str, work: &Path, tree: &Path, log: &Path) -> Result<()> {
+    let debs = work.join("debs");
+    fs::create_dir_all(&debs).map_err(KitError::io(format!("create {}", debs.display())))?;
+    logged(
+        Command::new("apt-get")
+            .args(["download", "-q", package])
+            .current_dir(&debs),
+        None,
+        log,
+    )?;
+    let prefix = format!("{package}_");
+    let deb = fs::read_dir(&debs)
+        .map_err(KitError::io(format!("list {}", debs.display())))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".deb"))
+        })
+        .ok_or_else(|| KitError::Other(format!("apt-get download {package} left no .deb")))?;
+    logged(
+        Command::new("dpkg-deb").arg("-x").arg(&deb).arg(tree),
+        None,
+        log,
+    )?;
+    let _ = fs::remove_file(&deb);
+    Ok(())
+}
+
+/// GRUB for UEFI in one unsigned file, its modules and `early` config in a memdisk.
+fn standalone_grub(work: &Path, early: &Path, log: &Path) -> Result<PathBuf> {
     let efi = work.join("BOOTX64.EFI");
     logged(
         Command::new("grub-mkstandalone")
@@ -345,6 +500,12 @@ fn install_uefi(work: &Path, disk: &Path, early: &Path, log: &Path) -> Result<()
         None,
         log,
     )?;
+    Ok(efi)
+}
+
+/// A FAT ESP holding `files` (source, path on the ESP), made in a file with mtools and copied
+/// into the ESP's place: the host cannot mount FAT.
+fn write_esp(work: &Path, disk: &Path, files: &[(&Path, &str)], log: &Path) -> Result<()> {
     let esp = work.join("esp.img");
     logged(
         Command::new("mkfs.vfat")
@@ -355,19 +516,28 @@ fn install_uefi(work: &Path, disk: &Path, early: &Path, log: &Path) -> Result<()
         log,
     )?;
     let i = esp.display().to_string();
-    logged(
-        Command::new("mmd").args(["-i", &i, "::/EFI", "::/EFI/BOOT"]),
-        None,
-        log,
-    )?;
-    logged(
-        Command::new("mcopy")
-            .args(["-i", &i])
-            .arg(&efi)
-            .arg("::/EFI/BOOT/BOOTX64.EFI"),
-        None,
-        log,
-    )?;
+    // Every folder the files are in, parents first, each once.
+    let mut dirs: Vec<String> = Vec::new();
+    for (_, to) in files {
+        let parts: Vec<&str> = to.split('/').collect();
+        for n in 1..parts.len() {
+            let dir = format!("::/{}", parts[..n].join("/"));
+            if !dirs.contains(&dir) {
+                dirs.push(dir);
+            }
+        }
+    }
+    logged(Command::new("mmd").args(["-i", &i]).args(&dirs), None, log)?;
+    for (from, to) in files {
+        logged(
+            Command::new("mcopy")
+                .args(["-i", &i])
+                .arg(from)
+                .arg(format!("::/{to}")),
+            None,
+            log,
+        )?;
+    }
     let mut from = File::open(&esp).map_err(KitError::io("open esp.img"))?;
     let mut to = fs::OpenOptions::new()
         .write(true)
@@ -377,7 +547,6 @@ fn install_uefi(work: &Path, disk: &Path, early: &Path, log: &Path) -> Result<()
         .map_err(KitError::io("seek disk"))?;
     std::io::copy(&mut from, &mut to).map_err(KitError::io("copy ESP into disk"))?;
     let _ = fs::remove_file(&esp);
-    let _ = fs::remove_file(&efi);
     Ok(())
 }
 
@@ -556,7 +725,11 @@ mod tests {
 
     #[test]
     fn layouts_leave_the_bios_gap_and_fit_the_disk() {
-        for loader in [Loader::Uefi, Loader::Bios] {
+        for loader in [
+            Loader::Uefi,
+            Loader::Bios,
+            Loader::SecureBoot { signed: true },
+        ] {
             let (start, size) = root_extent(loader);
             assert!(start >= MIB);
             assert!(start + size < DISK_MIB * MIB);

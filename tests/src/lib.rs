@@ -2,13 +2,16 @@
 //!
 //! - [`kernel::guest_kernel`]: the Debian cloud kernel, fetched with `apt-get download` and
 //!   unpacked into a cache, never installed on the host.
-//! - [`firmware_image::uefi_xfs`], [`firmware_image::bios_btrfs`]: disk images that boot through
+//! - [`firmware_image::uefi_xfs`], [`firmware_image::bios_btrfs`], [`firmware_image::uefi_secure`],
+//!   [`firmware_image::uefi_unsigned`]: disk images that boot through
 //!   OVMF or SeaBIOS, made from Debian packages and cached by their inputs.
 //! - [`initramfs::Initramfs`]: a newc initramfs with static busybox, chosen kernel modules (in
 //!   dependency order) and an `/init` script.
 //! - [`qemu::Qemu`]: `qemu-system-x86_64 -accel tcg` with serial to a file, waiting for marker
 //!   lines with a timeout, killed on drop.
 //! - [`image::checked_contents`]: a disk image after `qemu-img check`, as qemu-img reads it.
+//! - [`image::ext4_root`]: a raw disk's ext4 root as debugfs opens it (a GPT root partition at
+//!   its offset, or the whole file).
 //! - [`pattern::Xorshift`], [`pattern::pattern`]: seeded pseudo-random test data and choices.
 //! - [`http::Server`]: a loopback HTTP server for what kiln or a guest downloads.
 //! - [`module::clone_run_exec`]: a built module cloned, run and `kiln exec`'d like a user does.

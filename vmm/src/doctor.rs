@@ -261,8 +261,21 @@ fn decide(kvm: &KvmState, vendor: Vendor, caps: &[Capability]) -> (bool, Engine,
 }
 
 impl Probe {
-    /// The multi-line report `kiln doctor` prints.
+    /// The multi-line report `kiln doctor` prints: [`Probe::report_facts`] and the engine
+    /// the probe recommends.
     pub fn report(&self) -> String {
+        use std::fmt::Write;
+        let mut s = self.report_facts();
+        let engine = match self.recommended_engine {
+            Engine::Kvm => "kvm",
+            Engine::Qemu => "qemu",
+        };
+        let _ = writeln!(s, "engine (auto):     {engine}: {}", self.reason);
+        s
+    }
+
+    /// What the probe found, one fact a line, without a recommendation.
+    pub fn report_facts(&self) -> String {
         use std::fmt::Write;
         let mut s = String::new();
         let kvm = match &self.kvm {
@@ -290,11 +303,6 @@ impl Probe {
                 "cannot run on kiln's VMM here"
             }
         );
-        let engine = match self.recommended_engine {
-            Engine::Kvm => "kvm",
-            Engine::Qemu => "qemu",
-        };
-        let _ = writeln!(s, "engine (auto):     {engine}: {}", self.reason);
         s
     }
 }

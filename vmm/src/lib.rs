@@ -32,6 +32,7 @@ pub mod phases;
 pub mod power;
 pub mod process;
 pub mod serial;
+pub mod smoke;
 pub mod transport;
 pub mod vcpu;
 pub mod vhost_user;

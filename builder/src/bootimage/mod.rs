@@ -2,10 +2,17 @@
 //! the initrd and the root device. The partition table (MBR or GPT, or none: a bare file
 //! system) is read by [`partitions`]; each ext4 candidate is opened with the `ext4-view` crate
 //! (a maintained pure-Rust, read-only ext2/3/4 reader) and searched for `/boot/vmlinuz-*` and
-//! its matching `initrd.img-*` (or, on a separate /boot partition, `/vmlinuz-*` at its root).
-//! The root device is named by file-system UUID (`root=UUID=...`) so disk naming in the guest
-//! does not matter.
+//! its matching `initrd.img-*` or Red Hat's `initramfs-*.img` (or, on a separate /boot
+//! partition, `/vmlinuz-*` at its root). The image's own kernel arguments come from its boot
+//! loader's configuration ([`boot_config`]). The root device is the image's own `root=` when it
+//! is stable across disk buses (LVM, btrfs subvolumes, labels, UUIDs); else the ext4 root's
+//! file-system UUID (`root=UUID=...`), so disk naming in the guest does not matter
+//! ([`kargs::choose_root`]).
 
+pub mod bls;
+pub mod boot_config;
+pub mod grub;
+pub mod kargs;
 pub mod partitions;
 
 use std::cmp::Ordering;
@@ -81,6 +88,10 @@ pub struct BootInfo {
     pub kernel_version: String,
     /// For the kernel command line: `root=` value.
     pub root: String,
+    /// The image's own kernel arguments kiln keeps ([`kargs::kept`]), in their order.
+    pub args: Vec<String>,
+    /// The configuration file they came from (a path in the image), if any.
+    pub args_from: Option<String>,
     /// The partition holding the kernel (None: the whole disk is the file system).
     pub partition: Option<u32>,
 }
@@ -195,25 +206,32 @@ pub fn find_boot(img: Arc<dyn ImageRead>) -> Result<BootInfo, BootImageError> {
         c.fs.exists("/etc/os-release").unwrap_or(false)
             || c.fs.exists("/etc/fstab").unwrap_or(false)
     });
-    for (i, c) in cands.iter().enumerate() {
+    for c in &cands {
         for dir in ["/boot", "/"] {
             let Some(v) = newest_kernel(&c.fs, dir) else {
                 continue;
             };
             let kpath = join(dir, &format!("vmlinuz-{v}"));
-            let ipath = join(dir, &format!("initrd.img-{v}"));
             let kernel = read_bounded(&c.fs, &kpath, "kernel", MAX_KERNEL)?;
-            let initrd = if c.fs.exists(ipath.as_str()).unwrap_or(false) {
-                Some(read_bounded(&c.fs, &ipath, "initrd", MAX_INITRD)?)
-            } else {
-                None
+            // Debian's name, then Red Hat's.
+            let ipath = [format!("initrd.img-{v}"), format!("initramfs-{v}.img")]
+                .into_iter()
+                .map(|n| join(dir, &n))
+                .find(|p| c.fs.exists(p.as_str()).unwrap_or(false));
+            let initrd = match ipath {
+                Some(p) => Some(read_bounded(&c.fs, &p, "initrd", MAX_INITRD)?),
+                None => None,
             };
-            let root_c = &cands[root_fs.unwrap_or(i)];
+            let root_c = root_fs.map(|r| &cands[r]);
+            let found = boot_config::find(&c.fs, dir, root_c.map(|r| &r.fs), &v);
+            let (args, args_from, root) = image_args(found, root_c, &c.fs);
             return Ok(BootInfo {
                 kernel,
                 initrd,
                 kernel_version: v,
-                root: format!("UUID={}", root_c.fs.uuid()),
+                root,
+                args,
+                args_from,
                 partition: c.partition,
             });
         }
@@ -221,6 +239,44 @@ pub fn find_boot(img: Arc<dyn ImageRead>) -> Result<BootInfo, BootImageError> {
     Err(BootImageError::NoKernel {
         searched: cands.len(),
     })
+}
+
+/// The image's arguments kiln keeps, where they came from, and the root device (see
+/// [`kargs::choose_root`]); `boot` holds the kernel (the root's fallback).
+fn image_args(
+    found: Option<boot_config::ImageArgs>,
+    root: Option<&Candidate>,
+    boot: &Ext4,
+) -> (Vec<String>, Option<String>, String) {
+    let found_root = root.map(|r| format!("UUID={}", r.fs.uuid()));
+    let fallback = format!("UUID={}", boot.uuid());
+    let Some(found) = found else {
+        return (Vec::new(), None, found_root.unwrap_or(fallback));
+    };
+    let root = kargs::choose_root(
+        kargs::image_root(&found.args),
+        found_root.as_deref(),
+        &fallback,
+    );
+    let args = match kargs::bounded(kargs::kept(&found.args)) {
+        Ok(a) => a,
+        Err(len) => {
+            tracing::warn!(
+                from = found.from,
+                "the image's kernel arguments are ignored: {len} bytes, more than the {} \
+                 kiln keeps",
+                kargs::MAX_ARGS_LEN
+            );
+            Vec::new()
+        }
+    };
+    tracing::info!(
+        from = found.from,
+        root,
+        "the image's own kernel arguments kept: {}",
+        kargs::render(&args)
+    );
+    (args, Some(found.from), root)
 }
 
 fn join(dir: &str, name: &str) -> String {

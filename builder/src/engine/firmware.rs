@@ -118,6 +118,54 @@ impl HostFirmware {
     }
 }
 
+/// Whether a UEFI variable store (an OVMF `OVMF_VARS*.fd` file, or a VM's NVRAM made from one)
+/// holds a Platform Key: without one, OVMF's Secure Boot build boots anything with Secure
+/// Boot off and says nothing, so a Secure Boot VM must be refused instead. Walks the store's
+/// authenticated variables (EDK II's firmware volume layout); anything malformed reads as
+/// "no key", and every offset is checked against the buffer.
+pub fn has_platform_key(store: &[u8]) -> bool {
+    const VAR_START: u16 = 0x55aa;
+    /// `StartId, State, Reserved, Attributes, MonotonicCount, TimeStamp, PubKeyIndex,
+    /// NameSize, DataSize, VendorGuid`.
+    const VAR_HEADER: usize = 60;
+    /// The store header after the volume header: a GUID, Size, Format, State, reserved.
+    const STORE_HEADER: usize = 28;
+    const ADDED: u8 = 0x3f;
+    const ADDED_DELETING: u8 = 0x3e;
+    let u16_at = |at: usize| Some(u16::from_le_bytes(store.get(at..at + 2)?.try_into().ok()?));
+    let u32_at = |at: usize| Some(u32::from_le_bytes(store.get(at..at + 4)?.try_into().ok()?));
+    let pk: Vec<u8> = "PK\0".encode_utf16().flat_map(u16::to_le_bytes).collect();
+    // The volume header names its own length (offset 0x30); `_FVH` at 0x28 marks it.
+    if store.get(0x28..0x2c) != Some(b"_FVH") {
+        return false;
+    }
+    let Some(mut at) = u16_at(0x30).map(|h| usize::from(h) + STORE_HEADER) else {
+        return false;
+    };
+    while let (Some(VAR_START), Some(state)) = (u16_at(at), store.get(at + 2).copied()) {
+        let (Some(name_len), Some(data_len)) = (u32_at(at + 36), u32_at(at + 40)) else {
+            return false;
+        };
+        let (name_len, data_len) = (name_len as usize, data_len as usize);
+        let name_at = at + VAR_HEADER;
+        if matches!(state, ADDED | ADDED_DELETING)
+            && store.get(name_at..name_at + name_len) == Some(pk.as_slice())
+        {
+            return data_len > 0;
+        }
+        let Some(next) = name_at
+            .checked_add(name_len)
+            .and_then(|n| n.checked_add(data_len))
+            .map(|n| n.next_multiple_of(4))
+            .filter(|n| *n > at && *n <= store.len())
+        else {
+            return false;
+        };
+        at = next;
+    }
+    false
+}
+
 /// The installed version of a Debian package (`dpkg-query`), None without dpkg or the package.
 pub fn package_version(package: &str) -> Option<String> {
     let out = Command::new("dpkg-query")
@@ -128,9 +176,110 @@ pub fn package_version(package: &str) -> Option<String> {
     (out.status.success() && !v.trim().is_empty()).then(|| v.trim().to_string())
 }
 
+/// What `kiln doctor` says about the host's firmware (snake_case keys, as the probe's).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FirmwareReport {
+    pub seabios: SeabiosReport,
+    pub ovmf: OvmfReport,
+    /// SeaBIOS is there: BIOS boots work.
+    pub bios: bool,
+    /// OVMF's code and variable store are there: `efiFirmware` boots work.
+    pub uefi: bool,
+    /// The secure-boot build and the Microsoft-enrolled variables are there.
+    pub secure_boot: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SeabiosReport {
+    pub path: Option<PathBuf>,
+    /// `dpkg-query`'s version of `seabios`; None without dpkg or the package.
+    pub package_version: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OvmfReport {
+    pub code: Option<PathBuf>,
+    pub vars: Option<PathBuf>,
+    pub code_secure_boot: Option<PathBuf>,
+    pub vars_microsoft: Option<PathBuf>,
+    pub package_version: Option<String>,
+}
+
+impl HostFirmware {
+    /// The report, with package versions from `version` ([`package_version`] outside tests).
+    pub fn report(&self, version: impl Fn(&str) -> Option<String>) -> FirmwareReport {
+        FirmwareReport {
+            seabios: SeabiosReport {
+                path: self.seabios.clone(),
+                package_version: version("seabios"),
+            },
+            ovmf: OvmfReport {
+                code: self.ovmf_code.clone(),
+                vars: self.ovmf_vars.clone(),
+                code_secure_boot: self.ovmf_code_secure_boot.clone(),
+                vars_microsoft: self.ovmf_vars_microsoft.clone(),
+                package_version: version("ovmf"),
+            },
+            bios: self.files(Firmware::Bios).is_ok(),
+            uefi: self.files(Firmware::Uefi).is_ok(),
+            secure_boot: self.files(Firmware::UefiSecureBoot).is_ok(),
+        }
+    }
+}
+
+impl FirmwareReport {
+    /// Three lines for `kiln doctor`'s text report.
+    pub fn lines(&self) -> String {
+        let found = |p: &Option<PathBuf>| match p {
+            Some(p) => p.display().to_string(),
+            None => "missing".into(),
+        };
+        let version = |v: &Option<String>| match v {
+            Some(v) => format!(" (package {v})"),
+            None => String::new(),
+        };
+        let yes_no = |b: bool| if b { "yes" } else { "no" };
+        format!(
+            "firmware (BIOS):   {}{}\n\
+             firmware (UEFI):   code {}, vars {}{}\n\
+             secure boot:       {} (code {}, Microsoft-enrolled vars {})\n",
+            found(&self.seabios.path),
+            version(&self.seabios.package_version),
+            found(&self.ovmf.code),
+            found(&self.ovmf.vars),
+            version(&self.ovmf.package_version),
+            yes_no(self.secure_boot),
+            found(&self.ovmf.code_secure_boot),
+            found(&self.ovmf.vars_microsoft),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn platform_key_is_found_only_where_enrolled() {
+        let host = HostFirmware::find();
+        let (Some(plain), Some(ms)) = (&host.ovmf_vars, &host.ovmf_vars_microsoft) else {
+            eprintln!("SKIP: OVMF's variable stores are not installed (Debian package ovmf)");
+            return;
+        };
+        let ms = std::fs::read(ms).unwrap();
+        assert!(has_platform_key(&ms));
+        assert!(!has_platform_key(&std::fs::read(plain).unwrap()));
+        // Truncated or damaged anywhere: never a panic, never a key read past the end.
+        for cut in (0..ms.len()).step_by(4093) {
+            has_platform_key(&ms[..cut]);
+        }
+        let mut bad = ms.clone();
+        for at in (0x30..4096).step_by(7) {
+            bad[at] ^= 0xa5;
+            has_platform_key(&bad);
+        }
+        assert!(!has_platform_key(&[]));
+    }
 
     #[test]
     fn files_per_firmware_and_what_is_missing() {
@@ -154,6 +303,16 @@ mod tests {
             e.contains("uefi-secure-boot boot needs OVMF_CODE_4M.secboot.fd")
                 && e.contains("`ovmf`"),
             "{e}"
+        );
+        let r = host.report(|p| (p == "ovmf").then(|| "2022.11".to_string()));
+        assert!(r.bios && r.uefi && !r.secure_boot, "{r:?}");
+        assert_eq!(r.ovmf.package_version.as_deref(), Some("2022.11"));
+        assert_eq!(r.seabios.package_version, None);
+        assert_eq!(r.ovmf.code_secure_boot, None);
+        let text = r.lines();
+        assert!(
+            text.contains("secure boot:       no") && text.contains("(package 2022.11)"),
+            "{text}"
         );
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod firmware;
 pub mod kvm;
+pub mod kvm_smoke;
 pub mod qemu;
 mod supervised;
 
@@ -137,10 +138,11 @@ impl VmLaunch {
         Ok(())
     }
 
-    /// kiln's kernel command line for a direct boot of `boot`: root device, serial console,
-    /// the VM's hostname.
+    /// The kernel command line for a direct boot of `boot`: the image's own arguments kiln
+    /// keeps, then kiln's (root device, serial console, the VM's hostname), which win
+    /// ([`crate::bootimage::kargs::merge`]).
     pub fn cmdline(&self, boot: &BootFiles) -> String {
-        let mut parts = vec![
+        let mut own = vec![
             format!("root={}", boot.root),
             "rw".to_string(),
             "console=ttyS0".to_string(),
@@ -148,8 +150,9 @@ impl VmLaunch {
             // Debian's cloud kernel reboots on panic only when told; a build should fail fast.
             "panic=-1".to_string(),
         ];
-        parts.extend(self.cmdline_extra.iter().cloned());
-        parts.join(" ")
+        own.extend(self.cmdline_extra.iter().cloned());
+        let kargs = crate::bootimage::kargs::merge(&boot.args, &own);
+        crate::bootimage::kargs::render(&kargs)
     }
 }
 
@@ -216,27 +219,64 @@ pub struct Pick {
     pub why: String,
 }
 
-/// `--engine auto`: what `kiln doctor`'s probe recommends (kvm where /dev/kvm runs a stock
-/// kernel, else qemu with TCG), with its one-line reason; qemu whatever the probe says when
+/// `--engine auto`: kvm where `kiln doctor`'s probe says /dev/kvm runs a stock kernel AND
+/// the kvm smoke test passed on this host ([`kvm_smoke`]; run here once when missing and
+/// cheap), else qemu with TCG, with a one-line reason; qemu whatever both say when
 /// `needs_qemu` gives a reason ([`kvm_cannot_run`]).
 pub fn pick(
     choice: EngineChoice,
     probe: &kiln_vmm::doctor::Probe,
     needs_qemu: Option<&str>,
 ) -> Pick {
+    let probe_says_kvm = probe.recommended_engine == kiln_vmm::doctor::Engine::Kvm;
+    let smoke = match choice {
+        EngineChoice::Qemu => kvm_smoke::SmokeStatus::NotRun(String::new()),
+        _ => kvm_smoke::status_for_auto(
+            choice == EngineChoice::Auto && probe_says_kvm && needs_qemu.is_none(),
+        ),
+    };
+    let mut pick = pick_with(choice, probe, needs_qemu, &smoke);
+    if pick.engine == EngineChoice::Qemu
+        && choice == EngineChoice::Auto
+        && qemu::find_qemu().is_none()
+    {
+        pick.why
+            .push_str(" (but qemu-system-x86_64 is not installed)");
+    }
+    pick
+}
+
+/// [`pick`]'s decision, given the smoke-test status (pure, for tests).
+pub fn pick_with(
+    choice: EngineChoice,
+    probe: &kiln_vmm::doctor::Probe,
+    needs_qemu: Option<&str>,
+    smoke: &kvm_smoke::SmokeStatus,
+) -> Pick {
+    use kvm_smoke::SmokeStatus;
+    let failed = match smoke {
+        SmokeStatus::Done(r) if !r.passed => Some(format!(
+            "kvm failed the smoke test on {}: {}",
+            r.when, r.reason
+        )),
+        _ => None,
+    };
     match choice {
         EngineChoice::Kvm => Pick {
             engine: EngineChoice::Kvm,
             // Forcing kvm where the probe says a stock kernel cannot run is allowed (tiny
             // guests, PVM guest kernels), but the build should say why it may never boot.
-            why: if probe.stock_kernel_ok {
-                "asked for with --engine kvm".into()
-            } else {
-                format!(
+            why: match (probe.stock_kernel_ok, failed) {
+                (true, None) => "asked for with --engine kvm".into(),
+                (true, Some(f)) => format!(
+                    "asked for with --engine kvm; warning: {f} (the build may fail at its boot \
+                     timeout)"
+                ),
+                (false, _) => format!(
                     "asked for with --engine kvm; warning: {} (a stock kernel will likely not \
                      boot, and the build then fails at its boot timeout)",
                     probe.reason
-                )
+                ),
             },
         },
         EngineChoice::Qemu => Pick {
@@ -244,16 +284,35 @@ pub fn pick(
             why: "asked for with --engine qemu".into(),
         },
         EngineChoice::Auto => {
-            let (engine, mut why) = match (needs_qemu, probe.recommended_engine) {
-                (Some(r), _) => (EngineChoice::Qemu, format!("{r}; qemu serves it")),
-                (None, kiln_vmm::doctor::Engine::Kvm) => (EngineChoice::Kvm, probe.reason.clone()),
-                (None, kiln_vmm::doctor::Engine::Qemu) => {
-                    (EngineChoice::Qemu, probe.reason.clone())
-                }
+            let (engine, why) = match (needs_qemu, probe.recommended_engine, smoke) {
+                (Some(r), _, _) => (EngineChoice::Qemu, format!("{r}; qemu serves it")),
+                (None, kiln_vmm::doctor::Engine::Qemu, _) => (
+                    EngineChoice::Qemu,
+                    match failed {
+                        // A forced smoke test (`kiln doctor --smoke`) confirms the probe.
+                        Some(f) => format!("{}; {f}", probe.reason),
+                        None => probe.reason.clone(),
+                    },
+                ),
+                (None, kiln_vmm::doctor::Engine::Kvm, SmokeStatus::Done(r)) if r.passed => (
+                    EngineChoice::Kvm,
+                    format!(
+                        "{}, and it passed the smoke test on {}",
+                        probe.reason, r.when
+                    ),
+                ),
+                (None, kiln_vmm::doctor::Engine::Kvm, SmokeStatus::Done(_)) => (
+                    EngineChoice::Qemu,
+                    format!(
+                        "{}: QEMU with TCG supplies the CPU",
+                        failed.unwrap_or_default()
+                    ),
+                ),
+                (None, kiln_vmm::doctor::Engine::Kvm, SmokeStatus::NotRun(why)) => (
+                    EngineChoice::Qemu,
+                    format!("kvm: smoke test {why}: QEMU with TCG supplies the CPU"),
+                ),
             };
-            if engine == EngineChoice::Qemu && qemu::find_qemu().is_none() {
-                why.push_str(" (but qemu-system-x86_64 is not installed)");
-            }
             Pick { engine, why }
         }
     }
@@ -272,18 +331,49 @@ mod tests {
     use super::*;
     use kiln_vmm::doctor::{probe_with, HostFacts};
 
+    use kvm_smoke::{SmokeRecord, SmokeStatus};
+
+    fn no_kvm_probe() -> kiln_vmm::doctor::Probe {
+        probe_with(&HostFacts::default(), Path::new("/nonexistent/kvm"))
+    }
+
+    /// A probe that says kvm runs stock kernels here.
+    fn kvm_probe() -> kiln_vmm::doctor::Probe {
+        let mut p = no_kvm_probe();
+        p.recommended_engine = kiln_vmm::doctor::Engine::Kvm;
+        p.stock_kernel_ok = true;
+        p.reason = "/dev/kvm on Intel VT-x".into();
+        p
+    }
+
+    fn smoke(passed: bool) -> SmokeStatus {
+        SmokeStatus::Done(SmokeRecord {
+            host_kernel: "6.1".into(),
+            kiln_version: "0.1.0".into(),
+            kernel: "/k".into(),
+            kernel_sha256: "ab".into(),
+            passed,
+            reason: if passed {
+                "userspace reached in 0.40 s"
+            } else {
+                "no sign of userspace within 20 s"
+            }
+            .into(),
+            when: "2026-12-07T12:00:00.000Z".into(),
+            seconds: 0.4,
+            console_tail: String::new(),
+        })
+    }
+
     #[test]
     fn auto_follows_the_doctor_probe() {
         // No /dev/kvm at this path: the probe recommends qemu, and auto follows it.
-        let p = probe_with(
-            &HostFacts::default(),
-            std::path::Path::new("/nonexistent/kvm"),
-        );
-        let pick = pick(EngineChoice::Auto, &p, None);
+        let p = no_kvm_probe();
+        let not_run = SmokeStatus::NotRun("not run yet (run `kiln doctor`)".into());
+        let pick = pick_with(EngineChoice::Auto, &p, None, &not_run);
         assert_eq!(pick.engine, EngineChoice::Qemu);
-        assert!(!pick.why.is_empty());
-        assert_eq!(pick.why.split(" (but").next(), Some(p.reason.as_str()));
-        let forced = super::pick(EngineChoice::Kvm, &p, None);
+        assert_eq!(pick.why, p.reason);
+        let forced = pick_with(EngineChoice::Kvm, &p, None, &not_run);
         assert_eq!(forced.engine, EngineChoice::Kvm);
         // Forced where the probe says stock kernels cannot run: the reason says so.
         assert!(!p.stock_kernel_ok);
@@ -295,11 +385,67 @@ mod tests {
     }
 
     #[test]
+    fn auto_picks_kvm_only_when_the_probe_and_the_smoke_test_agree() {
+        let yes = kvm_probe();
+        let no = no_kvm_probe();
+        let not_run = SmokeStatus::NotRun("not run yet (run `kiln doctor`)".into());
+        // (probe, smoke) -> engine, and a word the reason must hold.
+        let table = [
+            (
+                &yes,
+                smoke(true),
+                EngineChoice::Kvm,
+                "passed the smoke test on 2026-12-07",
+            ),
+            (
+                &yes,
+                smoke(false),
+                EngineChoice::Qemu,
+                "kvm failed the smoke test on 2026-12-07T12:00:00.000Z: no sign of userspace",
+            ),
+            (
+                &yes,
+                not_run.clone(),
+                EngineChoice::Qemu,
+                "kvm: smoke test not run yet (run `kiln doctor`)",
+            ),
+            (&no, smoke(true), EngineChoice::Qemu, "/dev/kvm is absent"),
+            (
+                &no,
+                smoke(false),
+                EngineChoice::Qemu,
+                "kvm failed the smoke test",
+            ),
+            (&no, not_run, EngineChoice::Qemu, "/dev/kvm is absent"),
+        ];
+        for (probe, status, engine, says) in table {
+            let p = pick_with(EngineChoice::Auto, probe, None, &status);
+            assert_eq!(p.engine, engine, "{status:?}: {}", p.why);
+            assert!(p.why.contains(says), "{status:?}: {}", p.why);
+            // Asked for explicitly, the choice is kept whatever the smoke test said.
+            assert_eq!(
+                pick_with(EngineChoice::Qemu, probe, None, &status).engine,
+                EngineChoice::Qemu
+            );
+            assert_eq!(
+                pick_with(EngineChoice::Kvm, probe, None, &status).engine,
+                EngineChoice::Kvm
+            );
+        }
+        // A failed smoke test makes a forced kvm warn.
+        let forced = pick_with(EngineChoice::Kvm, &yes, None, &smoke(false));
+        assert!(
+            forced.why.contains("warning: kvm failed the smoke test"),
+            "{}",
+            forced.why
+        );
+    }
+
+    #[test]
     fn auto_picks_qemu_for_a_disk_kiln_vmm_cannot_serve() {
         use crate::job::DiskBus;
-        // A probe that recommends kvm, so only the disk can send auto to qemu.
-        let mut p = probe_with(&HostFacts::default(), Path::new("/nonexistent/kvm"));
-        p.recommended_engine = kiln_vmm::doctor::Engine::Kvm;
+        // A probe and smoke test that say kvm, so only the disk can send auto to qemu.
+        let p = kvm_probe();
         assert_eq!(kvm_cannot_run("a", [("root", DiskBus::Virtio)], []), None);
         let why = kvm_cannot_run(
             "a",
@@ -312,17 +458,20 @@ mod tests {
             "VM `a`: disk `data` is on bus `sata`, and the kvm engine (kiln-vmm) has only \
              virtio-blk disks"
         );
-        let auto = pick(EngineChoice::Auto, &p, Some(&why));
+        let auto = pick_with(EngineChoice::Auto, &p, Some(&why), &smoke(true));
         assert_eq!(auto.engine, EngineChoice::Qemu);
         assert!(auto.why.starts_with(&why), "{}", auto.why);
-        assert_eq!(pick(EngineChoice::Auto, &p, None).engine, EngineChoice::Kvm);
+        assert_eq!(
+            pick_with(EngineChoice::Auto, &p, None, &smoke(true)).engine,
+            EngineChoice::Kvm
+        );
     }
 
     #[test]
     fn auto_picks_qemu_for_a_nic_kiln_vmm_cannot_serve() {
         use crate::job::{DiskBus, NicModel};
-        let mut p = probe_with(&HostFacts::default(), Path::new("/nonexistent/kvm"));
-        p.recommended_engine = kiln_vmm::doctor::Engine::Kvm;
+        // A probe and smoke test that say kvm, so only the NIC can send auto to qemu.
+        let p = kvm_probe();
         let disks = [("root", DiskBus::Virtio)];
         assert_eq!(
             kvm_cannot_run("a", disks, [("eth0", NicModel::Virtio)]),
@@ -338,7 +487,7 @@ mod tests {
                      only virtio-net NICs"
                 )
             );
-            let auto = pick(EngineChoice::Auto, &p, Some(&why));
+            let auto = pick_with(EngineChoice::Auto, &p, Some(&why), &smoke(true));
             assert_eq!(auto.engine, EngineChoice::Qemu);
             assert!(auto.why.starts_with(&why), "{}", auto.why);
         }

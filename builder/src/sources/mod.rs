@@ -279,11 +279,15 @@ fn boot_files(cache: &Cache, base: &BaseImage, digest: &str) -> Result<BootFiles
     let meta = dir.join("root");
     if let Ok(root) = fs::read_to_string(&meta) {
         let initrd = dir.join("initrd.img");
+        // One argument a line; none when the file is absent (extracted before kiln kept them).
+        let args = fs::read_to_string(dir.join("args"))
+            .map(|a| a.lines().map(str::to_string).collect())
+            .unwrap_or_default();
         return Ok(BootFiles {
             kernel: dir.join("vmlinuz"),
             initrd: initrd.is_file().then_some(initrd),
             root: root.trim().to_string(),
-            args: vec![],
+            args,
         });
     }
     let img = open_image(base)?;
@@ -300,6 +304,8 @@ fn boot_files(cache: &Cache, base: &BaseImage, digest: &str) -> Result<BootFiles
     if let Some(i) = &info.initrd {
         w("initrd.img", i)?;
     }
+    // Arguments never hold a newline (kargs::kept drops control characters).
+    w("args", info.args.join("\n").as_bytes())?;
     w("root", info.root.as_bytes())?;
     let tmp_path = tmp.keep();
     if fs::rename(&tmp_path, &dir).is_err() {
@@ -350,6 +356,13 @@ mod tests {
         fs::write(
             tree.join("boot/initrd.img-6.1.0-28-cloud-amd64"),
             b"the initrd",
+        )
+        .unwrap();
+        fs::create_dir_all(tree.join("boot/grub")).unwrap();
+        fs::write(
+            tree.join("boot/grub/grub.cfg"),
+            "menuentry 'Debian' {\n\tlinux /boot/vmlinuz-6.1.0-28-cloud-amd64 \
+             root=/dev/sda1 ro console=tty0 consoleblank=0 'acpi_osi=Windows 2009'\n}\n",
         )
         .unwrap();
         let fsimg = dir.join("fs.raw");
@@ -418,9 +431,15 @@ mod tests {
         );
         assert_eq!(boot.root, "UUID=0b6c1a3e-8f4e-4c2a-9d55-7c1e2f3a4b5c");
         assert!(!r.agent_in_image);
+        // The image's own arguments, without what kiln sets itself.
+        let args = vec!["consoleblank=0".to_string(), "acpi_osi=Windows 2009".into()];
+        assert_eq!(boot.args, args);
         // Resolved again: the same base from the blob store, boot files from the cache.
         let again = resolve(&cache, &spec, "vm", d.path(), d.path(), &ev).unwrap();
-        assert_eq!(again.boot.unwrap().kernel, boot.kernel);
+        let again = again.boot.unwrap();
+        assert_eq!(again.kernel, boot.kernel);
+        assert_eq!(again.args, args);
+        assert_eq!(again.root, boot.root);
     }
 
     #[test]

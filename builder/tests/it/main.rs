@@ -1,6 +1,7 @@
 //! kiln-builder's integration tests, one binary (`it`) with a module per subject: linking one
 //! test binary instead of one per file is most of a test build's time on a small machine.
 
+mod bootimage;
 mod disk_cli;
 mod kvm_engine;
 mod manifest_cli;

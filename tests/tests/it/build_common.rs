@@ -61,6 +61,7 @@ pub fn boot_prereqs_or_skip() -> Option<PathBuf> {
     }
 }
 
+pub use kiln_e2e::image::ext4_root;
 pub use kiln_e2e::{is_root, on_path};
 
 /// Runs kiln with args in the repository root; output captured. `KILN_NO_INTERNET`: no VPC of
@@ -118,8 +119,8 @@ pub fn qemu_img_check(img: &Path) -> Result<(), String> {
     }
 }
 
-/// Reads a file out of a qcow2 image whose whole disk is an ext4 file system, from outside
-/// the guest: qemu-img to raw, then debugfs.
+/// Reads a file out of a qcow2 image's ext4 root from outside the guest: qemu-img to raw,
+/// then debugfs on the root ([`ext4_root`]).
 pub fn read_guest_file(qcow2: &Path, work: &Path, path: &str) -> Result<String, String> {
     let raw = work.join("inspect.raw");
     if !raw.exists() {
@@ -136,7 +137,7 @@ pub fn read_guest_file(qcow2: &Path, work: &Path, path: &str) -> Result<String, 
     let out = Command::new("debugfs")
         .arg("-R")
         .arg(format!("cat {path}"))
-        .arg(&raw)
+        .arg(ext4_root(&raw).map_err(|e| e.to_string())?)
         .output()
         .map_err(|e| e.to_string())?;
     if !out.status.success() {

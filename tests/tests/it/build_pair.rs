@@ -10,13 +10,13 @@ use std::process::Command;
 
 use crate::build_common::*;
 
-/// Whether `path` exists in the ext4 file system of `qcow2` (after `read_guest_file` made
+/// Whether `path` exists in the ext4 root of `qcow2` (after `read_guest_file` made
 /// the raw copy in `work`).
 fn guest_has(work: &Path, path: &str) -> bool {
     let out = Command::new("debugfs")
         .arg("-R")
         .arg(format!("stat {path}"))
-        .arg(work.join("inspect.raw"))
+        .arg(ext4_root(&work.join("inspect.raw")).unwrap())
         .output()
         .expect("running debugfs");
     String::from_utf8_lossy(&out.stdout).contains("Inode:")

@@ -81,10 +81,12 @@ pub fn qemu_args(
     push("tcg,thread=multi");
     push("-machine");
     // Secure Boot's variables are guarded by SMM: without it the guest could rewrite them.
-    push(if secure_boot {
-        "q35,memory-backend=mem,smm=on"
-    } else {
-        "q35,memory-backend=mem"
+    // `graphics=off` makes SeaBIOS print to the serial console, where a boot failure
+    // (`No bootable device.`) can be seen.
+    push(match (&vm.boot, secure_boot) {
+        (BootMode::Direct(_), _) => "q35,memory-backend=mem",
+        (BootMode::Firmware(_), false) => "q35,memory-backend=mem,graphics=off",
+        (BootMode::Firmware(_), true) => "q35,memory-backend=mem,graphics=off,smm=on",
     });
     push("-cpu");
     push("max");
@@ -267,6 +269,9 @@ impl Engine for QemuEngine {
         // A missing firmware file is this call's error, before any backend starts.
         if let BootMode::Firmware(fw) = &vm.boot {
             self.firmware.files(fw.firmware)?;
+            if let (crate::job::Firmware::UefiSecureBoot, Some(nvram)) = (fw.firmware, &fw.nvram) {
+                check_secure_boot_keys(&vm.name, nvram)?;
+            }
         }
         // Backends listen first: QEMU connects to their sockets as a client, and connects
         // again when a reboot starts a fresh QEMU.
@@ -305,6 +310,28 @@ impl Engine for QemuEngine {
             backends,
             vsock: super::vsock_uds(&vm.workdir),
         }))
+    }
+}
+
+/// Refuses a Secure Boot VM whose NVRAM has no Platform Key (e.g. one inherited from a
+/// module built with plain UEFI): OVMF would boot it with Secure Boot silently off.
+fn check_secure_boot_keys(vm: &str, nvram: &Path) -> Result<(), EngineError> {
+    /// OVMF's 4 MiB builds keep a 528 KiB store; anything much larger is not one.
+    const MAX_STORE: u64 = 4 << 20;
+    let f = std::fs::File::open(nvram).map_err(PathIoError::at("opening", nvram))?;
+    let mut store = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::Read::take(f, MAX_STORE), &mut store)
+        .map_err(PathIoError::at("reading", nvram))?;
+    if super::firmware::has_platform_key(&store) {
+        Ok(())
+    } else {
+        Err(EngineError::Backend(format!(
+            "VM `{vm}`: Secure Boot is asked for (`secureBoot: true`), but its NVRAM {} has no \
+             Secure Boot keys enrolled (no Platform Key), so the firmware would boot with \
+             Secure Boot off; start it from OVMF_VARS_4M.ms.fd (Microsoft keys) or a module \
+             built with `secureBoot: true`",
+            nvram.display()
+        )))
     }
 }
 
@@ -603,7 +630,10 @@ mod tests {
 
         l.boot = boot(Firmware::UefiSecureBoot, Some("/w/nvram.fd"));
         let s = joined(&qemu_args(&l, BlockMode::VhostUser, None, &host).unwrap());
-        assert!(s.contains("q35,memory-backend=mem,smm=on"), "{s}");
+        assert!(
+            s.contains("q35,memory-backend=mem,graphics=off,smm=on"),
+            "{s}"
+        );
         assert!(s.contains("driver=cfi.pflash01,property=secure,value=on"));
         assert!(s.contains(&format!(
             "unit=0,file={d}/OVMF_CODE_4M.secboot.fd,readonly=on"

@@ -1,21 +1,30 @@
 //! `bootstrap` sources: a Debian root built from packages with mmdebstrap, with the distro
-//! kernel and kiln's agent installed, made into an ext4 disk and cached by its inputs.
+//! kernel and kiln's agent installed, made into a disk that boots anywhere and cached by its
+//! inputs.
 //!
 //! The recipe (bump [`RECIPE_VERSION`] whenever it changes what lands in the image):
 //! 1. `mmdebstrap --variant=minbase --include=systemd-sysv,udev,linux-image-cloud-amd64,<pkgs>
 //!    <suite> <dir> [mirror]` as root (no unshare needed); the source's `kernel` replaces the
 //!    cloud kernel package.
 //! 2. Customize the root: the agent binary and its systemd unit (enabled), `/etc/fstab` with the
-//!    root on `/dev/vda` (the whole disk is the file system: no partition table, so the kernel
-//!    command line is simply `root=/dev/vda` and the file system can grow in place with
-//!    `x-systemd.growfs` when the overlay is larger), no `/etc/hostname` (the VM's name comes from
+//!    root by file-system UUID and `x-systemd.growfs`, a `systemd-repart` entry that grows the
+//!    root partition to the disk's end at boot (before growfs grows ext4), so a clone on a
+//!    bigger disk gets the room; no `/etc/hostname` (the VM's name comes from
 //!    `systemd.hostname=` on the command line), an empty machine-id, DHCP on every NIC with
-//!    systemd-networkd, names through systemd-resolved (VM names are single labels).
+//!    systemd-networkd, names through systemd-resolved (VM names are single labels), GRUB's
+//!    menu and BIOS modules in `/boot/grub` ([`grub`]).
 //! 3. Record the package versions (`dpkg-query --admindir`), copy the kernel and initrd out of
-//!    `/boot` (the Debian initramfs-tools initrd with `MODULES=most` carries virtio_pci and
-//!    virtio_blk).
-//! 4. `mkfs.ext4 -d <dir> disk.raw <size>`, then convert to qcow2.
+//!    `/boot` for kiln's direct boot (the Debian initramfs-tools initrd with `MODULES=most`
+//!    carries virtio_pci and virtio_blk).
+//! 4. The disk ([`layout`]): GPT with a BIOS boot partition (GRUB's core image), an EFI system
+//!    partition ([`esp`], GRUB at `EFI/BOOT/BOOTX64.EFI`) and the ext4 root last, made by
+//!    `mkfs.ext4 -d` straight at its offset in the raw file; boot.img in the MBR. No loop
+//!    device, no mount. Every GUID and UUID comes from the cache key. Then convert to qcow2.
 //! 5. Rename the finished folder into `bootstrap/<key>`; the key is the SHA-256 of the inputs.
+
+pub mod esp;
+pub mod grub;
+pub mod layout;
 
 use crate::path_io::PathIoError;
 use std::collections::BTreeMap;
@@ -33,7 +42,7 @@ use crate::job::BootstrapSpec;
 
 /// Changes whenever the recipe changes what lands in the image, so old cache entries are not
 /// reused for a different recipe.
-pub const RECIPE_VERSION: u32 = 4;
+pub const RECIPE_VERSION: u32 = 5;
 
 /// Packages every bootstrapped root gets besides its kernel: an init, udev for device nodes
 /// and module loading, and a resolver that takes the DNS server from the DHCP lease.
@@ -53,6 +62,14 @@ Name=en* eth*
 
 [Network]
 DHCP=yes
+";
+
+/// systemd-repart (in bookworm's systemd, run at every boot when a definition exists) grows
+/// the root partition, the disk's last, into free space after it, moving GPT's backup header
+/// to the disk's new end; `x-systemd.growfs` then grows ext4 (ordered after repart).
+const REPART_ROOT: &str = "# kiln: grow the root partition to the end of the disk at boot.
+[Partition]
+Type=root-x86-64
 ";
 
 #[derive(Debug, thiserror::Error)]
@@ -95,7 +112,23 @@ pub enum BootstrapError {
     Io(#[from] crate::path_io::PathIoError),
     #[error("converting the bootstrap disk: {0}")]
     Convert(String),
+    #[error("installing GRUB for BIOS: {0}")]
+    BiosLoader(#[from] grub::PatchError),
+    #[error("the bootstrapped root has no /{0}: the kernel package made no link to boot")]
+    NoKernelLink(&'static str),
 }
+
+/// Host tools a bootstrap runs, with the Debian package of each: checked before mmdebstrap
+/// so a missing one fails at once, not after the download.
+const TOOLS: &[(&str, &str)] = &[
+    ("mmdebstrap", "mmdebstrap"),
+    ("mkfs.ext4", "e2fsprogs"),
+    ("mkfs.vfat", "dosfstools"),
+    ("mmd", "mtools"),
+    ("mcopy", "mtools"),
+    ("grub-mkimage", "grub-common"),
+    ("grub-mkstandalone", "grub-common"),
+];
 
 /// Everything the cache key covers.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -309,6 +342,7 @@ fn build(
     if unsafe { libc::geteuid() } != 0 {
         return Err(BootstrapError::NotRoot);
     }
+    check_tools()?;
     let start = Instant::now();
     let work = cache.temp_dir("bootstrap-")?;
     let out = work.path().join("entry");
@@ -330,7 +364,11 @@ fn build(
     run_logged(cmd, "mmdebstrap", "mmdebstrap", &log)?;
 
     // 2. Customize.
-    customize(&root, agent)?;
+    let ids = layout::Ids::from_key(key);
+    let root_uuid = ids.root_fs.to_string();
+    customize(&root, agent, &root_uuid)?;
+    grub::install_into_root(&root, &root_uuid, &log)?;
+    check_kernel_links(&root)?;
 
     // 3. Record package versions, copy kernel and initrd.
     let package_versions = package_versions(&root, &log)?;
@@ -340,27 +378,23 @@ fn build(
 
     // 4. The disk.
     let used = tree_size(&root).map_err(PathIoError::at("measuring", &root))?;
-    let size = fs_size(used);
+    let layout = layout::layout(disk_size(used), &ids);
     let raw = work.path().join("disk.raw");
     note(
         events,
         vm,
         &format!(
-            "making a {} MiB ext4 file system from {} MiB of files",
-            size >> 20,
+            "making a {} MiB disk (GPT, BIOS and UEFI GRUB) with an ext4 root from {} MiB of \
+             files",
+            layout.disk_size >> 20,
             used >> 20
         ),
     );
-    let mut mkfs = Command::new("mkfs.ext4");
-    mkfs.args(["-q", "-F", "-L", "kiln-root", "-d"])
-        .arg(&root)
-        .arg(&raw)
-        .arg(format!("{}k", size >> 10));
-    run_logged(mkfs, "mkfs.ext4 -d", "e2fsprogs", &log)?;
+    write_disk(work.path(), &root, &raw, &layout, &ids, &log)?;
     // The root folder is no longer needed: free its space before converting.
     let _ = fs::remove_dir_all(&root);
     let disk = out.join("disk.qcow2");
-    note(events, vm, "converting the root file system to qcow2");
+    note(events, vm, "converting the disk to qcow2");
     convert_to_qcow2(&raw, &disk, &log)?;
     let _ = fs::remove_file(&raw);
     let disk_sha256 = sha256_file(&disk).map_err(PathIoError::at("reading", &disk))?;
@@ -370,9 +404,9 @@ fn build(
         inputs: inputs.clone(),
         package_versions,
         kernel_version,
-        root_device: "/dev/vda".into(),
+        root_device: format!("UUID={root_uuid}"),
         disk_sha256,
-        disk_virtual_size: size,
+        disk_virtual_size: layout.disk_size,
         build_seconds: start.elapsed().as_secs_f64(),
     };
     let meta_path = out.join("meta.json");
@@ -397,15 +431,109 @@ fn note(events: &dyn EventSink, vm: Option<&str>, msg: &str) {
     });
 }
 
-/// File-system size for `used` bytes of files: room for metadata and for the first package
-/// installs; the disk grows to the manifest's size at first boot anyway.
-pub fn fs_size(used: u64) -> u64 {
+/// Disk size for `used` bytes of files: room for the boot partitions (67 MiB), metadata and
+/// the first package installs; the root grows to the manifest's disk size at first boot
+/// anyway. At least 1 GiB and 64 MiB-aligned, so a 1 GiB disk in a manifest still fits.
+pub fn disk_size(used: u64) -> u64 {
     let want = used + used / 3 + (384 << 20);
     let mib64 = 64 << 20;
     want.max(1 << 30).div_ceil(mib64) * mib64
 }
 
-fn customize(root: &Path, agent: &AgentFiles) -> Result<(), BootstrapError> {
+/// Fails with the missing tool and its package when the host lacks one the recipe runs.
+fn check_tools() -> Result<(), BootstrapError> {
+    for (tool, package) in TOOLS {
+        if !on_path(tool) {
+            return Err(BootstrapError::MissingTool {
+                tool: tool.to_string(),
+                package: package.to_string(),
+            });
+        }
+    }
+    grub::check_tools()
+}
+
+/// Whether `prog` is on PATH or in the sbin folders a non-login root shell may lack.
+fn on_path(prog: &str) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
+        .any(|d| d.join(prog).is_file())
+}
+
+/// GRUB's menu boots `/vmlinuz` and `/initrd.img`, which Debian's kernel package keeps
+/// pointing at the newest kernel.
+fn check_kernel_links(root: &Path) -> Result<(), BootstrapError> {
+    for link in ["vmlinuz", "initrd.img"] {
+        // Relative, so GRUB (and the guest) resolve it inside the root, to a file.
+        let p = root.join(link);
+        let target = fs::read_link(&p).ok();
+        let ok = target.is_some_and(|t| t.is_relative() && root.join(t).is_file());
+        if !ok {
+            return Err(BootstrapError::NoKernelLink(link));
+        }
+    }
+    Ok(())
+}
+
+/// Writes the whole raw disk: the ext4 root made by `mkfs.ext4 -d` at its partition's
+/// offset, the ESP, GRUB's core image in the BIOS boot partition, and the GPT (with boot.img
+/// in the protective MBR's code area) at both ends.
+fn write_disk(
+    work: &Path,
+    root: &Path,
+    raw: &Path,
+    layout: &layout::Layout,
+    ids: &layout::Ids,
+    log: &Path,
+) -> Result<(), BootstrapError> {
+    use std::os::unix::fs::FileExt;
+    let (bios, esp_part, root_part) = (layout::BIOS_BOOT, layout::ESP, layout.root());
+    let file = fs::File::create(raw).map_err(PathIoError::at("creating", raw))?;
+    file.set_len(layout.disk_size)
+        .map_err(PathIoError::at("sizing", raw))?;
+
+    let mut mkfs = Command::new("mkfs.ext4");
+    mkfs.args(["-q", "-F", "-b", "4096", "-L", "kiln-root", "-U"])
+        .arg(ids.root_fs.to_string())
+        .arg("-E")
+        .arg(format!(
+            "offset={},hash_seed={}",
+            root_part.offset, ids.root_hash_seed
+        ))
+        .arg("-d")
+        .arg(root)
+        .arg(raw)
+        .arg(format!("{}k", root_part.len >> 10));
+    run_logged(mkfs, "mkfs.ext4 -d", "e2fsprogs", log)?;
+
+    let esp_img = work.join("esp.img");
+    let loader = grub::uefi_loader(work, &ids.root_fs.to_string(), log)?;
+    esp::make(&esp_img, esp_part.len, ids.esp_volume_id, &loader, log)?;
+    let esp = fs::read(&esp_img).map_err(PathIoError::at("reading", &esp_img))?;
+    let _ = fs::remove_file(&esp_img);
+
+    let mut core = grub::bios_core(work, &ids.root_fs.to_string(), log)?;
+    let core_lba = bios.first_lba();
+    grub::patch_core_blocklist(&mut core, core_lba, bios.len)?;
+    let code = grub::patch_boot_sector(&grub::boot_img()?, core_lba)?;
+
+    let gpt = layout.gpt();
+    let mut head = gpt.primary;
+    head[..grub::MBR_CODE_LEN].copy_from_slice(&code);
+    let write = |data: &[u8], at: u64| {
+        file.write_all_at(data, at)
+            .map_err(PathIoError::at("writing", raw))
+    };
+    write(&esp, esp_part.offset)?;
+    write(&core, bios.offset)?;
+    write(&head, 0)?;
+    write(&gpt.backup, gpt.backup_offset)?;
+    file.sync_all().map_err(PathIoError::at("syncing", raw))?;
+    Ok(())
+}
+
+fn customize(root: &Path, agent: &AgentFiles, root_uuid: &str) -> Result<(), BootstrapError> {
     let w = |rel: &str, data: &[u8]| -> Result<(), BootstrapError> {
         let p = root.join(rel);
         if let Some(parent) = p.parent() {
@@ -429,12 +557,17 @@ fn customize(root: &Path, agent: &AgentFiles) -> Result<(), BootstrapError> {
     kiln_agent::cloud_init::install_into_root(root, &agent.binary, &[])
         .map_err(PathIoError::at("installing the agent into", root))?;
 
-    // The root is the whole of /dev/vda; it grows to the overlay's size at boot.
+    // The root by UUID (disk names differ between hypervisors and buses); it grows to the
+    // partition's size at boot, after systemd-repart grew the partition to the disk's end.
     w(
         "etc/fstab",
-        b"# kiln: the root file system is the whole first virtio disk (no partition table)\n\
-          /dev/vda / ext4 defaults,x-systemd.growfs 0 1\n",
+        format!(
+            "# kiln: the root file system, grown at boot into what the disk gained\n\
+             UUID={root_uuid} / ext4 defaults,x-systemd.growfs 0 1\n"
+        )
+        .as_bytes(),
     )?;
+    w("etc/repart.d/50-kiln-root.conf", REPART_ROOT.as_bytes())?;
     // The hostname comes from `systemd.hostname=` on the kernel command line.
     let _ = fs::remove_file(root.join("etc/hostname"));
     w(
@@ -735,11 +868,101 @@ mod tests {
     }
 
     #[test]
-    fn fs_size_has_headroom() {
-        assert_eq!(fs_size(0), 1 << 30);
-        let s = fs_size(400 << 20);
+    fn disk_size_has_headroom() {
+        assert_eq!(disk_size(0), 1 << 30);
+        let s = disk_size(400 << 20);
         assert!(s >= (400u64 << 20) * 4 / 3 + (384 << 20));
         assert_eq!(s % (64 << 20), 0);
+    }
+
+    #[test]
+    fn kernel_links_must_lead_to_files_in_the_root() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        fs::create_dir(r.join("boot")).unwrap();
+        fs::write(r.join("boot/vmlinuz-6.1.0-1"), b"k").unwrap();
+        fs::write(r.join("boot/initrd.img-6.1.0-1"), b"i").unwrap();
+        assert!(matches!(
+            check_kernel_links(r),
+            Err(BootstrapError::NoKernelLink("vmlinuz"))
+        ));
+        std::os::unix::fs::symlink("boot/vmlinuz-6.1.0-1", r.join("vmlinuz")).unwrap();
+        // Absolute: would point at the build host's file, not the guest's.
+        std::os::unix::fs::symlink("/boot/initrd.img-6.1.0-1", r.join("initrd.img")).unwrap();
+        assert!(matches!(
+            check_kernel_links(r),
+            Err(BootstrapError::NoKernelLink("initrd.img"))
+        ));
+        fs::remove_file(r.join("initrd.img")).unwrap();
+        std::os::unix::fs::symlink("boot/initrd.img-6.1.0-1", r.join("initrd.img")).unwrap();
+        check_kernel_links(r).unwrap();
+    }
+
+    /// The whole disk from a tiny root, read back like kiln's direct boot reads a source: the
+    /// GPT, the kernel in the ext4 root partition and `root=UUID=` with the key's UUID.
+    #[test]
+    fn written_disk_has_the_table_loaders_and_a_bootable_root() {
+        if let Err(e) = check_tools() {
+            eprintln!("SKIP: written_disk_has_the_table_loaders_and_a_bootable_root: {e}");
+            return;
+        }
+        let work = tempfile::tempdir().unwrap();
+        let root = work.path().join("root");
+        fs::create_dir_all(root.join("boot")).unwrap();
+        fs::write(root.join("boot/vmlinuz-6.1.0-1-cloud-amd64"), b"kernel").unwrap();
+        fs::write(root.join("boot/initrd.img-6.1.0-1-cloud-amd64"), b"initrd").unwrap();
+        let ids = layout::Ids::from_key("test-key");
+        let l = layout::layout(layout::MIN_DISK + (64 << 20), &ids);
+        let raw = work.path().join("disk.raw");
+        let log = work.path().join("log");
+        write_disk(work.path(), &root, &raw, &l, &ids, &log)
+            .unwrap_or_else(|e| panic!("{e}\n{}", fs::read_to_string(&log).unwrap_or_default()));
+
+        let f = fs::File::open(&raw).unwrap();
+        assert_eq!(f.metadata().unwrap().len(), l.disk_size);
+        let boot = crate::bootimage::find_boot(std::sync::Arc::new(crate::bootimage::RawImage(f)))
+            .unwrap();
+        assert_eq!(boot.kernel, b"kernel");
+        assert_eq!(boot.initrd.as_deref(), Some(&b"initrd"[..]));
+        assert_eq!(boot.partition, Some(3));
+        assert_eq!(boot.root, format!("UUID={}", ids.root_fs));
+
+        let bytes = fs::read(&raw).unwrap();
+        let at = |off: u64, n: usize| &bytes[off as usize..off as usize + n];
+        // boot.img in the MBR, pointing at the BIOS boot partition; the table kept.
+        assert_eq!(
+            at(0x5c, 8),
+            &layout::BIOS_BOOT.first_lba().to_le_bytes(),
+            "boot.img's core sector"
+        );
+        assert_eq!(at(446 + 4, 1), &[0xEE]);
+        assert_eq!(at(510, 2), &[0x55, 0xAA]);
+        assert_eq!(at(512, 8), b"EFI PART");
+        // The core image there, its block list patched to its second sector.
+        let core = layout::BIOS_BOOT.offset;
+        assert_eq!(
+            at(core + 500, 8),
+            &(layout::BIOS_BOOT.first_lba() + 1).to_le_bytes()
+        );
+        // A FAT32 ESP with the key's volume id.
+        let esp = layout::ESP.offset;
+        assert_eq!(at(esp + 82, 8), b"FAT32   ");
+        assert_eq!(at(esp + 67, 4), &ids.esp_volume_id.to_le_bytes());
+        // The backup GPT header in the last sector.
+        assert_eq!(at(l.disk_size - 512, 8), b"EFI PART");
+        // ... holding the UEFI loader where firmware looks without NVRAM entries.
+        let esp_img = work.path().join("esp-back.img");
+        fs::write(&esp_img, at(esp, layout::ESP.len as usize)).unwrap();
+        let dir = Command::new("mdir")
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .arg("-b")
+            .arg("-i")
+            .arg(&esp_img)
+            .arg("::/EFI/BOOT")
+            .output()
+            .unwrap();
+        let listing = String::from_utf8_lossy(&dir.stdout);
+        assert!(listing.contains("BOOTX64.EFI"), "{listing}");
     }
 
     #[test]
@@ -749,13 +972,20 @@ mod tests {
         fs::create_dir_all(root.path().join("etc")).unwrap();
         fs::write(root.path().join("etc/hostname"), "builder\n").unwrap();
         fs::write(root.path().join("etc/machine-id"), "abc\n").unwrap();
-        customize(root.path(), &a).unwrap();
+        customize(root.path(), &a, "0b5f0c1e-7c38-4c3c-9d9e-1f2a3b4c5d6e").unwrap();
         let r = root.path();
         assert!(r.join("usr/local/bin/kiln-agent").is_file());
         assert!(!r.join("etc/hostname").exists());
         assert_eq!(fs::read(r.join("etc/machine-id")).unwrap(), b"");
         let fstab = fs::read_to_string(r.join("etc/fstab")).unwrap();
-        assert!(fstab.contains("/dev/vda / ext4"));
+        assert!(
+            fstab.contains(
+                "UUID=0b5f0c1e-7c38-4c3c-9d9e-1f2a3b4c5d6e / ext4 defaults,x-systemd.growfs"
+            ),
+            "{fstab}"
+        );
+        let repart = fs::read_to_string(r.join("etc/repart.d/50-kiln-root.conf")).unwrap();
+        assert!(repart.contains("Type=root-x86-64"), "{repart}");
         let l = fs::read_link(r.join("etc/systemd/system/sysinit.target.wants/kiln-agent.service"))
             .unwrap();
         assert_eq!(l, Path::new("/etc/systemd/system/kiln-agent.service"));
