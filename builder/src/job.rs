@@ -84,6 +84,38 @@ pub struct NicJob {
     /// A fixed address (a fixed DHCP lease on managed subnets).
     #[serde(default)]
     pub ip: Option<Ipv4Addr>,
+    /// The device the guest sees; absent in a `base.yaml` of an earlier kiln (virtio).
+    #[serde(default, skip_serializing_if = "NicModel::is_virtio")]
+    pub model: NicModel,
+}
+
+/// The NIC device the guest sees (`nics[].model`). Whatever the model, the NIC is a port on
+/// kiln-net's switch: same MAC, DHCP lease and DNS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NicModel {
+    /// virtio-net: kiln-vmm's device (over vhost-user under the qemu engine).
+    #[default]
+    Virtio,
+    /// QEMU's Intel 82540EM (qemu engine), over a `-netdev stream` socket kiln-net serves.
+    E1000,
+    /// QEMU's Intel 82574L (qemu engine), the same way.
+    E1000e,
+}
+
+impl NicModel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NicModel::Virtio => "virtio",
+            NicModel::E1000 => "e1000",
+            NicModel::E1000e => "e1000e",
+        }
+    }
+
+    /// For `skip_serializing_if`: `base.yaml` names only the models that are not the default.
+    pub fn is_virtio(&self) -> bool {
+        *self == NicModel::Virtio
+    }
 }
 
 /// What a clone of the module runs: the base values of the manifest.
@@ -243,6 +275,9 @@ pub struct BootstrapSpec {
     pub suite: String,
     pub packages: Vec<String>,
     pub mirror: Option<String>,
+    /// The kernel package instead of the cloud kernel (`bootstrap.kernel`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
 }
 
 /// Content of a `files[]` entry.
@@ -328,12 +363,16 @@ vms:
   - name: eth1
     subnet: lab
     mac: 02:00:00:00:00:01
+    model: e1000
 ";
         let b: BaseView = serde_saphyr::from_str(text).unwrap();
         assert_eq!(b.network.subnets[0].cidr, "10.9.0.0/24".parse().unwrap());
         let nics = &b.vm("a").unwrap().nics;
         assert_eq!(nics[0].mac.bytes(), [2, 0x6b, 0x6c, 0x12, 0x34, 0x56]);
         assert_eq!(nics[1].mac.bytes(), [2, 0, 0, 0, 0, 1]);
+        // A NIC without `model` (every earlier kiln's) is virtio; clones keep the model.
+        assert_eq!(nics[0].model, NicModel::Virtio);
+        assert_eq!(nics[1].model, NicModel::E1000);
         // And what this kiln writes reads back the same.
         let again: BaseView =
             serde_saphyr::from_str(&serde_saphyr::to_string(&b).unwrap()).unwrap();
@@ -344,5 +383,8 @@ vms:
             .unwrap_err()
             .to_string();
         assert!(e.contains("not a unicast MAC"), "{e}");
+        // A model kiln does not serve is refused, never read as virtio.
+        let bad = text.replace("model: e1000", "model: rtl8139");
+        assert!(serde_saphyr::from_str::<BaseView>(&bad).is_err());
     }
 }

@@ -114,6 +114,7 @@ pub fn attach(net: &Network, vm: &str, nics: &[NicJob]) -> Result<Vec<NicAttach>
             name: n.name.clone(),
             mac,
             port,
+            model: n.model,
         });
     }
     Ok(out)
@@ -199,6 +200,7 @@ mod tests {
                 .parse()
                 .unwrap(),
             ip: ip.map(|i| i.parse().unwrap()),
+            model: Default::default(),
         };
         let links = static_links(
             &j,
@@ -254,6 +256,7 @@ mod tests {
             subnet: subnet.into(),
             mac: mac.parse().unwrap(),
             ip: None,
+            model: Default::default(),
         };
         // A MAC is typed too: a multicast one never reaches a NIC.
         let e = "01:00:00:00:00:01"

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use crate::job::{
     self, BaseView, BaseVm, BootstrapSpec, BuildJob, DiskBus, DiskJob, FileContent, NetJob, NicJob,
-    SourceSpec, StepKind, SubnetJob, VmJob, VpcJob,
+    NicModel, SourceSpec, StepKind, SubnetJob, VmJob, VpcJob,
 };
 use crate::manifest::{self, Plan};
 
@@ -142,11 +142,13 @@ pub fn job_from_plan(
                 suite,
                 packages,
                 mirror,
+                kernel,
             } => SourceSpec::Bootstrap(BootstrapSpec {
                 distro: distro.clone(),
                 suite: suite.clone(),
                 packages: packages.clone(),
                 mirror: mirror.clone(),
+                kernel: kernel.clone(),
             }),
             manifest::Source::BuildRef { name, vm_name, .. } => SourceSpec::BuildRef {
                 module: name.clone(),
@@ -349,6 +351,11 @@ fn nics(vm: &manifest::Vm) -> Result<Vec<NicJob>, AdaptError> {
                     source,
                 })?,
                 ip: n.ip,
+                model: match n.model {
+                    manifest::NicModel::Virtio => NicModel::Virtio,
+                    manifest::NicModel::E1000 => NicModel::E1000,
+                    manifest::NicModel::E1000e => NicModel::E1000e,
+                },
             })
         })
         .collect()

@@ -27,12 +27,16 @@ pub(super) fn pick_engine(
     job: &BuildJob,
     ev: &dyn EventSink,
 ) -> Result<Arc<dyn Engine>, BuildError> {
-    // A VM whose firmware boot is known now needs qemu as much as a disk kiln-vmm cannot
-    // serve; one that needs firmware only once its source shows no kernel fails at its launch
-    // under kvm, with the engine's reason.
+    // A VM whose firmware boot is known now needs qemu as much as a disk or NIC kiln-vmm
+    // cannot serve; one that needs firmware only once its source shows no kernel fails at its
+    // launch under kvm, with the engine's reason.
     let needs_qemu = job.vms.iter().find_map(|v| {
-        engine::kvm_cannot_run(&v.name, v.disks.iter().map(|d| (&*d.name, d.bus)))
-            .or_else(|| boot_path::kvm_refusal(v))
+        engine::kvm_cannot_run(
+            &v.name,
+            v.disks.iter().map(|d| (&*d.name, d.bus)),
+            v.nics.iter().map(|n| (&*n.name, n.model)),
+        )
+        .or_else(|| boot_path::kvm_refusal(v))
     });
     let probe = kiln_vmm::doctor::probe();
     let pick = engine::pick(choice, &probe, needs_qemu.as_deref());

@@ -230,6 +230,7 @@ mod tests {
             suite: "bookworm".into(),
             packages: vec![],
             mirror: None,
+            kernel: None,
         });
         let v = vm(bootstrap, Firmware::Bios, BootChoice::Firmware);
         let c = choose(&v, Some(&k), None).unwrap();

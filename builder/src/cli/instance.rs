@@ -78,7 +78,9 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         module::load(&module_path).with_context(|| format!("the module of clone `{}`", c.name))?;
     module::verify_layers(&module_path, &rec)?;
     let probe = kiln_vmm::doctor::probe();
-    let pick = engine::pick(a.engine, &probe, needs_qemu(&rec).as_deref());
+    // The NICs a clone gets (and so their models) are the module's base values.
+    let base = clone::load_base(&module_path)?;
+    let pick = engine::pick(a.engine, &probe, needs_qemu(&rec, base.as_ref()).as_deref());
     eprintln!("engine: {}", pick.why);
     let eng = engine::make(pick.engine)?;
     let run_dir = root.join("clones").join(&c.name);
@@ -100,7 +102,6 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     }
     // A fresh isolated network for this clone, from the module's base values (no
     // buildOverrides): its own DHCP, DNS and NAT, shared with no other clone.
-    let base = clone::load_base(&module_path)?;
     let internet = if a.no_internet {
         Internet::Off
     } else {
@@ -190,9 +191,15 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
 
 /// Why the kvm engine cannot run the module's VMs (a disk bus it lacks, a firmware boot), if
 /// so: `--engine auto` then picks qemu.
-fn needs_qemu(rec: &ModuleRecord) -> Option<String> {
+fn needs_qemu(rec: &ModuleRecord, base: Option<&crate::job::BaseView>) -> Option<String> {
     rec.vms.iter().find_map(|v| {
-        engine::kvm_cannot_run(&v.name, v.disks.iter().map(|d| (&*d.name, d.bus))).or_else(|| {
+        let nics = base.and_then(|b| b.vm(&v.name)).map(|b| &b.nics);
+        engine::kvm_cannot_run(
+            &v.name,
+            v.disks.iter().map(|d| (&*d.name, d.bus)),
+            nics.into_iter().flatten().map(|n| (&*n.name, n.model)),
+        )
+        .or_else(|| {
             let fw = v.firmware.as_ref().filter(|f| f.booted)?;
             Some(format!(
                 "VM `{}` boots through {} firmware, and the kvm engine (kiln-vmm) boots only a \
@@ -388,7 +395,7 @@ mod tests {
         let module_dir = clone::module_dir(&dir, &c);
         let rec = module::load(&module_dir).unwrap();
         assert_eq!(
-            needs_qemu(&rec).as_deref(),
+            needs_qemu(&rec, None).as_deref(),
             Some(
                 "VM `web` boots through uefi firmware, and the kvm engine (kiln-vmm) boots \
                  only a kernel directly"

@@ -428,13 +428,18 @@ pub fn human_plan(p: &Plan) -> String {
                 suite,
                 packages,
                 mirror,
+                kernel,
             } => format!(
-                "bootstrap {distro} {suite}{}{}",
+                "bootstrap {distro} {suite}{}{}{}",
                 if packages.is_empty() {
                     String::new()
                 } else {
                     format!(" + {}", packages.join(" "))
                 },
+                kernel
+                    .as_ref()
+                    .map(|k| format!(" (kernel {k})"))
+                    .unwrap_or_default(),
                 mirror
                     .as_ref()
                     .map(|m| format!(" from {m}"))

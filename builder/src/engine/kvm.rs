@@ -84,7 +84,11 @@ pub fn control_socket(workdir: &Path) -> PathBuf {
 /// The spec the VMM child runs for `vm`, with NIC `i` on the inherited descriptor
 /// `nic_fds[i]`. Public for tests and inspection.
 pub fn vm_spec(vm: &VmLaunch, nic_fds: &[RawFd]) -> Result<VmSpec, EngineError> {
-    if let Some(why) = super::kvm_cannot_run(&vm.name, vm.disks.iter().map(|d| (&*d.name, d.bus))) {
+    if let Some(why) = super::kvm_cannot_run(
+        &vm.name,
+        vm.disks.iter().map(|d| (&*d.name, d.bus)),
+        vm.nics.iter().map(|n| (&*n.name, n.model)),
+    ) {
         return Err(EngineError::Backend(format!("{why}: use --engine qemu")));
     }
     let boot = match &vm.boot {
@@ -652,6 +656,7 @@ mod tests {
             name: format!("eth{i}"),
             mac: [0x02, 0x6b, 0x6c, 0, 0, i],
             port: Arc::new(port),
+            model: Default::default(),
         }
     }
 
@@ -676,6 +681,20 @@ mod tests {
         let e = vm_spec(&l, &[]).unwrap_err().to_string();
         assert!(
             e.contains("VM `web`") && e.contains("disk `root`") && e.contains("virtio-blk"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_emulated_nic_is_refused_with_its_names() {
+        let mut n = nic(1);
+        n.model = crate::job::NicModel::E1000;
+        let l = launch(vec![nic(0), n]);
+        let e = vm_spec(&l, &[40, 41]).unwrap_err().to_string();
+        assert!(
+            e.contains("VM `web`: NIC `eth1` is model `e1000`")
+                && e.contains("virtio-net")
+                && e.contains("--engine qemu"),
             "{e}"
         );
     }
@@ -769,6 +788,7 @@ mod tests {
             name: "eth0".into(),
             mac: [2, 0, 0, 0, 0, 1],
             port: Arc::new(net_side),
+            model: Default::default(),
         };
         let (stop_tx, stop_rx) = UnixStream::pair().unwrap();
         let t = spawn_relay(&n, here, &stop_rx).unwrap();

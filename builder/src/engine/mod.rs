@@ -66,6 +66,8 @@ pub struct NicAttach {
     pub name: String,
     pub mac: [u8; 6],
     pub port: Arc<dyn kiln_net::FramePort>,
+    /// The device the guest sees; only the qemu engine offers more than virtio.
+    pub model: crate::job::NicModel,
 }
 
 impl NicAttach {
@@ -84,6 +86,7 @@ impl std::fmt::Debug for NicAttach {
         f.debug_struct("NicAttach")
             .field("name", &self.name)
             .field("mac", &self.mac_string())
+            .field("model", &self.model)
             .finish_non_exhaustive()
     }
 }
@@ -173,20 +176,31 @@ pub trait Engine: Send + Sync {
     fn launch(&self, vm: &VmLaunch) -> Result<Box<dyn RunningVm>, EngineError>;
 }
 
-/// Why the kvm engine cannot run a VM with these disks, if it cannot: kiln-vmm has only
-/// virtio-blk, and giving a disk another bus than the one asked for would change what the
-/// guest sees.
+/// Why the kvm engine cannot run a VM with these disks and NICs, if it cannot: kiln-vmm has
+/// only virtio-blk and virtio-net, and giving a device another bus or model than the one asked
+/// for would change what the guest sees.
 pub fn kvm_cannot_run<'a>(
     vm: &str,
     disks: impl IntoIterator<Item = (&'a str, crate::job::DiskBus)>,
+    nics: impl IntoIterator<Item = (&'a str, crate::job::NicModel)>,
 ) -> Option<String> {
-    let (disk, bus) = disks
+    if let Some((disk, bus)) = disks
         .into_iter()
-        .find(|(_, bus)| *bus != crate::job::DiskBus::Virtio)?;
+        .find(|(_, bus)| *bus != crate::job::DiskBus::Virtio)
+    {
+        return Some(format!(
+            "VM `{vm}`: disk `{disk}` is on bus `{}`, and the kvm engine (kiln-vmm) has only \
+             virtio-blk disks",
+            bus.as_str()
+        ));
+    }
+    let (nic, model) = nics
+        .into_iter()
+        .find(|(_, model)| *model != crate::job::NicModel::Virtio)?;
     Some(format!(
-        "VM `{vm}`: disk `{disk}` is on bus `{}`, and the kvm engine (kiln-vmm) has only \
-         virtio-blk disks",
-        bus.as_str()
+        "VM `{vm}`: NIC `{nic}` is model `{}`, and the kvm engine (kiln-vmm) has only \
+         virtio-net NICs",
+        model.as_str()
     ))
 }
 
@@ -432,9 +446,13 @@ mod tests {
         use crate::job::DiskBus;
         // A probe and smoke test that say kvm, so only the disk can send auto to qemu.
         let p = kvm_probe();
-        assert_eq!(kvm_cannot_run("a", [("root", DiskBus::Virtio)]), None);
-        let why = kvm_cannot_run("a", [("root", DiskBus::Virtio), ("data", DiskBus::Sata)])
-            .expect("sata needs qemu");
+        assert_eq!(kvm_cannot_run("a", [("root", DiskBus::Virtio)], []), None);
+        let why = kvm_cannot_run(
+            "a",
+            [("root", DiskBus::Virtio), ("data", DiskBus::Sata)],
+            [],
+        )
+        .expect("sata needs qemu");
         assert_eq!(
             why,
             "VM `a`: disk `data` is on bus `sata`, and the kvm engine (kiln-vmm) has only \
@@ -447,5 +465,31 @@ mod tests {
             pick_with(EngineChoice::Auto, &p, None, &smoke(true)).engine,
             EngineChoice::Kvm
         );
+    }
+
+    #[test]
+    fn auto_picks_qemu_for_a_nic_kiln_vmm_cannot_serve() {
+        use crate::job::{DiskBus, NicModel};
+        // A probe and smoke test that say kvm, so only the NIC can send auto to qemu.
+        let p = kvm_probe();
+        let disks = [("root", DiskBus::Virtio)];
+        assert_eq!(
+            kvm_cannot_run("a", disks, [("eth0", NicModel::Virtio)]),
+            None
+        );
+        for (model, name) in [(NicModel::E1000, "e1000"), (NicModel::E1000e, "e1000e")] {
+            let why = kvm_cannot_run("a", disks, [("eth0", NicModel::Virtio), ("lan", model)])
+                .expect("an emulated NIC needs qemu");
+            assert_eq!(
+                why,
+                format!(
+                    "VM `a`: NIC `lan` is model `{name}`, and the kvm engine (kiln-vmm) has \
+                     only virtio-net NICs"
+                )
+            );
+            let auto = pick_with(EngineChoice::Auto, &p, Some(&why), &smoke(true));
+            assert_eq!(auto.engine, EngineChoice::Qemu);
+            assert!(auto.why.starts_with(&why), "{}", auto.why);
+        }
     }
 }

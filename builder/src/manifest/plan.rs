@@ -116,6 +116,8 @@ pub enum Source {
         suite: String,
         packages: Vec<String>,
         mirror: Option<String>,
+        /// The kernel package instead of the cloud kernel (kiln extension).
+        kernel: Option<String>,
     },
     /// The captured disk of a previous module; existence is checked when the build starts.
     BuildRef {
@@ -213,10 +215,6 @@ pub enum NicModel {
     Virtio,
     E1000,
     E1000e,
-    Rtl8139,
-    Pcnet,
-    #[serde(rename = "ne2k_pci")]
-    Ne2kPci,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -233,7 +231,7 @@ pub struct Nic {
     /// Lowercase `xx:xx:xx:xx:xx:xx`; derived from module, VM and NIC names when not given,
     /// so rebuilds and clones keep it.
     pub mac: String,
-    /// The model the manifest asked for; kiln's VMM always offers virtio.
+    /// The device the guest sees; e1000 and e1000e need the qemu engine.
     pub model: NicModel,
 }
 

@@ -219,6 +219,7 @@ pub fn resolve(
                         "cacheKey": got.meta.key,
                         "recipe": got.meta.inputs.recipe,
                         "kernel": got.meta.kernel_version,
+                        "kernelPackage": b.kernel.as_deref().unwrap_or(bootstrap::DEFAULT_KERNEL),
                         "agentSha256": got.meta.inputs.agent_sha256,
                         "packageVersions": got.meta.package_versions,
                         "diskSha256": got.meta.disk_sha256,

@@ -335,6 +335,7 @@ fn tiny_launch(
                 name: "eth0".into(),
                 mac: MAC,
                 port: Arc::new(n),
+                model: Default::default(),
             })
             .collect(),
     }

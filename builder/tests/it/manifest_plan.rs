@@ -264,3 +264,74 @@ fn host_access_is_off_unless_a_vpc_opts_in() {
     );
     assert!(p.base.network.vpc("lab").unwrap().host_access);
 }
+
+#[test]
+fn e1000_nics_take_effect_and_an_override_keeps_the_base_model() {
+    let text = r#"
+buildOverrides:
+  vms:
+    - name: a
+      nics:
+        - {name: eth0, subnet: default, ip: 10.0.2.9}
+vms:
+  - name: a
+    source: {blank: true}
+    resources: {cpu: 1, memory: 1Gi}
+    nics:
+      - {name: eth0, subnet: default, model: e1000}
+      - {name: eth1, subnet: default, model: e1000e}
+      - {name: eth2, subnet: default, model: virtio}
+"#;
+    let p = plan(text);
+    let models = |nics: &[kiln_builder::manifest::Nic]| -> Vec<NicModel> {
+        nics.iter().map(|n| n.model).collect()
+    };
+    assert_eq!(
+        models(&p.base.vms[0].nics),
+        [NicModel::E1000, NicModel::E1000e, NicModel::Virtio]
+    );
+    // The override names eth0 without a model: the build's eth0 is still the base's e1000.
+    assert_eq!(models(&p.build.vms[0].nics), [NicModel::E1000]);
+    assert_eq!(p.build.vms[0].nics[0].mac, p.base.vms[0].nics[0].mac);
+}
+
+#[test]
+fn nic_models_kiln_does_not_serve_are_refused_where_written() {
+    for model in ["rtl8139", "pcnet", "ne2k_pci"] {
+        let text = format!(
+            "vms:\n  - name: a\n    source: {{blank: true}}\n    resources: {{cpu: 1, memory: 1Gi}}\n    nics:\n      - {{ name: eth0, subnet: default, model: {model} }}\n"
+        );
+        let l = load_str(&text, Path::new("m.yaml"), Limits::default());
+        assert!(l.plan.is_none(), "{model} was accepted");
+        let d: Vec<String> = l.diagnostics.iter().map(|d| d.render()).collect();
+        // Line 6, at the model's value.
+        let want = format!("m.yaml:6:47: error: NIC model `{model}` is not supported by kiln");
+        assert!(
+            d.iter().any(|d| d.contains(&want) && d.contains("e1000")),
+            "{model}: {d:#?}"
+        );
+    }
+}
+
+#[test]
+fn a_bootstrap_kernel_is_carried_and_a_non_kernel_package_refused() {
+    let src = |k: &str| {
+        format!("vms:\n  - name: a\n    source: {{bootstrap: {{distro: debian, suite: bookworm, kernel: {k}}}}}\n    resources: {{cpu: 1, memory: 1Gi}}\n")
+    };
+    let p = plan(&src("linux-image-amd64"));
+    match &p.build.vms[0].source {
+        Source::Bootstrap { kernel, .. } => {
+            assert_eq!(kernel.as_deref(), Some("linux-image-amd64"))
+        }
+        other => panic!("{other:?}"),
+    }
+    let text = src("nginx");
+    let l = load_str(&text, Path::new("m.yaml"), Limits::default());
+    assert!(l.plan.is_none());
+    let d: Vec<String> = l.diagnostics.iter().map(|d| d.render()).collect();
+    assert!(
+        d.iter()
+            .any(|d| d.contains("m.yaml:3:67: error: `nginx` is not a Debian kernel package")),
+        "{d:#?}"
+    );
+}

@@ -3,9 +3,8 @@
 //! (written by kiln) passes `qemu-img check` and holds what the guest wrote. The module
 //! records the bus, so a clone's guest finds the disk on scsi again.
 //!
-//! `sata` is covered by the qemu engine's command-line tests only: the Debian cloud kernel the
-//! bootstrap installs has no AHCI driver (`CONFIG_SATA_AHCI` is unset), so a guest test of it
-//! needs the generic kernel.
+//! `sata` needs a guest with Debian's generic kernel (the cloud kernel has no AHCI driver):
+//! `build_legacy_devices.rs` builds one.
 
 use std::process::Command;
 

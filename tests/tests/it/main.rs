@@ -10,6 +10,7 @@ mod build_hello;
 mod build_http;
 mod build_interrupt;
 mod build_layered;
+mod build_legacy_devices;
 mod build_logs;
 mod build_pair;
 mod build_rebuild;

@@ -2,7 +2,9 @@
 //! in this process before QEMU starts the guest, and stopped with it. They are the kiln-vmm
 //! devices the kvm engine runs in its VM process: the block device is kiln-disk's qcow2 (with its backing chain) served by kiln-vmm's virtio-blk
 //! logic, vsock is kiln-vmm's device with its host side on a Unix socket, and each NIC is
-//! kiln-vmm's virtio-net over the VM's port on the module network (kiln-net). A disk on
+//! kiln-vmm's virtio-net over the VM's port on the module network (kiln-net); an `e1000` or
+//! `e1000e` NIC is QEMU's device on a `-netdev stream` socket relayed to that same port
+//! ([`super::stream_nic`]). A disk on
 //! `scsi` or `sata` is the same kiln-disk device served as an NBD export, which QEMU attaches
 //! as virtio-scsi or AHCI: whatever the bus, kiln writes the qcow2.
 
@@ -14,8 +16,10 @@ use kiln_disk::nbd::{NbdOptions, NbdServer};
 use kiln_vmm::devices::block::BlockOptions;
 use kiln_vmm::vhost_user::BackendHandle;
 
+use super::stream_nic::StreamNic;
+use crate::engine::NicAttach;
 use crate::engine::{vsock_uds, DiskAttach, EngineError, VmLaunch};
-use crate::job::DiskBus;
+use crate::job::{DiskBus, NicModel};
 
 /// How a disk reaches the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +49,8 @@ pub struct Backends {
     /// Disks on scsi or sata.
     nbds: Vec<NbdServer>,
     nets: Vec<kiln_vmm::devices::net::vhost_user::NetHandle>,
+    /// NICs of a model QEMU emulates.
+    streams: Vec<StreamNic>,
 }
 
 impl Backends {
@@ -63,6 +69,9 @@ impl Backends {
         for n in self.nets.drain(..) {
             n.stop();
             let _ = n.join();
+        }
+        for mut s in self.streams.drain(..) {
+            s.stop();
         }
         for b in self.blocks.drain(..) {
             b.stop();
@@ -86,6 +95,11 @@ impl Drop for Backends {
 /// listens on `<socket>.backend`).
 pub fn net_socket(workdir: &Path, i: usize) -> PathBuf {
     workdir.join(format!("net{i}.sock"))
+}
+
+/// Where the `-netdev stream` socket of NIC `i` (e1000, e1000e) lives.
+pub fn stream_socket(workdir: &Path, i: usize) -> PathBuf {
+    workdir.join(format!("net{i}.stream.sock"))
 }
 
 /// Where the vhost-user socket of disk `i` lives.
@@ -128,6 +142,7 @@ pub fn start(vm: &VmLaunch, block: BlockMode) -> Result<Backends, EngineError> {
         blocks: Vec::new(),
         nbds: Vec::new(),
         nets: Vec::new(),
+        streams: Vec::new(),
     };
     for (i, d) in vm.disks.iter().enumerate() {
         if d.bus != DiskBus::Virtio {
@@ -161,10 +176,32 @@ pub fn start(vm: &VmLaunch, block: BlockMode) -> Result<Backends, EngineError> {
         .map_err(|e| EngineError::Backend(format!("vsock backend: {e}")))?;
     b.vsock = Some(v);
     for (i, nic) in vm.nics.iter().enumerate() {
-        let sock = net_socket(&vm.workdir, i);
-        let h = kiln_vmm::devices::net::vhost_user::spawn(&sock, nic.port.clone(), nic.mac)
-            .map_err(|e| EngineError::Backend(format!("net backend for NIC {}: {e}", nic.name)))?;
-        b.nets.push(h);
+        start_nic(&mut b, &vm.workdir, i, nic)?;
     }
     Ok(b)
+}
+
+/// Serves NIC `i`: kiln-vmm's virtio-net over vhost-user, or the relay of QEMU's emulated
+/// model; either way on the NIC's own switch port.
+fn start_nic(
+    b: &mut Backends,
+    workdir: &Path,
+    i: usize,
+    nic: &NicAttach,
+) -> Result<(), EngineError> {
+    match nic.model {
+        NicModel::Virtio => {
+            let sock = net_socket(workdir, i);
+            let h = kiln_vmm::devices::net::vhost_user::spawn(&sock, nic.port.clone(), nic.mac)
+                .map_err(|e| {
+                    EngineError::Backend(format!("net backend for NIC {}: {e}", nic.name))
+                })?;
+            b.nets.push(h);
+        }
+        NicModel::E1000 | NicModel::E1000e => {
+            b.streams
+                .push(StreamNic::start(&stream_socket(workdir, i), nic)?);
+        }
+    }
+    Ok(())
 }

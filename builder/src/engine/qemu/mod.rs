@@ -18,12 +18,13 @@ use std::time::Duration;
 
 pub mod backends;
 pub mod qmp;
+mod stream_nic;
 
-pub use backends::{block_socket, nbd_socket, net_socket, BlockMode};
+pub use backends::{block_socket, nbd_socket, net_socket, stream_socket, BlockMode};
 
 use super::firmware::HostFirmware;
 use super::{BootMode, Engine, EngineError, RunningVm, VmLaunch};
-use crate::job::DiskBus;
+use crate::job::{DiskBus, NicModel};
 
 /// Finds `qemu-system-x86_64` on PATH (or `$KILN_QEMU`).
 pub fn find_qemu() -> Option<PathBuf> {
@@ -203,26 +204,36 @@ pub fn qemu_args(
         a.push("vhost-user-vsock-pci,chardev=vsock".into());
     }
     for (i, nic) in vm.nics.iter().enumerate() {
-        a.push("-chardev".into());
-        a.push(
-            format!(
-                "socket,id=net{i},path={}",
-                net_socket(&vm.workdir, i).display()
-            )
-            .into(),
-        );
-        a.push("-netdev".into());
-        a.push(format!("vhost-user,id=n{i},chardev=net{i}").into());
+        let mac = nic.mac_string();
+        let device = match nic.model {
+            NicModel::Virtio => {
+                a.push("-chardev".into());
+                a.push(
+                    format!(
+                        "socket,id=net{i},path={}",
+                        net_socket(&vm.workdir, i).display()
+                    )
+                    .into(),
+                );
+                a.push("-netdev".into());
+                a.push(format!("vhost-user,id=n{i},chardev=net{i}").into());
+                // vectors=0 (INTx): QEMU 7.2 crashes in msix_set_vector_notifiers when a
+                // vhost-user netdev starts with MSI-X vectors.
+                format!("virtio-net-pci,netdev=n{i},mac={mac},vectors=0")
+            }
+            NicModel::E1000 | NicModel::E1000e => {
+                // QEMU is the client: kiln's socket listens before QEMU starts, and again for
+                // the fresh QEMU of each reboot (7.2's stream netdev cannot reconnect).
+                let path = stream_socket(&vm.workdir, i)
+                    .to_string_lossy()
+                    .replace(',', ",,");
+                a.push("-netdev".into());
+                a.push(format!("stream,id=n{i},server=off,addr.type=unix,addr.path={path}").into());
+                format!("{},netdev=n{i},mac={mac}", nic.model.as_str())
+            }
+        };
         a.push("-device".into());
-        // vectors=0 (INTx): QEMU 7.2 crashes in msix_set_vector_notifiers when a vhost-user
-        // netdev starts with MSI-X vectors.
-        a.push(
-            format!(
-                "virtio-net-pci,netdev=n{i},mac={},vectors=0",
-                nic.mac_string()
-            )
-            .into(),
-        );
+        a.push(device.into());
     }
     Ok(a)
 }
@@ -703,6 +714,7 @@ mod tests {
                 name: (*name).into(),
                 mac: [0x02, 0x6b, 0x6c, 0, 0, i as u8],
                 port: port.clone(),
+                model: NicModel::Virtio,
             });
         }
         let s = joined(&args_of(&l, BlockMode::VhostUser, None));
@@ -723,5 +735,63 @@ mod tests {
             );
         }
         assert!(!joined(&args_of(&launch(), BlockMode::VhostUser, None)).contains("netdev"));
+    }
+
+    #[test]
+    fn emulated_nics_are_stream_netdevs_with_the_same_mac() {
+        let mut l = launch();
+        // A comma in the path is doubled: QEMU's option syntax would split at it.
+        l.workdir = "/w/a,b".into();
+        let (port, _other) = kiln_net::port_pair(4).unwrap();
+        let port: std::sync::Arc<dyn kiln_net::FramePort> = std::sync::Arc::new(port);
+        for (i, model) in [NicModel::Virtio, NicModel::E1000, NicModel::E1000e]
+            .into_iter()
+            .enumerate()
+        {
+            l.nics.push(crate::engine::NicAttach {
+                name: format!("eth{i}"),
+                mac: [0x02, 0x6b, 0x6c, 0, 0, i as u8],
+                port: port.clone(),
+                model,
+            });
+        }
+        let a: Vec<String> = args_of(&l, BlockMode::VhostUser, None)
+            .iter()
+            .map(|s| s.to_string_lossy().into_owned())
+            .collect();
+        let after = |flag: &str| -> Vec<&str> {
+            a.windows(2)
+                .filter(|w| w[0] == flag)
+                .map(|w| w[1].as_str())
+                .collect()
+        };
+        assert_eq!(
+            after("-netdev"),
+            [
+                "vhost-user,id=n0,chardev=net0",
+                "stream,id=n1,server=off,addr.type=unix,addr.path=/w/a,,b/net1.stream.sock",
+                "stream,id=n2,server=off,addr.type=unix,addr.path=/w/a,,b/net2.stream.sock",
+            ]
+        );
+        let nic_devices: Vec<&str> = after("-device")
+            .into_iter()
+            .filter(|d| d.contains("netdev="))
+            .collect();
+        assert_eq!(
+            nic_devices,
+            [
+                "virtio-net-pci,netdev=n0,mac=02:6b:6c:00:00:00,vectors=0",
+                "e1000,netdev=n1,mac=02:6b:6c:00:00:01",
+                "e1000e,netdev=n2,mac=02:6b:6c:00:00:02",
+            ]
+        );
+        // Only the virtio NIC has a vhost-user chardev.
+        assert_eq!(
+            after("-chardev")
+                .iter()
+                .filter(|c| c.starts_with("socket,id=net"))
+                .count(),
+            1
+        );
     }
 }

@@ -299,23 +299,20 @@ pub fn nics(
                 None => derive(cx, vm, &name),
             },
         };
-        let model = match n.get("model").and_then(Node::as_str) {
-            Some(m) => {
-                let model = model_of(m);
-                if let (Some(model), Some(at)) = (model, n.get("model")) {
-                    if model != NicModel::Virtio {
-                        // Mapping it to virtio silently would give the guest another NIC
-                        // than the manifest asked for.
-                        cx.sink
-                            .error(
-                                at.span,
-                                format!("NIC model `{m}` is not supported by kiln yet: its NICs are virtio"),
-                            )
-                            .hint("remove `model`, or write `model: virtio` (the guest needs virtio-net drivers)");
-                    }
+        let model = match n.get("model") {
+            Some(at) => match at.as_str().map(|m| (m, model_of(m))) {
+                Some((_, Ok(model))) => model,
+                Some((m, Err(()))) => {
+                    // RudderVirt lists these; serving them as virtio would give the guest
+                    // another NIC than the manifest asked for.
+                    cx.sink
+                        .error(at.span, format!("NIC model `{m}` is not supported by kiln"))
+                        .hint("write `model: virtio`, or `e1000`/`e1000e` for a guest without virtio drivers");
+                    NicModel::Virtio
                 }
-                model.unwrap_or(NicModel::Virtio)
-            }
+                // Not a string: the schema check reports it.
+                None => NicModel::Virtio,
+            },
             None => prior.map_or(NicModel::Virtio, |p| p.model),
         };
         let slot = slot_given.or_else(|| {
@@ -380,16 +377,15 @@ fn derive(cx: &Cx, vm: &str, nic: &str) -> String {
         .unwrap_or_else(|| derived_mac(&key, 64))
 }
 
-fn model_of(m: &str) -> Option<NicModel> {
-    Some(match m {
-        "virtio" => NicModel::Virtio,
-        "e1000" => NicModel::E1000,
-        "e1000e" => NicModel::E1000e,
-        "rtl8139" => NicModel::Rtl8139,
-        "pcnet" => NicModel::Pcnet,
-        "ne2k_pci" => NicModel::Ne2kPci,
-        _ => return None,
-    })
+/// The model named `m`; `Err` for the models the schema lists but kiln does not serve, `Ok`
+/// virtio for a name the schema check already refused.
+fn model_of(m: &str) -> Result<NicModel, ()> {
+    match m {
+        "e1000" => Ok(NicModel::E1000),
+        "e1000e" => Ok(NicModel::E1000e),
+        "rtl8139" | "pcnet" | "ne2k_pci" => Err(()),
+        _ => Ok(NicModel::Virtio),
+    }
 }
 
 /// Apply `buildOverrides` to a copy of the base network and VMs.

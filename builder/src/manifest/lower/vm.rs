@@ -270,11 +270,24 @@ fn source(cx: &mut Cx, s: Option<&Node>, vm: &Node) -> Option<Source> {
                     );
                 }
             }
+            let kernel = read::string(v, "kernel");
+            if let (Some(k), Some(at)) = (&kernel, v.get("kernel")) {
+                let ok = k.len() > "linux-image-".len()
+                    && k.starts_with("linux-image-")
+                    && k.chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c));
+                if !ok {
+                    cx.sink
+                        .error(at.span, format!("`{k}` is not a Debian kernel package"))
+                        .hint("e.g. `kernel: linux-image-amd64` (the default is linux-image-cloud-amd64)");
+                }
+            }
             Some(Source::Bootstrap {
                 distro: read::string(v, "distro")?,
                 suite,
                 packages,
                 mirror,
+                kernel,
             })
         }
         _ => None,

@@ -144,6 +144,11 @@ pub static BOOTSTRAP: Obj = Obj {
         req("suite", Ty::Str, "the release, e.g. bookworm"),
         f("packages", Ty::List(&Ty::Str), "extra packages to install"),
         f("mirror", Ty::Str, "the package mirror URL"),
+        f(
+            "kernel",
+            Ty::Str,
+            "kiln extension: the kernel package (default linux-image-cloud-amd64; linux-image-amd64 for e1000, AHCI and other drivers the cloud kernel lacks)",
+        ),
     ],
 };
 
@@ -252,7 +257,7 @@ pub static NIC: Obj = Obj {
         f(
             "model",
             Ty::Enum(NIC_MODELS),
-            "virtio only; other models are not supported by kiln yet",
+            "virtio (default); e1000, e1000e for guests without virtio drivers (qemu engine)",
         ),
     ],
 };

@@ -4,7 +4,8 @@
 //!
 //! The recipe (bump [`RECIPE_VERSION`] whenever it changes what lands in the image):
 //! 1. `mmdebstrap --variant=minbase --include=systemd-sysv,udev,linux-image-cloud-amd64,<pkgs>
-//!    <suite> <dir> [mirror]` as root (no unshare needed).
+//!    <suite> <dir> [mirror]` as root (no unshare needed); the source's `kernel` replaces the
+//!    cloud kernel package.
 //! 2. Customize the root: the agent binary and its systemd unit (enabled), `/etc/fstab` with the
 //!    root by file-system UUID and `x-systemd.growfs`, a `systemd-repart` entry that grows the
 //!    root partition to the disk's end at boot (before growfs grows ext4), so a clone on a
@@ -43,14 +44,14 @@ use crate::job::BootstrapSpec;
 /// reused for a different recipe.
 pub const RECIPE_VERSION: u32 = 5;
 
-/// Packages every bootstrapped root gets: an init, udev for device nodes and module loading,
-/// a kernel with its initrd, and a resolver that takes the DNS server from the DHCP lease.
-pub const BASE_PACKAGES: &[&str] = &[
-    "systemd-sysv",
-    "udev",
-    "linux-image-cloud-amd64",
-    "systemd-resolved",
-];
+/// Packages every bootstrapped root gets besides its kernel: an init, udev for device nodes
+/// and module loading, and a resolver that takes the DNS server from the DHCP lease.
+pub const BASE_PACKAGES: &[&str] = &["systemd-sysv", "udev", "systemd-resolved"];
+
+/// The kernel package unless the source names another (`kernel`): Debian's cloud kernel, the
+/// smallest with the virtio drivers. Exactly one kernel is installed, so `/boot` holds no
+/// second kernel for the boot to pick by mistake.
+pub const DEFAULT_KERNEL: &str = "linux-image-cloud-amd64";
 
 /// The agent's vsock port.
 pub const AGENT_VSOCK_PORT: u32 = kiln_agent::VSOCK_PORT;
@@ -77,6 +78,8 @@ pub enum BootstrapError {
     Distro(String),
     #[error("bootstrap package name `{0}` is not a Debian package name")]
     PackageName(String),
+    #[error("bootstrap kernel `{0}` is not a Debian kernel package (linux-image-...)")]
+    Kernel(String),
     #[error("bootstrap suite `{0}` is not a Debian suite name")]
     Suite(String),
     #[error("mirror `{0}` must be an http(s):// URL")]
@@ -225,6 +228,16 @@ pub fn inputs(spec: &BootstrapSpec, agent: &AgentFiles) -> Result<BootstrapInput
         return Err(BootstrapError::Suite(spec.suite.clone()));
     }
     let mut packages: Vec<String> = BASE_PACKAGES.iter().map(|s| s.to_string()).collect();
+    // The kernel is one of the packages, so it is in the cache key (and the default's key is
+    // the one it always was).
+    let kernel = spec.kernel.as_deref().unwrap_or(DEFAULT_KERNEL);
+    let named = kernel
+        .strip_prefix("linux-image-")
+        .is_some_and(|rest| !rest.is_empty());
+    if !named || !check_name(kernel) {
+        return Err(BootstrapError::Kernel(kernel.to_string()));
+    }
+    packages.push(kernel.to_string());
     for p in &spec.packages {
         // `pkg=version` pins are allowed; the name part must be a package name.
         let name = p.split_once('=').map(|x| x.0).unwrap_or(p);
@@ -772,6 +785,35 @@ mod tests {
             suite: "bookworm".into(),
             packages: pkgs.iter().map(|s| s.to_string()).collect(),
             mirror: None,
+            kernel: None,
+        }
+    }
+
+    #[test]
+    fn the_kernel_package_replaces_the_cloud_kernel_and_changes_the_key() {
+        let (_d, a) = agent();
+        let cloud = inputs(&spec(&["ethtool"]), &a).unwrap();
+        assert!(cloud.packages.iter().any(|p| p == DEFAULT_KERNEL));
+        let mut s = spec(&["ethtool"]);
+        s.kernel = Some("linux-image-amd64".into());
+        let generic = inputs(&s, &a).unwrap();
+        assert!(generic.packages.iter().any(|p| p == "linux-image-amd64"));
+        assert!(!generic.packages.iter().any(|p| p == DEFAULT_KERNEL));
+        assert_ne!(cloud.key(), generic.key());
+        // Naming the default is the default.
+        s.kernel = Some(DEFAULT_KERNEL.into());
+        assert_eq!(inputs(&s, &a).unwrap().key(), cloud.key());
+        for bad in [
+            "nginx",
+            "linux-image-",
+            "linux-image-amd64,curl",
+            "Linux-image-amd64",
+        ] {
+            s.kernel = Some(bad.into());
+            assert!(
+                matches!(inputs(&s, &a), Err(BootstrapError::Kernel(_))),
+                "{bad}"
+            );
         }
     }
 
