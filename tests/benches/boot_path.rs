@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use kiln_e2e::{is_root, on_path};
+use kiln_e2e::{is_root, kiln_bin, on_path};
 
 type Res<T> = Result<T, String>;
 
@@ -78,16 +78,6 @@ fn main() {
         eprintln!("boot_path bench FAILED: {e}");
         std::process::exit(1);
     }
-}
-
-fn kiln_bin() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("KILN_BIN").filter(|p| !p.is_empty()) {
-        let p = PathBuf::from(p);
-        return p.is_file().then_some(p);
-    }
-    let exe = std::env::current_exe().ok()?;
-    let k = exe.parent()?.parent()?.join("kiln");
-    k.is_file().then_some(k)
 }
 
 fn prereqs() -> Res<PathBuf> {

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use kiln_e2e::{is_root, on_path};
+use kiln_e2e::{is_root, kiln_bin, on_path};
 
 /// The module's name (the manifest's file stem) and its one VM.
 const MODULE: &str = "hello-ssh";
@@ -53,18 +53,6 @@ fn repo_root() -> PathBuf {
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/packer")
-}
-
-/// `kiln` from `$KILN_BIN`, else beside this bench's profile folder (`<target>/release/kiln`,
-/// built by `cargo build --release -p kiln-builder`).
-fn kiln_bin() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("KILN_BIN").filter(|p| !p.is_empty()) {
-        let p = PathBuf::from(p);
-        return p.is_file().then_some(p);
-    }
-    let exe = std::env::current_exe().ok()?;
-    let k = exe.parent()?.parent()?.join("kiln");
-    k.is_file().then_some(k)
 }
 
 /// Everything the bench needs; `Err` is the SKIP reason.

@@ -104,6 +104,18 @@ pub fn is_root() -> bool {
 
 /// Whether `prog` is an executable name on PATH, or in the sbin folders a non-login root
 /// shell's PATH may lack.
+/// The `kiln` binary a test or bench drives: `$KILN_BIN`, else `kiln` in the same profile
+/// folder as the running test or bench (`<target>/<profile>/deps/<exe>`).
+pub fn kiln_bin() -> Option<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("KILN_BIN").filter(|p| !p.is_empty()) {
+        let p = std::path::PathBuf::from(p);
+        return p.is_file().then_some(p);
+    }
+    let exe = std::env::current_exe().ok()?;
+    let k = exe.parent()?.parent()?.join("kiln");
+    k.is_file().then_some(k)
+}
+
 pub fn on_path(prog: &str) -> bool {
     std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(prog).is_file()))
