@@ -67,6 +67,7 @@ pub(super) fn boot_files(b: &VmBuild, boot: &BootFiles) -> Result<BootRecord, Vm
         kernel,
         initrd,
         root: boot.root.clone(),
+        args: boot.args.clone(),
     })
 }
 
