@@ -76,7 +76,7 @@ pub(super) fn boot_files(b: &VmBuild, boot: &BootFiles) -> Result<BootRecord, Vm
 /// once the VM is down, so the firmware writes nothing more.
 pub(super) fn firmware(b: &VmBuild, disks: &VmDisks) -> Result<FirmwareRecord, VmError> {
     let (firmware, booted, nvram) = match &disks.boot {
-        BootMode::Direct(_) => (b.vm.firmware, false, None),
+        BootMode::Direct(_) => (disks.firmware, false, None),
         BootMode::Firmware(f) => (f.firmware, true, f.nvram.as_deref()),
     };
     let mut record = FirmwareRecord {

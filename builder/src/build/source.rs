@@ -14,7 +14,7 @@ use crate::diskops;
 use crate::engine::firmware::HostFirmware;
 use crate::engine::{BootMode, DiskAttach, FirmwareBoot};
 use crate::events::{Event, EventSink};
-use crate::job::{BuildJob, DiskJob, FileContent};
+use crate::job::{BuildJob, DiskJob, FileContent, Firmware};
 use crate::nvram;
 use crate::path_io::PathIoError;
 use crate::sources::{self, build_ref, Resolved};
@@ -43,6 +43,9 @@ pub(super) fn resolve(b: &VmBuild) -> Result<Resolved, VmError> {
 pub(super) struct VmDisks {
     /// Direct (the source's kernel) or firmware (with the VM's own NVRAM for UEFI).
     pub boot: BootMode,
+    /// The firmware the image is for (a `buildRef` child's inherited), recorded even when the
+    /// VM booted directly.
+    pub firmware: Firmware,
     /// The VM's own disks, in the manifest's order; captured at the end.
     pub disks: Vec<DiskAttach>,
     /// The cloud-init NoCloud seed, attached read-only after the disks and never captured.
@@ -114,7 +117,12 @@ pub(super) fn prepare_disks(b: &VmBuild, src: &Resolved) -> Result<VmDisks, VmEr
         .map_err(VmError::Overlay)?;
         disks.push(attach(d, path));
     }
-    Ok(VmDisks { boot, disks, seed })
+    Ok(VmDisks {
+        boot,
+        firmware: inherited.firmware,
+        disks,
+        seed,
+    })
 }
 
 /// Where the VM's NVRAM is kept during the build.
