@@ -117,10 +117,6 @@ fn bios_image_builds_through_seabios() {
     assert_eq!(fs.trim(), "btrfs", "the clone's /etc/kiln-root-fs");
 }
 
-/// The step of a build that must fail before it.
-const NEVER: &str =
-    "      - name: never\n        type: shell\n        shell: { inline: \"true\" }\n";
-
 /// A disk of zeros (no boot loader, no kernel) as a `url` source.
 fn zero_disk(dir: &Path) -> (kiln_e2e::http::Server, String, String) {
     let body = vec![0u8; 64 << 20];

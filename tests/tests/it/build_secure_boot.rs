@@ -99,14 +99,13 @@ fn an_unsigned_loader_under_secure_boot_fails_fast() {
     let raw = firmware_image::uefi_unsigned().unwrap_or_else(|e| panic!("the image: {e}"));
     let tmp = tempfile::tempdir().unwrap();
     let (_server, url, sum) = serve_as_qcow2(&raw, tmp.path());
-    let never = "      - name: never\n        type: shell\n        shell: { inline: \"true\" }\n";
     let m = manifest(
         tmp.path(),
         "unsigned",
         "unsigned",
         (&url, &sum),
         SECURE_BOOT,
-        never,
+        NEVER,
     );
     fails_fast(
         test,

@@ -157,6 +157,10 @@ pub(crate) fn build_image(b: ImageBuild) -> Option<(tempfile::TempDir, String)> 
     Some((tmp, text))
 }
 
+/// The step of a build that must fail before it.
+pub(crate) const NEVER: &str =
+    "      - name: never\n        type: shell\n        shell: { inline: \"true\" }\n";
+
 /// `kiln clone` of module `module` (built into `tmp/modules`), `kiln run` of the clone, and
 /// `kiln exec` of `argv` in its VM `vm`: the output of the exec, which must succeed.
 pub(crate) fn clone_run(kiln: &Path, tmp: &Path, module: &str, vm: &str, argv: &[&str]) -> String {
