@@ -426,7 +426,7 @@ pub fn boot_mode(
         kernel: module_dir.join(&boot.kernel),
         initrd: boot.initrd.as_ref().map(|i| module_dir.join(i)),
         root: boot.root.clone(),
-        args: vec![],
+        args: boot.args.clone(),
     }))
 }
 
@@ -610,6 +610,7 @@ pub(crate) mod tests {
                     kernel: "boot/vmlinuz".into(),
                     initrd: None,
                     root: "/dev/vda".into(),
+                    args: vec!["rootflags=subvol=root".into()],
                 }),
                 firmware: firmware.map(|f| f.0),
                 disks: vec![DiskRecord {
@@ -796,6 +797,8 @@ mod firmware_tests {
             panic!("direct")
         };
         assert!(b.kernel.ends_with("boot/vmlinuz"), "{b:?}");
+        // The image's own kernel arguments, recorded at capture, reach the clone's boot.
+        assert_eq!(b.args, ["rootflags=subvol=root"]);
         // UEFI is what the image is for, but the build booted it directly: so does the clone,
         // and it needs no NVRAM.
         let (mut fw, bytes) = uefi(b"vars");

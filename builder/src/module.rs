@@ -110,6 +110,10 @@ pub struct BootRecord {
     pub kernel: String,
     pub initrd: Option<String>,
     pub root: String,
+    /// The image's own kernel arguments (e.g. `rootflags=subvol=root`), which clones and
+    /// `buildRef` children boot with as the build did.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -462,6 +466,7 @@ mod tests {
                     kernel: "boot/web/vmlinuz".into(),
                     initrd: Some("boot/web/initrd.img".into()),
                     root: "/dev/vda".into(),
+                    args: vec![],
                 }),
                 firmware: None,
                 disks: vec![DiskRecord {
@@ -498,6 +503,32 @@ mod tests {
         );
         assert_eq!(r.manifest, "vms:\n  - name: web\n");
         assert_eq!(list(d.path()).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn the_kernel_arguments_round_trip_and_none_are_not_written() {
+        let d = tempfile::tempdir().unwrap();
+        let dst = PendingModule::begin(d.path(), "plain", false)
+            .unwrap()
+            .commit(&record("plain"))
+            .unwrap();
+        let text = fs::read_to_string(dst.join("module.yaml")).unwrap();
+        assert!(!text.contains("args:"), "{text}");
+        assert!(load(&dst).unwrap().vms[0]
+            .boot
+            .as_ref()
+            .unwrap()
+            .args
+            .is_empty());
+
+        let mut rec = record("subvol");
+        let args = vec!["rootflags=subvol=root".to_string(), "quiet".to_string()];
+        rec.vms[0].boot.as_mut().unwrap().args = args.clone();
+        let dst = PendingModule::begin(d.path(), "subvol", false)
+            .unwrap()
+            .commit(&rec)
+            .unwrap();
+        assert_eq!(load(&dst).unwrap().vms[0].boot.as_ref().unwrap().args, args);
     }
 
     #[test]

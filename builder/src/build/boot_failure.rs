@@ -194,6 +194,28 @@ mod tests {
         }
     }
 
+    /// Recorded: OVMF's Secure Boot build with the MS-enrolled variables (Debian 2022.11)
+    /// booting the kit's image with an unsigned loader; the shell is refused too, then nothing
+    /// is left (the shell's path elided as the recording had it).
+    const OVMF_SECURE_BOOT_REFUSED: &str = "BdsDxe: failed to load Boot0001 \"UEFI Misc \
+        Device\" from PciRoot(0x0)/Pci(0x1,0x0): Access Denied\r\nBdsDxe: failed to start \
+        Boot0002 \"EFI Internal Shell\" ...: Security Violation\r\nBdsDxe: No bootable option \
+        or device was found.\r\n";
+
+    #[test]
+    fn the_recorded_secure_boot_refusal_names_the_loader_not_the_empty_disk() {
+        let why = detect(OVMF_SECURE_BOOT_REFUSED).unwrap();
+        assert!(
+            why.contains("Secure Boot refused the disk's boot loader")
+                && why.contains("Boot0001 \"UEFI Misc Device\"")
+                && why.contains("Access Denied"),
+            "{why}"
+        );
+        // The first line alone already tells it: the build fails before OVMF gives up.
+        let first = &OVMF_SECURE_BOOT_REFUSED[..OVMF_SECURE_BOOT_REFUSED.find("\r\n").unwrap()];
+        assert_eq!(detect(first), Some(why));
+    }
+
     #[test]
     fn grub_failures_but_not_its_harmless_errors() {
         assert!(

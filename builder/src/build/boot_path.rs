@@ -3,6 +3,7 @@
 //! its source turned out to hold, with the reason the build prints.
 
 use crate::job::{BootChoice, Firmware, SourceSpec, VmJob};
+use crate::sources::build_ref::InheritedFirmware;
 use crate::sources::BootFiles;
 
 /// How one VM boots.
@@ -40,6 +41,7 @@ pub struct DirectWithoutKernel {
 
 const FORCED: &str = "forced (`boot: firmware` or `--boot firmware`)";
 const EFI_SET: &str = "efiFirmware is set";
+const PARENT_BOOTED: &str = "the parent module booted through it";
 const BLANK: &str = "a blank disk has no kernel";
 
 /// Why the VM boots through firmware whatever its source holds, if it does: known before its
@@ -66,15 +68,17 @@ pub(super) fn kvm_refusal(vm: &VmJob) -> Option<String> {
     })
 }
 
-/// The VM's boot path once its source is resolved: `boot` is the source's kernel (None with
-/// `no_kernel` saying why).
+/// The VM's boot path once its source is resolved: `fw` is its firmware (a `buildRef`
+/// child's inherited from its parent), `boot` the source's kernel (None with `no_kernel`
+/// saying why).
 pub(super) fn choose(
     vm: &VmJob,
+    fw: &InheritedFirmware,
     boot: Option<&BootFiles>,
     no_kernel: Option<&str>,
 ) -> Result<Chosen, DirectWithoutKernel> {
     let firmware = |why: &str| Chosen {
-        path: BootPath::Firmware(vm.firmware),
+        path: BootPath::Firmware(fw.firmware),
         why: why.to_string(),
     };
     let no_kernel = || no_kernel.unwrap_or("the source has no kernel kiln can read");
@@ -91,6 +95,11 @@ pub(super) fn choose(
     }
     if let Some(why) = firmware_before_resolve(vm) {
         return Ok(firmware(why));
+    }
+    // The parent's image boots through its firmware: its kernel may not be one kiln's
+    // direct boot can start, and the child keeps the parent's NVRAM.
+    if fw.parent_booted {
+        return Ok(firmware(PARENT_BOOTED));
     }
     let Some(b) = boot else {
         return Ok(firmware(no_kernel()));
@@ -127,6 +136,7 @@ fn root_unnamed(root: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sources::build_ref::{inherited_firmware, ParentFirmware};
     use std::time::Duration;
 
     fn vm(source: SourceSpec, firmware: Firmware, boot: BootChoice) -> VmJob {
@@ -163,19 +173,29 @@ mod tests {
         }
     }
 
+    /// `choose` for a VM that inherits no firmware (not a buildRef child).
+    fn choose_own(
+        vm: &VmJob,
+        boot: Option<&BootFiles>,
+        no_kernel: Option<&str>,
+    ) -> Result<Chosen, DirectWithoutKernel> {
+        let fw = inherited_firmware(&vm.name, vm.firmware, None);
+        choose(vm, &fw, boot, no_kernel)
+    }
+
     const NO_EXT4: &str = "no kernel kiln can read (no ext4 file system with /boot/vmlinuz-*)";
 
     #[test]
     fn auto_boots_a_readable_kernel_directly_and_the_rest_through_firmware() {
         let k = kernel("UUID=0b6c1a3e");
-        let c = choose(&vm(url(), Firmware::Bios, BootChoice::Auto), Some(&k), None).unwrap();
+        let c = choose_own(&vm(url(), Firmware::Bios, BootChoice::Auto), Some(&k), None).unwrap();
         assert!(matches!(c.path, BootPath::Direct(_)));
         assert_eq!(
             c.note(),
             "boot: direct (kernel /boot/vmlinuz-* in the image)"
         );
 
-        let c = choose(
+        let c = choose_own(
             &vm(url(), Firmware::Bios, BootChoice::Auto),
             None,
             Some(NO_EXT4),
@@ -186,7 +206,7 @@ mod tests {
 
         // efiFirmware asks for firmware even where the kernel is readable.
         let v = vm(url(), Firmware::Uefi, BootChoice::Auto);
-        let c = choose(&v, Some(&k), None).unwrap();
+        let c = choose_own(&v, Some(&k), None).unwrap();
         assert_eq!(c.note(), "boot: firmware (uefi): efiFirmware is set");
         assert!(kvm_refusal(&v).unwrap().contains(
             "VM `web` boots through uefi firmware (efiFirmware is set), and the kvm engine"
@@ -200,7 +220,7 @@ mod tests {
         );
 
         // A root direct boot cannot name.
-        let c = choose(
+        let c = choose_own(
             &vm(url(), Firmware::Bios, BootChoice::Auto),
             Some(&kernel("")),
             None,
@@ -216,10 +236,10 @@ mod tests {
     fn a_forced_choice_wins_and_direct_without_a_kernel_says_why() {
         let k = kernel("UUID=0b6c1a3e");
         let v = vm(url(), Firmware::Uefi, BootChoice::Direct);
-        let c = choose(&v, Some(&k), None).unwrap();
+        let c = choose_own(&v, Some(&k), None).unwrap();
         assert!(matches!(c.path, BootPath::Direct(_)));
         assert_eq!(kvm_refusal(&v), None);
-        let e = choose(&v, None, Some(NO_EXT4)).unwrap_err().to_string();
+        let e = choose_own(&v, None, Some(NO_EXT4)).unwrap_err().to_string();
         assert!(
             e.contains("needs a kernel kiln can read") && e.contains(NO_EXT4),
             "{e}"
@@ -233,11 +253,61 @@ mod tests {
             kernel: None,
         });
         let v = vm(bootstrap, Firmware::Bios, BootChoice::Firmware);
-        let c = choose(&v, Some(&k), None).unwrap();
+        let c = choose_own(&v, Some(&k), None).unwrap();
         assert_eq!(
             c.note(),
             "boot: firmware (bios): forced (`boot: firmware` or `--boot firmware`)"
         );
         assert!(kvm_refusal(&v).is_some());
+    }
+
+    #[test]
+    fn a_build_ref_child_boots_through_the_firmware_its_parent_booted() {
+        let k = kernel("UUID=0b6c1a3e");
+        let child = |fw| {
+            vm(
+                SourceSpec::BuildRef {
+                    module: "base".into(),
+                    vm: None,
+                },
+                fw,
+                BootChoice::Auto,
+            )
+        };
+        let parent = |firmware, booted| ParentFirmware {
+            firmware,
+            booted,
+            nvram: None,
+        };
+        // No efiFirmware in the child, parent booted UEFI: UEFI, though its kernel is readable.
+        let v = child(Firmware::Bios);
+        let p = parent(Firmware::Uefi, true);
+        let fw = inherited_firmware("web", v.firmware, Some(&p));
+        let c = choose(&v, &fw, Some(&k), None).unwrap();
+        assert_eq!(
+            c.note(),
+            "boot: firmware (uefi): the parent module booted through it"
+        );
+        // A parent booted directly: the child too, its firmware kept for the record.
+        let p = parent(Firmware::Uefi, false);
+        let fw = inherited_firmware("web", v.firmware, Some(&p));
+        let c = choose(&v, &fw, Some(&k), None).unwrap();
+        assert!(matches!(c.path, BootPath::Direct(_)), "{c:?}");
+        // The child forcing direct boot wins over its parent's firmware.
+        let mut d = child(Firmware::Bios);
+        d.boot = BootChoice::Direct;
+        let p = parent(Firmware::Bios, true);
+        let fw = inherited_firmware("web", d.firmware, Some(&p));
+        let c = choose(&d, &fw, Some(&k), None).unwrap();
+        assert!(matches!(c.path, BootPath::Direct(_)), "{c:?}");
+        // A child asking for Secure Boot over a plain-UEFI parent: its own firmware.
+        let v = child(Firmware::UefiSecureBoot);
+        let p = parent(Firmware::Uefi, true);
+        let fw = inherited_firmware("web", v.firmware, Some(&p));
+        let c = choose(&v, &fw, Some(&k), None).unwrap();
+        assert_eq!(
+            c.note(),
+            "boot: firmware (uefi-secure-boot): efiFirmware is set"
+        );
     }
 }

@@ -11,6 +11,7 @@ use super::source::VmDisks;
 use super::vm::VmBuild;
 use crate::engine::BootMode;
 use crate::module::{BootRecord, DiskRecord, FirmwareRecord};
+use crate::nvram;
 use crate::sources::{BootFiles, ParentDisk, ResolvedSource};
 
 /// Captures the VM's disks into the module; the overlays they were are removed. A Ctrl-C
@@ -66,15 +67,16 @@ pub(super) fn boot_files(b: &VmBuild, boot: &BootFiles) -> Result<BootRecord, Vm
         kernel,
         initrd,
         root: boot.root.clone(),
+        args: boot.args.clone(),
     })
 }
 
 /// The VM's firmware record; a UEFI VM's NVRAM, as the guest left it, is copied into the
-/// module as `nvram/<vm>.fd` (under a temporary name, then renamed, like the disks). Called
+/// module as `nvram/<vm>.fd` (whole or not at all, 0600, size-checked). Called
 /// once the VM is down, so the firmware writes nothing more.
 pub(super) fn firmware(b: &VmBuild, disks: &VmDisks) -> Result<FirmwareRecord, VmError> {
     let (firmware, booted, nvram) = match &disks.boot {
-        BootMode::Direct(_) => (b.vm.firmware, false, None),
+        BootMode::Direct(_) => (disks.firmware, false, None),
         BootMode::Firmware(f) => (f.firmware, true, f.nvram.as_deref()),
     };
     let mut record = FirmwareRecord {
@@ -86,19 +88,7 @@ pub(super) fn firmware(b: &VmBuild, disks: &VmDisks) -> Result<FirmwareRecord, V
     let Some(from) = nvram else {
         return Ok(record);
     };
-    let rel = format!("nvram/{}.fd", b.vm.name);
-    let out = b.module.pending.dir().join(&rel);
-    let tmp = out.with_extension("fd.partial");
-    let e = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| VmError::Nvram { path, source }
-    };
-    if let Some(parent) = out.parent() {
-        fs::create_dir_all(parent).map_err(e(parent))?;
-    }
-    fs::copy(from, &tmp).map_err(e(&tmp))?;
-    fs::rename(&tmp, &out).map_err(e(&out))?;
-    let sha256 = crate::cache::sha256_file(&out).map_err(e(&out))?;
+    let (rel, sha256) = nvram::capture_nvram(b.module.pending.dir(), &b.vm.name, from)?;
     let _ = fs::remove_file(from);
     record.nvram = Some(rel);
     record.nvram_sha256 = Some(sha256);

@@ -82,12 +82,8 @@ pub enum VmError {
     #[error(transparent)]
     Firmware(#[from] crate::engine::firmware::FirmwareError),
     /// Making the VM's NVRAM, or capturing it into the module.
-    #[error("NVRAM {}: {source}", path.display())]
-    Nvram {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Nvram(#[from] crate::nvram::NvramError),
     #[error(transparent)]
     Seed(#[from] SeedError),
     #[error("disk `{disk}` is {size} bytes, smaller than its source ({base} bytes)")]

@@ -14,8 +14,10 @@ use crate::diskops;
 use crate::engine::firmware::HostFirmware;
 use crate::engine::{BootMode, DiskAttach, FirmwareBoot};
 use crate::events::{Event, EventSink};
-use crate::job::{BuildJob, DiskJob, FileContent};
-use crate::sources::{self, Resolved};
+use crate::job::{BuildJob, DiskJob, FileContent, Firmware};
+use crate::nvram;
+use crate::path_io::PathIoError;
+use crate::sources::{self, build_ref, Resolved};
 
 /// Resolves the VM's source: its base image and boot files, in the cache.
 pub(super) fn resolve(b: &VmBuild) -> Result<Resolved, VmError> {
@@ -41,6 +43,9 @@ pub(super) fn resolve(b: &VmBuild) -> Result<Resolved, VmError> {
 pub(super) struct VmDisks {
     /// Direct (the source's kernel) or firmware (with the VM's own NVRAM for UEFI).
     pub boot: BootMode,
+    /// The firmware the image is for (a `buildRef` child's inherited), recorded even when the
+    /// VM booted directly.
+    pub firmware: Firmware,
     /// The VM's own disks, in the manifest's order; captured at the end.
     pub disks: Vec<DiskAttach>,
     /// The cloud-init NoCloud seed, attached read-only after the disks and never captured.
@@ -48,7 +53,22 @@ pub(super) struct VmDisks {
 }
 
 pub(super) fn prepare_disks(b: &VmBuild, src: &Resolved) -> Result<VmDisks, VmError> {
-    let chosen = boot_path::choose(b.vm, src.source.boot.as_ref(), src.no_kernel.as_deref())?;
+    // A buildRef child boots through its parent's firmware, from its NVRAM, unless its own
+    // manifest asks for another.
+    let inherited = build_ref::inherited_firmware(
+        &b.vm.name,
+        b.vm.firmware,
+        src.source.parent_firmware.as_ref(),
+    );
+    if let Some(note) = &inherited.note {
+        b.note(note.clone());
+    }
+    let chosen = boot_path::choose(
+        b.vm,
+        &inherited,
+        src.source.boot.as_ref(),
+        src.no_kernel.as_deref(),
+    )?;
     b.note(chosen.note());
     let work = b.work_dir();
     let boot = match chosen.path {
@@ -57,7 +77,16 @@ pub(super) fn prepare_disks(b: &VmBuild, src: &Resolved) -> Result<VmDisks, VmEr
             // Checked before anything boots: a missing SeaBIOS or OVMF names its package.
             let files = HostFirmware::find().files(firmware)?;
             let nvram = match &files.vars_template {
-                Some(template) => Some(new_nvram(template, &work, &b.vm.name)?),
+                Some(template) => {
+                    // Made once before the first boot: every reboot of the build uses it, so
+                    // what the guest writes (boot entries) stays, and capture keeps it.
+                    let path = nvram_path(&work, &b.vm.name);
+                    fs::create_dir_all(&work)
+                        .map_err(PathIoError::at("creating", &work))
+                        .map_err(nvram::NvramError::from)?;
+                    nvram::start_nvram(&path, inherited.nvram, template)?;
+                    Some(path)
+                }
                 None => None,
             };
             BootMode::Firmware(FirmwareBoot { firmware, nvram })
@@ -88,32 +117,12 @@ pub(super) fn prepare_disks(b: &VmBuild, src: &Resolved) -> Result<VmDisks, VmEr
         .map_err(VmError::Overlay)?;
         disks.push(attach(d, path));
     }
-    Ok(VmDisks { boot, disks, seed })
-}
-
-/// The VM's own UEFI variable store, a copy of the firmware's template made once before its
-/// first boot: the engine boots every reboot of the build with it, so what the guest writes
-/// (boot entries) stays, and capture copies it into the module.
-fn new_nvram(template: &Path, work: &Path, vm: &str) -> Result<PathBuf, VmError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = nvram_path(work, vm);
-    let e = |source| VmError::Nvram {
-        path: path.clone(),
-        source,
-    };
-    fs::create_dir_all(work).map_err(e)?;
-    let mut from = fs::File::open(template).map_err(|source| VmError::Nvram {
-        path: template.to_path_buf(),
-        source,
-    })?;
-    let mut to = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(e)?;
-    std::io::copy(&mut from, &mut to).map_err(e)?;
-    Ok(path)
+    Ok(VmDisks {
+        boot,
+        firmware: inherited.firmware,
+        disks,
+        seed,
+    })
 }
 
 /// Where the VM's NVRAM is kept during the build.

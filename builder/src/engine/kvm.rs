@@ -95,9 +95,8 @@ pub fn vm_spec(vm: &VmLaunch, nic_fds: &[RawFd]) -> Result<VmSpec, EngineError> 
         BootMode::Direct(boot) => boot,
         BootMode::Firmware(fw) => {
             return Err(EngineError::Backend(format!(
-                "VM `{}` boots through {} firmware, and the kvm engine (kiln-vmm) boots only a \
+                "it boots through {} firmware, and the kvm engine (kiln-vmm) boots only a \
                  kernel directly: use --engine qemu",
-                vm.name,
                 fw.firmware.as_str()
             )))
         }
@@ -669,7 +668,7 @@ mod tests {
         });
         let e = vm_spec(&l, &[]).unwrap_err().to_string();
         assert!(
-            e.contains("VM `web` boots through uefi firmware") && e.contains("--engine qemu"),
+            e.starts_with("it boots through uefi firmware") && e.contains("--engine qemu"),
             "{e}"
         );
     }

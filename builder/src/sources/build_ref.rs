@@ -99,7 +99,7 @@ pub fn resolve(
         kernel: dir.join(&b.kernel),
         initrd: b.initrd.as_ref().map(|i| dir.join(i)),
         root: b.root.clone(),
-        args: vec![],
+        args: b.args.clone(),
     });
     module::verify_layers(&dir, &rec)?;
     let parent_firmware = match &v.firmware {
@@ -140,6 +140,8 @@ mod tests {
         let modules = d.path().join("modules");
         let p = build_with(&modules, "p", b"v1", None, Some(uefi(b"vars")));
         let src = resolve(&modules, "p", None).unwrap();
+        // The parent image's own kernel arguments go on to the child's direct boot.
+        assert_eq!(src.boot.as_ref().unwrap().args, ["rootflags=subvol=root"]);
         let pf = src.parent_firmware.as_ref().expect("the parent's firmware");
         assert_eq!((pf.firmware, pf.booted), (Firmware::Uefi, true));
         let pn = pf.nvram.as_ref().expect("the parent's NVRAM");

@@ -4,111 +4,17 @@
 //! file and reboot steps. The UEFI build writes a boot entry with `efibootmgr`, and the
 //! captured `nvram/<vm>.fd` holds it. Bad input fails fast with its cause: a disk with no boot
 //! loader (all zeros) under SeaBIOS and under OVMF, and a missing OVMF before anything boots.
+//! The BIOS module is then cloned and run (`kiln run` + `kiln exec`); the UEFI one is in
+//! clone_firmware.rs, the Secure Boot one in build_secure_boot.rs.
 //!
 //! Each real build is a firmware, GRUB, kernel and cloud-init boot under TCG (1 to 3 minutes
 //! here), plus a reboot.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::path::Path;
 
 use crate::build_common::*;
+use crate::firmware_common::*;
 use kiln_e2e::firmware_image;
-
-const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
-const SEABIOS: &str = "/usr/share/seabios/bios-256k.bin";
-/// A disk without a boot loader must fail well before the build's boot timeout (10 min
-/// below): the firmware says so within seconds, even under TCG on a busy host.
-const FAST_FAILURE: Duration = Duration::from_secs(150);
-
-/// The kiln binary when this host can run the firmware builds, else None with a SKIP line.
-fn prereqs(test: &str, firmware_file: &str) -> Option<PathBuf> {
-    let kiln = match boot_prereqs() {
-        Ok(k) => k,
-        Err(why) => {
-            kiln_e2e::skip(format_args!("{test}: {why}"));
-            return None;
-        }
-    };
-    if !Path::new(firmware_file).is_file() {
-        kiln_e2e::skip(format_args!(
-            "{test}: {firmware_file} is missing (Debian packages seabios, ovmf)"
-        ));
-        return None;
-    }
-    for t in ["qemu-img", "sha256sum"] {
-        if !on_path(t) {
-            kiln_e2e::skip(format_args!("{test}: {t} is not installed"));
-            return None;
-        }
-    }
-    Some(kiln)
-}
-
-fn sha256(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    assert!(out.status.success());
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
-
-/// `raw` as a compressed qcow2 in `dir`, served on loopback: (server, url, sha256).
-fn serve_as_qcow2(raw: &Path, dir: &Path) -> (kiln_e2e::http::Server, String, String) {
-    let q = dir.join("image.qcow2");
-    let st = Command::new("qemu-img")
-        .args(["convert", "-c", "-O", "qcow2"])
-        .arg(raw)
-        .arg(&q)
-        .status()
-        .unwrap();
-    assert!(st.success(), "qemu-img convert");
-    let sum = sha256(&q);
-    let server = kiln_e2e::http::Server::file(q);
-    let url = format!("http://127.0.0.1:{}/image.qcow2", server.port);
-    (server, url, sum)
-}
-
-/// `kiln build` on the qemu engine with the test's own cache (the download goes through the
-/// loopback server) and more environment.
-fn build(kiln: &Path, manifest: &Path, tmp: &Path, env: &[(&str, &Path)]) -> Output {
-    let modules = tmp.join("modules");
-    let cache = tmp.join("cache");
-    let mut all = vec![("KILN_CACHE", cache.as_path())];
-    all.extend_from_slice(env);
-    run_kiln_with(
-        kiln,
-        &[
-            "build",
-            manifest.to_str().unwrap(),
-            "--output",
-            modules.to_str().unwrap(),
-            "--engine",
-            "qemu",
-        ],
-        &all,
-    )
-}
-
-/// Writes `<dir>/<name>.yaml` (module `name`): one VM over `url`, with `extra` VM fields and
-/// `steps`.
-fn manifest(
-    dir: &Path,
-    name: &str,
-    vm: &str,
-    (url, sum): (&str, &str),
-    extra: &str,
-    steps: &str,
-) -> PathBuf {
-    let m = dir.join(format!("{name}.yaml"));
-    let text = format!(
-        "vms:\n  - name: {vm}\n    source:\n      url: {url}\n      checksum: sha256:{sum}\n    resources: {{ cpu: 2, memory: 1Gi }}\n    disks:\n      - name: root\n        size: 3Gi\n    communicator: {{ sshTimeout: 10m }}\n    cloudInit: {{}}\n{extra}    provisioners:\n{steps}files:\n  - name: motd\n    inline: \"built through firmware\\n\"\n"
-    );
-    std::fs::write(&m, text).unwrap();
-    m
-}
 
 /// Steps that show the guest runs its own boot path: `efi` says whether it booted by UEFI;
 /// a file step, a reboot, and a check after it.
@@ -138,58 +44,6 @@ fn steps(efi: bool, more: &str) -> String {
             {test} /sys/firmware/efi
 "#
     )
-}
-
-/// Checks a successful firmware build's module: the disk is clean, module.yaml's firmware
-/// record says what was booted; returns module.yaml.
-fn check_module(tmp: &Path, name: &str, vm: &str, firmware: &str) -> String {
-    let module = tmp.join("modules").join(name);
-    let yaml = std::fs::read_to_string(module.join("module.yaml")).unwrap();
-    let disk = module.join(format!("disks/{vm}-root.qcow2"));
-    qemu_img_check(&disk).unwrap_or_else(|e| panic!("qemu-img check {}: {e}", disk.display()));
-    assert!(
-        yaml.contains(&format!("firmware: {firmware}")) && yaml.contains("booted: true"),
-        "the firmware record: {yaml}"
-    );
-    // No kernel of kiln's: the firmware boots the disk's own loader.
-    assert!(!module.join("boot").join(vm).exists(), "{yaml}");
-    yaml
-}
-
-/// One real build of a kit image through firmware.
-struct ImageBuild {
-    test: &'static str,
-    firmware_file: &'static str,
-    image: fn() -> kiln_e2e::Result<PathBuf>,
-    module: &'static str,
-    vm: &'static str,
-    extra: &'static str,
-    steps: String,
-}
-
-/// Builds it (the image served as a compressed qcow2 from loopback); returns the temp folder
-/// holding `modules/` and the build's output, or None once the SKIP reason is printed.
-fn build_image(b: ImageBuild) -> Option<(tempfile::TempDir, String)> {
-    let kiln = prereqs(b.test, b.firmware_file)?;
-    if let Some(why) = firmware_image::cannot_build() {
-        kiln_e2e::skip(format_args!("{}: {why}", b.test));
-        return None;
-    }
-    let raw = (b.image)().unwrap_or_else(|e| panic!("{}: the image: {e}", b.test));
-    let tmp = tempfile::tempdir().unwrap();
-    let (server, url, sum) = serve_as_qcow2(&raw, tmp.path());
-    let m = manifest(tmp.path(), b.module, b.vm, (&url, &sum), b.extra, &b.steps);
-    let start = Instant::now();
-    let out = build(&kiln, &m, tmp.path(), &[]);
-    eprintln!("{}: build {:.0} s", b.test, start.elapsed().as_secs_f64());
-    assert!(out.status.success(), "kiln build failed");
-    assert!(server.hits() >= 1, "the url was never fetched");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Some((tmp, text))
 }
 
 #[test]
@@ -251,11 +105,17 @@ fn bios_image_builds_through_seabios() {
     let yaml = check_module(tmp.path(), "fw-bios", "legacy", "bios");
     assert!(!yaml.contains("nvram:"), "BIOS keeps no NVRAM: {yaml}");
     assert!(!tmp.path().join("modules/fw-bios/nvram").exists());
+    // The module's clone boots through SeaBIOS in `kiln run`, with what the build wrote.
+    let kiln = kiln_bin().expect("checked by build_image");
+    let fs = clone_run(
+        &kiln,
+        tmp.path(),
+        "fw-bios",
+        "legacy",
+        &["cat", "/etc/kiln-root-fs"],
+    );
+    assert_eq!(fs.trim(), "btrfs", "the clone's /etc/kiln-root-fs");
 }
-
-/// The step of a build that must fail before it.
-const NEVER: &str =
-    "      - name: never\n        type: shell\n        shell: { inline: \"true\" }\n";
 
 /// A disk of zeros (no boot loader, no kernel) as a `url` source.
 fn zero_disk(dir: &Path) -> (kiln_e2e::http::Server, String, String) {
@@ -278,22 +138,7 @@ fn fails_without_a_loader(test: &str, firmware_file: &str, extra: &str, cause: &
     let tmp = tempfile::tempdir().unwrap();
     let (_server, url, sum) = zero_disk(tmp.path());
     let m = manifest(tmp.path(), "zeros", "empty", (&url, &sum), extra, NEVER);
-    let start = Instant::now();
-    let out = build(&kiln, &m, tmp.path(), &[]);
-    let took = start.elapsed();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        err.contains("VM `empty`: the VM cannot boot") && err.contains(cause),
-        "{err}"
-    );
-    assert!(err.contains("last serial console lines"), "{err}");
-    assert!(
-        took < FAST_FAILURE,
-        "{test}: took {took:?}, the boot timeout is 10 min"
-    );
-    eprintln!("{test}: failed in {:.1} s", took.as_secs_f64());
-    assert_no_partial_module(&tmp.path().join("modules"));
+    fails_fast(test, &kiln, &m, tmp.path(), "empty", cause);
 }
 
 #[test]

@@ -3,7 +3,8 @@
 //! a loopback HTTP server and built with `efiFirmware: {}`; a build step writes a boot entry
 //! with `efibootmgr`. The module records the firmware and its captured NVRAM, `kiln clone`
 //! gives the clone its own copy of it, and in `kiln run` the clone boots through OVMF on that
-//! copy: `kiln exec efibootmgr` there still lists the entry.
+//! copy: `kiln exec efibootmgr` there still lists the entry; and a `buildRef` child without
+//! `efiFirmware` builds through UEFI from the parent's NVRAM, the entry still listed.
 
 use std::path::Path;
 use std::process::Command;
@@ -25,6 +26,28 @@ fn to_qcow2(raw: &Path, out: &Path) {
         .status()
         .unwrap();
     assert!(st.success(), "qemu-img convert {}: {st}", raw.display());
+}
+
+/// `kiln build` of `manifest` into `modules` with the test's own cache, which must succeed.
+fn build(kiln: &Path, manifest: &Path, modules: &Path, cache: &Path) -> std::process::Output {
+    let t = Instant::now();
+    let out = run_kiln_with(
+        kiln,
+        &[
+            "build",
+            manifest.to_str().unwrap(),
+            "--output",
+            modules.to_str().unwrap(),
+        ],
+        &[("KILN_CACHE", cache)],
+    );
+    assert!(
+        out.status.success(),
+        "kiln build {} failed",
+        manifest.display()
+    );
+    eprintln!("build: {:.0} s", t.elapsed().as_secs_f64());
+    out
 }
 
 #[test]
@@ -77,19 +100,7 @@ fn a_uefi_boot_entry_written_in_the_build_is_there_in_a_clone() {
     let modules = tmp.path().join("modules");
     // A cache of its own: the downloaded image goes when the test's folder does.
     let cache = tmp.path().join("cache");
-    let t = Instant::now();
-    let out = run_kiln_with(
-        &kiln,
-        &[
-            "build",
-            manifest.to_str().unwrap(),
-            "--output",
-            modules.to_str().unwrap(),
-        ],
-        &[("KILN_CACHE", &cache)],
-    );
-    assert!(out.status.success(), "kiln build failed");
-    eprintln!("build: {:.0} s", t.elapsed().as_secs_f64());
+    build(&kiln, &manifest, &modules, &cache);
     assert!(server.hits() >= 1, "the url was never fetched");
 
     // The module records the firmware it booted through and its captured NVRAM.
@@ -143,6 +154,46 @@ fn a_uefi_boot_entry_written_in_the_build_is_there_in_a_clone() {
         serial.contains("EFI") || serial.contains("BdsDxe"),
         "no sign of OVMF on the clone's console"
     );
+
+    // A buildRef child that sets no efiFirmware inherits UEFI and the parent's NVRAM: the
+    // boot entry is there in its build.
+    let child = tmp.path().join("fwchild.yaml");
+    std::fs::write(
+        &child,
+        format!(
+            r#"vms:
+  - name: kid
+    source:
+      buildRef: {{ name: fwclone }}
+    resources: {{ cpu: 1, memory: 1Gi }}
+    disks:
+      - name: root
+        size: 3Gi
+    provisioners:
+      - name: inherited-entry
+        type: shell
+        shell:
+          inline: |
+            set -eu
+            test -d /sys/firmware/efi
+            efibootmgr | grep -q {ENTRY}
+"#
+        ),
+    )
+    .unwrap();
+    let out = build(&kiln, &child, &modules, &cache);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("kid: boot: firmware (uefi): the parent module booted through it"),
+        "{err}"
+    );
+    let yaml = std::fs::read_to_string(modules.join("fwchild/module.yaml")).unwrap();
+    for want in ["firmware: uefi", "booted: true", "nvram: nvram/kid.fd"] {
+        assert!(
+            yaml.contains(want),
+            "no `{want}` in the child's module.yaml:\n{yaml}"
+        );
+    }
 }
 
 const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";

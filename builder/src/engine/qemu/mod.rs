@@ -139,8 +139,7 @@ pub fn qemu_args(
                 }
                 (Some(_), None) => {
                     return Err(EngineError::Backend(format!(
-                        "VM `{}`: {} boot needs the VM's own NVRAM file",
-                        vm.name,
+                        "{} boot needs the VM's own NVRAM file",
                         fw.firmware.as_str()
                     )))
                 }
@@ -270,7 +269,7 @@ impl Engine for QemuEngine {
         if let BootMode::Firmware(fw) = &vm.boot {
             self.firmware.files(fw.firmware)?;
             if let (crate::job::Firmware::UefiSecureBoot, Some(nvram)) = (fw.firmware, &fw.nvram) {
-                check_secure_boot_keys(&vm.name, nvram)?;
+                check_secure_boot_keys(nvram)?;
             }
         }
         // Backends listen first: QEMU connects to their sockets as a client, and connects
@@ -315,7 +314,7 @@ impl Engine for QemuEngine {
 
 /// Refuses a Secure Boot VM whose NVRAM has no Platform Key (e.g. one inherited from a
 /// module built with plain UEFI): OVMF would boot it with Secure Boot silently off.
-fn check_secure_boot_keys(vm: &str, nvram: &Path) -> Result<(), EngineError> {
+fn check_secure_boot_keys(nvram: &Path) -> Result<(), EngineError> {
     /// OVMF's 4 MiB builds keep a 528 KiB store; anything much larger is not one.
     const MAX_STORE: u64 = 4 << 20;
     let f = std::fs::File::open(nvram).map_err(PathIoError::at("opening", nvram))?;
@@ -326,7 +325,7 @@ fn check_secure_boot_keys(vm: &str, nvram: &Path) -> Result<(), EngineError> {
         Ok(())
     } else {
         Err(EngineError::Backend(format!(
-            "VM `{vm}`: Secure Boot is asked for (`secureBoot: true`), but its NVRAM {} has no \
+            "Secure Boot is asked for (`secureBoot: true`), but its NVRAM {} has no \
              Secure Boot keys enrolled (no Platform Key), so the firmware would boot with \
              Secure Boot off; start it from OVMF_VARS_4M.ms.fd (Microsoft keys) or a module \
              built with `secureBoot: true`",
