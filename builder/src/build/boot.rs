@@ -70,8 +70,28 @@ pub(super) struct Launched<'a> {
     _registered: Registered<'a>,
 }
 
+/// Whether a VM runs on qemu although the build picked kvm: under `--engine auto`, a VM
+/// found to need firmware only once its source resolved (an image without a kernel kiln can
+/// read, a `buildRef` child of a module that booted through firmware) cannot run on kiln-vmm,
+/// which boots only a kernel directly. With `--engine kvm` asked for, the engine refuses it.
+fn falls_back_to_qemu(choice: EngineChoice, picked: &str, boot: &engine::BootMode) -> bool {
+    choice == EngineChoice::Auto && picked == "kvm" && matches!(boot, engine::BootMode::Firmware(_))
+}
+
 pub(super) fn launch<'a>(b: &VmBuild<'a>, disks: &VmDisks) -> Result<Launched<'a>, VmError> {
-    b.phase(VmPhase::Booting, Some(b.module.engine.name().into()));
+    let qemu_instead;
+    let engine: &dyn Engine =
+        if falls_back_to_qemu(b.module.opts.engine, b.module.engine.name(), &disks.boot) {
+            b.note(
+                "boots through firmware, which the kvm engine cannot: this VM runs on qemu".into(),
+            );
+            qemu_instead = engine::make(EngineChoice::Qemu)
+                .map_err(|e| VmError::Launch(launch::LaunchError::Engine(e)))?;
+            qemu_instead.as_ref()
+        } else {
+            b.module.engine
+        };
+    b.phase(VmPhase::Booting, Some(engine.name().into()));
     let serial_log = b.serial_log();
     // Made here, 0600, so the engine appends to a file only its owner can read.
     crate::log_file::create(&serial_log).map_err(|source| VmError::Log {
@@ -99,7 +119,7 @@ pub(super) fn launch<'a>(b: &VmBuild<'a>, disks: &VmDisks) -> Result<Launched<'a
         serial_log,
         index: b.index,
     };
-    let running = launch::start(b.module.engine, Some(b.module.net), spec)?;
+    let running = launch::start(engine, Some(b.module.net), spec)?;
     let socket = running.vsock_socket().to_path_buf();
     let running: SharedVm = Arc::new(Mutex::new(running));
     let registered = b.module.ctx.registry.add(&b.vm.name, running.clone());
@@ -257,4 +277,31 @@ fn serial_tail(path: &Path) -> String {
         "\nlast serial console lines:\n  {}",
         lines[lines.len().saturating_sub(10)..].join("\n  ")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{BootMode, FirmwareBoot};
+    use crate::job::Firmware;
+    use crate::sources::BootFiles;
+
+    #[test]
+    fn only_auto_sends_a_firmware_vm_from_kvm_to_qemu() {
+        let firmware = BootMode::Firmware(FirmwareBoot {
+            firmware: Firmware::Bios,
+            nvram: None,
+        });
+        let direct = BootMode::Direct(BootFiles {
+            kernel: "/k".into(),
+            initrd: None,
+            root: "/dev/vda".into(),
+            args: vec![],
+        });
+        assert!(falls_back_to_qemu(EngineChoice::Auto, "kvm", &firmware));
+        assert!(!falls_back_to_qemu(EngineChoice::Auto, "kvm", &direct));
+        assert!(!falls_back_to_qemu(EngineChoice::Auto, "qemu", &firmware));
+        // Asked for by name: the engine's own refusal says why, rather than another engine.
+        assert!(!falls_back_to_qemu(EngineChoice::Kvm, "kvm", &firmware));
+    }
 }
