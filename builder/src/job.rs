@@ -33,6 +33,8 @@ pub struct BuildJob {
     pub timeout: Duration,
     /// Automatic retries of a failed build.
     pub retries: u32,
+    /// How long a downloaded ISO is trusted before its checksum is checked again (`isoCacheTTL`).
+    pub iso_cache_ttl: Duration,
     /// The build's network: `buildOverrides` applied (build-only internet, override NICs).
     pub network: NetJob,
     /// What clones inherit: the base network, NICs and resources, without `buildOverrides`.
@@ -167,6 +169,62 @@ pub struct VmJob {
     pub firmware: Firmware,
     /// Direct kernel boot or firmware: chosen per VM (`auto`) or forced.
     pub boot: BootChoice,
+    /// `isos`: CD-ROMs attached for the build only, in order; a `blank` disk boots from the
+    /// first one, and from its disk once the installer wrote a boot loader.
+    pub isos: Vec<IsoJob>,
+    /// `floppy.files`: names of `files` written to a 1.44 MB FAT12 floppy (drive A), build only.
+    pub floppy_files: Vec<String>,
+    /// `bootCommand`: keys typed into the VM's keyboard after `boot_wait`.
+    pub boot_command: Vec<crate::manifest::boot::BootEvent>,
+    /// How long after the VM starts the boot command's first key is typed (`bootWait`).
+    pub boot_wait: Duration,
+    /// The pause after each key of the boot command (`bootKeyInterval`).
+    pub boot_key_interval: Duration,
+    /// How the build reaches the guest to run its steps.
+    pub communicator: CommunicatorJob,
+    /// Kept out of every console view (`invisible`).
+    pub invisible: bool,
+}
+
+/// An `isos` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct IsoJob {
+    pub url: String,
+    /// Lowercase hex; when given, checked before anything boots.
+    pub sha256: Option<String>,
+}
+
+/// How the build reaches a guest (`communicator`).
+#[derive(Debug, Clone, Default)]
+pub enum CommunicatorJob {
+    /// kiln's agent over vsock (installed through cloud-init or written into a bootstrap root).
+    #[default]
+    Agent,
+    /// The guest's own sshd, through the module network (ISO installs, images without the agent).
+    Ssh(SshJob),
+}
+
+/// The `ssh*` fields of a VM's communicator.
+#[derive(Debug, Clone)]
+pub struct SshJob {
+    /// Steps run as this user.
+    pub username: String,
+    pub port: u16,
+    pub password: Option<crate::manifest::plan::Secret>,
+    /// A private key file (`sshPrivateKeySecret`).
+    pub private_key: Option<PathBuf>,
+    /// How a step's script runs.
+    pub shell: StepShell,
+}
+
+/// How a shell step's script runs (`communicator.shell`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StepShell {
+    #[default]
+    Bash,
+    Sh,
+    Powershell,
+    Cmd,
 }
 
 /// The firmware a VM boots through; recorded in the module so clones boot the same way.

@@ -27,6 +27,8 @@ pub struct VmStart<'a> {
     pub serial_log: PathBuf,
     /// The VM's place among its module's VMs: it gives the VM its vsock context id.
     pub index: usize,
+    /// CD-ROMs, a floppy, a screen (build VMs of ISO installs).
+    pub peripherals: crate::engine::Peripherals,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +65,7 @@ pub fn start(
         serial_log: spec.serial_log,
         cid: FIRST_GUEST_CID + spec.index as u32,
         nics,
+        peripherals: spec.peripherals,
     };
     engine.launch(&launch).map_err(LaunchError::Engine)
 }

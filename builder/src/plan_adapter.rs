@@ -3,10 +3,12 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::time::Duration;
 
 use crate::job::{
-    self, BaseView, BaseVm, BootstrapSpec, BuildJob, DiskBus, DiskJob, FileContent, NetJob, NicJob,
-    NicModel, SourceSpec, StepKind, SubnetJob, VmJob, VpcJob,
+    self, BaseView, BaseVm, BootstrapSpec, BuildJob, CommunicatorJob, DiskBus, DiskJob,
+    FileContent, IsoJob, NetJob, NicJob, NicModel, SourceSpec, SshJob, StepKind, StepShell,
+    SubnetJob, VmJob, VpcJob,
 };
 use crate::manifest::{self, Plan};
 
@@ -80,6 +82,35 @@ pub fn load_job(
     // A plan is only made from text that was read whole.
     let text = text.unwrap_or_default();
     Ok(job_from_plan(&plan, path, &text)?)
+}
+
+/// Packer's defaults: the wait before a boot command's first key, and the pause after each key.
+const BOOT_WAIT: Duration = Duration::from_secs(10);
+const BOOT_KEY_INTERVAL: Duration = Duration::from_millis(100);
+
+/// SSH where the VM asks for it and kiln cannot put its agent into the guest: an ISO install
+/// (`blank`), or an image without a cloud-init seed. A cloud image with `type: ssh` and a seed
+/// still gets the agent, which is faster and needs no credentials.
+fn communicator(vm: &manifest::Vm) -> CommunicatorJob {
+    let c = &vm.communicator;
+    let agent_possible = match vm.source {
+        manifest::Source::Blank => false,
+        manifest::Source::Url { .. } | manifest::Source::File { .. } => vm.cloud_init.is_some(),
+        manifest::Source::Bootstrap { .. } | manifest::Source::BuildRef { .. } => true,
+    };
+    if c.kind != manifest::CommunicatorKind::Ssh || agent_possible {
+        return CommunicatorJob::Agent;
+    }
+    CommunicatorJob::Ssh(SshJob {
+        username: c.ssh_username.clone(),
+        port: c.ssh_port,
+        password: c.ssh_password.clone(),
+        private_key: c.ssh_private_key.clone(),
+        shell: match c.shell {
+            manifest::Shell::Bash => StepShell::Bash,
+            manifest::Shell::Powershell => StepShell::Powershell,
+        },
+    })
 }
 
 /// Builds the job for `plan`, read from `manifest_path` with text `manifest_text`.
@@ -277,6 +308,20 @@ pub fn job_from_plan(
                 manifest::Boot::Direct => job::BootChoice::Direct,
                 manifest::Boot::Firmware => job::BootChoice::Firmware,
             },
+            isos: vm
+                .isos
+                .iter()
+                .map(|i| IsoJob {
+                    url: i.url.clone(),
+                    sha256: i.sha256.clone(),
+                })
+                .collect(),
+            floppy_files: vm.floppy_files.clone(),
+            boot_command: vm.boot_command.clone(),
+            boot_wait: BOOT_WAIT,
+            boot_key_interval: BOOT_KEY_INTERVAL,
+            communicator: communicator(vm),
+            invisible: vm.invisible,
         });
     }
     Ok(BuildJob {
@@ -288,6 +333,7 @@ pub fn job_from_plan(
         http_directory: plan.http_directory.clone(),
         timeout: plan.timeout,
         retries: plan.retries,
+        iso_cache_ttl: plan.iso_cache_ttl,
         network: net(&plan.build.network),
         base: BaseView {
             network: net(&plan.base.network),

@@ -118,6 +118,7 @@ pub(super) fn launch<'a>(b: &VmBuild<'a>, disks: &VmDisks) -> Result<Launched<'a
         workdir: b.runtime_dir(),
         serial_log,
         index: b.index,
+        peripherals: Default::default(),
     };
     let running = launch::start(engine, Some(b.module.net), spec)?;
     let socket = running.vsock_socket().to_path_buf();

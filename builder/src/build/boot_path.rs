@@ -154,6 +154,13 @@ mod tests {
             boot_timeout: Duration::from_secs(60),
             firmware,
             boot,
+            isos: vec![],
+            floppy_files: vec![],
+            boot_command: vec![],
+            boot_wait: Duration::ZERO,
+            boot_key_interval: Duration::ZERO,
+            communicator: Default::default(),
+            invisible: false,
         }
     }
 

@@ -236,6 +236,7 @@ mod tests {
             http_directory: vec![],
             timeout: Duration::from_secs(60),
             retries: 0,
+            iso_cache_ttl: Duration::from_secs(86400),
             network: Default::default(),
             base: Default::default(),
         }

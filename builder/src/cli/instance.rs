@@ -268,6 +268,7 @@ impl CloneRun<'_> {
             workdir: self.run_dir.join(&v.name),
             serial_log: self.dir.join(format!("{}-serial.log", v.name)),
             index,
+            peripherals: Default::default(),
         })
     }
 }

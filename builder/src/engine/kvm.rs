@@ -91,6 +91,13 @@ pub fn vm_spec(vm: &VmLaunch, nic_fds: &[RawFd]) -> Result<VmSpec, EngineError> 
     ) {
         return Err(EngineError::Backend(format!("{why}: use --engine qemu")));
     }
+    if !vm.peripherals.is_empty() {
+        return Err(EngineError::Backend(
+            "it has CD-ROMs, a floppy or a screen (an ISO install), and the kvm engine \
+             (kiln-vmm) has none of them: use --engine qemu"
+                .into(),
+        ));
+    }
     let boot = match &vm.boot {
         BootMode::Direct(boot) => boot,
         BootMode::Firmware(fw) => {
@@ -645,6 +652,7 @@ mod tests {
             workdir: "/w".into(),
             serial_log: "/l/web-serial.log".into(),
             cid: 7,
+            peripherals: Default::default(),
             nics,
         }
     }

@@ -128,6 +128,28 @@ pub struct VmLaunch {
     pub cid: u32,
     /// The VM's NICs on the module network, in slot order.
     pub nics: Vec<NicAttach>,
+    /// CD-ROMs, a floppy, a screen: what an ISO install adds (qemu engine only).
+    pub peripherals: Peripherals,
+}
+
+/// What an ISO install adds to a build VM; only the qemu engine offers these.
+#[derive(Debug, Clone, Default)]
+pub struct Peripherals {
+    /// ISO images, attached read-only as CD-ROMs after the disks, in order. The boot order is
+    /// the first disk, then the first CD: a blank disk boots the installer, and the installed
+    /// disk boots itself once the installer wrote a boot loader (no media swap).
+    pub cdroms: Vec<PathBuf>,
+    /// A 1.44 MB floppy image, drive A.
+    pub floppy: Option<PathBuf>,
+    /// A screen (standard VGA) and keyboard, driven through the control socket
+    /// ([`qemu::control_socket`]): typed into by a boot command, captured by screenshots.
+    pub screen: bool,
+}
+
+impl Peripherals {
+    pub fn is_empty(&self) -> bool {
+        self.cdroms.is_empty() && self.floppy.is_none() && !self.screen
+    }
 }
 
 impl VmLaunch {

@@ -69,6 +69,7 @@ fn cmdline(boot: &BootInfo) -> String {
         workdir: "/nonexistent".into(),
         serial_log: "/nonexistent/serial.log".into(),
         cid: 3,
+        peripherals: Default::default(),
         nics: vec![],
     };
     vm.cmdline(&files)

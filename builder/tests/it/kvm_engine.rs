@@ -329,6 +329,7 @@ fn tiny_launch(
         workdir: dir.join("run"),
         serial_log: dir.join("serial.log"),
         cid: CID,
+        peripherals: Default::default(),
         nics: nic
             .into_iter()
             .map(|n| NicAttach {

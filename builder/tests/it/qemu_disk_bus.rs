@@ -74,6 +74,7 @@ fn qemu_writes_scsi_and_sata_disks_through_kiln_disk() {
         workdir: dir.join("run"),
         serial_log: dir.join("serial.log"),
         cid: 3,
+        peripherals: Default::default(),
         nics: vec![],
     };
     vm.create_workdir().unwrap();

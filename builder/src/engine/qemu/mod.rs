@@ -98,6 +98,12 @@ pub fn qemu_args(
     push(&format!("memory-backend-memfd,id=mem,size={mem},share=on"));
     push("-display");
     push("none");
+    // A screen to type into and take screenshots of; SeaBIOS and GRUB keep writing to the
+    // serial console too (`graphics=off`), where the boot-failure watch reads them.
+    if vm.peripherals.screen {
+        push("-vga");
+        push("std");
+    }
     push("-monitor");
     push("none");
     // A reboot starts a fresh QEMU: append to the log (`-serial file:` would truncate it).
@@ -147,7 +153,10 @@ pub fn qemu_args(
         }
     }
     let mut sata_ports = 0;
+    // The boot disk first, then the first CD: one order for the install and every boot after.
+    let has_cd = !vm.peripherals.cdroms.is_empty();
     for (i, d) in vm.disks.iter().enumerate() {
+        let order = if i == 0 && has_cd { ",bootindex=0" } else { "" };
         match (d.bus, block) {
             (DiskBus::Scsi | DiskBus::Sata, _) => {
                 a.push("-blockdev".into());
@@ -159,11 +168,12 @@ pub fn qemu_args(
                         a.push("virtio-scsi-pci,id=scsi0".into());
                         a.push("-device".into());
                     }
-                    a.push(format!("scsi-hd,drive=d{i},bus=scsi0.0,serial={serial}").into());
+                    a.push(format!("scsi-hd,drive=d{i},bus=scsi0.0,serial={serial}{order}").into());
                 } else {
                     // q35's built-in AHCI controller has six ports, ide.0 to ide.5.
                     a.push(
-                        format!("ide-hd,drive=d{i},bus=ide.{sata_ports},serial={serial}").into(),
+                        format!("ide-hd,drive=d{i},bus=ide.{sata_ports},serial={serial}{order}")
+                            .into(),
                     );
                     sata_ports += 1;
                 }
@@ -179,7 +189,7 @@ pub fn qemu_args(
                 );
                 a.push("-device".into());
                 // One queue: the backend serves exactly what it offers.
-                a.push(format!("vhost-user-blk-pci,chardev=blk{i},num-queues=1").into());
+                a.push(format!("vhost-user-blk-pci,chardev=blk{i},num-queues=1{order}").into());
             }
             (DiskBus::Virtio, BlockMode::QemuDrive) => {
                 let ro = if d.read_only { ",read-only=on" } else { "" };
@@ -192,9 +202,34 @@ pub fn qemu_args(
                     .into(),
                 );
                 a.push("-device".into());
-                a.push(format!("virtio-blk-pci,drive=d{i}").into());
+                a.push(format!("virtio-blk-pci,drive=d{i}{order}").into());
             }
         }
+    }
+    for (i, iso) in vm.peripherals.cdroms.iter().enumerate() {
+        if sata_ports >= AHCI_PORTS {
+            return Err(EngineError::Backend(format!(
+                "{} sata disks and CD-ROMs: q35's AHCI controller has {AHCI_PORTS} ports",
+                sata_ports + vm.peripherals.cdroms.len() - i
+            )));
+        }
+        let path = iso.to_string_lossy().replace(',', ",,");
+        a.push("-drive".into());
+        a.push(format!("if=none,id=cd{i},media=cdrom,readonly=on,format=raw,file={path}").into());
+        a.push("-device".into());
+        let order = if i == 0 { ",bootindex=1" } else { "" };
+        a.push(format!("ide-cd,drive=cd{i},bus=ide.{sata_ports}{order}").into());
+        sata_ports += 1;
+    }
+    if let Some(floppy) = &vm.peripherals.floppy {
+        let path = floppy.to_string_lossy().replace(',', ",,");
+        a.push("-drive".into());
+        a.push(format!("if=none,id=fd0,format=raw,file={path}").into());
+        // q35 has no floppy controller of its own: an ISA one, drive A a 1.44 MB drive.
+        a.push("-device".into());
+        a.push("isa-fdc,id=fdc0".into());
+        a.push("-device".into());
+        a.push("floppy,unit=0,drive=fd0,drive-type=144".into());
     }
     if let Some(s) = vsock_sock {
         a.push("-chardev".into());
@@ -236,6 +271,9 @@ pub fn qemu_args(
     }
     Ok(a)
 }
+
+/// Ports of q35's built-in AHCI controller (`ide.0` to `ide.5`), shared by sata disks and CDs.
+const AHCI_PORTS: usize = 6;
 
 /// A UEFI flash drive: the firmware's code (read-only) or the VM's variable store. Commas in
 /// the path are doubled, as QEMU's option syntax wants.
@@ -281,6 +319,14 @@ impl Engine for QemuEngine {
         let _ = std::fs::remove_file(&qmp);
         args.push("-qmp".into());
         args.push(format!("unix:{},server=on,wait=off", qmp.display()).into());
+        if vm.peripherals.screen {
+            // A second monitor for commands (keys, screenshots): the first is the
+            // supervisor's, which waits for the guest's shutdown on it.
+            let control = control_socket(&vm.workdir);
+            let _ = std::fs::remove_file(&control);
+            args.push("-qmp".into());
+            args.push(format!("unix:{},server=on,wait=off", control.display()).into());
+        }
         let stderr_path = vm.workdir.join("qemu.stderr");
         let spawn = QemuSpawn {
             qemu: self.qemu.clone(),
@@ -337,6 +383,12 @@ fn check_secure_boot_keys(nvram: &Path) -> Result<(), EngineError> {
 /// Where QEMU's QMP socket lives.
 pub fn qmp_socket(workdir: &Path) -> PathBuf {
     workdir.join("qmp.sock")
+}
+
+/// The QMP socket for commands to a VM with a screen ([`super::Peripherals::screen`]):
+/// key events and screenshots. Each fresh QEMU (one per boot) listens on it again.
+pub fn control_socket(workdir: &Path) -> PathBuf {
+    workdir.join("control.sock")
 }
 
 /// How to start (and, after a guest reboot, start again) one VM's QEMU.
@@ -545,6 +597,7 @@ mod tests {
             workdir: "/w".into(),
             serial_log: "/w/serial.log".into(),
             cid: 3,
+            peripherals: Default::default(),
             nics: vec![],
         }
     }
@@ -646,6 +699,55 @@ mod tests {
         l.boot = boot(Firmware::Uefi, Some("/w/nvram.fd"));
         let e = qemu_args(&l, BlockMode::VhostUser, None, &HostFirmware::default()).unwrap_err();
         assert!(e.to_string().contains("OVMF_CODE_4M.fd"), "{e}");
+    }
+
+    #[test]
+    fn an_iso_install_gets_cds_after_the_sata_disks_a_floppy_and_a_screen() {
+        let mut l = launch();
+        l.disks[0].bus = DiskBus::Sata;
+        l.peripherals = crate::engine::Peripherals {
+            cdroms: vec!["/c/install,er.iso".into(), "/c/drivers.iso".into()],
+            floppy: Some("/w/floppy.img".into()),
+            screen: true,
+        };
+        let s = joined(&args_of(&l, BlockMode::VhostUser, None));
+        // The disk boots first, then the first CD; CDs take the AHCI ports after the disks.
+        assert!(
+            s.contains("ide-hd,drive=d0,bus=ide.0,serial=root,bootindex=0"),
+            "{s}"
+        );
+        assert!(
+            s.contains("if=none,id=cd0,media=cdrom,readonly=on,format=raw,file=/c/install,,er.iso"),
+            "{s}"
+        );
+        assert!(s.contains("ide-cd,drive=cd0,bus=ide.1,bootindex=1"), "{s}");
+        assert!(s.contains("ide-cd,drive=cd1,bus=ide.2 "), "{s}");
+        assert!(
+            s.contains("if=none,id=fd0,format=raw,file=/w/floppy.img"),
+            "{s}"
+        );
+        assert!(s.contains("isa-fdc,id=fdc0 -device floppy,unit=0,drive=fd0,drive-type=144"));
+        assert!(s.contains("-vga std"), "{s}");
+        // A virtio boot disk gets the first boot index as well.
+        l.disks[0].bus = DiskBus::Virtio;
+        let s = joined(&args_of(&l, BlockMode::VhostUser, None));
+        assert!(s.contains("num-queues=1,bootindex=0"), "{s}");
+        // Six ports: five sata disks leave room for one CD only.
+        l.disks = (0..5)
+            .map(|i| DiskAttach {
+                name: format!("d{i}"),
+                path: format!("/w/d{i}.qcow2").into(),
+                read_only: false,
+                bus: DiskBus::Sata,
+            })
+            .collect();
+        let e = qemu_args(&l, BlockMode::VhostUser, None, &HostFirmware::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("7 sata disks and CD-ROMs"), "{e}");
+        // Without peripherals, no screen and no boot order.
+        let s = joined(&args_of(&launch(), BlockMode::VhostUser, None));
+        assert!(!s.contains("-vga") && !s.contains("bootindex"), "{s}");
     }
 
     #[test]
