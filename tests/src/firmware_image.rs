@@ -204,7 +204,7 @@ fn image(recipe: &Recipe) -> Result<PathBuf> {
 /// kernel package the metapackage resolves to today, the layout, the host's GRUB and the
 /// versions of the signed loaders.
 fn key(recipe: &Recipe) -> Result<String> {
-    let kernel = crate::kernel::concrete_package()?;
+    let kernel = crate::kernel::concrete_package(crate::kernel::METAPACKAGE)?;
     let grub = run(Command::new("grub-mkimage").arg("--version"))?;
     let mut text = format!(
         "{RECIPE_VERSION}\n{SUITE}\n{}\n{}\n{kernel}\n{}\n{}\n{grub}\n{}\n{UEFI_MODULES}\n{}",

@@ -9,6 +9,10 @@ use crate::{cache_dir, run, KitError, Result};
 /// The metapackage that names the current cloud kernel.
 pub const METAPACKAGE: &str = "linux-image-cloud-amd64";
 
+/// The metapackage of Debian's generic kernel: the one installers boot, with the drivers the
+/// cloud kernel leaves out (AHCI, floppy, e1000, DRM).
+pub const GENERIC_METAPACKAGE: &str = "linux-image-amd64";
+
 /// An unpacked kernel package.
 #[derive(Debug, Clone)]
 pub struct KernelFiles {
@@ -27,7 +31,13 @@ pub struct KernelFiles {
 /// the unpacked tree. Unpacking goes to a temp dir renamed into place, so concurrent tests
 /// and interrupted runs never see half a tree.
 pub fn guest_kernel() -> Result<KernelFiles> {
-    let package = concrete_package()?;
+    package_kernel(METAPACKAGE)
+}
+
+/// The kernel `metapackage` names today (e.g. [`GENERIC_METAPACKAGE`]), fetched and cached the
+/// same way as [`guest_kernel`].
+pub fn package_kernel(metapackage: &str) -> Result<KernelFiles> {
+    let package = concrete_package(metapackage)?;
     let root = cache_dir().join("test-kernel").join(&package);
     if !root.join("boot").is_dir() {
         fetch(&package, &root)?;
@@ -36,15 +46,15 @@ pub fn guest_kernel() -> Result<KernelFiles> {
 }
 
 /// `linux-image-<release>` that the metapackage depends on.
-pub(crate) fn concrete_package() -> Result<String> {
-    let out = run(Command::new("apt-cache").args(["depends", METAPACKAGE]))?;
+pub(crate) fn concrete_package(metapackage: &str) -> Result<String> {
+    let out = run(Command::new("apt-cache").args(["depends", metapackage]))?;
     out.lines()
         .filter_map(|l| l.trim().strip_prefix("Depends:"))
         .map(str::trim)
         .find(|p| p.starts_with("linux-image-") && !p.starts_with('<'))
         .map(str::to_string)
         .ok_or_else(|| {
-            KitError::Other(format!("apt-cache names no kernel image for {METAPACKAGE}"))
+            KitError::Other(format!("apt-cache names no kernel image for {metapackage}"))
         })
 }
 

@@ -27,6 +27,7 @@ pub mod helper_process;
 pub mod http;
 pub mod image;
 pub mod initramfs;
+pub mod iso;
 pub mod kernel;
 pub mod module;
 pub mod pattern;
