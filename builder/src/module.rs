@@ -85,6 +85,10 @@ pub struct VmRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub firmware: Option<FirmwareRecord>,
     pub disks: Vec<DiskRecord>,
+    /// `invisible: true`: kept out of every console view, the build's and (should clones get
+    /// a console) its clones'.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub invisible: bool,
 }
 
 /// A VM's firmware and its NVRAM as captured.
@@ -469,6 +473,7 @@ mod tests {
                     args: vec![],
                 }),
                 firmware: None,
+                invisible: false,
                 disks: vec![DiskRecord {
                     name: "root".into(),
                     file: "disks/web-root.qcow2".into(),

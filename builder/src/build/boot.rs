@@ -118,9 +118,16 @@ pub(super) fn launch<'a>(b: &VmBuild<'a>, disks: &VmDisks) -> Result<Launched<'a
         workdir: b.runtime_dir(),
         serial_log,
         index: b.index,
-        peripherals: Default::default(),
+        peripherals: peripherals(b, engine),
     };
+    let console = spec.peripherals.console;
     let running = launch::start(engine, Some(b.module.net), spec)?;
+    if console {
+        b.note(format!(
+            "console: kiln console {}/{}",
+            b.module.job.name, b.vm.name
+        ));
+    }
     let socket = running.vsock_socket().to_path_buf();
     let running: SharedVm = Arc::new(Mutex::new(running));
     let registered = b.module.ctx.registry.add(&b.vm.name, running.clone());
@@ -138,6 +145,18 @@ pub(super) fn launch<'a>(b: &VmBuild<'a>, disks: &VmDisks) -> Result<Launched<'a
         log,
         _registered: registered,
     })
+}
+
+/// What a build VM gets besides its disks and NICs. Under qemu every VM has a screen, and
+/// a VNC console on it unless it is `invisible` (which keeps the screen for boot commands and
+/// screenshots, out of every console view).
+fn peripherals(b: &VmBuild, engine: &dyn Engine) -> engine::Peripherals {
+    let screen = engine.name() == "qemu";
+    engine::Peripherals {
+        screen,
+        console: screen && !b.vm.invisible,
+        ..Default::default()
+    }
 }
 
 /// Waits until the VM's agent answers, in short tries, so a cancel (Ctrl-C, the build

@@ -93,6 +93,8 @@ fn run_once(
         to: opts.failed_logs.clone(),
     };
     let run_dir = RunDir::create()?;
+    // What `kiln console` needs to find this build's VMs by the module's name.
+    crate::console::record(run_dir.path(), job)?;
     // Every `files[]` URL is fetched now, before anything boots, so a dead URL fails the build
     // at once with its reason instead of after a long boot.
     let job = &source::prefetch_files(job, &opts.cache, ev)
@@ -194,6 +196,7 @@ fn vm_phases(b: &VmBuild) -> Result<VmRecord, VmError> {
         boot,
         firmware: Some(firmware),
         disks: captured,
+        invisible: b.vm.invisible,
     })
 }
 

@@ -160,6 +160,7 @@ mod tests {
             agent_in_image: true,
             boot: None,
             firmware: None,
+            invisible: false,
             disks: vec![],
         };
         assert_eq!(boot_label(&v), "direct");

@@ -20,6 +20,7 @@ mod build_thin;
 mod build_untrusted;
 mod build_url;
 mod clone_firmware;
+mod console;
 mod doctor;
 mod firmware_common;
 mod firmware_images;

@@ -19,8 +19,10 @@ use std::time::Duration;
 pub mod backends;
 pub mod qmp;
 mod stream_nic;
+pub mod vnc;
 
 pub use backends::{block_socket, nbd_socket, net_socket, stream_socket, BlockMode};
+pub use vnc::{vnc_password_file, vnc_socket};
 
 use super::firmware::HostFirmware;
 use super::{BootMode, Engine, EngineError, RunningVm, VmLaunch};
@@ -103,6 +105,11 @@ pub fn qemu_args(
     if vm.peripherals.screen {
         push("-vga");
         push("std");
+        if vm.peripherals.console {
+            for arg in vnc::vnc_args(&vm.workdir) {
+                push(&arg);
+            }
+        }
     }
     push("-monitor");
     push("none");
@@ -326,6 +333,10 @@ impl Engine for QemuEngine {
             let _ = std::fs::remove_file(&control);
             args.push("-qmp".into());
             args.push(format!("unix:{},server=on,wait=off", control.display()).into());
+        }
+        if vm.peripherals.screen && vm.peripherals.console {
+            // One password per VM start, kept across its reboots (each fresh QEMU reads it).
+            vnc::write_password(&vm.workdir)?;
         }
         let stderr_path = vm.workdir.join("qemu.stderr");
         let spawn = QemuSpawn {
@@ -709,6 +720,7 @@ mod tests {
             cdroms: vec!["/c/install,er.iso".into(), "/c/drivers.iso".into()],
             floppy: Some("/w/floppy.img".into()),
             screen: true,
+            console: false,
         };
         let s = joined(&args_of(&l, BlockMode::VhostUser, None));
         // The disk boots first, then the first CD; CDs take the AHCI ports after the disks.
@@ -748,6 +760,30 @@ mod tests {
         // Without peripherals, no screen and no boot order.
         let s = joined(&args_of(&launch(), BlockMode::VhostUser, None));
         assert!(!s.contains("-vga") && !s.contains("bootindex"), "{s}");
+    }
+
+    #[test]
+    fn a_visible_screen_gets_a_vnc_server_on_a_socket_with_a_password() {
+        let mut l = launch();
+        let vnc = "-object secret,id=vncsec0,file=/w/vnc.pass \
+                   -vnc unix:/w/vnc.sock,password-secret=vncsec0";
+        for (screen, console, has_vnc) in [
+            (true, true, true),
+            // `invisible`: a screen for boot commands, but no console.
+            (true, false, false),
+            // No screen, nothing to show.
+            (false, true, false),
+            (false, false, false),
+        ] {
+            l.peripherals.screen = screen;
+            l.peripherals.console = console;
+            let s = joined(&args_of(&l, BlockMode::VhostUser, None));
+            assert_eq!(s.contains(vnc), has_vnc, "{screen} {console}: {s}");
+            assert_eq!(s.contains("-vnc"), has_vnc, "{s}");
+            assert_eq!(s.contains("-vga std"), screen, "{s}");
+            // The VNC server never replaces `-display none`: QEMU opens no window.
+            assert!(s.contains("-display none"), "{s}");
+        }
     }
 
     #[test]

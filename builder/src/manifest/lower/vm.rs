@@ -111,16 +111,6 @@ pub fn vm(cx: &mut Cx, n: &Node, net: &Declared) -> Option<Lowered> {
         boot,
         invisible: read::boolean(n, "invisible").unwrap_or(false),
     };
-    if vm.invisible {
-        if let Some(at) = n.get("invisible") {
-            cx.sink
-                .error(
-                    at.span,
-                    "hiding a VM from consoles (`invisible: true`) is not supported by kiln yet",
-                )
-                .hint("remove `invisible`, or write `invisible: false`");
-        }
-    }
     if let Some(r) = read::node(n, "resources") {
         check_resources(cx, r, &vm);
     }
