@@ -346,41 +346,40 @@ fn with_name(name: Option<String>) -> Result<String, (u16, String)> {
 
 /// Hands an event stream a thread of its own, within [`MAX_STREAMS`].
 fn open_stream(shared: &Arc<Shared>, req: Request, run: Arc<build::BuildRun>, from: u64) {
-    if shared.streams.fetch_add(1, Ordering::SeqCst) >= MAX_STREAMS {
-        shared.streams.fetch_sub(1, Ordering::SeqCst);
-        return error(req, 503, "too many event streams are open");
-    }
-    let s = shared.clone();
-    let spawned = std::thread::Builder::new()
-        .name("serve-events".into())
-        .spawn(move || {
-            sse::stream(req, run, from);
-            s.streams.fetch_sub(1, Ordering::SeqCst);
-        });
-    if let Err(e) = spawned {
-        // The request moved into the failed closure and is dropped: the page reconnects.
-        shared.streams.fetch_sub(1, Ordering::SeqCst);
-        tracing::warn!("cannot start an event stream thread: {e}");
-    }
+    on_stream_thread(shared, req, "serve-events", move |req| {
+        sse::stream(req, run, from)
+    });
 }
 
-/// Hands a console WebSocket a thread of its own, within [`MAX_STREAMS`] (shared with the
-/// event streams).
+/// Hands a console WebSocket a thread of its own, counted with the event streams.
 fn open_console(shared: &Arc<Shared>, req: Request, socket: PathBuf) {
+    on_stream_thread(shared, req, "serve-console", move |req| {
+        console::proxy(req, &socket)
+    });
+}
+
+/// Runs `serve` with `req` on a thread of its own, within [`MAX_STREAMS`] such threads.
+fn on_stream_thread(
+    shared: &Arc<Shared>,
+    req: Request,
+    name: &str,
+    serve: impl FnOnce(Request) + Send + 'static,
+) {
     if shared.streams.fetch_add(1, Ordering::SeqCst) >= MAX_STREAMS {
         shared.streams.fetch_sub(1, Ordering::SeqCst);
         return error(req, 503, "too many streams are open");
     }
     let s = shared.clone();
     let spawned = std::thread::Builder::new()
-        .name("serve-console".into())
+        .name(name.into())
         .spawn(move || {
-            console::proxy(req, &socket);
+            serve(req);
             s.streams.fetch_sub(1, Ordering::SeqCst);
         });
     if let Err(e) = spawned {
+        // The request moved into the failed closure and is dropped: the page reconnects.
         shared.streams.fetch_sub(1, Ordering::SeqCst);
-        tracing::warn!("cannot start a console thread: {e}");
+        tracing::warn!("cannot start a {name} thread: {e}");
     }
 }
 

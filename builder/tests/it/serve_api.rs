@@ -302,11 +302,11 @@ fn read_stream(url: String) -> Vec<(String, Option<u64>, String)> {
     out
 }
 
-#[test]
-fn a_build_streams_pauses_at_handbuild_resumes_and_succeeds() {
-    let d = tempfile::tempdir().expect("tempdir");
-    std::fs::write(d.path().join("m.yaml"), PAUSING).expect("manifest");
-    let (base, token) = start_with(d.path(), fake_kiln(d.path()));
+/// A server on `d` with the stand-in `kiln`, building `PAUSING` as `m.yaml`: its base URL,
+/// token, an agent, and the build's first state.
+fn start_pausing_build(d: &Path) -> (String, String, ureq::Agent, serde_json::Value) {
+    std::fs::write(d.join("m.yaml"), PAUSING).expect("manifest");
+    let (base, token) = start_with(d, fake_kiln(d));
     let a = agent();
     let (st, v) = call(
         &a,
@@ -316,6 +316,13 @@ fn a_build_streams_pauses_at_handbuild_resumes_and_succeeds() {
         "",
     );
     assert_eq!(st, 200, "{v}");
+    (base, token, a, v)
+}
+
+#[test]
+fn a_build_streams_pauses_at_handbuild_resumes_and_succeeds() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let (base, token, a, v) = start_pausing_build(d.path());
     assert_eq!(v["status"], "running");
     assert_eq!(v["module"], "m");
     assert_eq!(v["vms"][0]["steps"][0]["kind"], "handbuild");
@@ -761,17 +768,7 @@ fn fake_vnc(socket: &Path) -> std::thread::JoinHandle<Vec<u8>> {
 #[test]
 fn a_running_vm_console_is_a_websocket_to_its_vnc_socket() {
     let d = tempfile::tempdir().expect("tempdir");
-    std::fs::write(d.path().join("m.yaml"), PAUSING).expect("manifest");
-    let (base, token) = start_with(d.path(), fake_kiln(d.path()));
-    let a = agent();
-    let (st, v) = call(
-        &a,
-        "POST",
-        &format!("{base}/api/builds?name=m.yaml"),
-        &token,
-        "",
-    );
-    assert_eq!(st, 200, "{v}");
+    let (base, token, a, _) = start_pausing_build(d.path());
     wait_state(&a, &base, &token, "the pause", |v| {
         !v["vms"][0]["paused"].is_null()
     });

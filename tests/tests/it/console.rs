@@ -15,13 +15,7 @@ fn kiln_console_gives_a_running_build_vm_screen() {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let run_dir = tmp.path().join("run");
-    std::fs::create_dir(&run_dir).unwrap();
-    std::fs::set_permissions(
-        &run_dir,
-        std::os::unix::fs::PermissionsExt::from_mode(0o700),
-    )
-    .unwrap();
+    let run_dir = private_run_dir(tmp.path());
     let manifest = tmp.path().join("consoled.yaml");
     std::fs::write(
         &manifest,
