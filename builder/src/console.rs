@@ -238,11 +238,16 @@ pub fn console_of(
         }
         Err(e) => return Err(PathIoError::new("reading", &pass, e).into()),
     };
+    // The password is written just before QEMU starts and makes the socket.
+    let socket = vnc_socket(&dir);
+    if !socket.exists() {
+        return Err(ConsoleError::NotStarted { build, vm: name });
+    }
     Ok(Console {
         build,
         pid,
         vm: name,
-        socket: vnc_socket(&dir),
+        socket,
         password,
     })
 }
@@ -280,6 +285,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         if let Some(p) = password {
             std::fs::write(vnc_password_file(&dir), p).unwrap();
+            std::fs::write(vnc_socket(&dir), b"").unwrap();
         }
     }
 
@@ -304,6 +310,11 @@ mod tests {
             e.contains("several running builds") && e.contains("lab (pid 100)"),
             "{e}"
         );
+        let e = find(root, "db").unwrap_err().to_string();
+        assert!(e.contains("not started yet"), "{e}");
+        // The password is there, QEMU has not made its socket yet.
+        started(root, 100, "db", None);
+        std::fs::write(vnc_password_file(&root.join("100/db")), "pAss2345").unwrap();
         let e = find(root, "db").unwrap_err().to_string();
         assert!(e.contains("not started yet"), "{e}");
         let e = find(root, "lab/gw").unwrap_err().to_string();

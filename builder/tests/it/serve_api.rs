@@ -753,15 +753,17 @@ fn heads_and_bodies_are_limited() {
 }
 
 /// A VNC server standing in for QEMU's on `socket`: sends the RFB banner, then hands back
-/// what it reads, so a test sees bytes cross both ways.
+/// the first client version it reads, so a test sees bytes cross both ways. Connections that
+/// close without one (the server checking that the console answers) are passed over.
 fn fake_vnc(socket: &Path) -> std::thread::JoinHandle<Vec<u8>> {
     let l = std::os::unix::net::UnixListener::bind(socket).expect("bind the VNC socket");
-    std::thread::spawn(move || {
+    std::thread::spawn(move || loop {
         let (mut s, _) = l.accept().expect("accept");
-        s.write_all(b"RFB 003.008\n").expect("banner");
+        let _ = s.write_all(b"RFB 003.008\n");
         let mut got = vec![0u8; 12];
-        s.read_exact(&mut got).expect("the client's version");
-        got
+        if s.read_exact(&mut got).is_ok() {
+            return got;
+        }
     })
 }
 

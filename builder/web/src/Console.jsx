@@ -33,18 +33,53 @@ export function useConsoles(build) {
   return consoles;
 }
 
+// How long after a lost connection the screen connects again (a guest reboot starts a fresh
+// QEMU, whose VNC server is new).
+const RETRY_MS = 2000;
+
 // A VM's live screen: noVNC over the server's WebSocket, which carries the VM's VNC stream.
 export default function Console({ buildId, vm, password }) {
   const screen = useRef(null);
   const [status, setStatus] = useState('connecting');
   useEffect(() => {
-    setStatus('connecting');
-    const rfb = new RFB(screen.current, api.consoleUrl(buildId, vm), { credentials: { password } });
-    rfb.scaleViewport = true;
-    rfb.addEventListener('connect', () => setStatus('connected'));
-    rfb.addEventListener('disconnect', (e) => setStatus(e.detail.clean ? 'closed' : 'lost'));
-    rfb.addEventListener('securityfailure', (e) => setStatus(`refused: ${e.detail.reason || 'wrong password'}`));
-    return () => rfb.disconnect();
+    let rfb = null;
+    let retry = null;
+    let stopped = false;
+    let refused = false;
+    // Connects again only once the server lists the VM's console as answering, so a screen
+    // that is down for a while (a reboot) costs no failed WebSocket.
+    const later = () => {
+      retry = setTimeout(async () => {
+        try {
+          const list = await api.buildConsoles(buildId);
+          if (stopped) return;
+          if (list.some((c) => c.vm === vm && c.password === password)) connect();
+          else later();
+        } catch { if (!stopped) later(); }
+      }, RETRY_MS);
+    };
+    const connect = () => {
+      setStatus('connecting');
+      rfb = new RFB(screen.current, api.consoleUrl(buildId, vm), { credentials: { password } });
+      rfb.scaleViewport = true;
+      rfb.addEventListener('connect', () => setStatus('connected'));
+      rfb.addEventListener('securityfailure', (e) => {
+        refused = true;
+        setStatus(`refused: ${e.detail.reason || 'wrong password'}`);
+      });
+      rfb.addEventListener('disconnect', () => {
+        rfb = null;
+        if (stopped || refused) return;
+        setStatus('reconnecting');
+        later();
+      });
+    };
+    connect();
+    return () => {
+      stopped = true;
+      clearTimeout(retry);
+      rfb?.disconnect();
+    };
   }, [buildId, vm, password]);
   return (
     <div className="console" data-testid={`console-${vm}`} data-status={status}>

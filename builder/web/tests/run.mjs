@@ -271,7 +271,10 @@ if (!qemu) {
     await startBuild('hello-cancel.yaml');
     await page.waitForSelector('[data-testid="handbuild-hello"]', { timeout: 300000 });
     // The VM's live screen: noVNC connected through the server, its canvas painted.
-    await page.waitForSelector('[data-testid="console-hello"][data-status="connected"]', { timeout: 30000 });
+    await page.waitForSelector('[data-testid="console-hello"][data-status="connected"]', { timeout: 30000 }).catch(async (e) => {
+      const st = await page.getAttribute('[data-testid="console-hello"]', 'data-status', { timeout: 1000 }).catch(() => 'no console');
+      throw new Error(`the screen is ${st}: ${e.message}`);
+    });
     await page.waitForFunction(() => {
       const c = document.querySelector('[data-testid="console-hello"] canvas');
       if (!c || !c.width || !c.height) return false;

@@ -308,7 +308,8 @@ impl BuildRun {
 }
 
 impl BuildRun {
-    /// The consoles this build's VMs have now (none once it ended); `invisible` VMs never.
+    /// The consoles this build's VMs have now and that answer (none once it ended);
+    /// `invisible` VMs never.
     pub fn consoles(&self) -> Vec<crate::console::Console> {
         let rec = crate::console::BuildRecord::of(&self.job);
         let Some(pid) = self.running_pid() else {
@@ -318,6 +319,9 @@ impl BuildRun {
             .iter()
             .filter(|v| !v.invisible)
             .filter_map(|v| crate::console::console_of(&self.run_root, pid, &rec, &v.name).ok())
+            // Only a server that answers: between a guest's reboot and its fresh QEMU the
+            // socket is there but nobody listens, and the page would fail to connect.
+            .filter(|c| std::os::unix::net::UnixStream::connect(&c.socket).is_ok())
             .collect()
     }
 
