@@ -774,14 +774,17 @@ fn a_running_vm_console_is_a_websocket_to_its_vnc_socket() {
     wait_state(&a, &base, &token, "the pause", |v| {
         !v["vms"][0]["paused"].is_null()
     });
+    let consoles = || {
+        call(
+            &a,
+            "GET",
+            &format!("{base}/api/builds/1/consoles"),
+            &token,
+            "",
+        )
+    };
     // No screen yet: no console listed, and the route says why.
-    let (st, v) = call(
-        &a,
-        "GET",
-        &format!("{base}/api/builds/1/consoles"),
-        &token,
-        "",
-    );
+    let (st, v) = consoles();
     assert_eq!(
         (st, v["consoles"].clone()),
         (200, serde_json::json!([])),
@@ -824,13 +827,7 @@ fn a_running_vm_console_is_a_websocket_to_its_vnc_socket() {
     };
     std::fs::write(vm_dir.join("vnc.pass"), "pAss2345").expect("password");
     let server = fake_vnc(&vm_dir.join("vnc.sock"));
-    let (st, v) = call(
-        &a,
-        "GET",
-        &format!("{base}/api/builds/1/consoles"),
-        &token,
-        "",
-    );
+    let (st, v) = consoles();
     assert_eq!(st, 200, "{v}");
     assert_eq!(
         v["consoles"],
