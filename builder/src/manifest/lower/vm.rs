@@ -50,6 +50,23 @@ pub fn vm(cx: &mut Cx, n: &Node, net: &Declared) -> Option<Lowered> {
         nic.map(|x| (vec![x], vec![at])).unwrap_or_default()
     };
     let boot_command = boot_command(cx, read::list(n, "bootCommand"));
+    // Packer's defaults.
+    let boot_wait = read::duration(n, "bootWait").unwrap_or(Duration::from_secs(10));
+    let boot_key_interval =
+        read::duration(n, "bootKeyInterval").unwrap_or(Duration::from_millis(100));
+    // By the list written, not the events parsed: a bad token is reported on its own.
+    if read::list(n, "bootCommand").is_empty() {
+        for key in ["bootWait", "bootKeyInterval"] {
+            if let Some(k) = n.key(key) {
+                cx.sink
+                    .warn(
+                        k.span,
+                        format!("`{key}` does nothing without a `bootCommand`"),
+                    )
+                    .hint("remove it, or add the `bootCommand` it paces");
+            }
+        }
+    }
     let efi = n.get("efiFirmware").map(|e| Efi {
         secure_boot: read::boolean(e, "secureBoot").unwrap_or(false),
     });
@@ -78,7 +95,7 @@ pub fn vm(cx: &mut Cx, n: &Node, net: &Declared) -> Option<Lowered> {
     }
     // Read and checked now so the manifest's form is right, but `kiln build` refuses them at
     // its start until ISO installs land: say so here, where the user sees the place.
-    for key in ["bootCommand", "isos", "floppy"] {
+    for key in ["isos", "floppy"] {
         let present = match n.get(key) {
             Some(v) if key == "floppy" => !matches!(v.kind, crate::manifest::yaml::Kind::Null),
             Some(_) => !read::list(n, key).is_empty(),
@@ -105,6 +122,8 @@ pub fn vm(cx: &mut Cx, n: &Node, net: &Declared) -> Option<Lowered> {
         nics,
         provisioners,
         boot_command,
+        boot_wait,
+        boot_key_interval,
         isos,
         floppy_files,
         efi,
