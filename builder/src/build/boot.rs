@@ -190,10 +190,18 @@ fn start_vm(
 }
 
 /// Whether a VM that stopped before its communicator answered is an installer that powered
-/// off, to be started again once from its disk: a VM with ISOs, on its first start, in a build
-/// that goes on.
-pub(super) fn restart_after_install(b: &VmBuild, e: &VmError, starts: u32) -> bool {
-    matches!(e, VmError::Stopped { .. }) && !b.vm.isos.is_empty() && starts == 1 && !b.cancelled()
+/// off, to be started again once from its disk: a VM with ISOs, on its first start, whose
+/// guest ended it cleanly (not QEMU failing), in a build that goes on.
+pub(super) fn restart_after_install(b: &VmBuild, vm: &Launched, e: &VmError, starts: u32) -> bool {
+    if !matches!(e, VmError::Stopped { .. }) || b.vm.isos.is_empty() || starts != 1 {
+        return false;
+    }
+    let exit = vm
+        .running
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .wait_exit(Duration::ZERO);
+    matches!(exit, Ok(Some(status)) if status.success()) && !b.cancelled()
 }
 
 /// Waits until the VM's agent answers, in short tries, so a cancel (Ctrl-C, the build

@@ -175,7 +175,7 @@ fn vm_phases(b: &VmBuild) -> Result<VmRecord, VmError> {
     // An installer powers the VM off when it is done; the installed system is then booted
     // from its disk (first in the boot order; the CDs stay attached).
     while let Err(e) = &result {
-        if !boot::restart_after_install(b, e, starts) {
+        if !boot::restart_after_install(b, &vm, e, starts) {
             break;
         }
         b.note(

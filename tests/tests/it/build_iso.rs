@@ -279,3 +279,76 @@ fn an_iso_url_that_is_down_stops_the_build_before_anything_boots() {
         "no serial log: no QEMU ran"
     );
 }
+
+#[test]
+fn isos_and_the_floppy_are_recorded_but_never_captured() {
+    let Some(kiln) = boot_prereqs_or_skip() else {
+        return;
+    };
+    // Any bytes serve as a CD here: the guest boots its own kernel directly and never reads it.
+    let cd = b"CD001 a CD the guest does not read".repeat(64);
+    let sum = {
+        use sha2::{Digest, Sha256};
+        Sha256::digest(&cd)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let server = kiln_e2e::http::Server::bytes(cd);
+    let url = format!("http://127.0.0.1:{}/tools.iso", server.port);
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("iso-kept.yaml");
+    std::fs::write(
+        &m,
+        format!(
+            "files:\n  - name: answers.txt\n    inline: \"{FLOPPY_MARKER}\\n\"\nvms:\n  - name: box\n    source:\n      bootstrap: {{ distro: debian, suite: bookworm, packages: [] }}\n    resources: {{ cpu: 1, memory: 1Gi }}\n    disks: [{{ name: root, size: 4Gi }}]\n    isos:\n      - url: {url}\n    floppy:\n      files: [{{ name: answers.txt }}]\n    provisioners:\n      - name: mark\n        type: shell\n        shell: {{ inline: \"echo built > /etc/kiln-iso-kept\" }}\n"
+        ),
+    )
+    .unwrap();
+    let modules = tmp.path().join("modules");
+    let t = Instant::now();
+    let out = build_into(&kiln, &m, &modules);
+    eprintln!("build took {:?}", t.elapsed());
+    assert!(out.status.success(), "kiln build failed");
+    let module = modules.join("iso-kept");
+    let yaml = std::fs::read_to_string(module.join("module.yaml")).unwrap();
+    // The ISO with the digest kiln computed (the manifest gave none).
+    assert!(
+        yaml.contains(&url) && yaml.contains(&format!("sha256: {sum}")),
+        "{yaml}"
+    );
+    // Only the VM's own disk is captured: no CD, no floppy.
+    let disks: Vec<String> = std::fs::read_dir(module.join("disks"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(disks, ["box-root.qcow2"], "{yaml}");
+    assert_eq!(yaml.matches("file: disks/").count(), 1, "{yaml}");
+    let stray = walk(&module)
+        .into_iter()
+        .filter(|p| {
+            let n = p.file_name().unwrap().to_string_lossy();
+            n.contains("floppy") || n.ends_with(".iso")
+        })
+        .collect::<Vec<_>>();
+    assert!(stray.is_empty(), "{stray:?}");
+    let built = read_guest_file(
+        &module.join("disks/box-root.qcow2"),
+        tmp.path(),
+        "/etc/kiln-iso-kept",
+    );
+    assert_eq!(built.unwrap().trim(), "built");
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
