@@ -142,7 +142,7 @@ fn start_launched<'a>(
         index: b.index,
         peripherals: disks.peripherals.clone(),
     };
-    let running = start_vm(engine, b, spec)?;
+    let running = start_vm(engine, b, spec, again)?;
     let socket = running.vsock_socket().to_path_buf();
     let running: SharedVm = Arc::new(Mutex::new(running));
     let registered = b.module.ctx.registry.add(&b.vm.name, running.clone());
@@ -162,16 +162,17 @@ fn start_launched<'a>(
     })
 }
 
-/// Starts the VM. Started again after a power-off, its NICs may not be free on the switch
+/// Starts the VM. Started `again` after a power-off, its NICs may not be free on the switch
 /// yet (the switch sees the old ports close on its next turn): a few short retries then.
 fn start_vm(
     engine: &dyn Engine,
     b: &VmBuild,
     spec: VmStart,
+    again: bool,
 ) -> Result<Box<dyn engine::RunningVm>, launch::LaunchError> {
     let mut tries = 0;
     loop {
-        let again = VmStart {
+        let this_try = VmStart {
             workdir: spec.workdir.clone(),
             serial_log: spec.serial_log.clone(),
             boot: spec.boot.clone(),
@@ -179,8 +180,8 @@ fn start_vm(
             peripherals: spec.peripherals.clone(),
             ..spec
         };
-        match launch::start(engine, Some(b.module.net), again) {
-            Err(launch::LaunchError::Nics(_)) if tries < 20 => {
+        match launch::start(engine, Some(b.module.net), this_try) {
+            Err(launch::LaunchError::Nics(_)) if again && tries < 20 => {
                 tries += 1;
                 std::thread::sleep(Duration::from_millis(100));
             }
