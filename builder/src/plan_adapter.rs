@@ -133,24 +133,6 @@ pub fn job_from_plan(
     }
     let mut vms = Vec::new();
     for vm in plan.vms() {
-        if !vm.isos.is_empty() {
-            return Err(AdaptError::Unsupported {
-                vm: vm.name.clone(),
-                what: "isos".into(),
-            });
-        }
-        if matches!(vm.source, manifest::Source::Blank) {
-            return Err(AdaptError::Unsupported {
-                vm: vm.name.clone(),
-                what: "a `blank` source (an ISO install)".into(),
-            });
-        }
-        if !vm.floppy_files.is_empty() {
-            return Err(AdaptError::Unsupported {
-                vm: vm.name.clone(),
-                what: "floppy".into(),
-            });
-        }
         let source = match &vm.source {
             manifest::Source::Url { url, sha256 } => SourceSpec::Url {
                 url: url.clone(),
@@ -434,11 +416,6 @@ buildOverrides:
         };
         let j = job(&with("", "httpDirectory: { files: [{ name: f.txt }] }\n")).unwrap();
         assert_eq!(j.http_directory, ["f.txt"]);
-        let e = job(&with("    floppy: { files: [{ name: f.txt }] }\n", "")).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "VM `a`: floppy is not supported by `kiln build` yet"
-        );
         // A boot command is typed, paced by bootWait and bootKeyInterval (Packer's defaults).
         let j = job(&with("    bootCommand: [\"<enter>\"]\n", "")).unwrap();
         assert_eq!(j.vms[0].boot_command.len(), 1);
@@ -457,17 +434,14 @@ buildOverrides:
             j.vms[0].boot_key_interval,
             std::time::Duration::from_millis(20)
         );
-        // A blank disk is refused before anything starts, not once networking is up.
-        let blank = "vms:\n  - name: a\n    source: { blank: true }\n    resources: { cpu: 1, memory: 512Mi }\n";
-        let plan = manifest::load_str(blank, Path::new("m.yaml"), Default::default());
-        assert!(plan
-            .warnings()
-            .any(|w| w.message.contains("`blank` source")));
-        let e = job(blank).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "VM `a`: a `blank` source (an ISO install) is not supported by `kiln build` yet"
-        );
+        // An ISO install: a blank disk, its ISOs and a floppy reach the job.
+        let iso = "vms:\n  - name: a\n    source: { blank: true }\n    resources: { cpu: 1, memory: 512Mi }\n    isos: [{ url: http://127.0.0.1/i.iso }]\n    floppy: { files: [{ name: f.txt }] }\nfiles:\n  - { name: f.txt, inline: hi }\n";
+        let plan = manifest::load_str(iso, Path::new("m.yaml"), Default::default());
+        assert_eq!(plan.warnings().count(), 0);
+        let j = job(iso).unwrap();
+        assert_eq!(j.vms[0].source, SourceSpec::Blank);
+        assert_eq!(j.vms[0].isos[0].url, "http://127.0.0.1/i.iso");
+        assert_eq!(j.vms[0].floppy_files, ["f.txt"]);
     }
 
     #[test]

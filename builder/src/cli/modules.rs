@@ -162,6 +162,7 @@ mod tests {
             firmware: None,
             invisible: false,
             disks: vec![],
+            isos: vec![],
         };
         assert_eq!(boot_label(&v), "direct");
         for (firmware, booted, want) in [
