@@ -39,7 +39,7 @@ pub struct SshGuest {
     rt: Arc<tokio::runtime::Runtime>,
     handle: Handle<Handler>,
     login: Login,
-    sftp: Option<RawSftpSession>,
+    sftp: Option<Arc<RawSftpSession>>,
     /// Names uploaded scripts and temporary files uniquely within the session.
     seq: u64,
 }
@@ -96,7 +96,7 @@ impl SshGuest {
         self.login.user == "root"
     }
 
-    async fn sftp(&mut self) -> Result<&RawSftpSession, GuestError> {
+    async fn sftp(&mut self) -> Result<&Arc<RawSftpSession>, GuestError> {
         if self.sftp.is_none() {
             let ch = self.handle.channel_open_session().await.map_err(lost)?;
             ch.request_subsystem(true, "sftp").await.map_err(lost)?;
@@ -105,7 +105,7 @@ impl SshGuest {
             s.init().await.map_err(|e| {
                 GuestError::Agent(format!("SSH: the guest has no SFTP server: {e}"))
             })?;
-            self.sftp = Some(s);
+            self.sftp = Some(Arc::new(s));
         }
         self.sftp
             .as_ref()
@@ -123,74 +123,66 @@ impl SshGuest {
         out: &mut dyn FnMut(Stream, &[u8]),
     ) -> Result<ExecOutcome, GuestError> {
         let rt = self.rt.clone();
-        rt.block_on(self.run_async(command, stdin, timeout, out))
-    }
-
-    async fn run_async(
-        &mut self,
-        command: &str,
-        stdin: Option<&[u8]>,
-        timeout: Option<Duration>,
-        out: &mut dyn FnMut(Stream, &[u8]),
-    ) -> Result<ExecOutcome, GuestError> {
-        let start = Instant::now();
-        let mut ch = self.handle.channel_open_session().await.map_err(lost)?;
-        ch.exec(true, command).await.map_err(lost)?;
-        if let Some(d) = stdin {
-            ch.data(d).await.map_err(lost)?;
-        }
-        ch.eof().await.map_err(lost)?;
-        let deadline = timeout.map(|t| tokio::time::Instant::from_std(start + t + KILL_GRACE));
-        let (mut code, mut signal) = (None, None);
-        loop {
-            let msg = match deadline {
-                Some(d) => match tokio::time::timeout_at(d, ch.wait()).await {
-                    Ok(m) => m,
-                    Err(_) => {
-                        // The guest did not kill it (no `timeout` there): sshd signals the
-                        // process it started, and the channel is dropped either way.
-                        let _ = ch.signal(Sig::KILL).await;
-                        let _ = ch.close().await;
-                        return Ok(ExecOutcome {
-                            code: None,
-                            signal: None,
-                            timed_out: true,
-                            duration_ms: start.elapsed().as_millis() as u64,
-                        });
-                    }
-                },
-                None => ch.wait().await,
-            };
-            match msg {
-                Some(ChannelMsg::Data { data }) => out(Stream::Stdout, &data),
-                Some(ChannelMsg::ExtendedData { data, ext: 1 }) => out(Stream::Stderr, &data),
-                Some(ChannelMsg::ExitStatus { exit_status }) => {
-                    code = Some(i32::try_from(exit_status).unwrap_or(i32::MAX))
-                }
-                Some(ChannelMsg::ExitSignal { signal_name, .. }) => {
-                    signal = Some(signal_number(&signal_name))
-                }
-                Some(ChannelMsg::Failure) => {
-                    return Err(GuestError::Agent(
-                        "SSH: the guest's sshd refused to run the command".into(),
-                    ))
-                }
-                Some(ChannelMsg::Close) | None => break,
-                Some(_) => {}
+        rt.block_on(async {
+            let start = Instant::now();
+            let mut ch = self.handle.channel_open_session().await.map_err(lost)?;
+            ch.exec(true, command).await.map_err(lost)?;
+            if let Some(d) = stdin {
+                ch.data(d).await.map_err(lost)?;
             }
-        }
-        let elapsed = start.elapsed();
-        if code.is_none() && signal.is_none() {
-            return Err(GuestError::Lost(
-                "SSH: the session ended before the command did".into(),
-            ));
-        }
-        Ok(ExecOutcome {
-            code,
-            signal,
-            // Killed by the guest's `timeout` once the time was up.
-            timed_out: timeout.is_some_and(|t| elapsed >= t) && code != Some(0),
-            duration_ms: elapsed.as_millis() as u64,
+            ch.eof().await.map_err(lost)?;
+            let deadline = timeout.map(|t| tokio::time::Instant::from_std(start + t + KILL_GRACE));
+            let (mut code, mut signal) = (None, None);
+            loop {
+                let msg = match deadline {
+                    Some(d) => match tokio::time::timeout_at(d, ch.wait()).await {
+                        Ok(m) => m,
+                        Err(_) => {
+                            // The guest did not kill it (no `timeout` there): sshd signals the
+                            // process it started, and the channel is dropped either way.
+                            let _ = ch.signal(Sig::KILL).await;
+                            let _ = ch.close().await;
+                            return Ok(ExecOutcome {
+                                code: None,
+                                signal: None,
+                                timed_out: true,
+                                duration_ms: start.elapsed().as_millis() as u64,
+                            });
+                        }
+                    },
+                    None => ch.wait().await,
+                };
+                match msg {
+                    Some(ChannelMsg::Data { data }) => out(Stream::Stdout, &data),
+                    Some(ChannelMsg::ExtendedData { data, ext: 1 }) => out(Stream::Stderr, &data),
+                    Some(ChannelMsg::ExitStatus { exit_status }) => {
+                        code = Some(i32::try_from(exit_status).unwrap_or(i32::MAX))
+                    }
+                    Some(ChannelMsg::ExitSignal { signal_name, .. }) => {
+                        signal = Some(signal_number(&signal_name))
+                    }
+                    Some(ChannelMsg::Failure) => {
+                        return Err(GuestError::Agent(
+                            "SSH: the guest's sshd refused to run the command".into(),
+                        ))
+                    }
+                    Some(ChannelMsg::Close) | None => break,
+                    Some(_) => {}
+                }
+            }
+            let elapsed = start.elapsed();
+            if code.is_none() && signal.is_none() {
+                return Err(GuestError::Lost(
+                    "SSH: the session ended before the command did".into(),
+                ));
+            }
+            Ok(ExecOutcome {
+                code,
+                signal,
+                // Killed by the guest's `timeout` once the time was up.
+                timed_out: timeout.is_some_and(|t| elapsed >= t) && code != Some(0),
+                duration_ms: elapsed.as_millis() as u64,
+            })
         })
     }
 

