@@ -165,8 +165,8 @@ fn vm_phases(b: &VmBuild) -> Result<VmRecord, VmError> {
     let disks = source::prepare_disks(b, &resolved)?;
     let src = &resolved.source;
     let vm = boot::launch(b, &disks)?;
-    let captured = match guest_phases(b, &vm, src, &disks) {
-        Ok(captured) => captured,
+    let (captured, agent_installed) = match guest_phases(b, &vm, src, &disks) {
+        Ok(done) => done,
         Err(e) if b.cancelled() && e.follows_cancel() => return Err(VmError::Cancelled),
         Err(e) => {
             boot::stop_failed(b, &vm);
@@ -190,8 +190,8 @@ fn vm_phases(b: &VmBuild) -> Result<VmRecord, VmError> {
         cpus: b.vm.cpus,
         memory_mib: b.vm.memory_mib,
         source: src.record.clone(),
-        // The seed installed the agent into the captured disk.
-        agent_in_image: src.agent_in_image || disks.seed.is_some(),
+        // The seed, or kiln over SSH, installed the agent into the captured disk.
+        agent_in_image: src.agent_in_image || disks.seed.is_some() || agent_installed,
         boot,
         firmware: Some(firmware),
         disks: captured,
@@ -199,22 +199,21 @@ fn vm_phases(b: &VmBuild) -> Result<VmRecord, VmError> {
 }
 
 /// The phases that talk to the running guest, from its agent's first answer to its disks
-/// captured.
+/// captured; with whether kiln installed its agent over SSH.
 fn guest_phases(
     b: &VmBuild,
     vm: &Launched,
     src: &ResolvedSource,
     disks: &VmDisks,
-) -> Result<Vec<DiskRecord>, VmError> {
-    let communicator = communicator::for_vm(b, vm)?;
-    let connector = communicator.connector();
-    let mut guest = boot::wait_for_agent(b, vm, connector)
+) -> Result<(Vec<DiskRecord>, bool), VmError> {
+    let mut communicator = communicator::for_vm(b, vm)?;
+    let guest = boot::wait_for_agent(b, vm, communicator.connector())
         .map_err(|e| communicator.explain_wait(e, b.vm.boot_timeout))?;
-    let links = if communicator.takes_handover() {
-        handover::links(b)
-    } else {
-        Vec::new()
-    };
+    let ssh = !communicator.takes_handover();
+    let (mut guest, agent) = communicator.install_agent(b, vm, guest);
+    let connector = communicator.connector();
+    // A guest first reached over SSH runs its own DHCP client, agent or not.
+    let links = if !ssh { handover::links(b) } else { Vec::new() };
     let network_ready =
         |g: &mut dyn Guest| handover::network_up(connector, g, &links, &b.vm.name, b.events());
     network_ready(&mut *guest);
@@ -225,5 +224,5 @@ fn guest_phases(
     }
     shutdown::wait_for_other_vms(b)?;
     shutdown::run(b, guest, connector, vm)?;
-    capture::run(b, src, disks)
+    Ok((capture::run(b, src, disks)?, ssh && agent))
 }
