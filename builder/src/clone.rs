@@ -613,6 +613,7 @@ pub(crate) mod tests {
                     args: vec!["rootflags=subvol=root".into()],
                 }),
                 firmware: firmware.map(|f| f.0),
+                invisible: false,
                 disks: vec![DiskRecord {
                     name: "root".into(),
                     file: file.into(),
@@ -624,6 +625,7 @@ pub(crate) mod tests {
                     backing_module: parent.map(String::from),
                     bus: Default::default(),
                 }],
+                isos: vec![],
             }],
             manifest: String::new(),
         };

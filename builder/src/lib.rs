@@ -6,6 +6,7 @@ pub mod build_logs;
 pub mod cache;
 pub mod cli;
 pub mod clone;
+pub mod console;
 pub mod diskops;
 pub mod engine;
 pub mod events;

@@ -16,6 +16,7 @@
 //! - [`http::Server`]: a loopback HTTP server for what kiln or a guest downloads.
 //! - [`module::clone_run_exec`]: a built module cloned, run and `kiln exec`'d like a user does.
 //! - [`helper_process::command`]: the test binary re-run on one of its ignored helper tests.
+//! - [`rfb::handshake`]: a VNC client up to ServerInit (banner, VNC authentication, screen size).
 //! - [`virtio_guest::Script`]: a tiny virtio driver run by a KVM guest program, for device tests.
 //! - [`kvm_or_skip`]: whether /dev/kvm opens, with the skip line when it does not.
 //!
@@ -32,6 +33,7 @@ pub mod kernel;
 pub mod module;
 pub mod pattern;
 pub mod qemu;
+pub mod rfb;
 pub mod virtio_guest;
 
 use std::path::PathBuf;

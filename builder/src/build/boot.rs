@@ -5,11 +5,13 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use super::boot_command::{self, BootCommandError, HttpAddr, Typist};
 use super::boot_failure;
 use super::boot_path;
 use super::error::{BuildError, VmError};
+use super::media;
 use super::options::OnError;
 use super::registry::{Registered, SharedVm};
 use super::source::VmDisks;
@@ -17,6 +19,7 @@ use super::vm::VmBuild;
 use crate::engine::{self, DiskAttach, Engine, EngineChoice};
 use crate::events::{Event, EventSink, VmPhase};
 use crate::guest::{Connector, Guest, GuestError};
+use crate::http_directory;
 use crate::job::BuildJob;
 use crate::launch::{self, VmStart};
 use crate::sources;
@@ -37,6 +40,7 @@ pub(super) fn pick_engine(
             v.nics.iter().map(|n| (&*n.name, n.model)),
         )
         .or_else(|| boot_path::kvm_refusal(v))
+        .or_else(|| media::kvm_refusal(v))
     });
     let probe = kiln_vmm::doctor::probe();
     let pick = engine::pick(choice, &probe, needs_qemu.as_deref());
@@ -67,6 +71,8 @@ pub(super) struct Launched<'a> {
     pub socket: PathBuf,
     /// The VM's own log (step output), open for appending.
     pub log: Mutex<fs::File>,
+    /// When the VM was launched: `bootWait` counts from here.
+    pub started: Instant,
     _registered: Registered<'a>,
 }
 
@@ -79,6 +85,26 @@ fn falls_back_to_qemu(choice: EngineChoice, picked: &str, boot: &engine::BootMod
 }
 
 pub(super) fn launch<'a>(b: &VmBuild<'a>, disks: &VmDisks) -> Result<Launched<'a>, VmError> {
+    start_launched(b, disks, false)
+}
+
+/// Starts the VM again after it powered off, appending to its logs.
+pub(super) fn relaunch<'a>(b: &VmBuild<'a>, disks: &VmDisks) -> Result<Launched<'a>, VmError> {
+    start_launched(b, disks, true)
+}
+
+fn start_launched<'a>(
+    b: &VmBuild<'a>,
+    disks: &VmDisks,
+    again: bool,
+) -> Result<Launched<'a>, VmError> {
+    let open_log = |path: &Path| {
+        if again {
+            crate::log_file::append(path)
+        } else {
+            crate::log_file::create(path)
+        }
+    };
     let qemu_instead;
     let engine: &dyn Engine =
         if falls_back_to_qemu(b.module.opts.engine, b.module.engine.name(), &disks.boot) {
@@ -94,7 +120,7 @@ pub(super) fn launch<'a>(b: &VmBuild<'a>, disks: &VmDisks) -> Result<Launched<'a
     b.phase(VmPhase::Booting, Some(engine.name().into()));
     let serial_log = b.serial_log();
     // Made here, 0600, so the engine appends to a file only its owner can read.
-    crate::log_file::create(&serial_log).map_err(|source| VmError::Log {
+    open_log(&serial_log).map_err(|source| VmError::Log {
         path: serial_log.clone(),
         source,
     })?;
@@ -118,15 +144,23 @@ pub(super) fn launch<'a>(b: &VmBuild<'a>, disks: &VmDisks) -> Result<Launched<'a
         workdir: b.runtime_dir(),
         serial_log,
         index: b.index,
-        peripherals: Default::default(),
+        peripherals: peripherals(b, engine, &disks.peripherals),
     };
-    let running = launch::start(engine, Some(b.module.net), spec)?;
+    let console = spec.peripherals.console;
+    let running = start_vm(engine, b, spec, again)?;
+    let started = Instant::now();
+    if console {
+        b.note(format!(
+            "console: kiln console {}/{}",
+            b.module.job.name, b.vm.name
+        ));
+    }
     let socket = running.vsock_socket().to_path_buf();
     let running: SharedVm = Arc::new(Mutex::new(running));
     let registered = b.module.ctx.registry.add(&b.vm.name, running.clone());
 
     let log_path = b.step_log();
-    let log = crate::log_file::create(&log_path)
+    let log = open_log(&log_path)
         .map(Mutex::new)
         .map_err(|source| VmError::Log {
             path: log_path,
@@ -136,8 +170,68 @@ pub(super) fn launch<'a>(b: &VmBuild<'a>, disks: &VmDisks) -> Result<Launched<'a
         running,
         socket,
         log,
+        started,
         _registered: registered,
     })
+}
+
+/// What a build VM gets besides its disks and NICs: its install media, and under qemu a
+/// screen with a VNC console on it unless it is `invisible` (which keeps the screen for boot
+/// commands and screenshots, out of every console view).
+fn peripherals(
+    b: &VmBuild,
+    engine: &dyn Engine,
+    media: &engine::Peripherals,
+) -> engine::Peripherals {
+    let screen = media.screen || engine.name() == "qemu";
+    engine::Peripherals {
+        screen,
+        console: screen && !b.vm.invisible,
+        ..media.clone()
+    }
+}
+
+/// Starts the VM. Started `again` after a power-off, its NICs may not be free on the switch
+/// yet (the switch sees the old ports close on its next turn): a few short retries then.
+fn start_vm(
+    engine: &dyn Engine,
+    b: &VmBuild,
+    spec: VmStart,
+    again: bool,
+) -> Result<Box<dyn engine::RunningVm>, launch::LaunchError> {
+    let mut tries = 0;
+    loop {
+        let this_try = VmStart {
+            workdir: spec.workdir.clone(),
+            serial_log: spec.serial_log.clone(),
+            boot: spec.boot.clone(),
+            disks: spec.disks.clone(),
+            peripherals: spec.peripherals.clone(),
+            ..spec
+        };
+        match launch::start(engine, Some(b.module.net), this_try) {
+            Err(launch::LaunchError::Nics(_)) if again && tries < 20 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Whether a VM that stopped before its communicator answered is an installer that powered
+/// off, to be started again once from its disk: a VM with ISOs, on its first start, whose
+/// guest ended it cleanly (not QEMU failing), in a build that goes on.
+pub(super) fn restart_after_install(b: &VmBuild, vm: &Launched, e: &VmError, starts: u32) -> bool {
+    if !matches!(e, VmError::Stopped { .. }) || b.vm.isos.is_empty() || starts != 1 {
+        return false;
+    }
+    let exit = vm
+        .running
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .wait_exit(Duration::ZERO);
+    matches!(exit, Ok(Some(status)) if status.success()) && !b.cancelled()
 }
 
 /// Waits until the VM's agent answers, in short tries, so a cancel (Ctrl-C, the build
@@ -153,7 +247,25 @@ pub(super) fn wait_for_agent(
     let vm_gone = AtomicBool::new(false);
     let wait_over = AtomicBool::new(false);
     let boot_failed: Mutex<Option<String>> = Mutex::new(None);
+    let typing_failed: Mutex<Option<BootCommandError>> = Mutex::new(None);
+    let last_screenshot: Mutex<Option<PathBuf>> = Mutex::new(None);
     let waited = std::thread::scope(|s| {
+        if !b.vm.boot_command.is_empty() {
+            s.spawn(|| {
+                let stop = || b.cancelled() || wait_over.load(Ordering::SeqCst);
+                let shot = |p: &Path| {
+                    b.note(format!("boot command screenshot: {}", in_logs(p)));
+                    *last_screenshot.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(p.to_path_buf());
+                };
+                if let Err(e) = type_boot_command(b, vm, &stop, &shot) {
+                    if !stop() {
+                        *typing_failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                        stop_wait.store(true, Ordering::SeqCst);
+                    }
+                }
+            });
+        }
         s.spawn(|| {
             let mut console = ConsoleWatch::new(b.serial_log());
             while !wait_over.load(Ordering::SeqCst) {
@@ -187,10 +299,32 @@ pub(super) fn wait_for_agent(
     waited.map_err(|e| {
         let serial = serial_tail(&b.serial_log());
         let failed = boot_failed.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(cause) = failed {
+        let typing = typing_failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let screenshot = last_screenshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .map(|p| in_logs(&p))
+            .unwrap_or_else(|| "none taken".into());
+        if let Some(error) = typing {
+            VmError::BootCommand {
+                error,
+                screenshot,
+                serial,
+            }
+        } else if let Some(cause) = failed {
             VmError::BootFailed { cause, serial }
         } else if vm_gone.load(Ordering::SeqCst) {
             VmError::Stopped { serial }
+        } else if !b.vm.boot_command.is_empty() {
+            VmError::NoAgentAfterBootCommand {
+                error: GuestError::from(e),
+                screenshot,
+                serial,
+            }
         } else {
             VmError::NoAgent {
                 error: GuestError::from(e),
@@ -198,6 +332,49 @@ pub(super) fn wait_for_agent(
             }
         }
     })
+}
+
+/// A screenshot as the module's (or a failed build's kept) logs hold it: the partial module
+/// it is written in is renamed when the build ends.
+fn in_logs(p: &Path) -> String {
+    let name = p.file_name().unwrap_or_default().to_string_lossy();
+    format!("logs/{name}")
+}
+
+/// Types the VM's boot command (after `bootWait`, counted from its launch), telling of each
+/// screenshot with `shot`.
+fn type_boot_command(
+    b: &VmBuild,
+    vm: &Launched,
+    stop: &(dyn Fn() -> bool + Sync),
+    shot: &(dyn Fn(&Path) + Sync),
+) -> Result<(), BootCommandError> {
+    let http =
+        b.vm.nics
+            .first()
+            .and_then(|n| b.module.net.gateway(&n.subnet))
+            .map(|ip| HttpAddr {
+                ip,
+                port: http_directory::PORT,
+            });
+    let actions = boot_command::actions(&b.vm.boot_command, http)?;
+    let typist = Typist {
+        socket: engine::qemu::control_socket(&b.runtime_dir()),
+        logs: b
+            .serial_log()
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default(),
+        vm: b.vm.name.clone(),
+        key_interval: b.vm.boot_key_interval,
+        cancelled: stop,
+        screenshot: shot,
+    };
+    typist.boot_wait(vm.started, b.vm.boot_wait)?;
+    b.phase(VmPhase::BootCommand, None);
+    typist.type_actions(&actions)?;
+    b.note("boot command typed".into());
+    Ok(())
 }
 
 /// Reads what the serial console adds, a few times a second, and looks in it for a boot

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod build;
 mod cache;
+mod console;
 mod disk;
 mod instance;
 mod logs;
@@ -45,6 +46,8 @@ enum Command {
     Build(build::BuildArgs),
     /// Continue a build paused at a handbuild step.
     Resume(build::ResumeArgs),
+    /// How to attach to a running build VM's screen (VNC), or forward a loopback port to it.
+    Console(console::ConsoleArgs),
     /// Show a build's logs (a failed build's too), or list them.
     Logs(logs::LogsArgs),
     /// List built modules and clones.
@@ -84,6 +87,7 @@ pub fn main() -> ExitCode {
         Command::Schema(a) => manifest::schema(a),
         Command::Build(a) => build::build(a),
         Command::Resume(a) => build::resume(a),
+        Command::Console(a) => console::console(a),
         Command::Logs(a) => logs::logs(a),
         Command::Ls(a) => modules::ls(a),
         Command::Clone(a) => modules::clone(a),

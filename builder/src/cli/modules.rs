@@ -160,7 +160,9 @@ mod tests {
             agent_in_image: true,
             boot: None,
             firmware: None,
+            invisible: false,
             disks: vec![],
+            isos: vec![],
         };
         assert_eq!(boot_label(&v), "direct");
         for (firmware, booted, want) in [

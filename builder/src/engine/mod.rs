@@ -144,6 +144,10 @@ pub struct Peripherals {
     /// A screen (standard VGA) and keyboard, driven through the control socket
     /// ([`qemu::control_socket`]): typed into by a boot command, captured by screenshots.
     pub screen: bool,
+    /// With `screen`: a VNC server on a Unix socket in the work folder with a one-time
+    /// password ([`qemu::vnc`]), which `kiln console` and `kiln serve` show. Off for
+    /// `invisible` VMs, which keep their screen for boot commands and screenshots.
+    pub console: bool,
 }
 
 impl Peripherals {

@@ -18,12 +18,16 @@
 //! - `GET /api/builds/ID` -> `state`; `GET /api/builds/ID/events` -> Server-Sent Events
 //!   (see [`sse`]); `POST /api/builds/ID/cancel`; `POST /api/builds/ID/resume?vm=V` ends a
 //!   handbuild pause
+//! - `GET /api/builds/ID/consoles` -> `{consoles: [{vm, password}]}`: the running build's VMs
+//!   with a console now (not `invisible` ones); `GET /api/builds/ID/console?vm=V` is a
+//!   WebSocket carrying that VM's VNC stream ([`console`])
 //!
 //! Requests are served by a few worker threads; an event stream gets a thread of its own, so
 //! a page watching a build never holds up another request.
 
 mod assets;
 pub mod build;
+mod console;
 pub mod doc;
 pub mod host;
 pub mod http;
@@ -290,6 +294,29 @@ fn handle(shared: &Arc<Shared>, mut req: Request) {
                     }
                     Err(e) => Err(e),
                 },
+                ("GET", "consoles") => run.map(|r| {
+                    // The password goes to the page here, under the token header, never in
+                    // a URL; invisible VMs are not listed at all.
+                    let consoles: Vec<Value> = r
+                        .consoles()
+                        .into_iter()
+                        .map(|c| json!({ "vm": c.vm, "password": c.password }))
+                        .collect();
+                    json!({ "consoles": consoles })
+                }),
+                ("GET", "console") => {
+                    let vm = query(&url, "vm");
+                    let socket = match (run, vm) {
+                        (Ok(r), Some(vm)) => r.console(&vm).map_err(action_status),
+                        (Err(e), _) => Err(e),
+                        (_, None) => Err((400, "the `vm` query parameter is required".into())),
+                    };
+                    return match (socket, console::upgrade_error(&req)) {
+                        (Err((status, msg)), _) => error(req, status, msg),
+                        (Ok(_), Some(why)) => error(req, 400, why),
+                        (Ok(c), None) => open_console(shared, req, c.socket),
+                    };
+                }
                 ("POST", "cancel") => run.and_then(|r| {
                     r.cancel()
                         .map(|()| json!({ "cancelling": r.id }))
@@ -319,27 +346,48 @@ fn with_name(name: Option<String>) -> Result<String, (u16, String)> {
 
 /// Hands an event stream a thread of its own, within [`MAX_STREAMS`].
 fn open_stream(shared: &Arc<Shared>, req: Request, run: Arc<build::BuildRun>, from: u64) {
+    on_stream_thread(shared, req, "serve-events", move |req| {
+        sse::stream(req, run, from)
+    });
+}
+
+/// Hands a console WebSocket a thread of its own, counted with the event streams.
+fn open_console(shared: &Arc<Shared>, req: Request, socket: PathBuf) {
+    on_stream_thread(shared, req, "serve-console", move |req| {
+        console::proxy(req, &socket)
+    });
+}
+
+/// Runs `serve` with `req` on a thread of its own, within [`MAX_STREAMS`] such threads.
+fn on_stream_thread(
+    shared: &Arc<Shared>,
+    req: Request,
+    name: &str,
+    serve: impl FnOnce(Request) + Send + 'static,
+) {
     if shared.streams.fetch_add(1, Ordering::SeqCst) >= MAX_STREAMS {
         shared.streams.fetch_sub(1, Ordering::SeqCst);
-        return error(req, 503, "too many event streams are open");
+        return error(req, 503, "too many streams are open");
     }
     let s = shared.clone();
     let spawned = std::thread::Builder::new()
-        .name("serve-events".into())
+        .name(name.into())
         .spawn(move || {
-            sse::stream(req, run, from);
+            serve(req);
             s.streams.fetch_sub(1, Ordering::SeqCst);
         });
     if let Err(e) = spawned {
         // The request moved into the failed closure and is dropped: the page reconnects.
         shared.streams.fetch_sub(1, Ordering::SeqCst);
-        tracing::warn!("cannot start an event stream thread: {e}");
+        tracing::warn!("cannot start a {name} thread: {e}");
     }
 }
 
 fn action_status(e: build::BuildActionError) -> (u16, String) {
     let status = match e {
         build::BuildActionError::NoBuild(_) => 404,
+        build::BuildActionError::Console(crate::console::ConsoleError::NotInBuild { .. }) => 404,
+        build::BuildActionError::Console(_) => 409,
         build::BuildActionError::NotRunning(_) | build::BuildActionError::NotPaused(_) => 409,
         build::BuildActionError::Resume { .. } => 500,
     };

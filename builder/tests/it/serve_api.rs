@@ -302,11 +302,11 @@ fn read_stream(url: String) -> Vec<(String, Option<u64>, String)> {
     out
 }
 
-#[test]
-fn a_build_streams_pauses_at_handbuild_resumes_and_succeeds() {
-    let d = tempfile::tempdir().expect("tempdir");
-    std::fs::write(d.path().join("m.yaml"), PAUSING).expect("manifest");
-    let (base, token) = start_with(d.path(), fake_kiln(d.path()));
+/// A server on `d` with the stand-in `kiln`, building `PAUSING` as `m.yaml`: its base URL,
+/// token, an agent, and the build's first state.
+fn start_pausing_build(d: &Path) -> (String, String, ureq::Agent, serde_json::Value) {
+    std::fs::write(d.join("m.yaml"), PAUSING).expect("manifest");
+    let (base, token) = start_with(d, fake_kiln(d));
     let a = agent();
     let (st, v) = call(
         &a,
@@ -316,6 +316,13 @@ fn a_build_streams_pauses_at_handbuild_resumes_and_succeeds() {
         "",
     );
     assert_eq!(st, 200, "{v}");
+    (base, token, a, v)
+}
+
+#[test]
+fn a_build_streams_pauses_at_handbuild_resumes_and_succeeds() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let (base, token, a, v) = start_pausing_build(d.path());
     assert_eq!(v["status"], "running");
     assert_eq!(v["module"], "m");
     assert_eq!(v["vms"][0]["steps"][0]["kind"], "handbuild");
@@ -743,4 +750,135 @@ fn heads_and_bodies_are_limited() {
         std::fs::read_to_string(d.path().join("m.yaml")).expect("saved"),
         "vms: []\n"
     );
+}
+
+/// A VNC server standing in for QEMU's on `socket`: sends the RFB banner, then hands back
+/// the first client version it reads, so a test sees bytes cross both ways. Connections that
+/// close without one (the server checking that the console answers) are passed over.
+fn fake_vnc(socket: &Path) -> std::thread::JoinHandle<Vec<u8>> {
+    let l = std::os::unix::net::UnixListener::bind(socket).expect("bind the VNC socket");
+    std::thread::spawn(move || loop {
+        let (mut s, _) = l.accept().expect("accept");
+        let _ = s.write_all(b"RFB 003.008\n");
+        let mut got = vec![0u8; 12];
+        if s.read_exact(&mut got).is_ok() {
+            return got;
+        }
+    })
+}
+
+#[test]
+fn a_running_vm_console_is_a_websocket_to_its_vnc_socket() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let (base, token, a, _) = start_pausing_build(d.path());
+    wait_state(&a, &base, &token, "the pause", |v| {
+        !v["vms"][0]["paused"].is_null()
+    });
+    let consoles = || {
+        call(
+            &a,
+            "GET",
+            &format!("{base}/api/builds/1/consoles"),
+            &token,
+            "",
+        )
+    };
+    // No screen yet: no console listed, and the route says why.
+    let (st, v) = consoles();
+    assert_eq!(
+        (st, v["consoles"].clone()),
+        (200, serde_json::json!([])),
+        "{v}"
+    );
+    let addr = addr_of(&base);
+    let upgrade = |path: &str, extra: &str| {
+        raw(
+            addr,
+            &format!(
+                "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n"
+            ),
+        )
+    };
+    let path = format!("/api/builds/1/console?vm=a&token={token}");
+    let (st, body) = upgrade(&path, "");
+    assert!(
+        st == 409 && (body.contains("no screen") || body.contains("not started")),
+        "{st} {body}"
+    );
+
+    // The build's VM gets a screen: what the qemu engine makes in the VM's runtime folder.
+    let run = d.path().join("run");
+    let start = Instant::now();
+    let vm_dir = loop {
+        let found = std::fs::read_dir(&run)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path().join("a"))
+            .find(|p| p.is_dir());
+        match found {
+            Some(d) => break d,
+            None if start.elapsed() < Duration::from_secs(10) => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            None => panic!("the stand-in made no VM folder in {}", run.display()),
+        }
+    };
+    std::fs::write(vm_dir.join("vnc.pass"), "pAss2345").expect("password");
+    let server = fake_vnc(&vm_dir.join("vnc.sock"));
+    let (st, v) = consoles();
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(
+        v["consoles"],
+        serde_json::json!([{"vm": "a", "password": "pAss2345"}])
+    );
+
+    // What the server's checks refuse: no token, another site's page, no upgrade, no VM.
+    let (st, _) = upgrade("/api/builds/1/console?vm=a", "");
+    assert_eq!(st, 403);
+    let (st, _) = upgrade(&path, "Origin: http://evil.example\r\n");
+    assert_eq!(st, 403);
+    let (st, body) = raw(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n"),
+    );
+    assert!(st == 400 && body.contains("WebSocket"), "{st} {body}");
+    let (st, _) = upgrade(&format!("/api/builds/1/console?vm=zz&token={token}"), "");
+    assert_eq!(st, 404);
+
+    // The page's own origin gets through, and bytes cross both ways as binary messages.
+    let tcp = TcpStream::connect(addr).expect("connect");
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut req =
+        tungstenite::client::IntoClientRequest::into_client_request(format!("ws://{addr}{path}"))
+            .expect("request");
+    req.headers_mut()
+        .insert("Origin", format!("http://{addr}").parse().expect("origin"));
+    let (mut ws, resp) = tungstenite::client::client(req, tcp).expect("handshake");
+    assert_eq!(resp.status(), 101);
+    let mut got = Vec::new();
+    while got.len() < 12 {
+        match ws.read().expect("a message") {
+            tungstenite::Message::Binary(b) => got.extend_from_slice(&b),
+            m => panic!("not binary: {m:?}"),
+        }
+    }
+    assert_eq!(got, b"RFB 003.008\n");
+    // Split over two messages, as a client may send it.
+    ws.send(tungstenite::Message::Binary(b"RFB 003".to_vec().into()))
+        .expect("send");
+    ws.send(tungstenite::Message::Binary(b".008\n".to_vec().into()))
+        .expect("send");
+    assert_eq!(server.join().expect("fake VNC"), b"RFB 003.008\n");
+    // The VM's side closed: the WebSocket closes too.
+    let end = loop {
+        match ws.read() {
+            Ok(tungstenite::Message::Close(_)) => break "close",
+            Ok(_) => {}
+            Err(_) => break "error",
+        }
+    };
+    assert!(matches!(end, "close" | "error"));
 }

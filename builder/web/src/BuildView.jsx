@@ -1,5 +1,6 @@
 import { useEffect, useRef, useState } from 'react';
 import * as api from './api.js';
+import Console, { useConsoles } from './Console.jsx';
 
 const BUILD_PHASES = ['Pending', 'Networking', 'Building', 'CapturingDisks', 'Succeeded'];
 const VM_PHASES = ['Pending', 'SourceImporting', 'Booting', 'BootCommand', 'Provisioning', 'ShuttingDown', 'DiskCaptured', 'Succeeded'];
@@ -76,7 +77,7 @@ function Phases({ list, marks, current, status, testid }) {
 
 const ICON = { pending: '○', running: '◐', ok: '✓', failed: '✗' };
 
-function Vm({ build, vm }) {
+function Vm({ build, vm, password }) {
   const [sent, setSent] = useState(false);
   const [err, setErr] = useState('');
   useEffect(() => setSent(false), [vm.paused?.index]);
@@ -96,6 +97,7 @@ function Vm({ build, vm }) {
         {vm.message ? <small className="msg"> {vm.message}</small> : null}</h3>
       <Phases list={VM_PHASES} marks={vm.phases} current={vm.phase} status={build.status} testid={`vm-${vm.name}-phase`} />
       {p && <div className="progress">{p.what}: {mib(p.done)}{p.total ? ` of ${mib(p.total)}` : ''}</div>}
+      {password && <Console buildId={build.id} vm={vm.name} password={password} />}
       {vm.paused && (
         <div className="pause" data-testid={`handbuild-${vm.name}`}>
           <b>Paused at handbuild step “{vm.paused.step}”</b>
@@ -155,6 +157,7 @@ export default function BuildView({ build, lines }) {
   const [cancelling, setCancelling] = useState(false);
   const logRef = useRef(null);
   const running = build?.status === 'running';
+  const consoles = useConsoles(build);
   useEffect(() => {
     if (!running) return undefined;
     const t = setInterval(() => setNow(Date.now()), 1000);
@@ -186,7 +189,7 @@ export default function BuildView({ build, lines }) {
       </div>
       <Phases list={BUILD_PHASES} marks={build.phases} current={build.phase} status={build.status} testid="build-phase" />
       <div className="vms">
-        {build.vms.map((vm) => <Vm key={vm.name} build={build} vm={vm} />)}
+        {build.vms.map((vm) => <Vm key={vm.name} build={build} vm={vm} password={consoles[vm.name]} />)}
       </div>
       {build.error && <pre className="build-error" data-testid="build-error">{build.error}</pre>}
       {build.result && <Module result={build.result} />}

@@ -29,3 +29,11 @@ export const resumeBuild = (id, vm) => call('POST', `/api/builds/${id}/resume?vm
 // EventSource cannot send headers: the token goes in the URL, as in the page's own.
 export const buildEvents = (id) =>
   new EventSource(`/api/builds/${id}/events?token=${encodeURIComponent(token)}`);
+// The consoles of a running build's VMs: [{vm, password}] (the password comes here, under the
+// token header, never in a URL).
+export const buildConsoles = (id) => call('GET', `/api/builds/${id}/consoles`).then((v) => v.consoles);
+// A WebSocket cannot send headers either: the token goes in the URL, the VNC password does not.
+export const consoleUrl = (id, vm) => {
+  const scheme = window.location.protocol === 'https:' ? 'wss:' : 'ws:';
+  return `${scheme}//${window.location.host}/api/builds/${id}/console?vm=${encodeURIComponent(vm)}&token=${encodeURIComponent(token)}`;
+};

@@ -57,6 +57,9 @@ writeFileSync(join(work, 'hello-cancel.yaml'), hello.replace('    provisioners:\
         type: handbuild
         handbuild: { instructions: "Cancel me." }
 `));
+// The same, its VM kept out of every console view.
+writeFileSync(join(work, 'hello-hidden.yaml'), readFileSync(join(work, 'hello-cancel.yaml'), 'utf8')
+  .replace('  - name: hello\n', '  - name: hello\n    invisible: true\n'));
 // A build that fails when it starts: its parent module does not exist.
 writeFileSync(join(work, 'orphan.yaml'), `vms:
   - name: child
@@ -264,9 +267,23 @@ await test('a build that fails shows why, and the Build button waits for it', as
 if (!qemu) {
   console.error('SKIP: qemu-system-x86_64 is absent: the browser tests that build a VM did not run');
 } else {
-  await test('a build paused at a handbuild step is cancelled from the page', async () => {
+  await test('a build paused at a handbuild step shows its screen and is cancelled from the page', async () => {
     await startBuild('hello-cancel.yaml');
     await page.waitForSelector('[data-testid="handbuild-hello"]', { timeout: 300000 });
+    // The VM's live screen: noVNC connected through the server, its canvas painted.
+    await page.waitForSelector('[data-testid="console-hello"][data-status="connected"]', { timeout: 30000 }).catch(async (e) => {
+      const st = await page.getAttribute('[data-testid="console-hello"]', 'data-status', { timeout: 1000 }).catch(() => 'no console');
+      throw new Error(`the screen is ${st}: ${e.message}`);
+    });
+    await page.waitForFunction(() => {
+      const c = document.querySelector('[data-testid="console-hello"] canvas');
+      if (!c || !c.width || !c.height) return false;
+      const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+      const colours = new Set();
+      for (let i = 0; i < d.length; i += 4 * 31) colours.add((d[i] << 16) | (d[i + 1] << 8) | d[i + 2]);
+      return colours.size > 1;
+    }, null, { timeout: 30000 });
+    if (process.env.KILN_SCREENSHOTS) await page.screenshot({ path: join(process.env.KILN_SCREENSHOTS, 'build-console.png'), fullPage: true });
     await page.click('[data-testid="build-cancel"]');
     await buildStatus('cancelled', 60000);
     const err = await page.textContent('[data-testid="build-error"]');
@@ -274,6 +291,21 @@ if (!qemu) {
     assert(await page.locator('[data-testid="handbuild-hello"]').count() === 0, 'the pause is still shown');
     assert(!existsSync(join(modules, 'hello-cancel')), 'a cancelled build left a module');
     assert(!(await page.isDisabled('[data-testid="build-start"]')), 'Build stays disabled after the cancel');
+  });
+
+  await test('an invisible VM has no console on the page', async () => {
+    await startBuild('hello-hidden.yaml');
+    await page.waitForSelector('[data-testid="handbuild-hello"]', { timeout: 300000 });
+    const id = await api('GET', '/api/builds').then((v) => v.builds.find((b) => b.status === 'running').id);
+    // Past a few of the page's polls: still nothing.
+    await page.waitForTimeout(5000);
+    const consoles = await api('GET', `/api/builds/${id}/consoles`);
+    assert(consoles.consoles.length === 0, `an invisible VM is listed: ${JSON.stringify(consoles)}`);
+    assert(await page.locator('[data-testid="console-hello"]').count() === 0, 'an invisible VM shows a console');
+    const r = await fetch(`${base}/api/builds/${id}/console?vm=hello`, { headers: { 'X-Kiln-Token': token } });
+    assert(r.status === 409 && /invisible/.test((await r.json()).error), `the console route answered ${r.status}`);
+    await page.click('[data-testid="build-cancel"]');
+    await buildStatus('cancelled', 60000);
   });
 
   await test('hello with a handbuild step: phases, output, pause, Continue, Succeeded, module', async () => {

@@ -167,3 +167,16 @@ pub fn hidden_entries(dir: &Path) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// A runtime folder for a test's builds (`KILN_RUN_DIR`): `<parent>/run`, private to its owner
+/// as kiln requires.
+pub fn private_run_dir(parent: &Path) -> PathBuf {
+    let run_dir = parent.join("run");
+    std::fs::create_dir(&run_dir).unwrap();
+    std::fs::set_permissions(
+        &run_dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    run_dir
+}

@@ -114,14 +114,7 @@ fn interrupt_at(at: At) {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let run_dir = tmp.path().join("run");
-    std::fs::create_dir(&run_dir).unwrap();
-    // The runtime folder must be private to its owner.
-    std::fs::set_permissions(
-        &run_dir,
-        std::os::unix::fs::PermissionsExt::from_mode(0o700),
-    )
-    .unwrap();
+    let run_dir = private_run_dir(tmp.path());
     let step = match at {
         At::Step => "echo started-long-step; sleep 600",
         _ => "echo quick",

@@ -2,6 +2,7 @@
 //! test binary instead of one per file is most of a test build's time on a small machine.
 //! `build_common` holds the helpers the `kiln build` tests share.
 
+mod build_boot_command;
 mod build_common;
 mod build_disk_bus;
 mod build_failures;
@@ -9,6 +10,7 @@ mod build_firmware;
 mod build_hello;
 mod build_http;
 mod build_interrupt;
+mod build_iso;
 mod build_layered;
 mod build_legacy_devices;
 mod build_logs;
@@ -20,6 +22,7 @@ mod build_thin;
 mod build_untrusted;
 mod build_url;
 mod clone_firmware;
+mod console;
 mod doctor;
 mod firmware_common;
 mod firmware_images;

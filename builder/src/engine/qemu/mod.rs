@@ -17,10 +17,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub mod backends;
+pub mod control;
 pub mod qmp;
 mod stream_nic;
+pub mod vnc;
 
 pub use backends::{block_socket, nbd_socket, net_socket, stream_socket, BlockMode};
+pub use vnc::{vnc_password_file, vnc_socket};
 
 use super::firmware::HostFirmware;
 use super::{BootMode, Engine, EngineError, RunningVm, VmLaunch};
@@ -103,6 +106,11 @@ pub fn qemu_args(
     if vm.peripherals.screen {
         push("-vga");
         push("std");
+        if vm.peripherals.console {
+            for arg in vnc::vnc_args(&vm.workdir) {
+                push(&arg);
+            }
+        }
     }
     push("-monitor");
     push("none");
@@ -154,7 +162,9 @@ pub fn qemu_args(
     }
     let mut sata_ports = 0;
     // The boot disk first, then the first CD: one order for the install and every boot after.
-    let has_cd = !vm.peripherals.cdroms.is_empty();
+    // Firmware boots only: with `-kernel` QEMU's own boot ROM holds the first boot index.
+    let firmware = matches!(vm.boot, BootMode::Firmware(_));
+    let has_cd = !vm.peripherals.cdroms.is_empty() && firmware;
     for (i, d) in vm.disks.iter().enumerate() {
         let order = if i == 0 && has_cd { ",bootindex=0" } else { "" };
         match (d.bus, block) {
@@ -217,7 +227,11 @@ pub fn qemu_args(
         a.push("-drive".into());
         a.push(format!("if=none,id=cd{i},media=cdrom,readonly=on,format=raw,file={path}").into());
         a.push("-device".into());
-        let order = if i == 0 { ",bootindex=1" } else { "" };
+        let order = if i == 0 && firmware {
+            ",bootindex=1"
+        } else {
+            ""
+        };
         a.push(format!("ide-cd,drive=cd{i},bus=ide.{sata_ports}{order}").into());
         sata_ports += 1;
     }
@@ -326,6 +340,10 @@ impl Engine for QemuEngine {
             let _ = std::fs::remove_file(&control);
             args.push("-qmp".into());
             args.push(format!("unix:{},server=on,wait=off", control.display()).into());
+        }
+        if vm.peripherals.screen && vm.peripherals.console {
+            // One password per VM start, kept across its reboots (each fresh QEMU reads it).
+            vnc::write_password(&vm.workdir)?;
         }
         let stderr_path = vm.workdir.join("qemu.stderr");
         let spawn = QemuSpawn {
@@ -703,12 +721,22 @@ mod tests {
 
     #[test]
     fn an_iso_install_gets_cds_after_the_sata_disks_a_floppy_and_a_screen() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("bios-256k.bin"), b"x").unwrap();
+        let host = HostFirmware::find_in(dir.path(), dir.path());
+        let args_of = |l: &VmLaunch, block, vsock| qemu_args(l, block, vsock, &host).unwrap();
         let mut l = launch();
+        let direct = l.boot.clone();
+        l.boot = BootMode::Firmware(crate::engine::FirmwareBoot {
+            firmware: crate::job::Firmware::Bios,
+            nvram: None,
+        });
         l.disks[0].bus = DiskBus::Sata;
         l.peripherals = crate::engine::Peripherals {
             cdroms: vec!["/c/install,er.iso".into(), "/c/drivers.iso".into()],
             floppy: Some("/w/floppy.img".into()),
             screen: true,
+            console: false,
         };
         let s = joined(&args_of(&l, BlockMode::VhostUser, None));
         // The disk boots first, then the first CD; CDs take the AHCI ports after the disks.
@@ -732,6 +760,16 @@ mod tests {
         l.disks[0].bus = DiskBus::Virtio;
         let s = joined(&args_of(&l, BlockMode::VhostUser, None));
         assert!(s.contains("num-queues=1,bootindex=0"), "{s}");
+        // A direct boot has no boot order: QEMU's `-kernel` ROM takes the first index.
+        let kernel = VmLaunch {
+            boot: direct,
+            ..l.clone()
+        };
+        let s = joined(&args_of(&kernel, BlockMode::VhostUser, None));
+        assert!(
+            s.contains("ide-cd,drive=cd0") && !s.contains("bootindex"),
+            "{s}"
+        );
         // Six ports: five sata disks leave room for one CD only.
         l.disks = (0..5)
             .map(|i| DiskAttach {
@@ -741,13 +779,37 @@ mod tests {
                 bus: DiskBus::Sata,
             })
             .collect();
-        let e = qemu_args(&l, BlockMode::VhostUser, None, &HostFirmware::default())
+        let e = qemu_args(&l, BlockMode::VhostUser, None, &host)
             .unwrap_err()
             .to_string();
         assert!(e.contains("7 sata disks and CD-ROMs"), "{e}");
         // Without peripherals, no screen and no boot order.
         let s = joined(&args_of(&launch(), BlockMode::VhostUser, None));
         assert!(!s.contains("-vga") && !s.contains("bootindex"), "{s}");
+    }
+
+    #[test]
+    fn a_visible_screen_gets_a_vnc_server_on_a_socket_with_a_password() {
+        let mut l = launch();
+        let vnc = "-object secret,id=vncsec0,file=/w/vnc.pass \
+                   -vnc unix:/w/vnc.sock,password-secret=vncsec0";
+        for (screen, console, has_vnc) in [
+            (true, true, true),
+            // `invisible`: a screen for boot commands, but no console.
+            (true, false, false),
+            // No screen, nothing to show.
+            (false, true, false),
+            (false, false, false),
+        ] {
+            l.peripherals.screen = screen;
+            l.peripherals.console = console;
+            let s = joined(&args_of(&l, BlockMode::VhostUser, None));
+            assert_eq!(s.contains(vnc), has_vnc, "{screen} {console}: {s}");
+            assert_eq!(s.contains("-vnc"), has_vnc, "{s}");
+            assert_eq!(s.contains("-vga std"), screen, "{s}");
+            // The VNC server never replaces `-display none`: QEMU opens no window.
+            assert!(s.contains("-display none"), "{s}");
+        }
     }
 
     #[test]

@@ -17,6 +17,9 @@ use super::network::{self, Declared, Lowered};
 use super::resources::check_resources;
 use super::{read, steps, Cx};
 
+/// The ports of q35's AHCI controller, shared by `sata` disks and CD-ROMs.
+const AHCI_PORTS: usize = 6;
+
 const SUITES: &[&str] = &[
     "bullseye", "bookworm", "trixie", "forky", "sid", "stable", "testing", "unstable",
 ];
@@ -65,6 +68,23 @@ pub fn vm(cx: &mut Cx, n: &Node, net: &Declared) -> Option<Lowered> {
         nic.map(|x| (vec![x], vec![at])).unwrap_or_default()
     };
     let boot_command = boot_command(cx, read::list(n, "bootCommand"));
+    // Packer's defaults.
+    let boot_wait = read::duration(n, "bootWait").unwrap_or(Duration::from_secs(10));
+    let boot_key_interval =
+        read::duration(n, "bootKeyInterval").unwrap_or(Duration::from_millis(100));
+    // By the list written, not the events parsed: a bad token is reported on its own.
+    if read::list(n, "bootCommand").is_empty() {
+        for key in ["bootWait", "bootKeyInterval"] {
+            if let Some(k) = n.key(key) {
+                cx.sink
+                    .warn(
+                        k.span,
+                        format!("`{key}` does nothing without a `bootCommand`"),
+                    )
+                    .hint("remove it, or add the `bootCommand` it paces");
+            }
+        }
+    }
     let efi = n.get("efiFirmware").map(|e| Efi {
         secure_boot: read::boolean(e, "secureBoot").unwrap_or(false),
     });
@@ -91,21 +111,20 @@ pub fn vm(cx: &mut Cx, n: &Node, net: &Declared) -> Option<Lowered> {
                 .hint("serve large files with httpDirectory instead");
         }
     }
-    // Read and checked now so the manifest's form is right, but `kiln build` refuses them at
-    // its start until ISO installs land: say so here, where the user sees the place.
-    for key in ["bootCommand", "isos", "floppy"] {
-        let present = match n.get(key) {
-            Some(v) if key == "floppy" => !matches!(v.kind, crate::manifest::yaml::Kind::Null),
-            Some(_) => !read::list(n, key).is_empty(),
-            None => false,
-        };
-        if let (true, Some(k)) = (present, n.key(key)) {
+    // q35's AHCI controller has six ports: the sata disks take the first, the CDs the next.
+    let sata = disks.iter().filter(|d| d.bus == DiskBus::Sata).count();
+    if !isos.is_empty() && sata + isos.len() > AHCI_PORTS {
+        if let Some(k) = n.key("isos") {
             cx.sink
-                .warn(
+                .error(
                     k.span,
-                    format!("`{key}` is not supported by `kiln build` yet: a build of this manifest is refused at its start"),
+                    format!(
+                        "{sata} sata disk(s) and {} ISO(s) need {} SATA ports: the VM's AHCI controller has {AHCI_PORTS}",
+                        isos.len(),
+                        sata + isos.len()
+                    ),
                 )
-                .hint("ISO installs (isos, floppy, bootCommand, blank disks) are not done by kiln yet; use a `url`, `file` or `bootstrap` source");
+                .hint("put some disks on `bus: virtio` or `scsi`, or attach fewer ISOs");
         }
     }
     let provisioners = steps::provisioners(cx, read::list(n, "provisioners"), communicator.shell);
@@ -120,22 +139,14 @@ pub fn vm(cx: &mut Cx, n: &Node, net: &Declared) -> Option<Lowered> {
         nics,
         provisioners,
         boot_command,
+        boot_wait,
+        boot_key_interval,
         isos,
         floppy_files,
         efi,
         boot,
         invisible: read::boolean(n, "invisible").unwrap_or(false),
     };
-    if vm.invisible {
-        if let Some(at) = n.get("invisible") {
-            cx.sink
-                .error(
-                    at.span,
-                    "hiding a VM from consoles (`invisible: true`) is not supported by kiln yet",
-                )
-                .hint("remove `invisible`, or write `invisible: false`");
-        }
-    }
     if let Some(r) = read::node(n, "resources") {
         check_resources(cx, r, &vm);
     }
@@ -202,15 +213,7 @@ fn source(cx: &mut Cx, s: Option<&Node>, vm: &Node) -> Option<Source> {
             };
             Some(Source::Url { url, sha256 })
         }
-        "blank" => {
-            cx.sink
-                .warn(
-                    kinds[0].span,
-                    "a `blank` source needs an ISO install, which `kiln build` does not do yet: a build of this manifest is refused at its start",
-                )
-                .hint("use a `url`, `file` or `bootstrap` source");
-            Some(Source::Blank)
-        }
+        "blank" => Some(Source::Blank),
         "containerDisk" => {
             cx.sink
                 .error(

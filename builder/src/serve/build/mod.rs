@@ -47,6 +47,8 @@ pub enum BuildActionError {
     NotRunning(u64),
     #[error("VM `{0}` is not paused at a handbuild step")]
     NotPaused(String),
+    #[error(transparent)]
+    Console(#[from] crate::console::ConsoleError),
     #[error("cannot resume VM `{vm}`: {source}")]
     Resume {
         vm: String,

@@ -307,6 +307,48 @@ impl BuildRun {
     }
 }
 
+impl BuildRun {
+    /// The consoles this build's VMs have now and that answer (none once it ended);
+    /// `invisible` VMs never.
+    pub fn consoles(&self) -> Vec<crate::console::Console> {
+        let rec = crate::console::BuildRecord::of(&self.job);
+        let Some(pid) = self.running_pid() else {
+            return Vec::new();
+        };
+        rec.vms
+            .iter()
+            .filter(|v| !v.invisible)
+            .filter_map(|v| crate::console::console_of(&self.run_root, pid, &rec, &v.name).ok())
+            // Only a server that answers: between a guest's reboot and its fresh QEMU the
+            // socket is there but nobody listens, and the page would fail to connect.
+            .filter(|c| std::os::unix::net::UnixStream::connect(&c.socket).is_ok())
+            .collect()
+    }
+
+    /// VM `vm`'s console, while the build runs.
+    pub fn console(&self, vm: &str) -> Result<crate::console::Console, BuildActionError> {
+        let pid = self
+            .running_pid()
+            .ok_or(BuildActionError::NotRunning(self.id))?;
+        let rec = crate::console::BuildRecord::of(&self.job);
+        if !rec.vms.iter().any(|v| v.name == vm) {
+            let vms: Vec<&str> = rec.vms.iter().map(|v| v.name.as_str()).collect();
+            return Err(crate::console::ConsoleError::NotInBuild {
+                build: rec.module.clone(),
+                vm: vm.into(),
+                vms: vms.join(", "),
+            }
+            .into());
+        }
+        Ok(crate::console::console_of(&self.run_root, pid, &rec, vm)?)
+    }
+
+    fn running_pid(&self) -> Option<u32> {
+        let inner = self.lock();
+        inner.pid.filter(|_| !inner.done)
+    }
+}
+
 fn signal(pid: u32, sig: libc::c_int) {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
         return;
