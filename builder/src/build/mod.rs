@@ -18,6 +18,7 @@ mod boot_failure;
 mod boot_path;
 pub mod capture;
 mod cleanup;
+mod communicator;
 mod error;
 mod handover;
 mod media;
@@ -37,10 +38,10 @@ use std::time::{Instant, SystemTime};
 
 use crate::engine::BootMode;
 use crate::events::{ms, BuildPhase, Event, VmPhase};
-use crate::guest::{Guest, VsockConnector};
+use crate::guest::Guest;
 use crate::job::BuildJob;
 use crate::module::{DiskRecord, IsoRecord, ModuleRecord, PendingModule, VmRecord};
-use crate::sources::{bootstrap::AGENT_VSOCK_PORT, ResolvedSource};
+use crate::sources::ResolvedSource;
 use boot::Launched;
 use cleanup::{KeepLogsOnFailure, RunDir};
 use source::VmDisks;
@@ -191,8 +192,8 @@ fn vm_phases(b: &VmBuild) -> Result<VmRecord, VmError> {
         starts += 1;
         result = guest_phases(b, &vm, src, &disks);
     }
-    let captured = match result {
-        Ok(captured) => captured,
+    let (captured, agent_installed) = match result {
+        Ok(done) => done,
         Err(e) if b.cancelled() && e.follows_cancel() => return Err(VmError::Cancelled),
         Err(e) => {
             boot::stop_failed(b, &vm);
@@ -216,8 +217,8 @@ fn vm_phases(b: &VmBuild) -> Result<VmRecord, VmError> {
         cpus: b.vm.cpus,
         memory_mib: b.vm.memory_mib,
         source: src.record.clone(),
-        // The seed installed the agent into the captured disk.
-        agent_in_image: src.agent_in_image || disks.seed.is_some(),
+        // The seed, or kiln over SSH, installed the agent into the captured disk.
+        agent_in_image: src.agent_in_image || disks.seed.is_some() || agent_installed,
         boot,
         firmware: Some(firmware),
         disks: captured,
@@ -235,25 +236,30 @@ fn vm_phases(b: &VmBuild) -> Result<VmRecord, VmError> {
 }
 
 /// The phases that talk to the running guest, from its agent's first answer to its disks
-/// captured.
+/// captured; with whether kiln installed its agent over SSH.
 fn guest_phases(
     b: &VmBuild,
     vm: &Launched,
     src: &ResolvedSource,
     disks: &VmDisks,
-) -> Result<Vec<DiskRecord>, VmError> {
-    let connector = VsockConnector::new(&vm.socket, AGENT_VSOCK_PORT);
-    let mut guest = boot::wait_for_agent(b, vm, &connector)?;
-    let links = handover::links(b);
+) -> Result<(Vec<DiskRecord>, bool), VmError> {
+    let mut communicator = communicator::for_vm(b, vm)?;
+    let guest = boot::wait_for_agent(b, vm, communicator.connector())
+        .map_err(|e| communicator.explain_wait(e, b.vm.boot_timeout))?;
+    let ssh = !communicator.takes_handover();
+    let (mut guest, agent) = communicator.install_agent(b, vm, guest);
+    let connector = communicator.connector();
+    // A guest first reached over SSH runs its own DHCP client, agent or not.
+    let links = if !ssh { handover::links(b) } else { Vec::new() };
     let network_ready =
-        |g: &mut dyn Guest| handover::network_up(&connector, g, &links, &b.vm.name, b.events());
+        |g: &mut dyn Guest| handover::network_up(connector, g, &links, &b.vm.name, b.events());
     network_ready(&mut *guest);
     b.phase(VmPhase::Provisioning, None);
-    let guest = provision::run(b, guest, &connector, &vm.log, &network_ready)?;
+    let guest = provision::run(b, guest, connector, &vm.log, &network_ready)?;
     if b.cancelled() {
         return Err(VmError::Cancelled);
     }
     shutdown::wait_for_other_vms(b)?;
-    shutdown::run(b, guest, &connector, vm)?;
-    capture::run(b, src, disks)
+    shutdown::run(b, guest, connector, vm)?;
+    Ok((capture::run(b, src, disks)?, ssh && agent))
 }

@@ -13,4 +13,5 @@ mod qemu_boot_keys;
 mod qemu_console;
 mod qemu_disk_bus;
 mod serve_api;
+mod ssh;
 mod vm_cli;
