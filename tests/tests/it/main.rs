@@ -23,6 +23,7 @@ mod clone_firmware;
 mod doctor;
 mod firmware_common;
 mod firmware_images;
+mod iso_install;
 mod module_boots_in_plain_qemu;
 mod modules_cli;
 mod run_lock;
