@@ -385,8 +385,21 @@ pub fn install(
             format!("if=floppy,format=raw,file={}", floppy.display()),
         ]);
     let mut q = Qemu::spawn(&cfg)?;
-    // The menu's timeout plus the copy under TCG on a busy host.
-    q.wait_for(DONE_MARKER, Duration::from_secs(1200))?;
+    // The menu's timeout plus the copy under TCG on a busy host; an installer that gives up
+    // waits forever, so its marker ends the wait at once.
+    let deadline = std::time::Instant::now() + Duration::from_secs(1200);
+    loop {
+        match q.wait_for(DONE_MARKER, Duration::from_secs(5)) {
+            Ok(_) => break,
+            Err(KitError::Timeout { .. }) if std::time::Instant::now() < deadline => {
+                let out = q.output();
+                if out.contains(FAILED_MARKER) {
+                    return Err(KitError::Other(format!("the installer failed:\n{out}")));
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
     if !q.wait_exit(Duration::from_secs(60)) {
         return Err(KitError::Other(format!(
             "the installer did not power off:\n{}",
@@ -446,6 +459,41 @@ mod tests {
         assert_eq!(editor[1], "");
         assert!(editor[2].trim_start().starts_with("linux "), "{editor:?}");
         assert!(!cfg.contains("url="));
+    }
+
+    /// Answers without a root password: the installer stops with its reason on the console
+    /// (and would wait there), and `install` says so at once instead of at its timeout.
+    #[test]
+    fn bad_answers_stop_the_installer_with_its_reason() {
+        if let Some(why) = cannot_build() {
+            return crate::skip(format!("cannot make the installer CD: {why}"));
+        }
+        if !crate::qemu::qemu_available() || !on_path("qemu-img") {
+            return crate::skip("qemu-system-x86_64 or qemu-img is not installed");
+        }
+        let iso = installer_iso().unwrap();
+        let work = tempfile::tempdir().unwrap();
+        let answers = Answers {
+            root_password: "",
+            hostname: "nopass",
+            disk: None,
+            ssh: true,
+        };
+        let t = Instant::now();
+        let e = install(
+            &iso,
+            &answers,
+            false,
+            &work.path().join("d.qcow2"),
+            work.path(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("FAILED: the answers set no root_password"),
+            "{e}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(600), "{:?}", t.elapsed());
     }
 
     /// The CD installs on a blank disk in plain QEMU with answers from the floppy, typing
