@@ -55,6 +55,11 @@ if [ ${#missing[@]} -gt 0 ] || ! qemu_pair_ok; then
   done
   $SUDO apt-get install -y -q --no-install-recommends --allow-downgrades "${pkgs[@]}" >/tmp/kiln-apt.log 2>&1 \
     || { tail -20 /tmp/kiln-apt.log >&2; log "apt-get install failed (log: /tmp/kiln-apt.log)"; exit 1; }
+  # openssh-server is only for the SSH communicator's tests, which run their own sshd on
+  # loopback: a host that had no ssh service gets none enabled or running by this install.
+  case " ${missing[*]} " in
+    *" openssh-server "*) $SUDO systemctl disable --now ssh >/dev/null 2>&1 || true ;;
+  esac
 fi
 
 if ! command -v cargo >/dev/null; then

@@ -19,6 +19,10 @@ pub enum GuestError {
     Lost(String),
     #[error("{0}")]
     NotAvailable(String),
+    /// The guest answered and turned the build away for good (an SSH login refused, a
+    /// changed host key): waiting longer cannot help.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// How a command ended: kiln-agent's own exit status (code, signal, timeout, duration).
@@ -123,6 +127,8 @@ pub enum WaitError {
     /// `limit` passed; `last` is why the last try failed (the connect error, or what `accept`
     /// said of the session).
     TimedOut { waited: Duration, last: GuestError },
+    /// A try ended in [`GuestError::Refused`]: reported at once, not at the limit.
+    Refused(GuestError),
 }
 
 impl From<WaitError> for GuestError {
@@ -130,7 +136,7 @@ impl From<WaitError> for GuestError {
     fn from(e: WaitError) -> Self {
         match e {
             WaitError::Cancelled => GuestError::Lost("cancelled".into()),
-            WaitError::TimedOut { last, .. } => last,
+            WaitError::TimedOut { last, .. } | WaitError::Refused(last) => last,
         }
     }
 }
@@ -143,7 +149,7 @@ pub trait Connector: Send + Sync {
     /// Tries to connect, [`CONNECT_TRY`] at a time, until a session that `accept` takes
     /// (`Ok(())`) is open, `limit` has passed, or `cancel` is set. `accept` turns a session
     /// down with the reason (`Err`); that reason is reported if the time runs out. At least
-    /// one try is made.
+    /// one try is made; a try the guest refuses ([`GuestError::Refused`]) ends the wait.
     fn connect_until(
         &self,
         limit: Duration,
@@ -161,6 +167,7 @@ pub trait Connector: Send + Sync {
                     Ok(()) => return Ok(g),
                     Err(e) => (e, PAUSE_AFTER_REJECT),
                 },
+                Err(e @ GuestError::Refused(_)) => return Err(WaitError::Refused(e)),
                 Err(e) => (e, PAUSE_AFTER_FAILURE),
             };
             if start.elapsed() >= limit {

@@ -27,3 +27,4 @@ pub mod run_lock;
 pub mod runtime;
 pub mod serve;
 pub mod sources;
+pub mod ssh;

@@ -108,7 +108,9 @@ fn communicator(vm: &manifest::Vm) -> CommunicatorJob {
         private_key: c.ssh_private_key.clone(),
         shell: match c.shell {
             manifest::Shell::Bash => StepShell::Bash,
+            manifest::Shell::Sh => StepShell::Sh,
             manifest::Shell::Powershell => StepShell::Powershell,
+            manifest::Shell::Cmd => StepShell::Cmd,
         },
     })
 }

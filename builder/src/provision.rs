@@ -310,7 +310,7 @@ impl Provisioner<'_> {
             .connector
             .connect_until(limit, &self.cancel, &mut from_a_new_boot)
             .map_err(|e| match e {
-                WaitError::Cancelled => GuestError::from(e),
+                WaitError::Cancelled | WaitError::Refused(_) => GuestError::from(e),
                 WaitError::TimedOut { waited, last } => GuestError::NotReady {
                     waited,
                     last: format!("after the reboot: {last}"),

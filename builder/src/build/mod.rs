@@ -17,6 +17,7 @@ mod boot_failure;
 mod boot_path;
 pub mod capture;
 mod cleanup;
+mod communicator;
 mod error;
 mod handover;
 mod network;
@@ -35,10 +36,10 @@ use std::time::{Instant, SystemTime};
 
 use crate::engine::BootMode;
 use crate::events::{ms, BuildPhase, Event, VmPhase};
-use crate::guest::{Guest, VsockConnector};
+use crate::guest::Guest;
 use crate::job::BuildJob;
 use crate::module::{DiskRecord, ModuleRecord, PendingModule, VmRecord};
-use crate::sources::{bootstrap::AGENT_VSOCK_PORT, ResolvedSource};
+use crate::sources::ResolvedSource;
 use boot::Launched;
 use cleanup::{KeepLogsOnFailure, RunDir};
 use source::VmDisks;
@@ -205,18 +206,24 @@ fn guest_phases(
     src: &ResolvedSource,
     disks: &VmDisks,
 ) -> Result<Vec<DiskRecord>, VmError> {
-    let connector = VsockConnector::new(&vm.socket, AGENT_VSOCK_PORT);
-    let mut guest = boot::wait_for_agent(b, vm, &connector)?;
-    let links = handover::links(b);
+    let communicator = communicator::for_vm(b, vm)?;
+    let connector = communicator.connector();
+    let mut guest = boot::wait_for_agent(b, vm, connector)
+        .map_err(|e| communicator.explain_wait(e, b.vm.boot_timeout))?;
+    let links = if communicator.takes_handover() {
+        handover::links(b)
+    } else {
+        Vec::new()
+    };
     let network_ready =
-        |g: &mut dyn Guest| handover::network_up(&connector, g, &links, &b.vm.name, b.events());
+        |g: &mut dyn Guest| handover::network_up(connector, g, &links, &b.vm.name, b.events());
     network_ready(&mut *guest);
     b.phase(VmPhase::Provisioning, None);
-    let guest = provision::run(b, guest, &connector, &vm.log, &network_ready)?;
+    let guest = provision::run(b, guest, connector, &vm.log, &network_ready)?;
     if b.cancelled() {
         return Err(VmError::Cancelled);
     }
     shutdown::wait_for_other_vms(b)?;
-    shutdown::run(b, guest, &connector, vm)?;
+    shutdown::run(b, guest, connector, vm)?;
     capture::run(b, src, disks)
 }

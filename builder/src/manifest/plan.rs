@@ -158,7 +158,16 @@ pub enum CommunicatorKind {
 #[serde(rename_all = "lowercase")]
 pub enum Shell {
     Bash,
+    Sh,
     Powershell,
+    Cmd,
+}
+
+impl Shell {
+    /// A Windows shell: paths may start with a drive letter, the reboot is `shutdown /r`.
+    pub fn is_windows(self) -> bool {
+        matches!(self, Shell::Powershell | Shell::Cmd)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -11,4 +11,5 @@ mod manifest_plan;
 mod manifest_props;
 mod qemu_disk_bus;
 mod serve_api;
+mod ssh;
 mod vm_cli;

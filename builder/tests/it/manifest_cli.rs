@@ -113,7 +113,8 @@ fn plan_shows_overrides_and_clone_values() {
 
 #[test]
 fn plan_never_prints_the_ssh_password() {
-    // `sshPassword` is refused: the error names the field without quoting its line.
+    // `sshPassword` without `type: ssh` is refused: the error names the field without
+    // quoting its line.
     let m = "tests/manifests/invalid-unsupported-fields.yaml";
     let (out, err, code) = kiln(&["plan", "--json", m], crate_dir());
     assert_ne!(code, 0);
@@ -122,9 +123,22 @@ fn plan_never_prints_the_ssh_password() {
         "{out}{err}"
     );
     assert!(
-        format!("{out}{err}").contains("`sshPassword` is not supported"),
+        format!("{out}{err}").contains("`sshPassword` needs `type: ssh`"),
         "{out}{err}"
     );
+    // Taken with `type: ssh`, and still never printed.
+    let m = "tests/manifests/valid-blank-iso.yaml";
+    for args in [
+        &["plan", "--json", m][..],
+        &["plan", m],
+        &["validate", "--json", m],
+    ] {
+        let (out, err, _) = kiln(args, crate_dir());
+        assert!(
+            !format!("{out}{err}").contains("s3cret-lab-pw"),
+            "{out}{err}"
+        );
+    }
     let (out, err, _) = kiln(&["validate", "--json", m], crate_dir());
     assert!(
         !out.contains("changeme") && !err.contains("changeme"),

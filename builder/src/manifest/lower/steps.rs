@@ -50,12 +50,15 @@ pub fn provisioners(cx: &mut Cx, items: &[Node], shell: Shell) -> Vec<Provisione
             "shell" => shell_step(cx, b, type_at),
             "file" => file_step(cx, b, type_at, shell),
             "reboot" => Some(Step::Reboot {
-                command: b.and_then(|b| read::string(b, "command")).unwrap_or_else(
-                    || match shell {
-                        Shell::Bash => "reboot".into(),
-                        Shell::Powershell => "shutdown /r /f /t 0".into(),
-                    },
-                ),
+                command: b
+                    .and_then(|b| read::string(b, "command"))
+                    .unwrap_or_else(|| {
+                        if shell.is_windows() {
+                            "shutdown /r /f /t 0".into()
+                        } else {
+                            "reboot".into()
+                        }
+                    }),
             }),
             "handbuild" => match b {
                 Some(b) => read::string(b, "instructions")
@@ -167,8 +170,8 @@ fn file_step(
     let dest_node = b.get("destination");
     let destination = read::string(b, "destination");
     if let (Some(d), Some(at)) = (&destination, dest_node) {
-        let absolute = d.starts_with('/')
-            || (shell == Shell::Powershell && d.len() > 2 && d.as_bytes()[1] == b':');
+        let absolute =
+            d.starts_with('/') || (shell.is_windows() && d.len() > 2 && d.as_bytes()[1] == b':');
         if !absolute {
             cx.sink
                 .error(

@@ -31,7 +31,22 @@ pub fn vm(cx: &mut Cx, n: &Node, net: &Declared) -> Option<Lowered> {
     let disks = disks(cx, n);
     let communicator = communicator(cx, n.get("communicator"));
     let cloud_init = n.get("cloudInit").map(|c| cloud_init(cx, c));
-    if let (Some(Source::Url { .. }), None) = (&source, &cloud_init) {
+    let over_ssh = communicator.kind == CommunicatorKind::Ssh
+        && match &source {
+            Some(Source::Blank) => true,
+            Some(Source::Url { .. } | Source::File { .. }) => cloud_init.is_none(),
+            _ => false,
+        };
+    // A freshly installed guest knows no key kiln could make up: the login must be given.
+    let login_given = |k| n.get("communicator").is_some_and(|c| c.key(k).is_some());
+    if over_ssh && !login_given("sshPassword") && !login_given("sshPrivateKeySecret") {
+        if let Some(c) = n.key("communicator") {
+            cx.sink
+                .error(c.span, format!("VM `{name}` is reached over SSH (`type: ssh` and no agent kiln can install) but has neither `sshPassword` nor `sshPrivateKeySecret`"))
+                .hint("give the password the installer sets, or a private key whose public half the image or the installer's answers authorize");
+        }
+    }
+    if let (Some(Source::Url { .. }), None, false) = (&source, &cloud_init, over_ssh) {
         if let Some(s) = n.key("source") {
             cx.sink
                 .warn(s.span, format!("VM `{name}` boots a downloaded image without `cloudInit`: kiln cannot install its agent, so the image must already have it (images kiln captured do) or the build waits for it until `sshTimeout`"))
@@ -380,19 +395,11 @@ fn communicator(cx: &mut Cx, c: Option<&Node>) -> Communicator {
         _ => CommunicatorKind::Agent,
     };
     let shell = match read::string(c, "shell").as_deref() {
+        Some("sh") => Shell::Sh,
         Some("powershell") => Shell::Powershell,
+        Some("cmd") => Shell::Cmd,
         _ => Shell::Bash,
     };
-    if shell == Shell::Powershell {
-        if let Some(at) = c.get("shell") {
-            cx.sink
-                .error(
-                    at.span,
-                    "`shell: powershell` is not supported by kiln yet: steps run with bash",
-                )
-                .hint("kiln builds Linux guests today; write `shell: bash` or remove `shell`");
-        }
-    }
     let com = Communicator {
         kind,
         shell,
@@ -407,44 +414,41 @@ fn communicator(cx: &mut Cx, c: Option<&Node>) -> Communicator {
     if com.ssh_timeout.is_zero() {
         if let Some(at) = c.get("sshTimeout") {
             cx.sink
-                .error(at.span, "`sshTimeout` cannot be zero: it is how long the build waits for the guest's agent")
+                .error(at.span, "`sshTimeout` cannot be zero: it is how long the build waits for the guest's agent or sshd")
                 .hint("e.g. `sshTimeout: 5m` (the default)");
-        }
-    }
-    // kiln reaches the guest through its agent, as root; an SSH login would be ignored, so
-    // anything but the defaults is refused until ISO installs bring SSH.
-    let agent_hint =
-        "kiln reaches the guest through its agent (steps run as root), not SSH; remove it";
-    if com.ssh_username != "root" {
-        if let Some(at) = c.get("sshUsername") {
-            cx.sink
-                .error(
-                    at.span,
-                    format!(
-                        "`sshUsername: {}` is not supported by kiln yet: steps run as root",
-                        com.ssh_username
-                    ),
-                )
-                .hint(
-                    "remove `sshUsername` (a step can use `runuser -u USER --` to act as a user)",
-                );
-        }
-    }
-    if com.ssh_port != 22 {
-        if let Some(at) = c.get("sshPort") {
-            cx.sink
-                .error(at.span, "`sshPort` is not supported by kiln yet")
-                .hint(agent_hint);
         }
     }
     if let Some(at) = c.get("sshPassword") {
         cx.sink.secret(at.span);
     }
-    for key in ["sshPassword", "sshPrivateKeySecret"] {
-        if let Some(k) = c.key(key) {
-            cx.sink
-                .error(k.span, format!("`{key}` is not supported by kiln yet"))
-                .hint(agent_hint);
+    // kiln's agent runs steps as root with bash: an SSH login or another shell would be
+    // ignored, so they are refused unless the VM says `type: ssh`.
+    if kind == CommunicatorKind::Agent {
+        if shell != Shell::Bash {
+            if let Some(at) = c.get("shell") {
+                cx.sink
+                    .error(at.span, "this `shell` needs `type: ssh`: kiln's agent runs steps with bash")
+                    .hint("write `type: ssh` for a guest reached through its own sshd, or remove `shell`");
+            }
+        }
+        // The defaults are what the agent does anyway (editors write them out).
+        let set = [
+            ("sshUsername", com.ssh_username != "root"),
+            ("sshPort", com.ssh_port != 22),
+            ("sshPassword", true),
+            ("sshPrivateKeySecret", true),
+        ];
+        for (key, _) in set.iter().filter(|(_, differs)| *differs) {
+            if let Some(k) = c.key(key) {
+                cx.sink
+                    .error(
+                        k.span,
+                        format!("`{key}` needs `type: ssh`: kiln's agent runs steps as root"),
+                    )
+                    .hint(
+                        "write `type: ssh` for a guest reached through its own sshd, or remove it",
+                    );
+            }
         }
     }
     com

@@ -196,33 +196,33 @@ pub static COMMUNICATOR: Obj = Obj {
         ),
         f(
             "shell",
-            Ty::Enum(&["bash", "powershell"]),
-            "bash (default); powershell is not supported by kiln yet",
+            Ty::Enum(&["bash", "sh", "powershell", "cmd"]),
+            "how a step's script runs: bash (default) or sh; powershell or cmd (Windows) need type: ssh",
         ),
         f(
             "sshUsername",
             Ty::Str,
-            "root only: steps run as root through kiln's agent",
+            "type: ssh: the user steps run as (default root)",
         ),
         f(
             "sshPort",
             Ty::Int { min: 1, max: 65535 },
-            "22 only (kiln does not use SSH yet)",
+            "type: ssh: the guest's sshd port (default 22)",
         ),
         f(
             "sshPassword",
             Ty::Str,
-            "not supported by kiln yet (never printed)",
+            "type: ssh: the login password (never printed)",
         ),
         f(
             "sshTimeout",
             Ty::Duration,
-            "how long to wait for the guest's agent after boot (default 5m)",
+            "how long to wait for the guest's agent or sshd after boot (default 5m)",
         ),
         f(
             "sshPrivateKeySecret",
             Ty::Obj(&REF),
-            "not supported by kiln yet (a key file: name is its path)",
+            "type: ssh: an OpenSSH private key file (name is its path)",
         ),
     ],
 };
