@@ -102,14 +102,15 @@ pub fn write(
     Ok(f)
 }
 
-/// The seed a VM needs, if any: none when the agent is already in the image; a seed written
-/// to `<work>/<vm>-cidata.img` when the VM has a `cloudInit` key; an error otherwise.
+/// The seed a VM needs, if any: none when the agent is already in the image or the steps go
+/// over SSH; a seed written to `<work>/<vm>-cidata.img` when the VM has a `cloudInit` key; an
+/// error otherwise.
 pub fn prepare(
     vm: &VmJob,
     agent_in_image: bool,
     work: &Path,
 ) -> Result<Option<PathBuf>, SeedError> {
-    if agent_in_image {
+    if agent_in_image || matches!(vm.communicator, crate::job::CommunicatorJob::Ssh(_)) {
         return Ok(None);
     }
     let Some(ci) = &vm.cloud_init else {
