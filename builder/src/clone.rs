@@ -624,6 +624,7 @@ pub(crate) mod tests {
                     backing_module: parent.map(String::from),
                     bus: Default::default(),
                 }],
+                isos: vec![],
             }],
             manifest: String::new(),
         };

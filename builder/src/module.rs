@@ -85,6 +85,18 @@ pub struct VmRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub firmware: Option<FirmwareRecord>,
     pub disks: Vec<DiskRecord>,
+    /// The ISOs the build attached (`isos`), each with the digest it was checked against or,
+    /// given without a checksum, the one kiln computed. Never captured or cloned.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub isos: Vec<IsoRecord>,
+}
+
+/// An ISO a VM's build attached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IsoRecord {
+    pub url: String,
+    pub sha256: String,
 }
 
 /// A VM's firmware and its NVRAM as captured.
@@ -480,6 +492,7 @@ mod tests {
                     backing_module: None,
                     bus: Default::default(),
                 }],
+                isos: vec![],
             }],
             manifest: "vms:\n  - name: web\n".into(),
         }

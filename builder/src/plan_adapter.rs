@@ -146,24 +146,6 @@ pub fn job_from_plan(
                 what: "bootCommand".into(),
             });
         }
-        if !vm.isos.is_empty() {
-            return Err(AdaptError::Unsupported {
-                vm: vm.name.clone(),
-                what: "isos".into(),
-            });
-        }
-        if matches!(vm.source, manifest::Source::Blank) {
-            return Err(AdaptError::Unsupported {
-                vm: vm.name.clone(),
-                what: "a `blank` source (an ISO install)".into(),
-            });
-        }
-        if !vm.floppy_files.is_empty() {
-            return Err(AdaptError::Unsupported {
-                vm: vm.name.clone(),
-                what: "floppy".into(),
-            });
-        }
         let source = match &vm.source {
             manifest::Source::Url { url, sha256 } => SourceSpec::Url {
                 url: url.clone(),
@@ -447,27 +429,19 @@ buildOverrides:
         };
         let j = job(&with("", "httpDirectory: { files: [{ name: f.txt }] }\n")).unwrap();
         assert_eq!(j.http_directory, ["f.txt"]);
-        for (vm_part, what) in [
-            ("    floppy: { files: [{ name: f.txt }] }\n", "floppy"),
-            ("    bootCommand: [\"<enter>\"]\n", "bootCommand"),
-        ] {
-            let e = job(&with(vm_part, "")).unwrap_err();
-            assert_eq!(
-                e.to_string(),
-                format!("VM `a`: {what} is not supported by `kiln build` yet")
-            );
-        }
-        // A blank disk is refused before anything starts, not once networking is up.
-        let blank = "vms:\n  - name: a\n    source: { blank: true }\n    resources: { cpu: 1, memory: 512Mi }\n";
-        let plan = manifest::load_str(blank, Path::new("m.yaml"), Default::default());
-        assert!(plan
-            .warnings()
-            .any(|w| w.message.contains("`blank` source")));
-        let e = job(blank).unwrap_err();
+        let e = job(&with("    bootCommand: [\"<enter>\"]\n", "")).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "VM `a`: a `blank` source (an ISO install) is not supported by `kiln build` yet"
+            "VM `a`: bootCommand is not supported by `kiln build` yet"
         );
+        // An ISO install: a blank disk, its ISOs and a floppy reach the job.
+        let iso = "vms:\n  - name: a\n    source: { blank: true }\n    resources: { cpu: 1, memory: 512Mi }\n    isos: [{ url: http://127.0.0.1/i.iso }]\n    floppy: { files: [{ name: f.txt }] }\nfiles:\n  - { name: f.txt, inline: hi }\n";
+        let plan = manifest::load_str(iso, Path::new("m.yaml"), Default::default());
+        assert_eq!(plan.warnings().count(), 0);
+        let j = job(iso).unwrap();
+        assert_eq!(j.vms[0].source, SourceSpec::Blank);
+        assert_eq!(j.vms[0].isos[0].url, "http://127.0.0.1/i.iso");
+        assert_eq!(j.vms[0].floppy_files, ["f.txt"]);
     }
 
     #[test]

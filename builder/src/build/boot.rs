@@ -10,6 +10,7 @@ use std::time::Duration;
 use super::boot_failure;
 use super::boot_path;
 use super::error::{BuildError, VmError};
+use super::media;
 use super::options::OnError;
 use super::registry::{Registered, SharedVm};
 use super::source::VmDisks;
@@ -37,6 +38,7 @@ pub(super) fn pick_engine(
             v.nics.iter().map(|n| (&*n.name, n.model)),
         )
         .or_else(|| boot_path::kvm_refusal(v))
+        .or_else(|| media::kvm_refusal(v))
     });
     let probe = kiln_vmm::doctor::probe();
     let pick = engine::pick(choice, &probe, needs_qemu.as_deref());
@@ -79,6 +81,26 @@ fn falls_back_to_qemu(choice: EngineChoice, picked: &str, boot: &engine::BootMod
 }
 
 pub(super) fn launch<'a>(b: &VmBuild<'a>, disks: &VmDisks) -> Result<Launched<'a>, VmError> {
+    start_launched(b, disks, false)
+}
+
+/// Starts the VM again after it powered off, appending to its logs.
+pub(super) fn relaunch<'a>(b: &VmBuild<'a>, disks: &VmDisks) -> Result<Launched<'a>, VmError> {
+    start_launched(b, disks, true)
+}
+
+fn start_launched<'a>(
+    b: &VmBuild<'a>,
+    disks: &VmDisks,
+    again: bool,
+) -> Result<Launched<'a>, VmError> {
+    let open_log = |path: &Path| {
+        if again {
+            crate::log_file::append(path)
+        } else {
+            crate::log_file::create(path)
+        }
+    };
     let qemu_instead;
     let engine: &dyn Engine =
         if falls_back_to_qemu(b.module.opts.engine, b.module.engine.name(), &disks.boot) {
@@ -94,7 +116,7 @@ pub(super) fn launch<'a>(b: &VmBuild<'a>, disks: &VmDisks) -> Result<Launched<'a
     b.phase(VmPhase::Booting, Some(engine.name().into()));
     let serial_log = b.serial_log();
     // Made here, 0600, so the engine appends to a file only its owner can read.
-    crate::log_file::create(&serial_log).map_err(|source| VmError::Log {
+    open_log(&serial_log).map_err(|source| VmError::Log {
         path: serial_log.clone(),
         source,
     })?;
@@ -118,15 +140,15 @@ pub(super) fn launch<'a>(b: &VmBuild<'a>, disks: &VmDisks) -> Result<Launched<'a
         workdir: b.runtime_dir(),
         serial_log,
         index: b.index,
-        peripherals: Default::default(),
+        peripherals: disks.peripherals.clone(),
     };
-    let running = launch::start(engine, Some(b.module.net), spec)?;
+    let running = start_vm(engine, b, spec)?;
     let socket = running.vsock_socket().to_path_buf();
     let running: SharedVm = Arc::new(Mutex::new(running));
     let registered = b.module.ctx.registry.add(&b.vm.name, running.clone());
 
     let log_path = b.step_log();
-    let log = crate::log_file::create(&log_path)
+    let log = open_log(&log_path)
         .map(Mutex::new)
         .map_err(|source| VmError::Log {
             path: log_path,
@@ -138,6 +160,48 @@ pub(super) fn launch<'a>(b: &VmBuild<'a>, disks: &VmDisks) -> Result<Launched<'a
         log,
         _registered: registered,
     })
+}
+
+/// Starts the VM. Started again after a power-off, its NICs may not be free on the switch
+/// yet (the switch sees the old ports close on its next turn): a few short retries then.
+fn start_vm(
+    engine: &dyn Engine,
+    b: &VmBuild,
+    spec: VmStart,
+) -> Result<Box<dyn engine::RunningVm>, launch::LaunchError> {
+    let mut tries = 0;
+    loop {
+        let again = VmStart {
+            workdir: spec.workdir.clone(),
+            serial_log: spec.serial_log.clone(),
+            boot: spec.boot.clone(),
+            disks: spec.disks.clone(),
+            peripherals: spec.peripherals.clone(),
+            ..spec
+        };
+        match launch::start(engine, Some(b.module.net), again) {
+            Err(launch::LaunchError::Nics(_)) if tries < 20 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Whether a VM that stopped before its communicator answered is an installer that powered
+/// off, to be started again once from its disk: a VM with ISOs, on its first start, whose
+/// guest ended it cleanly (not QEMU failing), in a build that goes on.
+pub(super) fn restart_after_install(b: &VmBuild, vm: &Launched, e: &VmError, starts: u32) -> bool {
+    if !matches!(e, VmError::Stopped { .. }) || b.vm.isos.is_empty() || starts != 1 {
+        return false;
+    }
+    let exit = vm
+        .running
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .wait_exit(Duration::ZERO);
+    matches!(exit, Ok(Some(status)) if status.success()) && !b.cancelled()
 }
 
 /// Waits until the VM's agent answers, in short tries, so a cancel (Ctrl-C, the build

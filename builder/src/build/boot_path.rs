@@ -42,7 +42,7 @@ pub struct DirectWithoutKernel {
 const FORCED: &str = "forced (`boot: firmware` or `--boot firmware`)";
 const EFI_SET: &str = "efiFirmware is set";
 const PARENT_BOOTED: &str = "the parent module booted through it";
-const BLANK: &str = "a blank disk has no kernel";
+const BLANK: &str = "blank disk: install from ISO";
 
 /// Why the VM boots through firmware whatever its source holds, if it does: known before its
 /// source is resolved, so the engine can be picked for it.

@@ -12,6 +12,7 @@ use crate::guest::GuestError;
 use crate::http_directory::HttpDirError;
 use crate::launch::LaunchError;
 use crate::provision::StepError;
+use crate::sources::iso::IsoError;
 use crate::sources::seed::SeedError;
 use crate::sources::url::DownloadError;
 use crate::sources::SourceError;
@@ -36,6 +37,9 @@ pub enum BuildError {
     Io(#[from] crate::path_io::PathIoError),
     #[error(transparent)]
     Prefetch(#[from] PrefetchError),
+    // Boxed: a download's error is large, and a build's result is moved often.
+    #[error(transparent)]
+    IsoPrefetch(#[from] Box<IsoPrefetchError>),
     #[error(transparent)]
     HttpDirectory(#[from] HttpDirError),
     #[error("a VM thread panicked")]
@@ -55,6 +59,25 @@ pub struct PrefetchError {
     /// The `files` entry (a file step's own entry has a private name).
     pub file: String,
     pub error: DownloadError,
+}
+
+/// An ISO that could not be had before the build started.
+#[derive(Debug, thiserror::Error)]
+#[error("VM `{vm}`: ISO {url}: {}", nothing_booted(.error))]
+pub struct IsoPrefetchError {
+    pub vm: String,
+    pub url: String,
+    pub error: IsoError,
+}
+
+/// The error, and that nothing was booted (a checksum mismatch says so itself).
+fn nothing_booted(e: &IsoError) -> String {
+    let text = e.to_string();
+    if text.contains("nothing was booted") {
+        text
+    } else {
+        format!("{text} (nothing was booted)")
+    }
 }
 
 /// How a `files` entry is named to the user: file steps' entries have private names; the
@@ -86,6 +109,9 @@ pub enum VmError {
     Nvram(#[from] crate::nvram::NvramError),
     #[error(transparent)]
     Seed(#[from] SeedError),
+    /// The VM's CD-ROMs or floppy.
+    #[error(transparent)]
+    Media(#[from] super::media::MediaError),
     #[error("disk `{disk}` is {size} bytes, smaller than its source ({base} bytes)")]
     DiskTooSmall { disk: String, size: u64, base: u64 },
     #[error(transparent)]

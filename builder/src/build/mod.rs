@@ -20,6 +20,7 @@ mod cleanup;
 mod communicator;
 mod error;
 mod handover;
+mod media;
 mod network;
 mod options;
 mod provision;
@@ -38,14 +39,16 @@ use crate::engine::BootMode;
 use crate::events::{ms, BuildPhase, Event, VmPhase};
 use crate::guest::Guest;
 use crate::job::BuildJob;
-use crate::module::{DiskRecord, ModuleRecord, PendingModule, VmRecord};
+use crate::module::{DiskRecord, IsoRecord, ModuleRecord, PendingModule, VmRecord};
 use crate::sources::ResolvedSource;
 use boot::Launched;
 use cleanup::{KeepLogsOnFailure, RunDir};
 use source::VmDisks;
 use vm::{ModuleBuild, VmBuild};
 
-pub use error::{BuildError, CaptureError, PrefetchError, ShutdownError, VmError, WriteError};
+pub use error::{
+    BuildError, CaptureError, IsoPrefetchError, PrefetchError, ShutdownError, VmError, WriteError,
+};
 pub use options::{runtime_root, BuildContext, BuildOptions, OnError};
 pub use registry::{SharedVm, VmRegistry};
 pub use source::inline_files;
@@ -97,6 +100,9 @@ fn run_once(
     // Every `files[]` URL is fetched now, before anything boots, so a dead URL fails the build
     // at once with its reason instead of after a long boot.
     let job = &source::prefetch_files(job, &opts.cache, ev)
+        .map_err(BuildError::from)
+        .inspect_err(failed)?;
+    let job = &source::prefetch_isos(job, &opts.cache, ev)
         .map_err(BuildError::from)
         .inspect_err(failed)?;
 
@@ -164,8 +170,26 @@ fn vm_phases(b: &VmBuild) -> Result<VmRecord, VmError> {
     }
     let disks = source::prepare_disks(b, &resolved)?;
     let src = &resolved.source;
-    let vm = boot::launch(b, &disks)?;
-    let captured = match guest_phases(b, &vm, src, &disks) {
+    let mut vm = boot::launch(b, &disks)?;
+    let mut starts = 1;
+    let mut result = guest_phases(b, &vm, src, &disks);
+    // An installer powers the VM off when it is done; the installed system is then booted
+    // from its disk (first in the boot order; the CDs stay attached).
+    while let Err(e) = &result {
+        if !boot::restart_after_install(b, &vm, e, starts) {
+            break;
+        }
+        b.note(
+            "the VM powered off before its communicator answered (an installer that finished): \
+             starting it again, from its disk"
+                .into(),
+        );
+        drop(vm);
+        vm = boot::relaunch(b, &disks)?;
+        starts += 1;
+        result = guest_phases(b, &vm, src, &disks);
+    }
+    let captured = match result {
         Ok(captured) => captured,
         Err(e) if b.cancelled() && e.follows_cancel() => return Err(VmError::Cancelled),
         Err(e) => {
@@ -195,6 +219,15 @@ fn vm_phases(b: &VmBuild) -> Result<VmRecord, VmError> {
         boot,
         firmware: Some(firmware),
         disks: captured,
+        isos: b
+            .vm
+            .isos
+            .iter()
+            .map(|i| IsoRecord {
+                url: i.url.clone(),
+                sha256: i.sha256.clone().unwrap_or_default(),
+            })
+            .collect(),
     })
 }
 

@@ -1,18 +1,19 @@
 //! Source: the VM's source resolved (downloaded, imported, or a `buildRef` parent's disk), its
 //! cloud-init seed and its disks made as overlays over it; and, for the whole module before
-//! anything boots, every `files` URL fetched into the cache.
+//! anything boots, every `files` URL and every ISO fetched into the cache.
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use super::boot_path::{self, BootPath};
-use super::error::{PrefetchError, VmError};
+use super::error::{IsoPrefetchError, PrefetchError, VmError};
+use super::media;
 use super::vm::VmBuild;
 use crate::cache::Cache;
 use crate::diskops;
 use crate::engine::firmware::HostFirmware;
-use crate::engine::{BootMode, DiskAttach, FirmwareBoot};
+use crate::engine::{BootMode, DiskAttach, FirmwareBoot, Peripherals};
 use crate::events::{Event, EventSink};
 use crate::job::{BuildJob, DiskJob, FileContent, Firmware};
 use crate::nvram;
@@ -50,6 +51,8 @@ pub(super) struct VmDisks {
     pub disks: Vec<DiskAttach>,
     /// The cloud-init NoCloud seed, attached read-only after the disks and never captured.
     pub seed: Option<PathBuf>,
+    /// CD-ROMs, a floppy and a screen for an ISO install: the build's only, never captured.
+    pub peripherals: Peripherals,
 }
 
 pub(super) fn prepare_disks(b: &VmBuild, src: &Resolved) -> Result<VmDisks, VmError> {
@@ -122,6 +125,7 @@ pub(super) fn prepare_disks(b: &VmBuild, src: &Resolved) -> Result<VmDisks, VmEr
         firmware: inherited.firmware,
         disks,
         seed,
+        peripherals: media::peripherals(b)?,
     })
 }
 
@@ -177,6 +181,38 @@ pub(super) fn prefetch_files(
             url: url.clone(),
             path,
         };
+    }
+    Ok(out)
+}
+
+/// The job with every VM's `isos` in the cache, each checked against its checksum (or, past
+/// `isoCacheTTL`, checked again) and given the digest it was fetched under: before anything
+/// boots, so a dead URL or a wrong checksum fails the build at once.
+pub(super) fn prefetch_isos(
+    job: &BuildJob,
+    cache: &Cache,
+    ev: &dyn EventSink,
+) -> Result<BuildJob, Box<IsoPrefetchError>> {
+    let mut out = job.clone();
+    for vm in &mut out.vms {
+        for iso in &mut vm.isos {
+            let f = sources::iso::fetch(
+                cache,
+                &iso.url,
+                iso.sha256.as_deref(),
+                job.iso_cache_ttl,
+                &vm.name,
+                ev,
+            )
+            .map_err(|error| {
+                Box::new(IsoPrefetchError {
+                    vm: vm.name.clone(),
+                    url: iso.url.clone(),
+                    error,
+                })
+            })?;
+            iso.sha256 = Some(f.sha256);
+        }
     }
     Ok(out)
 }
@@ -307,5 +343,44 @@ mod tests {
             .to_string();
         assert!(e.contains("file `gone.tar`") && e.contains(&dead), "{e}");
         assert!(e.contains("nothing was booted"), "{e}");
+    }
+
+    #[test]
+    fn isos_get_the_digest_they_were_fetched_under_and_a_bad_one_names_vm_and_url() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = Cache::open(d.path().join("cache")).unwrap();
+        let (port, hits) = serve(b"CD001 an installer");
+        let url = format!("http://127.0.0.1:{port}/i.iso");
+        let job = |checksum: &str| {
+            let text = format!("vms:\n  - name: a\n    source: {{ blank: true }}\n    resources: {{ cpu: 1, memory: 512Mi }}\n    isos: [{{ url: \"{url}\"{checksum} }}]\n");
+            let m = Path::new("m.yaml");
+            let plan = crate::manifest::load_str(&text, m, Default::default())
+                .into_plan()
+                .unwrap();
+            crate::plan_adapter::job_from_plan(&plan, m, &text).unwrap()
+        };
+        let ev = crate::events::MemorySink::default();
+        // Without a checksum: the digest kiln computed, for module.yaml and the CD's blob.
+        let out = prefetch_isos(&job(""), &cache, &ev).unwrap();
+        let sum = crate::cache::sha256_bytes(b"CD001 an installer");
+        assert_eq!(out.vms[0].isos[0].sha256.as_deref(), Some(sum.as_str()));
+        assert!(cache.blob(&sum).is_some());
+        // The same, checked: from the cache, within the TTL.
+        let out = prefetch_isos(&job(&format!(", checksum: \"sha256:{sum}\"")), &cache, &ev);
+        assert_eq!(out.unwrap().vms[0].isos[0].sha256, Some(sum));
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+        let wrong = "0".repeat(64);
+        let e = prefetch_isos(
+            &job(&format!(", checksum: \"sha256:{wrong}\"")),
+            &cache,
+            &ev,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with(&format!("VM `a`: ISO {url}: checksum mismatch")),
+            "{e}"
+        );
+        assert_eq!(e.matches("nothing was booted").count(), 1, "{e}");
     }
 }

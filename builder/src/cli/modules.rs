@@ -161,6 +161,7 @@ mod tests {
             boot: None,
             firmware: None,
             disks: vec![],
+            isos: vec![],
         };
         assert_eq!(boot_label(&v), "direct");
         for (firmware, booted, want) in [

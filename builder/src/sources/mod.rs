@@ -3,6 +3,7 @@
 
 pub mod bootstrap;
 pub mod build_ref;
+pub mod iso;
 pub mod seed;
 pub mod url;
 

@@ -287,7 +287,7 @@ pub fn fetch_bytes(cache: &Cache, url: &str) -> Result<Vec<u8>, FileFetchError> 
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::events::MemorySink;
     use std::io::{BufRead, BufReader};
@@ -297,7 +297,10 @@ mod tests {
 
     /// A tiny loopback HTTP server that honours `Range: bytes=N-` and can cut the first
     /// response short, to exercise resume.
-    fn serve(data: Vec<u8>, cut_first_at: Option<usize>) -> (String, Arc<AtomicUsize>) {
+    pub(in crate::sources) fn serve(
+        data: Vec<u8>,
+        cut_first_at: Option<usize>,
+    ) -> (String, Arc<AtomicUsize>) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));

@@ -9,6 +9,7 @@ mod build_firmware;
 mod build_hello;
 mod build_http;
 mod build_interrupt;
+mod build_iso;
 mod build_layered;
 mod build_legacy_devices;
 mod build_logs;

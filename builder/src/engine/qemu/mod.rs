@@ -154,7 +154,9 @@ pub fn qemu_args(
     }
     let mut sata_ports = 0;
     // The boot disk first, then the first CD: one order for the install and every boot after.
-    let has_cd = !vm.peripherals.cdroms.is_empty();
+    // Firmware boots only: with `-kernel` QEMU's own boot ROM holds the first boot index.
+    let firmware = matches!(vm.boot, BootMode::Firmware(_));
+    let has_cd = !vm.peripherals.cdroms.is_empty() && firmware;
     for (i, d) in vm.disks.iter().enumerate() {
         let order = if i == 0 && has_cd { ",bootindex=0" } else { "" };
         match (d.bus, block) {
@@ -217,7 +219,11 @@ pub fn qemu_args(
         a.push("-drive".into());
         a.push(format!("if=none,id=cd{i},media=cdrom,readonly=on,format=raw,file={path}").into());
         a.push("-device".into());
-        let order = if i == 0 { ",bootindex=1" } else { "" };
+        let order = if i == 0 && firmware {
+            ",bootindex=1"
+        } else {
+            ""
+        };
         a.push(format!("ide-cd,drive=cd{i},bus=ide.{sata_ports}{order}").into());
         sata_ports += 1;
     }
@@ -703,7 +709,16 @@ mod tests {
 
     #[test]
     fn an_iso_install_gets_cds_after_the_sata_disks_a_floppy_and_a_screen() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("bios-256k.bin"), b"x").unwrap();
+        let host = HostFirmware::find_in(dir.path(), dir.path());
+        let args_of = |l: &VmLaunch, block, vsock| qemu_args(l, block, vsock, &host).unwrap();
         let mut l = launch();
+        let direct = l.boot.clone();
+        l.boot = BootMode::Firmware(crate::engine::FirmwareBoot {
+            firmware: crate::job::Firmware::Bios,
+            nvram: None,
+        });
         l.disks[0].bus = DiskBus::Sata;
         l.peripherals = crate::engine::Peripherals {
             cdroms: vec!["/c/install,er.iso".into(), "/c/drivers.iso".into()],
@@ -732,6 +747,16 @@ mod tests {
         l.disks[0].bus = DiskBus::Virtio;
         let s = joined(&args_of(&l, BlockMode::VhostUser, None));
         assert!(s.contains("num-queues=1,bootindex=0"), "{s}");
+        // A direct boot has no boot order: QEMU's `-kernel` ROM takes the first index.
+        let kernel = VmLaunch {
+            boot: direct,
+            ..l.clone()
+        };
+        let s = joined(&args_of(&kernel, BlockMode::VhostUser, None));
+        assert!(
+            s.contains("ide-cd,drive=cd0") && !s.contains("bootindex"),
+            "{s}"
+        );
         // Six ports: five sata disks leave room for one CD only.
         l.disks = (0..5)
             .map(|i| DiskAttach {
@@ -741,7 +766,7 @@ mod tests {
                 bus: DiskBus::Sata,
             })
             .collect();
-        let e = qemu_args(&l, BlockMode::VhostUser, None, &HostFirmware::default())
+        let e = qemu_args(&l, BlockMode::VhostUser, None, &host)
             .unwrap_err()
             .to_string();
         assert!(e.contains("7 sata disks and CD-ROMs"), "{e}");

@@ -20,7 +20,7 @@ use super::Limits;
 
 pub(crate) use read::is_dns_label;
 
-/// `isoCacheTTL`'s default, the only value kiln accepts until it downloads ISOs.
+/// `isoCacheTTL`'s default: a cached ISO is hashed again once its last check is older.
 const ISO_CACHE_TTL: Duration = Duration::from_secs(24 * 3600);
 
 pub(crate) struct Cx<'s, 'a> {
@@ -238,14 +238,6 @@ pub(crate) fn lower(
     };
 
     let iso_cache_ttl = read::duration(spec, "isoCacheTTL").unwrap_or(ISO_CACHE_TTL);
-    if iso_cache_ttl != ISO_CACHE_TTL {
-        if let Some(at) = spec.get("isoCacheTTL") {
-            // kiln downloads no ISOs yet, so any other lifetime would be silently dropped.
-            cx.sink
-                .error(at.span, "`isoCacheTTL` other than the default 24h is not supported by kiln yet: kiln does not download ISOs")
-                .hint("remove `isoCacheTTL`, or write `isoCacheTTL: 24h`");
-        }
-    }
 
     Some(Plan {
         module: cx.module.clone(),

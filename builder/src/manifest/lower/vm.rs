@@ -17,6 +17,9 @@ use super::network::{self, Declared, Lowered};
 use super::resources::check_resources;
 use super::{read, steps, Cx};
 
+/// The ports of q35's AHCI controller, shared by `sata` disks and CD-ROMs.
+const AHCI_PORTS: usize = 6;
+
 const SUITES: &[&str] = &[
     "bullseye", "bookworm", "trixie", "forky", "sid", "stable", "testing", "unstable",
 ];
@@ -91,22 +94,34 @@ pub fn vm(cx: &mut Cx, n: &Node, net: &Declared) -> Option<Lowered> {
                 .hint("serve large files with httpDirectory instead");
         }
     }
-    // Read and checked now so the manifest's form is right, but `kiln build` refuses them at
-    // its start until ISO installs land: say so here, where the user sees the place.
-    for key in ["bootCommand", "isos", "floppy"] {
-        let present = match n.get(key) {
-            Some(v) if key == "floppy" => !matches!(v.kind, crate::manifest::yaml::Kind::Null),
-            Some(_) => !read::list(n, key).is_empty(),
-            None => false,
-        };
-        if let (true, Some(k)) = (present, n.key(key)) {
+    // q35's AHCI controller has six ports: the sata disks take the first, the CDs the next.
+    let sata = disks.iter().filter(|d| d.bus == DiskBus::Sata).count();
+    if !isos.is_empty() && sata + isos.len() > AHCI_PORTS {
+        if let Some(k) = n.key("isos") {
             cx.sink
-                .warn(
+                .error(
                     k.span,
-                    format!("`{key}` is not supported by `kiln build` yet: a build of this manifest is refused at its start"),
+                    format!(
+                        "{sata} sata disk(s) and {} ISO(s) need {} SATA ports: the VM's AHCI controller has {AHCI_PORTS}",
+                        isos.len(),
+                        sata + isos.len()
+                    ),
                 )
-                .hint("ISO installs (isos, floppy, bootCommand, blank disks) are not done by kiln yet; use a `url`, `file` or `bootstrap` source");
+                .hint("put some disks on `bus: virtio` or `scsi`, or attach fewer ISOs");
         }
+    }
+    // Read and checked now so the manifest's form is right, but `kiln build` refuses it at
+    // its start until boot commands land: say so here, where the user sees the place.
+    if let (false, Some(k)) = (
+        read::list(n, "bootCommand").is_empty(),
+        n.key("bootCommand"),
+    ) {
+        cx.sink
+            .warn(
+                k.span,
+                "`bootCommand` is not supported by `kiln build` yet: a build of this manifest is refused at its start",
+            )
+            .hint("kiln does not type boot commands yet; boot an installer that needs no keys");
     }
     let provisioners = steps::provisioners(cx, read::list(n, "provisioners"), communicator.shell);
     let vm = Vm {
@@ -202,15 +217,7 @@ fn source(cx: &mut Cx, s: Option<&Node>, vm: &Node) -> Option<Source> {
             };
             Some(Source::Url { url, sha256 })
         }
-        "blank" => {
-            cx.sink
-                .warn(
-                    kinds[0].span,
-                    "a `blank` source needs an ISO install, which `kiln build` does not do yet: a build of this manifest is refused at its start",
-                )
-                .hint("use a `url`, `file` or `bootstrap` source");
-            Some(Source::Blank)
-        }
+        "blank" => Some(Source::Blank),
         "containerDisk" => {
             cx.sink
                 .error(

@@ -190,7 +190,7 @@ pub static SPEC: Obj = Obj {
         f(
             "isoCacheTTL",
             Ty::Duration,
-            "how long downloaded ISOs stay cached: 24h only (kiln does not download ISOs yet)",
+            "how long a cached ISO is trusted before its SHA-256 is checked again (default 24h)",
         ),
         ignored(
             "namespace",
