@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 use crate::job::{FileContent, Step, StepKind};
 use crate::sources::url::FileFetchError;
 
-/// The gateway port the files are served on (Packer picks one in 8000-9000; kiln's network
+/// The gateway port the files are served on (RudderVirt serves on 8080; kiln's network
 /// is private to the build, so a fixed one makes logs and scripts predictable).
-pub const PORT: u16 = 8000;
+pub const PORT: u16 = 8080;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpDirError {
@@ -193,10 +193,10 @@ mod tests {
     #[test]
     fn shell_steps_get_the_address_and_keep_their_own_env() {
         let env = step_env(Ipv4Addr::new(10, 0, 2, 1));
-        assert_eq!(env["KILN_HTTP_ADDR"], "10.0.2.1:8000");
-        assert_eq!(env["PACKER_HTTP_ADDR"], "10.0.2.1:8000");
+        assert_eq!(env["KILN_HTTP_ADDR"], "10.0.2.1:8080");
+        assert_eq!(env["PACKER_HTTP_ADDR"], "10.0.2.1:8080");
         assert_eq!(env["PACKER_HTTP_IP"], "10.0.2.1");
-        assert_eq!(env["KILN_HTTP_PORT"], "8000");
+        assert_eq!(env["KILN_HTTP_PORT"], "8080");
         let steps = vec![
             Step {
                 name: "s".into(),
@@ -220,7 +220,7 @@ mod tests {
             panic!("shell step expected")
         };
         assert_eq!(got["KILN_HTTP_PORT"], "mine");
-        assert_eq!(got["KILN_HTTP_ADDR"], "10.0.2.1:8000");
+        assert_eq!(got["KILN_HTTP_ADDR"], "10.0.2.1:8080");
         assert!(matches!(out[1].kind, StepKind::Reboot { .. }));
     }
 }

@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Duration;
 
 use crate::job::{
     self, BaseView, BaseVm, BootstrapSpec, BuildJob, CommunicatorJob, DiskBus, DiskJob,
@@ -84,10 +83,6 @@ pub fn load_job(
     Ok(job_from_plan(&plan, path, &text)?)
 }
 
-/// Packer's defaults: the wait before a boot command's first key, and the pause after each key.
-const BOOT_WAIT: Duration = Duration::from_secs(10);
-const BOOT_KEY_INTERVAL: Duration = Duration::from_millis(100);
-
 /// SSH where the VM asks for it and kiln cannot put its agent into the guest: an ISO install
 /// (`blank`), or an image without a cloud-init seed. A cloud image with `type: ssh` and a seed
 /// still gets the agent, which is faster and needs no credentials.
@@ -140,12 +135,6 @@ pub fn job_from_plan(
     }
     let mut vms = Vec::new();
     for vm in plan.vms() {
-        if !vm.boot_command.is_empty() {
-            return Err(AdaptError::Unsupported {
-                vm: vm.name.clone(),
-                what: "bootCommand".into(),
-            });
-        }
         let source = match &vm.source {
             manifest::Source::Url { url, sha256 } => SourceSpec::Url {
                 url: url.clone(),
@@ -302,8 +291,8 @@ pub fn job_from_plan(
                 .collect(),
             floppy_files: vm.floppy_files.clone(),
             boot_command: vm.boot_command.clone(),
-            boot_wait: BOOT_WAIT,
-            boot_key_interval: BOOT_KEY_INTERVAL,
+            boot_wait: vm.boot_wait,
+            boot_key_interval: vm.boot_key_interval,
             communicator: communicator(vm),
             invisible: vm.invisible,
         });
@@ -429,10 +418,23 @@ buildOverrides:
         };
         let j = job(&with("", "httpDirectory: { files: [{ name: f.txt }] }\n")).unwrap();
         assert_eq!(j.http_directory, ["f.txt"]);
-        let e = job(&with("    bootCommand: [\"<enter>\"]\n", "")).unwrap_err();
+        // A boot command is typed, paced by bootWait and bootKeyInterval (Packer's defaults).
+        let j = job(&with("    bootCommand: [\"<enter>\"]\n", "")).unwrap();
+        assert_eq!(j.vms[0].boot_command.len(), 1);
+        assert_eq!(j.vms[0].boot_wait, std::time::Duration::from_secs(10));
         assert_eq!(
-            e.to_string(),
-            "VM `a`: bootCommand is not supported by `kiln build` yet"
+            j.vms[0].boot_key_interval,
+            std::time::Duration::from_millis(100)
+        );
+        let j = job(&with(
+            "    bootCommand: [\"<enter>\"]\n    bootWait: 2s\n    bootKeyInterval: 20ms\n",
+            "",
+        ))
+        .unwrap();
+        assert_eq!(j.vms[0].boot_wait, std::time::Duration::from_secs(2));
+        assert_eq!(
+            j.vms[0].boot_key_interval,
+            std::time::Duration::from_millis(20)
         );
         // An ISO install: a blank disk, its ISOs and a floppy reach the job.
         let iso = "vms:\n  - name: a\n    source: { blank: true }\n    resources: { cpu: 1, memory: 512Mi }\n    isos: [{ url: http://127.0.0.1/i.iso }]\n    floppy: { files: [{ name: f.txt }] }\nfiles:\n  - { name: f.txt, inline: hi }\n";

@@ -5,8 +5,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use super::boot_command::{self, BootCommandError, HttpAddr, Typist};
 use super::boot_failure;
 use super::boot_path;
 use super::error::{BuildError, VmError};
@@ -18,6 +19,7 @@ use super::vm::VmBuild;
 use crate::engine::{self, DiskAttach, Engine, EngineChoice};
 use crate::events::{Event, EventSink, VmPhase};
 use crate::guest::{Connector, Guest, GuestError};
+use crate::http_directory;
 use crate::job::BuildJob;
 use crate::launch::{self, VmStart};
 use crate::sources;
@@ -69,6 +71,8 @@ pub(super) struct Launched<'a> {
     pub socket: PathBuf,
     /// The VM's own log (step output), open for appending.
     pub log: Mutex<fs::File>,
+    /// When the VM was launched: `bootWait` counts from here.
+    pub started: Instant,
     _registered: Registered<'a>,
 }
 
@@ -143,6 +147,7 @@ fn start_launched<'a>(
         peripherals: disks.peripherals.clone(),
     };
     let running = start_vm(engine, b, spec)?;
+    let started = Instant::now();
     let socket = running.vsock_socket().to_path_buf();
     let running: SharedVm = Arc::new(Mutex::new(running));
     let registered = b.module.ctx.registry.add(&b.vm.name, running.clone());
@@ -158,6 +163,7 @@ fn start_launched<'a>(
         running,
         socket,
         log,
+        started,
         _registered: registered,
     })
 }
@@ -217,7 +223,25 @@ pub(super) fn wait_for_agent(
     let vm_gone = AtomicBool::new(false);
     let wait_over = AtomicBool::new(false);
     let boot_failed: Mutex<Option<String>> = Mutex::new(None);
+    let typing_failed: Mutex<Option<BootCommandError>> = Mutex::new(None);
+    let last_screenshot: Mutex<Option<PathBuf>> = Mutex::new(None);
     let waited = std::thread::scope(|s| {
+        if !b.vm.boot_command.is_empty() {
+            s.spawn(|| {
+                let stop = || b.cancelled() || wait_over.load(Ordering::SeqCst);
+                let shot = |p: &Path| {
+                    b.note(format!("boot command screenshot: {}", in_logs(p)));
+                    *last_screenshot.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(p.to_path_buf());
+                };
+                if let Err(e) = type_boot_command(b, vm, &stop, &shot) {
+                    if !stop() {
+                        *typing_failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                        stop_wait.store(true, Ordering::SeqCst);
+                    }
+                }
+            });
+        }
         s.spawn(|| {
             let mut console = ConsoleWatch::new(b.serial_log());
             while !wait_over.load(Ordering::SeqCst) {
@@ -251,10 +275,32 @@ pub(super) fn wait_for_agent(
     waited.map_err(|e| {
         let serial = serial_tail(&b.serial_log());
         let failed = boot_failed.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(cause) = failed {
+        let typing = typing_failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let screenshot = last_screenshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .map(|p| in_logs(&p))
+            .unwrap_or_else(|| "none taken".into());
+        if let Some(error) = typing {
+            VmError::BootCommand {
+                error,
+                screenshot,
+                serial,
+            }
+        } else if let Some(cause) = failed {
             VmError::BootFailed { cause, serial }
         } else if vm_gone.load(Ordering::SeqCst) {
             VmError::Stopped { serial }
+        } else if !b.vm.boot_command.is_empty() {
+            VmError::NoAgentAfterBootCommand {
+                error: GuestError::from(e),
+                screenshot,
+                serial,
+            }
         } else {
             VmError::NoAgent {
                 error: GuestError::from(e),
@@ -262,6 +308,49 @@ pub(super) fn wait_for_agent(
             }
         }
     })
+}
+
+/// A screenshot as the module's (or a failed build's kept) logs hold it: the partial module
+/// it is written in is renamed when the build ends.
+fn in_logs(p: &Path) -> String {
+    let name = p.file_name().unwrap_or_default().to_string_lossy();
+    format!("logs/{name}")
+}
+
+/// Types the VM's boot command (after `bootWait`, counted from its launch), telling of each
+/// screenshot with `shot`.
+fn type_boot_command(
+    b: &VmBuild,
+    vm: &Launched,
+    stop: &(dyn Fn() -> bool + Sync),
+    shot: &(dyn Fn(&Path) + Sync),
+) -> Result<(), BootCommandError> {
+    let http =
+        b.vm.nics
+            .first()
+            .and_then(|n| b.module.net.gateway(&n.subnet))
+            .map(|ip| HttpAddr {
+                ip,
+                port: http_directory::PORT,
+            });
+    let actions = boot_command::actions(&b.vm.boot_command, http)?;
+    let typist = Typist {
+        socket: engine::qemu::control_socket(&b.runtime_dir()),
+        logs: b
+            .serial_log()
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default(),
+        vm: b.vm.name.clone(),
+        key_interval: b.vm.boot_key_interval,
+        cancelled: stop,
+        screenshot: shot,
+    };
+    typist.boot_wait(vm.started, b.vm.boot_wait)?;
+    b.phase(VmPhase::BootCommand, None);
+    typist.type_actions(&actions)?;
+    b.note("boot command typed".into());
+    Ok(())
 }
 
 /// Reads what the serial console adds, a few times a second, and looks in it for a boot

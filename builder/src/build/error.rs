@@ -131,6 +131,20 @@ pub enum VmError {
     Stopped { serial: String },
     #[error("{error}{serial}")]
     NoAgent { error: GuestError, serial: String },
+    /// A VM whose boot command was typed, then never answered: the screen tells more than
+    /// the serial console of an installer.
+    #[error("no answer after its boot command (last screenshot {screenshot}): {error}{serial}")]
+    NoAgentAfterBootCommand {
+        error: GuestError,
+        screenshot: String,
+        serial: String,
+    },
+    #[error("typing the boot command: {error} (last screenshot {screenshot}){serial}")]
+    BootCommand {
+        error: super::boot_command::BootCommandError,
+        screenshot: String,
+        serial: String,
+    },
     /// The serial console told a failure the VM never recovers from (no boot loader, a
     /// refused loader, GRUB's prompt, a kernel panic): reported at once, not at the timeout.
     #[error("the VM cannot boot: {cause}{serial}")]

@@ -13,6 +13,7 @@
 
 mod barrier;
 mod boot;
+pub mod boot_command;
 mod boot_failure;
 mod boot_path;
 pub mod capture;

@@ -537,7 +537,12 @@ pub fn human_plan(p: &Plan) -> String {
                     BootEvent::HttpPort => "<HTTPPort>".into(),
                 })
                 .collect();
-            s.push_str(&format!("  boot command: {}\n", typed.join(" ")));
+            s.push_str(&format!(
+                "  boot command (after {}, {} a key): {}\n",
+                d(vm.boot_wait),
+                d(vm.boot_key_interval),
+                typed.join(" ")
+            ));
         }
         for (i, pr) in vm.provisioners.iter().enumerate() {
             let what = match &pr.step {

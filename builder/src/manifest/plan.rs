@@ -78,6 +78,12 @@ pub struct Vm {
     pub provisioners: Vec<Provisioner>,
     /// `bootCommand` parsed into key events and waits, in typing order.
     pub boot_command: Vec<BootEvent>,
+    /// kiln extension `bootWait`: from the VM's start to the boot command's first key.
+    #[serde(serialize_with = "ser_duration")]
+    pub boot_wait: Duration,
+    /// kiln extension `bootKeyInterval`: the pause after each key of the boot command.
+    #[serde(serialize_with = "ser_duration")]
+    pub boot_key_interval: Duration,
     pub isos: Vec<Iso>,
     /// Names of `files` written to a 1.44 MB FAT floppy (build only).
     pub floppy_files: Vec<String>,

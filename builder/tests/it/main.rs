@@ -9,6 +9,7 @@ mod manifest_corpus;
 mod manifest_fmt;
 mod manifest_plan;
 mod manifest_props;
+mod qemu_boot_keys;
 mod qemu_disk_bus;
 mod serve_api;
 mod ssh;

@@ -164,6 +164,8 @@ fn schema_is_json_schema_with_every_field() {
         "cloudInit",
         "nics",
         "bootCommand",
+        "bootWait",
+        "bootKeyInterval",
         "efiFirmware",
         "boot",
         "provisioners",

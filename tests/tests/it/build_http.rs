@@ -54,11 +54,11 @@ httpDirectory:
     let stdout = String::from_utf8_lossy(&out.stdout);
     let all = format!("{stdout}{stderr}");
     assert!(
-        all.contains("httpDirectory: greeting.txt, remote.txt served at http://<gateway>:8000/"),
+        all.contains("httpDirectory: greeting.txt, remote.txt served at http://<gateway>:8080/"),
         "the build says where the files are"
     );
     assert!(
-        all.contains("addr 10.0.2.1:8000"),
+        all.contains("addr 10.0.2.1:8080"),
         "the step was told the address"
     );
 

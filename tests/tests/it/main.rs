@@ -2,6 +2,7 @@
 //! test binary instead of one per file is most of a test build's time on a small machine.
 //! `build_common` holds the helpers the `kiln build` tests share.
 
+mod build_boot_command;
 mod build_common;
 mod build_disk_bus;
 mod build_failures;

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub mod backends;
+pub mod control;
 pub mod qmp;
 mod stream_nic;
 

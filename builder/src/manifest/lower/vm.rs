@@ -68,6 +68,23 @@ pub fn vm(cx: &mut Cx, n: &Node, net: &Declared) -> Option<Lowered> {
         nic.map(|x| (vec![x], vec![at])).unwrap_or_default()
     };
     let boot_command = boot_command(cx, read::list(n, "bootCommand"));
+    // Packer's defaults.
+    let boot_wait = read::duration(n, "bootWait").unwrap_or(Duration::from_secs(10));
+    let boot_key_interval =
+        read::duration(n, "bootKeyInterval").unwrap_or(Duration::from_millis(100));
+    // By the list written, not the events parsed: a bad token is reported on its own.
+    if read::list(n, "bootCommand").is_empty() {
+        for key in ["bootWait", "bootKeyInterval"] {
+            if let Some(k) = n.key(key) {
+                cx.sink
+                    .warn(
+                        k.span,
+                        format!("`{key}` does nothing without a `bootCommand`"),
+                    )
+                    .hint("remove it, or add the `bootCommand` it paces");
+            }
+        }
+    }
     let efi = n.get("efiFirmware").map(|e| Efi {
         secure_boot: read::boolean(e, "secureBoot").unwrap_or(false),
     });
@@ -110,19 +127,6 @@ pub fn vm(cx: &mut Cx, n: &Node, net: &Declared) -> Option<Lowered> {
                 .hint("put some disks on `bus: virtio` or `scsi`, or attach fewer ISOs");
         }
     }
-    // Read and checked now so the manifest's form is right, but `kiln build` refuses it at
-    // its start until boot commands land: say so here, where the user sees the place.
-    if let (false, Some(k)) = (
-        read::list(n, "bootCommand").is_empty(),
-        n.key("bootCommand"),
-    ) {
-        cx.sink
-            .warn(
-                k.span,
-                "`bootCommand` is not supported by `kiln build` yet: a build of this manifest is refused at its start",
-            )
-            .hint("kiln does not type boot commands yet; boot an installer that needs no keys");
-    }
     let provisioners = steps::provisioners(cx, read::list(n, "provisioners"), communicator.shell);
     let vm = Vm {
         name,
@@ -135,6 +139,8 @@ pub fn vm(cx: &mut Cx, n: &Node, net: &Declared) -> Option<Lowered> {
         nics,
         provisioners,
         boot_command,
+        boot_wait,
+        boot_key_interval,
         isos,
         floppy_files,
         efi,

@@ -59,6 +59,16 @@ pub static VM: Obj = Obj {
             "keystrokes typed at boot",
         ),
         f(
+            "bootWait",
+            Ty::Duration,
+            "kiln extension: how long after the VM starts the boot command is typed (default 10s)",
+        ),
+        f(
+            "bootKeyInterval",
+            Ty::Duration,
+            "kiln extension: the pause after each key of the boot command (default 100ms)",
+        ),
+        f(
             "efiFirmware",
             Ty::Obj(&EFI),
             "UEFI boot through OVMF ({} is enough; BIOS when absent)",
