@@ -106,6 +106,10 @@ pub fn sshd_started(serial: &str) -> bool {
         .any(|l| l.contains("Started") && l.contains("ssh.service"))
 }
 
+/// Where the installed root file system starts on the disk: the installer's GPT puts the
+/// BIOS boot partition at 1 MiB (1 MiB long), the ESP after it (64 MiB), the root next.
+pub const ROOT_OFFSET: u64 = 66 << 20;
+
 /// The installer's answers, as a test writes them into the answer file.
 #[derive(Debug, Clone)]
 pub struct Answers<'a> {

@@ -5,7 +5,9 @@
 //! `url=http://{{ .HTTPIP }}:{{ .HTTPPort }}/answers` (served from `httpDirectory`), then
 //! Ctrl-X. UEFI: the answers are on the floppy and the boot command only presses Enter. kiln
 //! then reaches the installed system over SSH with the password from the answers and runs
-//! shell, file and reboot steps; the module is captured, cloned, run and `kiln exec`'d.
+//! shell, file and reboot steps; the module is captured (what the steps wrote is read from
+//! the disk from outside), cloned and run until the clone's sshd starts (`kiln exec` needs
+//! kiln's agent, which a module built over SSH does not have).
 //!
 //! Failures of the SSH communicator start from a disk the kit installed once (a `file` source
 //! without `cloudInit`, so SSH is the only way in): a wrong password is an authentication
@@ -15,10 +17,11 @@
 //! Each install is a GRUB menu, the installer kernel and a ~350 MB copy under TCG: minutes.
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::build_common::*;
-use crate::firmware_common::{build, clone_run, prereqs, sha256, OVMF_CODE, SEABIOS};
+use crate::firmware_common::{build, prereqs, sha256, OVMF_CODE, SEABIOS};
 use kiln_e2e::installer::{self, Answers};
 
 const PASSWORD: &str = "kiln-install-test";
@@ -97,7 +100,8 @@ fn answers() -> Answers<'static> {
     }
 }
 
-/// Builds, checks the module, clones it and execs in the clone.
+/// Builds, checks the module and what the steps left on its disk, clones it and runs the
+/// clone to sshd.
 fn install_build_clone(test: &str, firmware_file: &str, name: &str, extra: &str, top: &str) {
     let Some(kiln) = prereqs(test, firmware_file) else {
         return;
@@ -122,16 +126,93 @@ fn install_build_clone(test: &str, firmware_file: &str, name: &str, extra: &str,
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(captured, ["box-root.qcow2"], "captured disks");
-    let text = clone_run(
-        &kiln,
-        tmp.path(),
-        name,
-        "box",
-        &["cat", "/root/x", "/root/first"],
-    );
+    // What the SSH steps wrote is on the captured disk, read from outside.
+    let raw = tmp.path().join("captured.raw");
+    let st = Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(&disk)
+        .arg(&raw)
+        .status()
+        .unwrap();
+    assert!(st.success(), "qemu-img convert");
+    for (path, text) in [
+        ("/root/x", "installed from an ISO"),
+        ("/root/first", "written over ssh"),
+    ] {
+        let got = debugfs_cat(&raw, path);
+        assert!(got.contains(text), "{path} on the captured disk: {got:?}");
+    }
+    let _ = std::fs::remove_file(&raw);
+    clone_boots_to_sshd(&kiln, tmp.path(), name);
+}
+
+/// A file of the installed root (at [`installer::ROOT_OFFSET`]) of a raw disk, by debugfs.
+fn debugfs_cat(raw: &Path, path: &str) -> String {
+    let out = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("cat {path}"))
+        .arg(format!(
+            "{}?offset={}",
+            raw.display(),
+            installer::ROOT_OFFSET
+        ))
+        .output()
+        .unwrap();
     assert!(
-        text.contains("installed from an ISO") && text.contains("written over ssh"),
-        "{text}"
+        out.status.success(),
+        "debugfs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `kiln clone` the module and `kiln run` its first clone until the clone's serial console
+/// shows the installed system's login prompt with sshd started. `kiln exec` talks to kiln's
+/// agent, which a module built over SSH does not carry, so sshd is what the clone offers.
+fn clone_boots_to_sshd(kiln: &Path, tmp: &Path, module: &str) {
+    let clones = tmp.join("clones");
+    let cache = tmp.join("cache");
+    let out = run_kiln_with(
+        kiln,
+        &[
+            "clone",
+            module,
+            "--modules",
+            tmp.join("modules").to_str().unwrap(),
+            "--clones",
+            clones.to_str().unwrap(),
+        ],
+        &[("KILN_CACHE", &cache)],
+    );
+    assert!(out.status.success(), "kiln clone failed");
+    let clone = format!("{module}-1");
+    let child = Command::new(kiln)
+        .args(["run", &clone, "--clones", clones.to_str().unwrap()])
+        .env("KILN_NO_INTERNET", "true")
+        .env("KILN_RUN_DIR", tmp.join("run"))
+        .env("KILN_CACHE", &cache)
+        .current_dir(repo_root())
+        .spawn()
+        .unwrap();
+    let _run = kiln_e2e::module::Run(child);
+    let serial = clones.join(&clone).join("box-serial.log");
+    let t = Instant::now();
+    loop {
+        let text = std::fs::read(&serial)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        if text.contains("box login:") && installer::sshd_started(&text) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(600),
+            "the clone did not reach sshd:\n{text}"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    eprintln!(
+        "{module}: the clone reached sshd in {:.0} s",
+        t.elapsed().as_secs_f64()
     );
 }
 
@@ -142,7 +223,7 @@ fn bios_install_with_answers_over_http_then_ssh_steps_and_a_clone() {
         "bios_install_with_answers_over_http_then_ssh_steps_and_a_clone",
         SEABIOS,
         "iso-bios",
-        "    bootWait: 10s\n    bootCommand: [\"e<down><down><end> url=http://{{ .HTTPIP }}:{{ .HTTPPort }}/answers<leftCtrlOn>x<leftCtrlOff>\"]\n",
+        "    bootWait: 15s\n    bootKeyInterval: 300ms\n    bootCommand: [\"e<down><down><end> url=http://{{ .HTTPIP }}:{{ .HTTPPort }}/answers<leftCtrlOn>x<leftCtrlOff>\"]\n",
         &format!("{}httpDirectory: {{ files: [{{ name: answers }}] }}\n", files(&answers)),
     );
 }
