@@ -465,15 +465,23 @@ mod tests {
         assert!(!cfg.contains("url="));
     }
 
+    /// Why the CD cannot be made or run here, if so.
+    fn cannot_install() -> Option<String> {
+        if let Some(why) = cannot_build() {
+            return Some(format!("cannot make the installer CD: {why}"));
+        }
+        if !crate::qemu::qemu_available() || !on_path("qemu-img") {
+            return Some("qemu-system-x86_64 or qemu-img is not installed".into());
+        }
+        None
+    }
+
     /// Answers without a root password: the installer stops with its reason on the console
     /// (and would wait there), and `install` says so at once instead of at its timeout.
     #[test]
     fn bad_answers_stop_the_installer_with_its_reason() {
-        if let Some(why) = cannot_build() {
-            return crate::skip(format!("cannot make the installer CD: {why}"));
-        }
-        if !crate::qemu::qemu_available() || !on_path("qemu-img") {
-            return crate::skip("qemu-system-x86_64 or qemu-img is not installed");
+        if let Some(why) = cannot_install() {
+            return crate::skip(why);
         }
         let iso = installer_iso().unwrap();
         let work = tempfile::tempdir().unwrap();
@@ -505,11 +513,8 @@ mod tests {
     /// answers: under SeaBIOS and under OVMF. Prints each step's time.
     #[test]
     fn installs_from_the_floppy_and_the_disk_boots_to_sshd_under_seabios_and_ovmf() {
-        if let Some(why) = cannot_build() {
-            return crate::skip(format!("cannot make the installer CD: {why}"));
-        }
-        if !crate::qemu::qemu_available() || !on_path("qemu-img") {
-            return crate::skip("qemu-system-x86_64 or qemu-img is not installed");
+        if let Some(why) = cannot_install() {
+            return crate::skip(why);
         }
         let t = Instant::now();
         let iso = installer_iso().unwrap();
