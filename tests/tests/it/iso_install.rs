@@ -170,7 +170,7 @@ fn debugfs_cat(raw: &Path, path: &str) -> String {
 /// shows the installed system's login prompt with the hostname from the answers. `kiln exec`
 /// talks to kiln's agent, which a module built over SSH does not carry. The clone's sshd is
 /// not awaited on the console: kiln's template cleanup removed the host keys, and once their
-/// regeneration had started, no `Started ssh.service` line reached the serial console (10
+/// regeneration had started, no `Started ssh.service` line reached the serial console (6
 /// minutes, the guest idle); the build's own SSH steps after its reboot show sshd works.
 fn clone_boots_to_login(kiln: &Path, tmp: &Path, module: &str) {
     let clones = tmp.join("clones");
