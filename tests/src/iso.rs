@@ -75,6 +75,20 @@ pub fn grub_iso(grub_cfg: &str, files: &[(&str, &Path)]) -> Result<PathBuf> {
     result.map(|()| iso)
 }
 
+/// QEMU arguments for `iso` as a read-only CD-ROM on q35's first AHCI port, booted after
+/// a disk with `bootindex=0`, as the ISO-install VMs have it.
+pub fn cdrom_args(iso: &Path) -> Vec<String> {
+    vec![
+        "-drive".into(),
+        format!(
+            "if=none,id=cd0,media=cdrom,readonly=on,format=raw,file={}",
+            iso.display()
+        ),
+        "-device".into(),
+        "ide-cd,drive=cd0,bus=ide.0,bootindex=1".into(),
+    ]
+}
+
 fn make(tmp: &Path, iso: &Path, grub_cfg: &str, files: &[(&str, &Path)]) -> Result<()> {
     let tree = tmp.join("tree");
     let cfg = tree.join("boot/grub/grub.cfg");
@@ -142,15 +156,7 @@ terminal_output serial console\nset timeout=0\nmenuentry 'kiln-test' {\n  echo K
                 continue;
             }
             let serial = work.path().join(format!("serial-{uefi}.log"));
-            let mut cfg = QemuConfig::firmware(&serial).arg([
-                "-drive".to_string(),
-                format!(
-                    "if=none,id=cd0,media=cdrom,readonly=on,format=raw,file={}",
-                    iso.display()
-                ),
-                "-device".into(),
-                "ide-cd,drive=cd0,bus=ide.0,bootindex=1".into(),
-            ]);
+            let mut cfg = QemuConfig::firmware(&serial).arg(cdrom_args(&iso));
             if uefi {
                 cfg = cfg.arg(["-bios".to_string(), ovmf.display().to_string()]);
             }

@@ -5,6 +5,9 @@
 //! - [`firmware_image::uefi_xfs`], [`firmware_image::bios_btrfs`], [`firmware_image::uefi_secure`],
 //!   [`firmware_image::uefi_unsigned`]: disk images that boot through
 //!   OVMF or SeaBIOS, made from Debian packages and cached by their inputs.
+//! - [`installer::installer_iso`]: a real installer CD (GRUB menu, generic kernel, busybox
+//!   installer, a Debian system with sshd to install) for the ISO-install tests;
+//!   [`installer::installed_disk`]: a disk it installed, cached.
 //! - [`initramfs::Initramfs`]: a newc initramfs with static busybox, chosen kernel modules (in
 //!   dependency order) and an `/init` script.
 //! - [`qemu::Qemu`]: `qemu-system-x86_64 -accel tcg` with serial to a file, waiting for marker
@@ -28,6 +31,7 @@ pub mod helper_process;
 pub mod http;
 pub mod image;
 pub mod initramfs;
+pub mod installer;
 pub mod iso;
 pub mod kernel;
 pub mod module;

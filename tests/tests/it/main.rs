@@ -26,6 +26,7 @@ mod console;
 mod doctor;
 mod firmware_common;
 mod firmware_images;
+mod iso_install;
 mod module_boots_in_plain_qemu;
 mod modules_cli;
 mod run_lock;

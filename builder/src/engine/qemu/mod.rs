@@ -103,9 +103,11 @@ pub fn qemu_args(
     push("none");
     // A screen to type into and take screenshots of; SeaBIOS and GRUB keep writing to the
     // serial console too (`graphics=off`), where the boot-failure watch reads them.
+    // At a fixed slot past the ones QEMU hands out, so the disks keep the PCI addresses a
+    // clone (which has no screen) sees: OVMF's boot entries in the captured NVRAM name them.
     if vm.peripherals.screen {
-        push("-vga");
-        push("std");
+        push("-device");
+        push(VGA_DEVICE);
         if vm.peripherals.console {
             for arg in vnc::vnc_args(&vm.workdir) {
                 push(&arg);
@@ -285,6 +287,10 @@ pub fn qemu_args(
     }
     Ok(a)
 }
+
+/// The screen: standard VGA at slot 0x1e, free on q35 (0x1f holds the LPC, AHCI and SMBus
+/// functions) and past the slots QEMU assigns from 1 up.
+const VGA_DEVICE: &str = "VGA,addr=0x1e";
 
 /// Ports of q35's built-in AHCI controller (`ide.0` to `ide.5`), shared by sata disks and CDs.
 const AHCI_PORTS: usize = 6;
@@ -755,7 +761,7 @@ mod tests {
             "{s}"
         );
         assert!(s.contains("isa-fdc,id=fdc0 -device floppy,unit=0,drive=fd0,drive-type=144"));
-        assert!(s.contains("-vga std"), "{s}");
+        assert!(s.contains("-device VGA,addr=0x1e"), "{s}");
         // A virtio boot disk gets the first boot index as well.
         l.disks[0].bus = DiskBus::Virtio;
         let s = joined(&args_of(&l, BlockMode::VhostUser, None));
@@ -785,7 +791,7 @@ mod tests {
         assert!(e.contains("7 sata disks and CD-ROMs"), "{e}");
         // Without peripherals, no screen and no boot order.
         let s = joined(&args_of(&launch(), BlockMode::VhostUser, None));
-        assert!(!s.contains("-vga") && !s.contains("bootindex"), "{s}");
+        assert!(!s.contains("VGA") && !s.contains("bootindex"), "{s}");
     }
 
     #[test]
@@ -806,7 +812,7 @@ mod tests {
             let s = joined(&args_of(&l, BlockMode::VhostUser, None));
             assert_eq!(s.contains(vnc), has_vnc, "{screen} {console}: {s}");
             assert_eq!(s.contains("-vnc"), has_vnc, "{s}");
-            assert_eq!(s.contains("-vga std"), screen, "{s}");
+            assert_eq!(s.contains("-device VGA,addr=0x1e"), screen, "{s}");
             // The VNC server never replaces `-display none`: QEMU opens no window.
             assert!(s.contains("-display none"), "{s}");
         }
