@@ -284,14 +284,16 @@ fn sshd_never_starting_fails_at_ssh_timeout_with_the_console() {
         ssh: false,
         ..answers()
     };
-    let Some((err, took)) = build_installed(test, &no_ssh, PASSWORD, "4m") else {
+    // The installed system reaches its login prompt in 30-50 s under TCG: 150 s leave room
+    // for a loaded host.
+    let Some((err, took)) = build_installed(test, &no_ssh, PASSWORD, "150s") else {
         return;
     };
-    assert!(err.contains("sshTimeout") || err.contains("4m"), "{err}");
+    assert!(err.contains("sshTimeout") || err.contains("150s"), "{err}");
     // The console shows the installed system up, at its login prompt, without sshd.
     assert!(err.contains("box login:"), "{err}");
     assert!(
-        took >= Duration::from_secs(240),
+        took >= Duration::from_secs(150),
         "{test}: failed before the timeout: {took:?}"
     );
     eprintln!("{test}: failed in {:.0} s", took.as_secs_f64());
