@@ -186,6 +186,35 @@ pub struct VmJob {
     pub invisible: bool,
 }
 
+#[cfg(test)]
+impl VmJob {
+    /// A VM of 1 vCPU and 512 MiB with nothing else: what unit tests change a field or two of.
+    pub fn for_test(name: &str, source: SourceSpec) -> VmJob {
+        VmJob {
+            name: name.into(),
+            source,
+            cpus: 1,
+            memory_mib: 512,
+            disks: vec![],
+            cloud_init: None,
+            steps: vec![],
+            clean_for_template: false,
+            internet: false,
+            nics: vec![],
+            boot_timeout: Duration::from_secs(60),
+            firmware: Firmware::default(),
+            boot: BootChoice::default(),
+            isos: vec![],
+            floppy_files: vec![],
+            boot_command: vec![],
+            boot_wait: Duration::ZERO,
+            boot_key_interval: Duration::ZERO,
+            communicator: CommunicatorJob::Agent,
+            invisible: false,
+        }
+    }
+}
+
 /// An `isos` entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct IsoJob {

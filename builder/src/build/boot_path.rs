@@ -137,30 +137,12 @@ fn root_unnamed(root: &str) -> Option<String> {
 mod tests {
     use super::*;
     use crate::sources::build_ref::{inherited_firmware, ParentFirmware};
-    use std::time::Duration;
 
     fn vm(source: SourceSpec, firmware: Firmware, boot: BootChoice) -> VmJob {
         VmJob {
-            name: "web".into(),
-            source,
-            cpus: 1,
-            memory_mib: 512,
-            disks: vec![],
-            cloud_init: None,
-            steps: vec![],
-            clean_for_template: false,
-            internet: false,
-            nics: vec![],
-            boot_timeout: Duration::from_secs(60),
             firmware,
             boot,
-            isos: vec![],
-            floppy_files: vec![],
-            boot_command: vec![],
-            boot_wait: Duration::ZERO,
-            boot_key_interval: Duration::ZERO,
-            communicator: Default::default(),
-            invisible: false,
+            ..VmJob::for_test("web", source)
         }
     }
 

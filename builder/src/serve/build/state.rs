@@ -269,12 +269,6 @@ mod tests {
             manifest_text: String::new(),
             http_directory: vec![],
             vms: vec![VmJob {
-                name: "a".into(),
-                source: crate::job::SourceSpec::Blank,
-                cpus: 1,
-                memory_mib: 512,
-                disks: vec![],
-                cloud_init: None,
                 steps: vec![
                     step(
                         "wait",
@@ -285,18 +279,8 @@ mod tests {
                     step("s", StepKind::Reboot { command: None }),
                 ],
                 clean_for_template: true,
-                internet: false,
-                nics: vec![],
                 boot_timeout: Duration::from_secs(300),
-                firmware: Default::default(),
-                boot: Default::default(),
-                isos: vec![],
-                floppy_files: vec![],
-                boot_command: vec![],
-                boot_wait: Duration::ZERO,
-                boot_key_interval: Duration::ZERO,
-                communicator: Default::default(),
-                invisible: false,
+                ..VmJob::for_test("a", crate::job::SourceSpec::Blank)
             }],
             files: BTreeMap::new(),
             timeout: Duration::from_secs(60),
