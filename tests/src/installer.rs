@@ -512,6 +512,7 @@ mod tests {
     /// nothing, and the installed disk alone then boots to sshd with the hostname from the
     /// answers: under SeaBIOS and under OVMF. Prints each step's time.
     #[test]
+    #[ignore = "a diagnostic (about 3 min): iso_install's e2e tests run these installs through kiln; run it with --ignored when they fail, to see whether the CD itself works"]
     fn installs_from_the_floppy_and_the_disk_boots_to_sshd_under_seabios_and_ovmf() {
         if let Some(why) = cannot_install() {
             return crate::skip(why);

@@ -1,11 +1,10 @@
 //! `kiln build` of images that boot only through firmware: the kit's UEFI/XFS and BIOS/btrfs
 //! images (no kernel kiln can read), each served as a `url` source from a loopback HTTP server
 //! and built on the qemu engine with `cloudInit: {}` (cloud-init installs kiln's agent), shell,
-//! file and reboot steps. The UEFI build writes a boot entry with `efibootmgr`, and the
-//! captured `nvram/<vm>.fd` holds it. Bad input fails fast with its cause: a disk with no boot
+//! file and reboot steps. Bad input fails fast with its cause: a disk with no boot
 //! loader (all zeros) under SeaBIOS and under OVMF, and a missing OVMF before anything boots.
-//! The BIOS module is then cloned and run (`kiln run` + `kiln exec`); the UEFI one is in
-//! clone_firmware.rs, the Secure Boot one in build_secure_boot.rs.
+//! The BIOS module is then cloned and run (`kiln run` + `kiln exec`); the UEFI build, its
+//! NVRAM and its clone are in clone_firmware.rs, the Secure Boot one in build_secure_boot.rs.
 //!
 //! Each real build is a firmware, GRUB, kernel and cloud-init boot under TCG (1 to 3 minutes
 //! here), plus a reboot.
@@ -44,42 +43,6 @@ fn steps(efi: bool, more: &str) -> String {
             {test} /sys/firmware/efi
 "#
     )
-}
-
-#[test]
-fn uefi_image_builds_through_ovmf_and_its_nvram_is_captured() {
-    // A boot entry written during the build: it lives in the VM's NVRAM only.
-    let efibootmgr = "            efibootmgr --create --disk /dev/vda --part 1 --label kiln-test --loader '\\EFI\\BOOT\\BOOTX64.EFI'\n            efibootmgr | grep -q kiln-test\n";
-    let Some((tmp, text)) = build_image(ImageBuild {
-        test: "uefi_image_builds_through_ovmf_and_its_nvram_is_captured",
-        firmware_file: OVMF_CODE,
-        image: firmware_image::uefi_xfs,
-        module: "fw-uefi",
-        vm: "efi",
-        extra: "    efiFirmware: {}\n",
-        steps: steps(true, efibootmgr),
-    }) else {
-        return;
-    };
-    assert!(
-        text.contains("efi: boot: firmware (uefi): efiFirmware is set"),
-        "{text}"
-    );
-    let yaml = check_module(tmp.path(), "fw-uefi", "efi", "uefi");
-    let nvram = tmp.path().join("modules/fw-uefi/nvram/efi.fd");
-    let vars = std::fs::read(&nvram).unwrap();
-    assert!(
-        yaml.contains("nvram: nvram/efi.fd") && yaml.contains(&sha256(&nvram)),
-        "{yaml}"
-    );
-    let label: Vec<u8> = "kiln-test"
-        .encode_utf16()
-        .flat_map(|u| u.to_le_bytes())
-        .collect();
-    assert!(
-        vars.windows(label.len()).any(|w| w == label.as_slice()),
-        "the efibootmgr entry is not in the captured NVRAM"
-    );
 }
 
 #[test]

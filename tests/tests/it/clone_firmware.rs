@@ -1,9 +1,10 @@
 //! A module built through UEFI firmware keeps its variables in its clones: the test kit's
 //! UEFI image (GPT, ESP, XFS root, cloud-init, no kiln agent) is served as a `url` source from
 //! a loopback HTTP server and built with `efiFirmware: {}`; a build step writes a boot entry
-//! with `efibootmgr`. The module records the firmware and its captured NVRAM, `kiln clone`
-//! gives the clone its own copy of it, and in `kiln run` the clone boots through OVMF on that
-//! copy: `kiln exec efibootmgr` there still lists the entry; and a `buildRef` child without
+//! with `efibootmgr`, then a file step and a reboot through the firmware. The module records
+//! the firmware and its captured NVRAM (which holds the entry), `kiln clone` gives the clone
+//! its own copy of it, and in `kiln run` the clone boots through OVMF on that copy:
+//! `kiln exec efibootmgr` there still lists the entry; and a `buildRef` child without
 //! `efiFirmware` builds through UEFI from the parent's NVRAM, the entry still listed.
 
 use std::path::Path;
@@ -90,8 +91,28 @@ fn a_uefi_boot_entry_written_in_the_build_is_there_in_a_clone() {
         shell:
           inline: |
             set -eu
+            test -d /sys/firmware/efi
+            findmnt -n -o FSTYPE / | grep -qx xfs
             efibootmgr --create --disk /dev/vda --part 1 --label {ENTRY} --loader '\EFI\BOOT\BOOTX64.EFI'
             efibootmgr | grep -q {ENTRY}
+      - name: motd
+        type: file
+        file:
+          fileRef: motd
+          destination: /etc/motd
+      - name: restart
+        type: reboot
+      - name: after-reboot
+        type: shell
+        shell:
+          inline: |
+            set -eu
+            grep -q "built through firmware" /etc/motd
+            test -d /sys/firmware/efi
+            efibootmgr | grep -q {ENTRY}
+files:
+  - name: motd
+    inline: "built through firmware\n"
 "#,
             port = server.port
         ),
@@ -100,8 +121,13 @@ fn a_uefi_boot_entry_written_in_the_build_is_there_in_a_clone() {
     let modules = tmp.path().join("modules");
     // A cache of its own: the downloaded image goes when the test's folder does.
     let cache = tmp.path().join("cache");
-    build(&kiln, &manifest, &modules, &cache);
+    let out = build(&kiln, &manifest, &modules, &cache);
     assert!(server.hits() >= 1, "the url was never fetched");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("uefi: boot: firmware (uefi): efiFirmware is set"),
+        "{err}"
+    );
 
     // The module records the firmware it booted through and its captured NVRAM.
     let module = modules.join("fwclone");
@@ -109,7 +135,19 @@ fn a_uefi_boot_entry_written_in_the_build_is_there_in_a_clone() {
     for want in ["firmware: uefi", "booted: true", "nvram: nvram/uefi.fd"] {
         assert!(yaml.contains(want), "no `{want}` in module.yaml:\n{yaml}");
     }
+    let disk = module.join("disks/uefi-root.qcow2");
+    qemu_img_check(&disk).unwrap_or_else(|e| panic!("qemu-img check {}: {e}", disk.display()));
     let captured = std::fs::read(module.join("nvram/uefi.fd")).unwrap();
+    assert!(
+        yaml.contains(&sha256sum(&module.join("nvram/uefi.fd"))),
+        "{yaml}"
+    );
+    // The boot entry lives in the VM's NVRAM only: the captured variables hold its label.
+    let label: Vec<u8> = ENTRY.encode_utf16().flat_map(|u| u.to_le_bytes()).collect();
+    assert!(
+        captured.windows(label.len()).any(|w| w == label.as_slice()),
+        "the efibootmgr entry is not in the captured NVRAM"
+    );
     let ls = run_kiln(&kiln, &["ls", "--modules", modules.to_str().unwrap()]);
     let ls = String::from_utf8_lossy(&ls.stdout);
     assert!(

@@ -1,7 +1,8 @@
-//! The firmware test images boot in plain QEMU (TCG, no `-kernel`): the UEFI one with OVMF,
-//! the BIOS one with SeaBIOS, the signed one with OVMF's Secure Boot build, each to systemd's
-//! first target on the serial console. The unsigned twin and a disk with no boot loader fail,
-//! and the tests pin what each firmware prints then: the texts a build watches for.
+//! The firmware test images in plain QEMU (TCG, no `-kernel`): what each firmware prints when
+//! it cannot boot (the unsigned image under Secure Boot, a disk with no boot loader) and the
+//! kernel's word on Secure Boot without keys: the texts a build watches for. That the good
+//! images boot is shown by the builds of them (build_firmware, build_secure_boot,
+//! clone_firmware), which would fail first.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -38,8 +39,6 @@ const OVMF_SHELL: &str = "BdsDxe: starting Boot0002 \"EFI Internal Shell\"";
 const SEABIOS_NOTHING_BOOTS: &str = "No bootable device.";
 /// Firmware, GRUB, kernel and systemd under TCG on a shared 2-core machine.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(420);
-/// systemd's status line once the whole boot is done (root mounted, units started).
-const BOOTED: &str = "Multi-User System";
 
 /// The image, or None (with a SKIP line) when this host cannot build or boot it.
 fn image_or_skip(
@@ -85,10 +84,6 @@ fn vm_or_skip(
     };
     let disk = image_or_skip(test, build)?;
     Some((dir, cfg, disk))
-}
-
-fn boot(cfg: QemuConfig, disk: &Path) -> String {
-    boot_until(cfg, disk, BOOTED, BOOT_TIMEOUT)
 }
 
 /// Whether OVMF said it could not load the disk's loader, for `cause`.
@@ -162,55 +157,6 @@ impl Firmware {
             cfg = cfg.arg(["-global", "driver=cfi.pflash01,property=secure,value=on"]);
         }
         Ok(cfg)
-    }
-}
-
-#[test]
-fn uefi_xfs_image_boots_with_ovmf() {
-    let test = "uefi_xfs_image_boots_with_ovmf";
-    let Some((_dir, cfg, disk)) = vm_or_skip(test, Firmware::Ovmf, firmware_image::uefi_xfs) else {
-        return;
-    };
-    let out = boot(cfg, &disk);
-    assert!(
-        out.contains("EFI"),
-        "no sign of UEFI in the boot log:\n{out}"
-    );
-}
-
-#[test]
-fn bios_btrfs_image_boots_with_seabios() {
-    let test = "bios_btrfs_image_boots_with_seabios";
-    let Some(disk) = image_or_skip(test, firmware_image::bios_btrfs) else {
-        return;
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let out = boot(QemuConfig::firmware(&dir.path().join("serial.log")), &disk);
-    assert!(
-        out.contains("btrfs") || out.contains("BTRFS"),
-        "root not btrfs?\n{out}"
-    );
-}
-
-#[test]
-fn uefi_secure_image_boots_with_secure_boot() {
-    let test = "uefi_secure_image_boots_with_secure_boot";
-    let Some((_dir, cfg, disk)) =
-        vm_or_skip(test, Firmware::OvmfSecure, firmware_image::uefi_secure)
-    else {
-        return;
-    };
-    let out = boot(cfg, &disk);
-    // The kernel's own word (its EFI stub's, then its log's) that the firmware ran it with
-    // Secure Boot on: shim and GRUB passed the check, and so did the kernel.
-    for said in [
-        "EFI stub: UEFI Secure Boot is enabled.",
-        &format!("{KERNEL_SECURE_BOOT}enabled"),
-    ] {
-        assert!(
-            out.contains(said),
-            "booted, but no `{said}`: Secure Boot off?\n{out}"
-        );
     }
 }
 
