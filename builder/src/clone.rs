@@ -597,6 +597,7 @@ pub(crate) mod tests {
             kind: "Module".into(),
             name: name.into(),
             kiln_version: "0".into(),
+            kiln_commit: String::new(),
             engine: "qemu".into(),
             built_at: 0,
             build_seconds: 0.0,

@@ -29,3 +29,4 @@ pub mod runtime;
 pub mod serve;
 pub mod sources;
 pub mod ssh;
+pub mod version;

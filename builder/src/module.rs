@@ -59,6 +59,9 @@ pub struct ModuleRecord {
     pub kind: String,
     pub name: String,
     pub kiln_version: String,
+    /// The git commit of the kiln that built it (empty in modules made before it was kept).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub kiln_commit: String,
     pub engine: String,
     /// Unix seconds.
     pub built_at: u64,
@@ -469,6 +472,7 @@ mod tests {
             kind: "Module".into(),
             name: name.into(),
             kiln_version: "0.1.0".into(),
+            kiln_commit: "0123456789ab".into(),
             engine: "qemu".into(),
             built_at: 1,
             build_seconds: 2.5,

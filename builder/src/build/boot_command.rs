@@ -1,8 +1,9 @@
 //! Typing a VM's `bootCommand` into its keyboard: the parsed events turned into QEMU qcode
 //! presses (Shift added for shifted characters, one key down then up), typed after
 //! `bootWait` once QEMU runs the VM, with `bootKeyInterval` after each key. A screenshot
-//! goes to the module's logs before the first key, after each `<wait>` and at the end, so a
-//! user sees where the typing went wrong.
+//! goes to the module's logs before the first key, after each `<wait>` and at the end (a
+//! second after the last key, for the guest to draw it), so a user sees where the typing went
+//! wrong.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -15,6 +16,8 @@ use crate::manifest::boot::{char_key, BootEvent, Modifier, SpecialKey};
 const CONNECT_WAIT: Duration = Duration::from_secs(30);
 /// How long a VM may stay paused or not started before its first key.
 const RUNNING_WAIT: Duration = Duration::from_secs(60);
+/// How long the guest gets to show the last keys before the last screenshot.
+const SETTLE: Duration = Duration::from_secs(1);
 /// How often a wait looks at the build's cancel flag.
 const CANCEL_POLL: Duration = Duration::from_millis(100);
 
@@ -222,6 +225,9 @@ impl Typist<'_> {
                 }
             }
         }
+        // A guest under TCG draws the last keys late (GRUB's editor a second behind on a busy
+        // host): the last screenshot waits for it, or it shows the line cut short.
+        self.sleep(SETTLE.max(self.key_interval * 4))?;
         self.screenshot(&mut session, &mut shots)
     }
 

@@ -131,7 +131,8 @@ fn run_once(
         api_version: "kiln/v1".into(),
         kind: "Module".into(),
         name: job.name.clone(),
-        kiln_version: env!("CARGO_PKG_VERSION").into(),
+        kiln_version: crate::version::VERSION.into(),
+        kiln_commit: crate::version::COMMIT.into(),
         engine: engine.name().into(),
         built_at: SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)

@@ -21,7 +21,7 @@ mod vm;
 #[derive(Debug, Parser)]
 #[command(
     name = "kiln",
-    version,
+    version = crate::version::LONG,
     about = "Build VM image modules from a YAML manifest"
 )]
 pub struct Cli {

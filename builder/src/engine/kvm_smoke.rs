@@ -33,7 +33,7 @@ impl SmokeKey {
     pub fn for_kernel(kernel: &Path) -> std::io::Result<SmokeKey> {
         Ok(SmokeKey {
             host_kernel: host_kernel_release(),
-            kiln_version: env!("CARGO_PKG_VERSION").to_string(),
+            kiln_version: crate::version::LONG.to_string(),
             kernel_sha256: sha256_file(kernel)?,
         })
     }
@@ -245,7 +245,7 @@ pub fn status_for_auto(may_run: bool) -> SmokeStatus {
     let Ok(root) = Cache::root_from_env() else {
         return SmokeStatus::NotRun("not run: no kiln cache folder (set KILN_CACHE)".into());
     };
-    let (host, version) = (host_kernel_release(), env!("CARGO_PKG_VERSION"));
+    let (host, version) = (host_kernel_release(), crate::version::LONG);
     if let Some(r) = latest_for(&results_dir(&root), &host, version) {
         return SmokeStatus::Done(r);
     }
