@@ -23,6 +23,28 @@ fn hello_builds_and_its_disk_has_every_step() {
         "{yaml}"
     );
     assert!(yaml.contains("packageVersions"), "{yaml}");
+    // Which kiln built it: `kiln --version`'s release and commit.
+    let version = run_kiln(&kiln, &["--version"]);
+    let version = String::from_utf8_lossy(&version.stdout);
+    let commit = version
+        .trim()
+        .strip_suffix(')')
+        .and_then(|v| v.split_once("(commit "))
+        .map(|(_, c)| c)
+        .unwrap_or_else(|| panic!("kiln --version: {version}"));
+    assert!(
+        commit == "unknown"
+            || (commit.len() == 12 && commit.bytes().all(|b| b.is_ascii_hexdigit())),
+        "{version}"
+    );
+    if commit != "unknown" {
+        // Quoted or not, as the YAML writer sees fit (all digits would be a number).
+        assert!(
+            yaml.lines()
+                .any(|l| l.starts_with("kilnCommit:") && l.contains(commit)),
+            "{yaml}"
+        );
+    }
     assert!(
         hidden_entries(&modules).is_empty(),
         "leftovers: {:?}",
