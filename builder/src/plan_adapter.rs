@@ -83,19 +83,14 @@ pub fn load_job(
     Ok(job_from_plan(&plan, path, &text)?)
 }
 
-/// SSH where the VM asks for it and kiln cannot put its agent into the guest: an ISO install
-/// (`blank`), or an image without a cloud-init seed. A cloud image with `type: ssh` and a seed
-/// still gets the agent, which is faster and needs no credentials.
+/// SSH where the VM asks for it and kiln cannot put its agent into the guest (the rule is
+/// [`manifest::Vm::over_ssh`]): an ISO install (`blank`), or an image without a cloud-init seed.
+/// Elsewhere validation refuses `type: ssh`, so the agent is what the manifest says.
 fn communicator(vm: &manifest::Vm) -> CommunicatorJob {
-    let c = &vm.communicator;
-    let agent_possible = match vm.source {
-        manifest::Source::Blank => false,
-        manifest::Source::Url { .. } | manifest::Source::File { .. } => vm.cloud_init.is_some(),
-        manifest::Source::Bootstrap { .. } | manifest::Source::BuildRef { .. } => true,
-    };
-    if c.kind != manifest::CommunicatorKind::Ssh || agent_possible {
+    if !vm.over_ssh() {
         return CommunicatorJob::Agent;
     }
+    let c = &vm.communicator;
     CommunicatorJob::Ssh(SshJob {
         username: c.ssh_username.clone(),
         port: c.ssh_port,
@@ -507,6 +502,42 @@ buildOverrides:
         let e = job_from_plan(&plan, &path, text).unwrap_err();
         assert!(matches!(e, AdaptError::UserData { .. }), "{e}");
         assert!(e.to_string().contains("user-data.yaml"), "{e}");
+    }
+
+    #[test]
+    fn type_ssh_is_refused_exactly_where_the_build_would_use_the_agent() {
+        // For each source: is `type: ssh` accepted, and does the build then go over SSH? The
+        // two must agree (one rule), so no accepted `type: ssh` is silently dropped.
+        let cases = [
+            ("{ blank: true }", "", true),
+            ("{ url: http://127.0.0.1/x.qcow2 }", "", true),
+            (
+                "{ url: http://127.0.0.1/x.qcow2 }",
+                "    cloudInit: {}\n",
+                false,
+            ),
+            (
+                "{ bootstrap: { distro: debian, suite: bookworm } }",
+                "",
+                false,
+            ),
+            ("{ buildRef: { name: base } }", "", false),
+        ];
+        for (source, extra, ssh) in cases {
+            let text = format!("vms:\n  - name: a\n    source: {source}\n    resources: {{ cpu: 1, memory: 512Mi }}\n    communicator: {{ type: ssh, sshPassword: pw }}\n{extra}");
+            let path = Path::new("m.yaml");
+            let loaded = manifest::load_str(&text, path, Default::default());
+            let Some(plan) = loaded.plan else {
+                assert!(!ssh, "{source} {extra}: refused: {:?}", loaded.diagnostics);
+                continue;
+            };
+            assert!(ssh, "{source} {extra}: accepted where the agent is used");
+            let job = job_from_plan(&plan, path, &text).unwrap();
+            assert!(
+                matches!(job.vms[0].communicator, CommunicatorJob::Ssh(_)),
+                "{source} {extra}: accepted but the build does not use SSH"
+            );
+        }
     }
 
     #[test]

@@ -94,6 +94,14 @@ pub struct Vm {
     pub invisible: bool,
 }
 
+impl Vm {
+    /// Whether the build reaches this VM through its own sshd ([`Source::over_ssh`]).
+    pub fn over_ssh(&self) -> bool {
+        self.source
+            .over_ssh(self.communicator.kind, self.cloud_init.is_some())
+    }
+}
+
 /// kiln extension `boot`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -133,6 +141,37 @@ pub enum Source {
     },
     /// An empty boot disk.
     Blank,
+}
+
+/// How kiln puts its agent into a VM: where it can, the build talks to the agent, whatever
+/// `communicator` says, so the SSH fields would change nothing there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentWay {
+    /// Installed in the bootstrapped root file system.
+    Bootstrap,
+    /// Carried by the parent module's captured disk.
+    BuildRef,
+    /// Installed by the NoCloud seed (`cloudInit`) of a `url` or `file` image.
+    CloudInit,
+}
+
+impl Source {
+    /// The one rule for "can kiln put its agent in": validation refuses SSH fields by it and
+    /// the build picks the communicator by it (through [`Source::over_ssh`]).
+    pub fn agent_way(&self, has_cloud_init: bool) -> Option<AgentWay> {
+        match self {
+            Source::Bootstrap { .. } => Some(AgentWay::Bootstrap),
+            Source::BuildRef { .. } => Some(AgentWay::BuildRef),
+            Source::Url { .. } | Source::File { .. } if has_cloud_init => Some(AgentWay::CloudInit),
+            Source::Url { .. } | Source::File { .. } | Source::Blank => None,
+        }
+    }
+
+    /// Whether the build reaches a VM of this source through its own sshd: `type: ssh` where
+    /// kiln cannot put its agent in.
+    pub fn over_ssh(&self, kind: CommunicatorKind, has_cloud_init: bool) -> bool {
+        kind == CommunicatorKind::Ssh && self.agent_way(has_cloud_init).is_none()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -113,8 +113,8 @@ fn plan_shows_overrides_and_clone_values() {
 
 #[test]
 fn plan_never_prints_the_ssh_password() {
-    // `sshPassword` without `type: ssh` is refused: the error names the field without
-    // quoting its line.
+    // `sshPassword` on a bootstrap VM (reached through the agent) is refused: the error names
+    // the field without quoting its line.
     let m = "tests/manifests/invalid-unsupported-fields.yaml";
     let (out, err, code) = kiln(&["plan", "--json", m], crate_dir());
     assert_ne!(code, 0);
@@ -123,7 +123,7 @@ fn plan_never_prints_the_ssh_password() {
         "{out}{err}"
     );
     assert!(
-        format!("{out}{err}").contains("`sshPassword` needs `type: ssh`"),
+        format!("{out}{err}").contains("`sshPassword` has no effect on a `bootstrap` source"),
         "{out}{err}"
     );
     // Taken with `type: ssh`, and still never printed.

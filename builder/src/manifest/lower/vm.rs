@@ -7,8 +7,8 @@ use std::time::Duration;
 use super::super::boot;
 use super::super::diag::{Pos, Span};
 use super::super::plan::{
-    Boot, CloudInit, Communicator, CommunicatorKind, Disk, DiskBus, Efi, Iso, Secret, Shell,
-    Source, Vm,
+    AgentWay, Boot, CloudInit, Communicator, CommunicatorKind, Disk, DiskBus, Efi, Iso, Secret,
+    Shell, Source, Vm,
 };
 use super::super::schema::SOURCE_KINDS;
 use super::super::units::format_bytes;
@@ -34,21 +34,12 @@ pub fn vm(cx: &mut Cx, n: &Node, net: &Declared) -> Option<Lowered> {
     let disks = disks(cx, n);
     let communicator = communicator(cx, n.get("communicator"));
     let cloud_init = n.get("cloudInit").map(|c| cloud_init(cx, c));
-    let over_ssh = communicator.kind == CommunicatorKind::Ssh
-        && match &source {
-            Some(Source::Blank) => true,
-            Some(Source::Url { .. } | Source::File { .. }) => cloud_init.is_none(),
-            _ => false,
-        };
-    // A freshly installed guest knows no key kiln could make up: the login must be given.
-    let login_given = |k| n.get("communicator").is_some_and(|c| c.key(k).is_some());
-    if over_ssh && !login_given("sshPassword") && !login_given("sshPrivateKeySecret") {
-        if let Some(c) = n.key("communicator") {
-            cx.sink
-                .error(c.span, format!("VM `{name}` is reached over SSH (`type: ssh` and no agent kiln can install) but has neither `sshPassword` nor `sshPrivateKeySecret`"))
-                .hint("give the password the installer sets, or a private key whose public half the image or the installer's answers authorize");
-        }
-    }
+    // `None` while the source is unknown (its own error is reported).
+    let agent_way = source.as_ref().map(|s| s.agent_way(cloud_init.is_some()));
+    let over_ssh = source
+        .as_ref()
+        .is_some_and(|s| s.over_ssh(communicator.kind, cloud_init.is_some()));
+    check_communicator(cx, n, &name, agent_way, &communicator);
     if let (Some(Source::Url { .. }), None, false) = (&source, &cloud_init, over_ssh) {
         if let Some(s) = n.key("source") {
             cx.sink
@@ -424,37 +415,96 @@ fn communicator(cx: &mut Cx, c: Option<&Node>) -> Communicator {
     if let Some(at) = c.get("sshPassword") {
         cx.sink.secret(at.span);
     }
-    // kiln's agent runs steps as root with bash: an SSH login or another shell would be
-    // ignored, so they are refused unless the VM says `type: ssh`.
-    if kind == CommunicatorKind::Agent {
-        if shell != Shell::Bash {
-            if let Some(at) = c.get("shell") {
+    com
+}
+
+/// Refuses what the build would not use: `type: ssh` and the SSH fields where kiln reaches the
+/// guest through its agent, and the SSH fields without `type: ssh`; a VM reached over SSH needs
+/// a login. `agent_way` is `None` while the source is unknown. `sshTimeout` is the wait for
+/// either, so it is never refused; `sshUsername: root`, `sshPort: 22` and `shell: bash` are what
+/// the agent does anyway (editors write the defaults out).
+fn check_communicator(
+    cx: &mut Cx,
+    vm: &Node,
+    name: &str,
+    agent_way: Option<Option<AgentWay>>,
+    com: &Communicator,
+) {
+    let Some(c) = vm.get("communicator") else {
+        return;
+    };
+    let ssh = com.kind == CommunicatorKind::Ssh;
+    let set = [
+        ("sshUsername", com.ssh_username != "root"),
+        ("sshPort", com.ssh_port != 22),
+        ("sshPassword", true),
+        ("sshPrivateKeySecret", true),
+    ];
+    let set = set.iter().filter(|(_, differs)| *differs).map(|(k, _)| *k);
+    // Where the agent is used the fields have no effect; where it cannot be, they need SSH.
+    let (as_root, with_bash, hint) = match agent_way {
+        Some(Some(way)) => {
+            let (source, how) = match way {
+                AgentWay::Bootstrap => (
+                    "a `bootstrap` source",
+                    "kiln puts its agent in the disk it bootstraps",
+                ),
+                AgentWay::BuildRef => (
+                    "a `buildRef` source",
+                    "the module's disk carries kiln's agent",
+                ),
+                AgentWay::CloudInit => (
+                    "an image with `cloudInit`",
+                    "kiln installs its agent through the cloud-init seed",
+                ),
+            };
+            let no_effect =
+                format!("has no effect on {source}: {how}, and the steps run through it");
+            if let (true, Some(at)) = (ssh, c.get("type")) {
                 cx.sink
-                    .error(at.span, "this `shell` needs `type: ssh`: kiln's agent runs steps with bash")
-                    .hint("write `type: ssh` for a guest reached through its own sshd, or remove `shell`");
+                    .error(at.span, format!("VM `{name}`: `type: ssh` {no_effect} as root with bash"))
+                    .hint("remove it (the agent is the default); SSH is used only where kiln cannot put its agent in: a `blank` disk, or a `url`/`file` image without `cloudInit`");
             }
+            (
+                format!("{no_effect} as root, not over SSH"),
+                format!("{no_effect} with bash"),
+                "remove it",
+            )
         }
-        // The defaults are what the agent does anyway (editors write them out).
-        let set = [
-            ("sshUsername", com.ssh_username != "root"),
-            ("sshPort", com.ssh_port != 22),
-            ("sshPassword", true),
-            ("sshPrivateKeySecret", true),
-        ];
-        for (key, _) in set.iter().filter(|(_, differs)| *differs) {
-            if let Some(k) = c.key(key) {
+        _ if !ssh => (
+            "needs `type: ssh`: kiln's agent runs steps as root".to_string(),
+            "needs `type: ssh`: kiln's agent runs steps with bash".to_string(),
+            "write `type: ssh` for a guest reached through its own sshd, or remove it",
+        ),
+        Some(None) => {
+            // A freshly installed guest knows no key kiln could make up: the login must be given.
+            let login = c.key("sshPassword").is_some() || c.key("sshPrivateKeySecret").is_some();
+            if let (false, Some(k)) = (login, vm.key("communicator")) {
                 cx.sink
-                    .error(
-                        k.span,
-                        format!("`{key}` needs `type: ssh`: kiln's agent runs steps as root"),
-                    )
-                    .hint(
-                        "write `type: ssh` for a guest reached through its own sshd, or remove it",
-                    );
+                    .error(k.span, format!("VM `{name}` is reached over SSH (`type: ssh` and no agent kiln can install) but has neither `sshPassword` nor `sshPrivateKeySecret`"))
+                    .hint("give the password the installer sets, or a private key whose public half the image or the installer's answers authorize");
+            }
+            return;
+        }
+        None => return,
+    };
+    for key in set {
+        if let Some(k) = c.key(key) {
+            let b = cx
+                .sink
+                .error(k.span, format!("VM `{name}`: `{key}` {as_root}"));
+            if key == "sshUsername" {
+                b.hint(format!("{hint}; to run a step as another user, wrap it: `executeCommand: runuser -u USER -- sh -c '{{{{ .Command }}}}'`"));
+            } else {
+                b.hint(hint);
             }
         }
     }
-    com
+    if let (true, Some(at)) = (com.shell != Shell::Bash, c.get("shell")) {
+        cx.sink
+            .error(at.span, format!("VM `{name}`: this `shell` {with_bash}"))
+            .hint(hint);
+    }
 }
 
 /// `cloudInit`: the user's data is `userData` or the file `userDataFrom` names, not both.

@@ -202,12 +202,12 @@ pub static COMMUNICATOR: Obj = Obj {
         f(
             "type",
             Ty::Enum(&["agent", "ssh"]),
-            "agent (kiln's vsock agent) or ssh",
+            "agent (kiln's vsock agent, the default) or ssh: the guest's own sshd, only where kiln cannot put its agent in (a blank disk, a url/file image without cloudInit)",
         ),
         f(
             "shell",
             Ty::Enum(&["bash", "sh", "powershell", "cmd"]),
-            "how a step's script runs: bash (default) or sh; powershell or cmd (Windows) need type: ssh",
+            "how a step's script runs over SSH: bash (default), sh, powershell or cmd; the agent runs bash",
         ),
         f(
             "sshUsername",
