@@ -7,10 +7,12 @@ use clap::{Parser, Subcommand};
 
 mod build;
 mod cache;
+mod completions;
 mod console;
 mod disk;
 mod instance;
 mod logs;
+mod man;
 mod manifest;
 mod modules;
 mod report;
@@ -75,6 +77,10 @@ enum Command {
     Doctor(vm::DoctorArgs),
     /// The local web editor: a form and YAML view of a folder of manifests.
     Serve(serve::ServeArgs),
+    /// Print the shell completion script for kiln (bash, zsh, fish, ...).
+    Completions(completions::CompletionsArgs),
+    /// Write kiln's man pages (one per command) into a folder.
+    Man(man::ManArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -100,6 +106,8 @@ pub fn main() -> ExitCode {
         Command::Vm(c) => vm::run(c),
         Command::Doctor(a) => vm::doctor(a),
         Command::Serve(a) => serve::serve(a),
+        Command::Completions(a) => completions::completions(a),
+        Command::Man(a) => man::man(a),
     };
     match result {
         Ok(code) => code,

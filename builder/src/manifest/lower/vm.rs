@@ -442,8 +442,13 @@ fn check_communicator(
     ];
     let set = set.iter().filter(|(_, differs)| *differs).map(|(k, _)| *k);
     // Where the agent is used the fields have no effect; where it cannot be, they need SSH.
+    // RudderVirt writes `type: ssh` and a login for its Existing Image and Disk Image URL
+    // sources, and the manifest reference promises those build unchanged on kiln's agent: there
+    // a warning says which fields do nothing. A `bootstrap` source is kiln's own: an error.
+    let mut only_warn = false;
     let (as_root, with_bash, hint) = match agent_way {
         Some(Some(way)) => {
+            only_warn = way != AgentWay::Bootstrap;
             let (source, how) = match way {
                 AgentWay::Bootstrap => (
                     "a `bootstrap` source",
@@ -460,7 +465,8 @@ fn check_communicator(
             };
             let no_effect =
                 format!("has no effect on {source}: {how}, and the steps run through it");
-            if let (true, Some(at)) = (ssh, c.get("type")) {
+            // RudderVirt's `type: ssh` is accepted as documented (the agent does its work).
+            if let (true, false, Some(at)) = (ssh, only_warn, c.get("type")) {
                 cx.sink
                     .error(at.span, format!("VM `{name}`: `type: ssh` {no_effect} as root with bash"))
                     .hint("remove it (the agent is the default); SSH is used only where kiln cannot put its agent in: a `blank` disk, or a `url`/`file` image without `cloudInit`");
@@ -490,9 +496,12 @@ fn check_communicator(
     };
     for key in set {
         if let Some(k) = c.key(key) {
-            let b = cx
-                .sink
-                .error(k.span, format!("VM `{name}`: `{key}` {as_root}"));
+            let msg = format!("VM `{name}`: `{key}` {as_root}");
+            let b = if only_warn {
+                cx.sink.warn(k.span, msg)
+            } else {
+                cx.sink.error(k.span, msg)
+            };
             if key == "sshUsername" {
                 b.hint(format!("{hint}; to run a step as another user, wrap it: `executeCommand: runuser -u USER -- sh -c '{{{{ .Command }}}}'`"));
             } else {
@@ -501,9 +510,13 @@ fn check_communicator(
         }
     }
     if let (true, Some(at)) = (com.shell != Shell::Bash, c.get("shell")) {
-        cx.sink
-            .error(at.span, format!("VM `{name}`: this `shell` {with_bash}"))
-            .hint(hint);
+        let msg = format!("VM `{name}`: this `shell` {with_bash}");
+        let b = if only_warn {
+            cx.sink.warn(at.span, msg)
+        } else {
+            cx.sink.error(at.span, msg)
+        };
+        b.hint(hint);
     }
 }
 
