@@ -7,7 +7,7 @@ import { EditorView, basicSetup } from 'codemirror';
 import { Annotation, EditorSelection, EditorState, Prec } from '@codemirror/state';
 import { hoverTooltip, keymap } from '@codemirror/view';
 import { indentWithTab } from '@codemirror/commands';
-import { acceptCompletion } from '@codemirror/autocomplete';
+import { acceptCompletion, completionStatus } from '@codemirror/autocomplete';
 import { indentUnit } from '@codemirror/language';
 import { yaml } from '@codemirror/lang-yaml';
 import { lintGutter, setDiagnostics } from '@codemirror/lint';
@@ -35,8 +35,9 @@ export default function YamlEditor({ text, diags, onChange, name }) {
         doc: text,
         extensions: [
           basicSetup,
-          // Tab accepts an open completion, else indents.
-          Prec.high(keymap.of([{ key: 'Tab', run: acceptCompletion }])),
+          // Tab accepts an open completion (and does nothing else while one is open, even in
+          // the moment after it opens when CodeMirror does not take it yet), else indents.
+          Prec.high(keymap.of([{ key: 'Tab', run: (v) => acceptCompletion(v) || completionStatus(v.state) === 'active' }])),
           keymap.of([indentWithTab]),
           indentUnit.of('  '),
           EditorState.tabSize.of(2),

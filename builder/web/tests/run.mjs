@@ -390,6 +390,8 @@ if (!only || only === 'yaml') {
     for (const k of keys) await page.keyboard.press(k);
     await page.keyboard.type(typed);
     await page.waitForSelector('.cm-tooltip-autocomplete li[aria-selected="true"]');
+    // CodeMirror takes no Enter or Tab in the first moments of a list (against accidental picks).
+    await page.waitForTimeout(150);
     return page.locator('.cm-tooltip-autocomplete li .cm-completionLabel').allTextContents();
   };
   const noMemory = `vms:
