@@ -46,6 +46,8 @@ step "browser tests (kiln serve, headless Chromium)"
 if command -v npm >/dev/null && command -v node >/dev/null; then
   # playwright-core only drives the Debian chromium from scripts/packages.txt; no browser download.
   (cd builder/web && npm ci --no-audit --no-fund --loglevel=error)
+  # The YAML editor's schema lookup, cursor paths and comment-keeping patch (no browser needed).
+  KILN_BIN="$kiln" node --test builder/web/tests/yaml.test.mjs
   node builder/web/tests/run.mjs "$kiln"
 else
   echo "SKIP: node/npm not found; the browser tests of kiln serve did not run" >&2

@@ -26,6 +26,8 @@ pub struct WebDiagnostic {
     pub severity: Severity,
     pub line: usize,
     pub column: usize,
+    /// Where the offending text ends on its line (exclusive), for the editor's underline.
+    pub end_column: usize,
     pub message: String,
     pub hint: Option<String>,
     /// The field the diagnostic points at (empty: the document as a whole).
@@ -77,6 +79,7 @@ fn web_diagnostic(d: &Diagnostic, index: &[(Pos, Vec<Step>)]) -> WebDiagnostic {
         severity: d.severity,
         line: d.line,
         column: d.column,
+        end_column: d.end_column,
         message: d.message.clone(),
         hint: d.hint.clone(),
         path,

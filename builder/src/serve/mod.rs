@@ -13,6 +13,8 @@
 //!   message, hint, path}], doc}`: the validator's diagnostics, each with the path of its
 //!   field, and the document as JSON (null when the YAML does not parse)
 //! - `POST /api/yaml` (body: `{doc, original?}`) -> `{text}`: canonical YAML of a document
+//! - `GET /api/schema` -> the manifest's JSON Schema (as `kiln schema` prints it), for the
+//!   YAML editor's completion and hover help ([`schema`])
 //! - `GET /api/builds` -> `{builds: [state]}`; `POST /api/builds?name=N` starts `kiln build`
 //!   of the saved manifest N -> `state` (409 while another build runs)
 //! - `GET /api/builds/ID` -> `state`; `GET /api/builds/ID/events` -> Server-Sent Events
@@ -31,6 +33,7 @@ mod console;
 pub mod doc;
 pub mod host;
 pub mod http;
+mod schema;
 mod sse;
 pub mod store;
 
@@ -260,6 +263,8 @@ fn handle(shared: &Arc<Shared>, mut req: Request) {
             }
             Err(e) => Err((400, format!("the request is not JSON: {e}"))),
         },
+        // The YAML editor's schema (s11-yaml).
+        ("GET", "/api/schema") => Ok(schema::get().clone()),
         ("GET", "/api/builds") => Ok(json!({ "builds": shared.builds.list() })),
         ("POST", "/api/builds") => with_name(name).and_then(|n| {
             let path = store.manifest_file(&n).map_err(store_status)?;

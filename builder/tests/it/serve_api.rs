@@ -150,6 +150,11 @@ fn save_list_read_and_check() {
         .find(|d| d["line"] == 4)
         .unwrap_or_else(|| panic!("a diagnostic on line 4: {v}"));
     assert_eq!(d["severity"], "error");
+    // The YAML editor underlines from `column` to `end_column`: the offending value.
+    let line = text.lines().nth(3).expect("line 4");
+    let from = d["column"].as_u64().expect("column") as usize;
+    let to = d["end_column"].as_u64().expect("end_column") as usize;
+    assert_eq!(line.get(from - 1..to - 1), Some("lots"), "{d}");
     assert_eq!(
         d["path"],
         serde_json::json!(["vms", 0, "resources", "memory"])
@@ -881,4 +886,22 @@ fn a_running_vm_console_is_a_websocket_to_its_vnc_socket() {
         }
     };
     assert!(matches!(end, "close" | "error"));
+}
+
+#[test]
+fn the_schema_is_served_under_the_token() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let (base, token) = start(d.path());
+    let url = format!("{base}/api/schema");
+    let mut r = agent()
+        .get(&url)
+        .header("X-Kiln-Token", &token)
+        .call()
+        .expect("schema");
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        json(&mut r),
+        kiln_builder::manifest::json_schema::json_schema()
+    );
+    assert_eq!(agent().get(&url).call().expect("call").status(), 403);
 }

@@ -2,6 +2,7 @@ import { useCallback, useEffect, useRef, useState } from 'react';
 import * as api from './api.js';
 import Form from './Form.jsx';
 import YamlEditor from './YamlEditor.jsx';
+import { docToText } from './doc.js';
 import BuildView, { useBuild } from './BuildView.jsx';
 
 const NEW_MANIFEST = `vms:
@@ -117,8 +118,7 @@ export default function App() {
     setDoc(d);
     const n = ++seq.current;
     setBusy((b) => b + 1);
-    pending.current = api
-      .toYaml(d, text)
+    pending.current = docToText(d, text)
       .then(async (t) => {
         if (n !== seq.current) return;
         setText(t);
@@ -134,7 +134,7 @@ export default function App() {
     if (t === tab) return;
     if (t === 'yaml' && tab === 'visual' && doc != null) {
       await pending.current;
-      const y = await api.toYaml(doc, text);
+      const y = await docToText(doc, text);
       setText(y);
       await runCheck(y, false);
     }
@@ -193,7 +193,7 @@ export default function App() {
           {tab === 'build' || !name ? (
             <BuildView build={build} lines={buildLines} />
           ) : tab === 'yaml' ? (
-            <YamlEditor text={text} diags={diags} onChange={onText} />
+            <YamlEditor text={text} diags={diags} onChange={onText} name={name} />
           ) : doc != null && typeof doc === 'object' && !Array.isArray(doc) ? (
             <Form doc={doc} diags={diags} onChange={onDoc} />
           ) : (

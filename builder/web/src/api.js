@@ -37,3 +37,13 @@ export const consoleUrl = (id, vm) => {
   const scheme = window.location.protocol === 'https:' ? 'wss:' : 'ws:';
   return `${scheme}//${window.location.host}/api/builds/${id}/console?vm=${encodeURIComponent(vm)}&token=${encodeURIComponent(token)}`;
 };
+
+// s11-yaml: the manifest's JSON Schema for the YAML editor (fetched once per page).
+let schemaPromise = null;
+export const schema = () => {
+  schemaPromise ??= call('GET', '/api/schema').catch((e) => {
+    schemaPromise = null;
+    throw e;
+  });
+  return schemaPromise;
+};

@@ -1,3 +1,6 @@
+import * as api from './api.js';
+import { patchYaml } from './yaml/patch.js';
+
 // Immutable edits of the JSON manifest document at a path. Only the edited branch is copied,
 // so every field the form does not show survives untouched.
 export function getIn(doc, path) {
@@ -26,3 +29,10 @@ export function setIn(doc, path, value) {
 }
 
 export const pathKey = (path) => path.join('.');
+
+// The YAML text of a document the Visual editor changed: `text` with only the changed values
+// rewritten, so comments, key order and formatting elsewhere stay (yaml/patch.js); the
+// server's canonical writer when that cannot be done (text the `yaml` package does not read).
+export async function docToText(doc, text) {
+  return patchYaml(text, doc) ?? api.toYaml(doc, text);
+}

@@ -120,7 +120,24 @@ async function open(name) {
   await page.waitForFunction((n) => document.querySelector('[data-testid="status"]')?.textContent === `opened ${n}`, name);
   await idle();
 }
-const yamlText = () => page.inputValue('[data-testid="yaml"]');
+// The YAML tab is a CodeMirror editor: its text is read from the editor's state (CodeMirror
+// renders only the lines in view), as EditorView.findFromDOM does; it is set by selecting all
+// and typing, as a person pasting would.
+const yamlText = () => page.evaluate(() => {
+  const content = document.querySelector('[data-testid="yaml-editor"] .cm-content');
+  const tile = content && (content.cmTile || content.cmView);
+  const view = tile && (tile.root?.view || tile.rootView?.view);
+  if (!view) throw new Error('no CodeMirror view in the YAML tab');
+  return view.state.doc.toString();
+});
+async function setYaml(text) {
+  await page.click('[data-testid="yaml-editor"] .cm-content');
+  await page.keyboard.press('Control+A');
+  await page.keyboard.insertText(text);
+  await idle();
+  const got = await yamlText();
+  assert(got === text, `the editor holds other text than was typed:\n${got}`);
+}
 async function tab(t) {
   await page.click(`[data-testid="tab-${t}"]`);
   await page.waitForSelector(t === 'yaml' ? '[data-testid="yaml"]' : '[data-testid="form"], [data-testid="form-blocked"]');
@@ -223,8 +240,7 @@ if (!only) await test('an edit in the YAML tab shows in the form', async () => {
   const text = await yamlText();
   const m = text.match(/memory: (\S+)/);
   assert(m, 'example has a memory field');
-  await page.fill('[data-testid="yaml"]', text.replace(/memory: \S+/, 'memory: 3Gi'));
-  await idle();
+  await setYaml(text.replace(/memory: \S+/, 'memory: 3Gi'));
   await tab('visual');
   const v = await page.inputValue('input[data-path="vms.0.resources.memory"]');
   assert(v === '3Gi', `the form shows memory ${v}`);
@@ -237,8 +253,12 @@ if (!only) await test('an error appears on its field and on its YAML line', asyn
   assert(await page.locator('input[data-path="vms.0.resources.memory"].invalid').count() === 1, 'the input is not marked invalid');
   await tab('yaml');
   const text = await yamlText();
-  const line = text.split('\n').findIndex((l) => l.includes('lots')) + 1;
-  await page.waitForSelector(`[data-testid="gutter-err"][data-line="${line}"]`);
+  assert(text.includes('lots'), `the YAML does not hold the form's value:\n${text}`);
+  // Underlined where the value is, with a marker in the gutter.
+  await page.waitForSelector('.cm-line .cm-lintRange-error');
+  const underlined = await page.textContent('.cm-lintRange-error');
+  assert(underlined === 'lots', `the underline covers ${JSON.stringify(underlined)}`);
+  await page.waitForSelector('.cm-gutter-lint .cm-lint-marker-error');
 });
 
 // Builds from the page.
@@ -353,6 +373,162 @@ if (!qemu) {
     await page.waitForSelector('[data-testid="module-disk-hello-root"]');
     if (process.env.KILN_SCREENSHOTS) await page.screenshot({ path: join(process.env.KILN_SCREENSHOTS, 'build.png'), fullPage: true });
     console.log(`     (built in ${((Date.now() - t0) / 1000).toFixed(0)} s)`);
+  });
+}
+
+// s11-yaml: the YAML editor (CodeMirror): completion and hover from the schema, diagnostics
+// underlined as you type, and comments kept across Visual/YAML switches. KILN_ONLY=yaml runs
+// these alone (with the build tests, which always run).
+if (!only || only === 'yaml') {
+  const yamlTab = async (name, text) => {
+    writeFileSync(join(work, name), text);
+    await open(name);
+    await tab('yaml');
+  };
+  // Presses `keys`, types `typed`, and returns the labels the completion list then offers.
+  const typeForCompletion = async (keys, typed) => {
+    for (const k of keys) await page.keyboard.press(k);
+    await page.keyboard.type(typed);
+    await page.waitForSelector('.cm-tooltip-autocomplete li[aria-selected="true"]');
+    // CodeMirror takes no Enter or Tab in the first moments of a list (against accidental picks).
+    await page.waitForTimeout(150);
+    return page.locator('.cm-tooltip-autocomplete li .cm-completionLabel').allTextContents();
+  };
+  const noMemory = `vms:
+  - name: vm1
+    source:
+      bootstrap: { distro: debian, suite: bookworm }
+    resources:
+      cpu: 1`;
+
+  await test('YAML editor: a key completed from the schema, and the diagnostics follow', async () => {
+    await yamlTab('yaml-complete.yaml', noMemory + '\n');
+    await page.waitForSelector('[data-testid="diag-count"][data-errors="1"]');
+    assert(/memory/.test(await page.textContent('[data-testid="yaml-diags"]')), 'the missing memory is not reported');
+    // Type the start of a key on a new line under resources: the list offers it.
+    await page.click('[data-testid="yaml-editor"] .cm-content');
+    const offered = await typeForCompletion(['Control+End', 'Backspace', 'Enter'], 'mem');
+    assert(offered[0] === 'memory', `the completion list offers ${JSON.stringify(offered)}`);
+    // Its description is shown beside the list.
+    await page.waitForSelector('.cm-completionInfo');
+    assert(/memory/.test(await page.textContent('.cm-completionInfo')), 'no description for memory');
+    await page.keyboard.press('Enter');
+    await page.keyboard.type('2Gi');
+    await idle();
+    const text = await yamlText();
+    assert(text === noMemory + '\n      memory: 2Gi', `the completed text:\n${text}`);
+    await page.waitForSelector('[data-testid="diag-count"][data-errors="0"]');
+    // Values too: an enum field offers its members (a new line under `- name: vm1` is
+    // indented as the VM's keys).
+    const values = await typeForCompletion(['Control+Home', 'ArrowDown', 'End', 'Enter'], 'boot: fi');
+    assert(values.includes('firmware'), `the values offered for boot: ${JSON.stringify(values)}`);
+    await page.keyboard.press('Tab');
+    await idle();
+    assert((await yamlText()).includes('\n    boot: firmware\n    source:'), `boot not completed:\n${await yamlText()}`);
+  });
+
+  await test('YAML editor: an error underlined on its line, its message on hover and in the list', async () => {
+    await yamlTab('yaml-error.yaml', noMemory + '\n      memory: lots\n');
+    await page.waitForSelector('.cm-line .cm-lintRange-error');
+    const line = page.locator('.cm-line', { has: page.locator('.cm-lintRange-error') });
+    assert(await line.count() === 1 && (await line.textContent()).includes('memory: lots'), `underlined: ${await line.allTextContents()}`);
+    assert(await page.textContent('.cm-lintRange-error') === 'lots', 'the underline is not on the value');
+    await page.waitForSelector('.cm-gutter-lint .cm-lint-marker-error');
+    // The message kiln validate prints (file:line:column), in the list and on hover.
+    const listed = await page.textContent('[data-testid="yaml-diags"] li.error');
+    assert(/^yaml-error\.yaml:7:15: error: /.test(listed), `listed: ${listed}`);
+    const v = spawnSync(kiln, ['validate', join(work, 'yaml-error.yaml')], { encoding: 'utf8', cwd: work });
+    const first = `${v.stdout}${v.stderr}`.split('\n').find((l) => /: error: /.test(l)) || '';
+    assert(first.endsWith(listed.split('\n')[0].replace(/^yaml-error\.yaml/, '')), `kiln validate says ${first}, the page ${listed}`);
+    await page.hover('.cm-lintRange-error');
+    await page.waitForSelector('.cm-tooltip-lint');
+    const tip = await page.textContent('.cm-tooltip-lint');
+    assert(tip.includes(listed.split('\n')[0]), `the hover says ${tip}`);
+    if (process.env.KILN_SCREENSHOTS) await page.screenshot({ path: join(process.env.KILN_SCREENSHOTS, 'yaml-diagnostic.png'), fullPage: true });
+    // The list jumps to the place.
+    await page.mouse.move(0, 0);
+    await page.click('[data-testid="yaml-diags"] li.error button');
+    const at = await page.evaluate(() => {
+      const sel = window.getSelection();
+      return sel && sel.anchorNode ? sel.anchorNode.textContent : '';
+    });
+    assert(at.includes('lots'), `the cursor is at ${JSON.stringify(at)}`);
+  });
+
+  await test('YAML editor: hover on a key shows its description and type', async () => {
+    await yamlTab('yaml-hover.yaml', noMemory + '\n      memory: 1Gi\n');
+    // The middle of the word `cpu` on screen.
+    const at = await page.evaluate(() => {
+      const walker = document.createTreeWalker(document.querySelector('.cm-content'), NodeFilter.SHOW_TEXT);
+      for (let n = walker.nextNode(); n; n = walker.nextNode()) {
+        const i = n.textContent.indexOf('cpu');
+        if (i < 0) continue;
+        const r = document.createRange();
+        r.setStart(n, i + 1);
+        r.setEnd(n, i + 2);
+        const b = r.getBoundingClientRect();
+        return { x: b.x + b.width / 2, y: b.y + b.height / 2 };
+      }
+      return null;
+    });
+    assert(at, 'no `cpu` on screen');
+    await page.mouse.move(at.x, at.y);
+    await page.waitForSelector('[data-testid="yaml-hover"]');
+    const help = await page.textContent('[data-testid="yaml-hover"]');
+    assert(/cpu/.test(help) && /vCPUs/.test(help) && /integer/.test(help), `the hover says ${help}`);
+  });
+
+  await test('YAML editor: comments survive Visual -> YAML -> Visual -> YAML', async () => {
+    const commented = `# top: a module with comments
+vms:
+  # the web VM
+  - name: web # end of line
+    source:
+      bootstrap: { distro: debian, suite: bookworm } # the base
+    resources: { cpu: 1, memory: 1Gi }
+    provisioners:
+      # before the first step
+      - name: hello
+        type: shell
+        shell: { inline: "echo hi" } # inline
+      # between steps
+      - name: again
+        type: shell
+        shell: { inline: "echo again" }
+  # between VMs
+  - name: db
+    source:
+      bootstrap: { distro: debian, suite: bookworm }
+    resources:
+      cpu: 1 # one
+      memory: 1Gi
+# the end
+`;
+    writeFileSync(join(work, 'yaml-comments.yaml'), commented);
+    await open('yaml-comments.yaml');
+    const comments = commented.match(/#.*$/gm);
+    const keeps = (text, when) => {
+      for (const c of comments) assert(text.includes(c), `${when}: lost ${c}:\n${text}`);
+    };
+    await page.fill('input[data-path="vms.0.resources.cpu"]', '2');
+    await idle();
+    await page.click('[data-testid="steps-1-add"]');
+    await idle();
+    await tab('yaml');
+    let text = await yamlText();
+    keeps(text, 'Visual -> YAML');
+    assert(/resources: \{ cpu: 2, memory: 1Gi \}/.test(text), `cpu not changed in place:\n${text}`);
+    const doc = await api('POST', '/api/check?name=yaml-comments.yaml', text);
+    assert(doc.doc.vms[1].provisioners.length === 1, `no provisioner added to db:\n${text}`);
+    await tab('visual');
+    await page.fill('input[data-path="vms.1.resources.memory"]', '2Gi');
+    await idle();
+    await tab('yaml');
+    text = await yamlText();
+    keeps(text, 'Visual -> YAML -> Visual -> YAML');
+    assert(/cpu: 1 # one\n\s+memory: 2Gi/.test(text), `memory not changed in place:\n${text}`);
+    // What the form did not touch reads as before, line for line.
+    assert(text.startsWith(commented.split('    resources:')[0]), `the text before the edits moved:\n${text}`);
   });
 }
 
