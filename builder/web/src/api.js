@@ -37,3 +37,8 @@ export const consoleUrl = (id, vm) => {
   const scheme = window.location.protocol === 'https:' ? 'wss:' : 'ws:';
   return `${scheme}//${window.location.host}/api/builds/${id}/console?vm=${encodeURIComponent(vm)}&token=${encodeURIComponent(token)}`;
 };
+
+// s11-visual: the Visual editor.
+// The manifest's JSON Schema for field help (served by s11-yaml's `/api/schema`); the route
+// may answer with the schema itself or wrap it as `{schema}`.
+export const getSchema = () => call('GET', '/api/schema').then((v) => (v && v.schema) || v);
