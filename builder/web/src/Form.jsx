@@ -74,6 +74,8 @@ export default function Form({ doc, diags, onChange }) {
         const el = root.current?.querySelector(`[data-path="${CSS.escape(key)}"]`);
         if (!el) continue;
         const target = el.matches('input, select, textarea, button') ? el : el.querySelector('input:checked, input, select, textarea, button') || el;
+        // A field in a closed <details> (the boot extras) cannot take focus: open it.
+        for (let det = target.closest('details'); det; det = det.parentElement?.closest('details')) det.open = true;
         target.scrollIntoView({ block: 'center' });
         target.focus({ preventScroll: true });
         return;

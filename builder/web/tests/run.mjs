@@ -438,6 +438,15 @@ httpDirectory:
     await page.keyboard.press('Enter');
     assert(await cardOpen(1) === '0', 'Enter on the header did not close the card');
     if (process.env.KILN_SCREENSHOTS) await page.screenshot({ path: join(process.env.KILN_SCREENSHOTS, 'visual.png'), fullPage: true });
+    // Duplicate: a copy after the original, under a free name; Remove takes it away again.
+    await page.click('[data-testid="vm-0-duplicate"]');
+    await idle();
+    assert(await page.inputValue('input[data-path="vms.1.name"]') === 'web-copy1', 'the copy is not second, named web-copy1');
+    assert(await page.locator('[data-testid^="vm-"][data-open]').count() === 3, 'no third card');
+    await page.click('[data-testid="vm-1-remove"]');
+    await idle();
+    assert(await page.locator('[data-testid^="vm-"][data-open]').count() === 2, 'the copy was not removed');
+    assert(await cardOpen(1) === '0', 'card states did not follow their VMs');
   });
 
   await test('visual: the source picker switches Disk Image URL to Bootstrap in the YAML', async () => {

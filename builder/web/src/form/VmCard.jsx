@@ -1,3 +1,4 @@
+import { useState } from 'react';
 import { pathKey } from '../doc.js';
 import { Text } from './Fields.jsx';
 import Source, { SOURCES, sourceKind } from './Source.jsx';
@@ -8,6 +9,9 @@ import Provisioners from './Provisioners.jsx';
 import FileDelivery from './FileDelivery.jsx';
 import Boot from './Boot.jsx';
 import './VmCard.css';
+
+// kiln's boot extras: their subsection starts open when the VM sets any of them.
+const BOOT_FIELDS = ['boot', 'efiFirmware', 'invisible', 'bootCommand', 'bootWait', 'bootKeyInterval', 'cloudInit'];
 
 // The one-line summary of a VM: source kind, cpu/memory, steps.
 function summary(vm, kind) {
@@ -27,6 +31,7 @@ export default function VmCard({ p, vm, idx, count, open, problems, subnets, fil
   const kind = sourceKind(vm);
   const name = vm.name || `VM ${idx + 1}`;
   const bodyId = `vm-body-${idx}`;
+  const [bootOpen, setBootOpen] = useState(() => BOOT_FIELDS.some((k) => k in vm));
   return (
     <article className={`vm-card${open ? ' open' : ''}`} data-testid={`vm-${idx}`} data-open={open ? '1' : '0'}
       data-path={pathKey(p)} tabIndex={-1} aria-label={`VM ${name}`}>
@@ -54,7 +59,11 @@ export default function VmCard({ p, vm, idx, count, open, problems, subnets, fil
           <Sub title="Communicator" idx={idx} id="communicator"><Communicator p={p} vm={vm} /></Sub>
           <Sub title="Network Interfaces" idx={idx} id="nics"><Nics p={p} vm={vm} idx={idx} subnets={subnets} /></Sub>
           <Sub title="Provisioners" idx={idx} id="provisioners"><Provisioners p={p} idx={idx} files={files} /></Sub>
-          <Sub title="Boot and firmware" idx={idx} id="boot"><Boot p={p} vm={vm} kind={kind} /></Sub>
+          <details className="vm-sub" data-testid={`vm-${idx}-boot`} open={bootOpen}
+            onToggle={(e) => setBootOpen(e.currentTarget.open)}>
+            <summary><h3>Boot and firmware</h3></summary>
+            <Boot p={p} vm={vm} kind={kind} />
+          </details>
         </div>
       )}
     </article>
