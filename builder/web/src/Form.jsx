@@ -53,13 +53,12 @@ export default function Form({ doc, diags, onChange }) {
   // Errors and warnings inside each VM, for its card's summary.
   const problemsOf = useCallback((i) => {
     const prefix = `${vmsPath}.${i}`;
-    let errors = 0;
-    let warnings = 0;
-    for (const d of diags) {
+    const list = diags.filter((d) => {
       const k = pathKey(d.path || []);
-      if (k === prefix || k.startsWith(prefix + '.')) d.severity === 'error' ? errors++ : warnings++;
-    }
-    return { errors, warnings };
+      return k === prefix || k.startsWith(prefix + '.');
+    });
+    const errors = list.filter((d) => d.severity === 'error').length;
+    return { errors, warnings: list.length - errors, list };
   }, [diags, vmsPath]);
 
   // Bring a diagnostic's field into view and focus it: open its VM's card, then focus the

@@ -518,6 +518,10 @@ httpDirectory:
     await idle();
     await page.waitForSelector('[data-testid="error-vms.1.resources.memory"]', { state: 'detached' });
     assert(await page.locator('[data-testid="vm-1-errors"]').count() === 0, 'the error count stayed');
+    // An error at a field the form does not show (a second source kind) is listed on its card.
+    await open('invalid-source-two.yaml');
+    const other = await page.textContent('[data-testid="vm-0-unplaced"]');
+    assert(/2 kinds/.test(other), `the card does not list the unplaced error: ${other}`);
   });
 
   await test('visual: 20 VMs open as one-line cards within a bound', async () => {

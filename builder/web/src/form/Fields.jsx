@@ -2,11 +2,17 @@ import { pathKey } from '../doc.js';
 import { useField, helpId } from './context.js';
 import './Fields.css';
 
+const errorsId = (path) => `errors-${pathKey(path)}`;
+
+// What describes a field to a screen reader: its help text and its diagnostics.
+const describedBy = (path, help, mine) =>
+  [help ? helpId(path) : null, mine.length ? errorsId(path) : null].filter(Boolean).join(' ') || undefined;
+
 // The diagnostics shown under a field (or an item).
 export function Problems({ mine, path }) {
   if (!mine.length) return null;
   return (
-    <div className="field-errors" data-testid={`error-${pathKey(path)}`} role="alert">
+    <div className="field-errors" data-testid={`error-${pathKey(path)}`} id={errorsId(path)}>
       {mine.map((d, i) => (
         <div key={i} className={d.severity}>{d.message}{d.hint ? <span className="hint"> ({d.hint})</span> : null}</div>
       ))}
@@ -42,7 +48,7 @@ export function Text({ label, path, numeric, placeholder, multiline, wide }) {
     'data-path': pathKey(path),
     className: invalid(mine),
     'aria-invalid': invalid(mine) ? 'true' : undefined,
-    'aria-describedby': help ? helpId(path) : undefined,
+    'aria-describedby': describedBy(path, help, mine),
     value: shown,
     placeholder,
     onChange,
@@ -61,7 +67,7 @@ export function Check({ label, path, dflt, onToggle }) {
   return (
     <label className="field check">
       <input type="checkbox" data-path={pathKey(path)} checked={value == null ? !!dflt : !!value}
-        aria-describedby={help ? helpId(path) : undefined}
+        aria-describedby={describedBy(path, help, mine)}
         onChange={(e) => (onToggle ? onToggle(e.target.checked) : set(e.target.checked))} />
       <span className="label">{label}<Help text={help} path={path} /></span>
       <Problems mine={mine} path={path} />
@@ -77,7 +83,7 @@ export function Select({ label, path, options, allowEmpty, onPick }) {
     <label className="field">
       <span className="label">{label}<Help text={help} path={path} /></span>
       <select data-path={pathKey(path)} value={value ?? ''} className={invalid(mine)}
-        aria-describedby={help ? helpId(path) : undefined}
+        aria-describedby={describedBy(path, help, mine)}
         onChange={(e) => {
           const v = e.target.value === '' ? undefined : e.target.value;
           onPick ? onPick(v) : set(v);
@@ -105,7 +111,7 @@ export function Words({ label, path }) {
     <label className="field">
       <span className="label">{label}<Help text={help} path={path} /></span>
       <input data-path={pathKey(path)} value={shown} className={invalid(mine)}
-        aria-describedby={help ? helpId(path) : undefined}
+        aria-describedby={describedBy(path, help, mine)}
         onChange={(e) => set(e.target.value.split(/\s+/).filter(Boolean))} />
       <Problems mine={mine} path={path} />
     </label>
@@ -122,7 +128,7 @@ export function Lines({ label, path }) {
       <span className="label">{label}<Help text={help} path={path} /></span>
       <textarea rows={4} spellCheck={false} data-path={pathKey(path)} value={shown}
         className={invalid([...mine, ...each.flat()])}
-        aria-describedby={help ? helpId(path) : undefined}
+        aria-describedby={describedBy(path, help, mine)}
         onChange={(e) => set(e.target.value === '' ? undefined : e.target.value.split('\n'))} />
       <Problems mine={mine} path={path} />
       {each.map((m, i) => <Problems key={i} mine={m} path={[...path, i]} />)}

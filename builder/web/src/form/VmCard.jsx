@@ -1,6 +1,6 @@
-import { useState } from 'react';
+import { useLayoutEffect, useRef, useState } from 'react';
 import { pathKey } from '../doc.js';
-import { Text } from './Fields.jsx';
+import { Text, Problems } from './Fields.jsx';
 import Source, { SOURCES, sourceKind } from './Source.jsx';
 import Resources from './Resources.jsx';
 import Communicator from './Communicator.jsx';
@@ -32,6 +32,8 @@ export default function VmCard({ p, vm, idx, count, open, problems, subnets, fil
   const name = vm.name || `VM ${idx + 1}`;
   const bodyId = `vm-body-${idx}`;
   const [bootOpen, setBootOpen] = useState(() => BOOT_FIELDS.some((k) => k in vm));
+  const body = useRef(null);
+  const unplaced = useUnplaced(body, open, problems.list);
   return (
     <article className={`vm-card${open ? ' open' : ''}`} data-testid={`vm-${idx}`} data-open={open ? '1' : '0'}
       data-path={pathKey(p)} tabIndex={-1} aria-label={`VM ${name}`}>
@@ -51,7 +53,10 @@ export default function VmCard({ p, vm, idx, count, open, problems, subnets, fil
         </div>
       </div>
       {open && (
-        <div className="vm-body" id={bodyId}>
+        <div className="vm-body" id={bodyId} ref={body}>
+          {unplaced.length > 0 && (
+            <div className="vm-unplaced" data-testid={`vm-${idx}-unplaced`}><Problems mine={unplaced} path={[...p, 'other']} /></div>
+          )}
           <div className="row"><Text label="name" path={[...p, 'name']} /></div>
           <Sub title="Source" idx={idx} id="source"><Source p={p} vm={vm} idx={idx} /></Sub>
           {kind === 'blank' && <Sub title="File Delivery" idx={idx} id="delivery"><FileDelivery p={p} vm={vm} idx={idx} /></Sub>}
@@ -78,4 +83,21 @@ function Sub({ title, idx, id, children }) {
       {children}
     </section>
   );
+}
+
+// The VM's diagnostics that no field of the open card shows (a field of another source kind,
+// a key the form has no field for): listed at the card's top so none is lost.
+function useUnplaced(body, open, list) {
+  const [unplaced, setUnplaced] = useState([]);
+  const sig = list.map((d) => `${pathKey(d.path || [])}\n${d.message}`).join('\n');
+  useLayoutEffect(() => {
+    const el = body.current;
+    const next = open && el
+      ? list.filter((d) => !el.querySelector(`[data-testid="error-${CSS.escape(pathKey(d.path || []))}"]`))
+      : [];
+    setUnplaced((cur) => (cur.length === next.length && cur.every((d, i) => d === next[i]) ? cur : next));
+    // `sig` stands for `list`, which is a new array at every render.
+    // eslint-disable-next-line react-hooks/exhaustive-deps
+  }, [open, sig]);
+  return unplaced;
 }
