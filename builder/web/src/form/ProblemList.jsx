@@ -7,7 +7,7 @@ export default function ProblemList({ diags, goTo }) {
   const errors = diags.filter((d) => d.severity === 'error');
   const first = errors[0] || diags[0];
   return (
-    <div className="problem-list" role="region" aria-label="problems" data-testid="problem-list">
+    <div className={`problem-list${errors.length ? '' : ' warnings-only'}`} role="region" aria-label="problems" data-testid="problem-list">
       <div className="problem-head">
         <strong>{errors.length} error{errors.length === 1 ? '' : 's'}, {diags.length - errors.length} warning{diags.length - errors.length === 1 ? '' : 's'}</strong>
         <button type="button" data-testid="first-error" onClick={() => goTo(first)}>

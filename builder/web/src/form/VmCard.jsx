@@ -97,7 +97,6 @@ function useUnplaced(body, open, list) {
       : [];
     setUnplaced((cur) => (cur.length === next.length && cur.every((d, i) => d === next[i]) ? cur : next));
     // `sig` stands for `list`, which is a new array at every render.
-    // eslint-disable-next-line react-hooks/exhaustive-deps
   }, [open, sig]);
   return unplaced;
 }
