@@ -553,6 +553,7 @@ httpDirectory:
     await open('visual-iso.yaml');
     await page.waitForSelector('[data-testid="delivery-0"]');
     assert(await page.locator('[data-testid="delivery-1"]').count() === 0, 'a bootstrap VM shows the matrix');
+    assert(await page.locator('[data-testid="source-0-use-ssh"]').count() === 0, 'an SSH VM is offered SSH');
     assert(await page.isChecked('[data-testid="delivery-0-preseed.cfg-http"]'), 'preseed.cfg is not shown over HTTP');
     assert(!(await page.isChecked('[data-testid="delivery-0-ks.cfg-floppy"]')), 'ks.cfg is shown on the floppy');
     // kiln makes no CD from files: the matrix offers no CD column.

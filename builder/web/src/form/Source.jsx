@@ -76,7 +76,13 @@ export default function Source({ p, vm, idx }) {
       </div>
       {kind === 'blank' && (
         <>
-          <p className="section-note">An installer boots from the ISOs onto the blank disk; the build then reaches the installed system over SSH (Communicator).</p>
+          <p className="section-note">
+            An installer boots from the ISOs onto the blank disk; the build then reaches the installed system over SSH (Communicator).{' '}
+            {vm.communicator?.type !== 'ssh' && (
+              <button type="button" data-testid={`source-${idx}-use-ssh`}
+                onClick={() => set([...p, 'communicator', 'type'], 'ssh')}>Reach it over SSH</button>
+            )}
+          </p>
           <List title="ISOs" testid={`isos-${idx}`} path={[...p, 'isos']} itemName={(_, i) => `ISO ${i + 1}`}
             adds={[{ label: '+ ISO', testid: `isos-${idx}-add`, make: () => ({ url: '' }) }]}
             render={(ip) => (<div className="row"><Text label="URL" wide path={[...ip, 'url']} /><Text label="checksum" path={[...ip, 'checksum']} /></div>)} />
