@@ -63,16 +63,14 @@ function StepFields({ sp, step, files }) {
           <Text label="script" multiline path={[...sp, 'shell', 'inline']} />
           <Text label="execute command" path={[...sp, 'shell', 'executeCommand']} placeholder="sudo -S sh -c '{{ .Command }}'" />
           <Text label="script from file" path={[...sp, 'shell', 'scriptFrom', 'configMapRef', 'name']} />
-          {Array.isArray(step.shell?.env) && <Lines label="environment (NAME=value a line)" path={[...sp, 'shell', 'env']} />}
+          {/* A mapping `env` is edited in the YAML tab: a line being typed is no key=value yet. */}
+          {step.shell?.env != null && !Array.isArray(step.shell.env)
+            ? <p className="section-note">environment: a mapping, edited in the YAML tab</p>
+            : <Lines label="environment (NAME=value a line)" path={[...sp, 'shell', 'env']} />}
         </div>
       );
     case 'file':
-      return (
-        <div className="row">
-          <Select label="file" path={[...sp, 'file', 'fileRef']} options={files} allowEmpty />
-          <Text label="destination" path={[...sp, 'file', 'destination']} placeholder="/etc/motd" />
-        </div>
-      );
+      return <FileStep sp={sp} step={step} files={files} />;
     case 'reboot':
       return <div className="row"><Text label="command" path={[...sp, 'reboot', 'command']} placeholder="reboot" /></div>;
     case 'handbuild':
@@ -87,4 +85,30 @@ function StepFields({ sp, step, files }) {
     default:
       return null;
   }
+}
+
+// A file step uploads a `files` entry (`fileRef`) or a local file (`source`, a ConfigMap or
+// Secret reference read as a path).
+function FileStep({ sp, step, files }) {
+  const { set } = useForm();
+  const block = step.file && typeof step.file === 'object' ? step.file : {};
+  const local = 'source' in block && !('fileRef' in block);
+  const ref = block.source && typeof block.source === 'object' && 'secretRef' in block.source ? 'secretRef' : 'configMapRef';
+  const from = (v) => {
+    const { fileRef, source, ...rest } = block;
+    set([...sp, 'file'], v === 'local' ? { ...rest, source: source ?? { configMapRef: { name: '' } } } : { ...rest, fileRef: fileRef ?? (files[0] || '') });
+  };
+  return (
+    <div className="row">
+      <label className="field"><span className="label">from</span>
+        <select data-path={pathKey([...sp, 'file', 'from'])} value={local ? 'local' : 'files'} onChange={(e) => from(e.target.value)}>
+          <option value="files">a Files entry</option><option value="local">a local file</option>
+        </select>
+      </label>
+      {local
+        ? <Text label="local path (relative to the manifest)" path={[...sp, 'file', 'source', ref, 'name']} />
+        : <Select label="file" path={[...sp, 'file', 'fileRef']} options={files} allowEmpty />}
+      <Text label="destination" path={[...sp, 'file', 'destination']} placeholder="/etc/motd" />
+    </div>
+  );
 }
