@@ -534,6 +534,7 @@ httpDirectory:
     assert(await page.locator('[data-testid^="vm-"][data-open="0"]').count() === 20, 'the 20 cards do not start closed');
     const sum = await page.textContent('[data-testid="vm-19-summary"]');
     assert(/Bootstrap · 1 cpu · 512Mi memory · 2 steps/.test(sum), `summary: ${sum}`);
+    if (process.env.KILN_SCREENSHOTS) await page.screenshot({ path: join(process.env.KILN_SCREENSHOTS, 'visual-20-vms.png'), fullPage: true });
     const t1 = Date.now();
     await page.click('[data-testid="vms-expand-all"]');
     await page.waitForSelector('[data-testid="vm-19-provisioners"]');

@@ -35,7 +35,7 @@ export default function VmCard({ p, vm, idx, count, open, problems, subnets, fil
   const body = useRef(null);
   const unplaced = useUnplaced(body, open, problems.list);
   return (
-    <article className={`vm-card${open ? ' open' : ''}`} data-testid={`vm-${idx}`} data-open={open ? '1' : '0'}
+    <article className={`form-vm${open ? ' open' : ''}`} data-testid={`vm-${idx}`} data-open={open ? '1' : '0'}
       data-path={pathKey(p)} tabIndex={-1} aria-label={`VM ${name}`}>
       <div className="vm-head">
         <button type="button" className="vm-toggle" aria-expanded={open} aria-controls={bodyId} data-testid={`vm-${idx}-toggle`} onClick={onToggle}>
