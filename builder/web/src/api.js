@@ -47,3 +47,8 @@ export const schema = () => {
   });
   return schemaPromise;
 };
+
+// s11-visual: the Visual editor.
+// The manifest's JSON Schema for field help (served by s11-yaml's `/api/schema`); the route
+// may answer with the schema itself or wrap it as `{schema}`.
+export const getSchema = () => schema().then((v) => (v && v.schema) || v);
