@@ -533,6 +533,8 @@ vms:
     assert(/cpu: 1 # one\n\s+memory: 2Gi/.test(text), `memory not changed in place:\n${text}`);
     // What the form did not touch reads as before, line for line.
     assert(text.startsWith(commented.split('    resources:')[0]), `the text before the edits moved:\n${text}`);
+  });
+}
 
 // s11-visual: the Visual editor laid out as the guide's sections (Files, Network, each VM as a
 // collapsible card with Source, Resources, Communicator, Network Interfaces, Provisioners).
