@@ -12,7 +12,7 @@ mod disk;
 mod instance;
 mod logs;
 mod manifest;
-mod modules;
+pub mod modules;
 mod report;
 mod rm;
 mod serve;

@@ -28,6 +28,7 @@ fn start_with(dir: &Path, build: BuildConfig) -> (String, String) {
         dir: dir.to_path_buf(),
         listen: "127.0.0.1:0".parse().expect("addr"),
         build,
+        clones: dir.join("clones"),
     })
     .expect("bind");
     let url = s.url();
