@@ -37,3 +37,14 @@ export const consoleUrl = (id, vm) => {
   const scheme = window.location.protocol === 'https:' ? 'wss:' : 'ws:';
   return `${scheme}//${window.location.host}/api/builds/${id}/console?vm=${encodeURIComponent(vm)}&token=${encodeURIComponent(token)}`;
 };
+
+// s11-home: modules and clones.
+const seg = (s) => encodeURIComponent(s);
+export const listModules = () => call('GET', '/api/modules');
+export const getModule = (name) => call('GET', `/api/modules/${seg(name)}`);
+export const makeClone = (module) => call('POST', `/api/modules/${seg(module)}/clones`);
+export const listClones = () => call('GET', '/api/clones');
+export const getClone = (name) => call('GET', `/api/clones/${seg(name)}`);
+export const startClone = (name) => call('POST', `/api/clones/${seg(name)}/start`);
+export const stopClone = (name) => call('POST', `/api/clones/${seg(name)}/stop`);
+export const deleteClone = (name) => call('DELETE', `/api/clones/${seg(name)}`);
