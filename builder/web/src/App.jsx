@@ -233,6 +233,9 @@ export default function App() {
         )}
         {route.view === 'modules' && <ModulePage key={route.arg} name={route.arg} />}
         {route.view === 'builds' && <BuildRoute id={Number(route.arg)} />}
+        {route.view === 'edit' && route.arg !== name && (
+          <p className="muted" data-testid="edit-opening">Opening {route.arg}… (the status line says if it cannot be read)</p>
+        )}
         {route.view === 'edit' && name && (
           <>
             <div className="toolbar" role="toolbar" aria-label="Editor">

@@ -1,9 +1,9 @@
 // Starting points for a new module, each a manifest that passes `kiln validate` as written
 // (the browser tests check every one). `make(opts)` returns the YAML text.
 
-const single = () => `# One Debian VM bootstrapped from packages, with one shell step.
-vms:
-  - name: vm1
+// A Debian VM bootstrapped from packages, with a root disk and one shell step; `more` adds
+// lines after the disks (its NICs).
+const debianVm = ({ name, memory, step, command, more = '' }) => `  - name: ${name}
     source:
       bootstrap:
         distro: debian
@@ -11,40 +11,25 @@ vms:
         packages: []
     resources:
       cpu: 1
-      memory: 1Gi
+      memory: ${memory}
     disks:
       - name: root
         size: 4Gi
-    provisioners:
-      - name: hello
-        type: shell
-        shell:
-          inline: |
-            set -eu
-            echo "built by kiln" > /etc/motd
-`;
-
-// A VM of the two-VM recipe: on subnet `lab`, with one shell step.
-const labVm = (name, step, command) => `  - name: ${name}
-    source:
-      bootstrap:
-        distro: debian
-        suite: bookworm
-        packages: []
-    resources:
-      cpu: 1
-      memory: 512Mi
-    disks:
-      - name: root
-        size: 4Gi
-    nics:
-      - name: eth0
-        subnet: lab
-    provisioners:
+${more}    provisioners:
       - name: ${step}
         type: shell
         shell:
-          inline: ${command}
+          inline: |
+            ${command}
+`;
+
+const single = () => `# One Debian VM bootstrapped from packages, with one shell step.
+vms:
+${debianVm({ name: 'vm1', memory: '1Gi', step: 'hello', command: 'echo "built by kiln" > /etc/motd' })}`;
+
+const onLab = `    nics:
+      - name: eth0
+        subnet: lab
 `;
 
 const pair = () => `# Two VMs on one private network: they reach each other by name.
@@ -57,7 +42,7 @@ network:
       vpc: lab
       cidr: 10.20.0.0/24
 vms:
-${labVm('web', 'hello', 'echo "web is up"')}${labVm('client', 'reach-web', 'getent hosts web')}`;
+${debianVm({ name: 'web', memory: '512Mi', step: 'hello', command: 'echo "web is up"', more: onLab })}${debianVm({ name: 'client', memory: '512Mi', step: 'reach-web', command: 'getent hosts web', more: onLab })}`;
 
 // A layer over a module that exists: its disk is the starting point, the steps add to it.
 const layered = ({ module = 'hello', vm = '' } = {}) => `# A layer over the module \`${module}\`: its disk, with more steps on top.
