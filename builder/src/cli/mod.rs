@@ -14,7 +14,7 @@ mod instance;
 mod logs;
 mod man;
 mod manifest;
-mod modules;
+pub mod modules;
 mod report;
 mod rm;
 mod serve;

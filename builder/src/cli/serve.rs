@@ -21,6 +21,10 @@ pub struct ServeArgs {
     /// Folder that builds started from the page write modules to (as `kiln build --output`).
     #[arg(long, short = 'o', env = "KILN_MODULES", default_value = "modules")]
     pub output: PathBuf,
+    /// Folder of the clones the page makes and runs (as `kiln clone --clones`); default:
+    /// `clones` next to the --output folder.
+    #[arg(long, env = "KILN_CLONES")]
+    pub clones: Option<PathBuf>,
 }
 
 pub fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -28,9 +32,19 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
     // Builds run in a child with another working folder in mind: make the output absolute.
     let output = std::path::absolute(&a.output)
         .with_context(|| format!("resolving {}", a.output.display()))?;
+    // Next to the modules: with the default output that is `clones` here, where `kiln clone`
+    // puts them too.
+    let clones = match &a.clones {
+        Some(c) => std::path::absolute(c).with_context(|| format!("resolving {}", c.display()))?,
+        None => output
+            .parent()
+            .unwrap_or(std::path::Path::new("/"))
+            .join("clones"),
+    };
     let s = Serve::bind(Config {
         dir: a.dir.clone(),
         listen: a.listen,
+        clones,
         build: BuildConfig {
             program,
             output,

@@ -24,16 +24,20 @@
 //!   with a console now (not `invisible` ones); `GET /api/builds/ID/console?vm=V` is a
 //!   WebSocket carrying that VM's VNC stream ([`console`])
 //!
+//! - Modules and clones (`/api/modules...`, `/api/clones...`): see [`modules`]
+//!
 //! Requests are served by a few worker threads; an event stream gets a thread of its own, so
 //! a page watching a build never holds up another request.
 
 mod assets;
 pub mod build;
+mod clone_runs;
 mod console;
 pub mod doc;
 pub mod host;
 pub mod http;
 mod schema;
+pub mod modules;
 mod sse;
 pub mod store;
 
@@ -48,6 +52,7 @@ use serde_json::{json, Value};
 use http::{Request, Server};
 
 pub use build::{BuildConfig, Builds};
+pub use modules::{Modules, ModulesConfig};
 pub use store::{Store, StoreError};
 
 /// Threads that serve ordinary requests.
@@ -78,6 +83,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// How builds started from the page run.
     pub build: BuildConfig,
+    /// The clones folder (the modules folder is the builds' output).
+    pub clones: PathBuf,
 }
 
 /// A bound server, ready to run.
@@ -92,6 +99,7 @@ struct Shared {
     token: String,
     allowed: host::Allowed,
     builds: Builds,
+    modules: Modules,
     streams: AtomicUsize,
 }
 
@@ -111,6 +119,12 @@ impl Serve {
                 store: Store::new(cfg.dir),
                 token: new_token().map_err(ServeError::Token)?,
                 allowed: host::Allowed::new(addr),
+                modules: Modules::new(ModulesConfig {
+                    modules: cfg.build.output.clone(),
+                    clones: cfg.clones,
+                    program: cfg.build.program.clone(),
+                    run_root: cfg.build.run_root.clone(),
+                }),
                 builds: Builds::new(cfg.build),
                 streams: AtomicUsize::new(0),
             }),
@@ -129,6 +143,7 @@ impl Serve {
         self.server
             .run(WORKERS, Arc::new(move |req| handle(&shared, req)));
         self.shared.builds.cancel_all();
+        self.shared.modules.stop_all();
     }
 }
 
@@ -225,6 +240,17 @@ fn handle(shared: &Arc<Shared>, mut req: Request) {
             Ok(Err(_)) => return error(req, 400, "the request body is not UTF-8"),
             Err(e) => return error(req, e.status(), e),
         }
+    }
+    // Modules and clones.
+    if let Some(route) = modules::Route::parse(method, &path) {
+        let building: Vec<String> = (shared.builds.list().into_iter())
+            .filter(|b| b.status == build::Status::Running)
+            .map(|b| b.module)
+            .collect();
+        return match shared.modules.handle(route, &building) {
+            Ok(v) => respond_json(req, 200, &v),
+            Err(e) => error(req, e.status(), e),
+        };
     }
     let name = query(&url, "name");
     let result: Result<Value, (u16, String)> = match (method, path.as_str()) {

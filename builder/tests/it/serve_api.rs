@@ -28,6 +28,7 @@ fn start_with(dir: &Path, build: BuildConfig) -> (String, String) {
         dir: dir.to_path_buf(),
         listen: "127.0.0.1:0".parse().expect("addr"),
         build,
+        clones: dir.join("clones"),
     })
     .expect("bind");
     let url = s.url();
@@ -97,6 +98,55 @@ fn requests_without_the_token_are_refused() {
     assert_eq!(r.status(), 200);
     let page = r.body_mut().read_to_string().expect("body");
     assert!(page.contains("app.js"), "{page}");
+}
+
+#[test]
+fn modules_and_clones_need_the_token_and_refuse_bad_names() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let (base, token) = start(d.path());
+    let a = agent();
+    let r = a.get(format!("{base}/api/modules")).call().expect("call");
+    assert_eq!(r.status(), 403);
+    let r = a
+        .post(format!("{base}/api/clones/web-1/start"))
+        .send_empty()
+        .expect("call");
+    assert_eq!(r.status(), 403);
+    let get = |path: &str| {
+        a.get(format!("{base}{path}"))
+            .header("X-Kiln-Token", &token)
+            .call()
+            .expect("call")
+    };
+    let mut r = get("/api/modules");
+    assert_eq!(r.status(), 200);
+    let v = json(&mut r);
+    assert_eq!(v["modules"], serde_json::json!([]));
+    assert!(
+        v["clonesDir"]
+            .as_str()
+            .is_some_and(|c| c.ends_with("clones")),
+        "{v}"
+    );
+    let mut r = get("/api/modules/nope");
+    assert_eq!(r.status(), 404);
+    assert!(json(&mut r)["error"]
+        .as_str()
+        .unwrap_or("")
+        .contains("no module `nope`"));
+    // A name, never a path.
+    let r = get("/api/clones/..%2Fmodules");
+    assert_eq!(r.status(), 400);
+    let mut r = a
+        .delete(format!("{base}/api/clones/web-1"))
+        .header("X-Kiln-Token", &token)
+        .call()
+        .expect("call");
+    assert_eq!(r.status(), 404);
+    assert!(json(&mut r)["error"]
+        .as_str()
+        .unwrap_or("")
+        .contains("no clone `web-1`"));
 }
 
 #[test]

@@ -4,6 +4,10 @@ import Form from './Form.jsx';
 import YamlEditor from './YamlEditor.jsx';
 import { docToText } from './doc.js';
 import BuildView, { useBuild } from './BuildView.jsx';
+import Home from './Home.jsx';
+import ModulePage from './ModulePage.jsx';
+import HelpDialog from './HelpDialog.jsx';
+import { go, href, useRoute } from './route.js';
 
 const NEW_MANIFEST = `vms:
   - name: vm1
@@ -12,7 +16,14 @@ const NEW_MANIFEST = `vms:
     resources: { cpu: 1, memory: 1Gi }
 `;
 
+// How often the header's build count is refreshed.
+const BUILDS_POLL_MS = 3000;
+
+// Keys typed into an editor, a field or a terminal are theirs: shortcuts ignore them.
+const typing = (t) => t instanceof Element && t.closest('input, textarea, select, [contenteditable=""], [contenteditable="true"]');
+
 export default function App() {
+  const route = useRoute();
   const [names, setNames] = useState([]);
   const [dir, setDir] = useState('');
   const [name, setName] = useState('');
@@ -22,9 +33,8 @@ export default function App() {
   const [tab, setTab] = useState('visual');
   const [status, setStatus] = useState('');
   const [busy, setBusy] = useState(0);
-  // The build shown in the Build tab (the newest one, whichever manifest it built).
-  const [buildId, setBuildId] = useState(null);
-  const [build, buildLines] = useBuild(buildId);
+  const [builds, setBuilds] = useState([]);
+  const [help, setHelp] = useState(false);
   const seq = useRef(0);
   const nameRef = useRef('');
   nameRef.current = name;
@@ -36,12 +46,15 @@ export default function App() {
     }, (e) => setStatus(e.message));
   }, []);
   useEffect(refreshList, [refreshList]);
-  // A page opened while a build runs (or after one) follows the newest build.
+
+  const refreshBuilds = useCallback(() => api.listBuilds().then(setBuilds, () => {}), []);
   useEffect(() => {
-    api.listBuilds().then((bs) => {
-      if (bs.length) setBuildId(bs[bs.length - 1].id);
-    }, () => {});
-  }, []);
+    refreshBuilds();
+    const t = setInterval(refreshBuilds, BUILDS_POLL_MS);
+    return () => clearInterval(t);
+  }, [refreshBuilds]);
+  // A view change shows the builds as they are now, not as of the last poll.
+  useEffect(() => { refreshBuilds(); }, [route.view, route.arg, refreshBuilds]);
 
   // Validate text; the newest request wins.
   const runCheck = useCallback(async (t, takeDoc) => {
@@ -72,14 +85,24 @@ export default function App() {
     }
   };
 
-  const create = async (n) => {
+  // A new manifest (not saved yet), from the New button or a recipe.
+  const create = async (n, initial = NEW_MANIFEST) => {
     if (!/\.(ya?ml)$/.test(n)) n += '.yaml';
     setName(n);
     nameRef.current = n;
-    setText(NEW_MANIFEST);
-    await runCheck(NEW_MANIFEST, true);
+    setText(initial);
+    setTab('visual');
+    go('edit', n);
+    await runCheck(initial, true);
     setStatus(`new ${n} (not saved yet)`);
   };
+
+  // The editor route opens its manifest, unless it is the one on the page (a new one
+  // included, which is not on disk yet).
+  useEffect(() => {
+    if (route.view === 'edit' && route.arg && route.arg !== nameRef.current) open(route.arg);
+    // eslint-disable-next-line react-hooks/exhaustive-deps
+  }, [route.view, route.arg]);
 
   const save = async () => {
     try {
@@ -98,8 +121,8 @@ export default function App() {
       await api.saveManifest(name, text);
       refreshList();
       const b = await api.startBuild(name);
-      setBuildId(b.id);
-      setTab('build');
+      refreshBuilds();
+      go('builds', b.id);
       setStatus(`saved ${name}; building module ${b.module}`);
     } catch (e) {
       setStatus(e.message);
@@ -141,35 +164,112 @@ export default function App() {
     setTab(t);
   };
 
+  const editing = route.view === 'edit' && name !== '';
+  // Shortcuts: Ctrl/Cmd+S saves in the editor (whatever has focus); the others only when no
+  // field, editor or terminal has the keys.
+  const keys = useRef({});
+  keys.current = { editing, save, builds };
+  useEffect(() => {
+    const onKey = (e) => {
+      const k = keys.current;
+      if ((e.ctrlKey || e.metaKey) && !e.altKey && e.key.toLowerCase() === 's') {
+        if (!k.editing) return;
+        e.preventDefault();
+        k.save();
+        return;
+      }
+      if (e.ctrlKey || e.metaKey || e.altKey || typing(e.target)) return;
+      if (e.key === '?') setHelp(true);
+      else if (e.key === 'h') go('home');
+      else if (e.key === 'e' && nameRef.current) go('edit', nameRef.current);
+      else if (e.key === 'b' && k.builds.length) go('builds', k.builds[k.builds.length - 1].id);
+    };
+    window.addEventListener('keydown', onKey);
+    return () => window.removeEventListener('keydown', onKey);
+  }, []);
+
   const errors = diags.filter((d) => d.severity === 'error').length;
   const warnings = diags.length - errors;
-  const building = build?.status === 'running';
+  const running = builds.filter((b) => b.status === 'running');
+  const building = running.some((b) => b.manifest === name);
+  const newest = builds.length ? builds[builds.length - 1] : null;
   return (
     <div className="app">
-      <header>
-        <h1>kiln</h1>
+      <a className="skip" href="#main" onClick={(e) => { e.preventDefault(); document.getElementById('main')?.focus(); }}>
+        Skip to content
+      </a>
+      <header className="top">
+        <h1><a href={href('home')} aria-label="kiln: home">kiln</a></h1>
+        <nav aria-label="Main" className="nav">
+          <a data-testid="nav-home" href={href('home')} aria-current={route.view === 'home' ? 'page' : undefined}>Home</a>
+          {name && (
+            <a data-testid="nav-edit" href={href('edit', name)} aria-current={route.view === 'edit' ? 'page' : undefined}>
+              {name}
+            </a>
+          )}
+          {newest && (
+            <a data-testid="nav-builds" href={href('builds', newest.id)} aria-current={route.view === 'builds' ? 'page' : undefined}>
+              Builds{running.length ? ` · ${running.length} running` : ''}
+            </a>
+          )}
+        </nav>
         <select
           data-testid="manifest-picker"
-          value={names.includes(name) ? name : ''}
-          onChange={(e) => e.target.value && open(e.target.value)}
+          aria-label="Open a manifest"
+          value={editing && names.includes(name) ? name : ''}
+          onChange={(e) => e.target.value && go('edit', e.target.value)}
         >
           <option value="">open a manifest from {dir}…</option>
           {names.map((n) => (
             <option key={n} value={n}>{n}</option>
           ))}
         </select>
-        <NewManifest onCreate={create} />
-        <button data-testid="save" disabled={!name} onClick={save}>Save</button>
-        <button
-          data-testid="build-start"
-          className="build-start"
-          disabled={!name || errors > 0 || busy > 0 || building}
-          title={building ? 'a build is running' : errors ? 'fix the errors first' : 'save and build this manifest'}
-          onClick={startBuild}
-        >
-          Build
-        </button>
-        <span className="status" data-testid="status">{status}</span>
+        <NewManifest onCreate={(n) => create(n)} />
+        <button type="button" className="icon" data-testid="help-open" aria-label="Keyboard shortcuts" onClick={() => setHelp(true)}>?</button>
+      </header>
+      <main id="main" tabIndex={-1}>
+        {route.view === 'home' && (
+          <Home names={names} dir={dir} builds={builds} onCreate={create} />
+        )}
+        {route.view === 'modules' && <ModulePage key={route.arg} name={route.arg} />}
+        {route.view === 'builds' && <BuildRoute id={Number(route.arg)} />}
+        {route.view === 'edit' && route.arg !== name && (
+          <p className="muted" data-testid="edit-opening">Opening {route.arg}… (the status line says if it cannot be read)</p>
+        )}
+        {route.view === 'edit' && name && (
+          <>
+            <div className="toolbar" role="toolbar" aria-label="Editor">
+              <div className="tabs" role="tablist" aria-label="Editor mode">
+                <button type="button" role="tab" aria-selected={tab === 'visual'} data-testid="tab-visual" className={tab === 'visual' ? 'on' : ''} onClick={() => switchTab('visual')}>Visual</button>
+                <button type="button" role="tab" aria-selected={tab === 'yaml'} data-testid="tab-yaml" className={tab === 'yaml' ? 'on' : ''} onClick={() => switchTab('yaml')}>YAML</button>
+              </div>
+              <span className="spacer" />
+              <button type="button" data-testid="save" disabled={!name} onClick={save} title="Save (Ctrl+S)">Save</button>
+              <button
+                type="button"
+                data-testid="build-start"
+                className="primary build-start"
+                disabled={!name || errors > 0 || busy > 0 || building}
+                title={building ? 'this manifest is building' : errors ? 'fix the errors first' : 'save and build this manifest'}
+                onClick={startBuild}
+              >
+                Build
+              </button>
+            </div>
+            {tab === 'yaml' ? (
+              <YamlEditor text={text} diags={diags} onChange={onText} name={name} />
+            ) : doc != null && typeof doc === 'object' && !Array.isArray(doc) ? (
+              <Form doc={doc} diags={diags} onChange={onDoc} />
+            ) : (
+              <p className="blocked" data-testid="form-blocked">
+                The YAML does not parse into a manifest: fix it in the YAML tab first.
+              </p>
+            )}
+          </>
+        )}
+      </main>
+      <footer className="statusline">
+        <span className="status" data-testid="status" role="status">{status}</span>
         <span
           className={errors ? 'count bad' : 'count good'}
           data-testid="diag-count"
@@ -178,41 +278,24 @@ export default function App() {
         >
           {name ? `${errors} errors, ${warnings} warnings` : ''}
         </span>
-      </header>
-      {(name || buildId != null) && (
-        <>
-          <nav className="tabs">
-            {name && <button data-testid="tab-visual" className={tab === 'visual' ? 'on' : ''} onClick={() => switchTab('visual')}>Visual</button>}
-            {name && <button data-testid="tab-yaml" className={tab === 'yaml' ? 'on' : ''} onClick={() => switchTab('yaml')}>YAML</button>}
-            {buildId != null && (
-              <button data-testid="tab-build" className={tab === 'build' || !name ? 'on' : ''} onClick={() => setTab('build')}>
-                Build {build ? `· ${build.status}` : ''}
-              </button>
-            )}
-          </nav>
-          {tab === 'build' || !name ? (
-            <BuildView build={build} lines={buildLines} />
-          ) : tab === 'yaml' ? (
-            <YamlEditor text={text} diags={diags} onChange={onText} name={name} />
-          ) : doc != null && typeof doc === 'object' && !Array.isArray(doc) ? (
-            <Form doc={doc} diags={diags} onChange={onDoc} />
-          ) : (
-            <p className="blocked" data-testid="form-blocked">
-              The YAML does not parse into a manifest: fix it in the YAML tab first.
-            </p>
-          )}
-        </>
-      )}
+      </footer>
+      <HelpDialog open={help} onClose={() => setHelp(false)} />
     </div>
   );
+}
+
+// One build's page: the build slice's view, given its id and what `useBuild` follows.
+function BuildRoute({ id }) {
+  const [build, lines] = useBuild(Number.isFinite(id) ? id : null);
+  return <BuildView id={id} build={build} lines={lines} />;
 }
 
 function NewManifest({ onCreate }) {
   const [n, setN] = useState('');
   return (
-    <span className="new">
-      <input data-testid="new-name" placeholder="new-module.yaml" value={n} onChange={(e) => setN(e.target.value)} />
-      <button data-testid="new" disabled={!n} onClick={() => onCreate(n)}>New</button>
-    </span>
+    <form className="new" onSubmit={(e) => { e.preventDefault(); if (n) onCreate(n); }}>
+      <input data-testid="new-name" aria-label="New manifest file name" placeholder="new-module.yaml" value={n} onChange={(e) => setN(e.target.value)} />
+      <button type="submit" data-testid="new" disabled={!n}>New</button>
+    </form>
   );
 }

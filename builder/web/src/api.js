@@ -52,3 +52,14 @@ export const schema = () => {
 // The manifest's JSON Schema for field help (served by s11-yaml's `/api/schema`); the route
 // may answer with the schema itself or wrap it as `{schema}`.
 export const getSchema = () => schema().then((v) => (v && v.schema) || v);
+
+// s11-home: modules and clones.
+const seg = (s) => encodeURIComponent(s);
+export const listModules = () => call('GET', '/api/modules');
+export const getModule = (name) => call('GET', `/api/modules/${seg(name)}`);
+export const makeClone = (module) => call('POST', `/api/modules/${seg(module)}/clones`);
+export const listClones = () => call('GET', '/api/clones');
+export const getClone = (name) => call('GET', `/api/clones/${seg(name)}`);
+export const startClone = (name) => call('POST', `/api/clones/${seg(name)}/start`);
+export const stopClone = (name) => call('POST', `/api/clones/${seg(name)}/stop`);
+export const deleteClone = (name) => call('DELETE', `/api/clones/${seg(name)}`);
