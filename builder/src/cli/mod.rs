@@ -13,6 +13,7 @@ mod instance;
 mod logs;
 mod manifest;
 mod modules;
+mod raw_terminal;
 mod report;
 mod rm;
 mod serve;
