@@ -37,3 +37,11 @@ export const consoleUrl = (id, vm) => {
   const scheme = window.location.protocol === 'https:' ? 'wss:' : 'ws:';
   return `${scheme}//${window.location.host}/api/builds/${id}/console?vm=${encodeURIComponent(vm)}&token=${encodeURIComponent(token)}`;
 };
+
+// s11-term: the terminal in a running clone's VM. A WebSocket cannot send headers: the token
+// goes in the URL, as for the console; `rows` and `cols` are the terminal's starting size.
+export const terminalUrl = (clone, vm, rows, cols) => {
+  const scheme = window.location.protocol === 'https:' ? 'wss:' : 'ws:';
+  const path = `/api/clones/${encodeURIComponent(clone)}/vms/${encodeURIComponent(vm)}/terminal`;
+  return `${scheme}//${window.location.host}${path}?rows=${rows}&cols=${cols}&token=${encodeURIComponent(token)}`;
+};
