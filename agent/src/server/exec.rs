@@ -247,8 +247,8 @@ pub fn spawn(req: &ExecRequest, cfg: &Config) -> Result<Started, RemoteError> {
             let raise = cfg.autogroup_nice.map(super::priority::ChildRaise::new);
             // SAFETY: the closure runs between fork and exec (after std has put the
             // terminal's slave on 0-2); it only makes async-signal-safe syscalls (setsid,
-            // ioctl, open/write/close, setgroups, setgid, setuid) on data prepared before
-            // the fork.
+            // ioctl, signal, open/write/close, setgroups, setgid, setuid) on data prepared
+            // before the fork.
             unsafe {
                 cmd.pre_exec(move || {
                     // A new session also makes it a process group leader (see above).
@@ -259,6 +259,20 @@ pub fn spawn(req: &ExecRequest, cfg: &Config) -> Result<Started, RemoteError> {
                     // control, and Ctrl-C reaching the foreground job.
                     if tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
                         return Err(io::Error::last_os_error());
+                    }
+                    // An agent started with job-control signals ignored (from a script, in
+                    // the background) must not pass that on: Ctrl-C has to work.
+                    if tty {
+                        for sig in [
+                            libc::SIGINT,
+                            libc::SIGQUIT,
+                            libc::SIGHUP,
+                            libc::SIGTSTP,
+                            libc::SIGTTIN,
+                            libc::SIGTTOU,
+                        ] {
+                            libc::signal(sig, libc::SIG_DFL);
+                        }
                     }
                     // Before setuid: a negative nice needs the agent's CAP_SYS_NICE.
                     if let Some(r) = &raise {

@@ -31,7 +31,13 @@ fn run(
         .exec_tty(
             req,
             move |mut input| {
-                script(&mut input, &s2);
+                // A failing step hangs up (the agent then ends the shell) before failing the
+                // test, so the test ends instead of waiting for a shell nobody drives.
+                let step = std::panic::AssertUnwindSafe(|| script(&mut input, &s2));
+                if let Err(p) = std::panic::catch_unwind(step) {
+                    input.hang_up();
+                    std::panic::resume_unwind(p);
+                }
                 while !input.done() {
                     std::thread::sleep(Duration::from_millis(10));
                 }
@@ -71,8 +77,12 @@ fn resize_ctrl_c_and_the_exit_code_reach_an_interactive_shell() {
         input.write(b"stty size\n").unwrap();
         let at = wait_for(screen, at, "40 120", t);
         // Ctrl-C goes through the terminal to the foreground job, not to the shell.
-        input.write(b"sleep 100\n").unwrap();
-        std::thread::sleep(Duration::from_millis(500));
+        // The job says when it runs (then it is the foreground job): `sleep-5` is not in
+        // the echo of the typed line.
+        input
+            .write(b"sh -c 'echo sleep-$((2+3)); exec sleep 100'\n")
+            .unwrap();
+        let at = wait_for(screen, at, "sleep-5", t);
         let before = Instant::now();
         input.write(&[0x03]).unwrap();
         input.write(b"echo after-$((6*7))\n").unwrap();

@@ -114,8 +114,10 @@ fn kiln_shell_is_a_real_terminal() {
     type_(b"stty size\r");
     let at = wait_for(&screen, at, "30 100", Duration::from_secs(30));
     // Ctrl-C reaches the guest's foreground job, not kiln: the shell goes on.
-    type_(b"sleep 100\r");
-    std::thread::sleep(Duration::from_secs(2));
+    // The job says when it runs (then it is the foreground job): `sleep-5` is not in the
+    // echo of the typed line.
+    type_(b"sh -c 'echo sleep-$((2+3)); exec sleep 100'\r");
+    let at = wait_for(&screen, at, "sleep-5", Duration::from_secs(30));
     let before = Instant::now();
     type_(&[0x03]);
     type_(b"echo after-$((6*7))\r");
