@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use crate::frame::{FrameError, FrameReader, FrameWriter, DATA_CHUNK};
 use crate::message::{
     ty, ExecRequest, ExitStatus, FileEnd, FileMeta, FileStat, Hello, HelloReply, Message,
-    PutFileRequest, RemoteError, StatRequest,
+    PutFileRequest, RemoteError, StatRequest, WindowSize,
 };
 use crate::transport::{self, HandshakeError, Transport};
 use crate::PROTOCOL_VERSION;
@@ -259,6 +259,69 @@ impl Client {
     {
         let mut req = req.clone();
         req.stdin = stdin.is_some();
+        let feeder = stdin.map(|input| {
+            move |w: &mut FrameWriter<Box<dyn Transport>>, done: &AtomicBool| {
+                // A feeder error after the command ended (EPIPE: it stopped reading) is
+                // not the command's failure; the exit status says what happened.
+                let _ = feed_stdin(input, w, done);
+            }
+        });
+        self.run_command(req, feeder, &mut on_output)
+    }
+
+    /// Run a command on a terminal (`req.tty` must be set; protocol 3). `feed` runs on a
+    /// thread of its own with the command's input side: it sends keystrokes and window
+    /// sizes until [`TtyInput::done`] says the command ended, and must then return (it
+    /// should not block longer than a moment at a time). The terminal's output, one
+    /// stream, goes to `on_output` as it arrives.
+    pub fn exec_tty<F, O>(
+        &mut self,
+        req: &ExecRequest,
+        feed: F,
+        mut on_output: O,
+    ) -> Result<ExitStatus>
+    where
+        F: FnOnce(TtyInput<'_>) + Send,
+        O: FnMut(&[u8]),
+    {
+        if req.tty.is_none() {
+            return Err(ClientError::Remote(RemoteError::new(
+                crate::message::ErrorKind::InvalidRequest,
+                "exec_tty needs a request with a terminal",
+            )));
+        }
+        // An older agent would end the session on the unknown field: say so before asking.
+        if self.hello.version < 3 {
+            return Err(ClientError::Unsupported {
+                request: "exec on a terminal",
+                reason: format!(
+                    "the agent (version {}) speaks protocol {}; terminals need protocol 3, \
+                     in guests made from a base bootstrapped by a newer kiln",
+                    self.hello.agent_version, self.hello.version
+                ),
+            });
+        }
+        let mut req = req.clone();
+        req.stdin = true;
+        req.merge_stderr = true;
+        let feeder = move |w: &mut FrameWriter<Box<dyn Transport>>, done: &AtomicBool| {
+            feed(TtyInput { writer: w, done })
+        };
+        self.run_command(req, Some(feeder), &mut |_, d| on_output(d))
+    }
+
+    /// Sends an exec request, then reads the command's output until it exits while `feeder`
+    /// (on a thread of its own) sends its input; the feeder must return soon after the flag
+    /// it is given is set.
+    fn run_command<F>(
+        &mut self,
+        req: ExecRequest,
+        feeder: Option<F>,
+        on_output: &mut dyn FnMut(OutputStream, &[u8]),
+    ) -> Result<ExitStatus>
+    where
+        F: FnOnce(&mut FrameWriter<Box<dyn Transport>>, &AtomicBool) + Send,
+    {
         self.send(&Message::Exec(req))?;
         match self.recv()? {
             Message::ExecStarted { .. } => {}
@@ -268,12 +331,9 @@ impl Client {
         let done = AtomicBool::new(false);
         let reader = &mut self.reader;
         let writer = &mut self.writer;
-        let broken = &mut self.broken;
         let result = std::thread::scope(|s| {
-            let feeder = stdin.map(|input| {
-                let done = &done;
-                s.spawn(move || feed_stdin(input, writer, done))
-            });
+            let done = &done;
+            let feeder = feeder.map(|f| s.spawn(move || f(writer, done)));
             let result = loop {
                 match reader.read() {
                     Ok(Message::Stdout(d)) => on_output(OutputStream::Stdout, &d),
@@ -295,8 +355,6 @@ impl Client {
                 let _ = reader.get_ref().get_ref().shutdown();
             }
             if let Some(f) = feeder {
-                // A feeder error after the command ended (EPIPE: it stopped reading) is
-                // not the command's failure; the exit status says what happened.
                 let _ = f.join();
             }
             result
@@ -305,7 +363,7 @@ impl Client {
             result,
             Err(ClientError::Frame(_)) | Err(ClientError::Unexpected { .. })
         ) {
-            *broken = true;
+            self.broken = true;
         }
         result
     }
@@ -621,6 +679,38 @@ impl Client {
             expected,
             got: got.name(),
         })
+    }
+}
+
+/// The input side of a command on a terminal (see [`Client::exec_tty`]).
+pub struct TtyInput<'a> {
+    writer: &'a mut FrameWriter<Box<dyn Transport>>,
+    done: &'a AtomicBool,
+}
+
+impl TtyInput<'_> {
+    /// Whether the command has ended: the feeder should return.
+    pub fn done(&self) -> bool {
+        self.done.load(Ordering::SeqCst)
+    }
+
+    /// Send keystrokes (any length: sent in frames of at most [`DATA_CHUNK`]).
+    pub fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        for chunk in bytes.chunks(DATA_CHUNK) {
+            self.writer.send_data(ty::STDIN_DATA, chunk)?;
+        }
+        Ok(())
+    }
+
+    /// The terminal's new size (the command gets SIGWINCH).
+    pub fn resize(&mut self, size: WindowSize) -> io::Result<()> {
+        self.writer.send(&Message::Resize(size))
+    }
+
+    /// Cut the connection: the agent then kills the command's whole session, and
+    /// [`Client::exec_tty`] returns an error (the client is unusable afterwards).
+    pub fn hang_up(&mut self) {
+        let _ = self.writer.get_ref().shutdown();
     }
 }
 

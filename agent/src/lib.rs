@@ -16,13 +16,13 @@ pub mod message;
 pub mod server;
 pub mod transport;
 
-pub use client::{Client, ClientError, Output, OutputStream, PutOptions};
+pub use client::{Client, ClientError, Output, OutputStream, PutOptions, TtyInput};
 #[doc(hidden)]
 pub use fuzz::fuzz_entry;
 pub use locate::{is_static_elf, locate_binary};
 pub use message::{
     Command, ExecRequest, ExitStatus, FileEnd, FileKind, FileMeta, FileStat, GuestInfo, HelloReply,
-    Interpreter, LinkConfig, RemoteError, STATIC_LEASE,
+    Interpreter, LinkConfig, RemoteError, Tty, WindowSize, STATIC_LEASE,
 };
 
 /// The AF_VSOCK port the agent listens on by default.
@@ -30,6 +30,7 @@ pub const VSOCK_PORT: u32 = 1024;
 
 /// The newest protocol version this build speaks (hello negotiates a common one).
 /// 2: the hello reply carries the guest's boot id, and the agent knows `net-config`.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// 3: exec may ask for a terminal (`ExecRequest::tty`), resized by `resize`.
+pub const PROTOCOL_VERSION: u16 = 3;
 /// The oldest protocol version this build still speaks.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;

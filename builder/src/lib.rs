@@ -25,6 +25,7 @@ pub mod path_io;
 pub mod plan_adapter;
 pub mod provision;
 pub mod run_lock;
+pub mod running_vm;
 pub mod runtime;
 pub mod serve;
 pub mod sources;

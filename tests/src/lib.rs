@@ -38,6 +38,7 @@ pub mod module;
 pub mod pattern;
 pub mod qemu;
 pub mod rfb;
+pub mod screen;
 pub mod virtio_guest;
 
 use std::path::PathBuf;

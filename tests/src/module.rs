@@ -56,6 +56,27 @@ impl Drop for Run {
 /// workspace root with `KILN_NO_INTERNET`, so no clone gets NAT to the host. `Err`: the clone
 /// failed, or a kiln process could not be started.
 pub fn clone_run_exec(c: &CloneExec, argv: &[&str]) -> Result<Output> {
+    let (run, addr) = clone_and_run(c)?;
+    let exec = Command::new(c.kiln)
+        .arg("exec")
+        .arg(&addr)
+        .arg("--")
+        .args(argv)
+        .env("KILN_RUN_DIR", c.run_dir)
+        .output()
+        .map_err(|e| KitError::Command {
+            cmd: "kiln exec".into(),
+            detail: e.to_string(),
+        })?;
+    drop(run);
+    eprintln!("exec stderr: {}", String::from_utf8_lossy(&exec.stderr));
+    Ok(exec)
+}
+
+/// `kiln clone` the module and `kiln run` its first clone in the background, until the VM's
+/// vsock socket exists (up to a minute; the guest may still be booting). Returns the run (it
+/// stops when dropped) and the VM's address for `kiln exec`/`kiln shell`: `<clone>/<vm>`.
+pub fn clone_and_run(c: &CloneExec) -> Result<(Run, String)> {
     let count = c.count.map(|n| n.to_string());
     let mut args: Vec<&OsStr> = vec![OsStr::new("clone"), OsStr::new(c.module)];
     if let Some(n) = &count {
@@ -118,15 +139,5 @@ pub fn clone_run_exec(c: &CloneExec, argv: &[&str]) -> Result<Output> {
     while !sock.exists() && t.elapsed() < SOCKET_WAIT {
         std::thread::sleep(Duration::from_millis(200));
     }
-    let exec = Command::new(c.kiln)
-        .arg("exec")
-        .arg(format!("{clone}/{}", c.vm))
-        .arg("--")
-        .args(argv)
-        .env("KILN_RUN_DIR", c.run_dir)
-        .output()
-        .map_err(not_started("kiln exec"))?;
-    drop(run);
-    eprintln!("exec stderr: {}", String::from_utf8_lossy(&exec.stderr));
-    Ok(exec)
+    Ok((run, format!("{clone}/{}", c.vm)))
 }

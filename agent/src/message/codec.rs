@@ -42,6 +42,18 @@ impl Message {
                 e.u64(x.timeout.map_or(0, |t| (t.as_millis() as u64).max(1)));
                 e.bool(x.stdin);
                 e.bool(x.merge_stderr);
+                // Only present when asked for, so an exec without a terminal is the same
+                // bytes as in protocols 1 and 2 (an older agent refuses one with a terminal:
+                // trailing bytes).
+                if let Some(t) = &x.tty {
+                    e.str(&t.term);
+                    e.u16(t.size.rows);
+                    e.u16(t.size.cols);
+                }
+            }
+            Message::Resize(w) => {
+                e.u16(w.rows);
+                e.u16(w.cols);
             }
             Message::StdinData(d)
             | Message::FileData(d)
@@ -182,14 +194,32 @@ impl Message {
                     0 => None,
                     ms => Some(Duration::from_millis(ms)),
                 };
+                let stdin = d.bool()?;
+                let merge_stderr = d.bool()?;
+                let tty = if d.buf.is_empty() {
+                    None
+                } else {
+                    let term = d.str()?;
+                    if term.len() > MAX_TERM || term.contains(['\0', '=']) {
+                        return Err(d.bad(format!("TERM {term:?} is too long or has NUL or '='")));
+                    }
+                    Some(Tty {
+                        term,
+                        size: WindowSize {
+                            rows: d.u16()?,
+                            cols: d.u16()?,
+                        },
+                    })
+                };
                 Message::Exec(ExecRequest {
                     command,
                     env,
                     cwd,
                     user,
                     timeout,
-                    stdin: d.bool()?,
-                    merge_stderr: d.bool()?,
+                    stdin,
+                    merge_stderr,
+                    tty,
                 })
             }
             ty::STDIN_DATA => Message::StdinData(d.rest()),
@@ -203,6 +233,10 @@ impl Message {
             ty::POWEROFF_NOW => Message::PoweroffNow,
             ty::ACK => Message::Ack,
             ty::SIGNAL => Message::Signal(d.i32()?),
+            ty::RESIZE => Message::Resize(WindowSize {
+                rows: d.u16()?,
+                cols: d.u16()?,
+            }),
             ty::PUT_FILE => Message::PutFile(PutFileRequest {
                 path: d.str()?,
                 mode: d.u32()?,
@@ -530,6 +564,18 @@ pub(in crate::message) mod tests {
                 Interpreter::PowerShell,
                 "Write-Host hi",
             )),
+            Message::Exec(ExecRequest::login_shell(WindowSize { rows: 24, cols: 80 })),
+            Message::Exec(ExecRequest::argv(["top"]).tty(Tty {
+                term: "vt100".into(),
+                size: WindowSize {
+                    rows: 50,
+                    cols: 200,
+                },
+            })),
+            Message::Resize(WindowSize {
+                rows: 1,
+                cols: 65535,
+            }),
             Message::StdinData(vec![0, 1, 2, 255]),
             Message::StdinClose,
             Message::Signal(15),

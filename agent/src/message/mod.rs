@@ -28,6 +28,8 @@ pub mod ty {
     pub const POWEROFF_NOW: u8 = 0x0e;
     pub const CLEANUP: u8 = 0x0f;
     pub const NET_CONFIG: u8 = 0x10;
+    /// A terminal's new window size (protocol 3), while a command runs on a terminal.
+    pub const RESIZE: u8 = 0x11;
 
     pub const HELLO_REPLY: u8 = 0x41;
     pub const ACK: u8 = 0x42;
@@ -44,6 +46,9 @@ pub mod ty {
 
 /// Most entries an argv or env list may have.
 pub const MAX_LIST: usize = 4096;
+
+/// Longest `TERM` a terminal request may name.
+pub const MAX_TERM: usize = 64;
 
 /// Longest path a cleanup action may name (Linux's PATH_MAX).
 pub const MAX_CLEANUP_PATH: usize = 4096;
@@ -256,6 +261,25 @@ pub struct ExecRequest {
     pub stdin: bool,
     /// Send stderr down the stdout pipe (like `2>&1`): one stream, exact order.
     pub merge_stderr: bool,
+    /// Run on a terminal (protocol 3): a pty whose output is one `stdout` stream, whose
+    /// input is `stdin-data`, resized by `resize`. An empty argv then runs the user's
+    /// login shell. `stdin` and `merge_stderr` are implied.
+    pub tty: Option<Tty>,
+}
+
+/// The terminal an [`ExecRequest`] asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tty {
+    /// `TERM` for the command; empty: `xterm-256color`.
+    pub term: String,
+    pub size: WindowSize,
+}
+
+/// A terminal's size in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowSize {
+    pub rows: u16,
+    pub cols: u16,
 }
 
 impl ExecRequest {
@@ -273,7 +297,16 @@ impl ExecRequest {
             timeout: None,
             stdin: false,
             merge_stderr: false,
+            tty: None,
         }
+    }
+
+    /// The user's login shell on a terminal of `size`.
+    pub fn login_shell(size: WindowSize) -> Self {
+        ExecRequest::argv(Vec::<String>::new()).tty(Tty {
+            term: String::new(),
+            size,
+        })
     }
 
     /// Run a script body with an interpreter.
@@ -309,6 +342,11 @@ impl ExecRequest {
 
     pub fn merge_stderr(mut self, merge: bool) -> Self {
         self.merge_stderr = merge;
+        self
+    }
+
+    pub fn tty(mut self, tty: Tty) -> Self {
+        self.tty = Some(tty);
         self
     }
 }
@@ -522,6 +560,8 @@ pub enum Message {
     /// Configure the guest's NICs now (answered with `Ack`, or an `Error` when the agent
     /// leaves the network to the guest's own DHCP client).
     NetConfig(Vec<LinkConfig>),
+    /// The terminal of the running command has a new size (TIOCSWINSZ; it gets SIGWINCH).
+    Resize(WindowSize),
 
     HelloReply(HelloReply),
     Ack,
@@ -561,6 +601,7 @@ impl Message {
             Message::Poweroff => ty::POWEROFF,
             Message::PoweroffNow => ty::POWEROFF_NOW,
             Message::NetConfig(_) => ty::NET_CONFIG,
+            Message::Resize(_) => ty::RESIZE,
             Message::HelloReply(_) => ty::HELLO_REPLY,
             Message::Ack => ty::ACK,
             Message::ExecStarted { .. } => ty::EXEC_STARTED,
@@ -595,6 +636,7 @@ pub fn type_name(t: u8) -> &'static str {
         ty::POWEROFF => "poweroff",
         ty::POWEROFF_NOW => "poweroff-now",
         ty::NET_CONFIG => "net-config",
+        ty::RESIZE => "resize",
         ty::HELLO_REPLY => "hello-reply",
         ty::ACK => "ack",
         ty::EXEC_STARTED => "exec-started",

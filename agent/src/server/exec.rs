@@ -7,7 +7,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -27,7 +27,10 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 /// A started command, before its output pump runs.
 pub struct Started {
     pub pid: u32,
-    pub stdin: Option<ChildStdin>,
+    /// Where the host's `stdin-data` goes: a pipe, or the terminal's master.
+    pub stdin: Option<File>,
+    /// The terminal's master, for `resize`, when the command runs on one.
+    pub tty: Option<File>,
     pump: Pump,
 }
 
@@ -39,6 +42,17 @@ struct Pump {
     start: Instant,
     timeout: Option<Duration>,
     linger: Duration,
+    /// On a terminal: the command leads a session, and killing it kills the whole session.
+    session: bool,
+}
+
+/// Kill what a command started: its process group, and on a terminal its whole session
+/// (an interactive shell puts each job in a process group of its own).
+pub fn kill_all(pid: u32, session: bool) {
+    kill_group(pid, libc::SIGKILL);
+    if session {
+        super::pty::kill_session(pid, libc::SIGKILL);
+    }
 }
 
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
@@ -107,6 +121,14 @@ pub fn spawn(req: &ExecRequest, cfg: &Config) -> Result<Started, RemoteError> {
     let my_uid = unsafe { libc::getuid() };
     let account = user.clone().or_else(|| users::user_by_uid(my_uid, etc));
     let mut env: Vec<(String, String)> = vec![("PATH".into(), DEFAULT_PATH.into())];
+    if let Some(t) = &req.tty {
+        let term = if t.term.is_empty() {
+            "xterm-256color"
+        } else {
+            t.term.as_str()
+        };
+        env.push(("TERM".into(), term.into()));
+    }
     if let Some(a) = &account {
         env.push(("HOME".into(), a.home.clone()));
         env.push(("USER".into(), a.name.clone()));
@@ -125,7 +147,21 @@ pub fn spawn(req: &ExecRequest, cfg: &Config) -> Result<Started, RemoteError> {
         env.push((k.clone(), v.clone()));
     }
 
+    let login_shell = match (&req.command, &req.tty) {
+        (Command::Argv(argv), Some(_)) if argv.is_empty() => Some(
+            account
+                .as_ref()
+                .map(|a| a.shell.clone())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "/bin/sh".into()),
+        ),
+        _ => None,
+    };
     let (program, args, script) = match &req.command {
+        // A login shell: `-` before its name in argv[0] tells it so.
+        Command::Argv(_) if login_shell.is_some() => {
+            (login_shell.clone().unwrap_or_default(), Vec::new(), None)
+        }
         Command::Argv(argv) => {
             let Some((p, rest)) = argv.split_first() else {
                 return Err(invalid("exec: argv is empty"));
@@ -173,14 +209,11 @@ pub fn spawn(req: &ExecRequest, cfg: &Config) -> Result<Started, RemoteError> {
             .unwrap_or_else(|| PathBuf::from("/")),
     };
 
-    let (out_r, out_w) = pipe().map_err(|e| cleanup(RemoteError::from_io("pipe", &e)))?;
-    let (err_r, err_w) = if req.merge_stderr {
-        (None, out_w.try_clone())
-    } else {
-        let (r, w) = pipe().map_err(|e| cleanup(RemoteError::from_io("pipe", &e)))?;
-        (Some(r), Ok(w))
-    };
-    let err_w = err_w.map_err(|e| cleanup(RemoteError::from_io("pipe", &e)))?;
+    let io = match &req.tty {
+        Some(t) => terminal_io(t.size),
+        None => pipe_io(req),
+    }
+    .map_err(&cleanup)?;
 
     // Resolve the program in the command's own PATH here: std then starts it with
     // posix_spawn (a vfork) instead of fork, which is much cheaper where copying page tables
@@ -190,45 +223,68 @@ pub fn spawn(req: &ExecRequest, cfg: &Config) -> Result<Started, RemoteError> {
         .find(|(k, _)| k == "PATH")
         .map_or(DEFAULT_PATH, |(_, v)| v.as_str());
     let mut cmd = std::process::Command::new(resolve_program(&program, path_var));
-    cmd.arg0(&program)
+    let arg0 = match &login_shell {
+        Some(sh) => format!("-{}", sh.rsplit('/').next().unwrap_or(sh)),
+        None => program.clone(),
+    };
+    let tty = req.tty.is_some();
+    cmd.arg0(&arg0)
         .args(&args)
         .env_clear()
         .envs(env.iter().map(|(k, v)| (k, v)))
         .current_dir(&cwd)
-        .stdin(if req.stdin {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::from(out_w))
-        .stderr(Stdio::from(err_w));
+        .stdin(io.stdin)
+        .stdout(io.stdout)
+        .stderr(io.stderr);
     match user.as_ref().map(|u| (u.uid, u.gid, u.groups.clone())) {
         // Its own process group: the timeout and a disconnect kill the whole group,
         // grandchildren included.
-        None => {
+        None if !tty => {
             cmd.process_group(0);
         }
-        Some((uid, gid, groups)) => {
+        ids => {
             // A new session is a new autogroup: raise it like the agent's own.
             let raise = cfg.autogroup_nice.map(super::priority::ChildRaise::new);
-            // SAFETY: the closure runs between fork and exec; it only makes
-            // async-signal-safe syscalls (setsid, open/write/close, setgroups, setgid,
-            // setuid) on data prepared before the fork.
+            // SAFETY: the closure runs between fork and exec (after std has put the
+            // terminal's slave on 0-2); it only makes async-signal-safe syscalls (setsid,
+            // ioctl, signal, open/write/close, setgroups, setgid, setuid) on data prepared
+            // before the fork.
             unsafe {
                 cmd.pre_exec(move || {
                     // A new session also makes it a process group leader (see above).
                     if libc::setsid() < 0 {
                         return Err(io::Error::last_os_error());
                     }
+                    // The terminal becomes the session's controlling terminal: job
+                    // control, and Ctrl-C reaching the foreground job.
+                    if tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    // An agent started with job-control signals ignored (from a script, in
+                    // the background) must not pass that on: Ctrl-C has to work.
+                    if tty {
+                        for sig in [
+                            libc::SIGINT,
+                            libc::SIGQUIT,
+                            libc::SIGHUP,
+                            libc::SIGTSTP,
+                            libc::SIGTTIN,
+                            libc::SIGTTOU,
+                        ] {
+                            libc::signal(sig, libc::SIG_DFL);
+                        }
+                    }
                     // Before setuid: a negative nice needs the agent's CAP_SYS_NICE.
                     if let Some(r) = &raise {
                         r.apply();
                     }
-                    if libc::setgroups(groups.len(), groups.as_ptr()) < 0
-                        || libc::setgid(gid) < 0
-                        || libc::setuid(uid) < 0
-                    {
-                        return Err(io::Error::last_os_error());
+                    if let Some((uid, gid, groups)) = &ids {
+                        if libc::setgroups(groups.len(), groups.as_ptr()) < 0
+                            || libc::setgid(*gid) < 0
+                            || libc::setuid(*uid) < 0
+                        {
+                            return Err(io::Error::last_os_error());
+                        }
                     }
                     Ok(())
                 });
@@ -254,18 +310,75 @@ pub fn spawn(req: &ExecRequest, cfg: &Config) -> Result<Started, RemoteError> {
         cleanup(r)
     })?;
     let pid = child.id();
+    let stdin = match io.master_in {
+        Some(m) => Some(m),
+        None => child.stdin.take().map(|s| File::from(OwnedFd::from(s))),
+    };
     Ok(Started {
         pid,
-        stdin: child.stdin.take(),
+        stdin,
+        tty: io.master_resize,
         pump: Pump {
             child,
-            stdout: File::from(out_r),
-            stderr: err_r.map(File::from),
+            stdout: io.out,
+            stderr: io.err,
             script,
             start: Instant::now(),
             timeout: req.timeout,
             linger: cfg.linger,
+            session: tty,
         },
+    })
+}
+
+/// A command's standard streams and the agent's ends of them.
+struct StdIo {
+    stdin: Stdio,
+    stdout: Stdio,
+    stderr: Stdio,
+    /// What the pump reads: the stdout pipe, or the terminal's master.
+    out: File,
+    err: Option<File>,
+    /// On a terminal: the master again, for stdin and for resizing.
+    master_in: Option<File>,
+    master_resize: Option<File>,
+}
+
+fn pipe_io(req: &ExecRequest) -> Result<StdIo, RemoteError> {
+    let e = |e: io::Error| RemoteError::from_io("pipe", &e);
+    let (out_r, out_w) = pipe().map_err(e)?;
+    let (err_r, err_w) = if req.merge_stderr {
+        (None, out_w.try_clone().map_err(e)?)
+    } else {
+        let (r, w) = pipe().map_err(e)?;
+        (Some(r), w)
+    };
+    Ok(StdIo {
+        stdin: if req.stdin {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        },
+        stdout: Stdio::from(out_w),
+        stderr: Stdio::from(err_w),
+        out: File::from(out_r),
+        err: err_r.map(File::from),
+        master_in: None,
+        master_resize: None,
+    })
+}
+
+fn terminal_io(size: crate::message::WindowSize) -> Result<StdIo, RemoteError> {
+    let e = |e: io::Error| RemoteError::from_io("opening a terminal", &e);
+    let (master, slave) = super::pty::open(size).map_err(e)?;
+    Ok(StdIo {
+        stdin: Stdio::from(slave.try_clone().map_err(e)?),
+        stdout: Stdio::from(slave.try_clone().map_err(e)?),
+        stderr: Stdio::from(slave),
+        master_in: Some(master.try_clone().map_err(e)?),
+        master_resize: Some(master.try_clone().map_err(e)?),
+        out: master,
+        err: None,
     })
 }
 
@@ -301,6 +414,7 @@ pub struct Running {
     pub pid: u32,
     pub finished: Arc<AtomicBool>,
     thread: std::thread::JoinHandle<()>,
+    session: bool,
 }
 
 impl Running {
@@ -311,7 +425,7 @@ impl Running {
     /// Kill the group (unless the command already ended) and wait for the pump.
     pub fn abort(self) {
         if !self.is_finished() {
-            kill_group(self.pid, libc::SIGKILL);
+            kill_all(self.pid, self.session);
         }
         let _ = self.thread.join();
     }
@@ -325,7 +439,7 @@ impl Started {
     /// Kill the command (and its group) and reap it: for when the session cannot go on
     /// before the output pump started.
     pub fn abort(mut self) {
-        kill_group(self.pid, libc::SIGKILL);
+        kill_all(self.pid, self.pump.session);
         let _ = self.pump.child.kill();
         let _ = self.pump.child.wait();
         super::reaper::untrack(self.pid);
@@ -342,10 +456,11 @@ impl Started {
         writer: Arc<Mutex<FrameWriter<FdStream>>>,
         sock: FdStream,
         session: u64,
-    ) -> io::Result<(Running, Option<ChildStdin>)> {
+    ) -> io::Result<(Running, Option<File>)> {
         let finished = Arc::new(AtomicBool::new(false));
         let f2 = finished.clone();
         let pid = self.pid;
+        let on_tty = self.pump.session;
         // The pump is handed over only once the thread exists, so a failed spawn leaves it
         // here to be killed and reaped.
         let (tx, rx) = mpsc::channel::<Pump>();
@@ -375,6 +490,7 @@ impl Started {
                 pid,
                 finished,
                 thread,
+                session: on_tty,
             },
             stdin,
         ))
@@ -519,7 +635,7 @@ impl Pump {
                             if let Err(e) = lock(&writer).send_data(which, &buf[..n]) {
                                 tracing::info!(pid, "host went away while streaming output ({e}): killing the command");
                                 peer_gone = true;
-                                kill_group(pid, libc::SIGKILL);
+                                kill_all(pid, self.session);
                             }
                         }
                     }
@@ -537,7 +653,7 @@ impl Pump {
             if revents(slots[3]) != 0 && !peer_gone {
                 tracing::info!(pid, "host disconnected: killing the process group");
                 peer_gone = true;
-                kill_group(pid, libc::SIGKILL);
+                kill_all(pid, self.session);
             }
         }
         // The waiter may still be running if we stopped early (poll failure).

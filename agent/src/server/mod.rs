@@ -8,6 +8,7 @@ pub mod mounts;
 mod netconfig;
 pub mod power;
 pub mod priority;
+mod pty;
 mod reaper;
 mod rtnetlink;
 mod session;

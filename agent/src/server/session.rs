@@ -1,7 +1,7 @@
 //! One host connection: hello first, then one request at a time.
 
+use std::fs::File;
 use std::io::{BufReader, Write};
-use std::process::ChildStdin;
 use std::sync::{Arc, Mutex};
 
 use crate::frame::{FrameError, FrameReader, FrameWriter};
@@ -224,7 +224,10 @@ impl Session<'_> {
                 }
                 // Leftovers of an exec that already ended (the host's stdin feeder may still
                 // have been sending when the exit arrived).
-                Message::StdinData(_) | Message::StdinClose | Message::Signal(_) => {}
+                Message::StdinData(_)
+                | Message::StdinClose
+                | Message::Signal(_)
+                | Message::Resize(_) => {}
                 other => {
                     return Err(End::Protocol(format!(
                         "{} is not a request the agent accepts here",
@@ -271,7 +274,7 @@ impl Session<'_> {
 
     /// Run one command. Returns a request that arrived after it ended, to handle next.
     fn exec(&mut self, req: crate::message::ExecRequest) -> Result<Option<Message>, End> {
-        let started = match exec::spawn(&req, &self.shared.config) {
+        let mut started = match exec::spawn(&req, &self.shared.config) {
             Ok(s) => s,
             Err(e) => {
                 tracing::info!(session = self.id, "exec refused: {e}");
@@ -280,6 +283,7 @@ impl Session<'_> {
             }
         };
         let pid = started.pid;
+        let tty = started.tty.take();
         tracing::debug!(session = self.id, pid, "exec started");
         // ExecStarted goes out before the pump can send output.
         // On any failure before the pump runs, the command is killed and reaped.
@@ -317,6 +321,14 @@ impl Session<'_> {
             match msg {
                 Message::StdinData(d) => write_stdin(&mut stdin, &d),
                 Message::StdinClose => stdin = None,
+                Message::Resize(size) => {
+                    // A resize for a command without a terminal means nothing: ignored.
+                    if let Some(t) = &tty {
+                        if let Err(e) = super::pty::set_size(t, size) {
+                            tracing::debug!(session = self.id, pid, "resize failed: {e}");
+                        }
+                    }
+                }
                 Message::Signal(sig) => {
                     if !(1..=64).contains(&sig) {
                         running.abort();
@@ -385,7 +397,7 @@ impl Session<'_> {
     }
 }
 
-fn write_stdin(stdin: &mut Option<ChildStdin>, d: &[u8]) {
+fn write_stdin(stdin: &mut Option<File>, d: &[u8]) {
     if let Some(s) = stdin.as_mut() {
         // The command may have closed its stdin or exited: stop feeding it, quietly.
         if s.write_all(d).is_err() {

@@ -8,3 +8,4 @@ mod files;
 mod guest;
 mod sessions;
 mod static_binary;
+mod tty;

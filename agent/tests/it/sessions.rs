@@ -304,14 +304,18 @@ fn hello_speaks_the_newest_common_version() {
     let v1 = hello_as(1, 1);
     assert_eq!(v1.version, 1);
     assert_eq!(v1.boot_id, "");
-    // This build's client: version 2, with the boot id.
-    let v2 = hello_as(1, kiln_agent::PROTOCOL_VERSION);
+    // A host of protocol 2 gets the boot id.
+    let v2 = hello_as(1, 2);
     assert_eq!(v2.version, 2);
     assert_eq!(v2.boot_id, boot_id.trim());
-    // A newer host that still speaks 2.
-    assert_eq!(hello_as(2, 9).version, 2);
+    // This build's client: version 3 (terminals), with the boot id.
+    let v3 = hello_as(1, kiln_agent::PROTOCOL_VERSION);
+    assert_eq!(v3.version, 3);
+    assert_eq!(v3.boot_id, boot_id.trim());
+    // A newer host that still speaks 3.
+    assert_eq!(hello_as(2, 9).version, 3);
     let c = a.client();
-    assert_eq!(c.hello().version, 2);
+    assert_eq!(c.hello().version, 3);
     assert_eq!(c.hello().boot_id, boot_id.trim());
 }
 

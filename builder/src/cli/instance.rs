@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Args;
 
 use crate::build::runtime_root;
@@ -25,6 +25,9 @@ use crate::launch::{self, LaunchError, VmStart};
 use crate::leftovers::{self, Place};
 use crate::module::{self, ModuleRecord};
 use crate::network::{self as modnet, Internet};
+use crate::running_vm;
+
+use super::raw_terminal;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -47,6 +50,10 @@ pub struct ExecArgs {
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
+    /// Send this command's stdin to the command (until it ends); without it the command's
+    /// stdin is empty.
+    #[arg(short = 'i', long)]
+    pub stdin: bool,
     /// How long to wait for the VM's agent to answer (it may still be booting).
     #[arg(long, default_value = "300")]
     pub wait_secs: u64,
@@ -302,41 +309,6 @@ fn hand_over_static(
     }
 }
 
-/// Finds a running VM's vsock socket: `clone/vm`, or a VM name unique among running clones.
-fn find_vm(addr: &str) -> anyhow::Result<PathBuf> {
-    let root = runtime_root()?.join("clones");
-    if let Some((c, v)) = addr.split_once('/') {
-        let s = crate::engine::vsock_uds(&root.join(c).join(v));
-        if !s.exists() {
-            bail!("`{addr}` is not running (no {})", s.display());
-        }
-        return Ok(s);
-    }
-    let mut hits = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(&root) {
-        for e in rd.flatten() {
-            let s = crate::engine::vsock_uds(&e.path().join(addr));
-            if s.exists() {
-                hits.push(s);
-            }
-        }
-    }
-    match hits.len() {
-        0 => bail!("no running clone has a VM named `{addr}` (start one with `kiln run`)"),
-        1 => Ok(hits.remove(0)),
-        _ => bail!("several running clones have a VM named `{addr}`: use <clone>/{addr}"),
-    }
-}
-
-fn connect(sock: &Path, wait: Duration) -> anyhow::Result<kiln_agent::Client> {
-    let port = kiln_agent::VSOCK_PORT;
-    kiln_agent::Client::connect_when_ready(
-        || kiln_agent::Client::connect_vsock_uds(sock, port, Duration::from_secs(5)),
-        wait,
-    )
-    .with_context(|| format!("reaching the agent at {}", sock.display()))
-}
-
 fn exit_code(st: &kiln_agent::ExitStatus) -> ExitCode {
     match (st.code, st.signal) {
         (Some(c), _) => ExitCode::from(u8::try_from(c).unwrap_or(1)),
@@ -346,10 +318,13 @@ fn exit_code(st: &kiln_agent::ExitStatus) -> ExitCode {
 }
 
 pub fn exec(a: ExecArgs) -> anyhow::Result<ExitCode> {
-    let sock = find_vm(&a.vm)?;
-    let mut c = connect(&sock, Duration::from_secs(a.wait_secs))?;
+    let sock = running_vm::find(&a.vm)?;
+    let mut c = running_vm::connect(&sock, Duration::from_secs(a.wait_secs))?;
     let req = kiln_agent::ExecRequest::argv(a.command.clone());
-    let st = c.exec(&req, None, |s, d| match s {
+    let mut stdin = std::io::stdin();
+    let input: Option<&mut (dyn std::io::Read + Send)> =
+        if a.stdin { Some(&mut stdin) } else { None };
+    let st = c.exec(&req, input, |s, d| match s {
         kiln_agent::OutputStream::Stdout => {
             let mut o = std::io::stdout();
             let _ = o.write_all(d);
@@ -363,8 +338,16 @@ pub fn exec(a: ExecArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn shell(a: ShellArgs) -> anyhow::Result<ExitCode> {
-    let sock = find_vm(&a.vm)?;
-    let mut c = connect(&sock, Duration::from_secs(a.wait_secs))?;
+    let sock = running_vm::find(&a.vm)?;
+    let mut c = running_vm::connect(&sock, Duration::from_secs(a.wait_secs))?;
+    if raw_terminal::is_terminal(0) && raw_terminal::is_terminal(1) {
+        match shell_on_terminal(&mut c, &a.vm) {
+            Err(kiln_agent::ClientError::Unsupported { reason, .. }) => {
+                eprintln!("kiln shell: no terminal in this guest: {reason}");
+            }
+            other => return Ok(exit_code(&other?)),
+        }
+    }
     eprintln!(
         "kiln shell: connected to {} (no terminal: line mode; exit or Ctrl-D ends it)",
         a.vm
@@ -378,6 +361,49 @@ pub fn shell(a: ShellArgs) -> anyhow::Result<ExitCode> {
         let _ = o.flush();
     })?;
     Ok(exit_code(&st))
+}
+
+/// The user's login shell on a terminal: raw mode here, the window size sent at the start
+/// and on every SIGWINCH, bytes both ways.
+fn shell_on_terminal(
+    c: &mut kiln_agent::Client,
+    vm: &str,
+) -> Result<kiln_agent::ExitStatus, kiln_agent::ClientError> {
+    let size = raw_terminal::size(1);
+    let term = std::env::var("TERM").unwrap_or_default();
+    let req = kiln_agent::ExecRequest::login_shell(size).tty(kiln_agent::Tty { term, size });
+    eprintln!("kiln shell: connected to {vm} (exit or Ctrl-D ends it)");
+    raw_terminal::watch_resize();
+    let _raw = raw_terminal::RawMode::enter(0).map_err(kiln_agent::ClientError::Send)?;
+    let mut out = std::io::stdout().lock();
+    c.exec_tty(
+        &req,
+        |mut input| {
+            let mut buf = [0u8; 4096];
+            while !input.done() {
+                if raw_terminal::take_resize() && input.resize(raw_terminal::size(1)).is_err() {
+                    return;
+                }
+                // A short wait, so the end of the command is seen promptly.
+                if !raw_terminal::readable(0, Duration::from_millis(100)) {
+                    continue;
+                }
+                // SAFETY: reads into a buffer of the given length.
+                let n = unsafe { libc::read(0, buf.as_mut_ptr().cast(), buf.len()) };
+                if n <= 0 {
+                    // The terminal hung up: stop sending; the guest side ends on its own.
+                    return;
+                }
+                if input.write(&buf[..n as usize]).is_err() {
+                    return;
+                }
+            }
+        },
+        |d| {
+            let _ = out.write_all(d);
+            let _ = out.flush();
+        },
+    )
 }
 
 #[cfg(test)]

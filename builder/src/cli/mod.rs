@@ -15,6 +15,7 @@ mod logs;
 mod man;
 mod manifest;
 pub mod modules;
+mod raw_terminal;
 mod report;
 mod rm;
 mod serve;

@@ -57,41 +57,54 @@ pub fn proxy(req: Request, socket: &Path) {
             return req.respond(409, "application/json", body.to_string().as_bytes());
         }
     };
-    let key = req
-        .header("Sec-WebSocket-Key")
-        .unwrap_or("")
-        .trim()
-        .to_string();
     // noVNC asks for no subprotocol; older clients ask for `binary`, which this is.
-    let binary = req
-        .header("Sec-WebSocket-Protocol")
-        .is_some_and(|v| v.split(',').any(|p| p.trim() == "binary"));
-    let mut tcp = req.into_stream();
-    let head = format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Accept: {}\r\n{}\r\n",
-        tungstenite::handshake::derive_accept_key(key.as_bytes()),
-        if binary {
-            "Sec-WebSocket-Protocol: binary\r\n"
-        } else {
-            ""
-        }
-    );
-    let _ = tcp.set_write_timeout(Some(Duration::from_secs(10)));
-    if tcp.write_all(head.as_bytes()).is_err() {
+    let Some(tcp) = accept(req, "binary") else {
         return;
-    }
+    };
     if let Err(e) = relay(tcp, vnc) {
         tracing::debug!("console relay ended: {e}");
     }
 }
 
-fn relay(tcp: TcpStream, vnc: UnixStream) -> std::io::Result<()> {
+/// Answers the WebSocket handshake of `req` (checked by [`upgrade_error`]), agreeing to
+/// `protocol` when the page offers it; the socket, or None when the page went away.
+pub fn accept(req: Request, protocol: &str) -> Option<TcpStream> {
+    let key = req
+        .header("Sec-WebSocket-Key")
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    let offered = req
+        .header("Sec-WebSocket-Protocol")
+        .is_some_and(|v| v.split(',').any(|p| p.trim() == protocol));
+    let mut tcp = req.into_stream();
+    let head = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {}\r\n{}\r\n",
+        tungstenite::handshake::derive_accept_key(key.as_bytes()),
+        if offered {
+            format!("Sec-WebSocket-Protocol: {protocol}\r\n")
+        } else {
+            String::new()
+        }
+    );
+    let _ = tcp.set_write_timeout(Some(Duration::from_secs(10)));
+    tcp.write_all(head.as_bytes()).ok()?;
+    Some(tcp)
+}
+
+/// The server's side of an accepted WebSocket: reads wait at most [`POLL`], so one thread
+/// can serve both directions; messages from the page are at most `max` bytes.
+pub fn server_socket(tcp: TcpStream, max: usize) -> std::io::Result<WebSocket<TcpStream>> {
     tcp.set_read_timeout(Some(POLL))?;
     let config = WebSocketConfig::default()
-        .max_message_size(Some(MAX_MESSAGE))
-        .max_frame_size(Some(MAX_MESSAGE));
-    let mut ws = WebSocket::from_raw_socket(tcp, Role::Server, Some(config));
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max));
+    Ok(WebSocket::from_raw_socket(tcp, Role::Server, Some(config)))
+}
+
+fn relay(tcp: TcpStream, vnc: UnixStream) -> std::io::Result<()> {
+    let mut ws = server_socket(tcp, MAX_MESSAGE)?;
     // The VM's side on a thread of its own: a blocking read, handed over in chunks.
     let (tx, rx) = sync_channel::<Vec<u8>>(QUEUE);
     let mut from_vm = vnc.try_clone()?;
@@ -164,6 +177,6 @@ fn relay(tcp: TcpStream, vnc: UnixStream) -> std::io::Result<()> {
     result
 }
 
-fn is_would_block(e: &tungstenite::Error) -> bool {
+pub fn is_would_block(e: &tungstenite::Error) -> bool {
     matches!(e, tungstenite::Error::Io(io) if matches!(io.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut))
 }

@@ -23,6 +23,8 @@
 //! - `GET /api/builds/ID/consoles` -> `{consoles: [{vm, password}]}`: the running build's VMs
 //!   with a console now (not `invisible` ones); `GET /api/builds/ID/console?vm=V` is a
 //!   WebSocket carrying that VM's VNC stream ([`console`])
+//! - `GET /api/clones/C/vms/V/terminal?rows=R&cols=C` is a WebSocket to a login shell on a
+//!   terminal in VM V of the running clone C ([`terminal`])
 //!
 //! - Modules and clones (`/api/modules...`, `/api/clones...`): see [`modules`]
 //!
@@ -40,6 +42,7 @@ mod schema;
 pub mod modules;
 mod sse;
 pub mod store;
+mod terminal;
 
 use std::io::Read as _;
 use std::net::SocketAddr;
@@ -363,6 +366,10 @@ fn handle(shared: &Arc<Shared>, mut req: Request) {
                 (m, _) => Err((404, format!("no API {m} {p}"))),
             }
         }
+        // A terminal in a running clone's VM (a WebSocket).
+        ("GET", p) if p.starts_with("/api/clones/") && p.ends_with("/terminal") => {
+            return open_terminal(shared, req, &url, p);
+        }
         (m, p) => Err((404, format!("no API {m} {p}"))),
     };
     match result {
@@ -386,6 +393,23 @@ fn open_stream(shared: &Arc<Shared>, req: Request, run: Arc<build::BuildRun>, fr
 fn open_console(shared: &Arc<Shared>, req: Request, socket: PathBuf) {
     on_stream_thread(shared, req, "serve-console", move |req| {
         console::proxy(req, &socket)
+    });
+}
+
+/// Hands a terminal WebSocket (`/api/clones/C/vms/V/terminal`) a thread of its own, counted
+/// with the event streams.
+fn open_terminal(shared: &Arc<Shared>, req: Request, url: &str, path: &str) {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let ["api", "clones", clone, "vms", vm, "terminal"] = parts[..] else {
+        return error(req, 404, format!("no API GET {path}"));
+    };
+    if let Some(why) = console::upgrade_error(&req) {
+        return error(req, 400, why);
+    }
+    let (clone, vm) = (percent_decode(clone), percent_decode(vm));
+    let size = terminal::size_of(query(url, "rows"), query(url, "cols"));
+    on_stream_thread(shared, req, "serve-terminal", move |req| {
+        terminal::open(req, &clone, &vm, size)
     });
 }
 

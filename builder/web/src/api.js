@@ -63,3 +63,11 @@ export const getClone = (name) => call('GET', `/api/clones/${seg(name)}`);
 export const startClone = (name) => call('POST', `/api/clones/${seg(name)}/start`);
 export const stopClone = (name) => call('POST', `/api/clones/${seg(name)}/stop`);
 export const deleteClone = (name) => call('DELETE', `/api/clones/${seg(name)}`);
+
+// s11-term: the terminal in a running clone's VM. A WebSocket cannot send headers: the token
+// goes in the URL, as for the console; `rows` and `cols` are the terminal's starting size.
+export const terminalUrl = (clone, vm, rows, cols) => {
+  const scheme = window.location.protocol === 'https:' ? 'wss:' : 'ws:';
+  const path = `/api/clones/${encodeURIComponent(clone)}/vms/${encodeURIComponent(vm)}/terminal`;
+  return `${scheme}//${window.location.host}${path}?rows=${rows}&cols=${cols}&token=${encodeURIComponent(token)}`;
+};

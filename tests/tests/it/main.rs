@@ -31,3 +31,4 @@ mod module_boots_in_plain_qemu;
 mod modules_cli;
 mod run_lock;
 mod runtime_dir;
+mod shell_terminal;
