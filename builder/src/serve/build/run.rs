@@ -115,7 +115,12 @@ impl BuildRun {
         let text = entry.to_string();
         inner.log_bytes += text.len();
         inner.log.push_back(text);
-        while inner.log.len() > MAX_LOG_ENTRIES || inner.log_bytes > MAX_LOG_BYTES {
+        Self::trim_log(inner, MAX_LOG_ENTRIES, MAX_LOG_BYTES);
+    }
+
+    /// Drops the oldest log entries until at most `entries` and `bytes` are left.
+    fn trim_log(inner: &mut Inner, entries: usize, bytes: usize) {
+        while inner.log.len() > entries || inner.log_bytes > bytes {
             match inner.log.pop_front() {
                 Some(old) => {
                     inner.log_bytes -= old.len();
@@ -227,16 +232,7 @@ impl BuildRun {
                 message: st.error.clone(),
             });
         }
-        while inner.log_bytes > FINISHED_LOG_BYTES {
-            match inner.log.pop_front() {
-                Some(old) => {
-                    inner.log_bytes -= old.len();
-                    inner.log_base += 1;
-                    inner.state.log_dropped += 1;
-                }
-                None => break,
-            }
-        }
+        Self::trim_log(inner, MAX_LOG_ENTRIES, FINISHED_LOG_BYTES);
         inner.version += 1;
         inner.done = true;
         inner.pid = None;
