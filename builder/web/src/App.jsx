@@ -2,7 +2,8 @@ import { useCallback, useEffect, useRef, useState } from 'react';
 import * as api from './api.js';
 import Form from './Form.jsx';
 import YamlEditor from './YamlEditor.jsx';
-import BuildView, { useBuild } from './BuildView.jsx';
+import BuildView from './BuildView.jsx';
+import BuildList from './build/BuildList.jsx';
 
 const NEW_MANIFEST = `vms:
   - name: vm1
@@ -23,7 +24,6 @@ export default function App() {
   const [busy, setBusy] = useState(0);
   // The build shown in the Build tab (the newest one, whichever manifest it built).
   const [buildId, setBuildId] = useState(null);
-  const [build, buildLines] = useBuild(buildId);
   const seq = useRef(0);
   const nameRef = useRef('');
   nameRef.current = name;
@@ -143,7 +143,6 @@ export default function App() {
 
   const errors = diags.filter((d) => d.severity === 'error').length;
   const warnings = diags.length - errors;
-  const building = build?.status === 'running';
   return (
     <div className="app">
       <header>
@@ -163,8 +162,8 @@ export default function App() {
         <button
           data-testid="build-start"
           className="build-start"
-          disabled={!name || errors > 0 || busy > 0 || building}
-          title={building ? 'a build is running' : errors ? 'fix the errors first' : 'save and build this manifest'}
+          disabled={!name || errors > 0 || busy > 0}
+          title={errors ? 'fix the errors first' : 'save and build this manifest'}
           onClick={startBuild}
         >
           Build
@@ -186,12 +185,15 @@ export default function App() {
             {name && <button data-testid="tab-yaml" className={tab === 'yaml' ? 'on' : ''} onClick={() => switchTab('yaml')}>YAML</button>}
             {buildId != null && (
               <button data-testid="tab-build" className={tab === 'build' || !name ? 'on' : ''} onClick={() => setTab('build')}>
-                Build {build ? `· ${build.status}` : ''}
+                Builds
               </button>
             )}
           </nav>
           {tab === 'build' || !name ? (
-            <BuildView build={build} lines={buildLines} />
+            <>
+              <BuildList current={buildId} onSelect={setBuildId} />
+              <BuildView id={buildId} />
+            </>
           ) : tab === 'yaml' ? (
             <YamlEditor text={text} diags={diags} onChange={onText} />
           ) : doc != null && typeof doc === 'object' && !Array.isArray(doc) ? (
