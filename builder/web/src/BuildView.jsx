@@ -100,7 +100,8 @@ export default function BuildView({ id }) {
       </div>
       <Timeline list={BUILD_PHASES} marks={build.phases} current={build.phase} running={running}
         endMs={elapsed} testid="build-phase" label="Build phases" />
-      <div className="vms">
+      {/* Keyed by build: a page switched to another build starts its VMs' screens afresh. */}
+      <div className="vms" key={build.id}>
         {build.vms.map((vm) => (
           <VmCard key={vm.name} build={build} vm={vm} password={consoles[vm.name]} endMs={elapsed}
             output={output[vm.name] || {}} files={files} />
