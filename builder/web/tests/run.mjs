@@ -433,22 +433,29 @@ if (qemu) {
     await page.waitForSelector('[data-testid="handbuild-hello"]', { timeout: 400000 });
     await page.waitForSelector(`[data-testid="build-item-${a}"][data-paused="1"]`, { timeout: 400000 });
     await page.waitForSelector(`[data-testid="build-item-${b}"][data-paused="1"]`);
+    // Each build's page has its own VM's screen. (Waited for: a screen closed while it is still
+    // connecting makes noVNC log an error.)
+    const screen = '[data-testid="console-hello"][data-status="connected"]';
+    await page.waitForSelector(screen, { timeout: 30000 });
     await showBuild(a);
     await page.waitForSelector('[data-testid="handbuild-hello"]');
+    await page.waitForSelector(screen, { timeout: 30000 });
     if (process.env.KILN_SCREENSHOTS) await page.screenshot({ path: join(process.env.KILN_SCREENSHOTS, 'builds-two.png'), fullPage: true });
     await page.click('[data-testid="build-cancel"]');
     await buildStatus('cancelled', 60000);
     await showBuild(b);
     assert(await page.getAttribute('[data-testid="build"]', 'data-status') === 'running', 'b stopped with a');
+    await page.waitForSelector(screen, { timeout: 30000 });
     await page.click('[data-testid="build-cancel"]');
     await buildStatus('cancelled', 60000);
     await page.waitForSelector(`[data-testid="build-item-${a}"][data-status="cancelled"]`);
     assert(!existsSync(join(modules, 'two-a')) && !existsSync(join(modules, 'two-b')), 'a cancelled build left a module');
   });
 
-  await test('builds: a boot command\'s screenshots show on the build page', async () => {
+  await test('builds: a failed build\'s page opens its failed step and shows its boot-command screenshots', async () => {
     // A bootstrap VM booted through firmware (kiln's GRUB) whose boot command only waits: kiln
     // saves the screen before the first key, after the wait and at the end (about a minute).
+    // Its step fails: its logs, screenshots too, are then kept with the failed builds'.
     writeFileSync(join(work, 'boot-shots.yaml'), `vms:
   - name: shot
     source:
@@ -462,10 +469,13 @@ if (qemu) {
       - name: check
         type: shell
         shell:
-          inline: "cat /proc/cmdline"
+          inline: "cat /proc/cmdline; exit 3"
 `);
     await startBuild('boot-shots.yaml');
-    await buildStatus('succeeded', 420000);
+    await buildStatus('failed', 420000);
+    await page.waitForSelector('[data-testid="step-shot-0"][data-status="failed"]');
+    const out = await page.textContent('[data-testid="step-shot-0-output"]');
+    assert(/BOOT_IMAGE=/.test(out), `the failed step is not open with its output: ${out}`);
     await reached('vm-shot-phase-BootCommand');
     await page.waitForSelector('[data-testid="screenshots-shot"]', { timeout: 15000 });
     const shots = await page.$$eval('[data-testid="screenshots-shot"] img', (imgs) => imgs.map((i) => i.alt));
