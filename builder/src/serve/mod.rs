@@ -15,11 +15,18 @@
 //! - `POST /api/yaml` (body: `{doc, original?}`) -> `{text}`: canonical YAML of a document
 //! - `GET /api/schema` -> the manifest's JSON Schema (as `kiln schema` prints it), for the
 //!   YAML editor's completion and hover help ([`schema`])
-//! - `GET /api/builds` -> `{builds: [state]}`; `POST /api/builds?name=N` starts `kiln build`
-//!   of the saved manifest N -> `state` (409 while another build runs)
+//! - `GET /api/builds` -> `{builds: [{id, manifest, module, status, phase, startedAt,
+//!   endedAt, durationMs, vms: [{name, phase, paused}]}]}`, oldest first (running builds and
+//!   the last 50 finished); `POST /api/builds?name=N` starts `kiln build` of the saved
+//!   manifest N -> `state` (409 while a build of the same manifest or module runs; builds
+//!   of others run alongside)
 //! - `GET /api/builds/ID` -> `state`; `GET /api/builds/ID/events` -> Server-Sent Events
 //!   (see [`sse`]); `POST /api/builds/ID/cancel`; `POST /api/builds/ID/resume?vm=V` ends a
 //!   handbuild pause
+//! - `GET /api/builds/ID/logs` -> `{files: [{name, size}]}`: the build's log files (each
+//!   VM's log and serial log, boot-command screenshots, `events.jsonl`); `GET
+//!   /api/builds/ID/logs/FILE[?download=1]` sends one (as an attachment with `download`);
+//!   only plain files directly in the build's log folder, never a link
 //! - `GET /api/builds/ID/consoles` -> `{consoles: [{vm, password}]}`: the running build's VMs
 //!   with a console now (not `invisible` ones); `GET /api/builds/ID/console?vm=V` is a
 //!   WebSocket carrying that VM's VNC stream ([`console`])
@@ -299,7 +306,7 @@ fn handle(shared: &Arc<Shared>, mut req: Request) {
             let path = store.manifest_file(&n).map_err(store_status)?;
             match shared.builds.start(&n, &path) {
                 Ok(run) => serde_json::to_value(run.snapshot()).map_err(|e| (500, e.to_string())),
-                Err(e @ build::BuildStartError::Busy(_)) => Err((409, e.to_string())),
+                Err(e @ build::BuildStartError::Busy { .. }) => Err((409, e.to_string())),
                 Err(e @ build::BuildStartError::Invalid(_)) => Err((422, e.to_string())),
                 Err(e) => Err((500, e.to_string())),
             }
@@ -349,6 +356,29 @@ fn handle(shared: &Arc<Shared>, mut req: Request) {
                         (Err((status, msg)), _) => error(req, status, msg),
                         (Ok(_), Some(why)) => error(req, 400, why),
                         (Ok(c), None) => open_console(shared, req, c.socket),
+                    };
+                }
+                ("GET", "logs") => run.map(|r| {
+                    let files = r
+                        .log_folder(shared.builds.output())
+                        .map(|f| f.list())
+                        .unwrap_or_default();
+                    json!({ "files": files })
+                }),
+                ("GET", a) if a.starts_with("logs/") => {
+                    let name = &a["logs/".len()..];
+                    let opened = run.and_then(|r| {
+                        r.log_folder(shared.builds.output())
+                            .ok_or(build::LogFileError::NoFolder(r.id))
+                            .and_then(|f| f.open(name))
+                            .map_err(|e| (e.status(), e.to_string()))
+                    });
+                    return match opened {
+                        Ok((file, len)) => {
+                            let download = query(&url, "download").is_some();
+                            build::send_log_file(req, file, len, name, download)
+                        }
+                        Err((status, msg)) => error(req, status, msg),
                     };
                 }
                 ("POST", "cancel") => run.and_then(|r| {

@@ -3,7 +3,8 @@ import * as api from './api.js';
 import Form from './Form.jsx';
 import YamlEditor from './YamlEditor.jsx';
 import { docToText } from './doc.js';
-import BuildView, { useBuild } from './BuildView.jsx';
+import BuildView from './BuildView.jsx';
+import BuildList from './build/BuildList.jsx';
 import Home from './Home.jsx';
 import ModulePage from './ModulePage.jsx';
 import HelpDialog from './HelpDialog.jsx';
@@ -284,10 +285,15 @@ export default function App() {
   );
 }
 
-// One build's page: the build slice's view, given its id and what `useBuild` follows.
+// One build's page, beside the list of builds to switch between.
 function BuildRoute({ id }) {
-  const [build, lines] = useBuild(Number.isFinite(id) ? id : null);
-  return <BuildView id={id} build={build} lines={lines} />;
+  const shown = Number.isFinite(id) ? id : null;
+  return (
+    <div className="builds-page">
+      <BuildList current={shown} />
+      <BuildView id={shown} />
+    </div>
+  );
 }
 
 function NewManifest({ onCreate }) {

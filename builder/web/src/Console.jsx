@@ -7,11 +7,13 @@ const POLL_MS = 2000;
 
 // The consoles of a running build's VMs, by VM name: {vm: password}. Invisible VMs never have one.
 export function useConsoles(build) {
-  const [consoles, setConsoles] = useState({});
+  // Tagged with their build: a page switched to another build never hands one build's
+  // password to the other's screen, not even for the render before this effect runs again.
+  const [consoles, setConsoles] = useState({ id: null, map: {} });
   const id = build?.id;
   const running = build?.status === 'running';
   useEffect(() => {
-    setConsoles({});
+    setConsoles({ id: null, map: {} });
     if (id == null || !running) return undefined;
     let stop = false;
     const poll = async () => {
@@ -20,9 +22,9 @@ export function useConsoles(build) {
         if (stop) return;
         setConsoles((old) => {
           const next = Object.fromEntries(list.map((c) => [c.vm, c.password]));
-          const same = Object.keys(next).length === Object.keys(old).length
-            && Object.entries(next).every(([k, v]) => old[k] === v);
-          return same ? old : next;
+          const same = old.id === id && Object.keys(next).length === Object.keys(old.map).length
+            && Object.entries(next).every(([k, v]) => old.map[k] === v);
+          return same ? old : { id, map: next };
         });
       } catch { /* the build ended meanwhile: the next state says so */ }
     };
@@ -30,7 +32,7 @@ export function useConsoles(build) {
     const t = setInterval(poll, POLL_MS);
     return () => { stop = true; clearInterval(t); };
   }, [id, running]);
-  return consoles;
+  return consoles.id === id ? consoles.map : {};
 }
 
 // How long after a lost connection the screen connects again (a guest reboot starts a fresh

@@ -71,3 +71,11 @@ export const terminalUrl = (clone, vm, rows, cols) => {
   const path = `/api/clones/${encodeURIComponent(clone)}/vms/${encodeURIComponent(vm)}/terminal`;
   return `${scheme}//${window.location.host}${path}?rows=${rows}&cols=${cols}&token=${encodeURIComponent(token)}`;
 };
+
+// s11-builds: a build's log files (listBuilds above gives, oldest first: [{id, manifest, module,
+// status, phase, startedAt, endedAt, durationMs, vms: [{name, phase, paused}]}]).
+// [{name, size}]: each VM's log and serial log, boot-command screenshots, events.jsonl.
+export const buildLogFiles = (id) => call('GET', `/api/builds/${id}/logs`).then((v) => v.files);
+// An <img> or a download link cannot send headers: the token goes in the URL.
+export const buildLogUrl = (id, name, download = false) =>
+  `/api/builds/${id}/logs/${encodeURIComponent(name)}?token=${encodeURIComponent(token)}${download ? '&download=1' : ''}`;

@@ -1012,6 +1012,141 @@ if (!only || only === 'home') {
   });
 }
 
+// ---- s11-builds: the build page (several builds at once, timelines, step output, log files) ----
+const builds = () => api('GET', '/api/builds').then((v) => v.builds);
+const buildPage = (id) => page.waitForSelector(`[data-testid="build"][data-build-id="${id}"]`);
+async function showBuild(id) {
+  await page.click(`[data-testid="build-item-${id}"]`);
+  await buildPage(id);
+}
+const rawGet = (path) => fetch(base + path, { headers: { 'X-Kiln-Token': token } });
+
+await test('builds: the log-file route serves a build\'s files and nothing outside them', async () => {
+  const failed = (await builds()).find((b) => b.manifest === 'orphan.yaml' && b.status === 'failed');
+  assert(failed, 'no failed build of orphan.yaml to look at');
+  const { files } = await api('GET', `/api/builds/${failed.id}/logs`);
+  assert(files.some((f) => f.name === 'events.jsonl'), `no event log listed: ${JSON.stringify(files)}`);
+  const r = await rawGet(`/api/builds/${failed.id}/logs/events.jsonl?download=1`);
+  assert(r.status === 200 && /attachment/.test(r.headers.get('content-disposition')), `download: ${r.status}`);
+  assert(/no-such-module/.test(await r.text()), 'the event log does not hold the failure');
+  for (const [bad, status] of [['%2e%2e%2fevents.jsonl', 400], ['..%2F..%2Fmodules', 400], ['%2Fetc%2Fpasswd', 400],
+    ['.hidden', 400], ['nothing.log', 404]]) {
+    const b = await rawGet(`/api/builds/${failed.id}/logs/${bad}`);
+    assert(b.status === status, `${bad}: ${b.status}, not ${status}`);
+  }
+  const noToken = await fetch(`${base}/api/builds/${failed.id}/logs/events.jsonl`);
+  assert(noToken.status === 403, `without the token: ${noToken.status}`);
+  assert((await rawGet('/api/builds/99999/logs')).status === 404, 'a build that is not there');
+});
+
+if (qemu) {
+  await test('builds: a finished build\'s page shows phase durations, a step\'s output and its logs to download', async () => {
+    const done = (await builds()).filter((b) => b.module === 'hello-pause' && b.status === 'succeeded').pop();
+    assert(done, 'no succeeded build of hello-pause.yaml (the test above) to look at');
+    await page.goto(url);
+    await showBuild(done.id);
+    for (const p of ['Booting', 'Provisioning', 'ShuttingDown']) {
+      const ms = Number(await page.getAttribute(`[data-testid="vm-hello-phase-${p}"]`, 'data-duration-ms'));
+      assert(ms > 0, `phase ${p} has no duration (${ms})`);
+    }
+    const when = await page.textContent('[data-testid="vm-hello-phase-Booting"]');
+    assert(/\d+\.\d s · \d+\.\d s/.test(when), `the Booting segment does not show its start and duration: ${when}`);
+    assert(/took \d+\.\d s/.test(await page.textContent('[data-testid="step-hello-1-duration"]')), 'no step duration');
+    // Steps start closed (none failed); the check step opens on a click and shows its output.
+    assert(await page.locator('[data-testid="step-hello-4-output"]').count() === 0, 'a step that did not fail is open');
+    await page.click('[data-testid="step-hello-4-toggle"]');
+    assert(await page.getAttribute('[data-testid="step-hello-4-toggle"]', 'aria-expanded') === 'true', 'aria-expanded');
+    const out = await page.textContent('[data-testid="step-hello-4-output"]');
+    assert(out.includes('after reboot: hello from hello'), `the check step's output: ${out}`);
+    // The logs: each file a download link whose body is the file.
+    await page.waitForSelector('[data-testid="log-file-hello.log"]');
+    const href = await page.getAttribute('[data-testid="log-file-hello.log"]', 'href');
+    const r = await fetch(base + href);
+    assert(r.status === 200 && /attachment/.test(r.headers.get('content-disposition')), `download ${href}: ${r.status}`);
+    assert((await r.text()).includes('after reboot: hello from hello'), 'the downloaded VM log lacks the step output');
+    const ev = await fetch(base + await page.getAttribute('[data-testid="log-file-events.jsonl"]', 'href'));
+    assert((await ev.text()).includes('"event":"stepFinished"'), 'the build log lacks its events');
+    assert(await page.locator('[data-testid="log-file-hello-serial.log"]').count() === 1, 'no serial log listed');
+    if (process.env.KILN_SCREENSHOTS) await page.screenshot({ path: join(process.env.KILN_SCREENSHOTS, 'build-page.png'), fullPage: true });
+  });
+
+  await test('builds: two builds run at once, both pause, both are cancelled from their pages', async () => {
+    const pausing = readFileSync(join(work, 'hello-cancel.yaml'), 'utf8');
+    writeFileSync(join(work, 'two-a.yaml'), pausing);
+    writeFileSync(join(work, 'two-b.yaml'), pausing);
+    await startBuild('two-a.yaml');
+    const a = Number(await page.getAttribute('[data-testid="build"]', 'data-build-id'));
+    await startBuild('two-b.yaml');
+    const b = Number(await page.getAttribute('[data-testid="build"]', 'data-build-id'));
+    assert(a !== b, 'the second build did not start');
+    // A second build of a running manifest is refused: both would write one module.
+    const again = await fetch(`${base}/api/builds?name=two-b.yaml`, { method: 'POST', headers: { 'X-Kiln-Token': token } });
+    const msg = (await again.json()).error;
+    assert(again.status === 409 && /two-b/.test(msg), `a second build of two-b.yaml: ${again.status} ${msg}`);
+    const running = (await builds()).filter((x) => x.status === 'running').map((x) => x.id);
+    assert(running.includes(a) && running.includes(b), `not both running: ${running}`);
+    // Both reach their pause; the list says so.
+    await page.waitForSelector('[data-testid="handbuild-hello"]', { timeout: 400000 });
+    await page.waitForSelector(`[data-testid="build-item-${a}"][data-paused="1"]`, { timeout: 400000 });
+    await page.waitForSelector(`[data-testid="build-item-${b}"][data-paused="1"]`);
+    // Each build's page has its own VM's screen. (Waited for: a screen closed while it is still
+    // connecting makes noVNC log an error.)
+    const screen = '[data-testid="console-hello"][data-status="connected"]';
+    await page.waitForSelector(screen, { timeout: 30000 });
+    await showBuild(a);
+    await page.waitForSelector('[data-testid="handbuild-hello"]');
+    await page.waitForSelector(screen, { timeout: 30000 });
+    if (process.env.KILN_SCREENSHOTS) await page.screenshot({ path: join(process.env.KILN_SCREENSHOTS, 'builds-two.png'), fullPage: true });
+    await page.click('[data-testid="build-cancel"]');
+    await buildStatus('cancelled', 60000);
+    await showBuild(b);
+    assert(await page.getAttribute('[data-testid="build"]', 'data-status') === 'running', 'b stopped with a');
+    await page.waitForSelector(screen, { timeout: 30000 });
+    await page.click('[data-testid="build-cancel"]');
+    await buildStatus('cancelled', 60000);
+    await page.waitForSelector(`[data-testid="build-item-${a}"][data-status="cancelled"]`);
+    assert(!existsSync(join(modules, 'two-a')) && !existsSync(join(modules, 'two-b')), 'a cancelled build left a module');
+  });
+
+  await test('builds: a failed build\'s page opens its failed step and shows its boot-command screenshots', async () => {
+    // A bootstrap VM booted through firmware (kiln's GRUB) whose boot command only waits: kiln
+    // saves the screen before the first key, after the wait and at the end (about a minute).
+    // Its step fails: its logs, screenshots too, are then kept with the failed builds'.
+    writeFileSync(join(work, 'boot-shots.yaml'), `vms:
+  - name: shot
+    source:
+      bootstrap: { distro: debian, suite: bookworm, packages: [busybox] }
+    resources: { cpu: 1, memory: 512Mi }
+    boot: firmware
+    bootWait: 1s
+    bootCommand:
+      - "<wait1>"
+    provisioners:
+      - name: check
+        type: shell
+        shell:
+          inline: "cat /proc/cmdline; exit 3"
+`);
+    await startBuild('boot-shots.yaml');
+    await buildStatus('failed', 420000);
+    await page.waitForSelector('[data-testid="step-shot-0"][data-status="failed"]');
+    const out = await page.textContent('[data-testid="step-shot-0-output"]');
+    assert(/BOOT_IMAGE=/.test(out), `the failed step is not open with its output: ${out}`);
+    await reached('vm-shot-phase-BootCommand');
+    await page.waitForSelector('[data-testid="screenshots-shot"]', { timeout: 15000 });
+    const shots = await page.$$eval('[data-testid="screenshots-shot"] img', (imgs) => imgs.map((i) => i.alt));
+    assert(shots.length === 3, `screenshots shown: ${shots}`);
+    // Each is a real image the route served (the browser decoded it), the screen's size.
+    const sizes = await page.$$eval('[data-testid="screenshots-shot"] img', (imgs) => Promise.all(imgs.map(
+      (i) => (i.complete ? Promise.resolve() : new Promise((ok) => { i.onload = ok; i.onerror = ok; })).then(() => i.naturalWidth))));
+    assert(sizes.every((w) => w >= 640), `screenshot widths: ${sizes}`);
+    const r = await fetch(base + await page.getAttribute('[data-testid="log-file-shot-boot-02.png"]', 'href'));
+    const body = Buffer.from(await r.arrayBuffer());
+    assert(r.headers.get('content-type') === 'image/png' && body.subarray(1, 4).toString() === 'PNG', 'the download is no PNG');
+    if (process.env.KILN_SCREENSHOTS) await page.screenshot({ path: join(process.env.KILN_SCREENSHOTS, 'build-boot-command.png'), fullPage: true });
+  });
+}
+
 await browser.close();
 server.kill();
 rmSync(work, { recursive: true, force: true });

@@ -17,6 +17,12 @@ use crate::job::BuildJob;
 const MAX_LOG_ENTRIES: usize = 20_000;
 /// Bytes of log kept per build.
 const MAX_LOG_BYTES: usize = 16 << 20;
+/// Bytes of log a finished build keeps (its full logs stay in its log files), so that the
+/// builds remembered for the page stay small.
+const FINISHED_LOG_BYTES: usize = 2 << 20;
+/// What `kiln build` prints on stderr when it keeps a failed build's logs: the folder
+/// follows, then ` (`. The child picks that folder's name (its build id) itself.
+const KEPT_LOGS: &str = "the build's logs are kept in ";
 /// Lines of the child's stderr kept for the failure message.
 const STDERR_TAIL: usize = 20;
 /// How long a cancelled build may take to clean up before it is killed.
@@ -32,6 +38,10 @@ pub(super) struct Inner {
     log_bytes: usize,
     stderr_tail: VecDeque<String>,
     pub(super) pid: Option<u32>,
+    /// The child's pid, kept after it is reaped: it names the build's temporary files.
+    pub(super) child_pid: Option<u32>,
+    /// Where a failed build's logs went, as the child said.
+    failed_logs: Option<PathBuf>,
     cancel_requested: bool,
     done: bool,
 }
@@ -71,6 +81,8 @@ impl BuildRun {
                 log_bytes: 0,
                 stderr_tail: VecDeque::new(),
                 pid: None,
+                child_pid: None,
+                failed_logs: None,
                 cancel_requested: false,
                 done: false,
             }),
@@ -103,7 +115,12 @@ impl BuildRun {
         let text = entry.to_string();
         inner.log_bytes += text.len();
         inner.log.push_back(text);
-        while inner.log.len() > MAX_LOG_ENTRIES || inner.log_bytes > MAX_LOG_BYTES {
+        Self::trim_log(inner, MAX_LOG_ENTRIES, MAX_LOG_BYTES);
+    }
+
+    /// Drops the oldest log entries until at most `entries` and `bytes` are left.
+    fn trim_log(inner: &mut Inner, entries: usize, bytes: usize) {
+        while inner.log.len() > entries || inner.log_bytes > bytes {
             match inner.log.pop_front() {
                 Some(old) => {
                     inner.log_bytes -= old.len();
@@ -137,6 +154,12 @@ impl BuildRun {
 
     pub(super) fn on_stderr_line(&self, line: &str) {
         let mut inner = self.lock();
+        if let Some((dir, _)) = line
+            .strip_prefix(KEPT_LOGS)
+            .and_then(|rest| rest.rsplit_once(" (`"))
+        {
+            inner.failed_logs = Some(PathBuf::from(dir));
+        }
         inner.stderr_tail.push_back(line.to_string());
         if inner.stderr_tail.len() > STDERR_TAIL {
             inner.stderr_tail.pop_front();
@@ -209,9 +232,35 @@ impl BuildRun {
                 message: st.error.clone(),
             });
         }
+        Self::trim_log(inner, MAX_LOG_ENTRIES, FINISHED_LOG_BYTES);
         inner.version += 1;
         inner.done = true;
         inner.pid = None;
+    }
+
+    /// The folder that holds this build's log files now, in the modules folder `output`:
+    /// the module being written while it runs, the module once built, `<output>/.logs/<id>`
+    /// once failed. Also the event log's file, which is filed into that folder at the end.
+    pub fn log_folder(&self, output: &Path) -> Option<super::logs::LogFolder> {
+        let inner = self.lock();
+        let module = &inner.state.module;
+        if !inner.done {
+            let pid = inner.child_pid?;
+            return Some(super::logs::LogFolder {
+                dir: output.join(format!(".{module}.partial-{pid}")).join("logs"),
+                events: Some(output.join(format!(".{module}.events-{pid}.jsonl"))),
+            });
+        }
+        let dir = match inner.state.status {
+            Status::Succeeded => output.join(module).join("logs"),
+            // Only a folder where `kiln build` keeps failed logs: the path came from the
+            // child's stderr.
+            _ => inner
+                .failed_logs
+                .clone()
+                .filter(|d| d.parent() == Some(&output.join(crate::build_logs::FAILED_DIR)))?,
+        };
+        Some(super::logs::LogFolder { dir, events: None })
     }
 
     /// Waits until there is something after `next`/`version` to send, or `timeout` passes.

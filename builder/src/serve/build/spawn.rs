@@ -63,7 +63,11 @@ pub(super) fn spawn(
                     return;
                 }
             };
-            run.lock().pid = Some(child.id());
+            {
+                let mut inner = run.lock();
+                inner.pid = Some(child.id());
+                inner.child_pid = Some(child.id());
+            }
             let _ = tx.send(Ok(()));
             let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
             let mut readers = 0;

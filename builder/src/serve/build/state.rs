@@ -33,6 +33,8 @@ pub struct StepState {
     pub kind: String,
     /// `pending`, `running`, `ok` or `failed`.
     pub status: &'static str,
+    /// When it started (milliseconds since the build started), for the timeline.
+    pub started_ms: Option<u64>,
     pub duration_ms: Option<u64>,
     pub message: Option<String>,
 }
@@ -82,7 +84,53 @@ pub struct BuildState {
     pub log_dropped: u64,
 }
 
+/// One line of the list of builds: what the home page and the build switcher show.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BuildSummary {
+    pub id: u64,
+    pub manifest: String,
+    pub module: String,
+    pub status: Status,
+    pub phase: String,
+    /// Unix milliseconds.
+    pub started_at: u64,
+    pub ended_at: Option<u64>,
+    pub duration_ms: Option<u64>,
+    pub vms: Vec<VmSummary>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmSummary {
+    pub name: String,
+    pub phase: String,
+    pub paused: bool,
+}
+
 impl BuildState {
+    pub fn summary(&self) -> BuildSummary {
+        BuildSummary {
+            id: self.id,
+            manifest: self.manifest.clone(),
+            module: self.module.clone(),
+            status: self.status,
+            phase: self.phase.clone(),
+            started_at: self.started_at,
+            ended_at: self.duration_ms.map(|d| self.started_at + d),
+            duration_ms: self.duration_ms,
+            vms: self
+                .vms
+                .iter()
+                .map(|v| VmSummary {
+                    name: v.name.clone(),
+                    phase: v.phase.clone(),
+                    paused: v.paused.is_some(),
+                })
+                .collect(),
+        }
+    }
+
     /// The state before any event: every VM pending, every step listed.
     pub fn new(id: u64, manifest: &str, job: &BuildJob) -> BuildState {
         let started_at = SystemTime::now()
@@ -111,6 +159,7 @@ impl BuildState {
                             name: s.name.clone(),
                             kind: s.kind.label().into(),
                             status: "pending",
+                            started_ms: None,
                             duration_ms: None,
                             message: None,
                         })
@@ -179,7 +228,10 @@ impl BuildState {
                     return false;
                 };
                 match vm.steps.get_mut(i) {
-                    Some(st) => st.status = "running",
+                    Some(st) => {
+                        st.status = "running";
+                        st.started_ms = Some(at_ms);
+                    }
                     None => return false,
                 }
                 vm.paused = None;
