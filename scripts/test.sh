@@ -48,7 +48,9 @@ if command -v npm >/dev/null && command -v node >/dev/null; then
   (cd builder/web && npm ci --no-audit --no-fund --loglevel=error)
   # The YAML editor's schema lookup, cursor paths and comment-keeping patch (no browser needed).
   KILN_BIN="$kiln" node --test builder/web/tests/yaml.test.mjs
-  node builder/web/tests/run.mjs "$kiln"
+  # Screenshots of each page are the run's artefacts (README links the copies in web/screenshots).
+  mkdir -p "$root/target/screenshots"
+  KILN_SCREENSHOTS="$root/target/screenshots" node builder/web/tests/run.mjs "$kiln"
 else
   echo "SKIP: node/npm not found; the browser tests of kiln serve did not run" >&2
 fi

@@ -189,3 +189,29 @@ test('the real schema (kiln schema) offers what the guide names', { skip: !(kiln
   assert.ok(valuesAt(real, ['spec', 'vms', 0, 'source', 'bootstrap', 'distro']).includes('debian'));
   assert.match(keyInfo(real, ['vms', 0, 'resources', 'cpu']).description, /vCPU/);
 });
+
+test('a moved list item keeps its comment and key order, whatever order the form gives its keys', () => {
+  const text = `vms:
+  - name: a
+    provisioners:
+      - name: one
+        type: shell
+        shell: { inline: "true" }
+      # the second step
+      - name: two
+        type: reboot
+      - name: three
+        type: shell
+        shell: { inline: "false" }
+`;
+  // The server's JSON has its keys sorted: the form's objects are in that order.
+  const sorted = (v) => (Array.isArray(v) ? v.map(sorted)
+    : v && typeof v === 'object' ? Object.fromEntries(Object.keys(v).sort().map((k) => [k, sorted(v[k])])) : v);
+  const doc = sorted(parse(text));
+  const steps = doc.vms[0].provisioners;
+  [steps[0], steps[1]] = [steps[1], steps[0]];
+  const out = patchYaml(text, doc);
+  assert.ok(out, 'no patch');
+  assert.deepEqual(parse(out), doc);
+  assert.match(out, /# the second step\n {6}- name: two\n {8}type: reboot\n {6}- name: one\n {8}type: shell/);
+});

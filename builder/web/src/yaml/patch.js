@@ -72,9 +72,10 @@ function patch(doc, node, old, next) {
 }
 
 // List items: the unchanged ones are kept (matched by a longest common subsequence, so an
-// insertion or a removal does not shift comments onto other items); between them, a changed
-// item is patched from the old item of the same `name` (VMs, steps, files...), else from the
-// next unused old one, and the rest dropped or created.
+// insertion or a removal does not shift comments onto other items); a changed or moved item
+// is patched from the old item of the same `name` (VMs, steps, files...) wherever it was, so it
+// keeps its comments and key order; else from the next unused old one in its gap; the rest are
+// dropped or created.
 function patchList(doc, items, old, next) {
   const n = old.length;
   const m = next.length;
@@ -84,22 +85,29 @@ function patchList(doc, items, old, next) {
       lcs[i][j] = equal(old[i], next[j]) ? lcs[i + 1][j + 1] + 1 : Math.max(lcs[i + 1][j], lcs[i][j + 1]);
     }
   }
+  // Old items already placed (kept in order, or patched into a new place).
+  const taken = new Set();
+  const byName = (name, prefer) => {
+    const fits = (o) => !taken.has(o) && nameOf(old[o]) !== undefined && nameOf(old[o]) === name;
+    return prefer.find(fits) ?? [...old.keys()].find(fits);
+  };
   const out = [];
   let i = 0;
   let j = 0;
   let gapOld = [];
   let gapNew = [];
   const flush = () => {
-    const unused = new Set(gapOld);
     const from = new Map();
     for (const jj of gapNew) {
-      const ii = gapOld.find((o) => unused.has(o) && nameOf(old[o]) !== undefined && nameOf(old[o]) === nameOf(next[jj]));
-      if (ii !== undefined) { from.set(jj, ii); unused.delete(ii); }
+      const name = nameOf(next[jj]);
+      if (name === undefined) continue;
+      const ii = byName(name, gapOld);
+      if (ii !== undefined) { from.set(jj, ii); taken.add(ii); }
     }
     for (const jj of gapNew) {
       if (from.has(jj) || nameOf(next[jj]) !== undefined) continue;
-      const ii = gapOld.find((o) => unused.has(o) && nameOf(old[o]) === undefined);
-      if (ii !== undefined) { from.set(jj, ii); unused.delete(ii); }
+      const ii = gapOld.find((o) => !taken.has(o) && nameOf(old[o]) === undefined);
+      if (ii !== undefined) { from.set(jj, ii); taken.add(ii); }
     }
     for (const jj of gapNew) {
       const ii = from.get(jj);
@@ -109,8 +117,15 @@ function patchList(doc, items, old, next) {
     gapNew = [];
   };
   while (i < n || j < m) {
-    if (i < n && j < m && equal(old[i], next[j]) && lcs[i][j] === lcs[i + 1][j + 1] + 1) {
+    if (i < n && j < m && !taken.has(i) && equal(old[i], next[j]) && lcs[i][j] === lcs[i + 1][j + 1] + 1) {
       flush();
+      // The gap's flush may have taken this item for a moved one of the same name.
+      if (taken.has(i)) {
+        gapNew.push(j++);
+        i++;
+        continue;
+      }
+      taken.add(i);
       out.push(items[i]);
       i++;
       j++;
