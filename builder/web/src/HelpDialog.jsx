@@ -21,7 +21,7 @@ export default function HelpDialog({ open, onClose }) {
     if (!open && d.open) d.close();
   }, [open]);
   return (
-    <dialog ref={ref} className="help" data-testid="help-dialog" aria-labelledby="help-title" onClose={onClose}>
+    <dialog ref={ref} className="help-dialog" data-testid="help-dialog" aria-labelledby="help-title" onClose={onClose}>
       <h2 id="help-title">Keyboard shortcuts</h2>
       <p>Single keys work when no field, editor or terminal has the focus.</p>
       <table>

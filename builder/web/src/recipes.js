@@ -108,6 +108,10 @@ files:
       d-i netcfg/choose_interface select auto
       d-i netcfg/get_hostname string debian
       d-i netcfg/get_domain string
+      d-i mirror/country string manual
+      d-i mirror/http/hostname string deb.debian.org
+      d-i mirror/http/directory string /debian
+      d-i mirror/http/proxy string
       d-i passwd/root-login boolean true
       d-i passwd/make-user boolean false
       d-i passwd/root-password password change-me
