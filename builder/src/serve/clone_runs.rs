@@ -199,22 +199,7 @@ impl CloneRuns {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
-        {
-            use std::os::unix::process::CommandExt as _;
-            // Its own process group: a Ctrl-C meant for the server reaches the run only
-            // through the parent-death signal, once.
-            cmd.process_group(0);
-            // SAFETY: the closure runs in the forked child before exec and calls only
-            // prctl(2), which is async-signal-safe; it touches no memory of the parent.
-            unsafe {
-                cmd.pre_exec(|| {
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGINT, 0, 0, 0) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        }
+        super::child::interrupted_with_server(&mut cmd);
         let (tx, rx) = std::sync::mpsc::channel::<Result<Arc<Child>, std::io::Error>>();
         let log_path = log.clone();
         std::thread::Builder::new()

@@ -40,6 +40,7 @@
 
 mod assets;
 pub mod build;
+mod child;
 mod clone_runs;
 mod console;
 pub mod doc;

@@ -34,22 +34,7 @@ pub(super) fn spawn(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    {
-        use std::os::unix::process::CommandExt as _;
-        // Its own process group: a Ctrl-C meant for the editor reaches the build only
-        // through the parent-death signal, once.
-        cmd.process_group(0);
-        // SAFETY: the closure runs in the forked child before exec and calls only prctl(2),
-        // which is async-signal-safe; it touches no memory of the parent.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGINT, 0, 0, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-    }
+    crate::serve::child::interrupted_with_server(&mut cmd);
     let (tx, rx) = std::sync::mpsc::channel::<Result<(), std::io::Error>>();
     let output = cfg.output.clone();
     let program = cfg.program.clone();
