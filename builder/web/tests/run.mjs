@@ -1,9 +1,10 @@
 // Browser tests for `kiln serve`, in headless Chromium driven by playwright-core.
 // Usage: node builder/web/tests/run.mjs <path to kiln binary>
-// Set KILN_SCREENSHOTS=<dir> to save screenshots of the form, the YAML tab and the build view.
+// Set KILN_SCREENSHOTS=<dir> to save screenshots of each page.
 // The build tests boot a real VM (QEMU TCG where KVM cannot run Linux): they need
 // qemu-system-x86_64 and write modules to a temporary folder. KILN_ONLY=build runs only them;
-// KILN_ONLY=term runs the terminal tests (and the build tests).
+// KILN_ONLY=yaml|visual|home runs that block (with the build tests; home's module page holds
+// the terminal's tests).
 // Ends with a line `N passed, N failed`; skips loudly when chromium or playwright-core is absent.
 import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readdirSync, copyFileSync, readFileSync, rmSync, cpSync, writeFileSync, statSync } from 'node:fs';
@@ -784,81 +785,6 @@ httpDirectory:
   });
 }
 
-// s11-term: a terminal into a running clone's VM. A module an earlier test built (hello-pause),
-// else hello built here with the CLI; its clone started with the CLI (`kiln clone`, `kiln run`);
-// the terminal mounted alone at `#/terminal/<clone>/<vm>`. KILN_ONLY=term runs only these.
-if (qemu && (!only || only === 'term')) {
-  await test('terminal: a clone\'s VM answers in the page, a bad token is refused', async () => {
-    const t0 = Date.now();
-    // The server's runtime folder: where it looks for the clone's running VM.
-    const kilnEnv = { ...process.env, KILN_NO_INTERNET: 'true', KILN_RUN_DIR: runDir };
-    let mod = 'hello-pause';
-    if (!existsSync(join(modules, mod, 'module.yaml'))) {
-      mod = 'hello';
-      const b = spawnSync(kiln, ['build', 'examples/hello.yaml', '--output', modules],
-        { cwd: repo, env: kilnEnv, stdio: ['ignore', 'ignore', 'inherit'], timeout: 1200000 });
-      assert(b.status === 0, `kiln build examples/hello.yaml failed (${b.status})`);
-    }
-    const clones = join(work, 'clones');
-    const prefix = `term${process.pid}`;
-    const c = spawnSync(kiln, ['clone', mod, '--name', prefix, '--modules', modules, '--clones', clones],
-      { cwd: repo, env: kilnEnv, encoding: 'utf8' });
-    assert(c.status === 0, `kiln clone failed: ${c.stderr}`);
-    const clone = `${prefix}-1`;
-    const run = spawn(kiln, ['run', clone, '--clones', clones], { cwd: repo, env: kilnEnv, stdio: ['ignore', 'ignore', 'inherit'] });
-    try {
-      // A clone that is not running: a clear message, no shell.
-      // The hash is read when the page loads: a fresh page for each (goto with only a new hash
-      // would not load it again).
-      await page.goto('about:blank');
-      await page.goto(`${url}#/terminal/no-such-clone/hello`);
-      await page.waitForSelector('.terminal[data-state="error"]');
-      const says = await page.textContent('.terminal-status');
-      assert(/not running/.test(says), `the status says: ${says}`);
-
-      await page.goto('about:blank');
-      await page.goto(`${url}#/terminal/${clone}/hello`);
-      await page.waitForSelector('.terminal[data-state="connected"]', { timeout: 60000 });
-      // The login shell's prompt (the guest may still be booting: the server waits for its agent).
-      const screenText = () => page.evaluate(() =>
-        [...document.querySelectorAll('.xterm-rows > div')].map((r) => r.textContent.replace(/\s+$/, '')));
-      await page.waitForFunction(() => /root@\S*[#$]/.test(document.querySelector('.xterm-rows')?.textContent || ''),
-        null, { timeout: 300000 });
-      await page.click('.terminal-screen');
-      await page.keyboard.type('echo $((6*7))');
-      await page.keyboard.press('Enter');
-      await page.waitForFunction(() => [...document.querySelectorAll('.xterm-rows > div')]
-        .some((r) => r.textContent.trim() === '42'), null, { timeout: 30000 }).catch(async (e) => {
-        throw new Error(`no 42 on the screen: ${(await screenText()).filter(Boolean).join(' | ')}: ${e.message}`);
-      });
-      if (process.env.KILN_SCREENSHOTS) await page.screenshot({ path: join(process.env.KILN_SCREENSHOTS, 'terminal.png'), fullPage: true });
-      // The WebSocket takes the token like every route: a wrong one never opens (the browser
-      // logs the refusal as a console error, which is this check's own, not the page's).
-      const logged = pageErrors.length;
-      const bad = await page.evaluate((path) => new Promise((done) => {
-        const ws = new WebSocket(`ws://${location.host}${path}?token=not-the-token`, 'kiln-terminal');
-        ws.onopen = () => { ws.close(); done('opened'); };
-        ws.onerror = () => done('refused');
-      }), `/api/clones/${clone}/vms/hello/terminal`);
-      assert(bad === 'refused', `a bad token: ${bad}`);
-      pageErrors.splice(logged);
-      // `exit` ends the shell and the page says how.
-      await page.keyboard.type('exit 3');
-      await page.keyboard.press('Enter');
-      await page.waitForSelector('.terminal[data-state="ended"]', { timeout: 30000 });
-      const end = await page.textContent('.terminal-status');
-      assert(/exit code 3/.test(end), `the status says: ${end}`);
-      console.log(`     (terminal test in ${((Date.now() - t0) / 1000).toFixed(0)} s)`);
-    } finally {
-      run.kill('SIGINT');
-      await new Promise((ok) => { if (run.exitCode != null) ok(); else run.on('exit', ok); });
-      // Back to the whole app for the tests after this one (the terminal alone is no app).
-      await page.goto('about:blank');
-      await page.goto(url);
-    }
-  });
-}
-
 // ---- s11-home: the shell, the home page, recipes, modules and clones, keyboard, 20 VMs ----
 // The module checks use hello-pause, which the build test above made (with qemu only).
 if (!only || only === 'home') {
@@ -1031,6 +957,28 @@ if (!only || only === 'home') {
     await page.keyboard.type('echo $((6*7))');
     await page.keyboard.press('Enter');
     await page.waitForFunction((sel) => [...document.querySelectorAll(`${sel} > div`)].some((r) => r.textContent.trim() === '42'), rows, { timeout: 30000 });
+    if (shots) await page.screenshot({ path: join(shots, 'terminal.png'), fullPage: true });
+    // The terminal's WebSocket takes the token like every route: a wrong one never opens (the
+    // browser logs the refusal as a console error, which is this check's own); a clone that
+    // is not running gets a clear error, not a shell.
+    const logged = pageErrors.length;
+    const ws = (path, tok) => page.evaluate(([p, t]) => new Promise((done) => {
+      const w = new WebSocket(`ws://${location.host}${p}?rows=24&cols=80&token=${encodeURIComponent(t)}`, 'kiln-terminal');
+      w.onmessage = (m) => { if (typeof m.data === 'string') { done(m.data); w.close(); } };
+      w.onerror = () => done('refused');
+      w.onclose = () => done('closed');
+    }), [path, tok]);
+    assert(await ws('/api/clones/hello-pause-1/vms/hello/terminal', 'not-the-token') === 'refused', 'a bad token opened the terminal');
+    const none = await ws('/api/clones/no-such-clone/vms/hello/terminal', token);
+    assert(/not running/.test(none), `a clone that is not running: ${none}`);
+    pageErrors.splice(logged);
+    // `exit` ends the shell, and the page says how.
+    await page.click(`${clone} .terminal-screen`);
+    await page.keyboard.type('exit 3');
+    await page.keyboard.press('Enter');
+    await page.waitForSelector(`${clone} .terminal[data-state="ended"]`, { timeout: 30000 });
+    const end = await page.textContent(`${clone} .terminal-status`);
+    assert(/exit code 3/.test(end), `the terminal's status says: ${end}`);
     // Really running: kiln exec reaches its VM where the page started it.
     const ex = spawnSync(kiln, ['exec', 'hello-pause-1/hello', '--wait-secs', '180', '--', 'cat', '/etc/kiln-hello'],
       { encoding: 'utf8', env: { ...process.env, KILN_RUN_DIR: runDir }, timeout: 200000 });
