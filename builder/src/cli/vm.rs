@@ -250,7 +250,7 @@ fn smoke_test(a: &DoctorArgs, probe: &kiln_vmm::doctor::Probe) -> anyhow::Result
     if !(a.smoke || probe.stock_kernel_ok) {
         let host = kvm_smoke::host_kernel_release();
         return Ok(
-            match kvm_smoke::latest_for(&dir, &host, env!("CARGO_PKG_VERSION")) {
+            match kvm_smoke::latest_for(&dir, &host, crate::version::LONG) {
                 Some(r) => SmokeReport::of(r, true),
                 None => SmokeReport::not_run(
                     "not run: the probe says KVM cannot run a stock kernel here (`kiln doctor \
