@@ -248,16 +248,13 @@ fn smoke_test(a: &DoctorArgs, probe: &kiln_vmm::doctor::Probe) -> anyhow::Result
     let root = crate::cache::Cache::root_from_env()?;
     let dir = kvm_smoke::results_dir(&root);
     if !(a.smoke || probe.stock_kernel_ok) {
-        let host = kvm_smoke::host_kernel_release();
-        return Ok(
-            match kvm_smoke::latest_for(&dir, &host, crate::version::LONG) {
-                Some(r) => SmokeReport::of(r, true),
-                None => SmokeReport::not_run(
-                    "not run: the probe says KVM cannot run a stock kernel here (`kiln doctor \
+        return Ok(match kvm_smoke::latest_here(&dir) {
+            Some(r) => SmokeReport::of(r, true),
+            None => SmokeReport::not_run(
+                "not run: the probe says KVM cannot run a stock kernel here (`kiln doctor \
                      --smoke` runs it anyway)",
-                ),
-            },
-        );
+            ),
+        });
     }
     let kernel = match &a.smoke_kernel {
         Some(p) => kvm_smoke::SmokeKernel {

@@ -122,6 +122,13 @@ pub fn latest_for(dir: &Path, host_kernel: &str, kiln_version: &str) -> Option<S
         .max_by(|a, b| a.when.cmp(&b.when))
 }
 
+/// The newest result this kiln can use on this host: the key's host kernel and kiln
+/// (version and commit, as [`SmokeKey::for_kernel`] writes them). `kiln doctor` and
+/// `--engine auto` both read through here, so they never disagree.
+pub fn latest_here(dir: &Path) -> Option<SmokeRecord> {
+    latest_for(dir, &host_kernel_release(), crate::version::LONG)
+}
+
 /// Store `record` under `key`: written to a temp name and renamed, so readers see a whole
 /// file or none.
 pub fn write(dir: &Path, key: &SmokeKey, record: &SmokeRecord) -> Result<PathBuf, SmokeCacheError> {
@@ -245,8 +252,7 @@ pub fn status_for_auto(may_run: bool) -> SmokeStatus {
     let Ok(root) = Cache::root_from_env() else {
         return SmokeStatus::NotRun("not run: no kiln cache folder (set KILN_CACHE)".into());
     };
-    let (host, version) = (host_kernel_release(), crate::version::LONG);
-    if let Some(r) = latest_for(&results_dir(&root), &host, version) {
+    if let Some(r) = latest_here(&results_dir(&root)) {
         return SmokeStatus::Done(r);
     }
     if !may_run {

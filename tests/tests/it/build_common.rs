@@ -70,6 +70,17 @@ pub fn run_kiln(bin: &Path, args: &[&str]) -> Output {
     run_kiln_with(bin, args, &[])
 }
 
+/// `kiln build examples/<example>` into `modules`, which must succeed.
+pub fn build_example(bin: &Path, example: &str, modules: &Path) -> Output {
+    let manifest = format!("examples/{example}");
+    let out = run_kiln(
+        bin,
+        &["build", &manifest, "--output", modules.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "kiln build {manifest} failed");
+    out
+}
+
 /// [`run_kiln`] with more environment variables (a test's own runtime folder or cache).
 pub fn run_kiln_with(bin: &Path, args: &[&str], env: &[(&str, &Path)]) -> Output {
     let out = Command::new(bin)

@@ -115,16 +115,7 @@ fn hello_module_boots_in_plain_qemu_with_seabios_and_ovmf() {
     let tmp = tempfile::tempdir().unwrap();
     let modules = tmp.path().join("modules");
     let start = Instant::now();
-    let out = run_kiln(
-        &kiln,
-        &[
-            "build",
-            "examples/hello.yaml",
-            "--output",
-            modules.to_str().unwrap(),
-        ],
-    );
-    assert!(out.status.success(), "kiln build failed");
+    build_example(&kiln, "hello.yaml", &modules);
     eprintln!("{test}: built in {:.0} s", start.elapsed().as_secs_f64());
     let disk = modules.join("hello/disks/hello-root.qcow2");
     let base_size = virtual_size(&disk);

@@ -45,16 +45,7 @@ fn kiln_shell_is_a_real_terminal() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let modules = tmp.path().join("modules");
-    let out = run_kiln(
-        &kiln,
-        &[
-            "build",
-            "examples/hello.yaml",
-            "--output",
-            modules.to_str().unwrap(),
-        ],
-    );
-    assert!(out.status.success(), "kiln build failed");
+    build_example(&kiln, "hello.yaml", &modules);
     let run_dir = tmp.path().join("run");
     let (run, addr) = clone_and_run(&CloneExec {
         kiln: &kiln,
