@@ -12,6 +12,7 @@
 //!   or write entries; [`prune`] takes it exclusively, so nothing a running build uses is
 //!   ever deleted under it.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
@@ -160,7 +161,7 @@ impl Cache {
 }
 
 /// What a cache entry is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EntryKind {
     /// A downloaded or imported image (`blobs/sha256/`).
@@ -173,15 +174,18 @@ pub enum EntryKind {
     Boot,
     /// Work left by a build that did not finish (`tmp/`).
     Tmp,
+    /// A step cache layer (`layers/`, see [`crate::step_cache`]).
+    Layer,
 }
 
 impl EntryKind {
-    const ALL: [(EntryKind, &'static str); 5] = [
+    const ALL: [(EntryKind, &'static str); 6] = [
         (EntryKind::Blob, "blobs/sha256"),
         (EntryKind::Partial, "partial"),
         (EntryKind::Bootstrap, "bootstrap"),
         (EntryKind::Boot, "boot"),
         (EntryKind::Tmp, "tmp"),
+        (EntryKind::Layer, crate::step_cache::store::LAYERS_DIR),
     ];
 
     pub fn name(self) -> &'static str {
@@ -191,6 +195,7 @@ impl EntryKind {
             EntryKind::Bootstrap => "bootstrap",
             EntryKind::Boot => "boot",
             EntryKind::Tmp => "tmp",
+            EntryKind::Layer => "layer",
         }
     }
 }
@@ -208,6 +213,23 @@ pub struct Entry {
     /// the usual `relatime` mounts, and absent under `noatime`).
     #[serde(with = "unix_secs")]
     pub last_used: SystemTime,
+    /// For a layer: what its record says (None for a layer without a readable record).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer: Option<LayerSummary>,
+}
+
+/// What `kiln cache ls` shows of a layer.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LayerSummary {
+    pub module: String,
+    pub vm: String,
+    /// 1-based.
+    pub step: usize,
+    pub step_name: String,
+    pub parent: Option<String>,
+    /// The modules (in the folder `kiln cache` was given) whose record names this layer.
+    pub used_by: Vec<String>,
 }
 
 mod unix_secs {
@@ -260,12 +282,24 @@ impl Cache {
                 }
                 let path = e.path();
                 let (size, last_used) = usage(&path).map_err(io_err(&path))?;
+                let layer = (kind == EntryKind::Layer)
+                    .then(|| crate::step_cache::store::read_record(&path))
+                    .flatten()
+                    .map(|r| LayerSummary {
+                        module: r.module,
+                        vm: r.vm,
+                        step: r.step,
+                        step_name: r.step_name,
+                        parent: r.parent,
+                        used_by: Vec::new(),
+                    });
                 out.push(Entry {
                     kind,
                     key,
                     path,
                     size,
                     last_used,
+                    layer,
                 });
             }
         }
@@ -281,12 +315,54 @@ pub enum PruneWhat {
     All,
     /// Entries not used for at least this long.
     OlderThan(Duration),
+    /// The least recently used entries until the cache holds at most this many bytes.
+    MaxSize(u64),
+}
+
+/// Which layers a prune keeps whatever it is asked: the ones modules record, with every
+/// layer below them.
+pub fn needed_layers(entries: &[Entry], recorded: &BTreeSet<String>) -> BTreeSet<String> {
+    let parents: BTreeMap<&str, Option<&str>> = entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::Layer)
+        .map(|e| {
+            (
+                e.key.as_str(),
+                e.layer.as_ref().and_then(|l| l.parent.as_deref()),
+            )
+        })
+        .collect();
+    let mut keep = BTreeSet::new();
+    for k in recorded {
+        let mut at = Some(k.as_str());
+        while let Some(key) = at {
+            if !keep.insert(key.to_string()) {
+                break;
+            }
+            at = parents.get(key).copied().flatten();
+        }
+    }
+    keep
 }
 
 /// Removes entries of the cache at `root`, only while no other kiln command holds it (else
 /// [`CacheError::InUse`]). Returns what was (or, with `dry_run`, would be) removed.
-pub fn prune(root: &Path, what: PruneWhat, dry_run: bool) -> Result<Vec<Entry>, CacheError> {
-    for sub in ["blobs/sha256", "partial", "bootstrap", "boot", "tmp"] {
+/// Layers in `keep` (see [`needed_layers`]) stay; a layer whose parent goes goes too (it
+/// could not be opened without it).
+pub fn prune(
+    root: &Path,
+    what: PruneWhat,
+    keep: &BTreeSet<String>,
+    dry_run: bool,
+) -> Result<Vec<Entry>, CacheError> {
+    for sub in [
+        "blobs/sha256",
+        "partial",
+        "bootstrap",
+        "boot",
+        "tmp",
+        "layers",
+    ] {
         let p = root.join(sub);
         fs::create_dir_all(&p).map_err(io_err(&p))?;
     }
@@ -299,13 +375,57 @@ pub fn prune(root: &Path, what: PruneWhat, dry_run: bool) -> Result<Vec<Entry>, 
         _lock: Arc::new(f),
     };
     let now = SystemTime::now();
-    let doomed: Vec<Entry> = cache
-        .entries()?
+    let all = cache.entries()?;
+    let kept = |e: &Entry| e.kind == EntryKind::Layer && keep.contains(&e.key);
+    let mut doomed: BTreeSet<(EntryKind, String)> = BTreeSet::new();
+    match what {
+        PruneWhat::All | PruneWhat::OlderThan(_) => {
+            for e in all.iter().filter(|e| !kept(e)) {
+                let old = match what {
+                    PruneWhat::OlderThan(d) => {
+                        now.duration_since(e.last_used).is_ok_and(|age| age >= d)
+                    }
+                    _ => true,
+                };
+                if old {
+                    doomed.insert((e.kind, e.key.clone()));
+                }
+            }
+        }
+        PruneWhat::MaxSize(max) => {
+            let mut total: u64 = all.iter().map(|e| e.size).sum();
+            let mut lru: Vec<&Entry> = all.iter().filter(|e| !kept(e)).collect();
+            lru.sort_by_key(|e| e.last_used);
+            for e in lru {
+                if total <= max {
+                    break;
+                }
+                total = total.saturating_sub(e.size);
+                doomed.insert((e.kind, e.key.clone()));
+            }
+        }
+    }
+    // A layer over one that goes cannot be opened any more: it goes too.
+    loop {
+        let more: Vec<String> = all
+            .iter()
+            .filter(|e| e.kind == EntryKind::Layer && !doomed.contains(&(e.kind, e.key.clone())))
+            .filter(|e| {
+                e.layer
+                    .as_ref()
+                    .and_then(|l| l.parent.as_ref())
+                    .is_some_and(|p| doomed.contains(&(EntryKind::Layer, p.clone())))
+            })
+            .map(|e| e.key.clone())
+            .collect();
+        if more.is_empty() {
+            break;
+        }
+        doomed.extend(more.into_iter().map(|k| (EntryKind::Layer, k)));
+    }
+    let doomed: Vec<Entry> = all
         .into_iter()
-        .filter(|e| match what {
-            PruneWhat::All => true,
-            PruneWhat::OlderThan(d) => now.duration_since(e.last_used).is_ok_and(|age| age >= d),
-        })
+        .filter(|e| doomed.contains(&(e.kind, e.key.clone())))
         .collect();
     if dry_run {
         return Ok(doomed);
@@ -423,20 +543,20 @@ mod tests {
         assert!(es[1].size >= 50_000, "{:?}", es[1]);
 
         // While a user of the cache lives, prune refuses and removes nothing.
-        let e = prune(&root, PruneWhat::All, false).unwrap_err();
+        let e = prune(&root, PruneWhat::All, &BTreeSet::new(), false).unwrap_err();
         assert!(matches!(e, CacheError::InUse { .. }), "{e}");
         assert!(blob.is_file());
         drop(cache);
 
         let month = Duration::from_secs(30 * 86400);
-        let would = prune(&root, PruneWhat::OlderThan(month), true).unwrap();
+        let would = prune(&root, PruneWhat::OlderThan(month), &BTreeSet::new(), true).unwrap();
         assert_eq!(would.len(), 1);
         assert!(blob.is_file(), "a dry run removes nothing");
-        let gone = prune(&root, PruneWhat::OlderThan(month), false).unwrap();
+        let gone = prune(&root, PruneWhat::OlderThan(month), &BTreeSet::new(), false).unwrap();
         assert_eq!(gone[0].kind, EntryKind::Blob);
         assert!(!blob.exists() && boot.is_dir());
 
-        let gone = prune(&root, PruneWhat::All, false).unwrap();
+        let gone = prune(&root, PruneWhat::All, &BTreeSet::new(), false).unwrap();
         assert_eq!(gone.len(), 1);
         assert!(!boot.exists() && !root.join("bootstrap/k1.lock").exists());
         let cache = Cache::open(root).unwrap();

@@ -627,6 +627,7 @@ pub(crate) mod tests {
                     bus: Default::default(),
                 }],
                 isos: vec![],
+                layers: vec![],
             }],
             manifest: String::new(),
         };

@@ -86,6 +86,30 @@ pub enum Event {
     /// Something worth a line of its own (engine choice, cache hit, warnings).
     #[serde(rename_all = "camelCase")]
     Note { vm: Option<String>, message: String },
+    /// The step cache gave the VM its first `steps` (0-based indexes; reboots included)
+    /// from `layers` (keys, bottom first): they do not run. `saved_ms`: how long they ran
+    /// when the layers were made.
+    #[serde(rename_all = "camelCase")]
+    StepsCached {
+        vm: String,
+        steps: Vec<usize>,
+        layers: Vec<String>,
+        saved_ms: u64,
+    },
+    /// After step `index` the VM's disks became the layer `key`: `bytes` in the layer,
+    /// guest file systems frozen for `frozen_ms` of the checkpoint's `duration_ms`.
+    #[serde(rename_all = "camelCase")]
+    Checkpoint {
+        vm: String,
+        index: usize,
+        key: String,
+        bytes: u64,
+        frozen_ms: u64,
+        duration_ms: u64,
+        /// False when the cache had a whole layer of that key already (this one stays the
+        /// build's own).
+        published: bool,
+    },
     /// The command failed (under `--json`, its last line): the error with its causes, and
     /// for an invalid manifest every diagnostic with its file, line and column.
     #[serde(rename_all = "camelCase")]
@@ -369,6 +393,28 @@ impl EventSink for HumanSink {
                 Some(vm) => self.println(&format!("{vm}: {message}")),
                 None => self.println(message),
             },
+            Event::StepsCached {
+                vm,
+                steps,
+                saved_ms,
+                ..
+            } => self.println(&format!(
+                "{vm}: {} from cache, {} saved",
+                step_span(steps),
+                human_duration(*saved_ms)
+            )),
+            Event::Checkpoint {
+                vm,
+                index,
+                bytes,
+                duration_ms,
+                ..
+            } => self.println(&format!(
+                "{vm}: step {} cached ({:.1} MiB, {:.2}s)",
+                index + 1,
+                *bytes as f64 / (1 << 20) as f64,
+                *duration_ms as f64 / 1000.0
+            )),
             Event::Error { message, .. } => self.println(&format!("error: {message}")),
             Event::Progress {
                 vm,
@@ -388,6 +434,27 @@ impl EventSink for HumanSink {
                 }
             }
         }
+    }
+}
+
+/// "steps 1-3" (1-based) for 0-based step indexes in order; "step 2" for one.
+pub fn step_span(steps: &[usize]) -> String {
+    match steps {
+        [] => "no steps".into(),
+        [one] => format!("step {}", one + 1),
+        [first, .., last] => format!("steps {}-{}", first + 1, last + 1),
+    }
+}
+
+/// "11 min", "42 s", "1 h 5 min".
+pub fn human_duration(ms: u64) -> String {
+    let s = ms / 1000;
+    if s < 60 {
+        format!("{:.1} s", ms as f64 / 1000.0)
+    } else if s < 3600 {
+        format!("{} min {} s", s / 60, s % 60)
+    } else {
+        format!("{} h {} min", s / 3600, (s % 3600) / 60)
     }
 }
 

@@ -201,6 +201,7 @@ mod tests {
             Step {
                 name: "s".into(),
                 timeout: None,
+                cache: true,
                 kind: StepKind::Shell {
                     inline: "true".into(),
                     env: [("KILN_HTTP_PORT".to_string(), "mine".to_string())]
@@ -212,6 +213,7 @@ mod tests {
             Step {
                 name: "r".into(),
                 timeout: None,
+                cache: true,
                 kind: StepKind::Reboot { command: None },
             },
         ];

@@ -384,6 +384,8 @@ pub enum FileContent {
 pub struct Step {
     pub name: String,
     pub timeout: Option<Duration>,
+    /// False (`cache: false`): this step and every one after it run on every build.
+    pub cache: bool,
     pub kind: StepKind,
 }
 

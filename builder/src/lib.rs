@@ -30,4 +30,5 @@ pub mod runtime;
 pub mod serve;
 pub mod sources;
 pub mod ssh;
+pub mod step_cache;
 pub mod version;

@@ -96,6 +96,22 @@ pub struct VmRecord {
     /// given without a checksum, the one kiln computed. Never captured or cloned.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub isos: Vec<IsoRecord>,
+    /// The step cache's layers the VM's disks went through, bottom first: the ones reused
+    /// and the ones this build took (see [`crate::step_cache`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<LayerRef>,
+}
+
+/// A step cache layer a VM's build used or made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LayerRef {
+    /// The step it follows, 1-based.
+    pub step: usize,
+    pub key: String,
+    /// Whether the build started from it rather than running the step.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reused: bool,
 }
 
 /// An ISO a VM's build attached.
@@ -502,6 +518,7 @@ mod tests {
                     bus: Default::default(),
                 }],
                 isos: vec![],
+                layers: vec![],
             }],
             manifest: "vms:\n  - name: web\n".into(),
         }

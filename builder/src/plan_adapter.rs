@@ -211,6 +211,7 @@ pub fn job_from_plan(
             steps.push(job::Step {
                 name: p.name.clone(),
                 timeout: Some(p.step_timeout),
+                cache: p.cache,
                 kind,
             });
         }

@@ -62,6 +62,12 @@ pub enum StepError {
         name: String,
         timeout: Duration,
     },
+    #[error("step {index} '{name}': checkpoint for the step cache: {message}")]
+    Checkpoint {
+        index: usize,
+        name: String,
+        message: String,
+    },
     #[error("cancelled")]
     Cancelled,
 }
@@ -90,6 +96,11 @@ pub struct Provisioner<'a> {
     pub fetch_url: &'a (dyn Fn(&str) -> Result<Vec<u8>, FileFetchError> + Sync),
     /// Gets the guest's network ready after a reboot, as after the first boot.
     pub network_ready: &'a dyn Fn(&mut dyn Guest),
+    /// The step cache: the first step to run (the ones before it came from the cache), and
+    /// what runs after each step that succeeded (a checkpoint), given the step's index and
+    /// how long it ran.
+    pub start: usize,
+    pub after_step: &'a dyn Fn(usize, &mut dyn Guest, Duration) -> Result<(), String>,
 }
 
 impl Provisioner<'_> {
@@ -103,7 +114,7 @@ impl Provisioner<'_> {
     /// Runs every step on an already connected guest. Returns the session for the steps
     /// that follow (capture), which may be a new one after a reboot.
     pub fn run(&self, mut guest: Box<dyn Guest>) -> Result<Box<dyn Guest>, StepError> {
-        for (index, step) in self.steps.iter().enumerate() {
+        for (index, step) in self.steps.iter().enumerate().skip(self.start) {
             if self.cancel.load(Ordering::SeqCst) {
                 return Err(StepError::Cancelled);
             }
@@ -137,6 +148,13 @@ impl Provisioner<'_> {
                 message.map(|m| format!(": {m}")).unwrap_or_default()
             ));
             guest = result?;
+            (self.after_step)(index, &mut *guest, start.elapsed()).map_err(|message| {
+                StepError::Checkpoint {
+                    index: index + 1,
+                    name: step.name.clone(),
+                    message,
+                }
+            })?;
         }
         Ok(guest)
     }
@@ -531,6 +549,7 @@ pub(crate) mod tests {
         Step {
             name: name.into(),
             timeout: None,
+            cache: true,
             kind,
         }
     }
@@ -582,6 +601,8 @@ pub(crate) mod tests {
                     message: "network ready".into(),
                 })
             },
+            start: 0,
+            after_step: &|_, _, _| Ok(()),
         };
         let r = p
             .run(conn.connect(Duration::from_secs(1)).unwrap())

@@ -11,6 +11,7 @@ mod error;
 mod fat;
 mod fuzz;
 mod info;
+mod live;
 pub mod nbd;
 mod open;
 pub mod qcow2;
@@ -31,9 +32,10 @@ pub use fat::{build_fat, create_cidata, create_fat_image, create_floppy, FatFile
 #[doc(hidden)]
 pub use fuzz::fuzz_entry;
 pub use info::{info, map, Extent, ExtentKind, ImageInfo, LayerInfo};
+pub use live::{Detached, LiveDisk};
 pub use open::{
-    chain, detect_format, open, open_with_own_reader, resolve_backing, BackingPolicy, Format,
-    Layer, OpenOptions, MAX_CHAIN_DEPTH,
+    backing_name, chain, detect_format, open, open_with_own_reader, resolve_backing, BackingPolicy,
+    Format, Layer, OpenOptions, MAX_CHAIN_DEPTH,
 };
 pub use qcow2::check::{check, CheckReport};
 pub use raw::RawDevice;

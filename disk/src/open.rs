@@ -206,6 +206,12 @@ pub(crate) fn top_layer(path: &Path) -> Result<Layer> {
     Ok(layers.remove(0))
 }
 
+/// The backing name written in an image's header (None for raw images and images without
+/// one); nothing below is opened.
+pub fn backing_name(path: &Path) -> Result<Option<String>> {
+    Ok(top_layer(path)?.backing_name)
+}
+
 /// [`chain`]; without a policy, stops after the top image.
 fn chain_inner(
     path: &Path,

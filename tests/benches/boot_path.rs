@@ -187,7 +187,15 @@ fn build(kiln: &Path, dir: &Path, v: &Variant) -> Res<Timing> {
     let out = Command::new(kiln)
         .arg("build")
         .arg(dir.join(format!("{}.yaml", v.module)))
-        .args(["--engine", "qemu", "--json", "--force", "--output"])
+        // Every step runs, as in a first build: the step cache would skip them.
+        .args([
+            "--engine",
+            "qemu",
+            "--json",
+            "--force",
+            "--no-cache",
+            "--output",
+        ])
         .arg(&out_dir)
         .args(v.args)
         .stdin(Stdio::null())

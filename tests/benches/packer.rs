@@ -467,6 +467,8 @@ fn run(tools: &Tools) -> Res<()> {
                 .arg(&modules)
                 .arg("--engine")
                 .arg("qemu")
+                // Packer runs every step: so does kiln here (the step cache has its own bench).
+                .arg("--no-cache")
                 .current_dir(&work),
             &work.join(format!("kiln-{attempt}.log")),
         )?;

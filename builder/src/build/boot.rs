@@ -242,6 +242,7 @@ pub(super) fn wait_for_agent(
     b: &VmBuild,
     vm: &Launched,
     connector: &dyn Connector,
+    boot_command: bool,
 ) -> Result<Box<dyn Guest>, VmError> {
     let stop_wait = AtomicBool::new(false);
     let vm_gone = AtomicBool::new(false);
@@ -250,7 +251,7 @@ pub(super) fn wait_for_agent(
     let typing_failed: Mutex<Option<BootCommandError>> = Mutex::new(None);
     let last_screenshot: Mutex<Option<PathBuf>> = Mutex::new(None);
     let waited = std::thread::scope(|s| {
-        if !b.vm.boot_command.is_empty() {
+        if boot_command && !b.vm.boot_command.is_empty() {
             s.spawn(|| {
                 let stop = || b.cancelled() || wait_over.load(Ordering::SeqCst);
                 let shot = |p: &Path| {

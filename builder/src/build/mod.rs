@@ -21,6 +21,7 @@ mod cleanup;
 mod communicator;
 mod error;
 mod handover;
+mod layers;
 mod media;
 mod network;
 mod options;
@@ -39,7 +40,7 @@ use std::time::{Instant, SystemTime};
 use crate::engine::BootMode;
 use crate::events::{ms, BuildPhase, Event, VmPhase};
 use crate::guest::Guest;
-use crate::job::BuildJob;
+use crate::job::{BuildJob, Step};
 use crate::module::{DiskRecord, IsoRecord, ModuleRecord, PendingModule, VmRecord};
 use crate::sources::ResolvedSource;
 use boot::Launched;
@@ -50,7 +51,7 @@ use vm::{ModuleBuild, VmBuild};
 pub use error::{
     BuildError, CaptureError, IsoPrefetchError, PrefetchError, ShutdownError, VmError, WriteError,
 };
-pub use options::{runtime_root, BuildContext, BuildOptions, OnError};
+pub use options::{runtime_root, BuildContext, BuildOptions, OnError, StepCache};
 pub use registry::{SharedVm, VmRegistry};
 pub use source::inline_files;
 
@@ -172,11 +173,14 @@ fn vm_phases(b: &VmBuild) -> Result<VmRecord, VmError> {
     if b.cancelled() {
         return Err(VmError::Cancelled);
     }
-    let disks = source::prepare_disks(b, &resolved)?;
+    let steps = provision::steps_as_run(b);
+    let layers = layers::plan(b, &resolved.source, &steps);
+    let layers = layers.as_ref();
+    let disks = source::prepare_disks(b, &resolved, layers)?;
     let src = &resolved.source;
     let mut vm = boot::launch(b, &disks)?;
     let mut starts = 1;
-    let mut result = guest_phases(b, &vm, src, &disks);
+    let mut result = guest_phases(b, &vm, src, &disks, &steps, layers);
     // An installer powers the VM off when it is done; the installed system is then booted
     // from its disk (first in the boot order; the CDs stay attached).
     while let Err(e) = &result {
@@ -191,7 +195,7 @@ fn vm_phases(b: &VmBuild) -> Result<VmRecord, VmError> {
         drop(vm);
         vm = boot::relaunch(b, &disks)?;
         starts += 1;
-        result = guest_phases(b, &vm, src, &disks);
+        result = guest_phases(b, &vm, src, &disks, &steps, layers);
     }
     let (captured, agent_installed) = match result {
         Ok(done) => done,
@@ -224,6 +228,7 @@ fn vm_phases(b: &VmBuild) -> Result<VmRecord, VmError> {
         firmware: Some(firmware),
         disks: captured,
         invisible: b.vm.invisible,
+        layers: layers.map(layers::VmLayers::record).unwrap_or_default(),
         isos: b
             .vm
             .isos
@@ -243,9 +248,13 @@ fn guest_phases(
     vm: &Launched,
     src: &ResolvedSource,
     disks: &VmDisks,
+    steps: &[Step],
+    layers: Option<&layers::VmLayers>,
 ) -> Result<(Vec<DiskRecord>, bool), VmError> {
     let mut communicator = communicator::for_vm(b, vm)?;
-    let guest = boot::wait_for_agent(b, vm, communicator.connector())
+    // A VM resumed from the step cache boots a disk its install already went through.
+    let keys = layers.is_none_or(|l| l.resume.is_none());
+    let guest = boot::wait_for_agent(b, vm, communicator.connector(), keys)
         .map_err(|e| communicator.explain_wait(e, b.vm.boot_timeout))?;
     let ssh = !communicator.takes_handover();
     let (mut guest, agent) = communicator.install_agent(b, vm, guest);
@@ -256,7 +265,22 @@ fn guest_phases(
         |g: &mut dyn Guest| handover::network_up(connector, g, &links, &b.vm.name, b.events());
     network_ready(&mut *guest);
     b.phase(VmPhase::Provisioning, None);
-    let guest = provision::run(b, guest, connector, &vm.log, &network_ready)?;
+    let nvram = match &disks.boot {
+        BootMode::Firmware(f) => f.nvram.clone(),
+        BootMode::Direct(_) => None,
+    };
+    let checkpoints =
+        layers.and_then(|l| layers::checkpointer(b, l, &vm.running, &disks.disks, nvram));
+    let guest = provision::run(
+        b,
+        steps,
+        guest,
+        connector,
+        &vm.log,
+        &network_ready,
+        layers,
+        checkpoints.as_ref(),
+    )?;
     if b.cancelled() {
         return Err(VmError::Cancelled);
     }

@@ -38,6 +38,26 @@ pub struct BuildOptions {
     pub failed_logs: Option<PathBuf>,
     /// Replace a module of the same name (`--force`); without it such a build is refused.
     pub replace: bool,
+    pub step_cache: StepCache,
+}
+
+/// What the build does with the step cache (see [`crate::step_cache`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepCache {
+    /// Start each VM from the longest chain of its steps' layers in the cache (off with
+    /// `--no-cache`).
+    pub reuse: bool,
+    /// Take a layer after each step that can have one.
+    pub layers: bool,
+}
+
+impl Default for StepCache {
+    fn default() -> Self {
+        StepCache {
+            reuse: true,
+            layers: true,
+        }
+    }
 }
 
 /// Shared state of one build.

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use super::boot_path::{self, BootPath};
 use super::error::{IsoPrefetchError, PrefetchError, VmError};
+use super::layers::VmLayers;
 use super::media;
 use super::vm::VmBuild;
 use crate::cache::Cache;
@@ -55,7 +56,13 @@ pub(super) struct VmDisks {
     pub peripherals: Peripherals,
 }
 
-pub(super) fn prepare_disks(b: &VmBuild, src: &Resolved) -> Result<VmDisks, VmError> {
+/// Makes the VM's disks, as overlays over its source, or, resumed from the step cache, over
+/// the top layer's disks (and its NVRAM copied from the layer).
+pub(super) fn prepare_disks(
+    b: &VmBuild,
+    src: &Resolved,
+    layers: Option<&VmLayers>,
+) -> Result<VmDisks, VmError> {
     // A buildRef child boots through its parent's firmware, from its NVRAM, unless its own
     // manifest asks for another.
     let inherited = build_ref::inherited_firmware(
@@ -88,6 +95,11 @@ pub(super) fn prepare_disks(b: &VmBuild, src: &Resolved) -> Result<VmDisks, VmEr
                         .map_err(PathIoError::at("creating", &work))
                         .map_err(nvram::NvramError::from)?;
                     nvram::start_nvram(&path, inherited.nvram, template)?;
+                    if let Some(from) = layers.and_then(VmLayers::nvram) {
+                        fs::copy(&from, &path)
+                            .map_err(PathIoError::at("copying", &from))
+                            .map_err(nvram::NvramError::from)?;
+                    }
                     Some(path)
                 }
                 None => None,
@@ -112,12 +124,12 @@ pub(super) fn prepare_disks(b: &VmBuild, src: &Resolved) -> Result<VmDisks, VmEr
                 });
             }
         }
-        diskops::create_overlay(
-            base.map(|b| (b.path.as_path(), b.format)),
-            &path,
-            d.size_bytes,
-        )
-        .map_err(VmError::Overlay)?;
+        let layer = layers.and_then(|l| l.base_of(&d.name));
+        let under = match &layer {
+            Some(l) => Some((l.as_path(), diskops::ImageFormat::Qcow2)),
+            None => base.map(|b| (b.path.as_path(), b.format)),
+        };
+        diskops::create_overlay(under, &path, d.size_bytes).map_err(VmError::Overlay)?;
         disks.push(attach(d, path));
     }
     Ok(VmDisks {

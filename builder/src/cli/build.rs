@@ -47,6 +47,10 @@ pub struct BuildArgs {
     /// own boot loader); auto chooses per VM, as each VM's `boot` field does.
     #[arg(long, value_enum, default_value = "auto")]
     pub boot: BootChoice,
+    /// Run every step: start no VM from the step cache's layers (the layers this build takes
+    /// still go into the cache for the next one).
+    #[arg(long)]
+    pub no_cache: bool,
 }
 
 pub fn build(a: BuildArgs) -> anyhow::Result<ExitCode> {
@@ -138,6 +142,10 @@ fn build_inner(a: BuildArgs) -> anyhow::Result<ExitCode> {
         },
         failed_logs: Some(failed_logs.clone()),
         replace: a.force,
+        step_cache: build::StepCache {
+            reuse: !a.no_cache,
+            layers: true,
+        },
     };
     let result = build::run(&job, &opts, &ctx);
     match result {

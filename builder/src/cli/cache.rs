@@ -1,6 +1,8 @@
 //! `kiln cache ls` and `kiln cache prune`: what the download and bootstrap cache holds, and
 //! removing what is no longer used (never while a build holds the cache).
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
@@ -22,16 +24,27 @@ pub struct LsArgs {
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
+    /// The modules folder: a step cache layer lists the modules there that record it.
+    #[arg(long, env = "KILN_MODULES", default_value = "modules")]
+    pub modules: PathBuf,
 }
 
 #[derive(Debug, Args)]
 pub struct PruneArgs {
     /// Remove entries not used for this long (`90s`, `12h`, `30d`, `2w`).
-    #[arg(long, value_parser = parse_age, conflicts_with = "all")]
+    #[arg(long, value_parser = parse_age, conflicts_with_all = ["all", "max_size"])]
     pub older_than: Option<Duration>,
-    /// Remove everything.
+    /// Remove the least recently used entries until the cache holds at most this much
+    /// (`500M`, `20G`).
+    #[arg(long, value_parser = parse_size, conflicts_with = "all")]
+    pub max_size: Option<u64>,
+    /// Remove everything (but the layers modules record).
     #[arg(long)]
     pub all: bool,
+    /// The modules folder: the step cache layers its modules record (and the layers below
+    /// them) are never removed.
+    #[arg(long, env = "KILN_MODULES", default_value = "modules")]
+    pub modules: PathBuf,
     /// Only list what would be removed.
     #[arg(long)]
     pub dry_run: bool,
@@ -44,9 +57,33 @@ pub fn run(c: CacheCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// The step cache layers each module in `modules` records, by key (a folder that is not
+/// there records none).
+fn recorded_layers(modules: &Path) -> anyhow::Result<BTreeMap<String, Vec<String>>> {
+    let mut by_key: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    if !modules.is_dir() {
+        return Ok(by_key);
+    }
+    for (_, rec) in crate::module::list(modules)? {
+        for l in rec.vms.iter().flat_map(|v| &v.layers) {
+            let users = by_key.entry(l.key.clone()).or_default();
+            if !users.contains(&rec.name) {
+                users.push(rec.name.clone());
+            }
+        }
+    }
+    Ok(by_key)
+}
+
 fn ls(a: LsArgs) -> anyhow::Result<ExitCode> {
     let cache = Cache::from_env()?;
-    let es = cache.entries()?;
+    let mut es = cache.entries()?;
+    let used = recorded_layers(&a.modules)?;
+    for e in &mut es {
+        if let Some(l) = &mut e.layer {
+            l.used_by = used.get(&e.key).cloned().unwrap_or_default();
+        }
+    }
     if a.json {
         println!(
             "{}",
@@ -73,13 +110,28 @@ fn ls(a: LsArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn prune(a: PruneArgs) -> anyhow::Result<ExitCode> {
-    let what = match (a.all, a.older_than) {
-        (true, _) => PruneWhat::All,
-        (false, Some(d)) => PruneWhat::OlderThan(d),
-        (false, None) => bail!("say what to prune: --older-than AGE or --all"),
+    let what = match (a.all, a.older_than, a.max_size) {
+        (true, _, _) => PruneWhat::All,
+        (false, Some(d), _) => PruneWhat::OlderThan(d),
+        (false, None, Some(n)) => PruneWhat::MaxSize(n),
+        (false, None, None) => {
+            bail!("say what to prune: --older-than AGE, --max-size SIZE or --all")
+        }
     };
     let root = Cache::root_from_env()?;
-    let es = cache::prune(&root, what, a.dry_run)?;
+    let recorded: BTreeSet<String> = recorded_layers(&a.modules)?.into_keys().collect();
+    // Listing the layers needs no lock; the prune itself takes the cache's.
+    let entries = Cache::open(root.clone())?.entries()?;
+    let keep = cache::needed_layers(&entries, &recorded);
+    drop(entries);
+    let es = cache::prune(&root, what, &keep, a.dry_run)?;
+    if !keep.is_empty() {
+        println!(
+            "kept {} step cache layers that modules in {} record",
+            keep.len(),
+            a.modules.display()
+        );
+    }
     if !es.is_empty() {
         print_entries(&es);
     }
@@ -100,14 +152,49 @@ fn print_entries(es: &[Entry]) {
         // Digests are long: their start names them well enough here (--json has them whole).
         let key: String = e.key.chars().take(20).collect();
         let ago = now.duration_since(e.last_used).unwrap_or_default();
+        let what = match &e.layer {
+            Some(l) => format!(
+                "  {}/{} step {} '{}'{}",
+                l.module,
+                l.vm,
+                l.step,
+                l.step_name,
+                if l.used_by.is_empty() {
+                    String::new()
+                } else {
+                    format!(", used by {}", l.used_by.join(", "))
+                }
+            ),
+            None => String::new(),
+        };
         println!(
-            "{:<10} {:<20} {:>10}  {} ago",
+            "{:<10} {:<20} {:>10}  {} ago{what}",
             e.kind.name(),
             key,
             human(e.size),
             age(ago)
         );
     }
+}
+
+/// `500M`, `20G`, `1T`, `4096` (bytes): binary units.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}`: expected a number and a unit (K, M, G, T), e.g. 20G"))?;
+    let shift = match unit.trim_end_matches(['i', 'B']) {
+        "" => 0,
+        "K" | "k" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(format!("`{s}`: unknown unit `{unit}` (use K, M, G or T)")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("`{s}` is too large"))
 }
 
 /// `1.5 GiB`, `12.0 KiB`, `512 B`: binary units, one decimal.
@@ -175,5 +262,10 @@ mod tests {
         assert_eq!(human(512), "512 B");
         assert_eq!(human(3 << 29), "1.5 GiB");
         assert_eq!(age(Duration::from_secs(3 * 86400)), "3d");
+        assert_eq!(parse_size("20G"), Ok(20 << 30));
+        assert_eq!(parse_size("500MiB"), Ok(500 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("5X").is_err());
+        assert!(parse_size("99999999999T").is_err());
     }
 }

@@ -163,6 +163,7 @@ mod tests {
             invisible: false,
             disks: vec![],
             isos: vec![],
+            layers: vec![],
         };
         assert_eq!(boot_label(&v), "direct");
         for (firmware, booted, want) in [

@@ -25,6 +25,10 @@ pub struct ServeArgs {
     /// `clones` next to the --output folder.
     #[arg(long, env = "KILN_CLONES")]
     pub clones: Option<PathBuf>,
+    /// Builds started from the page run every step, none from the step cache (as
+    /// `kiln build --no-cache`).
+    #[arg(long)]
+    pub no_cache: bool,
 }
 
 pub fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -49,6 +53,7 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
             program,
             output,
             run_root: crate::build::runtime_root()?,
+            no_cache: a.no_cache,
         },
     })
     .with_context(|| format!("cannot serve {}", a.dir.display()))?;

@@ -194,6 +194,12 @@ pub trait RunningVm: Send {
     fn kill(&mut self);
     /// OS process ids this VM owns (for reports and tests).
     fn pids(&self) -> Vec<u32>;
+    /// The VM's writable disks as this process serves them, for the step cache's live
+    /// checkpoints; empty where the disks are served elsewhere (the kvm engine's VMM
+    /// process, QEMU's own block layer), which takes no checkpoints.
+    fn live_disks(&self) -> Vec<std::sync::Arc<kiln_disk::LiveDisk>> {
+        Vec::new()
+    }
 }
 
 /// An engine.

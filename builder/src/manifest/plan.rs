@@ -295,6 +295,9 @@ pub struct Provisioner {
     pub name: String,
     #[serde(serialize_with = "ser_duration")]
     pub step_timeout: Duration,
+    /// `cache: false`: never taken from the step cache (nor any step after it).
+    #[serde(skip_serializing_if = "is_true")]
+    pub cache: bool,
     pub step: Step,
 }
 
@@ -398,6 +401,10 @@ pub struct Subnet {
     pub unmanaged: bool,
     /// Managed: the first usable address. Unmanaged: the second-to-last usable address.
     pub gateway: Ipv4Addr,
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 pub(crate) fn ser_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {

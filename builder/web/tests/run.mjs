@@ -73,7 +73,7 @@ const modules = join(work, 'modules');
 // A runtime folder of its own: clones started from the page have their sockets there, apart
 // from other kiln runs on the host (clone names like hello-pause-1 are not unique).
 const runDir = join(work, 'run');
-const server = spawn(kiln, ['serve', work, '--listen', '127.0.0.1:0', '--output', modules],
+const server = spawn(kiln, ['serve', work, '--listen', '127.0.0.1:0', '--output', modules, '--no-cache'],
   { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, KILN_RUN_DIR: runDir } });
 const url = await new Promise((ok, fail) => {
   let buf = '';

@@ -129,7 +129,14 @@ fn interrupt_at(at: At) {
     .unwrap();
     let modules = tmp.path().join("modules");
     let mut child = Command::new(&kiln)
-        .args(["build", manifest.to_str().unwrap(), "--json", "--output"])
+        // Every step runs: an earlier run's layers must not skip the phase under test.
+        .args([
+            "build",
+            manifest.to_str().unwrap(),
+            "--json",
+            "--no-cache",
+            "--output",
+        ])
         .arg(&modules)
         .env("KILN_NO_INTERNET", "true")
         .env("KILN_RUN_DIR", &run_dir)

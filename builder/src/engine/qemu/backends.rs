@@ -51,12 +51,19 @@ pub struct Backends {
     nets: Vec<kiln_vmm::devices::net::vhost_user::NetHandle>,
     /// NICs of a model QEMU emulates.
     streams: Vec<StreamNic>,
+    /// The writable disks, for checkpoints (see [`kiln_disk::LiveDisk`]).
+    live: Vec<Arc<kiln_disk::LiveDisk>>,
 }
 
 impl Backends {
     /// The vsock device's vhost-user socket for QEMU.
     pub fn vsock_socket(&self) -> Option<&Path> {
         self.vsock.as_ref().map(|_| self.vsock_vhost.as_path())
+    }
+
+    /// The writable disks as the backends hold them, in the VM's order.
+    pub fn live_disks(&self) -> Vec<Arc<kiln_disk::LiveDisk>> {
+        self.live.clone()
     }
 
     /// The NBD exports, for whoever sees QEMU exit to stop them ([`stop_exports`]).
@@ -123,15 +130,20 @@ pub fn nbd_socket(workdir: &Path, i: usize) -> PathBuf {
     workdir.join(format!("nbd{i}.sock"))
 }
 
-/// A VM's disk opened through kiln-disk, read-only when the VM must not write it.
-fn open_disk(d: &DiskAttach) -> Result<Arc<dyn kiln_disk::BlockDevice>, EngineError> {
-    let opts = if d.read_only {
-        kiln_disk::OpenOptions::read_only()
-    } else {
-        kiln_disk::OpenOptions::read_write()
-    };
-    kiln_disk::open(&d.path, opts)
-        .map_err(|e| EngineError::Backend(format!("opening {}: {e}", d.path.display())))
+/// A VM's disk opened through kiln-disk, read-only when the VM must not write it; a writable
+/// one through a handle the step cache can checkpoint, kept in `live`.
+fn open_disk(
+    d: &DiskAttach,
+    live: &mut Vec<Arc<kiln_disk::LiveDisk>>,
+) -> Result<Arc<dyn kiln_disk::BlockDevice>, EngineError> {
+    let err = |e| EngineError::Backend(format!("opening {}: {e}", d.path.display()));
+    if d.read_only {
+        return kiln_disk::open(&d.path, kiln_disk::OpenOptions::read_only()).map_err(err);
+    }
+    let disk =
+        kiln_disk::LiveDisk::open(&d.path, kiln_disk::OpenOptions::read_write()).map_err(err)?;
+    live.push(disk.clone());
+    Ok(disk)
 }
 
 /// Starts the backends a VM needs. The sockets are bound when this returns.
@@ -143,17 +155,18 @@ pub fn start(vm: &VmLaunch, block: BlockMode) -> Result<Backends, EngineError> {
         nbds: Vec::new(),
         nets: Vec::new(),
         streams: Vec::new(),
+        live: Vec::new(),
     };
     for (i, d) in vm.disks.iter().enumerate() {
         if d.bus != DiskBus::Virtio {
             // Whatever `block` says: QEMU never opens a disk on these buses itself.
             let sock = nbd_socket(&vm.workdir, i);
             let _ = std::fs::remove_file(&sock);
-            let server = NbdServer::bind(&sock, open_disk(d)?, NbdOptions::default())
+            let server = NbdServer::bind(&sock, open_disk(d, &mut b.live)?, NbdOptions::default())
                 .map_err(|e| EngineError::Backend(format!("NBD export for {}: {e}", d.name)))?;
             b.nbds.push(server);
         } else if block == BlockMode::VhostUser {
-            let dev = open_disk(d)?;
+            let dev = open_disk(d, &mut b.live)?;
             let sock = block_socket(&vm.workdir, i);
             let _ = std::fs::remove_file(&sock);
             let handle = kiln_vmm::devices::block::vhost_user::spawn(

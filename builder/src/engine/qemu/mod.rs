@@ -579,6 +579,10 @@ impl RunningVm for QemuVm {
     fn pids(&self) -> Vec<u32> {
         self.shared.lock().pid.into_iter().collect()
     }
+
+    fn live_disks(&self) -> Vec<Arc<kiln_disk::LiveDisk>> {
+        self.backends.live_disks()
+    }
 }
 
 impl Drop for QemuVm {

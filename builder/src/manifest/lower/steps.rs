@@ -83,10 +83,12 @@ pub fn provisioners(cx: &mut Cx, items: &[Node], shell: Shell) -> Vec<Provisione
                 None
             }
         };
+        let cache = read::boolean(p, "cache").unwrap_or(true);
         if let Some(step) = step {
             out.push(Provisioner {
                 name,
                 step_timeout,
+                cache,
                 step,
             });
         }

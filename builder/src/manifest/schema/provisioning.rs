@@ -12,6 +12,11 @@ pub static PROVISIONER: Obj = Obj {
         f("name", Ty::Str, "shown in logs"),
         req("type", Ty::Enum(PROVISIONER_TYPES), "the kind of step"),
         f("stepTimeout", Ty::Duration, "bounds this step"),
+        f(
+            "cache",
+            Ty::Bool,
+            "kiln extension: false runs this step (and every step after it) on every build, never from the step cache (default true)",
+        ),
         f("shell", Ty::Obj(&SHELL), "for type shell"),
         f("file", Ty::Obj(&FILE_STEP), "for type file"),
         f("reboot", Ty::Obj(&REBOOT), "for type reboot"),

@@ -81,6 +81,8 @@ pub struct BuildConfig {
     /// The runtime folder (`KILN_RUN_DIR`): `<run_root>/<pid>/<vm>/resume` resumes a handbuild
     /// step, the same flag `kiln resume <vm>` writes.
     pub run_root: PathBuf,
+    /// `kiln serve --no-cache`: builds run every step (`kiln build --no-cache`).
+    pub no_cache: bool,
 }
 
 /// The builds of one server: any number running (one per module), the last
@@ -188,6 +190,7 @@ mod tests {
             program,
             output: t.join("modules"),
             run_root: t.join("run"),
+            no_cache: false,
         })
     }
 

@@ -30,6 +30,7 @@ pub(super) fn spawn(
         .arg(&cfg.output)
         .arg(path)
         .arg("--force")
+        .args(cfg.no_cache.then_some("--no-cache"))
         .env("KILN_RUN_DIR", &cfg.run_root)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -313,6 +313,7 @@ mod tests {
         let step = |name: &str, kind| Step {
             name: name.into(),
             timeout: None,
+            cache: true,
             kind,
         };
         BuildJob {

@@ -1,0 +1,267 @@
+//! A checkpoint after a step: the guest's writable file systems are synced and frozen, each
+//! of the VM's disks has its overlay moved into a new layer and a fresh overlay opened over
+//! it (kiln-disk's [`LiveDisk`], in this process: no QEMU involvement), the layer is
+//! published to the cache, and the file systems are thawed.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use kiln_disk::LiveDisk;
+
+use super::store::{self, LayerFile, LayerRecord, LayerStore, StoreError};
+use crate::guest::{Guest, GuestCommand};
+
+/// Freezes every writable file system of a block device, deepest mount first, and prints
+/// each; a watchdog thaws them after a minute should kiln never ask (the pid is printed
+/// first). Run through `sh -c` (no script file is written on a file system being frozen).
+const FREEZE: &str = r#"sync
+(sleep 60; for m in $(awk '$4 ~ /(^|,)rw(,|$)/ && $3 ~ /^(ext[234]|xfs|btrfs|f2fs|vfat)$/ {print $2}' /proc/self/mounts); do fsfreeze -u "$m"; done) >/dev/null 2>&1 </dev/null &
+echo "watchdog $!"
+for m in $(awk '$4 ~ /(^|,)rw(,|$)/ && $3 ~ /^(ext[234]|xfs|btrfs|f2fs|vfat)$/ {print $2}' /proc/self/mounts | sort -r); do
+  fsfreeze -f "$m" && echo "frozen $m"
+done"#;
+
+/// How long a freeze or thaw command may take.
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("disk `{disk}`: {source}")]
+    Disk {
+        disk: String,
+        #[source]
+        source: kiln_disk::DiskError,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("copying the NVRAM {}: {source}", path.display())]
+    Nvram {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("thawing the guest's file systems: {0}")]
+    Thaw(String),
+}
+
+/// How the guest's file systems are frozen for a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freeze {
+    /// `fsfreeze` through the communicator (kiln's agent, or SSH as root).
+    Fsfreeze,
+    /// `fsfreeze` under `sudo -n` (SSH as another user).
+    Sudo,
+    /// Not at all (a guest without a POSIX shell): the layer is what a power cut would leave.
+    No,
+}
+
+/// One VM's checkpoints.
+pub struct Checkpointer<'a> {
+    pub store: &'a LayerStore,
+    pub module: &'a str,
+    pub vm: &'a str,
+    /// The VM's writable disks, by manifest name.
+    pub disks: Vec<(String, Arc<LiveDisk>)>,
+    pub nvram: Option<PathBuf>,
+    pub freeze: Freeze,
+}
+
+/// What a checkpoint did and cost.
+#[derive(Debug, Clone)]
+pub struct Taken {
+    pub dir: PathBuf,
+    /// False when a whole layer of the same key was already there (this one stays private
+    /// to the build).
+    pub published: bool,
+    /// From the freeze to the thaw.
+    pub frozen: Duration,
+    pub total: Duration,
+    pub bytes: u64,
+    /// Set when the file systems could not be frozen (the layer is crash-consistent).
+    pub unfrozen: Option<String>,
+}
+
+/// What the step a layer follows was.
+pub struct StepInfo<'a> {
+    /// 1-based.
+    pub number: usize,
+    pub name: &'a str,
+    pub kind: &'a str,
+    /// How long the steps since the parent layer ran.
+    pub seconds: f64,
+}
+
+impl Checkpointer<'_> {
+    /// Takes the layer `key` over `parent` now.
+    pub fn take(
+        &self,
+        guest: &mut dyn Guest,
+        key: &str,
+        parent: Option<&str>,
+        step: StepInfo<'_>,
+    ) -> Result<Taken, CheckpointError> {
+        let start = Instant::now();
+        let (watchdog, unfrozen) = match self.freeze_fs(guest) {
+            Ok(w) => (w, None),
+            Err(why) => (None, Some(why)),
+        };
+        let frozen_at = Instant::now();
+        let made = self.make_layer(key, parent, &step);
+        let frozen = frozen_at.elapsed();
+        let thawed = if unfrozen.is_none() {
+            self.thaw(guest, watchdog)
+        } else {
+            Ok(())
+        };
+        let (dir, published, bytes) = made?;
+        thawed?;
+        Ok(Taken {
+            dir,
+            published,
+            frozen,
+            total: start.elapsed(),
+            bytes,
+            unfrozen,
+        })
+    }
+
+    fn sh(&self, script: &str) -> GuestCommand {
+        let mut argv = Vec::new();
+        if self.freeze == Freeze::Sudo {
+            argv.extend(["sudo".to_string(), "-n".into()]);
+        }
+        argv.extend(["sh".to_string(), "-c".into(), script.into()]);
+        GuestCommand::Argv(argv)
+    }
+
+    /// Freezes the guest's file systems; the watchdog's pid, or why they are not frozen.
+    fn freeze_fs(&self, guest: &mut dyn Guest) -> Result<Option<u32>, String> {
+        if self.freeze == Freeze::No {
+            return Err("the guest has no POSIX shell to run fsfreeze".into());
+        }
+        let mut out = Vec::new();
+        let r = guest
+            .exec(
+                &self.sh(FREEZE),
+                &BTreeMap::new(),
+                Some(FREEZE_TIMEOUT),
+                &mut |_, b| out.extend_from_slice(b),
+            )
+            .map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&out);
+        let watchdog = text
+            .lines()
+            .find_map(|l| l.strip_prefix("watchdog "))
+            .and_then(|p| p.trim().parse().ok());
+        let frozen: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("frozen "))
+            .collect();
+        if !r.success() || frozen.is_empty() {
+            return Err(format!(
+                "fsfreeze froze {} file systems ({r}): {}",
+                frozen.len(),
+                text.trim()
+            ));
+        }
+        Ok(watchdog)
+    }
+
+    fn thaw(&self, guest: &mut dyn Guest, watchdog: Option<u32>) -> Result<(), CheckpointError> {
+        let kill = watchdog
+            .map(|p| format!("kill {p} 2>/dev/null; "))
+            .unwrap_or_default();
+        let script = format!(
+            "{kill}for m in $(awk '$4 ~ /(^|,)rw(,|$)/ && $3 ~ /^(ext[234]|xfs|btrfs|f2fs|vfat)$/ {{print $2}}' /proc/self/mounts); do fsfreeze -u \"$m\" 2>/dev/null; done; true"
+        );
+        let r = guest
+            .exec(
+                &self.sh(&script),
+                &BTreeMap::new(),
+                Some(FREEZE_TIMEOUT),
+                &mut |_, _| {},
+            )
+            .map_err(|e| CheckpointError::Thaw(e.to_string()))?;
+        if !r.success() {
+            return Err(CheckpointError::Thaw(r.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Moves every disk's overlay into a staging folder, publishes it, and opens the fresh
+    /// overlays over where the layer ended up.
+    fn make_layer(
+        &self,
+        key: &str,
+        parent: Option<&str>,
+        step: &StepInfo<'_>,
+    ) -> Result<(PathBuf, bool, u64), CheckpointError> {
+        let mut staging = self.store.stage(key)?;
+        // Declared after `staging`, so on an error each overlay goes back to its VM before
+        // the staging folder is removed.
+        let mut detached = Vec::new();
+        let mut files = Vec::new();
+        for (name, disk) in &self.disks {
+            let file = store::disk_file(name);
+            let derr = |source| CheckpointError::Disk {
+                disk: name.clone(),
+                source,
+            };
+            let backing = kiln_disk::backing_name(disk.path()).map_err(derr)?;
+            let d = disk.detach(&staging.dir().join(&file)).map_err(derr)?;
+            files.push(store::layer_file(&staging, name, &file, backing)?);
+            detached.push((name, file, d));
+        }
+        let nvram = match &self.nvram {
+            Some(p) => {
+                let dst = staging.dir().join(store::NVRAM_FILE);
+                fs::copy(p, &dst).map_err(|source| CheckpointError::Nvram {
+                    path: p.clone(),
+                    source,
+                })?;
+                Some(store::layer_file(
+                    &staging,
+                    "nvram",
+                    store::NVRAM_FILE,
+                    None,
+                )?)
+            }
+            None => None,
+        };
+        let bytes = files.iter().chain(&nvram).map(|f: &LayerFile| f.size).sum();
+        let record = LayerRecord {
+            format: store::FORMAT,
+            key: key.into(),
+            parent: parent.map(str::to_string),
+            module: self.module.into(),
+            vm: self.vm.into(),
+            step: step.number,
+            step_name: step.name.into(),
+            step_kind: step.kind.into(),
+            seconds: step.seconds,
+            created: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            disks: files,
+            nvram,
+        };
+        let (dir, published) = self.store.publish(&mut staging, &record)?;
+        for (name, file, d) in detached {
+            d.attach(&dir.join(&file))
+                .map_err(|source| CheckpointError::Disk {
+                    disk: name.clone(),
+                    source,
+                })?;
+        }
+        Ok((dir, published, bytes))
+    }
+}
+
+/// The layer folder's disk file for `disk`, for a VM resumed from `dir`.
+pub fn layer_disk(dir: &Path, disk: &str) -> PathBuf {
+    dir.join(store::disk_file(disk))
+}
