@@ -281,7 +281,15 @@ impl Cache {
                     continue;
                 }
                 let path = e.path();
-                let (size, last_used) = usage(&path).map_err(io_err(&path))?;
+                let (size, mut last_used) = usage(&path).map_err(io_err(&path))?;
+                if kind == EntryKind::Layer {
+                    // Listing reads a layer's record (its access time): a layer's use is
+                    // the modification time a build that reuses it sets on the record.
+                    if let Ok(t) = fs::metadata(path.join("layer.json")).and_then(|m| m.modified())
+                    {
+                        last_used = t;
+                    }
+                }
                 let layer = (kind == EntryKind::Layer)
                     .then(|| crate::step_cache::store::read_record(&path))
                     .flatten()
@@ -562,5 +570,58 @@ mod tests {
         let cache = Cache::open(root).unwrap();
         assert!(cache.entries().unwrap().is_empty());
         assert_eq!(fs::read_dir(cache.root().join("tmp")).unwrap().count(), 0);
+    }
+
+    /// A layer folder with a record naming `parent`, last used `days` ago.
+    fn layer(root: &Path, key: &str, parent: Option<&str>, days: u64) {
+        let dir = root.join("layers").join(key);
+        fs::create_dir_all(&dir).unwrap();
+        let rec = serde_json::json!({
+            "format": 1, "key": key, "parent": parent, "module": "m", "vm": "v", "step": 1,
+            "stepName": "s", "stepKind": "shell", "seconds": 1.0, "created": 0, "disks": [],
+        });
+        let p = dir.join("layer.json");
+        fs::write(&p, rec.to_string()).unwrap();
+        let t = SystemTime::now() - Duration::from_secs(days * 86400);
+        for f in [&p, &dir] {
+            fs::File::open(f)
+                .unwrap()
+                .set_times(fs::FileTimes::new().set_accessed(t).set_modified(t))
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn prune_keeps_the_layers_modules_record_and_their_parents_and_drops_orphans() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("cache");
+        drop(Cache::open(root.clone()).unwrap());
+        // a <- b <- c (a module records c); a <- d; x <- y (x is new, y old).
+        layer(&root, "a", None, 40);
+        layer(&root, "b", Some("a"), 40);
+        layer(&root, "c", Some("b"), 40);
+        layer(&root, "d", Some("a"), 40);
+        layer(&root, "x", None, 40);
+        layer(&root, "y", Some("x"), 0);
+        let entries = Cache::open(root.clone()).unwrap().entries().unwrap();
+        let summary = entries.iter().find(|e| e.key == "c").unwrap();
+        assert_eq!(summary.layer.as_ref().unwrap().parent.as_deref(), Some("b"));
+        let keep = needed_layers(&entries, &BTreeSet::from(["c".to_string()]));
+        assert_eq!(keep, BTreeSet::from(["a".into(), "b".into(), "c".into()]));
+
+        let month = Duration::from_secs(30 * 86400);
+        let gone = prune(&root, PruneWhat::OlderThan(month), &keep, false).unwrap();
+        let mut keys: Vec<&str> = gone.iter().map(|e| e.key.as_str()).collect();
+        keys.sort();
+        // d is old; x is old and y, though recent, cannot be opened without it.
+        assert_eq!(keys, ["d", "x", "y"]);
+        for k in ["a", "b", "c"] {
+            assert!(root.join("layers").join(k).is_dir(), "{k} kept");
+        }
+        // --all keeps what modules need too.
+        let gone = prune(&root, PruneWhat::All, &keep, false).unwrap();
+        assert!(gone.is_empty());
+        let gone = prune(&root, PruneWhat::MaxSize(0), &BTreeSet::new(), false).unwrap();
+        assert_eq!(gone.len(), 3, "nothing kept: all go to meet the size");
     }
 }

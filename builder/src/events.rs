@@ -97,7 +97,8 @@ pub enum Event {
         saved_ms: u64,
     },
     /// After step `index` the VM's disks became the layer `key`: `bytes` in the layer,
-    /// guest file systems frozen for `frozen_ms` of the checkpoint's `duration_ms`.
+    /// guest file systems frozen for `frozen_ms` of the checkpoint's `duration_ms`, of which
+    /// `disk_ms` in kiln's block layer (overlays swapped, the layer hashed and published).
     #[serde(rename_all = "camelCase")]
     Checkpoint {
         vm: String,
@@ -105,6 +106,7 @@ pub enum Event {
         key: String,
         bytes: u64,
         frozen_ms: u64,
+        disk_ms: u64,
         duration_ms: u64,
         /// False when the cache had a whole layer of that key already (this one stays the
         /// build's own).

@@ -100,8 +100,12 @@ pub struct Provisioner<'a> {
     /// what runs after each step that succeeded (a checkpoint), given the step's index and
     /// how long it ran.
     pub start: usize,
-    pub after_step: &'a dyn Fn(usize, &mut dyn Guest, Duration) -> Result<(), String>,
+    pub after_step: &'a AfterStep<'a>,
 }
+
+/// What runs after each step that succeeded: given its index, the session and how long the
+/// step ran; an error fails the step.
+pub type AfterStep<'a> = dyn Fn(usize, &mut dyn Guest, Duration) -> Result<(), String> + 'a;
 
 impl Provisioner<'_> {
     fn log_line(&self, line: &str) {

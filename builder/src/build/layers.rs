@@ -34,8 +34,7 @@ pub(super) fn plan(b: &VmBuild, src: &ResolvedSource, steps: &[Step]) -> Option<
         return None;
     }
     let agent = kiln_agent::locate_binary().and_then(|p| crate::cache::sha256_file(&p).ok());
-    let keys = match step_cache::vm_keys(&b.module.job, b.vm, steps, &src.record, agent.as_deref())
-    {
+    let keys = match step_cache::vm_keys(b.module.job, b.vm, steps, &src.record, agent.as_deref()) {
         Ok(k) => k,
         Err(e) => {
             b.note(format!("steps are not cached: {e}"));
@@ -222,6 +221,7 @@ impl VmLayers {
             key: key.clone(),
             bytes: taken.bytes,
             frozen_ms: ms(taken.frozen),
+            disk_ms: ms(taken.disk),
             duration_ms: ms(taken.total),
             published: taken.published,
         });

@@ -38,7 +38,15 @@ pub fn template_plan() -> CleanupPlan {
     let rm = |p: &str| CleanupAction::Remove(p.into());
     let mut actions = vec![
         CleanupAction::Truncate("/etc/machine-id".into()),
-        rm("/var/lib/dbus/machine-id"),
+        // D-Bus's id is the machine's (what Debian's tmpfiles.d makes at boot), so a clone's
+        // follows its own; removed, a boot still settling could make it after the cleanup.
+        CleanupAction::IfExists {
+            path: "/var/lib/dbus".into(),
+            then: vec![CleanupAction::Symlink {
+                target: "/etc/machine-id".into(),
+                link: "/var/lib/dbus/machine-id".into(),
+            }],
+        },
         CleanupAction::IfExists {
             path: "/etc/ssh".into(),
             then: vec![
@@ -89,7 +97,7 @@ pub fn template_plan() -> CleanupPlan {
 /// compresses well. SSH host keys are regenerated at first boot by a small unit.
 pub const TEMPLATE_CLEANUP: &str = r#"set +e
 truncate -s 0 /etc/machine-id
-rm -f /var/lib/dbus/machine-id
+if [ -d /var/lib/dbus ]; then ln -sfn /etc/machine-id /var/lib/dbus/machine-id; fi
 if [ -d /etc/ssh ]; then
   rm -f /etc/ssh/ssh_host_*
   cat > /etc/systemd/system/kiln-ssh-hostkeys.service <<'EOF'

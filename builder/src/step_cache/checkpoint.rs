@@ -76,8 +76,10 @@ pub struct Taken {
     /// False when a whole layer of the same key was already there (this one stays private
     /// to the build).
     pub published: bool,
-    /// From the freeze to the thaw.
+    /// From the guest's file systems frozen to thawed.
     pub frozen: Duration,
+    /// The block layer's part: overlays swapped, the layer hashed, written and published.
+    pub disk: Duration,
     pub total: Duration,
     pub bytes: u64,
     /// Set when the file systems could not be frozen (the layer is crash-consistent).
@@ -110,18 +112,20 @@ impl Checkpointer<'_> {
         };
         let frozen_at = Instant::now();
         let made = self.make_layer(key, parent, &step);
-        let frozen = frozen_at.elapsed();
+        let disk = frozen_at.elapsed();
         let thawed = if unfrozen.is_none() {
             self.thaw(guest, watchdog)
         } else {
             Ok(())
         };
+        let frozen = frozen_at.elapsed();
         let (dir, published, bytes) = made?;
         thawed?;
         Ok(Taken {
             dir,
             published,
             frozen,
+            disk,
             total: start.elapsed(),
             bytes,
             unfrozen,
@@ -264,4 +268,130 @@ impl Checkpointer<'_> {
 /// The layer folder's disk file for `disk`, for a VM resumed from `dir`.
 pub fn layer_disk(dir: &Path, disk: &str) -> PathBuf {
     dir.join(store::disk_file(disk))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guest::{ExecOutcome, GuestError};
+    use std::time::Duration;
+
+    /// A guest that takes no request: checkpoints with [`Freeze::No`] never ask it anything.
+    struct Absent;
+
+    impl Guest for Absent {
+        fn exec(
+            &mut self,
+            _: &GuestCommand,
+            _: &BTreeMap<String, String>,
+            _: Option<Duration>,
+            _: &mut dyn FnMut(crate::events::Stream, &[u8]),
+        ) -> Result<ExecOutcome, GuestError> {
+            Err(GuestError::NotAvailable("no guest".into()))
+        }
+        fn put_file(&mut self, _: &str, _: &[u8], _: u32) -> Result<(), GuestError> {
+            Err(GuestError::NotAvailable("no guest".into()))
+        }
+        fn reboot(&mut self) -> Result<(), GuestError> {
+            Err(GuestError::NotAvailable("no guest".into()))
+        }
+        fn poweroff(&mut self) -> Result<(), GuestError> {
+            Err(GuestError::NotAvailable("no guest".into()))
+        }
+    }
+
+    fn key(round: u32, i: u32) -> String {
+        crate::cache::sha256_bytes(format!("{round}/{i}").as_bytes())
+    }
+
+    /// Checkpoints a disk in a loop, writing between them, until killed: the child of
+    /// [`a_kill_during_checkpoints_leaves_no_half_layer`] (`KILN_CRASH_DIR`, `KILN_CRASH_ROUND`).
+    #[test]
+    #[ignore = "the child process of a_kill_during_checkpoints_leaves_no_half_layer"]
+    fn checkpoint_loop_child() {
+        let (Some(dir), Some(round)) = (
+            std::env::var_os("KILN_CRASH_DIR"),
+            std::env::var("KILN_CRASH_ROUND").ok(),
+        ) else {
+            return;
+        };
+        let dir = PathBuf::from(dir);
+        let round: u32 = round.parse().unwrap();
+        let store = LayerStore::at(&dir.join("cache")).unwrap();
+        let top = dir.join(format!("vm-{round}.qcow2"));
+        kiln_disk::create(
+            &top,
+            &kiln_disk::CreateOptions {
+                size: Some(64 << 20),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let disk = LiveDisk::open(&top, kiln_disk::OpenOptions::read_write()).unwrap();
+        let cp = Checkpointer {
+            store: &store,
+            module: "m",
+            vm: "v",
+            disks: vec![("root".into(), disk.clone())],
+            nvram: None,
+            freeze: Freeze::No,
+        };
+        let chunk: Vec<u8> = (0..(2 << 20)).map(|i| (i % 251) as u8).collect();
+        for i in 0..1000u32 {
+            kiln_disk::BlockDevice::write_at(&*disk, &chunk, u64::from(i % 30) * (2 << 20))
+                .unwrap();
+            let parent = (i > 0).then(|| key(round, i - 1));
+            cp.take(
+                &mut Absent,
+                &key(round, i),
+                parent.as_deref(),
+                StepInfo {
+                    number: i as usize + 1,
+                    name: "s",
+                    kind: "shell",
+                    seconds: 0.0,
+                },
+            )
+            .unwrap();
+        }
+    }
+
+    #[test]
+    fn a_kill_during_checkpoints_leaves_no_half_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = std::env::current_exe().unwrap();
+        let mut whole = 0;
+        // Kills land at different points of the checkpoint loop.
+        for (round, ms) in [40u64, 90, 150, 230, 310, 420].into_iter().enumerate() {
+            let mut child = std::process::Command::new(&exe)
+                .args([
+                    "--ignored",
+                    "--exact",
+                    "step_cache::checkpoint::tests::checkpoint_loop_child",
+                    "--nocapture",
+                ])
+                .env("KILN_CRASH_DIR", dir.path())
+                .env("KILN_CRASH_ROUND", round.to_string())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(ms));
+            child.kill().unwrap(); // SIGKILL
+            child.wait().unwrap();
+            let store = LayerStore::at(&dir.path().join("cache")).unwrap();
+            for e in std::fs::read_dir(dir.path().join("cache/layers")).unwrap() {
+                let k = e.unwrap().file_name().to_string_lossy().into_owned();
+                assert!(
+                    store.verified(&k).is_some(),
+                    "round {round}: layer {k} is under its key but not whole"
+                );
+                whole += 1;
+            }
+        }
+        assert!(
+            whole > 0,
+            "no checkpoint finished before the kills: the test saw nothing"
+        );
+    }
 }

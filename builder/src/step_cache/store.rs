@@ -139,7 +139,29 @@ impl LayerStore {
         for d in [&s.root, &s.tmp] {
             fs::create_dir_all(d).map_err(io_err(d))?;
         }
+        s.sweep_staging();
         Ok(s)
+    }
+
+    /// Removes the staging folders of kiln processes that are gone (killed mid-checkpoint);
+    /// a live one's, whoever it is, stays.
+    fn sweep_staging(&self) {
+        let Ok(rd) = fs::read_dir(&self.tmp) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(rest) = name.strip_prefix("layer-") else {
+                continue;
+            };
+            // layer-<key>-<pid>-<n>
+            let pid = rest.rsplit('-').nth(1).and_then(|p| p.parse::<u32>().ok());
+            if let Some(pid) = pid {
+                if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+                    let _ = fs::remove_dir_all(e.path());
+                }
+            }
+        }
     }
 
     pub fn dir(&self, key: &str) -> PathBuf {
@@ -401,5 +423,13 @@ mod tests {
         let d = s.dir().to_path_buf();
         drop(s);
         assert!(!d.exists());
+        // One a killed kiln left is swept by the next store opened there; a live one's stays.
+        let dead = dir.path().join(format!("tmp/layer-{key}-999999999-0"));
+        let live = dir.path().join(format!("tmp/layer-{key}-1-0"));
+        fs::create_dir_all(&dead).unwrap();
+        fs::create_dir_all(&live).unwrap();
+        LayerStore::at(dir.path()).unwrap();
+        assert!(!dead.exists());
+        assert!(live.exists());
     }
 }

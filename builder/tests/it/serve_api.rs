@@ -20,6 +20,7 @@ fn fake_build_config(dir: &Path) -> BuildConfig {
         program: PathBuf::from(env!("CARGO_BIN_EXE_kiln")),
         output: dir.join("modules"),
         run_root: dir.join("run"),
+        no_cache: false,
     }
 }
 

@@ -32,3 +32,4 @@ mod modules_cli;
 mod run_lock;
 mod runtime_dir;
 mod shell_terminal;
+mod step_cache;

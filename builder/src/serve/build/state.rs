@@ -237,6 +237,21 @@ impl BuildState {
                 vm.paused = None;
                 true
             }
+            // The step cache gave these steps: they do not run.
+            Some("stepsCached") => {
+                let Some(steps) = ev.get("steps").and_then(Value::as_array) else {
+                    return false;
+                };
+                let Some(vm) = self.vm(&vm_name) else {
+                    return false;
+                };
+                for i in steps.iter().filter_map(Value::as_u64) {
+                    if let Some(st) = vm.steps.get_mut(i as usize) {
+                        st.status = "cached";
+                    }
+                }
+                true
+            }
             Some("stepFinished") => {
                 let Some(i) = ev.get("index").and_then(Value::as_u64) else {
                     return false;
@@ -342,6 +357,20 @@ mod tests {
             network: Default::default(),
             base: Default::default(),
         }
+    }
+
+    #[test]
+    fn steps_the_cache_gave_show_as_cached() {
+        let j = job();
+        let mut s = BuildState::new(1, "m.yaml", &j);
+        assert!(s.apply(
+            &json!({"event":"stepsCached","vm":"a","steps":[0, 1, 7],"layers":["k"],"savedMs":5}),
+            &j,
+            5
+        ));
+        assert_eq!(s.vms[0].steps[0].status, "cached");
+        assert_eq!(s.vms[0].steps[1].status, "cached");
+        assert!(!s.apply(&json!({"event":"stepsCached","vm":"a"}), &j, 6));
     }
 
     #[test]

@@ -2,7 +2,7 @@ import { useState } from 'react';
 import { secs } from './format.js';
 import './Steps.css';
 
-const ICON = { pending: '○', running: '◐', ok: '✓', failed: '✗' };
+const ICON = { pending: '○', running: '◐', ok: '✓', failed: '✗', cached: '↺' };
 
 // A VM's steps, each with its duration and, opened, its output as it streams in. A failed step
 // opens by itself; the reader's own choice wins once made.
@@ -21,6 +21,7 @@ export default function Steps({ vm, output }) {
               data-testid={`${id}-toggle`} onClick={() => setChosen((c) => ({ ...c, [i]: !open }))}>
               <span className="icon" aria-label={s.status}>{ICON[s.status]}</span>
               <span className="step-name">{s.name}</span> <small>{s.kind}</small>
+              {s.status === 'cached' && <small className="from-cache" data-testid={`${id}-cached`}> from the step cache</small>}
               {s.startedMs != null && <small className="at"> at {secs(s.startedMs)}</small>}
               {s.durationMs != null && <small className="took" data-testid={`${id}-duration`}> took {secs(s.durationMs)}</small>}
               <small className="count"> {lines.length ? `${lines.length} line${lines.length === 1 ? '' : 's'}` : ''}</small>
