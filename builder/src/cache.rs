@@ -254,8 +254,18 @@ fn usage(path: &Path) -> io::Result<(u64, SystemTime)> {
     let mut size = m.blocks() * 512;
     let mut last = t(m.atime(), m.atime_nsec()).max(t(m.mtime(), m.mtime_nsec()));
     if m.is_dir() {
-        for e in fs::read_dir(path)? {
-            let (s, l) = usage(&e?.path())?;
+        // A folder a running bootstrap holds (mmdebstrap's unshared user owns it) cannot be
+        // read even by root: it counts as empty rather than failing the whole listing.
+        let rd = match fs::read_dir(path) {
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => return Ok((size, last)),
+            r => r?,
+        };
+        for e in rd {
+            let p = e?.path();
+            let (s, l) = match usage(&p) {
+                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => continue,
+                r => r?,
+            };
             size += s;
             last = last.max(l);
         }

@@ -210,23 +210,26 @@ mod tests {
     use super::*;
     use crate::create::{create, CreateOptions};
 
+    /// A fresh qcow2 of `size` bytes in a temporary folder, opened live.
+    fn fresh(size: u64) -> (tempfile::TempDir, PathBuf, Arc<LiveDisk>) {
+        let dir = tempfile::tempdir().unwrap();
+        let top = dir.path().join("vm.qcow2");
+        let opts = CreateOptions {
+            size: Some(size),
+            ..Default::default()
+        };
+        create(&top, &opts).unwrap();
+        let disk = LiveDisk::open(&top, OpenOptions::read_write()).unwrap();
+        (dir, top, disk)
+    }
+
     fn pattern(seed: u8, len: usize) -> Vec<u8> {
         (0..len).map(|i| seed.wrapping_add(i as u8)).collect()
     }
 
     #[test]
     fn checkpoints_keep_every_write_and_leave_a_chain_of_read_only_layers() {
-        let dir = tempfile::tempdir().unwrap();
-        let top = dir.path().join("vm.qcow2");
-        create(
-            &top,
-            &CreateOptions {
-                size: Some(8 << 20),
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        let disk = LiveDisk::open(&top, OpenOptions::read_write()).unwrap();
+        let (dir, top, disk) = fresh(8 << 20);
         disk.write_at(&pattern(1, 65536), 0).unwrap();
         let l1 = dir.path().join("layer1.qcow2");
         disk.checkpoint(&l1).unwrap();
@@ -273,17 +276,7 @@ mod tests {
 
     #[test]
     fn a_checkpoint_onto_an_existing_layer_is_refused_and_the_disk_goes_on() {
-        let dir = tempfile::tempdir().unwrap();
-        let top = dir.path().join("vm.qcow2");
-        create(
-            &top,
-            &CreateOptions {
-                size: Some(1 << 20),
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        let disk = LiveDisk::open(&top, OpenOptions::read_write()).unwrap();
+        let (dir, top, disk) = fresh(1 << 20);
         disk.write_at(&pattern(7, 4096), 0).unwrap();
         let taken = dir.path().join("taken");
         fs::write(&taken, b"someone else's").unwrap();
@@ -297,17 +290,7 @@ mod tests {
 
     #[test]
     fn a_detached_disk_dropped_unattached_goes_on_as_it_was() {
-        let dir = tempfile::tempdir().unwrap();
-        let top = dir.path().join("vm.qcow2");
-        create(
-            &top,
-            &CreateOptions {
-                size: Some(1 << 20),
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        let disk = LiveDisk::open(&top, OpenOptions::read_write()).unwrap();
+        let (dir, top, disk) = fresh(1 << 20);
         disk.write_at(&pattern(5, 4096), 0).unwrap();
         let layer = dir.path().join("layer.qcow2");
         let d = disk.detach(&layer).unwrap();
