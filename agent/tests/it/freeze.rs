@@ -3,45 +3,23 @@
 //! frozen. No test here sends `freeze` to the real agent: it would freeze the host's own
 //! file systems (the agent's unit tests cover freezing with a fake and a loop device).
 
-use std::io::BufReader;
-use std::os::unix::net::UnixListener;
-
 use crate::common::Agent;
-use kiln_agent::frame::{FrameReader, FrameWriter};
-use kiln_agent::message::{ErrorKind, HelloReply, Message};
+use kiln_agent::message::{ErrorKind, Message};
 use kiln_agent::{Client, ClientError};
 
-/// An agent of protocol 3, which knows no freeze: it fails the test on anything but `sync`.
+/// An agent of protocol 3, which knows no freeze: it answers `sync` and fails the test on
+/// anything else.
 fn protocol3_agent(dir: &std::path::Path) -> std::path::PathBuf {
-    let path = dir.join("v3.sock");
-    let l = UnixListener::bind(&path).unwrap();
-    std::thread::spawn(move || {
-        let (s, _) = l.accept().unwrap();
-        let mut r = FrameReader::new(BufReader::new(s.try_clone().unwrap()));
-        let mut w = FrameWriter::new(s);
-        assert!(matches!(r.read(), Ok(Message::Hello(_))));
-        w.send(&Message::HelloReply(HelloReply {
-            version: 3,
-            agent_version: "v3".into(),
-            guest: Default::default(),
-            ready: true,
-            readiness: "ready".into(),
-            uptime_ms: 1,
-            boot_id: "b".into(),
-        }))
-        .unwrap();
+    crate::common::fake_agent(dir, "v3.sock", 3, |(mut r, mut w)| {
         while let Ok(m) = r.read() {
-            let reply = match m {
-                Message::Sync => Message::Ack,
-                other => Message::Error(kiln_agent::RemoteError::new(
-                    ErrorKind::Protocol,
-                    format!("unknown frame type {}", other.name()),
-                )),
-            };
-            w.send(&reply).unwrap();
+            assert!(
+                matches!(m, Message::Sync),
+                "{} reached an agent of protocol 3",
+                m.name()
+            );
+            w.send(&Message::Ack).unwrap();
         }
-    });
-    path
+    })
 }
 
 #[test]
