@@ -637,6 +637,48 @@ impl Client {
         }
     }
 
+    /// Sync and freeze the guest's writable disk file systems (deepest mount first) and
+    /// return the mount points frozen; empty when there was nothing to freeze (nothing is
+    /// then held). The agent thaws by itself when no [`Client::thaw`] comes within a minute
+    /// or this session ends. An agent below protocol 4 is not asked (it would end the
+    /// session): that is [`ClientError::Unsupported`], and this connection stays usable.
+    pub fn freeze(&mut self) -> Result<Vec<String>> {
+        self.mount_points(Message::Freeze, "frozen")
+    }
+
+    /// Thaw what [`Client::freeze`] froze, in reverse; the mount points thawed. An error
+    /// of kind `InvalidRequest` says nothing was frozen any more, and why (the agent thawed
+    /// by itself).
+    pub fn thaw(&mut self) -> Result<Vec<String>> {
+        self.mount_points(Message::Thaw, "thawed")
+    }
+
+    /// Sends `freeze` or `thaw` (protocol 4) and reads the mount points of the answer.
+    fn mount_points(&mut self, m: Message, answer: &'static str) -> Result<Vec<String>> {
+        self.needs_protocol(4, m.name())?;
+        self.send(&m)?;
+        match (self.recv()?, m) {
+            (Message::Frozen(points), Message::Freeze)
+            | (Message::Thawed(points), Message::Thaw) => Ok(points),
+            (Message::Error(e), _) => Err(e.into()),
+            (other, _) => self.unexpected(answer, &other),
+        }
+    }
+
+    /// [`ClientError::Unsupported`] when the session's protocol is older than `version`.
+    fn needs_protocol(&self, version: u16, request: &'static str) -> Result<()> {
+        if self.hello.version >= version {
+            return Ok(());
+        }
+        Err(ClientError::Unsupported {
+            request,
+            reason: format!(
+                "the agent (version {}) speaks protocol {}; {request} needs protocol {version}",
+                self.hello.agent_version, self.hello.version
+            ),
+        })
+    }
+
     /// Give the guest's NICs these addresses now (leases kiln's network has bound for them),
     /// before the guest's own DHCP client runs. An `Unavailable` error means the agent left
     /// the network to the guest (see the agent's README, "NetConfig").

@@ -152,6 +152,10 @@ mod tests {
             ty::ERROR,
             ty::CLEANUP,
             ty::CLEANUP_DONE,
+            ty::FREEZE,
+            ty::THAW,
+            ty::FROZEN,
+            ty::THAWED,
         ];
         for i in 0..600 {
             let t = types[i % types.len()];

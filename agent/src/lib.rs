@@ -31,6 +31,7 @@ pub const VSOCK_PORT: u32 = 1024;
 /// The newest protocol version this build speaks (hello negotiates a common one).
 /// 2: the hello reply carries the guest's boot id, and the agent knows `net-config`.
 /// 3: exec may ask for a terminal (`ExecRequest::tty`), resized by `resize`.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// 4: the agent knows `freeze` and `thaw`.
+pub const PROTOCOL_VERSION: u16 = 4;
 /// The oldest protocol version this build still speaks.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;

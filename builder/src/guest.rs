@@ -67,6 +67,22 @@ pub trait Guest: Send {
             "this guest has no cleanup request".into(),
         ))
     }
+    /// Syncs and freezes the guest's writable disk file systems inside the agent (no
+    /// process is started in the guest); the agent thaws them by itself after a minute or
+    /// when this session ends. [`FreezeOutcome::Unsupported`] leaves the session usable:
+    /// the caller then freezes with a script. The default is a guest without the request.
+    fn freeze(&mut self) -> Result<FreezeOutcome, GuestError> {
+        Ok(FreezeOutcome::Unsupported(
+            "this guest has no freeze request".into(),
+        ))
+    }
+    /// Thaws what [`Guest::freeze`] froze. Nothing frozen any more (the agent thawed by
+    /// itself) is not an error: the guest runs either way.
+    fn thaw(&mut self) -> Result<(), GuestError> {
+        Err(GuestError::NotAvailable(
+            "this guest has no thaw request".into(),
+        ))
+    }
     /// Reads a small guest file whole, with its permission bits; None when it does not
     /// exist; an error when it is larger than `max` bytes. `NotAvailable` when this guest
     /// cannot read files (the caller then uses a script).
@@ -106,6 +122,18 @@ pub const CLEANUP_TIMEOUT: Duration = Duration::from_secs(300);
 pub enum CleanupOutcome {
     /// The agent ran the plan; the report names the steps that failed (best effort).
     Done(CleanupReport),
+    /// The agent does not know the request (it is older); the reason, in words.
+    Unsupported(String),
+}
+
+/// How long a freeze or a thaw may take (a script's, or the agent's request).
+pub const FREEZE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What [`Guest::freeze`] got back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FreezeOutcome {
+    /// The mount points frozen, deepest first; empty when there was nothing to freeze.
+    Frozen(Vec<String>),
     /// The agent does not know the request (it is older); the reason, in words.
     Unsupported(String),
 }
@@ -217,6 +245,26 @@ impl Connector for VsockConnector {
 /// A session with kiln's agent.
 pub struct AgentGuest(pub kiln_agent::Client);
 
+impl AgentGuest {
+    /// Makes one request that may take up to `limit` (a guest that hangs fails it instead of
+    /// holding the build forever); the inner error is the reason an older agent gave for not
+    /// knowing the request.
+    fn within<T>(
+        &mut self,
+        limit: Duration,
+        request: impl FnOnce(&mut kiln_agent::Client) -> Result<T, kiln_agent::ClientError>,
+    ) -> Result<Result<T, String>, GuestError> {
+        self.0.set_read_timeout(Some(limit)).map_err(agent_err)?;
+        let r = request(&mut self.0);
+        let _ = self.0.set_read_timeout(None);
+        match r {
+            Ok(v) => Ok(Ok(v)),
+            Err(kiln_agent::ClientError::Unsupported { reason, .. }) => Ok(Err(reason)),
+            Err(e) => Err(agent_err(e)),
+        }
+    }
+}
+
 fn agent_err(e: kiln_agent::ClientError) -> GuestError {
     match e {
         kiln_agent::ClientError::Frame(_)
@@ -287,17 +335,36 @@ impl Guest for AgentGuest {
     fn cleanup(&mut self, plan: &CleanupPlan) -> Result<CleanupOutcome, GuestError> {
         // The script this replaces had 300 s; a guest that hangs (FITRIM on a slow disk, a
         // wedged file system) fails the capture instead of holding the build forever.
-        self.0
-            .set_read_timeout(Some(CLEANUP_TIMEOUT))
-            .map_err(agent_err)?;
-        let r = self.0.cleanup(plan);
-        let _ = self.0.set_read_timeout(None);
-        match r {
+        match self.within(CLEANUP_TIMEOUT, |c| c.cleanup(plan))? {
             Ok(r) => Ok(CleanupOutcome::Done(r)),
-            Err(kiln_agent::ClientError::Unsupported { reason, .. }) => {
-                Ok(CleanupOutcome::Unsupported(reason))
+            Err(reason) => Ok(CleanupOutcome::Unsupported(reason)),
+        }
+    }
+
+    fn freeze(&mut self) -> Result<FreezeOutcome, GuestError> {
+        match self.within(FREEZE_TIMEOUT, kiln_agent::Client::freeze)? {
+            Ok(points) => Ok(FreezeOutcome::Frozen(points)),
+            Err(reason) => Ok(FreezeOutcome::Unsupported(reason)),
+        }
+    }
+
+    fn thaw(&mut self) -> Result<(), GuestError> {
+        let thawed = self.within(FREEZE_TIMEOUT, |c| match c.thaw() {
+            // Nothing frozen any more: the agent's own watchdog thawed, and says when.
+            Err(kiln_agent::ClientError::Remote(e))
+                if e.kind == kiln_agent::message::ErrorKind::InvalidRequest =>
+            {
+                Ok(Some(e.message))
             }
-            Err(e) => Err(agent_err(e)),
+            r => r.map(|_| None),
+        })?;
+        match thawed {
+            Ok(None) => Ok(()),
+            Ok(Some(why)) => {
+                tracing::warn!("thaw: {why}");
+                Ok(())
+            }
+            Err(reason) => Err(GuestError::NotAvailable(reason)),
         }
     }
 

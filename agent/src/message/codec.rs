@@ -64,6 +64,8 @@ impl Message {
             | Message::Reboot
             | Message::Poweroff
             | Message::PoweroffNow
+            | Message::Freeze
+            | Message::Thaw
             | Message::Ack => {}
             Message::Signal(s) => e.i32(*s),
             Message::PutFile(p) => {
@@ -150,6 +152,7 @@ impl Message {
             }
             Message::Cleanup(p) => cleanup::encode_plan(&mut e, p),
             Message::CleanupDone(r) => cleanup::encode_report(&mut e, r),
+            Message::Frozen(m) | Message::Thawed(m) => e.list(m.iter(), |e, s| e.str(s)),
         }
         self.frame_type()
     }
@@ -358,6 +361,10 @@ impl Message {
             }),
             ty::CLEANUP => Message::Cleanup(cleanup::decode_plan(&mut d)?),
             ty::CLEANUP_DONE => Message::CleanupDone(cleanup::decode_report(&mut d)?),
+            ty::FREEZE => Message::Freeze,
+            ty::THAW => Message::Thaw,
+            ty::FROZEN => Message::Frozen(d.list(|d| d.str())?),
+            ty::THAWED => Message::Thawed(d.list(|d| d.str())?),
             other => return Err(FrameError::UnknownType(other)),
         };
         if !d.buf.is_empty() {
@@ -578,6 +585,10 @@ pub(in crate::message) mod tests {
             }),
             Message::StdinData(vec![0, 1, 2, 255]),
             Message::StdinClose,
+            Message::Freeze,
+            Message::Thaw,
+            Message::Frozen(vec!["/boot".into(), "/".into()]),
+            Message::Thawed(Vec::new()),
             Message::Signal(15),
             Message::PutFile(PutFileRequest {
                 path: "/etc/x".into(),

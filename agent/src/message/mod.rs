@@ -30,6 +30,10 @@ pub mod ty {
     pub const NET_CONFIG: u8 = 0x10;
     /// A terminal's new window size (protocol 3), while a command runs on a terminal.
     pub const RESIZE: u8 = 0x11;
+    /// Sync and freeze the guest's writable block-device file systems (protocol 4).
+    pub const FREEZE: u8 = 0x12;
+    /// Thaw what `freeze` froze (protocol 4).
+    pub const THAW: u8 = 0x13;
 
     pub const HELLO_REPLY: u8 = 0x41;
     pub const ACK: u8 = 0x42;
@@ -42,6 +46,8 @@ pub mod ty {
     pub const STAT_REPLY: u8 = 0x49;
     pub const ERROR: u8 = 0x4a;
     pub const CLEANUP_DONE: u8 = 0x4b;
+    pub const FROZEN: u8 = 0x4c;
+    pub const THAWED: u8 = 0x4d;
 }
 
 /// Most entries an argv or env list may have.
@@ -562,6 +568,12 @@ pub enum Message {
     NetConfig(Vec<LinkConfig>),
     /// The terminal of the running command has a new size (TIOCSWINSZ; it gets SIGWINCH).
     Resize(WindowSize),
+    /// Sync, then freeze (FIFREEZE) every writable block-device file system, deepest mount
+    /// first; answered by `Frozen` or an `Error` (after thawing what was frozen). The agent
+    /// thaws by itself when no `Thaw` comes within a minute or this session ends.
+    Freeze,
+    /// Thaw what this session froze, in reverse; answered by `Thawed`.
+    Thaw,
 
     HelloReply(HelloReply),
     Ack,
@@ -576,6 +588,10 @@ pub enum Message {
     StatReply(Option<FileStat>),
     Error(RemoteError),
     CleanupDone(CleanupReport),
+    /// The mount points `Freeze` froze, in the order frozen (empty: none to freeze).
+    Frozen(Vec<String>),
+    /// The mount points `Thaw` thawed, in the order thawed.
+    Thawed(Vec<String>),
 }
 
 impl Message {
@@ -614,6 +630,10 @@ impl Message {
             Message::Error(_) => ty::ERROR,
             Message::Cleanup(_) => ty::CLEANUP,
             Message::CleanupDone(_) => ty::CLEANUP_DONE,
+            Message::Freeze => ty::FREEZE,
+            Message::Thaw => ty::THAW,
+            Message::Frozen(_) => ty::FROZEN,
+            Message::Thawed(_) => ty::THAWED,
         }
     }
 }
@@ -649,6 +669,10 @@ pub fn type_name(t: u8) -> &'static str {
         ty::ERROR => "error",
         ty::CLEANUP => "cleanup",
         ty::CLEANUP_DONE => "cleanup-done",
+        ty::FREEZE => "freeze",
+        ty::THAW => "thaw",
+        ty::FROZEN => "frozen",
+        ty::THAWED => "thawed",
         _ => "unknown",
     }
 }

@@ -426,6 +426,21 @@ pub(crate) fn glob_match(pat: &[u8], name: &[u8]) -> bool {
 /// The mount points `fstrim -a` would trim: writable mounts of block devices (a source under
 /// /dev/), each device once (the first mount listed, normally the one nearest the root).
 pub(crate) fn trim_targets(mountinfo: &str) -> Vec<PathBuf> {
+    block_mounts(mountinfo)
+        .into_iter()
+        .map(|m| m.point)
+        .collect()
+}
+
+/// A writable mount of a block device, from the mount table.
+pub(crate) struct BlockMount {
+    pub point: PathBuf,
+    pub fstype: String,
+}
+
+/// Writable mounts of block devices (a source under /dev/), each device once (the first
+/// mount listed, normally the one nearest the root), in the table's order.
+pub(crate) fn block_mounts(mountinfo: &str) -> Vec<BlockMount> {
     let mut seen: Vec<&str> = Vec::new();
     let mut out = Vec::new();
     for line in mountinfo.lines() {
@@ -434,9 +449,13 @@ pub(crate) fn trim_targets(mountinfo: &str) -> Vec<PathBuf> {
         let Some(sep) = f.iter().skip(6).position(|x| *x == "-").map(|i| i + 6) else {
             continue;
         };
-        let (Some(point), Some(opts), Some(source), Some(sopts)) =
-            (f.get(4), f.get(5), f.get(sep + 2), f.get(sep + 3))
-        else {
+        let (Some(point), Some(opts), Some(fstype), Some(source), Some(sopts)) = (
+            f.get(4),
+            f.get(5),
+            f.get(sep + 1),
+            f.get(sep + 2),
+            f.get(sep + 3),
+        ) else {
             continue;
         };
         let read_only = |o: &str| o.split(',').any(|x| x == "ro");
@@ -447,7 +466,10 @@ pub(crate) fn trim_targets(mountinfo: &str) -> Vec<PathBuf> {
             continue;
         }
         seen.push(source);
-        out.push(PathBuf::from(unescape(point)));
+        out.push(BlockMount {
+            point: PathBuf::from(unescape(point)),
+            fstype: fstype.to_string(),
+        });
     }
     out
 }

@@ -4,6 +4,7 @@
 mod cleanup;
 mod exec;
 mod files;
+mod freeze;
 pub mod mounts;
 mod netconfig;
 pub mod power;
@@ -120,6 +121,8 @@ impl Default for Config {
 
 pub(crate) struct Shared {
     pub config: Config,
+    /// The one freeze of the guest's file systems, whichever session holds it.
+    pub freezes: Arc<freeze::Freezes<freeze::SystemFreezer>>,
     sessions: AtomicUsize,
     next_id: AtomicU64,
 }
@@ -142,6 +145,7 @@ pub fn serve(config: Config) -> io::Result<()> {
     }
     let shared = Arc::new(Shared {
         config,
+        freezes: freeze::Freezes::new(freeze::SystemFreezer, freeze::THAW_LIMIT),
         sessions: AtomicUsize::new(0),
         next_id: AtomicU64::new(1),
     });

@@ -86,7 +86,10 @@ pub fn run(stream: FdStream, id: u64, shared: &Shared) {
         version: PROTOCOL_VERSION,
     };
     tracing::debug!(session = id, "session opened");
-    match s.serve() {
+    let served = s.serve();
+    // Thawed before anything is logged: the log may live on a frozen file system.
+    shared.freezes.session_ended(id);
+    match served {
         Ok(()) => tracing::debug!(session = id, "session closed by the host"),
         Err(e) => {
             tracing::warn!(session = id, "session ended: {e}");
@@ -204,6 +207,21 @@ impl Session<'_> {
                         "cleanup done"
                     );
                     self.send(&Message::CleanupDone(report))?;
+                }
+                Message::Freeze => {
+                    // Not logged here: the file systems may be frozen now (see freeze.rs).
+                    let reply = match self.shared.freezes.freeze(self.id) {
+                        Ok(points) => Message::Frozen(points),
+                        Err(e) => Message::Error(e),
+                    };
+                    self.send(&reply)?;
+                }
+                Message::Thaw => {
+                    let reply = match self.shared.freezes.thaw(self.id) {
+                        Ok(points) => Message::Thawed(points),
+                        Err(e) => Message::Error(e),
+                    };
+                    self.send(&reply)?;
                 }
                 Message::Reboot | Message::Poweroff | Message::PoweroffNow => {
                     let kind = match msg {

@@ -2,15 +2,10 @@
 //! directory; no TrimAll here: it would trim the host's own file systems), and the client's
 //! answer to an agent that predates the request.
 
-use std::io::BufReader;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixListener;
 
 use crate::common::Agent;
-use kiln_agent::frame::{FrameReader, FrameWriter};
-use kiln_agent::message::{
-    CleanupAction, CleanupPlan, ErrorKind, HelloReply, Message, RemoteError,
-};
+use kiln_agent::message::{CleanupAction, CleanupPlan, ErrorKind, Message, RemoteError};
 use kiln_agent::{Client, ClientError};
 
 fn s(p: &std::path::Path) -> String {
@@ -76,23 +71,7 @@ fn cleanup_plan_runs_in_the_agent_and_reports_failures() {
 /// An agent built before the cleanup request existed: it answers an unknown frame type with
 /// a protocol error and closes the session (what session.rs did for type 0x0f).
 fn old_agent(dir: &std::path::Path) -> std::path::PathBuf {
-    let path = dir.join("old.sock");
-    let l = UnixListener::bind(&path).unwrap();
-    std::thread::spawn(move || {
-        let (s, _) = l.accept().unwrap();
-        let mut r = FrameReader::new(BufReader::new(s.try_clone().unwrap()));
-        let mut w = FrameWriter::new(s);
-        assert!(matches!(r.read(), Ok(Message::Hello(_))));
-        w.send(&Message::HelloReply(HelloReply {
-            version: 1,
-            agent_version: "old".into(),
-            guest: Default::default(),
-            ready: true,
-            readiness: "ready".into(),
-            uptime_ms: 1,
-            boot_id: String::new(),
-        }))
-        .unwrap();
+    crate::common::fake_agent(dir, "old.sock", 1, |(mut r, mut w)| {
         // The old decoder knew no type 0x0f: the error it sent is FrameError's text.
         let e = match r.read_raw() {
             Ok((t, _)) => kiln_agent::frame::FrameError::UnknownType(t),
@@ -102,8 +81,7 @@ fn old_agent(dir: &std::path::Path) -> std::path::PathBuf {
             ErrorKind::Protocol,
             e.to_string(),
         )));
-    });
-    path
+    })
 }
 
 #[test]

@@ -5,6 +5,7 @@ mod cleanup;
 mod common;
 mod exec;
 mod files;
+mod freeze;
 mod guest;
 mod sessions;
 mod static_binary;

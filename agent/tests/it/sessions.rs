@@ -308,14 +308,17 @@ fn hello_speaks_the_newest_common_version() {
     let v2 = hello_as(1, 2);
     assert_eq!(v2.version, 2);
     assert_eq!(v2.boot_id, boot_id.trim());
-    // This build's client: version 3 (terminals), with the boot id.
-    let v3 = hello_as(1, kiln_agent::PROTOCOL_VERSION);
+    // A host of protocol 3 (terminals) gets version 3.
+    let v3 = hello_as(1, 3);
     assert_eq!(v3.version, 3);
     assert_eq!(v3.boot_id, boot_id.trim());
-    // A newer host that still speaks 3.
-    assert_eq!(hello_as(2, 9).version, 3);
+    // This build's client: version 4 (freeze and thaw), with the boot id.
+    let v4 = hello_as(1, kiln_agent::PROTOCOL_VERSION);
+    assert_eq!(v4.version, 4);
+    // A newer host that still speaks 4.
+    assert_eq!(hello_as(2, 9).version, 4);
     let c = a.client();
-    assert_eq!(c.hello().version, 3);
+    assert_eq!(c.hello().version, 4);
     assert_eq!(c.hello().boot_id, boot_id.trim());
 }
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use kiln_disk::LiveDisk;
 
 use super::store::{self, LayerFile, LayerRecord, LayerStore, StoreError};
-use crate::guest::{Guest, GuestCommand};
+use crate::guest::{FreezeOutcome, Guest, GuestCommand, FREEZE_TIMEOUT};
 
 /// Freezes every writable file system of a block device, deepest mount first, and prints
 /// each; a watchdog thaws them after a minute should kiln never ask (the pid is printed
@@ -23,9 +23,6 @@ echo "watchdog $!"
 for m in $(awk '$4 ~ /(^|,)rw(,|$)/ && $3 ~ /^(ext[234]|xfs|btrfs|f2fs|vfat)$/ {print $2}' /proc/self/mounts | sort -r); do
   fsfreeze -f "$m" && echo "frozen $m"
 done"#;
-
-/// How long a freeze or thaw command may take.
-const FREEZE_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -50,12 +47,21 @@ pub enum CheckpointError {
 /// How the guest's file systems are frozen for a checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Freeze {
-    /// `fsfreeze` through the communicator (kiln's agent, or SSH as root).
+    /// The agent's own freeze request; `fsfreeze` through the communicator when it has none
+    /// (an older agent, or SSH as root).
     Fsfreeze,
     /// `fsfreeze` under `sudo -n` (SSH as another user).
     Sudo,
     /// Not at all (a guest without a POSIX shell): the layer is what a power cut would leave.
     No,
+}
+
+/// Who holds the guest's file systems frozen, so the thaw goes the same way.
+enum Held {
+    /// The agent (it thaws by itself after a minute or when the session ends).
+    Agent,
+    /// The `FREEZE` script, with its watchdog's pid when it printed one.
+    Script(Option<u32>),
 }
 
 /// One VM's checkpoints.
@@ -106,17 +112,16 @@ impl Checkpointer<'_> {
         step: StepInfo<'_>,
     ) -> Result<Taken, CheckpointError> {
         let start = Instant::now();
-        let (watchdog, unfrozen) = match self.freeze_fs(guest) {
-            Ok(w) => (w, None),
+        let (held, unfrozen) = match self.freeze_fs(guest) {
+            Ok(h) => (Some(h), None),
             Err(why) => (None, Some(why)),
         };
         let frozen_at = Instant::now();
         let made = self.make_layer(key, parent, &step);
         let disk = frozen_at.elapsed();
-        let thawed = if unfrozen.is_none() {
-            self.thaw(guest, watchdog)
-        } else {
-            Ok(())
+        let thawed = match held {
+            Some(h) => self.thaw(guest, h),
+            None => Ok(()),
         };
         let frozen = frozen_at.elapsed();
         let (dir, published, bytes) = made?;
@@ -141,11 +146,29 @@ impl Checkpointer<'_> {
         GuestCommand::Argv(argv)
     }
 
-    /// Freezes the guest's file systems; the watchdog's pid, or why they are not frozen.
-    fn freeze_fs(&self, guest: &mut dyn Guest) -> Result<Option<u32>, String> {
+    /// Freezes the guest's file systems: by the agent's request when it has one, else by a
+    /// script; what the thaw needs, or why they are not frozen.
+    fn freeze_fs(&self, guest: &mut dyn Guest) -> Result<Held, String> {
         if self.freeze == Freeze::No {
             return Err("the guest has no POSIX shell to run fsfreeze".into());
         }
+        match guest.freeze().map_err(|e| e.to_string())? {
+            FreezeOutcome::Frozen(points) if points.is_empty() => {
+                Err("the agent found no writable disk file system to freeze".into())
+            }
+            FreezeOutcome::Frozen(points) => {
+                tracing::debug!(vm = self.vm, "frozen by the agent: {}", points.join(", "));
+                Ok(Held::Agent)
+            }
+            FreezeOutcome::Unsupported(why) => {
+                tracing::debug!(vm = self.vm, "freezing with fsfreeze: {why}");
+                self.freeze_script(guest).map(Held::Script)
+            }
+        }
+    }
+
+    /// `fsfreeze` through a shell; the watchdog's pid, or why they are not frozen.
+    fn freeze_script(&self, guest: &mut dyn Guest) -> Result<Option<u32>, String> {
         let mut out = Vec::new();
         let r = guest
             .exec(
@@ -174,7 +197,15 @@ impl Checkpointer<'_> {
         Ok(watchdog)
     }
 
-    fn thaw(&self, guest: &mut dyn Guest, watchdog: Option<u32>) -> Result<(), CheckpointError> {
+    fn thaw(&self, guest: &mut dyn Guest, held: Held) -> Result<(), CheckpointError> {
+        let watchdog = match held {
+            Held::Agent => {
+                return guest
+                    .thaw()
+                    .map_err(|e| CheckpointError::Thaw(e.to_string()))
+            }
+            Held::Script(w) => w,
+        };
         let kill = watchdog
             .map(|p| format!("kill {p} 2>/dev/null; "))
             .unwrap_or_default();
@@ -393,5 +424,119 @@ mod tests {
             whole > 0,
             "no checkpoint finished before the kills: the test saw nothing"
         );
+    }
+
+    use crate::events::Stream;
+
+    /// A guest that records what the checkpoint asked of it; `agent` is what its freeze
+    /// request answers (None: it has none, like an older agent or SSH).
+    struct Recorder {
+        agent: Option<Vec<String>>,
+        log: Vec<String>,
+    }
+
+    impl Guest for Recorder {
+        fn exec(
+            &mut self,
+            cmd: &GuestCommand,
+            _env: &BTreeMap<String, String>,
+            _timeout: Option<Duration>,
+            out: &mut dyn FnMut(Stream, &[u8]),
+        ) -> Result<ExecOutcome, GuestError> {
+            let GuestCommand::Argv(argv) = cmd else {
+                panic!("{cmd:?}")
+            };
+            let script = argv.last().cloned().unwrap_or_default();
+            if script == FREEZE {
+                self.log.push("script freeze".into());
+                out(Stream::Stdout, b"watchdog 42\nfrozen /\n");
+            } else {
+                self.log.push(format!(
+                    "script thaw{}",
+                    if script.starts_with("kill 42 ") {
+                        " (watchdog killed)"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+            Ok(ExecOutcome {
+                code: Some(0),
+                signal: None,
+                timed_out: false,
+                duration_ms: 1,
+            })
+        }
+        fn put_file(&mut self, _: &str, _: &[u8], _: u32) -> Result<(), GuestError> {
+            unreachable!()
+        }
+        fn reboot(&mut self) -> Result<(), GuestError> {
+            unreachable!()
+        }
+        fn poweroff(&mut self) -> Result<(), GuestError> {
+            unreachable!()
+        }
+        fn freeze(&mut self) -> Result<FreezeOutcome, GuestError> {
+            match &self.agent {
+                Some(points) => {
+                    self.log.push("agent freeze".into());
+                    Ok(FreezeOutcome::Frozen(points.clone()))
+                }
+                None => Ok(FreezeOutcome::Unsupported("older agent".into())),
+            }
+        }
+        fn thaw(&mut self) -> Result<(), GuestError> {
+            self.log.push("agent thaw".into());
+            Ok(())
+        }
+    }
+
+    fn take(agent: Option<Vec<String>>) -> (Vec<String>, Taken) {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = LayerStore::at(tmp.path()).unwrap();
+        let cp = Checkpointer {
+            store: &store,
+            module: "m",
+            vm: "box",
+            disks: Vec::new(),
+            nvram: None,
+            freeze: Freeze::Fsfreeze,
+        };
+        let mut g = Recorder {
+            agent,
+            log: Vec::new(),
+        };
+        let step = StepInfo {
+            number: 1,
+            name: "one",
+            kind: "shell",
+            seconds: 1.0,
+        };
+        let taken = cp.take(&mut g, "k1", None, step).unwrap();
+        (g.log, taken)
+    }
+
+    #[test]
+    fn the_agents_freeze_request_is_used_when_it_has_one() {
+        let (log, taken) = take(Some(vec!["/".into()]));
+        assert_eq!(log, ["agent freeze", "agent thaw"]);
+        assert!(taken.unfrozen.is_none());
+    }
+
+    #[test]
+    fn without_the_request_the_script_freezes_and_its_watchdog_goes_with_the_thaw() {
+        let (log, taken) = take(None);
+        assert_eq!(log, ["script freeze", "script thaw (watchdog killed)"]);
+        assert!(taken.unfrozen.is_none());
+    }
+
+    #[test]
+    fn nothing_to_freeze_is_a_layer_without_freezing_and_no_thaw() {
+        let (log, taken) = take(Some(Vec::new()));
+        assert_eq!(log, ["agent freeze"]);
+        assert!(taken
+            .unfrozen
+            .unwrap()
+            .contains("no writable disk file system"));
     }
 }

@@ -3,6 +3,7 @@
 //! `build_common` holds the helpers the `kiln build` tests share.
 
 mod build_boot_command;
+mod build_checkpoint;
 mod build_common;
 mod build_disk_bus;
 mod build_failures;

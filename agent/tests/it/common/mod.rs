@@ -168,3 +168,41 @@ pub fn is_root() -> bool {
     // SAFETY: geteuid cannot fail.
     unsafe { libc::geteuid() == 0 }
 }
+
+/// The frame reader and writer of a stand-in agent's one session.
+pub type FakeSession = (
+    kiln_agent::frame::FrameReader<std::io::BufReader<UnixStream>>,
+    kiln_agent::frame::FrameWriter<UnixStream>,
+);
+
+/// A stand-in for an older agent at `dir/name`: it answers one session's hello with
+/// protocol `version`, then `serve` plays the rest.
+pub fn fake_agent(
+    dir: &Path,
+    name: &str,
+    version: u16,
+    serve: impl FnOnce(FakeSession) + Send + 'static,
+) -> PathBuf {
+    use kiln_agent::frame::{FrameReader, FrameWriter};
+    use kiln_agent::message::{HelloReply, Message};
+    let path = dir.join(name);
+    let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    std::thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        let mut r = FrameReader::new(std::io::BufReader::new(s.try_clone().unwrap()));
+        let mut w = FrameWriter::new(s);
+        assert!(matches!(r.read(), Ok(Message::Hello(_))));
+        w.send(&Message::HelloReply(HelloReply {
+            version,
+            agent_version: format!("v{version}"),
+            guest: Default::default(),
+            ready: true,
+            readiness: "ready".into(),
+            uptime_ms: 1,
+            boot_id: String::new(),
+        }))
+        .unwrap();
+        serve((r, w));
+    });
+    path
+}
