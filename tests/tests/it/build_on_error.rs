@@ -69,7 +69,8 @@ fn ask_opens_a_shell_at_the_failed_step_and_retry_finishes_the_build() {
     let Some(kiln) = boot_prereqs_or_skip() else {
         return;
     };
-    let steps = "      - { name: before, type: shell, shell: { inline: \"echo before-$((1+1)) > /root/before\" } }\n      - { name: check, type: shell, shell: { inline: \"test -f /tmp/fixed\" } }\n      - { name: after, type: shell, shell: { inline: \"echo after-the-$(cat /tmp/fixed)\" } }\n";
+    // In /root: a bootstrapped guest may still mount a fresh /tmp while the steps run.
+    let steps = "      - { name: before, type: shell, shell: { inline: \"echo before-$((1+1)) > /root/before\" } }\n      - { name: check, type: shell, shell: { inline: \"test -f /root/fixed\" } }\n      - { name: after, type: shell, shell: { inline: \"echo after-the-$(cat /root/fixed)\" } }\n";
     let Setup {
         tmp: _tmp,
         run_dir,
@@ -92,7 +93,7 @@ fn ask_opens_a_shell_at_the_failed_step_and_retry_finishes_the_build() {
     term.type_(b"s\r");
     // The shell is in the VM as the failed step left it: the first step's work is there.
     let at = wait_for(&screen, at, "root@", Duration::from_secs(120));
-    term.type_(b"cat /root/before; echo fix > /tmp/fixed; exit\r");
+    term.type_(b"cat /root/before; echo fix > /root/fixed; exit\r");
     let at = wait_for(&screen, at, "before-2", Duration::from_secs(30));
     let at = wait_for(&screen, at, QUESTION, Duration::from_secs(60));
     term.type_(b"r\r");
