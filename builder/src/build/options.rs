@@ -16,8 +16,8 @@ use crate::network::Internet;
 pub enum OnError {
     /// Stop every VM and remove the partial module (its logs are kept).
     Cleanup,
-    /// Stop every VM and keep the partial module's folder (the VMs' disks and logs) where
-    /// the build says. `keep` is the name this had before.
+    /// Stop every VM and keep the partial module's folder (the VMs' disks) where the build
+    /// says; the logs are kept as with cleanup. `keep` is the name this had before.
     #[value(alias = "keep")]
     Abort,
     /// At a failed step, keep the VM up and ask on the terminal: retry the step, open a

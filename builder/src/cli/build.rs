@@ -26,10 +26,10 @@ pub struct BuildArgs {
     #[arg(long, value_enum, default_value = "auto")]
     pub engine: EngineChoice,
     /// On a failure, as Packer's -on-error: cleanup (stop every VM, remove the partial
-    /// module; its logs are kept), abort (stop every VM, keep the partial module's disks and
-    /// logs where the build says) or ask (at a failed step keep the VM up and ask on the
-    /// terminal: retry the step, open a shell in the VM, continue, or abort; stdin must be a
-    /// terminal).
+    /// module), abort (stop every VM, keep the partial module's folder with the VMs' disks,
+    /// where the build says) or ask (at a failed step keep the VM up and ask on the terminal:
+    /// retry the step, open a shell in the VM, continue, or abort; stdin must be a terminal).
+    /// The logs are kept in every case.
     #[arg(long, value_enum, default_value = "cleanup")]
     pub on_error: OnError,
     /// Capture each buildRef VM's boot disk as a qcow2 layer over its parent module's disk
