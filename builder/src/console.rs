@@ -138,6 +138,16 @@ fn read_record(path: &Path) -> Option<BuildRecord> {
 /// The console of `target`, `<build>/<vm>` or a `<vm>` only one running build has; `<build>`
 /// is the module's name or the build's process id.
 pub fn find(root: &Path, target: &str) -> Result<Console, ConsoleError> {
+    let (pid, rec, vm) = find_vm(root, target)?;
+    console_of(root, pid, &rec, vm)
+}
+
+/// The running build (its process id and record) that `target` names a VM of, as [`find`]
+/// reads it, and the VM's name.
+pub fn find_vm<'t>(
+    root: &Path,
+    target: &'t str,
+) -> Result<(u32, BuildRecord, &'t str), ConsoleError> {
     let (build, vm) = match target.split_once('/') {
         Some((b, v)) => (Some(b), v),
         None => (None, target),
@@ -205,7 +215,7 @@ pub fn find(root: &Path, target: &str) -> Result<Console, ConsoleError> {
             })
         }
     };
-    console_of(root, pid, rec, vm)
+    Ok((pid, rec.clone(), vm))
 }
 
 /// The console of VM `vm` of the build `rec` run by process `pid`.

@@ -191,6 +191,12 @@ pub(crate) fn civil_from_days(z: i64) -> (i64, u32, u32) {
 /// Where events go. Implementations must be cheap: events come from VM threads.
 pub trait EventSink: Send + Sync {
     fn emit(&self, event: &Event);
+
+    /// Runs `f` with this view off the terminal (a question asked, a shell opened on it);
+    /// other events wait until `f` returns.
+    fn hold(&self, f: &mut dyn FnMut()) {
+        f()
+    }
 }
 
 /// `--json`: one compact JSON object per line on stdout.
@@ -335,6 +341,12 @@ impl Default for HumanSink {
 }
 
 impl EventSink for HumanSink {
+    fn hold(&self, f: &mut dyn FnMut()) {
+        // The status lines are cleared and redrawn afterwards; their ticks and other VMs'
+        // lines wait.
+        self.multi.suspend(f)
+    }
+
     fn emit(&self, event: &Event) {
         match event {
             Event::Build { phase, message, .. } => {
@@ -483,6 +495,16 @@ impl EventSink for Tee {
         for s in &self.0 {
             s.emit(event);
         }
+    }
+
+    fn hold(&self, f: &mut dyn FnMut()) {
+        fn nest(sinks: &[std::sync::Arc<dyn EventSink>], f: &mut dyn FnMut()) {
+            match sinks.split_first() {
+                Some((first, rest)) => first.hold(&mut || nest(rest, f)),
+                None => f(),
+            }
+        }
+        nest(&self.0, f)
     }
 }
 

@@ -313,6 +313,14 @@ impl PendingModule {
         self.committed = true;
         Ok(self.dst.clone())
     }
+
+    /// Leaves the partial folder in place for the user to look at (`--on-error abort`), and
+    /// returns where it is: start-up clean-up removes it once this process has ended.
+    pub fn keep(mut self) -> PathBuf {
+        // Dropped as if committed: nothing is removed.
+        self.committed = true;
+        self.tmp.clone()
+    }
 }
 
 impl Drop for PendingModule {
@@ -603,6 +611,17 @@ mod tests {
             fs::write(p.dir().join("disks/x"), b"x").unwrap();
         }
         assert_eq!(fs::read_dir(d.path()).unwrap().count(), 0);
+        assert!(list(d.path()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_kept_build_stays_in_place_unlocked_and_is_no_module() {
+        let d = tempfile::tempdir().unwrap();
+        let p = PendingModule::begin(d.path(), "half", false).unwrap();
+        fs::write(p.dir().join("work/root.qcow2"), b"x").unwrap();
+        let kept = p.keep();
+        assert!(kept.join("work/root.qcow2").is_file());
+        assert!(!crate::leftovers::is_owned(&kept), "still locked");
         assert!(list(d.path()).unwrap().is_empty());
     }
 

@@ -101,6 +101,29 @@ pub struct Provisioner<'a> {
     /// how long it ran.
     pub start: usize,
     pub after_step: &'a AfterStep<'a>,
+    /// What to do after a step fails (`--on-error ask`), asked with the VM still up; `None`
+    /// fails the run.
+    pub on_failure: Option<&'a dyn Fn(&StepFailure) -> AfterFailure>,
+}
+
+/// A failed step, as [`Provisioner::on_failure`] is told of it.
+pub struct StepFailure<'a> {
+    pub vm: &'a str,
+    /// From 1, as messages count steps.
+    pub number: usize,
+    pub step: &'a Step,
+    pub error: &'a StepError,
+}
+
+/// What a provisioning run does after a failed step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterFailure {
+    /// Run the step again, on the same guest.
+    Retry,
+    /// Go on with the next step, as if this one had succeeded.
+    Skip,
+    /// Fail the run with the step's error.
+    Fail,
 }
 
 /// What runs after each step that succeeded: given its index, the session and how long the
@@ -118,40 +141,27 @@ impl Provisioner<'_> {
     /// Runs every step on an already connected guest. Returns the session for the steps
     /// that follow (capture), which may be a new one after a reboot.
     pub fn run(&self, mut guest: Box<dyn Guest>) -> Result<Box<dyn Guest>, StepError> {
+        // Once a failure was answered (retried or skipped), the guest holds what the steps'
+        // keys do not say (what the failed run or a shell left): no more layers are taken.
+        let mut off_script = false;
         for (index, step) in self.steps.iter().enumerate().skip(self.start) {
-            if self.cancel.load(Ordering::SeqCst) {
-                return Err(StepError::Cancelled);
-            }
-            let kind = step.kind.label();
-            self.events.emit(&Event::StepStarted {
-                vm: self.vm.into(),
-                index,
-                step: step.name.clone(),
-                kind: kind.into(),
-            });
-            self.log_line(&format!("==> step {} '{}' ({kind})", index + 1, step.name));
             let start = Instant::now();
-            let result = self.step(index, step, guest);
-            let (ok, message) = match &result {
-                Ok(_) => (true, None),
-                Err(e) => (false, Some(e.to_string())),
+            guest = loop {
+                let error = match self.attempt(index, step, guest) {
+                    Ok(g) => break g,
+                    Err(e) => e,
+                };
+                let after = self.after_failure(index, step, &error);
+                off_script |= after != AfterFailure::Fail;
+                match after {
+                    AfterFailure::Fail => return Err(error),
+                    AfterFailure::Retry => guest = self.reconnect(index, step)?,
+                    AfterFailure::Skip => break self.reconnect(index, step)?,
+                }
             };
-            self.events.emit(&Event::StepFinished {
-                vm: self.vm.into(),
-                index,
-                step: step.name.clone(),
-                ok,
-                duration_ms: ms(start.elapsed()),
-                message: message.clone(),
-            });
-            self.log_line(&format!(
-                "<== step '{}' {} in {:.1}s{}",
-                step.name,
-                if ok { "ok" } else { "FAILED" },
-                start.elapsed().as_secs_f64(),
-                message.map(|m| format!(": {m}")).unwrap_or_default()
-            ));
-            guest = result?;
+            if off_script {
+                continue;
+            }
             (self.after_step)(index, &mut *guest, start.elapsed()).map_err(|message| {
                 StepError::Checkpoint {
                     index: index + 1,
@@ -161,6 +171,75 @@ impl Provisioner<'_> {
             })?;
         }
         Ok(guest)
+    }
+
+    fn after_failure(&self, index: usize, step: &Step, error: &StepError) -> AfterFailure {
+        match self.on_failure {
+            Some(ask) if !matches!(error, StepError::Cancelled) => ask(&StepFailure {
+                vm: self.vm,
+                number: index + 1,
+                step,
+                error,
+            }),
+            _ => AfterFailure::Fail,
+        }
+    }
+
+    /// A new session after a failed step (the failed one took its session with it).
+    fn reconnect(&self, index: usize, step: &Step) -> Result<Box<dyn Guest>, StepError> {
+        self.connector
+            .connect_until(BOOT_TIMEOUT, &self.cancel, &mut |_| Ok(()))
+            .map_err(|e| match e {
+                WaitError::Cancelled => StepError::Cancelled,
+                e => StepError::Guest {
+                    index: index + 1,
+                    name: step.name.clone(),
+                    kind: step.kind.label(),
+                    source: GuestError::from(e),
+                },
+            })
+    }
+
+    /// One run of one step, told as started and finished.
+    fn attempt(
+        &self,
+        index: usize,
+        step: &Step,
+        guest: Box<dyn Guest>,
+    ) -> Result<Box<dyn Guest>, StepError> {
+        if self.cancel.load(Ordering::SeqCst) {
+            return Err(StepError::Cancelled);
+        }
+        let kind = step.kind.label();
+        self.events.emit(&Event::StepStarted {
+            vm: self.vm.into(),
+            index,
+            step: step.name.clone(),
+            kind: kind.into(),
+        });
+        self.log_line(&format!("==> step {} '{}' ({kind})", index + 1, step.name));
+        let start = Instant::now();
+        let result = self.step(index, step, guest);
+        let (ok, message) = match &result {
+            Ok(_) => (true, None),
+            Err(e) => (false, Some(e.to_string())),
+        };
+        self.events.emit(&Event::StepFinished {
+            vm: self.vm.into(),
+            index,
+            step: step.name.clone(),
+            ok,
+            duration_ms: ms(start.elapsed()),
+            message: message.clone(),
+        });
+        self.log_line(&format!(
+            "<== step '{}' {} in {:.1}s{}",
+            step.name,
+            if ok { "ok" } else { "FAILED" },
+            start.elapsed().as_secs_f64(),
+            message.map(|m| format!(": {m}")).unwrap_or_default()
+        ));
+        result
     }
 
     fn step(
@@ -577,6 +656,16 @@ pub(crate) mod tests {
         dir: &std::path::Path,
         extra: BTreeMap<String, FileContent>,
     ) -> (Result<(), StepError>, Arc<Mutex<FakeState>>, MemorySink) {
+        run_with(steps, dir, extra, None)
+    }
+
+    /// [`run_in`], asking `on_failure` after a failed step.
+    fn run_with(
+        steps: &[Step],
+        dir: &std::path::Path,
+        extra: BTreeMap<String, FileContent>,
+        on_failure: Option<&dyn Fn(&StepFailure) -> AfterFailure>,
+    ) -> (Result<(), StepError>, Arc<Mutex<FakeState>>, MemorySink) {
         let state = Arc::new(Mutex::new(FakeState::default()));
         let conn = FakeConnector(state.clone());
         let mut files = extra;
@@ -606,7 +695,14 @@ pub(crate) mod tests {
                 })
             },
             start: 0,
-            after_step: &|_, _, _| Ok(()),
+            after_step: &|index, _, _| {
+                events.emit(&Event::Note {
+                    vm: None,
+                    message: format!("checkpoint {}", index + 1),
+                });
+                Ok(())
+            },
+            on_failure,
         };
         let r = p
             .run(conn.connect(Duration::from_secs(1)).unwrap())
@@ -684,6 +780,93 @@ pub(crate) mod tests {
         assert!(msg.contains("line two") && msg.contains("oops"), "{msg}");
         // The third step never ran.
         assert_eq!(state.lock().unwrap().commands.len(), 2);
+    }
+
+    /// Runs steps whose second fails, answering with `answers` in turn; returns the result,
+    /// the scripts run, the steps asked about and the steps a checkpoint followed.
+    fn run_answering(
+        steps: &[Step],
+        answers: &[AfterFailure],
+    ) -> (Result<(), StepError>, Vec<String>, Vec<String>, Vec<String>) {
+        let dir = tempfile::tempdir().unwrap();
+        let answers = Mutex::new(answers.iter().copied().collect::<VecDeque<_>>());
+        let asked = Mutex::new(Vec::new());
+        let ask = |f: &StepFailure| {
+            asked
+                .lock()
+                .unwrap()
+                .push(format!("{} {} {}", f.vm, f.number, f.step.name));
+            answers
+                .lock()
+                .unwrap()
+                .pop_front()
+                .expect("asked once too often")
+        };
+        let (r, state, events) = run_with(steps, dir.path(), BTreeMap::new(), Some(&ask));
+        let checkpoints = events
+            .events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|e| match e {
+                Event::Note { message, .. } => {
+                    message.strip_prefix("checkpoint ").map(String::from)
+                }
+                _ => None,
+            })
+            .collect();
+        let scripts = state
+            .lock()
+            .unwrap()
+            .commands
+            .iter()
+            .filter_map(|(c, _)| match c {
+                GuestCommand::Bash(b) => Some(b.trim().to_string()),
+                GuestCommand::Argv(_) => None,
+            })
+            .collect();
+        (r, scripts, asked.into_inner().unwrap(), checkpoints)
+    }
+
+    fn failing_second() -> Vec<Step> {
+        vec![
+            step("first", shell("true\n")),
+            step("breaks", shell("exit 3\n")),
+            step("last", shell("echo last\n")),
+        ]
+    }
+
+    #[test]
+    fn a_failed_step_retried_runs_again_then_the_rest() {
+        let (r, scripts, asked, checkpoints) = run_answering(
+            &failing_second(),
+            &[AfterFailure::Retry, AfterFailure::Skip],
+        );
+        r.unwrap();
+        assert_eq!(scripts, ["true", "exit 3", "exit 3", "echo last"]);
+        assert_eq!(asked, ["hello 2 breaks", "hello 2 breaks"]);
+        // The guest now holds what the steps' keys do not say: no layer after step 1.
+        assert_eq!(checkpoints, ["1"]);
+    }
+
+    #[test]
+    fn a_failed_step_skipped_goes_on_with_the_next() {
+        let (r, scripts, _, checkpoints) = run_answering(&failing_second(), &[AfterFailure::Skip]);
+        r.unwrap();
+        assert_eq!(scripts, ["true", "exit 3", "echo last"]);
+        assert_eq!(checkpoints, ["1"]);
+    }
+
+    #[test]
+    fn a_failed_step_aborted_fails_the_run_with_its_error() {
+        let (r, scripts, asked, _) = run_answering(&failing_second(), &[AfterFailure::Fail]);
+        let msg = r.unwrap_err().to_string();
+        assert!(
+            msg.contains("step 2 'breaks'") && msg.contains("exit code 3"),
+            "{msg}"
+        );
+        assert_eq!(scripts, ["true", "exit 3"]);
+        assert_eq!(asked.len(), 1);
     }
 
     #[test]

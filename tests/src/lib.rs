@@ -36,6 +36,7 @@ pub mod iso;
 pub mod kernel;
 pub mod module;
 pub mod pattern;
+pub mod pty;
 pub mod qemu;
 pub mod rfb;
 pub mod screen;

@@ -1,5 +1,5 @@
 //! Boot: the engine picked for the build; each VM launched through it and waited for until
-//! its agent answers; a failed VM kept up for inspection (`--on-error keep`) or stopped.
+//! its agent answers; a failed VM stopped.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -12,7 +12,6 @@ use super::boot_failure;
 use super::boot_path;
 use super::error::{BuildError, VmError};
 use super::media;
-use super::options::OnError;
 use super::registry::{Registered, SharedVm};
 use super::source::VmDisks;
 use super::vm::VmBuild;
@@ -429,18 +428,9 @@ impl ConsoleWatch {
     }
 }
 
-/// Stops a VM that failed; with `--on-error keep` only once the build is cancelled, so it
-/// can be inspected until then.
-pub(super) fn stop_failed(b: &VmBuild, vm: &Launched) {
-    if b.module.opts.on_error == OnError::Keep {
-        b.note(format!(
-            "--on-error keep: the VM stays up (serial log {}); Ctrl-C ends the build",
-            b.serial_log().display()
-        ));
-        while !b.cancelled() {
-            std::thread::sleep(Duration::from_millis(300));
-        }
-    }
+/// Stops a VM that failed. Under `--on-error ask` a failed step was already asked about
+/// while the VM ran (see [`super::ask`]); what is left is a failure to stop on.
+pub(super) fn stop_failed(vm: &Launched) {
     vm.running.lock().unwrap_or_else(|p| p.into_inner()).kill();
 }
 

@@ -93,8 +93,7 @@ fn entry(file: &str) -> String {
 /// Why one VM of the build did not make it into the module.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
-    /// The build was cancelled (Ctrl-C, its timeout, another VM's failure under
-    /// `--on-error abort`).
+    /// The build was cancelled (Ctrl-C, its timeout, another VM's failure).
     #[error("cancelled")]
     Cancelled,
     #[error(transparent)]

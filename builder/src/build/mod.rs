@@ -11,6 +11,7 @@
 //! failure can stop all of them at once; a VM thread blocked on its guest then sees the
 //! connection drop and ends.
 
+pub mod ask;
 mod barrier;
 mod boot;
 pub mod boot_command;
@@ -126,7 +127,23 @@ fn run_once(
         run_dir: run_dir.path(),
         start,
     };
-    let vms = vms::build_all(&module, &build_phase, build_vm)?;
+    let vms = match vms::build_all(&module, &build_phase, build_vm) {
+        Ok(vms) => vms,
+        Err(e) if opts.on_error.keeps_work() && !matches!(e, BuildError::Cancelled) => {
+            let kept = pending.keep();
+            ev.emit(&Event::Note {
+                vm: None,
+                message: format!(
+                    "--on-error abort: the VMs are stopped; their disks are kept in {} \
+                     (the next `kiln build` into {} removes them)",
+                    kept.join("work").display(),
+                    opts.output.display()
+                ),
+            });
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    };
 
     let record = ModuleRecord {
         api_version: "kiln/v1".into(),
@@ -201,7 +218,7 @@ fn vm_phases(b: &VmBuild) -> Result<VmRecord, VmError> {
         Ok(done) => done,
         Err(e) if b.cancelled() && e.follows_cancel() => return Err(VmError::Cancelled),
         Err(e) => {
-            boot::stop_failed(b, &vm);
+            boot::stop_failed(&vm);
             return Err(e);
         }
     };
@@ -277,6 +294,7 @@ fn guest_phases(
         guest,
         connector,
         &vm.log,
+        &vm.socket,
         &network_ready,
         layers,
         checkpoints.as_ref(),

@@ -11,13 +11,25 @@ use crate::engine::EngineChoice;
 use crate::events::EventSink;
 use crate::network::Internet;
 
-/// What to do with a failed build's VMs.
+/// What to do when a build fails, in Packer's words.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum OnError {
-    /// Stop every VM and remove the partial module.
+    /// Stop every VM and remove the partial module (its logs are kept).
+    Cleanup,
+    /// Stop every VM and keep the partial module's folder (the VMs' disks) where the build
+    /// says; the logs are kept as with cleanup. `keep` is the name this had before.
+    #[value(alias = "keep")]
     Abort,
-    /// Leave the failed VMs running for inspection until Ctrl-C.
-    Keep,
+    /// At a failed step, keep the VM up and ask on the terminal: retry the step, open a
+    /// shell in the VM, continue with the next step, or abort. Other failures abort.
+    Ask,
+}
+
+impl OnError {
+    /// Whether a failed build keeps its partial module's folder.
+    pub fn keeps_work(self) -> bool {
+        self != OnError::Cleanup
+    }
 }
 
 /// Options of a build.

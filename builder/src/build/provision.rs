@@ -1,19 +1,23 @@
 //! Provision: the VM's steps run in order through its agent (see [`crate::provision`]), with
-//! the `httpDirectory` address in shell steps' environment and `files` URLs read through the
-//! build's cache; a checkpoint of the step cache after each step.
+//! the `httpDirectory` address in shell steps' environment, `files` URLs read through the
+//! build's cache; a checkpoint of the step cache after each step; under `--on-error ask` the
+//! user asked at a failed step.
 
 use std::fs::File;
+use std::path::Path;
 use std::sync::Mutex;
 
 use std::time::Duration;
 
+use super::ask::TerminalAsk;
 use super::error::VmError;
 use super::layers::VmLayers;
+use super::options::OnError;
 use super::vm::VmBuild;
 use crate::guest::{Connector, Guest};
 use crate::http_directory;
 use crate::job::Step;
-use crate::provision::Provisioner;
+use crate::provision::{Provisioner, StepFailure};
 use crate::sources::url;
 use crate::step_cache::Checkpointer;
 
@@ -43,6 +47,7 @@ pub(super) fn run(
     guest: Box<dyn Guest>,
     connector: &dyn Connector,
     log: &Mutex<File>,
+    socket: &Path,
     network_ready: &dyn Fn(&mut dyn Guest),
     layers: Option<&VmLayers>,
     checkpoints: Option<&Checkpointer<'_>>,
@@ -53,6 +58,12 @@ pub(super) fn run(
         Some(l) => l.after_step(b, checkpoints, steps, index, g, took),
         None => Ok(()),
     };
+    let ask = TerminalAsk {
+        events: b.events(),
+        cancel: &b.module.ctx.cancel,
+        socket: socket.to_path_buf(),
+    };
+    let ask = |f: &StepFailure| ask.ask(f);
     let prov = Provisioner {
         vm: &b.vm.name,
         steps,
@@ -66,6 +77,7 @@ pub(super) fn run(
         network_ready,
         start: layers.map_or(0, VmLayers::start),
         after_step: &after_step,
+        on_failure: (b.module.opts.on_error == OnError::Ask).then_some(&ask),
     };
     Ok(prov.run(guest)?)
 }

@@ -1,5 +1,5 @@
 //! The module's VMs, built together: each on a thread of its own, under the build's
-//! watchdog. One VM's failure (with `--on-error abort`), Ctrl-C or the build's timeout stops
+//! watchdog. One VM's failure, Ctrl-C or the build's timeout stops
 //! all of them; the VM that failed first names the build's failure.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use super::barrier::StepsBarrier;
 use super::error::BuildError;
-use super::options::OnError;
 use super::registry::VmRegistry;
 use super::vm::{ModuleBuild, VmBuild};
 use crate::events::BuildPhase;
@@ -58,10 +57,8 @@ pub(super) fn build_all(
                     });
                     if r.is_err() {
                         failed.store(true, Ordering::SeqCst);
-                        if m.opts.on_error == OnError::Abort {
-                            // One failed VM fails the build: stop the others now.
-                            m.ctx.cancel.store(true, Ordering::SeqCst);
-                        }
+                        // One failed VM fails the build: stop the others now.
+                        m.ctx.cancel.store(true, Ordering::SeqCst);
                     }
                     r
                 })

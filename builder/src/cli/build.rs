@@ -25,8 +25,12 @@ pub struct BuildArgs {
     /// Which engine runs the VMs: auto picks kvm with hardware virtualization, else qemu.
     #[arg(long, value_enum, default_value = "auto")]
     pub engine: EngineChoice,
-    /// On a failure: abort (stop every VM, leave no module) or keep the failed VM running.
-    #[arg(long, value_enum, default_value = "abort")]
+    /// On a failure, as Packer's -on-error: cleanup (stop every VM, remove the partial
+    /// module), abort (stop every VM, keep the partial module's folder with the VMs' disks,
+    /// where the build says) or ask (at a failed step keep the VM up and ask on the terminal:
+    /// retry the step, open a shell in the VM, continue, or abort; stdin must be a terminal).
+    /// The logs are kept in every case.
+    #[arg(long, value_enum, default_value = "cleanup")]
     pub on_error: OnError,
     /// Capture each buildRef VM's boot disk as a qcow2 layer over its parent module's disk
     /// (relative backing path, parent digest in module.yaml) instead of a standalone image.
@@ -73,6 +77,9 @@ pub fn build(a: BuildArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn build_inner(a: BuildArgs) -> anyhow::Result<ExitCode> {
+    if a.on_error == OnError::Ask {
+        build::ask::check_terminal()?;
+    }
     let mut job = load_job(&a.file, &mut |w| eprintln!("{}", w.render()))?;
     if a.boot != BootChoice::Auto {
         for vm in &mut job.vms {

@@ -3,8 +3,9 @@
 //! `kiln run <clone>` keeps the clone's VMs (and their device backends, which live in the
 //! kiln process) running in the foreground until they power off or Ctrl-C. Their sockets are
 //! under the per-user runtime folder (see [`crate::runtime`]) at `clones/<clone>/<vm>/`,
-//! where `kiln exec` and `kiln shell` find them. A run holds the clone's run lock
-//! ([`crate::run_lock`]) for its whole life.
+//! where `kiln exec` and `kiln shell` find them; they also reach a running build's VMs
+//! ([`crate::running_vm`]). A run holds the clone's run lock ([`crate::run_lock`]) for its
+//! whole life.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -27,7 +28,7 @@ use crate::module::{self, ModuleRecord};
 use crate::network::{self as modnet, Internet};
 use crate::running_vm;
 
-use super::raw_terminal;
+use crate::{guest_shell, raw_terminal};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -45,7 +46,9 @@ pub struct RunArgs {
 
 #[derive(Debug, Args)]
 pub struct ExecArgs {
-    /// `<clone>/<vm>`, or a VM name when only one running clone has it.
+    /// `<clone>/<vm>`; `<build>/<vm>` for a VM of a running or paused `kiln build` (`<build>`
+    /// is the module's name or the build's process id, as `kiln console` takes it; a running
+    /// clone of that name comes first); or a VM name only one running clone or build has.
     pub vm: String,
     /// The command and its arguments.
     #[arg(last = true, required = true)]
@@ -61,7 +64,9 @@ pub struct ExecArgs {
 
 #[derive(Debug, Args)]
 pub struct ShellArgs {
-    /// `<clone>/<vm>`, or a VM name when only one running clone has it.
+    /// `<clone>/<vm>`; `<build>/<vm>` for a VM of a running or paused `kiln build` (`<build>`
+    /// is the module's name or the build's process id, as `kiln console` takes it; a running
+    /// clone of that name comes first); or a VM name only one running clone or build has.
     pub vm: String,
     #[arg(long, default_value = "300")]
     pub wait_secs: u64,
@@ -341,7 +346,7 @@ pub fn shell(a: ShellArgs) -> anyhow::Result<ExitCode> {
     let sock = running_vm::find(&a.vm)?;
     let mut c = running_vm::connect(&sock, Duration::from_secs(a.wait_secs))?;
     if raw_terminal::is_terminal(0) && raw_terminal::is_terminal(1) {
-        match shell_on_terminal(&mut c, &a.vm) {
+        match guest_shell::on_terminal(&mut c, &a.vm) {
             Err(kiln_agent::ClientError::Unsupported { reason, .. }) => {
                 eprintln!("kiln shell: no terminal in this guest: {reason}");
             }
@@ -361,49 +366,6 @@ pub fn shell(a: ShellArgs) -> anyhow::Result<ExitCode> {
         let _ = o.flush();
     })?;
     Ok(exit_code(&st))
-}
-
-/// The user's login shell on a terminal: raw mode here, the window size sent at the start
-/// and on every SIGWINCH, bytes both ways.
-fn shell_on_terminal(
-    c: &mut kiln_agent::Client,
-    vm: &str,
-) -> Result<kiln_agent::ExitStatus, kiln_agent::ClientError> {
-    let size = raw_terminal::size(1);
-    let term = std::env::var("TERM").unwrap_or_default();
-    let req = kiln_agent::ExecRequest::login_shell(size).tty(kiln_agent::Tty { term, size });
-    eprintln!("kiln shell: connected to {vm} (exit or Ctrl-D ends it)");
-    raw_terminal::watch_resize();
-    let _raw = raw_terminal::RawMode::enter(0).map_err(kiln_agent::ClientError::Send)?;
-    let mut out = std::io::stdout().lock();
-    c.exec_tty(
-        &req,
-        |mut input| {
-            let mut buf = [0u8; 4096];
-            while !input.done() {
-                if raw_terminal::take_resize() && input.resize(raw_terminal::size(1)).is_err() {
-                    return;
-                }
-                // A short wait, so the end of the command is seen promptly.
-                if !raw_terminal::readable(0, Duration::from_millis(100)) {
-                    continue;
-                }
-                // SAFETY: reads into a buffer of the given length.
-                let n = unsafe { libc::read(0, buf.as_mut_ptr().cast(), buf.len()) };
-                if n <= 0 {
-                    // The terminal hung up: stop sending; the guest side ends on its own.
-                    return;
-                }
-                if input.write(&buf[..n as usize]).is_err() {
-                    return;
-                }
-            }
-        },
-        |d| {
-            let _ = out.write_all(d);
-            let _ = out.flush();
-        },
-    )
 }
 
 #[cfg(test)]

@@ -15,7 +15,6 @@ mod logs;
 mod man;
 mod manifest;
 pub mod modules;
-mod raw_terminal;
 mod report;
 mod rm;
 mod serve;
@@ -64,9 +63,11 @@ enum Command {
     Cache(cache::CacheCommand),
     /// Boot a clone's VMs (in the foreground; Ctrl-C stops them).
     Run(instance::RunArgs),
-    /// Run a command in a running VM through its agent.
+    /// Run a command in a running VM (a clone's, or a running or paused build's) through its
+    /// agent.
     Exec(instance::ExecArgs),
-    /// An interactive shell in a running VM through its agent.
+    /// An interactive shell in a running VM (a clone's, or a running or paused build's)
+    /// through its agent.
     Shell(instance::ShellArgs),
     /// Inspect and convert disk images.
     #[command(subcommand)]

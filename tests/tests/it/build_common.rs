@@ -191,3 +191,18 @@ pub fn private_run_dir(parent: &Path) -> PathBuf {
     .unwrap();
     run_dir
 }
+
+/// Writes `<dir>/<name>.yaml`; returns its path.
+pub fn write_manifest(dir: &Path, name: &str, body: &str) -> String {
+    let p = dir.join(format!("{name}.yaml"));
+    std::fs::write(&p, body).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+/// A manifest of one bootstrapped Debian VM `name` (the base the tests share) with `steps`,
+/// YAML list items indented by six spaces.
+pub fn bootstrap_vm(name: &str, steps: &str) -> String {
+    format!(
+        "vms:\n  - name: {name}\n    source:\n      bootstrap: {{ distro: debian, suite: bookworm, packages: [] }}\n    resources: {{ cpu: 1, memory: 1Gi }}\n    disks:\n      - name: root\n        size: 4Gi\n    provisioners:\n{steps}"
+    )
+}

@@ -8,18 +8,6 @@ use std::time::{Duration, Instant};
 
 use crate::build_common::*;
 
-fn write_manifest(dir: &Path, name: &str, body: &str) -> String {
-    let p = dir.join(format!("{name}.yaml"));
-    std::fs::write(&p, body).unwrap();
-    p.to_str().unwrap().to_string()
-}
-
-fn bootstrap_vm(name: &str, steps: &str) -> String {
-    format!(
-        "vms:\n  - name: {name}\n    source:\n      bootstrap: {{ distro: debian, suite: bookworm, packages: [] }}\n    resources: {{ cpu: 1, memory: 1Gi }}\n    disks:\n      - name: root\n        size: 4Gi\n    provisioners:\n{steps}"
-    )
-}
-
 /// A build that failed: its stderr and how long it took. The temp folder lives as long.
 struct FailedBuild {
     stderr: String,

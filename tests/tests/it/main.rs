@@ -15,6 +15,7 @@ mod build_iso;
 mod build_layered;
 mod build_legacy_devices;
 mod build_logs;
+mod build_on_error;
 mod build_pair;
 mod build_rebuild;
 mod build_secure_boot;
