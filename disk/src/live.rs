@@ -276,7 +276,7 @@ mod tests {
 
     #[test]
     fn a_checkpoint_onto_an_existing_layer_is_refused_and_the_disk_goes_on() {
-        let (dir, top, disk) = fresh(1 << 20);
+        let (dir, _top, disk) = fresh(1 << 20);
         disk.write_at(&pattern(7, 4096), 0).unwrap();
         let taken = dir.path().join("taken");
         fs::write(&taken, b"someone else's").unwrap();
