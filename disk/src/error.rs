@@ -31,7 +31,7 @@ pub enum DiskError {
         name: String,
         why: String,
     },
-    #[error("{top}: a thin capture needs an overlay directly on {parent}")]
+    #[error("{top}: a thin capture needs an overlay over {parent}")]
     NotOverParent { top: PathBuf, parent: PathBuf },
     #[error("invalid argument: {0}")]
     Invalid(String),

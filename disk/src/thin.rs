@@ -37,18 +37,36 @@ pub fn capture_thin(
     backing_name: &str,
     out: &Path,
 ) -> Result<ThinStats> {
-    let top_meta = Meta::open(File::open(top).map_err(io_err(top))?).map_err(corrupt(top))?;
     let layers = chain(top, None, MAX_CHAIN_DEPTH, &BackingPolicy::Follow)?;
     let parent_canon = std::fs::canonicalize(parent).map_err(io_err(parent))?;
-    let backed_by_parent = layers
-        .get(1)
-        .and_then(|l| std::fs::canonicalize(&l.path).ok())
-        .is_some_and(|p| p == parent_canon);
-    if !backed_by_parent {
-        return Err(DiskError::NotOverParent {
+    // The images between the VM's overlay and its parent (the step cache's layers, when the
+    // build took any): a cluster any of them allocated can differ from the parent.
+    let above = layers
+        .iter()
+        .skip(1)
+        .position(|l| std::fs::canonicalize(&l.path).is_ok_and(|p| p == parent_canon))
+        .map(|i| i + 1)
+        .ok_or_else(|| DiskError::NotOverParent {
             top: top.to_path_buf(),
             parent: parent.to_path_buf(),
-        });
+        })?;
+    let mut metas = Vec::with_capacity(above);
+    for l in &layers[..above] {
+        let p = &l.path;
+        let m = Meta::open(File::open(p).map_err(io_err(p))?).map_err(corrupt(p))?;
+        metas.push((p.clone(), m));
+    }
+    let top_meta = &metas[0].1;
+    if let Some((p, _)) = metas
+        .iter()
+        .find(|(_, m)| m.header.cluster_bits != top_meta.header.cluster_bits)
+    {
+        return Err(DiskError::Invalid(format!(
+            "{}: its cluster size differs from {}'s; a thin capture over layers of mixed \
+             cluster sizes is not supported",
+            p.display(),
+            top.display()
+        )));
     }
     let child = open(top, OpenOptions::read_only())?;
     let parent_dev = open(parent, OpenOptions::read_only())?;
@@ -71,13 +89,23 @@ pub fn capture_thin(
     let clusters = size.div_ceil(cs);
     let mut gc = 0u64;
     while gc < clusters {
-        // Whole L2 ranges the overlay never touched are skipped without a lookup each.
+        // Whole L2 ranges no layer above the parent touched are skipped without a lookup.
         let l1 = (gc / l2_entries) as usize;
-        if top_meta.l1.get(l1).is_none_or(|e| e & OFFSET_MASK == 0) {
+        if metas
+            .iter()
+            .all(|(_, m)| m.l1.get(l1).is_none_or(|e| e & OFFSET_MASK == 0))
+        {
             gc = (l1 as u64 + 1) * l2_entries;
             continue;
         }
-        if top_meta.lookup(gc).map_err(corrupt(top))? == Cluster::Unallocated {
+        let mut touched = false;
+        for (p, m) in &metas {
+            if m.lookup(gc).map_err(corrupt(p))? != Cluster::Unallocated {
+                touched = true;
+                break;
+            }
+        }
+        if !touched {
             gc += 1;
             continue;
         }
@@ -130,8 +158,9 @@ mod tests {
     use crate::{create_overlay, ConvertOptions};
 
     /// A parent with data, a child overlay that changes some clusters, zeroes one, rewrites
-    /// one identically and grows the disk: the thin layer over the parent must read back
-    /// exactly as the child, store only the changes, and name its parent relatively.
+    /// one identically and grows the disk, with a step cache layer between (the first changes
+    /// in it): the thin layer over the parent must read back exactly as the child, store only
+    /// the changes, and name its parent relatively.
     #[test]
     fn thin_capture_stores_only_the_changes() {
         let d = tempfile::tempdir().unwrap();
@@ -160,9 +189,12 @@ mod tests {
         let top = work.join("c-root.qcow2");
         create_overlay(&top, &parent, Some(128 * cs)).unwrap();
         {
-            let dev = crate::open(&top, crate::OpenOptions::read_write()).unwrap();
+            use crate::BlockDevice as _;
+            let dev = crate::LiveDisk::open(&top, crate::OpenOptions::read_write()).unwrap();
             dev.write_at(&pattern(1000), 3 * cs).unwrap(); // changed
             dev.write_at(&vec![0u8; cs as usize], 5 * cs).unwrap(); // zeroed over data
+                                                                    // A step cache layer between the overlay and the parent: its changes count too.
+            dev.checkpoint(&work.join("layer-1.qcow2")).unwrap();
             dev.write_at(&pattern(7), 7 * cs).unwrap(); // identical rewrite
             dev.write_at(b"partial", 9 * cs + 100).unwrap(); // part of a cluster
             dev.write_at(&pattern(2000), 100 * cs).unwrap(); // past the parent's end
