@@ -35,19 +35,11 @@ fn a_bootstrap_base_boots_through_the_minimal_initramfs() {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let manifest = tmp.path().join("quick.yaml");
-    std::fs::write(&manifest, MANIFEST).unwrap();
-    let modules = tmp.path().join("modules");
-    let out = build_into(&kiln, &manifest, &modules);
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (out, said) = build_text(&kiln, tmp.path(), "quick.yaml", MANIFEST);
     assert!(out.status.success(), "kiln build failed: {said}");
     assert!(said.contains("boot-ok"), "{said}");
 
-    let module = modules.join("quick");
+    let module = tmp.path().join("modules/quick");
     let serial = std::fs::read_to_string(module.join("logs/quick-serial.log")).unwrap();
     // initramfs-tools says this first; kiln's /init says nothing unless it fails.
     assert!(!serial.contains("Loading, please wait"), "{serial}");
