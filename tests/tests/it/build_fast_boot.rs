@@ -1,7 +1,7 @@
 //! A bootstrap base boots through kiln's minimal initramfs, and the boot still gives the
 //! guest what the distro initramfs did: the NIC under its predictable name (named by udev
-//! before anything brought it up), the lease handed over, Debian's initrd kept in the root
-//! for boots through GRUB. The timers the recipe turns off stay off.
+//! before anything brought it up), the disks' udev links, the lease handed over, Debian's
+//! initrd kept in the root for boots through GRUB. The timers the recipe turns off stay off.
 
 use crate::build_common::*;
 
@@ -22,6 +22,8 @@ const MANIFEST: &str = r#"vms:
             # udev in the initramfs named the NIC; the kernel's eth0 would mean it did not.
             ls /sys/class/net | grep -q '^en'
             ! ls /sys/class/net | grep -q '^eth'
+            # ... and recorded the disks: their /dev/disk links are there for the first step.
+            test -L "/dev/disk/by-uuid/$(findmnt -no UUID /)"
             # Debian's initrd stays in the root for GRUB.
             test -s /initrd.img
             test "$(systemctl is-enabled apt-daily.timer)" = disabled

@@ -24,8 +24,10 @@ use std::path::{Path, PathBuf};
 /// Drivers loaded before the root is looked for, in this order, each after its
 /// dependencies: the PCI transport (the qemu engine), the MMIO one (the kvm engine's
 /// kiln-vmm, described by ACPI), the disk buses kiln offers (virtio-blk, virtio-scsi,
-/// AHCI; absent ones are skipped), and the vsock transport, so the agent can listen as soon
-/// as it starts. Built-in ones need nothing. NIC drivers are udev's (see [`INIT`]).
+/// AHCI; absent ones are skipped), the root's file system (a module in Debian's generic
+/// kernel, with the checksum it asks the crypto API for: no modprobe here to load it on
+/// demand), and the vsock transport, so the agent can listen as soon as it starts. Built-in
+/// ones need nothing. NIC drivers are udev's (see [`INIT`]).
 const DRIVERS: &[&str] = &[
     "virtio_pci",
     "virtio_mmio",
@@ -33,11 +35,13 @@ const DRIVERS: &[&str] = &[
     "virtio_scsi",
     "sd_mod",
     "ahci",
+    "crc32c_generic",
+    "ext4",
     "vmw_vsock_virtio_transport",
 ];
 
-/// Without these (loadable or built in) the root cannot be reached over virtio.
-const REQUIRED: &[&str] = &["virtio_pci", "virtio_blk"];
+/// Without these (loadable or built in) the root cannot be reached over virtio and mounted.
+const REQUIRED: &[&str] = &["virtio_pci", "virtio_blk", "ext4"];
 
 /// klibc programs `/init` runs, from `/usr/lib/klibc/bin`.
 const TOOLS: &[&str] = &[
@@ -89,11 +93,13 @@ mount -t "$FSTYPE" -o "$mode$flags" "$dev" /root || { echo "kiln initramfs: cann
 mount -t tmpfs -o nodev,nosuid,mode=0755,size=10% tmpfs /run
 for d in dev proc sys run; do mount -o move "/$d" "/root/$d"; done
 # The root's udev names the NICs (loading their drivers) before anything can bring one up:
-# a NIC that is up cannot be renamed, and the agent configures it as soon as it starts.
+# a NIC that is up cannot be renamed, and the agent configures it as soon as it starts. It
+# records the disks too (serials, /dev/disk/by-*), which a first step may already read.
 if [ -x /root/bin/udevadm ]; then
   udev() { SYSTEMD_IGNORE_CHROOT=1 chroot /root "$@"; }
   udev /lib/systemd/systemd-udevd --daemon --resolve-names=never
-  udev /bin/udevadm trigger --type=devices --action=add --subsystem-match=virtio
+  udev /bin/udevadm trigger --type=devices --action=add --subsystem-match=virtio \
+    --subsystem-match=block
   udev /bin/udevadm trigger --type=devices --action=add --subsystem-match=pci \
     --attr-match=class=0x020000
   udev /bin/udevadm settle --timeout=10
@@ -276,6 +282,9 @@ kernel/drivers/scsi/sd_mod.ko: kernel/drivers/scsi/scsi_mod.ko
 kernel/drivers/scsi/scsi_mod.ko:
 kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko: kernel/net/vmw_vsock/vsock.ko kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
 kernel/net/vmw_vsock/vsock.ko:
+kernel/fs/ext4/ext4.ko: kernel/lib/crc16.ko kernel/fs/jbd2/jbd2.ko
+kernel/lib/crc16.ko:
+kernel/fs/jbd2/jbd2.ko:
 ";
 
     #[test]
@@ -293,6 +302,9 @@ kernel/net/vmw_vsock/vsock.ko:
                 "virtio_blk",
                 "scsi_mod",
                 "sd_mod",
+                "jbd2",
+                "crc16",
+                "ext4",
                 "vsock",
                 "vmw_vsock_virtio_transport"
             ]
