@@ -99,8 +99,15 @@ fn init_program(text: &[u8], final_call: [u32; 4]) -> Vec<u8> {
 /// reboot(LINUX_REBOOT_MAGIC1, LINUX_REBOOT_MAGIC2, LINUX_REBOOT_CMD_POWER_OFF).
 const POWER_OFF: [u32; 4] = [169, 0xfee1_dead, 0x2812_1969, 0x4321_fedc];
 
-/// One newc cpio entry.
-fn cpio_entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
+/// One newc cpio entry, owned by root (also kiln's bootstrap initramfs).
+pub fn cpio_entry(
+    out: &mut Vec<u8>,
+    ino: u32,
+    name: &str,
+    mode: u32,
+    rdev: (u32, u32),
+    data: &[u8],
+) {
     let fields = [
         ino,
         mode,

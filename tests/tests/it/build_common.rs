@@ -112,6 +112,20 @@ pub fn build_into(kiln: &Path, manifest: &Path, modules: &Path) -> Output {
     )
 }
 
+/// Writes `manifest` to `<dir>/<file>` and builds it into `<dir>/modules`: the output and
+/// everything kiln printed (stdout, then stderr).
+pub fn build_text(kiln: &Path, dir: &Path, file: &str, manifest: &str) -> (Output, String) {
+    let path = dir.join(file);
+    std::fs::write(&path, manifest).unwrap();
+    let out = build_into(kiln, &path, &dir.join("modules"));
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out, said)
+}
+
 /// `qemu-img check` on an image: Ok when clean.
 pub fn qemu_img_check(img: &Path) -> Result<(), String> {
     let out = Command::new("qemu-img")

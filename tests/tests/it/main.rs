@@ -7,6 +7,7 @@ mod build_checkpoint;
 mod build_common;
 mod build_disk_bus;
 mod build_failures;
+mod build_fast_boot;
 mod build_firmware;
 mod build_hello;
 mod build_http;

@@ -12,10 +12,11 @@
 //!    bigger disk gets the room; no `/etc/hostname` (the VM's name comes from
 //!    `systemd.hostname=` on the command line), an empty machine-id, DHCP on every NIC with
 //!    systemd-networkd, names through systemd-resolved (VM names are single labels), GRUB's
-//!    menu and BIOS modules in `/boot/grub` ([`grub`]).
-//! 3. Record the package versions (`dpkg-query --admindir`), copy the kernel and initrd out of
-//!    `/boot` for kiln's direct boot (the Debian initramfs-tools initrd with `MODULES=most`
-//!    carries virtio_pci and virtio_blk).
+//!    menu and BIOS modules in `/boot/grub` ([`grub`]); generators and timers a VM never
+//!    needs turned off ([`QUIET_GENERATORS`], [`IDLE_UNITS`]).
+//! 3. Record the package versions (`dpkg-query --admindir`), copy the kernel out of `/boot`
+//!    for kiln's direct boot, with kiln's minimal initramfs ([`initrd`]: klibc, the disk and
+//!    vsock drivers) beside it; the root keeps Debian's `MODULES=most` initrd for GRUB.
 //! 4. The disk ([`layout`]): GPT with a BIOS boot partition (GRUB's core image), an EFI system
 //!    partition ([`esp`], GRUB at `EFI/BOOT/BOOTX64.EFI`) and the ext4 root last, made by
 //!    `mkfs.ext4 -d` straight at its offset in the raw file; boot.img in the MBR. No loop
@@ -24,6 +25,7 @@
 
 pub mod esp;
 pub mod grub;
+pub mod initrd;
 pub mod layout;
 
 use crate::path_io::PathIoError;
@@ -42,7 +44,7 @@ use crate::job::BootstrapSpec;
 
 /// Changes whenever the recipe changes what lands in the image, so old cache entries are not
 /// reused for a different recipe.
-pub const RECIPE_VERSION: u32 = 5;
+pub const RECIPE_VERSION: u32 = 11;
 
 /// Packages every bootstrapped root gets besides its kernel: an init, udev for device nodes
 /// and module loading, and a resolver that takes the DNS server from the DHCP lease.
@@ -166,6 +168,10 @@ pub struct BootstrapMeta {
     pub disk_sha256: String,
     pub disk_virtual_size: u64,
     pub build_seconds: f64,
+    /// Whether `initrd.img` is kiln's minimal direct-boot initramfs ([`initrd`]) rather than
+    /// a copy of the distro's.
+    #[serde(default)]
+    pub minimal_initrd: bool,
 }
 
 /// A ready bootstrap entry.
@@ -374,7 +380,30 @@ fn build(
     let package_versions = package_versions(&root, &log)?;
     let (kernel, initrd, kernel_version) = find_kernel(&root)?;
     fs::copy(&kernel, out.join("vmlinuz")).map_err(PathIoError::at("copying", &kernel))?;
-    fs::copy(&initrd, out.join("initrd.img")).map_err(PathIoError::at("copying", &initrd))?;
+    let out_initrd = out.join("initrd.img");
+    let minimal_initrd = match initrd::make(&root, &kernel_version) {
+        Ok((image, modules)) => {
+            fs::write(&out_initrd, image).map_err(PathIoError::at("writing", &out_initrd))?;
+            note(
+                events,
+                vm,
+                &format!(
+                    "direct-boot initramfs: kiln's minimal one ({} modules)",
+                    modules.len()
+                ),
+            );
+            true
+        }
+        Err(why) => {
+            fs::copy(&initrd, &out_initrd).map_err(PathIoError::at("copying", &initrd))?;
+            note(
+                events,
+                vm,
+                &format!("direct-boot initramfs: the distro's ({why})"),
+            );
+            false
+        }
+    };
 
     // 4. The disk.
     let used = tree_size(&root).map_err(PathIoError::at("measuring", &root))?;
@@ -408,6 +437,7 @@ fn build(
         disk_sha256,
         disk_virtual_size: layout.disk_size,
         build_seconds: start.elapsed().as_secs_f64(),
+        minimal_initrd,
     };
     let meta_path = out.join("meta.json");
     let json = serde_json::to_vec_pretty(&meta).unwrap_or_default();
@@ -615,8 +645,39 @@ fn customize(root: &Path, agent: &AgentFiles, root_uuid: &str) -> Result<(), Boo
         "etc/modules-load.d/kiln.conf",
         b"vmw_vsock_virtio_transport\n",
     )?;
+    // Generators run, one process each, before systemd starts any unit; these find nothing
+    // to do in a VM whose partitions are in fstab, which never hibernates and has no offline
+    // updates.
+    for g in QUIET_GENERATORS {
+        link("/dev/null", &format!("etc/systemd/system-generators/{g}"))?;
+    }
+    // Timers a build must not race: apt-daily takes the dpkg lock a step's `apt-get` needs
+    // (its timer is persistent, so it fires at the first boot); the others only cost CPU.
+    // Disabled, not masked: an image's user can enable them again.
+    for unit in IDLE_UNITS {
+        for wants in ["timers.target.wants", "multi-user.target.wants"] {
+            let _ = fs::remove_file(root.join("etc/systemd/system").join(wants).join(unit));
+        }
+    }
     Ok(())
 }
+
+/// systemd generators a bootstrapped root turns off (linked to /dev/null).
+pub const QUIET_GENERATORS: &[&str] = &[
+    "systemd-gpt-auto-generator",
+    "systemd-hibernate-resume-generator",
+    "systemd-system-update-generator",
+];
+
+/// Units Debian enables that a bootstrapped root leaves disabled.
+pub const IDLE_UNITS: &[&str] = &[
+    "apt-daily.timer",
+    "apt-daily-upgrade.timer",
+    "dpkg-db-backup.timer",
+    "e2scrub_all.timer",
+    "e2scrub_reap.service",
+    "fstrim.timer",
+];
 
 fn package_versions(root: &Path, log: &Path) -> Result<BTreeMap<String, String>, BootstrapError> {
     let admindir = root.join("var/lib/dpkg");
@@ -991,5 +1052,31 @@ mod tests {
         assert_eq!(l, Path::new("/etc/systemd/system/kiln-agent.service"));
         let l = fs::read_link(r.join("etc/resolv.conf")).unwrap();
         assert_eq!(l, Path::new("../run/systemd/resolve/stub-resolv.conf"));
+    }
+
+    #[test]
+    fn customize_turns_off_generators_and_idle_units() {
+        let (_d, a) = agent();
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        let timers = r.join("etc/systemd/system/timers.target.wants");
+        fs::create_dir_all(&timers).unwrap();
+        std::os::unix::fs::symlink(
+            "/lib/systemd/system/apt-daily.timer",
+            timers.join("apt-daily.timer"),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(
+            "/lib/systemd/system/other.timer",
+            timers.join("other.timer"),
+        )
+        .unwrap();
+        customize(r, &a, "0b5f0c1e-7c38-4c3c-9d9e-1f2a3b4c5d6e").unwrap();
+        for g in QUIET_GENERATORS {
+            let l = fs::read_link(r.join("etc/systemd/system-generators").join(g)).unwrap();
+            assert_eq!(l, Path::new("/dev/null"), "{g}");
+        }
+        assert!(!timers.join("apt-daily.timer").exists());
+        assert!(fs::symlink_metadata(timers.join("other.timer")).is_ok());
     }
 }
