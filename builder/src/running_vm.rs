@@ -24,7 +24,7 @@ pub enum RunningVmError {
         "several running clones or builds have a VM named `{0}`: use <clone>/{0} or <build>/{0}"
     )]
     Ambiguous(String),
-    #[error("`{addr}` is not a running clone's VM (no {}) nor a running build's: {build}", socket.display())]
+    #[error("`{addr}` is not running: no clone's VM there (no {}), nor a build's: {build}", socket.display())]
     Neither {
         addr: String,
         socket: PathBuf,
@@ -213,7 +213,7 @@ mod tests {
         assert!(msg.contains("build `site` has no VM named `db`"), "{msg}");
         let msg = find_in(root, "other/web").unwrap_err().to_string();
         assert!(
-            msg.contains("`other/web` is not a running clone's VM")
+            msg.contains("`other/web` is not running: no clone's VM there")
                 && msg.contains("no running build is named `other`"),
             "{msg}"
         );
