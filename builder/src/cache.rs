@@ -365,12 +365,12 @@ pub fn needed_layers(entries: &[Entry], recorded: &BTreeSet<String>) -> BTreeSet
 
 /// Removes entries of the cache at `root`, only while no other kiln command holds it (else
 /// [`CacheError::InUse`]). Returns what was (or, with `dry_run`, would be) removed.
-/// Layers in `keep` (see [`needed_layers`]) stay; a layer whose parent goes goes too (it
-/// could not be opened without it).
+/// The layers modules record (`recorded`) stay, with every layer below them (see
+/// [`needed_layers`]); a layer whose parent goes goes too (it could not be opened without it).
 pub fn prune(
     root: &Path,
     what: PruneWhat,
-    keep: &BTreeSet<String>,
+    recorded: &BTreeSet<String>,
     dry_run: bool,
 ) -> Result<Vec<Entry>, CacheError> {
     for sub in [
@@ -394,6 +394,7 @@ pub fn prune(
     };
     let now = SystemTime::now();
     let all = cache.entries()?;
+    let keep = needed_layers(&all, recorded);
     let kept = |e: &Entry| e.kind == EntryKind::Layer && keep.contains(&e.key);
     let mut doomed: BTreeSet<(EntryKind, String)> = BTreeSet::new();
     match what {
@@ -616,11 +617,13 @@ mod tests {
         let entries = Cache::open(root.clone()).unwrap().entries().unwrap();
         let summary = entries.iter().find(|e| e.key == "c").unwrap();
         assert_eq!(summary.layer.as_ref().unwrap().parent.as_deref(), Some("b"));
-        let keep = needed_layers(&entries, &BTreeSet::from(["c".to_string()]));
+        let recorded = BTreeSet::from(["c".to_string()]);
+        let keep = needed_layers(&entries, &recorded);
         assert_eq!(keep, BTreeSet::from(["a".into(), "b".into(), "c".into()]));
+        drop(entries);
 
         let month = Duration::from_secs(30 * 86400);
-        let gone = prune(&root, PruneWhat::OlderThan(month), &keep, false).unwrap();
+        let gone = prune(&root, PruneWhat::OlderThan(month), &recorded, false).unwrap();
         let mut keys: Vec<&str> = gone.iter().map(|e| e.key.as_str()).collect();
         keys.sort();
         // d is old; x is old and y, though recent, cannot be opened without it.
@@ -629,7 +632,7 @@ mod tests {
             assert!(root.join("layers").join(k).is_dir(), "{k} kept");
         }
         // --all keeps what modules need too.
-        let gone = prune(&root, PruneWhat::All, &keep, false).unwrap();
+        let gone = prune(&root, PruneWhat::All, &recorded, false).unwrap();
         assert!(gone.is_empty());
         let gone = prune(&root, PruneWhat::MaxSize(0), &BTreeSet::new(), false).unwrap();
         assert_eq!(gone.len(), 3, "nothing kept: all go to meet the size");

@@ -120,15 +120,10 @@ fn prune(a: PruneArgs) -> anyhow::Result<ExitCode> {
     };
     let root = Cache::root_from_env()?;
     let recorded: BTreeSet<String> = recorded_layers(&a.modules)?.into_keys().collect();
-    // Listing the layers needs no lock; the prune itself takes the cache's.
-    let entries = Cache::open(root.clone())?.entries()?;
-    let keep = cache::needed_layers(&entries, &recorded);
-    drop(entries);
-    let es = cache::prune(&root, what, &keep, a.dry_run)?;
-    if !keep.is_empty() {
+    let es = cache::prune(&root, what, &recorded, a.dry_run)?;
+    if !recorded.is_empty() {
         println!(
-            "kept {} step cache layers that modules in {} record",
-            keep.len(),
+            "kept the step cache layers that modules in {} record, and the layers below them",
             a.modules.display()
         );
     }

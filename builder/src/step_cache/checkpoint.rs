@@ -14,15 +14,30 @@ use kiln_disk::LiveDisk;
 use super::store::{self, LayerFile, LayerRecord, LayerStore, StoreError};
 use crate::guest::{FreezeOutcome, Guest, GuestCommand, FREEZE_TIMEOUT};
 
+/// The mount points of the guest's writable block-device file systems, one a line (shell).
+macro_rules! writable_mounts {
+    () => {
+        r#"awk '$4 ~ /(^|,)rw(,|$)/ && $3 ~ /^(ext[234]|xfs|btrfs|f2fs|vfat)$/ {print $2}' /proc/self/mounts"#
+    };
+}
+
 /// Freezes every writable file system of a block device, deepest mount first, and prints
 /// each; a watchdog thaws them after a minute should kiln never ask (the pid is printed
 /// first). Run through `sh -c` (no script file is written on a file system being frozen).
-const FREEZE: &str = r#"sync
-(sleep 60; for m in $(awk '$4 ~ /(^|,)rw(,|$)/ && $3 ~ /^(ext[234]|xfs|btrfs|f2fs|vfat)$/ {print $2}' /proc/self/mounts); do fsfreeze -u "$m"; done) >/dev/null 2>&1 </dev/null &
-echo "watchdog $!"
-for m in $(awk '$4 ~ /(^|,)rw(,|$)/ && $3 ~ /^(ext[234]|xfs|btrfs|f2fs|vfat)$/ {print $2}' /proc/self/mounts | sort -r); do
-  fsfreeze -f "$m" && echo "frozen $m"
-done"#;
+const FREEZE: &str = concat!(
+    "sync\n(sleep 60; for m in $(",
+    writable_mounts!(),
+    "); do fsfreeze -u \"$m\"; done) >/dev/null 2>&1 </dev/null &\necho \"watchdog $!\"\nfor m in $(",
+    writable_mounts!(),
+    " | sort -r); do\n  fsfreeze -f \"$m\" && echo \"frozen $m\"\ndone"
+);
+
+/// Thaws what [`FREEZE`] froze (after the watchdog is killed).
+const THAW: &str = concat!(
+    "for m in $(",
+    writable_mounts!(),
+    "); do fsfreeze -u \"$m\" 2>/dev/null; done; true"
+);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -209,9 +224,7 @@ impl Checkpointer<'_> {
         let kill = watchdog
             .map(|p| format!("kill {p} 2>/dev/null; "))
             .unwrap_or_default();
-        let script = format!(
-            "{kill}for m in $(awk '$4 ~ /(^|,)rw(,|$)/ && $3 ~ /^(ext[234]|xfs|btrfs|f2fs|vfat)$/ {{print $2}}' /proc/self/mounts); do fsfreeze -u \"$m\" 2>/dev/null; done; true"
-        );
+        let script = format!("{kill}{THAW}");
         let r = guest
             .exec(
                 &self.sh(&script),

@@ -65,14 +65,24 @@ pub struct KeyError {
 fn file_digest(job: &BuildJob, name: &str) -> Result<Option<String>, KeyError> {
     Ok(match job.files.get(name) {
         Some(FileContent::Inline(s)) => Some(sha256_bytes(s.as_bytes())),
-        Some(FileContent::Cached { path, .. }) => {
-            Some(sha256_file(path).map_err(|source| KeyError {
+        Some(FileContent::Cached { path, .. }) => match blob_digest(path) {
+            // A blob of the cache is named by its digest: not read again for each VM.
+            Some(d) => Some(d),
+            None => Some(sha256_file(path).map_err(|source| KeyError {
                 file: name.into(),
                 source,
-            })?)
-        }
+            })?),
+        },
         Some(FileContent::Url(_)) | None => None,
     })
+}
+
+/// The digest a blob of the cache (`blobs/sha256/<hex>`) is stored under.
+fn blob_digest(path: &std::path::Path) -> Option<String> {
+    let name = path.file_name()?.to_str()?;
+    let in_store = path.parent()?.ends_with("blobs/sha256");
+    (in_store && name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| name.to_ascii_lowercase())
 }
 
 /// What of a VM reaches its guest before the first step, as text: the job's own fields,
