@@ -5,19 +5,11 @@
 
 use std::process::Command;
 
-use super::build_common::{boot_prereqs_or_skip, repo_root};
+use super::build_common::{boot_prereqs_or_skip, bootstrap_vm, repo_root};
 
 /// Three steps (shell, file, shell), each taking a layer.
-const MANIFEST: &str = r#"vms:
-  - name: box
-    source:
-      bootstrap: { distro: debian, suite: bookworm, packages: [] }
-    resources: { cpu: 1, memory: 1Gi }
-    disks:
-      - name: root
-        size: 4Gi
-    provisioners:
-      - name: one
+fn manifest() -> String {
+    let steps = r#"      - name: one
         type: shell
         shell:
           inline: echo one > /srv/one
@@ -30,10 +22,12 @@ const MANIFEST: &str = r#"vms:
         type: shell
         shell:
           inline: cat /srv/f > /srv/two
-files:
-  - name: f
-    inline: "content 1\n"
 "#;
+    format!(
+        "{}files:\n  - name: f\n    inline: \"content 1\\n\"\n",
+        bootstrap_vm("box", steps)
+    )
+}
 
 #[test]
 fn checkpoints_freeze_through_the_agent() {
@@ -41,8 +35,9 @@ fn checkpoints_freeze_through_the_agent() {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
+    let text = manifest();
     let manifest = tmp.path().join("checkpoint.yaml");
-    std::fs::write(&manifest, MANIFEST).unwrap();
+    std::fs::write(&manifest, text).unwrap();
     let modules = tmp.path().join("modules");
     // --no-cache: every step runs (and checkpoints) even when an earlier run left its layers.
     let out = Command::new(&kiln)

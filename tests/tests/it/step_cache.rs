@@ -15,17 +15,8 @@ use crate::build_common::*;
 /// a last shell step. `run` makes the keys this test's own (a comment in the first step), so
 /// no layer of an earlier run is found by the first build.
 fn manifest(run: &str, one: &str, content: &str, two: &str, three: &str) -> String {
-    format!(
-        r##"vms:
-  - name: box
-    source:
-      bootstrap: {{ distro: debian, suite: bookworm, packages: [] }}
-    resources: {{ cpu: 1, memory: 1Gi }}
-    disks:
-      - name: root
-        size: 4Gi
-    provisioners:
-      - name: one
+    let steps = format!(
+        r##"      - name: one
         type: shell
         shell:
           inline: "# {run}\n{one}\n"
@@ -42,10 +33,11 @@ fn manifest(run: &str, one: &str, content: &str, two: &str, three: &str) -> Stri
         type: shell
         shell:
           inline: "{three}\n"
-files:
-  - name: data
-    inline: "{content}\n"
 "##
+    );
+    format!(
+        "{}files:\n  - name: data\n    inline: \"{content}\\n\"\n",
+        bootstrap_vm("box", &steps)
     )
 }
 
