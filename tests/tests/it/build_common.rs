@@ -82,7 +82,21 @@ pub fn build_example(bin: &Path, example: &str, modules: &Path) -> Output {
 }
 
 /// [`run_kiln`] with more environment variables (a test's own runtime folder or cache).
+///
+/// A `kiln build` gets `--no-cache`: the tests share one kiln cache across runs (its
+/// bootstrap bases are slow to make), so without it a test's steps would come from the layers
+/// an earlier run of the same test left, and what the test watches them do would not happen.
+/// Tests of the step cache itself use [`run_kiln_reusing`].
 pub fn run_kiln_with(bin: &Path, args: &[&str], env: &[(&str, &Path)]) -> Output {
+    let mut args = args.to_vec();
+    if args.first() == Some(&"build") && !args.contains(&"--no-cache") {
+        args.push("--no-cache");
+    }
+    run_kiln_reusing(bin, &args, env)
+}
+
+/// [`run_kiln_with`] that leaves a `kiln build` free to reuse the step cache's layers.
+pub fn run_kiln_reusing(bin: &Path, args: &[&str], env: &[(&str, &Path)]) -> Output {
     let out = Command::new(bin)
         .args(args)
         .envs(env.iter().copied())

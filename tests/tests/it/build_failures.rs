@@ -55,7 +55,13 @@ fn bad_checksum_stops_before_boot() {
     let modules = tmp.path().join("modules");
     let cache = tmp.path().join("cache");
     let out = Command::new(&kiln)
-        .args(["build", &m, "--output", modules.to_str().unwrap()])
+        .args([
+            "build",
+            &m,
+            "--no-cache",
+            "--output",
+            modules.to_str().unwrap(),
+        ])
         .env("KILN_CACHE", &cache)
         .output()
         .unwrap();
@@ -97,7 +103,14 @@ fn dead_file_url_stops_the_build_before_anything_boots() {
     let modules = tmp.path().join("modules");
     let start = Instant::now();
     let out = Command::new(&kiln)
-        .args(["build", &m, "--output", modules.to_str().unwrap(), "--json"])
+        .args([
+            "build",
+            &m,
+            "--no-cache",
+            "--output",
+            modules.to_str().unwrap(),
+            "--json",
+        ])
         .env("KILN_CACHE", tmp.path().join("cache"))
         .env("KILN_NO_INTERNET", "true")
         .output()
@@ -189,7 +202,14 @@ fn ctrl_c_mid_build_leaves_no_vm_and_no_module() {
     let m = write_manifest(tmp.path(), "interrupted", &bootstrap_vm("box", steps));
     let modules = tmp.path().join("modules");
     let mut child = Command::new(&kiln)
-        .args(["build", &m, "--output", modules.to_str().unwrap(), "--json"])
+        .args([
+            "build",
+            &m,
+            "--no-cache",
+            "--output",
+            modules.to_str().unwrap(),
+            "--json",
+        ])
         .env("KILN_NO_INTERNET", "true")
         .current_dir(repo_root())
         .stdout(Stdio::piped())

@@ -245,7 +245,12 @@ fn a_failed_steps_output_is_kept_for_kiln_logs() {
     // The bootstrap cache is shared with the other build tests (as they do), the runtime
     // folder is the test's own.
     let out = Command::new(&kiln)
-        .args(["build", manifest.to_str().unwrap(), "--output"])
+        .args([
+            "build",
+            manifest.to_str().unwrap(),
+            "--no-cache",
+            "--output",
+        ])
         .arg(&modules)
         .env("KILN_NO_INTERNET", "true")
         .env("KILN_RUN_DIR", t.join("run"))
@@ -295,7 +300,13 @@ fn a_cancelled_builds_logs_are_kept_too() {
     let modules = t.join("modules");
     let mut child = Reap(
         Command::new(&kiln)
-            .args(["build", manifest.to_str().unwrap(), "--json", "--output"])
+            .args([
+                "build",
+                manifest.to_str().unwrap(),
+                "--json",
+                "--no-cache",
+                "--output",
+            ])
             .arg(&modules)
             .env("KILN_NO_INTERNET", "true")
             .env("KILN_RUN_DIR", t.join("run"))

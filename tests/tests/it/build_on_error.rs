@@ -78,12 +78,19 @@ fn ask_opens_a_shell_at_the_failed_step_and_retry_finishes_the_build() {
         manifest,
     } = setup("onerror-ask", steps);
     let mut cmd = Command::new(&kiln);
-    cmd.args(["build", &manifest, "--on-error", "ask", "--output"])
-        .arg(&modules)
-        .env("KILN_NO_INTERNET", "true")
-        .env("KILN_RUN_DIR", &run_dir)
-        .env("TERM", "xterm-256color")
-        .current_dir(repo_root());
+    cmd.args([
+        "build",
+        &manifest,
+        "--no-cache",
+        "--on-error",
+        "ask",
+        "--output",
+    ])
+    .arg(&modules)
+    .env("KILN_NO_INTERNET", "true")
+    .env("KILN_RUN_DIR", &run_dir)
+    .env("TERM", "xterm-256color")
+    .current_dir(repo_root());
     let start = Instant::now();
     let mut term = OnPty::spawn(cmd, 30, 100);
     let screen = term.screen.clone();
@@ -126,7 +133,7 @@ fn exec_reaches_the_vm_of_a_paused_build_with_stdin() {
     } = setup("onerror-pause", steps);
     let log = tmp.path().join("build.log");
     let mut build = Command::new(&kiln)
-        .args(["build", &manifest, "--output"])
+        .args(["build", &manifest, "--no-cache", "--output"])
         .arg(&modules)
         .env("KILN_NO_INTERNET", "true")
         .env("KILN_RUN_DIR", &run_dir)

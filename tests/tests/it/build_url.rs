@@ -298,7 +298,13 @@ fn url_and_file_images_get_the_agent_through_a_nocloud_seed() {
     // A cache of its own: the download really goes through the loopback server.
     let cache = tmp.path().join("cache");
     let out = Command::new(&kiln)
-        .args(["build", manifest.to_str().unwrap(), "--output", m])
+        .args([
+            "build",
+            manifest.to_str().unwrap(),
+            "--no-cache",
+            "--output",
+            m,
+        ])
         .env("KILN_CACHE", &cache)
         .output()
         .unwrap();

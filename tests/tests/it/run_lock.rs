@@ -65,7 +65,7 @@ fn a_killed_run_leaves_no_lock_and_a_live_one_refuses_a_second() {
     let modules = t.join("modules");
     let clones = t.join("clones");
     let st = kiln(&bin, &run_dir)
-        .arg("build")
+        .args(["build", "--no-cache"])
         .arg(&manifest)
         .arg("--output")
         .arg(&modules)

@@ -65,7 +65,7 @@ fn build(kiln: &Path, dir: &Path, text: &str, extra: &[&str]) -> Built {
         "--force",
     ];
     args.extend_from_slice(extra);
-    let out = run_kiln(kiln, &args);
+    let out = run_kiln_reusing(kiln, &args, &[]);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let mut b = Built {
         ok: out.status.success(),
