@@ -502,6 +502,22 @@ pub fn parse_sha256(s: &str) -> Option<String> {
         .then(|| hex_part.to_ascii_lowercase())
 }
 
+/// `1.5 GiB`, `12.0 KiB`, `512 B`: binary units, one decimal.
+pub fn human_size(n: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

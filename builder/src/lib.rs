@@ -8,6 +8,7 @@ pub mod cli;
 pub mod clone;
 pub mod console;
 pub mod diskops;
+pub mod doctor;
 pub mod engine;
 pub mod events;
 pub mod guest;

@@ -103,7 +103,7 @@ fn ls(a: LsArgs) -> anyhow::Result<ExitCode> {
     println!(
         "{} entries, {} in {}",
         es.len(),
-        human(total),
+        crate::cache::human_size(total),
         cache.root().display()
     );
     Ok(ExitCode::SUCCESS)
@@ -135,7 +135,7 @@ fn prune(a: PruneArgs) -> anyhow::Result<ExitCode> {
         "{} {} entries, {}",
         if a.dry_run { "would remove" } else { "removed" },
         es.len(),
-        human(total)
+        crate::cache::human_size(total)
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -166,7 +166,7 @@ fn print_entries(es: &[Entry]) {
             "{:<10} {:<20} {:>10}  {} ago{what}",
             e.kind.name(),
             key,
-            human(e.size),
+            crate::cache::human_size(e.size),
             age(ago)
         );
     }
@@ -190,22 +190,6 @@ fn parse_size(s: &str) -> Result<u64, String> {
     };
     n.checked_mul(1 << shift)
         .ok_or_else(|| format!("`{s}` is too large"))
-}
-
-/// `1.5 GiB`, `12.0 KiB`, `512 B`: binary units, one decimal.
-pub(super) fn human(n: u64) -> String {
-    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < U.len() - 1 {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", U[i])
-    }
 }
 
 fn age(d: Duration) -> String {
@@ -254,8 +238,8 @@ mod tests {
         assert!(parse_age("30").is_err());
         assert!(parse_age("d").is_err());
         assert!(parse_age("99999999999999999999w").is_err());
-        assert_eq!(human(512), "512 B");
-        assert_eq!(human(3 << 29), "1.5 GiB");
+        assert_eq!(crate::cache::human_size(512), "512 B");
+        assert_eq!(crate::cache::human_size(3 << 29), "1.5 GiB");
         assert_eq!(age(Duration::from_secs(3 * 86400)), "3d");
         assert_eq!(parse_size("20G"), Ok(20 << 30));
         assert_eq!(parse_size("500MiB"), Ok(500 << 20));

@@ -223,7 +223,7 @@ fn resize_target(arg: &str, current: u64) -> anyhow::Result<u64> {
 
 /// `1.5 GiB (1610612736 bytes)` as qemu-img prints sizes.
 fn human(n: u64) -> String {
-    match super::cache::human(n) {
+    match crate::cache::human_size(n) {
         short if n < 1024 => short,
         short => format!("{short} ({n} bytes)"),
     }

@@ -10,6 +10,7 @@ mod cache;
 mod completions;
 mod console;
 mod disk;
+mod doctor;
 mod instance;
 mod logs;
 mod man;
@@ -75,8 +76,9 @@ enum Command {
     /// Run a virtual machine by hand.
     #[command(subcommand)]
     Vm(vm::VmCommand),
-    /// Probe this host: KVM, its vendor, and the engine `auto` would pick.
-    Doctor(vm::DoctorArgs),
+    /// Can I build here? KVM, QEMU, the agent, tools, root, firmware, the cache: each finding
+    /// with its fix; exits 1 when no build can run.
+    Doctor(doctor::DoctorArgs),
     /// The local web editor: a form and YAML view of a folder of manifests.
     Serve(serve::ServeArgs),
     /// Print the shell completion script for kiln (bash, zsh, fish, ...).
@@ -106,7 +108,7 @@ pub fn main() -> ExitCode {
         Command::Shell(a) => instance::shell(a),
         Command::Disk(c) => disk::run(c),
         Command::Vm(c) => vm::run(c),
-        Command::Doctor(a) => vm::doctor(a),
+        Command::Doctor(a) => doctor::run(a),
         Command::Serve(a) => serve::serve(a),
         Command::Completions(a) => completions::completions(a),
         Command::Man(a) => man::man(a),

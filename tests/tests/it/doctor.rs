@@ -185,3 +185,58 @@ fn forced_smoke_test_is_bounded_cached_and_read_by_auto() {
 fn kiln_vmm_marker() -> &'static str {
     "kiln-smoke: userspace reached"
 }
+
+/// "Can I build here?": every finding has a status and a fix when not fine; with PATH lacking
+/// QEMU (and no KILN_QEMU) on a host where builds need it, the qemu finding fails and so does
+/// `kiln doctor`.
+#[test]
+fn doctor_findings_and_a_path_without_qemu() {
+    let Some(kiln) = kiln_bin() else {
+        kiln_e2e::skip("the kiln binary is not built next to this test");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let v = doctor_json(&kiln, tmp.path(), &[]);
+    let checks = v["checks"].as_array().expect("checks is a list");
+    for c in checks {
+        let status = str_of(c, &["status"]);
+        assert!(["ok", "warn", "fail"].contains(&status), "{c}");
+        assert_eq!(c["fix"].is_string(), status != "ok", "{c}");
+    }
+    let names: Vec<&str> = checks.iter().map(|c| str_of(c, &["check"])).collect();
+    for want in ["kvm", "qemu", "agent", "cache", "runtime folder"] {
+        assert!(names.contains(&want), "{want} missing from {names:?}");
+    }
+    assert_eq!(v["can_build"], true, "{v:#}");
+
+    if str_of(&v, &["auto", "engine"]) != "qemu" {
+        kiln_e2e::skip("auto picks kiln's VMM here: a missing QEMU only warns");
+        return;
+    }
+    let empty = tmp.path().join("bin");
+    std::fs::create_dir(&empty).unwrap();
+    let out = std::process::Command::new(&kiln)
+        .args(["doctor", "--json"])
+        .env("PATH", &empty)
+        .env_remove("KILN_QEMU")
+        .env("KILN_CACHE", tmp.path())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "kiln doctor must fail without QEMU"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["can_build"], false);
+    let qemu = checks_named(&v, "qemu");
+    assert_eq!(str_of(qemu, &["status"]), "fail", "{qemu}");
+    assert!(str_of(qemu, &["fix"]).contains("qemu-system-x86"), "{qemu}");
+}
+
+fn checks_named<'a>(v: &'a Value, name: &str) -> &'a Value {
+    v["checks"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["check"] == name))
+        .unwrap_or_else(|| panic!("no {name} finding in {v:#}"))
+}

@@ -122,20 +122,16 @@ pub fn patch_core_blocklist(core: &mut [u8], core_lba: u64, room: u64) -> Result
     Ok(())
 }
 
-/// Checks the host has what installing GRUB needs, naming the Debian package otherwise.
-pub fn check_tools() -> Result<(), BootstrapError> {
-    for (path, package) in [
+/// The GRUB module folders installing GRUB needs that the host lacks, with their packages.
+pub fn missing_tools() -> Vec<(String, String)> {
+    [
         (I386_PC_DIR, "grub-pc-bin"),
         (X86_64_EFI_DIR, "grub-efi-amd64-bin"),
-    ] {
-        if !Path::new(path).is_dir() {
-            return Err(BootstrapError::MissingTool {
-                tool: path.into(),
-                package: package.into(),
-            });
-        }
-    }
-    Ok(())
+    ]
+    .into_iter()
+    .filter(|(path, _)| !Path::new(path).is_dir())
+    .map(|(path, package)| (path.to_string(), package.to_string()))
+    .collect()
 }
 
 /// Builds GRUB's BIOS core image in `work` and returns its bytes.

@@ -472,15 +472,22 @@ pub fn disk_size(used: u64) -> u64 {
 
 /// Fails with the missing tool and its package when the host lacks one the recipe runs.
 fn check_tools() -> Result<(), BootstrapError> {
-    for (tool, package) in TOOLS {
-        if !on_path(tool) {
-            return Err(BootstrapError::MissingTool {
-                tool: tool.to_string(),
-                package: package.to_string(),
-            });
-        }
+    match missing_tools().into_iter().next() {
+        Some((tool, package)) => Err(BootstrapError::MissingTool { tool, package }),
+        None => Ok(()),
     }
-    grub::check_tools()
+}
+
+/// The programs and GRUB folders making a base needs that this host lacks, each with its
+/// Debian package (`kiln doctor` lists them all).
+pub fn missing_tools() -> Vec<(String, String)> {
+    let mut missing: Vec<(String, String)> = TOOLS
+        .iter()
+        .filter(|(tool, _)| !on_path(tool))
+        .map(|(t, p)| (t.to_string(), p.to_string()))
+        .collect();
+    missing.extend(grub::missing_tools());
+    missing
 }
 
 /// Whether `prog` is on PATH or in the sbin folders a non-login root shell may lack.
