@@ -361,23 +361,45 @@ fn read_sector(path: &Path, sector: u64) -> Vec<u8> {
     b
 }
 
+/// The guest of the two-boot tests, its kernel file, and its disk: a raw base whose marker
+/// says "reset", under a qcow2 overlay as a build makes them.
+struct Twice {
+    s: Script,
+    kernel: PathBuf,
+    base: PathBuf,
+    overlay: PathBuf,
+}
+
+fn twice(dir: &Path) -> Twice {
+    let kernel = dir.join("guest.elf");
+    let s = script();
+    std::fs::write(&kernel, s.elf()).unwrap();
+    let base = dir.join("base.raw");
+    let mut img = vec![0u8; DISK_SIZE as usize];
+    img[512..1024].fill(RESET as u8);
+    std::fs::write(&base, &img).unwrap();
+    let overlay = dir.join("root.qcow2");
+    kiln_disk::create_overlay(&overlay, &base, None).unwrap();
+    Twice {
+        s,
+        kernel,
+        base,
+        overlay,
+    }
+}
+
 #[test]
 fn kvm_engine_runs_disk_net_vsock_and_restarts_the_vmm_on_reset() {
     if !kvm_or_skip("kvm_engine_runs_disk_net_vsock_and_restarts_the_vmm_on_reset") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let kernel = dir.path().join("guest.elf");
-    let s = script();
-    std::fs::write(&kernel, s.elf()).unwrap();
-
-    // A raw base whose marker says "reset", under a qcow2 overlay as a build makes them.
-    let base = dir.path().join("base.raw");
-    let mut img = vec![0u8; DISK_SIZE as usize];
-    img[512..1024].fill(RESET as u8);
-    std::fs::write(&base, &img).unwrap();
-    let overlay = dir.path().join("root.qcow2");
-    kiln_disk::create_overlay(&overlay, &base, None).unwrap();
+    let Twice {
+        s,
+        kernel,
+        base,
+        overlay,
+    } = twice(dir.path());
 
     let (nic_end, switch_end) = port_pair(64).unwrap();
     let launch = tiny_launch(
@@ -685,15 +707,12 @@ fn kvm_engine_takes_layers_in_the_vmm_across_a_reset() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let kernel = dir.path().join("guest.elf");
-    let s = script();
-    std::fs::write(&kernel, s.elf()).unwrap();
-    let base = dir.path().join("base.raw");
-    let mut img = vec![0u8; DISK_SIZE as usize];
-    img[512..1024].fill(RESET as u8);
-    std::fs::write(&base, &img).unwrap();
-    let overlay = dir.path().join("root.qcow2");
-    kiln_disk::create_overlay(&overlay, &base, None).unwrap();
+    let Twice {
+        s,
+        kernel,
+        base,
+        overlay,
+    } = twice(dir.path());
     let cache = dir.path().join("cache");
     let store = LayerStore::at(&cache).unwrap();
 

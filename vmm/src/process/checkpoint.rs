@@ -383,6 +383,10 @@ mod tests {
             disk,
             layer: layer.to_path_buf(),
         };
+        let attach = |backing: &Path| CheckpointRequest::Attach {
+            disk: 0,
+            backing: backing.to_path_buf(),
+        };
         assert_eq!(
             c.handle(1, detach(5, &layer)),
             Err(CheckpointError::UnknownDisk { disk: 5, count: 2 })
@@ -414,13 +418,7 @@ mod tests {
             Err(CheckpointError::OutsideRoot { .. })
         ));
         assert_eq!(
-            c.handle(
-                1,
-                CheckpointRequest::Attach {
-                    disk: 0,
-                    backing: layer.clone()
-                }
-            ),
+            c.handle(1, attach(&layer)),
             Err(CheckpointError::NotDetached { disk: 0 })
         );
         c.handle(1, detach(0, &layer)).unwrap();
@@ -430,13 +428,7 @@ mod tests {
         );
         // Another connection cannot attach what this one detached.
         assert_eq!(
-            c.handle(
-                2,
-                CheckpointRequest::Attach {
-                    disk: 0,
-                    backing: layer.clone()
-                }
-            ),
+            c.handle(2, attach(&layer)),
             Err(CheckpointError::NotDetached { disk: 0 })
         );
         // Nor does its closing put this one's overlay back.
