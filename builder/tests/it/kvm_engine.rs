@@ -756,6 +756,13 @@ fn kvm_engine_takes_layers_in_the_vmm_across_a_reset() {
                     },
                 )
                 .unwrap_or_else(|e| panic!("checkpoint in boot {}: {e}", boot + 1));
+            // What a checkpoint costs on this engine (reported, not judged).
+            eprintln!(
+                "kvm checkpoint in boot {}: {:?} in all, {:?} in the block layer",
+                boot + 1,
+                taken.total,
+                taken.disk
+            );
             layers.push(kiln_builder::step_cache::checkpoint::layer_disk(
                 &taken.dir, "root",
             ));
