@@ -28,6 +28,7 @@ pub(super) fn pick_engine(
     choice: EngineChoice,
     job: &BuildJob,
     ev: &dyn EventSink,
+    layers: &Path,
 ) -> Result<Arc<dyn Engine>, BuildError> {
     // A VM whose firmware boot is known now needs qemu as much as a disk or NIC kiln-vmm
     // cannot serve; one that needs firmware only once its source shows no kernel fails at its
@@ -60,7 +61,10 @@ pub(super) fn pick_engine(
             pick.why
         ),
     });
-    Ok(Arc::from(engine::make(pick.engine)?))
+    Ok(Arc::from(engine::make_with_layers(
+        pick.engine,
+        Some(layers),
+    )?))
 }
 
 /// A launched VM, registered so a cancel can stop it until this drops.

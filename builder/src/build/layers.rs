@@ -135,8 +135,8 @@ fn freeze_for(b: &VmBuild) -> Freeze {
     }
 }
 
-/// The checkpoints of a VM running with `disks`: None (noted) when the engine serves its
-/// disks in another process, where kiln cannot swap them.
+/// The checkpoints of a VM running with `disks`: None (noted) when the engine serves them
+/// where kiln cannot swap them (QEMU's own block layer).
 pub(super) fn checkpointer<'a>(
     b: &'a VmBuild,
     layers: &'a VmLayers,
@@ -147,15 +147,15 @@ pub(super) fn checkpointer<'a>(
     let live = running
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .live_disks();
+        .checkpoint_disks();
     let mut out = Vec::new();
     for d in disks.iter().filter(|d| !d.read_only) {
         match live.iter().find(|l| l.path() == d.path) {
             Some(l) => out.push((d.name.clone(), Arc::clone(l))),
             None => {
                 b.note(format!(
-                    "steps are not cached: the engine serves disk `{}` in another process, \
-                     where kiln cannot checkpoint it",
+                    "steps are not cached: the engine serves disk `{}` where kiln cannot \
+                     checkpoint it",
                     d.name
                 ));
                 return None;

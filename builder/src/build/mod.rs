@@ -92,7 +92,7 @@ fn run_once(
     };
     let failed = |e: &BuildError| build_phase(BuildPhase::Failed, Some(e.to_string()));
     build_phase(BuildPhase::Pending, Some(format!("module `{}`", job.name)));
-    let engine = boot::pick_engine(opts.engine, job, ev)?;
+    let engine = boot::pick_engine(opts.engine, job, ev, opts.cache.root())?;
     let pending = PendingModule::begin(&opts.output, &job.name, opts.replace)?;
     // Declared after `pending`, so it runs first when a failed attempt returns.
     let mut keep_logs = KeepLogsOnFailure {

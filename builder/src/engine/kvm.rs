@@ -37,8 +37,10 @@ use std::time::Duration;
 
 use kiln_net::{FramePort, PortError, SeqpacketPort, MAX_FRAME};
 use kiln_vmm::exit::ExitReason;
-use kiln_vmm::process::protocol::{exit_code, DiskSpec, NicSpec, VsockSpec};
+use kiln_vmm::process::protocol::{exit_code, CheckpointSpec, DiskSpec, NicSpec, VsockSpec};
 use kiln_vmm::process::{VmProcess, VmSpec, CHILD_SUBCOMMAND};
+
+use crate::step_cache::{CheckpointDisk, VmmDisk};
 
 use super::{vsock_uds, BootMode, Engine, EngineError, NicAttach, RunningVm, VmLaunch};
 
@@ -49,6 +51,9 @@ const SERIAL_MAX: usize = 20;
 
 pub struct KvmEngine {
     exe: PathBuf,
+    /// Where the step cache keeps layers: the VMM takes checkpoints of layers there only
+    /// (None: no checkpoints).
+    layer_root: Option<PathBuf>,
 }
 
 impl KvmEngine {
@@ -72,8 +77,22 @@ impl KvmEngine {
 
     /// The engine running `exe __vmm ...` as the VMM (tests pass the `kiln` binary).
     pub fn with_exe(exe: PathBuf) -> Self {
-        Self { exe }
+        Self {
+            exe,
+            layer_root: None,
+        }
     }
+
+    /// Lets the VMM take live checkpoints of layers under `root` (the cache's folder).
+    pub fn with_layer_root(mut self, root: Option<PathBuf>) -> Self {
+        self.layer_root = root;
+        self
+    }
+}
+
+/// The VMM's checkpoint socket for a VM (the same path for every VMM the VM runs in).
+pub fn checkpoint_socket(workdir: &Path) -> PathBuf {
+    workdir.join("checkpoint.sock")
 }
 
 /// The VMM's control socket for a VM.
@@ -159,6 +178,7 @@ pub fn vm_spec(vm: &VmLaunch, nic_fds: &[RawFd]) -> Result<VmSpec, EngineError> 
             guest_cid: vm.cid,
             uds_path: vsock_uds(&vm.workdir),
         }),
+        checkpoint: None,
     })
 }
 
@@ -188,7 +208,27 @@ impl Engine for KvmEngine {
             child_ends.push(there);
         }
         let fds: Vec<RawFd> = child_ends.iter().map(|p| p.as_raw_fd()).collect();
-        let spec = vm_spec(vm, &fds)?;
+        let mut spec = vm_spec(vm, &fds)?;
+        spec.checkpoint = self.layer_root.as_ref().map(|root| CheckpointSpec {
+            socket: checkpoint_socket(&vm.workdir),
+            layer_root: root.clone(),
+        });
+        let checkpoint_disks = match &spec.checkpoint {
+            Some(c) => vm
+                .disks
+                .iter()
+                .enumerate()
+                .filter(|(_, d)| !d.read_only)
+                .map(|(index, d)| {
+                    Arc::new(VmmDisk {
+                        socket: c.socket.clone(),
+                        index,
+                        path: d.path.clone(),
+                    }) as Arc<dyn CheckpointDisk>
+                })
+                .collect(),
+            None => Vec::new(),
+        };
         let shared = Arc::new(Shared::new(State::default()));
         let sup = Supervisor {
             exe: self.exe.clone(),
@@ -218,6 +258,7 @@ impl Engine for KvmEngine {
             relays,
             stop_relays: Some(stop_tx),
             vsock: vsock_uds(&vm.workdir),
+            checkpoint_disks,
         };
         match first_rx.recv() {
             Ok(Ok(())) => Ok(Box::new(running)),
@@ -554,6 +595,8 @@ struct KvmVm {
     relays: Vec<JoinHandle<()>>,
     stop_relays: Option<UnixStream>,
     vsock: PathBuf,
+    /// The writable disks, swapped by the VMM running at the time.
+    checkpoint_disks: Vec<Arc<dyn CheckpointDisk>>,
 }
 
 impl KvmVm {
@@ -598,6 +641,10 @@ impl RunningVm for KvmVm {
             let _ = s.join();
         }
         self.stop_relays();
+    }
+
+    fn checkpoint_disks(&self) -> Vec<Arc<dyn CheckpointDisk>> {
+        self.checkpoint_disks.clone()
     }
 
     fn pids(&self) -> Vec<u32> {

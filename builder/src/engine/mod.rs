@@ -194,11 +194,20 @@ pub trait RunningVm: Send {
     fn kill(&mut self);
     /// OS process ids this VM owns (for reports and tests).
     fn pids(&self) -> Vec<u32>;
-    /// The VM's writable disks as this process serves them, for the step cache's live
-    /// checkpoints; empty where the disks are served elsewhere (the kvm engine's VMM
-    /// process, QEMU's own block layer), which takes no checkpoints.
+    /// The VM's writable disks as this process serves them; empty where the disks are
+    /// served elsewhere (the kvm engine's VMM process, QEMU's own block layer).
     fn live_disks(&self) -> Vec<std::sync::Arc<kiln_disk::LiveDisk>> {
         Vec::new()
+    }
+    /// The VM's writable disks as the step cache's live checkpoints swap them: the
+    /// [`live_disks`](Self::live_disks), or disks served by a process that takes checkpoint
+    /// requests (the kvm engine's VMM); empty where none can be swapped (QEMU's own block
+    /// layer).
+    fn checkpoint_disks(&self) -> Vec<std::sync::Arc<dyn crate::step_cache::CheckpointDisk>> {
+        self.live_disks()
+            .into_iter()
+            .map(|d| d as std::sync::Arc<dyn crate::step_cache::CheckpointDisk>)
+            .collect()
     }
 }
 
@@ -352,9 +361,20 @@ pub fn pick_with(
 
 /// The engine object for a choice (after `pick`).
 pub fn make(choice: EngineChoice) -> Result<Box<dyn Engine>, EngineError> {
+    make_with_layers(choice, None)
+}
+
+/// [`make`], for a build whose step cache keeps its layers under `layers` (the kvm engine's
+/// VMM then takes checkpoints, of layers there only).
+pub fn make_with_layers(
+    choice: EngineChoice,
+    layers: Option<&Path>,
+) -> Result<Box<dyn Engine>, EngineError> {
     match choice {
         EngineChoice::Qemu | EngineChoice::Auto => Ok(Box::new(qemu::QemuEngine::new()?)),
-        EngineChoice::Kvm => Ok(Box::new(kvm::KvmEngine::new()?)),
+        EngineChoice::Kvm => Ok(Box::new(
+            kvm::KvmEngine::new()?.with_layer_root(layers.map(Path::to_path_buf)),
+        )),
     }
 }
 

@@ -1,7 +1,8 @@
 //! A checkpoint after a step: the guest's writable file systems are synced and frozen, each
 //! of the VM's disks has its overlay moved into a new layer and a fresh overlay opened over
-//! it (kiln-disk's [`LiveDisk`], in this process: no QEMU involvement), the layer is
-//! published to the cache, and the file systems are thawed.
+//! it (kiln-disk's [`kiln_disk::LiveDisk`], in this process or the kvm engine's VMM process:
+//! [`CheckpointDisk`]; no QEMU involvement), the layer is published to the cache, and the
+//! file systems are thawed.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -9,8 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use kiln_disk::LiveDisk;
-
+use super::checkpoint_disk::{CheckpointDisk, SwapError};
 use super::store::{self, LayerFile, LayerRecord, LayerStore, StoreError};
 use crate::guest::{FreezeOutcome, Guest, GuestCommand, FREEZE_TIMEOUT};
 
@@ -45,7 +45,7 @@ pub enum CheckpointError {
     Disk {
         disk: String,
         #[source]
-        source: kiln_disk::DiskError,
+        source: SwapError,
     },
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -85,7 +85,7 @@ pub struct Checkpointer<'a> {
     pub module: &'a str,
     pub vm: &'a str,
     /// The VM's writable disks, by manifest name.
-    pub disks: Vec<(String, Arc<LiveDisk>)>,
+    pub disks: Vec<(String, Arc<dyn CheckpointDisk>)>,
     pub nvram: Option<PathBuf>,
     pub freeze: Freeze,
 }
@@ -258,7 +258,8 @@ impl Checkpointer<'_> {
                 disk: name.clone(),
                 source,
             };
-            let backing = kiln_disk::backing_name(disk.path()).map_err(derr)?;
+            let backing =
+                kiln_disk::backing_name(disk.path()).map_err(|e| derr(SwapError::Local(e)))?;
             let d = disk.detach(&staging.dir().join(&file)).map_err(derr)?;
             files.push(store::layer_file(&staging, name, &file, backing)?);
             detached.push((name, file, d));
@@ -321,7 +322,7 @@ mod tests {
     use std::time::Duration;
 
     /// A guest that takes no request: checkpoints with [`Freeze::No`] never ask it anything.
-    struct Absent;
+    pub(super) struct Absent;
 
     impl Guest for Absent {
         fn exec(
@@ -344,7 +345,7 @@ mod tests {
         }
     }
 
-    fn key(round: u32, i: u32) -> String {
+    pub(super) fn key(round: u32, i: u32) -> String {
         crate::cache::sha256_bytes(format!("{round}/{i}").as_bytes())
     }
 
@@ -371,12 +372,12 @@ mod tests {
             },
         )
         .unwrap();
-        let disk = LiveDisk::open(&top, kiln_disk::OpenOptions::read_write()).unwrap();
+        let disk = kiln_disk::LiveDisk::open(&top, kiln_disk::OpenOptions::read_write()).unwrap();
         let cp = Checkpointer {
             store: &store,
             module: "m",
             vm: "v",
-            disks: vec![("root".into(), disk.clone())],
+            disks: vec![("root".into(), disk.clone() as Arc<dyn CheckpointDisk>)],
             nvram: None,
             freeze: Freeze::No,
         };
@@ -551,5 +552,146 @@ mod tests {
             .unfrozen
             .unwrap()
             .contains("no writable disk file system"));
+    }
+}
+
+#[cfg(test)]
+mod disk_kinds {
+    //! The same checkpoints through both kinds of [`CheckpointDisk`]: a `LiveDisk` in this
+    //! process, and a disk behind a VMM's checkpoint socket (served here by the VMM's own
+    //! request handling on a thread, as its process does).
+
+    use super::tests::{key, Absent};
+    use super::*;
+    use crate::step_cache::VmmDisk;
+    use kiln_disk::{BlockDevice, LiveDisk};
+    use kiln_vmm::process::checkpoint::{self, CheckpointMessage, Checkpoints, LiveDisks};
+    use kiln_vmm::process::Response;
+
+    fn fresh(dir: &Path, name: &str) -> (PathBuf, Arc<LiveDisk>) {
+        let top = dir.join(name);
+        kiln_disk::create(
+            &top,
+            &kiln_disk::CreateOptions {
+                size: Some(4 << 20),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let disk = LiveDisk::open(&top, kiln_disk::OpenOptions::read_write()).unwrap();
+        (top, disk)
+    }
+
+    /// Serves `disk` as disk 0 of a VMM on `socket`, layers under `root`.
+    fn serve_vmm(disk: Arc<LiveDisk>, socket: &Path, root: PathBuf) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        checkpoint::listen(socket, tx, |m| m).unwrap();
+        std::thread::spawn(move || {
+            let live = LiveDisks::new(vec![Some(disk)], &root).unwrap();
+            let mut c = Checkpoints::new(&live);
+            for m in rx {
+                match m {
+                    CheckpointMessage::Request {
+                        session,
+                        req,
+                        reply,
+                    } => {
+                        let _ = reply.send(match c.handle(session, req) {
+                            Ok(()) => Response::Ok,
+                            Err(error) => Response::CheckpointFailed { error },
+                        });
+                    }
+                    CheckpointMessage::Closed(s) => c.close(s),
+                }
+            }
+        });
+    }
+
+    fn read(path: &Path, at: u64) -> u8 {
+        let d = kiln_disk::open(path, kiln_disk::OpenOptions::read_only()).unwrap();
+        let mut b = [0u8; 512];
+        d.read_at(&mut b, at).unwrap();
+        b[0]
+    }
+
+    /// Two layers through `cp_disk` (writes go to `disk`, the same disk however served).
+    fn two_layers(dir: &Path, top: &Path, disk: &LiveDisk, cp_disk: Arc<dyn CheckpointDisk>) {
+        let store = LayerStore::at(&dir.join("cache")).unwrap();
+        // A guard dropped unattached puts the overlay back.
+        let staged = dir.join("cache/tmp/dropped.qcow2");
+        let d = cp_disk.detach(&staged).unwrap();
+        assert!(!top.exists());
+        drop(d);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !top.exists() || staged.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the overlay is not back"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let cp = Checkpointer {
+            store: &store,
+            module: "m",
+            vm: "v",
+            disks: vec![("root".into(), cp_disk)],
+            nvram: None,
+            freeze: Freeze::No,
+        };
+        let step = |n| StepInfo {
+            number: n,
+            name: "s",
+            kind: "shell",
+            seconds: 0.0,
+        };
+        disk.write_at(&[1u8; 512], 0).unwrap();
+        let one = cp.take(&mut Absent, &key(0, 1), None, step(1)).unwrap();
+        disk.write_at(&[2u8; 512], 0).unwrap();
+        disk.write_at(&[3u8; 512], 512).unwrap();
+        let k1 = key(0, 1);
+        let two = cp
+            .take(&mut Absent, &key(0, 2), Some(&k1), step(2))
+            .unwrap();
+        disk.flush().unwrap();
+        assert!(store.verified(&key(0, 1)).is_some() && store.verified(&key(0, 2)).is_some());
+        let l1 = layer_disk(&one.dir, "root");
+        let l2 = layer_disk(&two.dir, "root");
+        assert_eq!((read(&l1, 0), read(&l1, 512)), (1, 0));
+        assert_eq!((read(&l2, 0), read(&l2, 512)), (2, 3));
+        assert_eq!(
+            kiln_disk::backing_name(top).unwrap().as_deref(),
+            Some(fs::canonicalize(&l2).unwrap().to_str().unwrap())
+        );
+    }
+
+    #[test]
+    fn a_disk_in_this_process_and_one_behind_a_vmm_socket_checkpoint_alike() {
+        let dir = tempfile::tempdir().unwrap();
+        let local = dir.path().join("local");
+        fs::create_dir_all(&local).unwrap();
+        let (top, disk) = fresh(&local, "vm.qcow2");
+        two_layers(&local, &top, &disk, disk.clone());
+
+        let remote = dir.path().join("remote");
+        fs::create_dir_all(remote.join("cache/tmp")).unwrap();
+        let (top, disk) = fresh(&remote, "vm.qcow2");
+        let socket = remote.join("checkpoint.sock");
+        serve_vmm(disk.clone(), &socket, remote.join("cache"));
+        let vmm = Arc::new(VmmDisk {
+            socket,
+            index: 0,
+            path: top.clone(),
+        });
+        two_layers(&remote, &top, &disk, vmm.clone());
+        // A layer outside the VMM's layer folder is refused, typed.
+        let refused = matches!(
+            vmm.detach(&remote.join("outside.qcow2")),
+            Err(SwapError::Vmm(
+                kiln_vmm::process::checkpoint::ClientError::Refused(
+                    kiln_vmm::process::checkpoint::CheckpointError::OutsideRoot { .. },
+                )
+            ))
+        );
+        assert!(refused, "a layer outside the cache must be refused");
     }
 }

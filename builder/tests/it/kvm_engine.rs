@@ -263,6 +263,17 @@ fn one_boot(
     port: &QueuePort,
     uds: &Path,
 ) -> Result<u32, String> {
+    one_boot_then(vm, port, uds, &mut || {})
+}
+
+/// [`one_boot`], calling `between` once the guest has written its disk and waits for the
+/// host's frame.
+fn one_boot_then(
+    vm: &std::sync::Mutex<Box<dyn RunningVm>>,
+    port: &QueuePort,
+    uds: &Path,
+    between: &mut dyn FnMut(),
+) -> Result<u32, String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut buf = [0u8; 2048];
     let n = loop {
@@ -280,6 +291,7 @@ fn one_boot(
             &buf[6..12]
         ));
     }
+    between();
     port.send(&frame(MAC, HOST_MAC, 90, 0x60))
         .map_err(|e| format!("send: {e}"))?;
     let mut c = connect(uds, deadline)?;
@@ -349,23 +361,45 @@ fn read_sector(path: &Path, sector: u64) -> Vec<u8> {
     b
 }
 
+/// The guest of the two-boot tests, its kernel file, and its disk: a raw base whose marker
+/// says "reset", under a qcow2 overlay as a build makes them.
+struct Twice {
+    s: Script,
+    kernel: PathBuf,
+    base: PathBuf,
+    overlay: PathBuf,
+}
+
+fn twice(dir: &Path) -> Twice {
+    let kernel = dir.join("guest.elf");
+    let s = script();
+    std::fs::write(&kernel, s.elf()).unwrap();
+    let base = dir.join("base.raw");
+    let mut img = vec![0u8; DISK_SIZE as usize];
+    img[512..1024].fill(RESET as u8);
+    std::fs::write(&base, &img).unwrap();
+    let overlay = dir.join("root.qcow2");
+    kiln_disk::create_overlay(&overlay, &base, None).unwrap();
+    Twice {
+        s,
+        kernel,
+        base,
+        overlay,
+    }
+}
+
 #[test]
 fn kvm_engine_runs_disk_net_vsock_and_restarts_the_vmm_on_reset() {
     if !kvm_or_skip("kvm_engine_runs_disk_net_vsock_and_restarts_the_vmm_on_reset") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let kernel = dir.path().join("guest.elf");
-    let s = script();
-    std::fs::write(&kernel, s.elf()).unwrap();
-
-    // A raw base whose marker says "reset", under a qcow2 overlay as a build makes them.
-    let base = dir.path().join("base.raw");
-    let mut img = vec![0u8; DISK_SIZE as usize];
-    img[512..1024].fill(RESET as u8);
-    std::fs::write(&base, &img).unwrap();
-    let overlay = dir.path().join("root.qcow2");
-    kiln_disk::create_overlay(&overlay, &base, None).unwrap();
+    let Twice {
+        s,
+        kernel,
+        base,
+        overlay,
+    } = twice(dir.path());
 
     let (nic_end, switch_end) = port_pair(64).unwrap();
     let launch = tiny_launch(
@@ -623,4 +657,164 @@ fn kvm_engine_gives_up_on_a_reset_loop() {
         "{log}"
     );
     assert!(st.signal().is_none());
+}
+
+/// A guest that takes no request: the checkpoints below do not freeze (a tiny guest has no
+/// file systems).
+struct NoGuest;
+
+impl kiln_builder::guest::Guest for NoGuest {
+    fn exec(
+        &mut self,
+        _: &kiln_builder::guest::GuestCommand,
+        _: &std::collections::BTreeMap<String, String>,
+        _: Option<Duration>,
+        _: &mut dyn FnMut(kiln_builder::events::Stream, &[u8]),
+    ) -> Result<kiln_builder::guest::ExecOutcome, kiln_builder::guest::GuestError> {
+        Err(kiln_builder::guest::GuestError::NotAvailable(
+            "no guest".into(),
+        ))
+    }
+    fn put_file(
+        &mut self,
+        _: &str,
+        _: &[u8],
+        _: u32,
+    ) -> Result<(), kiln_builder::guest::GuestError> {
+        Err(kiln_builder::guest::GuestError::NotAvailable(
+            "no guest".into(),
+        ))
+    }
+    fn reboot(&mut self) -> Result<(), kiln_builder::guest::GuestError> {
+        Err(kiln_builder::guest::GuestError::NotAvailable(
+            "no guest".into(),
+        ))
+    }
+    fn poweroff(&mut self) -> Result<(), kiln_builder::guest::GuestError> {
+        Err(kiln_builder::guest::GuestError::NotAvailable(
+            "no guest".into(),
+        ))
+    }
+}
+
+/// The step cache's checkpoints on the kvm engine: a layer taken in each of the two boots'
+/// VMM processes (the second after the reset, through the same checkpoint socket path),
+/// each holding what the guest wrote by then, chained over the base.
+#[test]
+fn kvm_engine_takes_layers_in_the_vmm_across_a_reset() {
+    use kiln_builder::step_cache::{Checkpointer, Freeze, LayerStore, StepInfo};
+    if !kvm_or_skip("kvm_engine_takes_layers_in_the_vmm_across_a_reset") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let Twice {
+        s,
+        kernel,
+        base,
+        overlay,
+    } = twice(dir.path());
+    let cache = dir.path().join("cache");
+    let store = LayerStore::at(&cache).unwrap();
+
+    let (nic_end, switch_end) = port_pair(64).unwrap();
+    let launch = tiny_launch(
+        dir.path(),
+        "tiny",
+        kernel,
+        Some(overlay.clone()),
+        Some(nic_end),
+    );
+    let engine = engine().with_layer_root(Some(cache.clone()));
+    let vm = engine.launch(&launch).expect("launch");
+    let uds = vm.vsock_socket().to_path_buf();
+    let disks = vm.checkpoint_disks();
+    assert_eq!(disks.len(), 1, "the overlay is the one writable disk");
+    let vm = std::sync::Mutex::new(vm);
+    let cp = Checkpointer {
+        store: &store,
+        module: "m",
+        vm: "tiny",
+        disks: vec![("root".into(), disks[0].clone())],
+        nvram: None,
+        freeze: Freeze::No,
+    };
+    let keys = [1u8, 2].map(|i| kiln_builder::cache::sha256_bytes(&[i]));
+    let mut layers = Vec::new();
+    let mut pids = Vec::new();
+    for boot in 0..2 {
+        let mut between = || {
+            let taken = cp
+                .take(
+                    &mut NoGuest,
+                    &keys[boot],
+                    boot.checked_sub(1).map(|p| keys[p].as_str()),
+                    StepInfo {
+                        number: boot + 1,
+                        name: "boot",
+                        kind: "shell",
+                        seconds: 0.0,
+                    },
+                )
+                .unwrap_or_else(|e| panic!("checkpoint in boot {}: {e}", boot + 1));
+            // What a checkpoint costs on this engine (reported, not judged).
+            eprintln!(
+                "kvm checkpoint in boot {}: {:?} in all, {:?} in the block layer",
+                boot + 1,
+                taken.total,
+                taken.disk
+            );
+            layers.push(kiln_builder::step_cache::checkpoint::layer_disk(
+                &taken.dir, "root",
+            ));
+        };
+        let pid = one_boot_then(&vm, &switch_end, &uds, &mut between)
+            .unwrap_or_else(|e| panic!("boot {}: {e}", boot + 1));
+        pids.push(pid);
+    }
+    assert_ne!(pids[0], pids[1], "two VMM processes");
+    let status = vm
+        .lock()
+        .unwrap()
+        .wait_exit(Duration::from_secs(20))
+        .unwrap()
+        .expect("the VM powers off");
+    let log = std::fs::read_to_string(&launch.serial_log).unwrap();
+    if let Err(e) = s.verdict(&log) {
+        panic!("{e}");
+    }
+    assert!(status.success(), "{status}: {log:?}");
+    drop(vm);
+
+    for k in &keys {
+        assert!(store.verified(k).is_some(), "layer {k} is whole");
+    }
+    // Layer 1: boot 1's writes over the base; layer 2 (boot 2, the second VMM) over layer 1;
+    // the overlay over layer 2.
+    assert_eq!(read_sector(&layers[0], DATA_SECTOR), data_pattern());
+    assert_eq!(
+        read_sector(&layers[0], MARKER_SECTOR),
+        vec![POWEROFF as u8; 512]
+    );
+    let backing = |p: &Path| {
+        kiln_disk::backing_name(p)
+            .unwrap()
+            .map(|b| std::fs::canonicalize(b).unwrap())
+    };
+    assert_eq!(
+        backing(&layers[0]),
+        Some(std::fs::canonicalize(&base).unwrap())
+    );
+    assert_eq!(
+        backing(&layers[1]),
+        Some(std::fs::canonicalize(&layers[0]).unwrap())
+    );
+    assert_eq!(
+        backing(&overlay),
+        Some(std::fs::canonicalize(&layers[1]).unwrap())
+    );
+    assert_eq!(read_sector(&overlay, DATA_SECTOR), data_pattern());
+    assert_eq!(
+        &std::fs::read(&base).unwrap()[512..1024],
+        &[RESET as u8; 512]
+    );
 }

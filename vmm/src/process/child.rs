@@ -3,20 +3,23 @@
 use std::io::BufReader;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
 
+use super::checkpoint::{self, CheckpointMessage, Checkpoints, LiveDisks};
 use super::protocol::{
     exit_code, read_message, write_message, ProtocolError, Request, Response, VmSpec, VmState,
 };
 use crate::exit::ExitReason;
-use crate::machine::Machine;
+use crate::machine::{Machine, Prepared};
 use crate::phases::{instant_to_ns, Phases};
 
 /// How long the child waits for its parent to connect before giving up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a running VM's end is checked while no request comes.
+const POLL: Duration = Duration::from_millis(20);
 
 /// The whole `__vmm` mode for a binary's `main`: `args` are the arguments after the
 /// subcommand (`--socket PATH --spec JSON`). Call it before anything else in `main` (no
@@ -102,6 +105,24 @@ enum Control {
     Request(Result<Request, String>),
     /// Binding or accepting failed.
     Failed(ProtocolError),
+    /// From a connection on the checkpoint socket.
+    Checkpoint(CheckpointMessage),
+}
+
+/// The machine, and its writable disks when the spec asks for checkpoints.
+fn prepare(spec: &VmSpec, phases: &Phases) -> Result<(Prepared, Option<LiveDisks>), String> {
+    let (config, disks) = spec.to_config_live().map_err(|e| e.to_string())?;
+    let live = match &spec.checkpoint {
+        Some(c) => Some(LiveDisks::new(disks, &c.layer_root).map_err(|e| {
+            format!(
+                "the checkpoint layer folder {}: {e}",
+                c.layer_root.display()
+            )
+        })?),
+        None => None,
+    };
+    let prepared = Machine::prepare(config, phases.clone()).map_err(|e| e.to_string())?;
+    Ok((prepared, live))
 }
 
 /// Bind `socket`, accept the parent, then forward its requests (a closed connection
@@ -182,14 +203,14 @@ fn serve(
     // waits for the other; only running the vCPUs waits for the parent's `start`.
     let (tx, rx) = mpsc::channel::<Control>();
     let socket = socket.to_path_buf();
+    let control_tx = tx.clone();
     std::thread::Builder::new()
         .name("kiln-control".into())
-        .spawn(move || control_thread(socket, tx))?;
-    let mut prepared = Some(
-        spec.to_config()
-            .and_then(|c| Machine::prepare(c, phases.clone()))
-            .map_err(|e| e.to_string()),
-    );
+        .spawn(move || control_thread(socket, control_tx))?;
+    let (mut prepared, live) = match prepare(spec, &phases) {
+        Ok((p, live)) => (Some(Ok(p)), live),
+        Err(e) => (Some(Err(e)), None),
+    };
     let mut writer = None;
 
     // Before start: only status and stop make sense.
@@ -202,6 +223,8 @@ fn serve(
             }
             Ok(Control::Failed(e)) => return Err(e),
             Ok(Control::Request(r)) => r,
+            // The checkpoint socket is only bound once the VM runs.
+            Ok(Control::Checkpoint(_)) => continue,
             Err(_) => return Err(ProtocolError::Closed),
         };
         // Requests only come after `Connected`.
@@ -252,53 +275,110 @@ fn serve(
         }
     };
     let mut writer = writer.ok_or(ProtocolError::Closed)?;
+    // Declared after `machine` and dropped before it: every overlay goes back before the
+    // VM's devices go.
+    let mut checkpoints = None;
+    if let (Some(live), Some(c)) = (&live, &spec.checkpoint) {
+        if let Err(e) = checkpoint::listen(&c.socket, tx.clone(), Control::Checkpoint) {
+            machine.stop();
+            let message = format!("the checkpoint socket {}: {e}", c.socket.display());
+            write_message(
+                &mut writer,
+                &Response::Error {
+                    message: message.clone(),
+                },
+            )?;
+            return Ok(ExitReason::VmmError { detail: message });
+        }
+        checkpoints = Some(Checkpoints::new(live));
+    }
+    drop(tx);
     write_message(&mut writer, &Response::Ok)?;
     after_start();
     let born_ns = phases.snapshot().first().map(|p| p.at_ns).unwrap_or(0);
     let reason = loop {
-        if let Some(r) = machine.wait_timeout(Duration::from_millis(20)) {
+        if let Some(r) = machine.wait_timeout(Duration::ZERO) {
             break r;
         }
-        while let Ok(ctl) = rx.try_recv() {
-            let Control::Request(req) = ctl else {
+        let ctl = match rx.recv_timeout(POLL) {
+            Ok(c) => c,
+            Err(RecvTimeoutError::Timeout) => continue,
+            // Nobody can ask anything any more: wait for the VM's end.
+            Err(RecvTimeoutError::Disconnected) => {
+                if let Some(r) = machine.wait_timeout(POLL) {
+                    break r;
+                }
                 continue;
-            };
-            let resp = match req {
-                Ok(Request::Status) => Response::Status {
-                    state: if machine.is_paused() {
-                        VmState::Paused
-                    } else {
-                        VmState::Running
-                    },
-                    exit: None,
-                    first_exit_ms: machine
-                        .first_exit()
-                        .map(|t| instant_to_ns(t).saturating_sub(born_ns) as f64 / 1e6),
-                    first_exit_monotonic_ns: machine.first_exit().map(instant_to_ns),
-                    phases: machine.phases(),
-                },
-                Ok(Request::Pause) => {
-                    machine.pause();
-                    Response::Ok
-                }
-                Ok(Request::Resume) => {
-                    machine.resume();
-                    Response::Ok
-                }
-                Ok(Request::Stop) => {
-                    machine.stop();
-                    Response::Ok
-                }
-                Ok(Request::Start) => Response::Error {
-                    message: "the VM is already started".into(),
-                },
-                Err(message) => Response::Error { message },
-            };
-            if let Err(e) = write_message(&mut writer, &resp) {
-                warn!("control reply: {e}");
             }
+        };
+        let req = match ctl {
+            Control::Request(req) => req,
+            Control::Checkpoint(CheckpointMessage::Request {
+                session,
+                req,
+                reply,
+            }) => {
+                let resp = match checkpoints.as_mut().map(|c| c.handle(session, req)) {
+                    Some(Ok(())) => Response::Ok,
+                    Some(Err(error)) => Response::CheckpointFailed { error },
+                    None => Response::Error {
+                        message: "this VM takes no checkpoints".into(),
+                    },
+                };
+                let _ = reply.send(resp);
+                continue;
+            }
+            Control::Checkpoint(CheckpointMessage::Closed(session)) => {
+                if let Some(c) = checkpoints.as_mut() {
+                    c.close(session);
+                }
+                continue;
+            }
+            Control::Connected(_) | Control::Failed(_) => continue,
+        };
+        let resp = match req {
+            Ok(Request::Status) => Response::Status {
+                state: if machine.is_paused() {
+                    VmState::Paused
+                } else {
+                    VmState::Running
+                },
+                exit: None,
+                first_exit_ms: machine
+                    .first_exit()
+                    .map(|t| instant_to_ns(t).saturating_sub(born_ns) as f64 / 1e6),
+                first_exit_monotonic_ns: machine.first_exit().map(instant_to_ns),
+                phases: machine.phases(),
+            },
+            Ok(Request::Pause) => {
+                machine.pause();
+                Response::Ok
+            }
+            Ok(Request::Resume) => {
+                machine.resume();
+                Response::Ok
+            }
+            Ok(Request::Stop) => {
+                // The VM's I/O may be waiting on a detached disk.
+                if let Some(c) = checkpoints.as_mut() {
+                    c.release_all();
+                }
+                machine.stop();
+                Response::Ok
+            }
+            Ok(Request::Start) => Response::Error {
+                message: "the VM is already started".into(),
+            },
+            Err(message) => Response::Error { message },
+        };
+        if let Err(e) = write_message(&mut writer, &resp) {
+            warn!("control reply: {e}");
         }
     };
+    drop(checkpoints);
+    if let Some(c) = &spec.checkpoint {
+        let _ = std::fs::remove_file(&c.socket);
+    }
     // Best effort: the parent may already be gone.
     let _ = write_message(
         &mut writer,

@@ -3,8 +3,10 @@
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 
+use kiln_disk::LiveDisk;
 use serde::{Deserialize, Serialize};
 
+pub use super::checkpoint::{CheckpointError, CheckpointSpec, LiveSlots};
 use crate::exit::ExitReason;
 use crate::machine::{MachineError, VmConfig};
 
@@ -35,6 +37,9 @@ pub struct VmSpec {
     /// The vsock device, if any.
     #[serde(default)]
     pub vsock: Option<VsockSpec>,
+    /// Live checkpoints of the writable disks (the step cache), if asked for.
+    #[serde(default)]
+    pub checkpoint: Option<CheckpointSpec>,
 }
 
 /// One virtio-blk disk.
@@ -83,6 +88,13 @@ impl VmSpec {
     /// socket bound, and the NICs' inherited descriptors taken over. Call it once per
     /// process: the NIC descriptors then belong to the returned config.
     pub fn to_config(&self) -> Result<VmConfig, MachineError> {
+        self.to_config_live().map(|(c, _)| c)
+    }
+
+    /// [`to_config`](Self::to_config), with each writable disk served through a
+    /// [`LiveDisk`] (returned by its index in `disks`; None for a read-only disk) so its
+    /// overlay can be checkpointed while the VM runs.
+    pub fn to_config_live(&self) -> Result<(VmConfig, LiveSlots), MachineError> {
         let mut b = VmConfig::builder()
             .memory(self.mem_size)
             .vcpus(self.vcpus)
@@ -97,12 +109,27 @@ impl VmSpec {
         if let Some(l) = &self.console_log {
             b = b.console_log(l);
         }
+        let mut live = Vec::with_capacity(self.disks.len());
         for d in &self.disks {
-            b = b.device(Box::new(crate::devices::block::VirtioBlock::open_with(
-                &d.path,
-                d.read_only,
-                &d.serial,
-            )?));
+            if d.read_only {
+                live.push(None);
+                b = b.device(Box::new(crate::devices::block::VirtioBlock::open_with(
+                    &d.path,
+                    d.read_only,
+                    &d.serial,
+                )?));
+                continue;
+            }
+            let disk = LiveDisk::open(&d.path, kiln_disk::OpenOptions::read_write())
+                .map_err(|e| MachineError::Config(format!("disk {}: {e}", d.path.display())))?;
+            live.push(Some(disk.clone()));
+            let opts = crate::devices::block::BlockOptions {
+                serial: d.serial.clone(),
+                ..Default::default()
+            };
+            b = b.device(Box::new(crate::devices::block::VirtioBlock::new(
+                disk, &opts,
+            )));
         }
         // Check every descriptor before taking any over.
         for (i, n) in self.nics.iter().enumerate() {
@@ -135,7 +162,7 @@ impl VmSpec {
                 .map_err(|e| MachineError::Config(format!("vsock: {e}")))?;
             b = b.device(Box::new(dev));
         }
-        b.build()
+        Ok((b.build()?, live))
     }
 }
 
@@ -183,6 +210,10 @@ pub enum Response {
     },
     Error {
         message: String,
+    },
+    /// A checkpoint request (on the checkpoint socket) refused or failed.
+    CheckpointFailed {
+        error: CheckpointError,
     },
     /// Sent unasked to the controller when the VM ends; the last line on the socket.
     Exited {
