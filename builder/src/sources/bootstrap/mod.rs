@@ -44,7 +44,7 @@ use crate::job::BootstrapSpec;
 
 /// Changes whenever the recipe changes what lands in the image, so old cache entries are not
 /// reused for a different recipe.
-pub const RECIPE_VERSION: u32 = 12;
+pub const RECIPE_VERSION: u32 = 13;
 
 /// Packages every bootstrapped root gets besides its kernel: an init, udev for device nodes
 /// and module loading, and a resolver that takes the DNS server from the DHCP lease.
