@@ -1,7 +1,9 @@
 //! A bootstrap base boots through kiln's minimal initramfs, and the boot still gives the
 //! guest what the distro initramfs did: the NIC under its predictable name (named by udev
 //! before anything brought it up), the disks' udev links, the lease handed over, Debian's
-//! initrd kept in the root for boots through GRUB. The timers the recipe turns off stay off.
+//! initrd kept in the root for boots through GRUB. The timers the recipe turns off stay off,
+//! the agent's unit does not wait for the root's remount, and the generators with nothing to
+//! do are skipped for the boot.
 
 use crate::build_common::*;
 
@@ -28,6 +30,15 @@ const MANIFEST: &str = r#"vms:
             test -s /initrd.img
             test "$(systemctl is-enabled apt-daily.timer)" = disabled
             test "$(readlink /etc/systemd/system-generators/systemd-gpt-auto-generator)" = /dev/null
+            # The agent started without waiting for the root's remount: the kernel command
+            # line mounted it read-write already.
+            findmnt -no OPTIONS / | grep -q '^rw'
+            after=$(systemctl show -p After --value kiln-agent.service)
+            echo "kiln-agent.service after: $after"
+            case "$after" in *systemd-remount-fs*) exit 1 ;; esac
+            # The initramfs skipped the generators with nothing to do, for this boot only.
+            test "$(readlink /run/systemd/system-generators/systemd-sysv-generator)" = /dev/null
+            test ! -e /etc/systemd/system-generators/systemd-sysv-generator
             echo boot-ok
 "#;
 

@@ -9,8 +9,9 @@
 //! with their dependencies, from the root's own `/lib/modules`. Its `/init` loads them,
 //! finds and mounts the root, runs the root's own udev just long enough to load the NIC
 //! drivers and give the NICs their names (as the distro initramfs does: a NIC that is up can
-//! no longer be renamed, and the agent configures it as soon as it starts), and hands over
-//! to systemd, whose udev loads everything else.
+//! no longer be renamed, and the agent configures it as soon as it starts), skips for this
+//! boot the systemd generators that would find nothing to do in the root, and hands over to
+//! systemd, whose udev loads everything else.
 //!
 //! Only kiln's direct boot uses it: the root keeps Debian's initrd for boots through GRUB
 //! (firmware boot, the captured disk elsewhere). When something it needs is missing (no
@@ -45,7 +46,7 @@ const REQUIRED: &[&str] = &["virtio_pci", "virtio_blk", "ext4"];
 
 /// klibc programs `/init` runs, from `/usr/lib/klibc/bin`.
 const TOOLS: &[&str] = &[
-    "sh", "cat", "chroot", "insmod", "mount", "fstype", "sleep", "run-init",
+    "sh", "cat", "chroot", "insmod", "mount", "fstype", "sleep", "run-init", "mkdir", "ln",
 ];
 
 /// Finds the root and starts the root's init. The root is `root=/dev/...` as given, or
@@ -62,7 +63,8 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 for m in $(cat /modules); do insmod "/lib/modules/$m"; done
 root=; mode=ro; init=/sbin/init; flags=
-for a in $(cat /proc/cmdline); do
+cmdline=$(cat /proc/cmdline)
+for a in $cmdline; do
   case "$a" in
     root=*) root=${a#root=} ;;
     ro) mode=ro ;;
@@ -105,6 +107,28 @@ if [ -x /root/bin/udevadm ]; then
   udev /bin/udevadm settle --timeout=10
   udev /bin/udevadm control --exit
 fi
+# Generators that would find nothing to do in this root are skipped for this boot only
+# (links in /run, which systemd reads first; the image keeps them all for other boots):
+# each is a program systemd starts, under an emulated CPU, before it starts any unit.
+g=/root/run/systemd/system-generators
+skip() { mkdir -p "$g" && ln -sf /dev/null "$g/systemd-$1-generator"; }
+case "$cmdline" in *luks*) ;; *) [ -e /root/etc/crypttab ] || skip cryptsetup ;; esac
+case "$cmdline" in *verity*|*roothash*|*usrhash*) ;; *) [ -e /root/etc/veritytab ] || skip veritysetup ;; esac
+[ -e /root/etc/integritytab ] || skip integritysetup
+[ -e /root/etc/rc.local ] || skip rc-local
+case "$cmdline" in *systemd.mask*|*systemd.wants*|*debug*) ;; *) skip debug ;; esac
+case "$cmdline" in *systemd.run*) ;; *) skip run ;; esac
+# The SysV generator only makes units for init scripts that have no unit of their own.
+sysv=
+for s in /root/etc/init.d/*; do
+  [ -f "$s" ] || continue
+  n=${s##*/}; n=${n%.sh}
+  for d in etc/systemd/system lib/systemd/system usr/lib/systemd/system; do
+    if [ -e "/root/$d/$n.service" ] || [ -L "/root/$d/$n.service" ]; then continue 2; fi
+  done
+  sysv=1
+done
+[ -n "$sysv" ] || skip sysv
 exec run-init /root "$init" "$@" </root/dev/console >/root/dev/console 2>&1
 "#;
 
@@ -392,6 +416,73 @@ kernel/fs/jbd2/jbd2.ko:
         let listed = String::from_utf8(get("modules").unwrap().2).unwrap();
         assert_eq!(listed.trim(), names.join(" "));
         assert!(listed.starts_with("virtio_ring.ko virtio.ko "), "{listed}");
+    }
+
+    /// `/init`'s generator part, run by the host's shell against a fake root: a generator is
+    /// skipped only when it would find nothing to do.
+    fn skipped_generators(root: &Path, cmdline: &str) -> Vec<String> {
+        let start = INIT.find("# Generators that would").unwrap();
+        let end = INIT.find("exec run-init").unwrap();
+        let script = format!(
+            "cmdline='{cmdline}'\n{}",
+            INIT[start..end].replace("/root/", &format!("{}/", root.display()))
+        );
+        let out = std::process::Command::new("sh")
+            .args(["-c", &script])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let dir = root.join("run/systemd/system-generators");
+        let mut names: Vec<String> = fs::read_dir(&dir)
+            .map(|d| {
+                d.map(|e| {
+                    let e = e.unwrap();
+                    assert_eq!(fs::read_link(e.path()).unwrap(), Path::new("/dev/null"));
+                    e.file_name().to_string_lossy().into_owned()
+                })
+                .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        let _ = fs::remove_dir_all(root.join("run/systemd"));
+        names
+    }
+
+    #[test]
+    fn generators_with_nothing_to_do_are_skipped_for_the_boot() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        put(&r.join("etc/init.d/udev"), b"#!/bin/sh");
+        put(&r.join("etc/init.d/hwclock.sh"), b"#!/bin/sh");
+        put(&r.join("lib/systemd/system/udev.service"), b"");
+        std::os::unix::fs::symlink("/dev/null", r.join("lib/systemd/system/hwclock.service"))
+            .unwrap();
+        fs::create_dir_all(r.join("run")).unwrap();
+        let all = [
+            "cryptsetup",
+            "debug",
+            "integritysetup",
+            "rc-local",
+            "run",
+            "sysv",
+            "veritysetup",
+        ]
+        .map(|g| format!("systemd-{g}-generator"));
+        let plain = "root=UUID=x rw console=ttyS0 panic=-1";
+        assert_eq!(skipped_generators(r, plain), all);
+        // Each one runs again once it has something to do.
+        put(&r.join("etc/init.d/legacy"), b"#!/bin/sh");
+        put(&r.join("etc/rc.local"), b"#!/bin/sh");
+        put(&r.join("etc/crypttab"), b"");
+        let left = skipped_generators(r, &format!("{plain} systemd.debug_shell systemd.run=true"));
+        assert_eq!(
+            left,
+            ["integritysetup", "veritysetup"].map(|g| format!("systemd-{g}-generator"))
+        );
     }
 
     #[test]

@@ -44,7 +44,7 @@ use crate::job::BootstrapSpec;
 
 /// Changes whenever the recipe changes what lands in the image, so old cache entries are not
 /// reused for a different recipe.
-pub const RECIPE_VERSION: u32 = 11;
+pub const RECIPE_VERSION: u32 = 13;
 
 /// Packages every bootstrapped root gets besides its kernel: an init, udev for device nodes
 /// and module loading, and a resolver that takes the DNS server from the DHCP lease.
@@ -593,6 +593,10 @@ fn customize(root: &Path, agent: &AgentFiles, root_uuid: &str) -> Result<(), Boo
     // own installer, so cloud images and bootstrapped roots get the same files.
     kiln_agent::cloud_init::install_into_root(root, &agent.binary, &[])
         .map_err(PathIoError::at("installing the agent into", root))?;
+    w(
+        kiln_agent::cloud_init::GUEST_UNIT.trim_start_matches('/'),
+        early_agent_unit().as_bytes(),
+    )?;
 
     // The root by UUID (disk names differ between hypervisors and buses); it grows to the
     // partition's size at boot, after systemd-repart grew the partition to the disk's end.
@@ -667,6 +671,20 @@ fn customize(root: &Path, agent: &AgentFiles, root_uuid: &str) -> Result<(), Boo
         }
     }
     Ok(())
+}
+
+/// The shared agent unit waits for `systemd-remount-fs.service`: a cloud image's root may
+/// be read-only until then. A bootstrapped root is mounted read-write by the kernel command
+/// line (kiln's direct boot and its GRUB menu both pass `rw`), and under TCG that remount
+/// finishes 2 to 4 s after systemd queues its jobs, behind a dozen sysinit units started at
+/// once; so here the agent starts as soon as systemd starts units. (A drop-in cannot take an
+/// `After=` away, hence the whole unit.)
+pub fn early_agent_unit() -> String {
+    kiln_agent::cloud_init::SYSTEMD_UNIT.replace(
+        "After=systemd-remount-fs.service\n",
+        "# kiln bootstrap base: the root is read-write from the kernel command line, so no\n\
+         # wait for systemd-remount-fs.service.\n",
+    )
 }
 
 /// systemd generators a bootstrapped root turns off (linked to /dev/null).
@@ -1057,6 +1075,15 @@ mod tests {
         let l = fs::read_link(r.join("etc/systemd/system/sysinit.target.wants/kiln-agent.service"))
             .unwrap();
         assert_eq!(l, Path::new("/etc/systemd/system/kiln-agent.service"));
+        // Started without waiting for the root's remount; the rest of the shared unit kept.
+        let unit = fs::read_to_string(r.join("etc/systemd/system/kiln-agent.service")).unwrap();
+        assert!(kiln_agent::cloud_init::SYSTEMD_UNIT.contains("After=systemd-remount-fs.service\n"));
+        assert!(!unit.contains("After="), "{unit}");
+        assert!(unit.contains("DefaultDependencies=no\n"), "{unit}");
+        assert!(
+            unit.contains("ExecStart=/usr/local/bin/kiln-agent "),
+            "{unit}"
+        );
         let l = fs::read_link(r.join("etc/resolv.conf")).unwrap();
         assert_eq!(l, Path::new("../run/systemd/resolve/stub-resolv.conf"));
     }
