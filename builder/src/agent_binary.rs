@@ -84,10 +84,7 @@ pub fn locate() -> Result<AgentBinary, AgentBinaryError> {
         if !path.is_file() {
             return Err(AgentBinaryError::EnvNotFile(path));
         }
-        let sha256 = sha256_file(&path).map_err(|source| AgentBinaryError::Read {
-            path: path.clone(),
-            source,
-        })?;
+        let sha256 = digest(&path)?;
         return Ok(AgentBinary {
             path,
             sha256,
@@ -105,14 +102,18 @@ pub fn locate() -> Result<AgentBinary, AgentBinaryError> {
     }
     // A kiln built with an empty KILN_EMBED_AGENT file (a quick developer build).
     let path = kiln_agent::locate_binary().ok_or(AgentBinaryError::NotFound)?;
-    let sha256 = sha256_file(&path).map_err(|source| AgentBinaryError::Read {
-        path: path.clone(),
-        source,
-    })?;
+    let sha256 = digest(&path)?;
     Ok(AgentBinary {
         path,
         sha256,
         origin: Origin::BesideKiln,
+    })
+}
+
+fn digest(path: &Path) -> Result<String, AgentBinaryError> {
+    sha256_file(path).map_err(|source| AgentBinaryError::Read {
+        path: path.to_path_buf(),
+        source,
     })
 }
 
@@ -162,10 +163,7 @@ pub fn write_out(
     if let Ok(d) = fs::File::open(dir) {
         let _ = d.sync_all();
     }
-    let got = sha256_file(&path).map_err(|source| AgentBinaryError::Read {
-        path: path.clone(),
-        source,
-    })?;
+    let got = digest(&path)?;
     if got != sha256 {
         return Err(AgentBinaryError::Digest {
             path,
