@@ -68,9 +68,6 @@ if ! command -v cargo >/dev/null; then
 fi
 
 cd "$root"
+# kiln's build also builds the static guest agent (target/agent/kiln-agent) and embeds it.
 log "building kiln (release)"
 cargo build --release --workspace --bins
-# The guest agent is copied into guests: build it static (crt-static on the gnu target) into
-# target/agent/kiln-agent, where kiln_agent::locate_binary() finds it beside target/release/kiln.
-log "building the static guest agent (target/agent/kiln-agent)"
-cargo rustc -p kiln-agent --bin kiln-agent --profile agent -- -C target-feature=+crt-static

@@ -1,10 +1,12 @@
-//! Finding the static agent binary on the host, for the builder to put into guests.
+//! Finding a static agent binary on the host. kiln itself carries its agent (embedded at
+//! build time, see kiln-builder's `agent_binary`); this lookup is its fallback for a kiln
+//! built without one, and what the agent's own tests use.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// Find the static guest agent: `$KILN_AGENT_BIN`, then `kiln-agent` beside the current
-/// executable, then `../agent/kiln-agent` relative to it (where scripts/setup.sh builds it:
+/// executable, then `../agent/kiln-agent` relative to it (where kiln's build makes it:
 /// `target/agent/kiln-agent` next to `target/release/kiln`). Candidates that are dynamically
 /// linked (the workspace's ordinary build of the binary) are skipped: they would not run on
 /// another distro's libc.

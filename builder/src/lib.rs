@@ -1,5 +1,6 @@
 //! kiln-builder: from a manifest to a captured module, and the `kiln` command line.
 
+pub mod agent_binary;
 pub mod bootimage;
 pub mod build;
 pub mod build_logs;

@@ -5,7 +5,7 @@
 //! with no libc in the guest at all).
 //!
 //! Needs qemu-system-x86_64, busybox-static, cpio, gzip, the static agent
-//! (target/agent/kiln-agent, built by scripts/setup.sh) and the cloud kernel unpacked in
+//! (target/agent/kiln-agent, made by kiln's build) and the cloud kernel unpacked in
 //! kiln's cache (the tests crate's kit fetches it); skips loudly when any is missing.
 
 use crate::common;
@@ -152,7 +152,7 @@ fn free_port() -> u16 {
 #[test]
 fn the_static_agent_serves_from_a_real_guest_kernel() {
     let Some(agent) = static_agent() else {
-        kiln_e2e::skip("no static agent at target/agent/kiln-agent (scripts/setup.sh builds it)");
+        kiln_e2e::skip("no static agent at target/agent/kiln-agent (building kiln makes it)");
         return;
     };
     let (kernel, modules) = match cloud_kernel() {

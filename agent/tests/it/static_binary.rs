@@ -1,4 +1,4 @@
-//! The static guest binary that scripts/setup.sh builds (target/agent/kiln-agent): really
+//! The static guest binary that kiln's build makes and embeds (target/agent/kiln-agent): really
 //! static, small, found by locate_binary, and it serves.
 //! One test function on purpose: it sets KILN_AGENT_BIN, which must not race other tests.
 
@@ -10,7 +10,7 @@ use crate::common::Agent;
 use kiln_agent::{ExecRequest, PutOptions};
 
 fn static_agent() -> Option<PathBuf> {
-    // CARGO_BIN_EXE is <target>/<profile>/kiln-agent; setup.sh builds <target>/agent/kiln-agent.
+    // CARGO_BIN_EXE is <target>/<profile>/kiln-agent; kiln's build.rs builds <target>/agent/kiln-agent.
     let bin = Path::new(common::AGENT);
     let candidates = [
         bin.parent()?.join("../agent/kiln-agent"),
@@ -22,8 +22,8 @@ fn static_agent() -> Option<PathBuf> {
 #[test]
 fn the_static_agent_is_static_small_found_and_serves() {
     let Some(path) = static_agent() else {
-        kiln_e2e::skip("no static agent at target/agent/kiln-agent; scripts/setup.sh builds it with \
-             `cargo rustc -p kiln-agent --bin kiln-agent --profile agent -- -C target-feature=+crt-static`");
+        kiln_e2e::skip("no static agent at target/agent/kiln-agent; building kiln makes it (`cargo build \
+             --release -p kiln-builder`), or `cargo rustc -p kiln-agent --bin kiln-agent --profile agent -- -C target-feature=+crt-static`");
         return;
     };
     let path = path.canonicalize().unwrap();

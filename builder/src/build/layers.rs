@@ -33,7 +33,7 @@ pub(super) fn plan(b: &VmBuild, src: &ResolvedSource, steps: &[Step]) -> Option<
     if !b.module.opts.step_cache.layers {
         return None;
     }
-    let agent = kiln_agent::locate_binary().and_then(|p| crate::cache::sha256_file(&p).ok());
+    let agent = crate::agent_binary::locate().ok().map(|a| a.sha256);
     let keys = match step_cache::vm_keys(b.module.job, b.vm, steps, &src.record, agent.as_deref()) {
         Ok(k) => k,
         Err(e) => {

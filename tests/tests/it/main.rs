@@ -5,6 +5,7 @@
 mod build_boot_command;
 mod build_checkpoint;
 mod build_common;
+mod build_copied_binary;
 mod build_disk_bus;
 mod build_failures;
 mod build_fast_boot;

@@ -90,11 +90,8 @@ pub enum BootstrapError {
         "bootstrapping needs root (mmdebstrap, mkfs.ext4 -d with file owners); run kiln as root"
     )]
     NotRoot,
-    #[error(
-        "the kiln agent binary was not found (looked in: {looked}); run scripts/setup.sh or set \
-         KILN_AGENT_BIN"
-    )]
-    NoAgent { looked: String },
+    #[error("the guest agent: {0}")]
+    NoAgent(#[from] crate::agent_binary::AgentBinaryError),
     #[error("`{tool}` is not installed (Debian package `{package}`)")]
     MissingTool { tool: String, package: String },
     #[error("{what} failed ({status}); last output:\n{tail}\nfull log: {log}")]
@@ -195,24 +192,17 @@ pub struct AgentFiles {
 }
 
 impl AgentFiles {
-    /// The static agent binary, found by kiln-agent (`$KILN_AGENT_BIN`, beside `kiln`, or
-    /// `target/agent/kiln-agent`).
+    /// The static agent binary ([`crate::agent_binary::locate`]: `$KILN_AGENT_BIN`, else the
+    /// one embedded in kiln, written out to the cache).
     pub fn locate() -> Result<Self, BootstrapError> {
-        match kiln_agent::locate_binary() {
-            Some(binary) => Ok(Self {
-                binary,
-                unit: format!(
-                    "{}\n{}",
-                    kiln_agent::cloud_init::SYSTEMD_UNIT,
-                    kiln_agent::cloud_init::INIT_SCRIPT
-                ),
-            }),
-            None => Err(BootstrapError::NoAgent {
-                looked: "$KILN_AGENT_BIN, kiln-agent beside the kiln binary, ../agent/kiln-agent \
-                         (static builds only)"
-                    .into(),
-            }),
-        }
+        Ok(Self {
+            binary: crate::agent_binary::locate()?.path,
+            unit: format!(
+                "{}\n{}",
+                kiln_agent::cloud_init::SYSTEMD_UNIT,
+                kiln_agent::cloud_init::INIT_SCRIPT
+            ),
+        })
     }
 }
 
