@@ -118,32 +118,32 @@ fn kvm_access(probe: &kiln_vmm::doctor::Probe) -> Finding {
     }
 }
 
-/// The guest agent every agent-driven build puts into its guests.
+/// The guest agent every agent-driven build puts into its guests: the same file and digest
+/// a build would use (KILN_AGENT_BIN, else the one embedded in kiln, written to the cache).
 fn agent() -> Finding {
-    match kiln_agent::locate_binary() {
-        Some(p) => {
-            let digest = std::fs::read(&p)
-                .map(|b| {
-                    use sha2::Digest;
-                    hex::encode(sha2::Sha256::digest(&b))
-                })
-                .unwrap_or_default();
+    use crate::agent_binary::{locate, Origin};
+    match locate() {
+        Ok(a) => {
+            let from = match a.origin {
+                Origin::Env => "KILN_AGENT_BIN",
+                Origin::Embedded => "embedded in kiln",
+                Origin::BesideKiln => "beside kiln",
+            };
             Finding::ok(
                 "agent",
                 format!(
-                    "{} (sha256 {})",
-                    p.display(),
-                    &digest[..digest.len().min(12)]
+                    "{} ({from}, sha256 {})",
+                    a.path.display(),
+                    &a.sha256[..a.sha256.len().min(12)]
                 ),
             )
         }
-        None => Finding::bad(
+        Err(e) => Finding::bad(
             "agent",
             Status::Fail,
-            "the static guest agent was not found (KILN_AGENT_BIN, beside the kiln binary, \
-             ../agent/kiln-agent)",
-            "run scripts/setup.sh (it builds target/agent/kiln-agent), or set KILN_AGENT_BIN to \
-             a static kiln-agent",
+            e.to_string(),
+            "build kiln from its repository (its build embeds the agent), or set KILN_AGENT_BIN \
+             to a static kiln-agent",
         ),
     }
 }
